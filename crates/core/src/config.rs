@@ -1,0 +1,726 @@
+//! The configuration schema and its layering: defaults in code, then the TOML
+//! file, then the shortcut environment variables teams already use, then
+//! `SWITCHYARD_SECTION__KEY` overrides.
+//!
+//! Loading here is pure (text and a map of variables in, `Config` out) so that
+//! `core` does no I/O; the binary reads the file and the process environment.
+//! Every struct denies unknown fields and deserialization goes through
+//! `serde_path_to_error`, so a typo is reported with its full path.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub usage: UsageConfig,
+    pub log: LogConfig,
+    /// Upstream providers by name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Model aliases clients may name, by alias.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Prices per upstream model name (or `provider/model` to be specific).
+    pub pricing: BTreeMap<String, Pricing>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger bodies answer 413.
+    pub max_body_bytes: usize,
+    /// How long a graceful shutdown waits for in-flight requests, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (created if missing) or `postgres://…`.
+    #[serde(serialize_with = "serialize_url_masked")]
+    pub url: String,
+    /// PostgreSQL only: the schema to create and use (default: `public`).
+    pub schema: Option<String>,
+    pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://switchyard-data/switchyard.db".to_owned(),
+            schema: None,
+            max_connections: 8,
+            connect_timeout_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Write one `usage_logs` row per model request.
+    pub enabled: bool,
+    /// Rows waiting to be written; past this, rows are dropped and counted.
+    pub queue_capacity: usize,
+    /// Most rows written in one insert.
+    pub batch_size: usize,
+    /// Longest a row waits before its batch is written, in milliseconds.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            queue_capacity: 65_536,
+            batch_size: 512,
+            flush_interval_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `switchyard=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible base URL (OpenAI, DeepInfra, vLLM, Ollama, llama.cpp…).
+    Openai,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// Base URL including the version segment, e.g. `https://api.openai.com/v1`.
+    #[serde(serialize_with = "serialize_url_masked")]
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer …`; never logged or returned.
+    #[serde(default, serialize_with = "serialize_secret_masked")]
+    pub api_key: Option<SecretString>,
+    /// TCP connect timeout, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Total time allowed for one upstream request (a whole stream included), in seconds.
+    #[serde(default = "default_request_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_request_timeout_secs() -> u64 {
+    600
+}
+
+impl ProviderConfig {
+    /// DeepInfra's OpenAI-compatible API returns no embeddings unless
+    /// `encoding_format: "float"` is sent, and does not support base64.
+    pub fn is_deepinfra(&self) -> bool {
+        self.base_url.contains("deepinfra.com")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Name of an entry in `providers`.
+    pub provider: String,
+    /// The model name sent upstream.
+    pub model: String,
+}
+
+/// Prices in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    pub input_per_mtok: f64,
+    #[serde(default)]
+    pub output_per_mtok: f64,
+}
+
+impl Config {
+    /// The price that applies to `model` served by `provider`: an entry
+    /// `provider/model` wins over an entry `model`.
+    pub fn price_for(&self, provider: &str, model: &str) -> Option<Pricing> {
+        self.pricing
+            .get(&format!("{provider}/{model}"))
+            .or_else(|| self.pricing.get(model))
+            .copied()
+    }
+}
+
+impl Pricing {
+    pub fn cost_usd(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.input_per_mtok
+            + completion_tokens as f64 * self.output_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+fn serialize_secret_masked<S: Serializer>(
+    v: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+fn serialize_url_masked<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&mask_url_password(v))
+}
+
+/// Replaces the password of a `scheme://user:password@host` URL with `[redacted]`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:[redacted]{}",
+            &url[..scheme_end + 3],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// Why a configuration was refused: always names the key and what was expected.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{origin}: invalid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Environment variables consulted by [`Config::load`]; a plain map so that
+/// tests and `config check` can pass any set.
+pub type Env = BTreeMap<String, String>;
+
+const ENV_PREFIX: &str = "SWITCHYARD_";
+
+impl Config {
+    /// Builds the effective configuration from the file's text (if any) and
+    /// the environment, then validates it.
+    pub fn load(file: Option<(&str, &str)>, env: &Env) -> Result<Config, ConfigError> {
+        let mut tree = match file {
+            Some((origin, text)) => {
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        origin: origin.to_owned(),
+                        message: e.message().to_owned(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_shortcuts(&mut tree, env);
+        apply_env_overrides(&mut tree, env)?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.inner().to_string();
+                // toml appends "in `section`" on a second line; the path already says it.
+                let message = message.lines().next().unwrap_or_default().to_owned();
+                ConfigError::invalid(
+                    if path == "." {
+                        "config".to_owned()
+                    } else {
+                        path
+                    },
+                    message,
+                )
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: references between sections and ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "server.max_body_bytes",
+                "expected at least 1024 bytes",
+            ));
+        }
+        if !(self.store.url.starts_with("sqlite:")
+            || self.store.url.starts_with("postgres://")
+            || self.store.url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::invalid(
+                "store.url",
+                "expected a URL starting with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+        if self.store.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "store.max_connections",
+                "expected at least 1",
+            ));
+        }
+        if let Some(schema) = &self.store.schema {
+            if schema.is_empty()
+                || !schema
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || schema.starts_with(|c: char| c.is_ascii_digit())
+            {
+                return Err(ConfigError::invalid(
+                    "store.schema",
+                    "expected an identifier of letters, digits and underscores",
+                ));
+            }
+        }
+        if self.usage.queue_capacity == 0 || self.usage.batch_size == 0 {
+            return Err(ConfigError::invalid(
+                "usage",
+                "expected queue_capacity and batch_size of at least 1",
+            ));
+        }
+        for (name, p) in &self.providers {
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                return Err(ConfigError::invalid(
+                    format!("providers.{name}.base_url"),
+                    "expected an http:// or https:// URL",
+                ));
+            }
+            if p.timeout_secs == 0 || p.connect_timeout_ms == 0 {
+                return Err(ConfigError::invalid(
+                    format!("providers.{name}"),
+                    "expected timeouts greater than zero",
+                ));
+            }
+        }
+        for (alias, m) in &self.models {
+            if !self.providers.contains_key(&m.provider) {
+                let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+                return Err(ConfigError::invalid(
+                    format!("models.{alias}.provider"),
+                    format!(
+                        "unknown provider `{}`; expected one of: {}",
+                        m.provider,
+                        if known.is_empty() {
+                            "(none configured)".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if m.model.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("models.{alias}.model"),
+                    "expected a model name",
+                ));
+            }
+        }
+        for (name, p) in &self.pricing {
+            if !(p.input_per_mtok >= 0.0 && p.output_per_mtok >= 0.0) {
+                return Err(ConfigError::invalid(
+                    format!("pricing.{name}"),
+                    "expected prices of zero or more",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML with every secret masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not render: {e}\n"))
+    }
+}
+
+const DEFAULT_CHAT_BASE: &str = "https://api.openai.com/v1";
+const DEFAULT_CHAT_MODEL: &str = "gpt-4o-mini";
+const DEFAULT_EMBEDDING_MODEL: &str = "text-embedding-3-small";
+
+fn env_nonempty<'a>(env: &'a Env, key: &str) -> Option<&'a str> {
+    env.get(key)
+        .map(String::as_str)
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// The variables the Supabase functions used: they define a provider `chat`
+/// (and `embedding`) with the aliases `default`, `default-embedding` and the
+/// model names themselves. Aliases the file defines are left alone.
+fn apply_shortcuts(tree: &mut toml::Table, env: &Env) {
+    let chat_key =
+        env_nonempty(env, "CHAT_API_KEY").or_else(|| env_nonempty(env, "OPENAI_API_KEY"));
+    let chat_base = env_nonempty(env, "CHAT_API_BASE");
+    let chat_model = env_nonempty(env, "CHAT_MODEL_DEFAULT");
+    let embed_base = env_nonempty(env, "EMBEDDING_API_BASE");
+    let embed_key = env_nonempty(env, "EMBEDDING_API_KEY");
+    let embed_model = env_nonempty(env, "EMBEDDING_MODEL_DEFAULT");
+
+    if chat_key.is_some() || chat_base.is_some() || chat_model.is_some() {
+        let base = chat_base.unwrap_or(DEFAULT_CHAT_BASE);
+        upsert_provider(tree, "chat", base, chat_key);
+        let model = chat_model.unwrap_or(DEFAULT_CHAT_MODEL);
+        insert_alias(tree, "default", "chat", model);
+        insert_alias(tree, model, "chat", model);
+    }
+    if embed_base.is_some()
+        || embed_key.is_some()
+        || embed_model.is_some()
+        || chat_key.is_some()
+        || chat_base.is_some()
+    {
+        let base = embed_base.or(chat_base).unwrap_or(DEFAULT_CHAT_BASE);
+        let key = embed_key.or(chat_key);
+        upsert_provider(tree, "embedding", base, key);
+        let model = embed_model.unwrap_or(DEFAULT_EMBEDDING_MODEL);
+        insert_alias(tree, "default-embedding", "embedding", model);
+        insert_alias(tree, model, "embedding", model);
+    }
+}
+
+fn section<'a>(tree: &'a mut toml::Table, name: &str) -> Option<&'a mut toml::Table> {
+    tree.entry(name.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+}
+
+fn upsert_provider(tree: &mut toml::Table, name: &str, base: &str, key: Option<&str>) {
+    let Some(providers) = section(tree, "providers") else {
+        return;
+    };
+    let entry = providers
+        .entry(name.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let Some(t) = entry.as_table_mut() {
+        t.insert("kind".into(), toml::Value::String("openai".into()));
+        t.insert(
+            "base_url".into(),
+            toml::Value::String(base.trim_end_matches('/').to_owned()),
+        );
+        if let Some(k) = key {
+            t.insert("api_key".into(), toml::Value::String(k.to_owned()));
+        }
+    }
+}
+
+fn insert_alias(tree: &mut toml::Table, alias: &str, provider: &str, model: &str) {
+    let Some(models) = section(tree, "models") else {
+        return;
+    };
+    if !models.contains_key(alias) {
+        let mut t = toml::Table::new();
+        t.insert("provider".into(), toml::Value::String(provider.into()));
+        t.insert("model".into(), toml::Value::String(model.into()));
+        models.insert(alias.to_owned(), toml::Value::Table(t));
+    }
+}
+
+/// `SWITCHYARD_SERVER__LISTEN=…` sets `server.listen`; any depth works
+/// (`SWITCHYARD_PROVIDERS__OPENAI__API_KEY`). Only names with `__` are
+/// overrides, so `SWITCHYARD_CONFIG` and test variables are not mistaken for keys.
+fn apply_env_overrides(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if !rest.contains("__") {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::invalid(
+                name.clone(),
+                "expected SWITCHYARD_SECTION__KEY with non-empty parts",
+            ));
+        }
+        let mut table = &mut *tree;
+        for (i, part) in path[..path.len() - 1].iter().enumerate() {
+            let entry = table
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::invalid(
+                    path[..=i].join("."),
+                    format!("is not a section, so {name} cannot set a key in it"),
+                )
+            })?;
+        }
+        if let Some(last) = path.last() {
+            table.insert(last.clone(), env_value(raw));
+        }
+    }
+    Ok(())
+}
+
+/// Reads an environment value as the TOML scalar or array it looks like,
+/// and as a string otherwise (`8080` → integer, `true` → bool, `[1,2]` → array).
+fn env_value(raw: &str) -> toml::Value {
+    let trimmed = raw.trim();
+    let looks_typed = trimmed == "true"
+        || trimmed == "false"
+        || trimmed.starts_with('[')
+        || trimmed.parse::<i64>().is_ok()
+        || (trimmed.parse::<f64>().is_ok() && trimmed.contains('.'));
+    if looks_typed {
+        if let Ok(t) = format!("v = {trimmed}").parse::<toml::Table>() {
+            if let Some(v) = t.get("v") {
+                return v.clone();
+            }
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProviderKind::Openai => f.write_str("openai"),
+        }
+    }
+}
+
+/// Reads a secret for sending upstream; the only place a key leaves its wrapper.
+pub fn expose(secret: &SecretString) -> &str {
+    secret.expose_secret()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_serve_on_loopback_with_sqlite() {
+        let c = Config::load(None, &Env::new()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.store.url.starts_with("sqlite://switchyard-data/"));
+        assert!(c.models.is_empty());
+    }
+
+    #[test]
+    fn file_then_env_override_in_that_order() {
+        let file = "[server]\nlisten = \"127.0.0.1:9000\"\nmax_body_bytes = 2048\n";
+        let c = Config::load(
+            Some(("f.toml", file)),
+            &env(&[("SWITCHYARD_SERVER__LISTEN", "127.0.0.1:9100")]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(c.server.max_body_bytes, 2048);
+    }
+
+    #[test]
+    fn env_values_are_typed_by_their_look() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("SWITCHYARD_SERVER__MAX_BODY_BYTES", "4096"),
+                ("SWITCHYARD_USAGE__ENABLED", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.max_body_bytes, 4096);
+        assert!(!c.usage.enabled);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let err =
+            Config::load(Some(("f.toml", "[server]\nlisen = \"x\"\n")), &Env::new()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("server.lisen: unknown field `lisen`"),
+            "{msg}"
+        );
+        assert!(msg.contains("expected one of"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_its_path_and_expectation() {
+        let err =
+            Config::load(None, &env(&[("SWITCHYARD_SERVER__LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().starts_with("server.listen: "), "{err}");
+        let err =
+            Config::load(None, &env(&[("SWITCHYARD_SERVER__MAX_BODY_BYTES", "many")])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("server.max_body_bytes: "),
+            "{err}"
+        );
+        assert!(err.to_string().contains("expected"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_section_is_refused() {
+        let err =
+            Config::load(None, &env(&[("SWITCHYARD_SERVR__LISTEN", "127.0.0.1:1")])).unwrap_err();
+        assert!(err.to_string().contains("unknown field `servr`"), "{err}");
+    }
+
+    #[test]
+    fn model_must_name_a_configured_provider() {
+        let file = "[models.m]\nprovider = \"nope\"\nmodel = \"x\"\n";
+        let err = Config::load(Some(("f.toml", file)), &Env::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "models.m.provider: unknown provider `nope`; expected one of: (none configured)"
+        );
+    }
+
+    #[test]
+    fn shortcut_variables_build_chat_and_embedding_providers() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("CHAT_API_BASE", "http://127.0.0.1:9/v1/"),
+                ("OPENAI_API_KEY", "sk-from-openai-var"),
+                ("CHAT_MODEL_DEFAULT", "llama-3"),
+                ("EMBEDDING_MODEL_DEFAULT", "bge-small"),
+            ]),
+        )
+        .unwrap();
+        let chat = &c.providers["chat"];
+        assert_eq!(chat.base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(
+            chat.api_key.as_ref().map(expose),
+            Some("sk-from-openai-var")
+        );
+        assert_eq!(
+            c.models["default"],
+            ModelConfig {
+                provider: "chat".into(),
+                model: "llama-3".into()
+            }
+        );
+        assert_eq!(c.models["llama-3"].provider, "chat");
+        assert_eq!(c.models["bge-small"].provider, "embedding");
+        assert_eq!(c.providers["embedding"].base_url, "http://127.0.0.1:9/v1");
+    }
+
+    #[test]
+    fn chat_api_key_wins_over_openai_api_key() {
+        let c = Config::load(
+            None,
+            &env(&[("CHAT_API_KEY", "sk-chat"), ("OPENAI_API_KEY", "sk-openai")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.providers["chat"].api_key.as_ref().map(expose),
+            Some("sk-chat")
+        );
+        assert_eq!(c.providers["chat"].base_url, DEFAULT_CHAT_BASE);
+    }
+
+    #[test]
+    fn shortcuts_do_not_replace_aliases_from_the_file() {
+        let file = "[providers.p]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\n[models.default]\nprovider = \"p\"\nmodel = \"mine\"\n";
+        let c = Config::load(Some(("f.toml", file)), &env(&[("CHAT_API_KEY", "sk-1")])).unwrap();
+        assert_eq!(c.models["default"].model, "mine");
+    }
+
+    #[test]
+    fn masked_rendering_hides_keys_and_passwords() {
+        let file = "[store]\nurl = \"postgres://u:hunter2@db/x\"\n[providers.p]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\napi_key = \"sk-secret-123\"\n";
+        let c = Config::load(Some(("f.toml", file)), &Env::new()).unwrap();
+        let out = c.to_masked_toml();
+        assert!(!out.contains("sk-secret-123"), "{out}");
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(out.contains("[redacted]"), "{out}");
+        assert!(!format!("{c:?}").contains("sk-secret-123"));
+    }
+
+    #[test]
+    fn url_masking_keeps_everything_but_the_password() {
+        assert_eq!(
+            mask_url_password("postgres://u:p@h:5432/db?x=1"),
+            "postgres://u:[redacted]@h:5432/db?x=1"
+        );
+        assert_eq!(mask_url_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(mask_url_password("sqlite://a/b.db"), "sqlite://a/b.db");
+    }
+
+    #[test]
+    fn pricing_prefers_provider_specific_entry() {
+        let file = "[pricing.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n[pricing.\"p/m\"]\ninput_per_mtok = 3.0\n";
+        let c = Config::load(Some(("f.toml", file)), &Env::new()).unwrap();
+        assert_eq!(
+            c.price_for("q", "m")
+                .unwrap()
+                .cost_usd(1_000_000, 1_000_000),
+            3.0
+        );
+        assert_eq!(c.price_for("p", "m").unwrap().input_per_mtok, 3.0);
+        assert!(c.price_for("p", "other").is_none());
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let err = Config::load(Some(("my.toml", "[server\n")), &Env::new()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("my.toml: invalid TOML"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! Domain types shared by every layer: the configuration schema, the
+//! OpenAI-compatible request shapes and their validation, trace ids and the
+//! usage record. Nothing here does I/O.
+
+pub mod config;
+pub mod openai;
+pub mod trace;
+pub mod usage;
+
+pub use config::Config;

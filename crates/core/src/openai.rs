@@ -1,0 +1,752 @@
+//! OpenAI-compatible request shapes, validated field by field.
+//!
+//! Bodies are kept as JSON objects (key order preserved) so that every field
+//! the gateway does not interpret — `tools`, `response_format`, `logprobs`,
+//! provider-specific extras — reaches the provider untouched. Validation
+//! checks the fields OpenAI documents and names the first bad one, with the
+//! message and code style of OpenAI's own 400s.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A 400 naming the parameter at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRequest {
+    pub message: String,
+    /// The offending parameter, e.g. `messages[0].role`.
+    pub param: Option<String>,
+    /// A stable machine code, e.g. `invalid_type`.
+    pub code: &'static str,
+}
+
+impl InvalidRequest {
+    fn new(param: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            param: Some(param.into()),
+            code,
+        }
+    }
+    fn missing(param: &str) -> Self {
+        Self::new(
+            param,
+            "missing_required_parameter",
+            format!("Missing required parameter: '{param}'."),
+        )
+    }
+    fn wrong_type(param: &str, expected: &str, got: &Value) -> Self {
+        Self::new(
+            param,
+            "invalid_type",
+            format!(
+                "Invalid type for '{param}': expected {expected}, but got {} instead.",
+                type_name(got)
+            ),
+        )
+    }
+    fn invalid_value(param: &str, message: impl Into<String>) -> Self {
+        Self::new(param, "invalid_value", message)
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a decimal",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses a JSON body into an object, or explains why it is not one.
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, InvalidRequest> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(InvalidRequest {
+            message: "The request body is empty; expected a JSON object.".into(),
+            param: None,
+            code: "invalid_json",
+        });
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(InvalidRequest {
+            message: format!(
+                "The request body must be a JSON object, but got {}.",
+                type_name(&other)
+            ),
+            param: None,
+            code: "invalid_json",
+        }),
+        Err(e) => Err(InvalidRequest {
+            message: format!("We could not parse the JSON body of your request: {e}."),
+            param: None,
+            code: "invalid_json",
+        }),
+    }
+}
+
+/// A validated `POST /v1/chat/completions` body.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage` as the client asked.
+    pub include_usage: bool,
+    /// The whole body as received.
+    pub body: Map<String, Value>,
+}
+
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+impl ChatRequest {
+    pub fn parse(bytes: &[u8]) -> Result<Self, InvalidRequest> {
+        let body = parse_object(bytes)?;
+        let model = required_string(&body, "model")?;
+        validate_messages(&body)?;
+        let stream = optional_bool(&body, "stream")?.unwrap_or(false);
+        let mut include_usage = false;
+        match body.get("stream_options") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(opts)) => {
+                if !stream {
+                    return Err(InvalidRequest::invalid_value(
+                        "stream_options",
+                        "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                    ));
+                }
+                match opts.get("include_usage") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Bool(b)) => include_usage = *b,
+                    Some(v) => {
+                        return Err(InvalidRequest::wrong_type(
+                            "stream_options.include_usage",
+                            "a boolean",
+                            v,
+                        ))
+                    }
+                }
+            }
+            Some(v) => return Err(InvalidRequest::wrong_type("stream_options", "an object", v)),
+        }
+        number_in(&body, "temperature", 0.0, 2.0)?;
+        number_in(&body, "top_p", 0.0, 1.0)?;
+        number_in(&body, "presence_penalty", -2.0, 2.0)?;
+        number_in(&body, "frequency_penalty", -2.0, 2.0)?;
+        integer_in(&body, "n", 1, 128)?;
+        integer_in(&body, "max_tokens", 1, i64::MAX)?;
+        integer_in(&body, "max_completion_tokens", 1, i64::MAX)?;
+        integer_in(&body, "seed", i64::MIN, i64::MAX)?;
+        integer_in(&body, "top_logprobs", 0, 20)?;
+        optional_bool(&body, "logprobs")?;
+        optional_bool(&body, "parallel_tool_calls")?;
+        optional_string(&body, "user")?;
+        validate_stop(&body)?;
+        validate_tools(&body)?;
+        validate_tool_choice(&body)?;
+        match body.get("response_format") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(f)) => match f.get("type") {
+                Some(Value::String(_)) => {}
+                None => return Err(InvalidRequest::missing("response_format.type")),
+                Some(v) => {
+                    return Err(InvalidRequest::wrong_type(
+                        "response_format.type",
+                        "a string",
+                        v,
+                    ))
+                }
+            },
+            Some(v) => {
+                return Err(InvalidRequest::wrong_type(
+                    "response_format",
+                    "an object",
+                    v,
+                ))
+            }
+        }
+        Ok(Self {
+            model,
+            stream,
+            include_usage,
+            body,
+        })
+    }
+}
+
+fn validate_messages(body: &Map<String, Value>) -> Result<(), InvalidRequest> {
+    let messages = match body.get("messages") {
+        None | Some(Value::Null) => return Err(InvalidRequest::missing("messages")),
+        Some(Value::Array(m)) => m,
+        Some(v) => return Err(InvalidRequest::wrong_type("messages", "an array", v)),
+    };
+    if messages.is_empty() {
+        return Err(InvalidRequest::new(
+            "messages",
+            "empty_array",
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+        ));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let p = |field: &str| format!("messages[{i}].{field}");
+        let Value::Object(m) = m else {
+            return Err(InvalidRequest::wrong_type(
+                &format!("messages[{i}]"),
+                "an object",
+                m,
+            ));
+        };
+        let role = match m.get("role") {
+            None => return Err(InvalidRequest::missing(&p("role"))),
+            Some(Value::String(r)) => r.as_str(),
+            Some(v) => return Err(InvalidRequest::wrong_type(&p("role"), "a string", v)),
+        };
+        if !ROLES.contains(&role) {
+            return Err(InvalidRequest::invalid_value(
+                &p("role"),
+                format!(
+                    "Invalid value for 'messages[{i}].role': '{role}'. Supported values are: {}.",
+                    ROLES
+                        .iter()
+                        .map(|r| format!("'{r}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let may_omit_content = role == "assistant";
+        match m.get("content") {
+            None | Some(Value::Null) if may_omit_content => {}
+            None => return Err(InvalidRequest::missing(&p("content"))),
+            Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                for (j, part) in parts.iter().enumerate() {
+                    let pp = format!("messages[{i}].content[{j}]");
+                    match part {
+                        Value::Object(o) => match o.get("type") {
+                            Some(Value::String(_)) => {}
+                            None => return Err(InvalidRequest::missing(&format!("{pp}.type"))),
+                            Some(v) => {
+                                return Err(InvalidRequest::wrong_type(
+                                    &format!("{pp}.type"),
+                                    "a string",
+                                    v,
+                                ))
+                            }
+                        },
+                        v => return Err(InvalidRequest::wrong_type(&pp, "an object", v)),
+                    }
+                }
+            }
+            Some(v) => {
+                return Err(InvalidRequest::wrong_type(
+                    &p("content"),
+                    "a string or an array of content parts",
+                    v,
+                ))
+            }
+        }
+        if role == "tool" {
+            match m.get("tool_call_id") {
+                Some(Value::String(_)) => {}
+                None => return Err(InvalidRequest::missing(&p("tool_call_id"))),
+                Some(v) => {
+                    return Err(InvalidRequest::wrong_type(
+                        &p("tool_call_id"),
+                        "a string",
+                        v,
+                    ))
+                }
+            }
+        }
+        if let Some(v) = m.get("name") {
+            if !v.is_string() {
+                return Err(InvalidRequest::wrong_type(&p("name"), "a string", v));
+            }
+        }
+        match m.get("tool_calls") {
+            None | Some(Value::Null) | Some(Value::Array(_)) => {}
+            Some(v) => return Err(InvalidRequest::wrong_type(&p("tool_calls"), "an array", v)),
+        }
+    }
+    Ok(())
+}
+
+fn validate_stop(body: &Map<String, Value>) -> Result<(), InvalidRequest> {
+    match body.get("stop") {
+        None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
+        Some(Value::Array(items)) => {
+            if items.len() > 4 {
+                return Err(InvalidRequest::invalid_value(
+                    "stop",
+                    format!("Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length {} instead.", items.len()),
+                ));
+            }
+            for (i, s) in items.iter().enumerate() {
+                if !s.is_string() {
+                    return Err(InvalidRequest::wrong_type(
+                        &format!("stop[{i}]"),
+                        "a string",
+                        s,
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Some(v) => Err(InvalidRequest::wrong_type(
+            "stop",
+            "a string or an array of strings",
+            v,
+        )),
+    }
+}
+
+fn validate_tools(body: &Map<String, Value>) -> Result<(), InvalidRequest> {
+    let tools = match body.get("tools") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Array(t)) => t,
+        Some(v) => return Err(InvalidRequest::wrong_type("tools", "an array", v)),
+    };
+    for (i, t) in tools.iter().enumerate() {
+        let Value::Object(t) = t else {
+            return Err(InvalidRequest::wrong_type(
+                &format!("tools[{i}]"),
+                "an object",
+                t,
+            ));
+        };
+        match t.get("type") {
+            Some(Value::String(_)) => {}
+            None => return Err(InvalidRequest::missing(&format!("tools[{i}].type"))),
+            Some(v) => {
+                return Err(InvalidRequest::wrong_type(
+                    &format!("tools[{i}].type"),
+                    "a string",
+                    v,
+                ))
+            }
+        }
+        if t.get("type").and_then(Value::as_str) == Some("function") {
+            match t.get("function") {
+                Some(Value::Object(f)) => match f.get("name") {
+                    Some(Value::String(_)) => {}
+                    None => {
+                        return Err(InvalidRequest::missing(&format!(
+                            "tools[{i}].function.name"
+                        )))
+                    }
+                    Some(v) => {
+                        return Err(InvalidRequest::wrong_type(
+                            &format!("tools[{i}].function.name"),
+                            "a string",
+                            v,
+                        ))
+                    }
+                },
+                None => return Err(InvalidRequest::missing(&format!("tools[{i}].function"))),
+                Some(v) => {
+                    return Err(InvalidRequest::wrong_type(
+                        &format!("tools[{i}].function"),
+                        "an object",
+                        v,
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_tool_choice(body: &Map<String, Value>) -> Result<(), InvalidRequest> {
+    match body.get("tool_choice") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
+        Some(Value::String(s)) if ["none", "auto", "required"].contains(&s.as_str()) => Ok(()),
+        Some(Value::String(s)) => Err(InvalidRequest::invalid_value(
+            "tool_choice",
+            format!("Invalid value for 'tool_choice': '{s}'. Supported values are: 'none', 'auto', 'required', or an object naming a function."),
+        )),
+        Some(v) => Err(InvalidRequest::wrong_type("tool_choice", "a string or an object", v)),
+    }
+}
+
+fn required_string(body: &Map<String, Value>, key: &str) -> Result<String, InvalidRequest> {
+    match body.get(key) {
+        None | Some(Value::Null) => Err(InvalidRequest::missing(key)),
+        Some(Value::String(s)) if s.is_empty() => Err(InvalidRequest::invalid_value(
+            key,
+            format!("Invalid '{key}': empty string. Expected a non-empty string."),
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(v) => Err(InvalidRequest::wrong_type(key, "a string", v)),
+    }
+}
+
+fn optional_string(body: &Map<String, Value>, key: &str) -> Result<(), InvalidRequest> {
+    match body.get(key) {
+        None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
+        Some(v) => Err(InvalidRequest::wrong_type(key, "a string", v)),
+    }
+}
+
+fn optional_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, InvalidRequest> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(InvalidRequest::wrong_type(key, "a boolean", v)),
+    }
+}
+
+fn number_in(
+    body: &Map<String, Value>,
+    key: &str,
+    min: f64,
+    max: f64,
+) -> Result<(), InvalidRequest> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Number(n)) => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            if x < min {
+                Err(InvalidRequest::new(key, "decimal_below_min_value", format!("Invalid '{key}': decimal below minimum value. Expected a value >= {min}, but got {n} instead.")))
+            } else if x > max {
+                Err(InvalidRequest::new(key, "decimal_above_max_value", format!("Invalid '{key}': decimal above maximum value. Expected a value <= {max}, but got {n} instead.")))
+            } else {
+                Ok(())
+            }
+        }
+        Some(v) => Err(InvalidRequest::wrong_type(key, "a decimal", v)),
+    }
+}
+
+fn integer_in(
+    body: &Map<String, Value>,
+    key: &str,
+    min: i64,
+    max: i64,
+) -> Result<(), InvalidRequest> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
+            let x = n.as_i64().unwrap_or(i64::MAX);
+            if x < min {
+                Err(InvalidRequest::new(key, "integer_below_min_value", format!("Invalid '{key}': integer below minimum value. Expected a value >= {min}, but got {n} instead.")))
+            } else if x > max {
+                Err(InvalidRequest::new(key, "integer_above_max_value", format!("Invalid '{key}': integer above maximum value. Expected a value <= {max}, but got {n} instead.")))
+            } else {
+                Ok(())
+            }
+        }
+        Some(v) => Err(InvalidRequest::wrong_type(key, "an integer", v)),
+    }
+}
+
+/// How embeddings are returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+/// A validated `POST /v1/embeddings` body.
+#[derive(Debug, Clone)]
+pub struct EmbeddingsRequest {
+    pub model: String,
+    /// What the client asked for (OpenAI's default is float).
+    pub encoding_format: EncodingFormat,
+    /// How many inputs (1 for a single string or token array).
+    pub input_count: usize,
+    pub body: Map<String, Value>,
+}
+
+/// OpenAI's limit on inputs per embeddings request.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+impl EmbeddingsRequest {
+    pub fn parse(bytes: &[u8]) -> Result<Self, InvalidRequest> {
+        let body = parse_object(bytes)?;
+        let model = required_string(&body, "model")?;
+        let input_count = match body.get("input") {
+            None | Some(Value::Null) => return Err(InvalidRequest::missing("input")),
+            Some(Value::String(_)) => 1,
+            Some(Value::Array(items)) => validate_embedding_array(items)?,
+            Some(v) => {
+                return Err(InvalidRequest::wrong_type(
+                    "input",
+                    "a string or an array",
+                    v,
+                ))
+            }
+        };
+        let encoding_format = match body.get("encoding_format") {
+            None | Some(Value::Null) => EncodingFormat::Float,
+            Some(Value::String(s)) if s == "float" => EncodingFormat::Float,
+            Some(Value::String(s)) if s == "base64" => EncodingFormat::Base64,
+            Some(Value::String(s)) => {
+                return Err(InvalidRequest::invalid_value(
+                    "encoding_format",
+                    format!("Invalid value for 'encoding_format': '{s}'. Supported values are: 'float' and 'base64'."),
+                ))
+            }
+            Some(v) => return Err(InvalidRequest::wrong_type("encoding_format", "a string", v)),
+        };
+        integer_in(&body, "dimensions", 1, 65_536)?;
+        optional_string(&body, "user")?;
+        Ok(Self {
+            model,
+            encoding_format,
+            input_count,
+            body,
+        })
+    }
+}
+
+fn validate_embedding_array(items: &[Value]) -> Result<usize, InvalidRequest> {
+    if items.is_empty() {
+        return Err(InvalidRequest::new(
+            "input",
+            "empty_array",
+            "Invalid 'input': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+        ));
+    }
+    if items.len() > MAX_EMBEDDING_INPUTS {
+        return Err(InvalidRequest::new(
+            "input",
+            "array_above_max_length",
+            format!("Invalid 'input': array too long. Expected an array with maximum length {MAX_EMBEDDING_INPUTS}, but got an array with length {} instead.", items.len()),
+        ));
+    }
+    let is_token_id = |v: &Value| v.as_u64().is_some();
+    if items.iter().all(is_token_id) {
+        return Ok(1);
+    }
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Value::String(s) if s.is_empty() => {
+                return Err(InvalidRequest::invalid_value(
+                    &format!("input[{i}]"),
+                    format!("Invalid 'input[{i}]': empty string. Expected a non-empty string."),
+                ))
+            }
+            Value::String(_) => {}
+            Value::Array(tokens) if !tokens.is_empty() && tokens.iter().all(is_token_id) => {}
+            v => {
+                return Err(InvalidRequest::wrong_type(
+                    &format!("input[{i}]"),
+                    "a string or an array of token ids",
+                    v,
+                ))
+            }
+        }
+    }
+    Ok(items.len())
+}
+
+/// OpenAI's error envelope: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorEnvelope {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// The `usage` object of a response or of the last stream chunk.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat(v: Value) -> Result<ChatRequest, InvalidRequest> {
+        ChatRequest::parse(v.to_string().as_bytes())
+    }
+
+    fn ok_body() -> Value {
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    #[test]
+    fn accepts_a_minimal_request_and_keeps_unknown_fields() {
+        let mut b = ok_body();
+        b["x_vendor"] = json!({"a": 1});
+        let r = chat(b).unwrap();
+        assert_eq!(r.model, "m");
+        assert!(!r.stream);
+        assert_eq!(r.body["x_vendor"], json!({"a": 1}));
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let cases = [
+            (
+                json!({"messages": []}),
+                "model",
+                "missing_required_parameter",
+            ),
+            (json!({"model": 3, "messages": []}), "model", "invalid_type"),
+            (
+                json!({"model": "m"}),
+                "messages",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": []}),
+                "messages",
+                "empty_array",
+            ),
+            (
+                json!({"model": "m", "messages": [{"content": "x"}]}),
+                "messages[0].role",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "bot", "content": "x"}]}),
+                "messages[0].role",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": 5}]}),
+                "messages[0].content",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user"}]}),
+                "messages[0].content",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "tool", "content": "r"}]}),
+                "messages[0].tool_call_id",
+                "missing_required_parameter",
+            ),
+        ];
+        for (body, param, code) in cases {
+            let e = chat(body.clone()).unwrap_err();
+            assert_eq!(
+                (e.param.as_deref(), e.code),
+                (Some(param), code),
+                "{body}: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn checks_types_and_ranges_of_sampling_fields() {
+        for (field, value, code) in [
+            ("temperature", json!("hot"), "invalid_type"),
+            ("temperature", json!(2.5), "decimal_above_max_value"),
+            ("top_p", json!(-0.1), "decimal_below_min_value"),
+            ("n", json!(0), "integer_below_min_value"),
+            ("n", json!(1.5), "invalid_type"),
+            ("max_tokens", json!("10"), "invalid_type"),
+            ("stream", json!("yes"), "invalid_type"),
+            ("stop", json!([1]), "invalid_type"),
+            ("stop", json!(["a", "b", "c", "d", "e"]), "invalid_value"),
+            ("tools", json!({}), "invalid_type"),
+            ("tool_choice", json!("always"), "invalid_value"),
+            ("response_format", json!("json"), "invalid_type"),
+        ] {
+            let mut b = ok_body();
+            b[field] = value;
+            let e = chat(b).unwrap_err();
+            assert_eq!(e.code, code, "{field}: {}", e.message);
+            assert!(e.param.as_deref().unwrap().starts_with(field));
+        }
+    }
+
+    #[test]
+    fn stream_options_need_stream() {
+        let mut b = ok_body();
+        b["stream_options"] = json!({"include_usage": true});
+        assert_eq!(
+            chat(b.clone()).unwrap_err().param.as_deref(),
+            Some("stream_options")
+        );
+        b["stream"] = json!(true);
+        let r = chat(b).unwrap();
+        assert!(r.stream && r.include_usage);
+    }
+
+    #[test]
+    fn malformed_json_is_reported_without_a_param() {
+        let e = ChatRequest::parse(b"{\"model\": ").unwrap_err();
+        assert_eq!((e.code, e.param), ("invalid_json", None));
+        assert!(e.message.contains("could not parse"));
+        let e = ChatRequest::parse(b"[1]").unwrap_err();
+        assert!(e.message.contains("must be a JSON object"), "{}", e.message);
+        let e = ChatRequest::parse(b"").unwrap_err();
+        assert!(e.message.contains("empty"), "{}", e.message);
+    }
+
+    #[test]
+    fn embeddings_accept_every_documented_input_shape() {
+        for (input, count) in [
+            (json!("a"), 1),
+            (json!(["a", "b"]), 2),
+            (json!([1, 2, 3]), 1),
+            (json!([[1, 2], [3]]), 2),
+        ] {
+            let r = EmbeddingsRequest::parse(
+                json!({"model": "e", "input": input}).to_string().as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(r.input_count, count);
+            assert_eq!(r.encoding_format, EncodingFormat::Float);
+        }
+    }
+
+    #[test]
+    fn embeddings_reject_bad_input_and_format() {
+        for (body, param) in [
+            (json!({"model": "e"}), "input"),
+            (json!({"model": "e", "input": []}), "input"),
+            (json!({"model": "e", "input": 7}), "input"),
+            (json!({"model": "e", "input": ["a", 7]}), "input[1]"),
+            (json!({"model": "e", "input": ["a", ""]}), "input[1]"),
+            (
+                json!({"model": "e", "input": "a", "encoding_format": "hex"}),
+                "encoding_format",
+            ),
+            (json!({"input": "a"}), "model"),
+            (
+                json!({"model": "e", "input": "a", "dimensions": 0}),
+                "dimensions",
+            ),
+        ] {
+            let e = EmbeddingsRequest::parse(body.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+        }
+        let too_many = vec!["x"; MAX_EMBEDDING_INPUTS + 1];
+        let e = EmbeddingsRequest::parse(
+            json!({"model": "e", "input": too_many})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "array_above_max_length");
+    }
+}

@@ -1,0 +1,34 @@
+//! The usage record: one per model request, written to `usage_logs`.
+
+use serde::{Deserialize, Serialize};
+
+/// What one model request cost and how it went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// UUIDv7, so rows sort by time.
+    pub id: String,
+    pub tenant_id: String,
+    pub trace_id: String,
+    /// `chat` or `embeddings`.
+    pub endpoint: String,
+    pub model_alias: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub stream: bool,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub latency_ms: f64,
+    /// Streams only: time until the first chunk arrived from upstream.
+    pub ttft_ms: Option<f64>,
+    /// The HTTP status the client received (499 when it went away first).
+    pub status: u16,
+    pub error_code: Option<String>,
+    /// Unix time in milliseconds.
+    pub created_at_ms: i64,
+}
+
+/// A fresh time-ordered id.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}

@@ -1,0 +1,12 @@
+//! Application services, free of HTTP types: the gateway that routes model
+//! calls to providers and accounts for them, and the batched usage writer.
+//! `server` calls these; they call `providers` and `store`.
+
+pub mod gateway;
+pub mod metered;
+pub mod usage_writer;
+
+pub use gateway::{ChatOutcome, EngineError, Gateway, ModelInfo, RequestMeta};
+pub use metered::StreamEvent;
+pub use switchyard_providers::ProviderError;
+pub use usage_writer::{UsageWriter, UsageWriterTask};

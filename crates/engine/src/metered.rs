@@ -1,0 +1,195 @@
+//! Wraps a provider's chunk stream to measure it while relaying it: time to
+//! first token, token usage from the final chunk, and how it ended. The
+//! usage row is written exactly once — when the stream completes, fails, or
+//! is dropped because the client went away (status 499).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use switchyard_core::openai::Usage;
+use switchyard_providers::{ChunkStream, ProviderError};
+
+use crate::gateway::Accounting;
+
+/// What the HTTP layer relays: chunks, then exactly one `Done` or `Error`.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// The JSON of one `chat.completion.chunk`, as the provider sent it.
+    Chunk(Bytes),
+    Done,
+    Error(ProviderError),
+}
+
+pub(crate) struct MeteredStream {
+    inner: ChunkStream,
+    /// Whether the client asked for the usage chunk (it is always requested upstream).
+    include_usage: bool,
+    saw_finish: bool,
+    ended: bool,
+    first_chunk_at: Option<Instant>,
+    usage: Option<Usage>,
+    accounting: Option<Accounting>,
+}
+
+impl MeteredStream {
+    pub(crate) fn new(inner: ChunkStream, include_usage: bool, accounting: Accounting) -> Self {
+        Self {
+            inner,
+            include_usage,
+            saw_finish: false,
+            ended: false,
+            first_chunk_at: None,
+            usage: None,
+            accounting: Some(accounting),
+        }
+    }
+
+    fn finish(&mut self, status: u16, error: Option<&ProviderError>) {
+        if let Some(acc) = self.accounting.take() {
+            acc.finish_stream(
+                status,
+                error.map(ProviderError::code),
+                self.usage,
+                self.first_chunk_at,
+            );
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageChunk {
+    usage: Option<Usage>,
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+}
+
+/// Finds `"usage"` followed by an object (not `null`) without parsing the chunk.
+fn has_usage_object(chunk: &[u8]) -> bool {
+    let Some(i) = memchr::memmem::find(chunk, b"\"usage\"") else {
+        return false;
+    };
+    chunk[i + 7..]
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
+        .is_some_and(|b| *b == b'{')
+}
+
+fn has_finish_reason(chunk: &[u8]) -> bool {
+    let mut rest = chunk;
+    while let Some(i) = memchr::memmem::find(rest, b"\"finish_reason\"") {
+        rest = &rest[i + 15..];
+        if let Some(b) = rest
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
+        {
+            if *b == b'"' {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+impl Stream for MeteredStream {
+    type Item = StreamEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamEvent>> {
+        let this = &mut *self;
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match this.inner.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if this.first_chunk_at.is_none() {
+                        this.first_chunk_at = Some(Instant::now());
+                    }
+                    if !this.saw_finish && has_finish_reason(&chunk) {
+                        this.saw_finish = true;
+                    }
+                    if has_usage_object(&chunk) {
+                        if let Ok(parsed) = serde_json::from_slice::<UsageChunk>(&chunk) {
+                            this.usage = parsed.usage.or(this.usage);
+                            let usage_only = parsed.choices.as_ref().is_some_and(Vec::is_empty);
+                            if usage_only && !this.include_usage {
+                                continue;
+                            }
+                        }
+                    }
+                    return Poll::Ready(Some(StreamEvent::Chunk(chunk)));
+                }
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    this.finish(200, None);
+                    return Poll::Ready(Some(StreamEvent::Done));
+                }
+                // Some servers close without `[DONE]` after the last chunk;
+                // once a finish reason was seen the answer is complete.
+                Poll::Ready(Some(Err(ProviderError::Truncated))) if this.saw_finish => {
+                    this.ended = true;
+                    this.finish(200, None);
+                    return Poll::Ready(Some(StreamEvent::Done));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.ended = true;
+                    let status = if matches!(e, ProviderError::Timeout(_)) {
+                        504
+                    } else {
+                        502
+                    };
+                    this.finish(status, Some(&e));
+                    return Poll::Ready(Some(StreamEvent::Error(e)));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        // Dropped before its end: the client disconnected.
+        if let Some(acc) = self.accounting.take() {
+            acc.finish_stream(499, Some("client_closed"), self.usage, self.first_chunk_at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_usage_objects_but_not_nulls() {
+        assert!(has_usage_object(
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(has_usage_object(
+            br#"{"choices":[], "usage": {"prompt_tokens":1}}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{}}],"usage":null}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{"content":"x"}}]}"#
+        ));
+    }
+
+    #[test]
+    fn finds_finish_reasons_but_not_nulls() {
+        assert!(has_finish_reason(
+            br#"{"choices":[{"finish_reason":"stop"}]}"#
+        ));
+        assert!(has_finish_reason(
+            br#"{"choices":[{"finish_reason": null},{"finish_reason": "length"}]}"#
+        ));
+        assert!(!has_finish_reason(
+            br#"{"choices":[{"finish_reason":null}]}"#
+        ));
+    }
+}

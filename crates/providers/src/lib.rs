@@ -1,0 +1,65 @@
+//! Provider clients: the traits the engine calls and the adapters that speak
+//! each upstream's wire format. Every adapter takes and returns
+//! OpenAI-shaped JSON, so the engine and the HTTP layer see one shape.
+
+pub mod error;
+pub mod openai;
+pub mod sse;
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use serde_json::{Map, Value};
+use switchyard_core::openai::{EncodingFormat, Usage};
+
+pub use error::ProviderError;
+
+/// One chat call, already routed: the body is the client's, `model` is the
+/// name the provider knows.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatCall<'a> {
+    pub upstream_model: &'a str,
+    pub body: &'a Map<String, Value>,
+    pub stream: bool,
+}
+
+/// A complete (non-streamed) answer: the provider's JSON, relayed as is.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+}
+
+/// A streamed answer: each item is the JSON of one `chat.completion.chunk`.
+/// The stream ends after the provider's `[DONE]`; a stream that stops before
+/// it yields [`ProviderError::Truncated`] or the transport error instead.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, ProviderError>> + Send>>;
+
+pub enum ChatReply {
+    Complete(Completion),
+    Stream(ChunkStream),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedCall<'a> {
+    pub upstream_model: &'a str,
+    pub body: &'a Map<String, Value>,
+    /// The encoding the client wants back.
+    pub encoding_format: EncodingFormat,
+}
+
+#[async_trait]
+pub trait ChatProvider: Send + Sync {
+    /// The configured provider name (for logs, metrics and usage rows).
+    fn name(&self) -> &str;
+    async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError>;
+}
+
+#[async_trait]
+pub trait EmbeddingProvider: Send + Sync {
+    fn name(&self) -> &str;
+    /// Returns the provider's JSON in the requested encoding.
+    async fn embed(&self, call: EmbedCall<'_>) -> Result<Completion, ProviderError>;
+}

@@ -1,0 +1,178 @@
+//! An incremental parser for `text/event-stream` bodies.
+//!
+//! Upstream bytes arrive in arbitrary pieces (an event split across TCP reads,
+//! several events in one read, `\r\n` or `\n` line ends); the parser yields
+//! each complete event as soon as its terminating blank line is seen, so
+//! chunks are relayed as they arrive instead of after the whole stream.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field, when present (Anthropic names its events).
+    pub event: Option<String>,
+    /// The `data:` lines joined with `\n`.
+    pub data: Bytes,
+}
+
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: BytesMut,
+    /// How far `buf` has been searched for a line end.
+    scanned: usize,
+    data: BytesMut,
+    has_data: bool,
+    event: Option<String>,
+}
+
+impl SseParser {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes read from the body.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete event, if the bytes pushed so far hold one.
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let pos = memchr::memchr(b'\n', &self.buf[self.scanned..])? + self.scanned;
+            let mut line = self.buf.split_to(pos + 1);
+            self.scanned = 0;
+            line.truncate(line.len() - 1);
+            if line.last() == Some(&b'\r') {
+                line.truncate(line.len() - 1);
+            }
+            if let Some(ev) = self.line(&line) {
+                return Some(ev);
+            }
+        }
+    }
+
+    /// Called at the end of the body: an event not followed by a blank line
+    /// is still delivered, as browsers do.
+    pub fn finish(&mut self) -> Option<SseEvent> {
+        if !self.buf.is_empty() {
+            let line = std::mem::take(&mut self.buf);
+            let mut line = &line[..];
+            if line.last() == Some(&b'\r') {
+                line = &line[..line.len() - 1];
+            }
+            if let Some(ev) = self.line(line) {
+                return Some(ev);
+            }
+        }
+        self.line(b"")
+    }
+
+    /// Bytes pushed but not yet part of a complete line.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn line(&mut self, line: &[u8]) -> Option<SseEvent> {
+        if line.is_empty() {
+            if !self.has_data {
+                self.event = None;
+                return None;
+            }
+            self.has_data = false;
+            let data = self.data.split().freeze();
+            return Some(SseEvent {
+                event: self.event.take(),
+                data,
+            });
+        }
+        if line[0] == b':' {
+            return None; // a comment, e.g. a keep-alive
+        }
+        let (field, mut value) = match memchr::memchr(b':', line) {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &b""[..]),
+        };
+        if value.first() == Some(&b' ') {
+            value.advance(1);
+        }
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.data.extend_from_slice(b"\n");
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => self.event = Some(String::from_utf8_lossy(value).into_owned()),
+            _ => {} // id and retry mean nothing to a relay
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(pieces: &[&[u8]]) -> Vec<SseEvent> {
+        let mut p = SseParser::new();
+        let mut out = Vec::new();
+        for piece in pieces {
+            p.push(piece);
+            while let Some(e) = p.next_event() {
+                out.push(e);
+            }
+        }
+        out.extend(p.finish());
+        out
+    }
+
+    fn data(s: &str) -> SseEvent {
+        SseEvent {
+            event: None,
+            data: Bytes::copy_from_slice(s.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn parses_events_split_at_every_possible_byte() {
+        let body = b"data: {\"a\":1}\n\n: keep-alive\n\ndata: {\"b\":2}\r\n\r\nevent: ping\ndata: x\ndata: y\n\ndata: [DONE]\n\n";
+        let expected = vec![
+            data("{\"a\":1}"),
+            data("{\"b\":2}"),
+            SseEvent {
+                event: Some("ping".into()),
+                data: Bytes::from_static(b"x\ny"),
+            },
+            data("[DONE]"),
+        ];
+        assert_eq!(parse_all(&[body]), expected);
+        for cut in 1..body.len() {
+            assert_eq!(
+                parse_all(&[&body[..cut], &body[cut..]]),
+                expected,
+                "cut at {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(parse_all(&bytes), expected);
+    }
+
+    #[test]
+    fn an_event_is_yielded_as_soon_as_its_blank_line_arrives() {
+        let mut p = SseParser::new();
+        p.push(b"data: one\n");
+        assert_eq!(p.next_event(), None);
+        p.push(b"\ndata: tw");
+        assert_eq!(p.next_event(), Some(data("one")));
+        assert_eq!(p.next_event(), None);
+        assert_eq!(p.pending(), 8);
+    }
+
+    #[test]
+    fn a_final_event_without_blank_line_is_delivered_at_finish() {
+        assert_eq!(parse_all(&[b"data: last"]), vec![data("last")]);
+        assert_eq!(parse_all(&[b"data:nospace\n"]), vec![data("nospace")]);
+    }
+}

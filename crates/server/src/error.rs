@@ -1,0 +1,199 @@
+//! The one place errors become HTTP responses, in OpenAI's error shape:
+//! `{"error":{"message","type","param","code"}}`. A 5xx never carries
+//! internal details; those travel in a response extension to the request
+//! log line instead.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use switchyard_core::openai::{ErrorEnvelope, ErrorObject, InvalidRequest};
+use switchyard_engine::gateway::status_for;
+use switchyard_engine::EngineError;
+use switchyard_engine::ProviderError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorObject,
+    /// For the log only.
+    pub internal: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+/// Internal detail of a failed request, for the request log line.
+#[derive(Clone, Debug)]
+pub struct ErrorDetail(pub String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &str, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorObject {
+                message: message.into(),
+                kind: kind.to_owned(),
+                param: None,
+                code: Some(code.to_owned()),
+            },
+            internal: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid(e: InvalidRequest) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorObject {
+                message: e.message,
+                kind: "invalid_request_error".into(),
+                param: e.param,
+                code: Some(e.code.to_owned()),
+            },
+            internal: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body is larger than this server accepts ({limit} bytes)."),
+        )
+    }
+
+    fn internal(status: StatusCode, kind: &str, code: &str, message: &str, detail: String) -> Self {
+        let mut e = Self::new(status, kind, code, message);
+        e.internal = Some(detail);
+        e
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::UnknownModel(model) => {
+                let mut err = Self::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    "model_not_found",
+                    format!("The model `{model}` does not exist or you do not have access to it."),
+                );
+                err.body.param = Some("model".into());
+                err
+            }
+            EngineError::Provider(p) => from_provider(p),
+            e @ (EngineError::Store(_) | EngineError::Setup(_)) => Self::internal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                "The server had an error while processing your request.",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+fn from_provider(p: ProviderError) -> ApiError {
+    let status = StatusCode::from_u16(status_for(&p)).unwrap_or(StatusCode::BAD_GATEWAY);
+    let detail = p.to_string();
+    match p {
+        ProviderError::Status {
+            status: upstream,
+            body,
+            retry_after,
+        } if status.is_client_error() => {
+            // The provider judged the request itself: relay its words.
+            let relayed = serde_json::from_slice::<ErrorEnvelope>(&body)
+                .ok()
+                .map(|env| env.error);
+            let mut err = ApiError {
+                status,
+                body: relayed.unwrap_or_else(|| ErrorObject {
+                    message: format!("The provider rejected the request with status {upstream}."),
+                    kind: "invalid_request_error".into(),
+                    param: None,
+                    code: Some("upstream_rejected".into()),
+                }),
+                internal: Some(detail),
+                retry_after: None,
+            };
+            err.retry_after = retry_after.map(|d| d.as_secs_f64().ceil() as u64);
+            err
+        }
+        ProviderError::Status {
+            status: upstream, ..
+        } => ApiError::internal(
+            status,
+            "upstream_error",
+            "upstream_status",
+            &format!("The provider failed with status {upstream}."),
+            detail,
+        ),
+        ProviderError::Timeout(_) => ApiError::internal(
+            status,
+            "upstream_error",
+            "upstream_timeout",
+            "The provider did not answer in time.",
+            detail,
+        ),
+        ProviderError::Connect(_) => ApiError::internal(
+            status,
+            "upstream_error",
+            "upstream_connect_error",
+            "Could not connect to the provider.",
+            detail,
+        ),
+        ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {
+            ApiError::internal(
+                status,
+                "upstream_error",
+                "upstream_protocol_error",
+                "The provider's response could not be relayed.",
+                detail,
+            )
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorEnvelope { error: self.body }).unwrap_or_default();
+        let mut resp = (
+            self.status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(detail) = self.internal {
+            resp.extensions_mut().insert(ErrorDetail(detail));
+        }
+        resp
+    }
+}
+
+/// The JSON of an error frame for a stream that fails after it started.
+pub fn stream_error_json(e: &ProviderError) -> Vec<u8> {
+    let (kind, message) = match e {
+        ProviderError::Timeout(_) => (
+            "upstream_error",
+            "The provider stopped answering before the stream was complete.",
+        ),
+        _ => (
+            "upstream_error",
+            "The provider's stream broke before it was complete.",
+        ),
+    };
+    serde_json::to_vec(&ErrorEnvelope {
+        error: ErrorObject {
+            message: message.into(),
+            kind: kind.into(),
+            param: None,
+            code: Some(e.code().into()),
+        },
+    })
+    .unwrap_or_default()
+}

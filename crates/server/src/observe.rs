@@ -1,0 +1,84 @@
+//! Per-request observation, in one middleware: continue or start the W3C
+//! trace, open the request span every log line inherits, echo
+//! `X-Request-Id` and `traceparent`, record the request metrics, and write
+//! one access log line (with the internal error detail of a failed request).
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use switchyard_core::trace::TraceContext;
+use tracing::Instrument;
+
+use crate::error::ErrorDetail;
+
+/// The model alias a handler served, for metric labels. Only configured
+/// aliases are ever set, so the label's cardinality stays bounded.
+#[derive(Clone, Debug)]
+pub struct ModelLabel(pub String);
+
+/// The provider that served the request.
+#[derive(Clone, Debug)]
+pub struct ProviderLabel(pub String);
+
+pub async fn observe(mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let ctx = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::from_traceparent)
+        .unwrap_or_else(TraceContext::new_root);
+    let request_id = req.headers().get("x-request-id").cloned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let trace_id = ctx.trace_id();
+    let span =
+        tracing::info_span!("request", trace_id = %trace_id, method = %method, route = %route);
+    req.extensions_mut().insert(ctx);
+    req.extensions_mut().insert(started);
+
+    let mut resp = next.run(req).instrument(span.clone()).await;
+
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed().as_secs_f64();
+    let model = resp
+        .extensions()
+        .get::<ModelLabel>()
+        .map_or("", |m| m.0.as_str())
+        .to_owned();
+    let status_label = status.to_string();
+    metrics::counter!("switchyard_http_requests_total", "route" => route.clone(), "model" => model.clone(), "status" => status_label.clone())
+        .increment(1);
+    metrics::histogram!("switchyard_http_request_duration_seconds", "route" => route, "model" => model.clone(), "status" => status_label)
+        .record(elapsed);
+
+    let provider = resp
+        .extensions()
+        .get::<ProviderLabel>()
+        .map(|p| p.0.clone());
+    let latency_ms = elapsed * 1000.0;
+    match resp.extensions().get::<ErrorDetail>() {
+        Some(detail) if status >= 500 => {
+            tracing::error!(parent: &span, status, latency_ms, model, provider, error = %detail.0, "request failed")
+        }
+        Some(detail) => {
+            tracing::warn!(parent: &span, status, latency_ms, model, provider, error = %detail.0, "request refused")
+        }
+        None => tracing::info!(parent: &span, status, latency_ms, model, provider, "request"),
+    }
+
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&ctx.traceparent()) {
+        headers.insert("traceparent", v);
+    }
+    if let Some(id) = request_id {
+        headers.insert("x-request-id", id);
+    }
+    resp
+}

@@ -1,0 +1,4 @@
+//! Route handlers, grouped by API family.
+
+pub mod openai;
+pub mod ops;

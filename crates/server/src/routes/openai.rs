@@ -1,0 +1,154 @@
+//! The OpenAI-compatible endpoints: chat completions (streamed or not),
+//! embeddings and the model list.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::json;
+use switchyard_core::openai::{ChatRequest, EmbeddingsRequest};
+use switchyard_core::trace::TraceContext;
+use switchyard_engine::{ChatOutcome, ModelInfo, RequestMeta, StreamEvent};
+
+use crate::error::{stream_error_json, ApiError};
+use crate::extract::read_body;
+use crate::observe::{ModelLabel, ProviderLabel};
+use crate::AppState;
+
+/// Until tenancy exists every request belongs to the default tenant.
+const DEFAULT_TENANT: &str = "default";
+
+fn meta(ctx: &TraceContext, started: Instant) -> RequestMeta {
+    RequestMeta {
+        trace_id: ctx.trace_id(),
+        tenant_id: DEFAULT_TENANT.to_owned(),
+        started,
+    }
+}
+
+/// Labels the response with the alias only when it is configured, so a
+/// client cannot grow the metrics with made-up model names.
+fn label(state: &AppState, resp: &mut Response, model: &str, provider: Option<&str>) {
+    if state.gateway().models().iter().any(|m| m.id == model) {
+        resp.extensions_mut().insert(ModelLabel(model.to_owned()));
+    }
+    if let Some(p) = provider {
+        resp.extensions_mut().insert(ProviderLabel(p.to_owned()));
+        if let Ok(v) = HeaderValue::from_str(p) {
+            resp.headers_mut().insert("x-switchyard-provider", v);
+        }
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(started): Extension<Instant>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let req = match ChatRequest::parse(&bytes) {
+        Ok(r) => r,
+        Err(e) => return ApiError::invalid(e).into_response(),
+    };
+    let outcome = state.gateway().chat(&meta(&ctx, started), &req).await;
+    let (mut resp, provider) = match outcome {
+        Ok(ChatOutcome::Complete { body, provider }) => (json_response(body), Some(provider)),
+        Ok(ChatOutcome::Stream { events, provider }) => (sse_response(events), Some(provider)),
+        Err(e) => (ApiError::from(e).into_response(), None),
+    };
+    label(&state, &mut resp, &req.model, provider.as_deref());
+    resp
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(started): Extension<Instant>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let req = match EmbeddingsRequest::parse(&bytes) {
+        Ok(r) => r,
+        Err(e) => return ApiError::invalid(e).into_response(),
+    };
+    let (mut resp, provider) = match state.gateway().embeddings(&meta(&ctx, started), &req).await {
+        Ok((body, provider)) => (json_response(body), Some(provider)),
+        Err(e) => (ApiError::from(e).into_response(), None),
+    };
+    label(&state, &mut resp, &req.model, provider.as_deref());
+    resp
+}
+
+fn json_response(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Relays chunks as they arrive; the stream always ends with `[DONE]` or,
+/// if the provider failed midway, an `error` object — never silently.
+fn sse_response(events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>) -> Response {
+    let frames = events.map(|ev| {
+        let frame = match ev {
+            StreamEvent::Chunk(json) => frame(&json),
+            StreamEvent::Done => Bytes::from_static(b"data: [DONE]\n\n"),
+            StreamEvent::Error(e) => frame(&stream_error_json(&e)),
+        };
+        Ok::<_, Infallible>(frame)
+    });
+    let mut resp = Response::new(Body::from_stream(frames));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+fn frame(json: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(json.len() + 8);
+    b.put_slice(b"data: ");
+    b.put_slice(json);
+    b.put_slice(b"\n\n");
+    b.freeze()
+}
+
+fn model_json(m: &ModelInfo) -> serde_json::Value {
+    json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by})
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Response {
+    let data: Vec<_> = state.gateway().models().iter().map(model_json).collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Response {
+    match state.gateway().models().iter().find(|m| m.id == model) {
+        Some(m) => axum::Json(model_json(m)).into_response(),
+        None => {
+            let mut e = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("The model `{model}` does not exist or you do not have access to it."),
+            );
+            e.body.param = Some("model".into());
+            e.into_response()
+        }
+    }
+}

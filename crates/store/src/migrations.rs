@@ -1,0 +1,32 @@
+//! The embedded migrations, one list per backend, applied in version order.
+
+pub(crate) struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub(crate) const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    name: "usage_logs",
+    sql: include_str!("../migrations/sqlite/0001_usage_logs.sql"),
+}];
+
+pub(crate) const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    name: "usage_logs",
+    sql: include_str!("../migrations/postgres/0001_usage_logs.sql"),
+}];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_backends_have_the_same_migration_versions_in_order() {
+        let s: Vec<(i64, &str)> = SQLITE.iter().map(|m| (m.version, m.name)).collect();
+        let p: Vec<(i64, &str)> = POSTGRES.iter().map(|m| (m.version, m.name)).collect();
+        assert_eq!(s, p);
+        assert!(s.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+}

@@ -1,0 +1,237 @@
+//! PostgreSQL, for running many instances on one database. An optional
+//! `store.schema` puts every table in its own schema (tests use a fresh one
+//! each and drop it afterwards).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool, QueryBuilder, Row};
+use switchyard_core::config::StoreConfig;
+use switchyard_core::usage::UsageRecord;
+
+use crate::migrations::POSTGRES;
+use crate::{Context, Store, StoreError};
+
+/// Key of the advisory lock that serializes migrations across instances.
+const MIGRATION_LOCK: i64 = 0x5357_4954_4348; // "SWITCH"
+
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: Option<String>,
+}
+
+impl PostgresStore {
+    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let mut opts = PgConnectOptions::from_str(&config.url)
+            .map_err(|e| {
+                StoreError::Config(format!(
+                    "store.url: {}",
+                    redact(&e.to_string(), &config.url)
+                ))
+            })?
+            .application_name("switchyard");
+        if let Some(schema) = &config.schema {
+            // validate() allows only identifier characters, so this cannot inject.
+            opts = opts.options([("search_path", schema.as_str())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
+            .connect_with(opts)
+            .await
+            .context("connecting to PostgreSQL")?;
+        Ok(Self {
+            pool,
+            schema: config.schema.clone(),
+        })
+    }
+
+    /// Drops the configured schema and everything in it (tests only).
+    pub async fn drop_schema(&self) -> Result<(), StoreError> {
+        if let Some(schema) = &self.schema {
+            sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .execute(&self.pool)
+                .await
+                .context("dropping the schema")?;
+        }
+        Ok(())
+    }
+}
+
+fn redact(message: &str, url: &str) -> String {
+    let masked = switchyard_core::config::mask_url_password(url);
+    message.replace(url, &masked)
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|x| x.max(0) as u64)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting the migration transaction")?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .context("taking the migration lock")?;
+        if let Some(schema) = &self.schema {
+            (&mut *tx)
+                .execute(sqlx::raw_sql(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+                )))
+                .await
+                .context("creating the schema")?;
+        }
+        (&mut *tx)
+            .execute(sqlx::raw_sql(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            ))
+            .await
+        .context("creating schema_migrations")?;
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+            .fetch_all(&mut *tx)
+            .await
+            .context("listing migrations")?;
+        for m in POSTGRES.iter().filter(|m| !applied.contains(&m.version)) {
+            let err = |source| StoreError::Migration {
+                version: m.version,
+                name: m.name,
+                source,
+            };
+            (&mut *tx)
+                .execute(sqlx::raw_sql(m.sql))
+                .await
+                .map_err(err)?;
+            sqlx::query("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)")
+                .bind(m.version)
+                .bind(m.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+        }
+        tx.commit().await.context("committing migrations")
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+            .fetch_all(&self.pool)
+            .await
+            .context("listing migrations")
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .context("pinging")?;
+        Ok(())
+    }
+
+    async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids = rows
+            .iter()
+            .map(|r| {
+                uuid::Uuid::parse_str(&r.id)
+                    .map_err(|e| StoreError::Corrupt(format!("usage id {}: {e}", r.id)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut qb = QueryBuilder::new(
+            "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
+             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at) ",
+        );
+        qb.push_values(rows.iter().zip(ids), |mut b, (r, id)| {
+            b.push_bind(id)
+                .push_bind(&r.tenant_id)
+                .push_bind(&r.trace_id)
+                .push_bind(&r.endpoint)
+                .push_bind(&r.model_alias)
+                .push_bind(&r.provider)
+                .push_bind(&r.upstream_model)
+                .push_bind(r.stream)
+                .push_bind(r.prompt_tokens.map(|v| v as i64))
+                .push_bind(r.completion_tokens.map(|v| v as i64))
+                .push_bind(r.cost_usd)
+                .push_bind(r.latency_ms)
+                .push_bind(r.ttft_ms)
+                .push_bind(i32::from(r.status))
+                .push_bind(&r.error_code)
+                .push("to_timestamp(")
+                .push_bind_unseparated(r.created_at_ms as f64 / 1000.0)
+                .push_unseparated(")");
+        });
+        qb.build()
+            .execute(&self.pool)
+            .await
+            .context("inserting usage rows")?;
+        Ok(())
+    }
+
+    async fn list_usage(
+        &self,
+        tenant_id: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, \
+             (extract(epoch FROM created_at) * 1000)::float8 AS created_at_ms \
+             FROM usage_logs WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .context("listing usage rows")?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRecord {
+                    id: r.try_get::<uuid::Uuid, _>("id")?.to_string(),
+                    tenant_id: r.try_get("tenant_id")?,
+                    trace_id: r.try_get("trace_id")?,
+                    endpoint: r.try_get("endpoint")?,
+                    model_alias: r.try_get("model_alias")?,
+                    provider: r.try_get("provider")?,
+                    upstream_model: r.try_get("upstream_model")?,
+                    stream: r.try_get("stream")?,
+                    prompt_tokens: opt_u64(r.try_get("prompt_tokens")?),
+                    completion_tokens: opt_u64(r.try_get("completion_tokens")?),
+                    cost_usd: r.try_get("cost_usd")?,
+                    latency_ms: r.try_get("latency_ms")?,
+                    ttft_ms: r.try_get("ttft_ms")?,
+                    status: u16::try_from(r.try_get::<i32, _>("status")?).unwrap_or(0),
+                    error_code: r.try_get("error_code")?,
+                    created_at_ms: r.try_get::<f64, _>("created_at_ms")?.round() as i64,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .context("reading usage rows")
+    }
+
+    async fn count_usage(&self, tenant_id: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_logs WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .fetch_one(&self.pool)
+            .await
+            .context("counting usage rows")?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,229 @@
+//! The embedded default: one SQLite file in WAL mode, so readers never wait
+//! for the usage writer.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
+use switchyard_core::config::StoreConfig;
+use switchyard_core::usage::UsageRecord;
+
+use crate::migrations::{Migration, SQLITE};
+use crate::{Context, Store, StoreError};
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str(&config.url)
+            .map_err(|e| StoreError::Config(format!("store.url: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let path = opts.get_filename();
+        let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
+        if !in_memory {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| StoreError::Config(format!("creating {}: {e}", dir.display())))?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            // An in-memory database exists once per connection.
+            .max_connections(if in_memory { 1 } else { config.max_connections })
+            .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
+            .connect_with(opts)
+            .await
+            .context("opening the SQLite database")?;
+        Ok(Self { pool })
+    }
+
+    async fn apply(&self, m: &Migration) -> Result<(), StoreError> {
+        let err = |source| StoreError::Migration {
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .context("acquiring a connection")?;
+        // IMMEDIATE takes the write lock first, so two processes migrating at
+        // once serialize instead of both applying.
+        (&mut *conn)
+            .execute(sqlx::raw_sql("BEGIN IMMEDIATE"))
+            .await
+            .map_err(err)?;
+        let result = async {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                    .bind(m.version)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if applied.is_none() {
+                (&mut *conn).execute(sqlx::raw_sql(m.sql)).await?;
+                sqlx::query(
+                    "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (?, ?, ?)",
+                )
+                .bind(m.version)
+                .bind(m.name)
+                .bind(now_ms())
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => (&mut *conn)
+                .execute(sqlx::raw_sql("COMMIT"))
+                .await
+                .map(|_| ())
+                .map_err(err),
+            Err(e) => {
+                let _ = (&mut *conn).execute(sqlx::raw_sql("ROLLBACK")).await;
+                Err(err(e))
+            }
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|x| x.max(0) as u64)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ms INTEGER NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .context("creating schema_migrations")?;
+        for m in SQLITE {
+            self.apply(m).await?;
+        }
+        Ok(())
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+            .fetch_all(&self.pool)
+            .await
+            .context("listing migrations")
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .context("pinging")?;
+        Ok(())
+    }
+
+    async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut qb = QueryBuilder::new(
+            "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
+             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) ",
+        );
+        qb.push_values(rows, |mut b, r| {
+            b.push_bind(&r.id)
+                .push_bind(&r.tenant_id)
+                .push_bind(&r.trace_id)
+                .push_bind(&r.endpoint)
+                .push_bind(&r.model_alias)
+                .push_bind(&r.provider)
+                .push_bind(&r.upstream_model)
+                .push_bind(r.stream)
+                .push_bind(r.prompt_tokens.map(|v| v as i64))
+                .push_bind(r.completion_tokens.map(|v| v as i64))
+                .push_bind(r.cost_usd)
+                .push_bind(r.latency_ms)
+                .push_bind(r.ttft_ms)
+                .push_bind(i64::from(r.status))
+                .push_bind(&r.error_code)
+                .push_bind(r.created_at_ms);
+        });
+        qb.build()
+            .execute(&self.pool)
+            .await
+            .context("inserting usage rows")?;
+        Ok(())
+    }
+
+    async fn list_usage(
+        &self,
+        tenant_id: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms \
+             FROM usage_logs WHERE tenant_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .context("listing usage rows")?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRecord {
+                    id: r.try_get("id")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    trace_id: r.try_get("trace_id")?,
+                    endpoint: r.try_get("endpoint")?,
+                    model_alias: r.try_get("model_alias")?,
+                    provider: r.try_get("provider")?,
+                    upstream_model: r.try_get("upstream_model")?,
+                    stream: r.try_get("stream")?,
+                    prompt_tokens: opt_u64(r.try_get("prompt_tokens")?),
+                    completion_tokens: opt_u64(r.try_get("completion_tokens")?),
+                    cost_usd: r.try_get("cost_usd")?,
+                    latency_ms: r.try_get("latency_ms")?,
+                    ttft_ms: r.try_get("ttft_ms")?,
+                    status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(0),
+                    error_code: r.try_get("error_code")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .context("reading usage rows")
+    }
+
+    async fn count_usage(&self, tenant_id: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_logs WHERE tenant_id = ?")
+            .bind(tenant_id)
+            .fetch_one(&self.pool)
+            .await
+            .context("counting usage rows")?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,73 @@
+//! The command line: `serve`, `migrate` and `config check`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use switchyard_core::config::Env;
+use switchyard_core::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "An AI gateway and chat-orchestration backend"
+)]
+pub struct Cli {
+    /// Configuration file (default: $SWITCHYARD_CONFIG, else ./switchyard.toml if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (listens on server.listen, default 127.0.0.1:8080).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate and print the effective configuration, secrets masked.
+    Check,
+}
+
+/// Which file to read: the flag, then `SWITCHYARD_CONFIG`, then
+/// `./switchyard.toml` when it exists.
+pub fn config_path(flag: Option<PathBuf>, env: &Env) -> Option<PathBuf> {
+    flag.or_else(|| {
+        env.get("SWITCHYARD_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .or_else(|| {
+        let default = PathBuf::from("switchyard.toml");
+        default.exists().then_some(default)
+    })
+}
+
+/// Reads the file (if any) and the process environment into a validated config.
+pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
+    let env: Env = std::env::vars().collect();
+    let path = config_path(flag, &env);
+    let text = match &path {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let origin = path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let file = text.as_deref().map(|t| (origin.as_str(), t));
+    Ok(Config::load(file, &env)?)
+}

@@ -1,0 +1,134 @@
+//! Wiring: turns a [`Config`] into a running server. `main.rs` only parses
+//! the command line, loads configuration, sets up telemetry and calls this.
+
+pub mod cli;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::PrometheusHandle;
+use switchyard_core::Config;
+use switchyard_engine::{Gateway, UsageWriter, UsageWriterTask};
+use switchyard_store::Store;
+use tokio::net::TcpListener;
+
+/// A bound, ready-to-run server.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    usage_task: UsageWriterTask,
+    store: Arc<dyn Store>,
+    grace: Duration,
+    prometheus: Option<PrometheusHandle>,
+}
+
+impl Application {
+    /// Opens and migrates the store, builds the providers and binds the
+    /// listener (port 0 picks a free port).
+    pub async fn build(
+        config: &Config,
+        prometheus: Option<PrometheusHandle>,
+    ) -> anyhow::Result<Self> {
+        let store = switchyard_store::connect(&config.store)
+            .await
+            .context("opening the store")?;
+        store.migrate().await.context("migrating the store")?;
+        let (usage, usage_task) = UsageWriter::spawn(store.clone(), &config.usage);
+        let gateway = Gateway::new(config, store.clone(), usage).context("building the gateway")?;
+        for m in gateway.models() {
+            tracing::info!(model = %m.id, provider = %m.owned_by, "model alias configured");
+        }
+        let state = switchyard_server::AppState::new(
+            gateway,
+            prometheus.clone(),
+            config.server.max_body_bytes,
+        );
+        let router = switchyard_server::router(state);
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        Ok(Self {
+            listener,
+            router,
+            usage_task,
+            store,
+            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            prometheus,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish (up to `server.shutdown_grace_secs`), and flushes the
+    /// usage writer before returning.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = self.local_addr()?;
+        tracing::info!(addr = %addr, store = self.store.backend(), "listening");
+        let upkeep = self.prometheus.clone().map(|handle| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    handle.run_upkeep();
+                }
+            })
+        });
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let notify = stopping.clone();
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; waiting for requests in flight");
+            notify.notify_one();
+        });
+        let grace = self.grace;
+        tokio::select! {
+            r = serve => r.context("serving")?,
+            _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period; stopping anyway");
+            }
+        }
+        if let Some(u) = upkeep {
+            u.abort();
+        }
+        self.usage_task.shutdown().await;
+        self.store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,72 @@
+//! Logging and metrics setup for the process.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use switchyard_core::config::{LogConfig, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// JSON (or text) logs to stdout; every line inside a request carries the
+/// request span's `trace_id`. `RUST_LOG` wins over `log.level` when set.
+pub fn init_logging(config: &LogConfig) {
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+}
+
+/// Latency buckets from 100 µs to 60 s: gateway overhead is sub-millisecond,
+/// model calls take seconds.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs the global Prometheus recorder; `None` if one is already set.
+pub fn init_metrics() -> Option<PrometheusHandle> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .ok()?;
+    let handle = builder.install_recorder().ok()?;
+    metrics::describe_counter!(
+        "switchyard_http_requests_total",
+        "HTTP requests by route, model alias and status"
+    );
+    metrics::describe_histogram!(
+        "switchyard_http_request_duration_seconds",
+        "Time to response headers by route, model alias and status"
+    );
+    metrics::describe_histogram!(
+        "switchyard_upstream_duration_seconds",
+        "Upstream call duration by provider (whole stream for streams)"
+    );
+    metrics::describe_histogram!(
+        "switchyard_upstream_ttft_seconds",
+        "Time to the first streamed chunk by provider"
+    );
+    metrics::describe_counter!(
+        "switchyard_tokens_total",
+        "Tokens by model alias, provider and kind (prompt/completion)"
+    );
+    metrics::describe_gauge!(
+        "switchyard_usage_queue_depth",
+        "Usage rows waiting to be written"
+    );
+    metrics::describe_counter!(
+        "switchyard_usage_dropped_total",
+        "Usage rows dropped (queue full or database failing)"
+    );
+    metrics::describe_counter!("switchyard_usage_written_total", "Usage rows written");
+    metrics::gauge!("switchyard_usage_queue_depth").set(0.0);
+    metrics::counter!("switchyard_usage_dropped_total").increment(0);
+    Some(handle)
+}

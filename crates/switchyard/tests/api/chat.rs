@@ -1,0 +1,141 @@
+//! Non-streaming chat completions through the gateway.
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_chat_completion_is_relayed_with_the_upstream_model_substituted() {
+    let app = spawn().await;
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "mock");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello! How can I help you today?"
+    );
+    let upstream = app.mock().last_request().unwrap();
+    assert_eq!(upstream.path, "/v1/chat/completions");
+    assert_eq!(upstream.body["model"], "gpt-4o-mini-upstream");
+    assert_eq!(
+        upstream.headers["authorization"],
+        format!("Bearer {}", switchyard_testkit::app::MOCK_PROVIDER_KEY)
+    );
+}
+
+#[tokio::test]
+async fn every_field_the_gateway_does_not_interpret_reaches_the_provider_untouched() {
+    let app = spawn().await;
+    let mut body = chat_body("gpt-4o-mini");
+    let extras = json!({
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        "stop": ["\n\n", "END"],
+        "n": 2,
+        "seed": 42,
+        "logprobs": true,
+        "top_logprobs": 3,
+        "temperature": 0.7,
+        "x_vendor_extension": {"nested": [1, 2.5, null, "s"]},
+    });
+    for (k, v) in extras.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    let upstream = app.mock().last_request().unwrap().body;
+    for (k, v) in extras.as_object().unwrap() {
+        assert_eq!(&upstream[k], v, "field {k}");
+    }
+    assert_eq!(upstream["messages"], body["messages"]);
+    let keys: Vec<&String> = upstream.as_object().unwrap().keys().collect();
+    let sent: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(keys, sent, "field order is preserved");
+}
+
+#[tokio::test]
+async fn a_tool_call_answer_is_relayed() {
+    let app = spawn().await;
+    let mut body = chat_body("gpt-4o-mini");
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+
+    let resp: Value = app
+        .post_json("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    assert_eq!(resp["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        resp["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+}
+
+#[tokio::test]
+async fn the_model_list_shows_the_configured_aliases() {
+    let app = spawn().await;
+
+    let resp = app.client.get(app.url("/v1/models")).send().await.unwrap();
+
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["object"], "list");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4o-mini", "text-embedding-3-small"]);
+    assert_eq!(body["data"][0]["object"], "model");
+    assert_eq!(body["data"][0]["owned_by"], "mock");
+    let one: Value = app
+        .client
+        .get(app.url("/v1/models/gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["id"], "gpt-4o-mini");
+    let missing = app
+        .client
+        .get(app.url("/v1/models/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(missing, 404, "model_not_found").await;
+}
+
+#[tokio::test]
+async fn shortcut_variables_configure_a_working_provider() {
+    let mock = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .env("CHAT_API_BASE", &mock.base_url())
+        .env("OPENAI_API_KEY", "sk-shortcut-key")
+        .env("CHAT_MODEL_DEFAULT", "llama-3-8b")
+        .spawn()
+        .await;
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("default"))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    let upstream = mock.last_request().unwrap();
+    assert_eq!(upstream.body["model"], "llama-3-8b");
+    assert_eq!(upstream.headers["authorization"], "Bearer sk-shortcut-key");
+}

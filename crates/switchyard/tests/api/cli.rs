@@ -1,0 +1,92 @@
+//! The command line: `config check`, configuration errors, `migrate`.
+
+use std::process::Command;
+
+use crate::helpers::BIN;
+
+fn run(args: &[&str], env: &[(&str, &str)], dir: &std::path::Path) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(dir);
+    for k in [
+        "CHAT_API_BASE",
+        "CHAT_API_KEY",
+        "OPENAI_API_KEY",
+        "SWITCHYARD_CONFIG",
+        "EMBEDDING_API_KEY",
+    ] {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn config_check_prints_the_effective_configuration_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("switchyard.toml"),
+        "[store]\nurl = \"postgres://app:pg-password@db:5432/x\"\n[providers.p]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\napi_key = \"sk-file-key\"\n",
+    )
+    .unwrap();
+
+    let out = run(
+        &["config", "check"],
+        &[
+            ("CHAT_API_KEY", "sk-env-key"),
+            ("SWITCHYARD_SERVER__LISTEN", "127.0.0.1:9999"),
+        ],
+        dir.path(),
+    );
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:9999\""), "{text}");
+    assert!(text.contains("[providers.chat]"), "{text}");
+    for secret in ["sk-file-key", "sk-env-key", "pg-password"] {
+        assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+    }
+    assert!(text.contains("[redacted]"));
+}
+
+#[test]
+fn a_bad_key_stops_startup_naming_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "[server]\nlisten = 8080\n").unwrap();
+
+    let out = run(&["--config", "bad.toml", "serve"], &[], dir.path());
+
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("server.listen: invalid type: integer `8080`, expected"),
+        "{err}"
+    );
+
+    let out = run(&["serve"], &[("SWITCHYARD_SERVER__TYPO", "1")], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.typo: unknown field `typo`"));
+}
+
+#[test]
+fn migrate_creates_the_database_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SWITCHYARD_STORE__URL", "sqlite://data/sy.db")];
+
+    let first = run(&["migrate"], &env, dir.path());
+    let second = run(&["migrate"], &env, dir.path());
+
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("applied versions: [1]"));
+    assert!(dir.path().join("data/sy.db").exists());
+}

@@ -1,0 +1,306 @@
+//! Bad input and failing providers: the status and the OpenAI-shaped body.
+
+use serde_json::{json, Value};
+use switchyard_testkit::app::MOCK_PROVIDER_KEY;
+use switchyard_testkit::Fault;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn an_unknown_model_is_404_naming_the_model() {
+    let app = spawn().await;
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-99"))
+        .await;
+
+    let body = assert_error(resp, 404, "model_not_found").await;
+    insta::assert_json_snapshot!(body, @r#"
+    {
+      "error": {
+        "message": "The model `gpt-99` does not exist or you do not have access to it.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found"
+      }
+    }
+    "#);
+    assert_eq!(app.mock().calls(), 0);
+    let resp = app
+        .post_json("/v1/embeddings", &json!({"model": "nope", "input": "x"}))
+        .await;
+    assert_error(resp, 404, "model_not_found").await;
+}
+
+#[tokio::test]
+async fn malformed_json_is_400() {
+    let app = spawn().await;
+
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        let resp = app
+            .client
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body("{\"model\": \"gpt-4o-mini\",")
+            .send()
+            .await
+            .unwrap();
+        let body = assert_error(resp, 400, "invalid_json").await;
+        assert_eq!(body["error"]["param"], Value::Null);
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(app.mock().calls(), 0);
+}
+
+#[tokio::test]
+async fn a_missing_field_is_400_naming_it() {
+    let app = spawn().await;
+
+    let resp = app
+        .post_json("/v1/chat/completions", &json!({"model": "gpt-4o-mini"}))
+        .await;
+
+    let body = assert_error(resp, 400, "missing_required_parameter").await;
+    insta::assert_json_snapshot!(body, @r#"
+    {
+      "error": {
+        "message": "Missing required parameter: 'messages'.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "missing_required_parameter"
+      }
+    }
+    "#);
+    let resp = app
+        .post_json(
+            "/v1/embeddings",
+            &json!({"model": "text-embedding-3-small"}),
+        )
+        .await;
+    let body = assert_error(resp, 400, "missing_required_parameter").await;
+    assert_eq!(body["error"]["param"], "input");
+}
+
+#[tokio::test]
+async fn an_ill_typed_field_is_400_naming_it() {
+    let app = spawn().await;
+    let mut body = chat_body("gpt-4o-mini");
+    body["messages"][0]["role"] = json!(7);
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+
+    let err = assert_error(resp, 400, "invalid_type").await;
+    insta::assert_json_snapshot!(err, @r#"
+    {
+      "error": {
+        "message": "Invalid type for 'messages[0].role': expected a string, but got an integer instead.",
+        "type": "invalid_request_error",
+        "param": "messages[0].role",
+        "code": "invalid_type"
+      }
+    }
+    "#);
+    let mut body = chat_body("gpt-4o-mini");
+    body["temperature"] = json!("warm");
+    let err = assert_error(
+        app.post_json("/v1/chat/completions", &body).await,
+        400,
+        "invalid_type",
+    )
+    .await;
+    assert_eq!(err["error"]["param"], "temperature");
+    let err = assert_error(
+        app.post_json(
+            "/v1/embeddings",
+            &json!({"model": "text-embedding-3-small", "input": "x", "encoding_format": "hex"}),
+        )
+        .await,
+        400,
+        "invalid_value",
+    )
+    .await;
+    assert_eq!(err["error"]["param"], "encoding_format");
+    assert_eq!(app.mock().calls(), 0);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413() {
+    let app = app()
+        .config("")
+        .env("SWITCHYARD_SERVER__MAX_BODY_BYTES", "2048")
+        .spawn()
+        .await;
+    let mut body = chat_body("gpt-4o-mini");
+    body["messages"][0]["content"] = json!("x".repeat(4096));
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+    let err = assert_error(resp, 413, "request_too_large").await;
+    assert!(err["error"]["message"].as_str().unwrap().contains("2048"));
+
+    // Without a Content-Length (chunked), the limit still holds.
+    let chunks: Vec<Result<String, std::io::Error>> = vec![
+        Ok("{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"".into()),
+        Ok("y".repeat(4096)),
+        Ok("\"}]}".into()),
+    ];
+    let resp = app
+        .client
+        .post(app.url("/v1/embeddings"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 413, "request_too_large").await;
+    assert_eq!(app.mock().calls(), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
+    let app = spawn().await;
+
+    let resp = app
+        .client
+        .post(app.url("/v1/completions-nope"))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(resp, 404, "unknown_url").await;
+    assert_eq!(
+        body["error"]["message"],
+        "Unknown request URL: POST /v1/completions-nope."
+    );
+
+    let resp = app
+        .client
+        .get(app.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 405, "method_not_allowed").await;
+}
+
+#[tokio::test]
+async fn a_provider_5xx_is_502_without_internal_details() {
+    let app = spawn().await;
+    app.mock().push_fault(Fault::Status(500));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+
+    let body = assert_error(resp, 502, "upstream_status").await;
+    assert_eq!(body["error"]["type"], "upstream_error");
+    assert_eq!(
+        body["error"]["message"],
+        "The provider failed with status 500."
+    );
+}
+
+#[tokio::test]
+async fn a_provider_that_hangs_is_504() {
+    let mock = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .config(&format!(
+            "[providers.slowmock]\nkind = \"openai\"\nbase_url = \"{}\"\ntimeout_secs = 1\n\n[models.slow]\nprovider = \"slowmock\"\nmodel = \"m\"\n",
+            mock.base_url()
+        ))
+        .spawn()
+        .await;
+    mock.push_fault(Fault::Hang);
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("slow"))
+        .await;
+
+    let body = assert_error(resp, 504, "upstream_timeout").await;
+    assert_eq!(body["error"]["type"], "upstream_error");
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_is_502() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = app()
+        .without_mock()
+        .config(&format!(
+            "[providers.down]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\n\n[models.down]\nprovider = \"down\"\nmodel = \"m\"\n"
+        ))
+        .spawn()
+        .await;
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("down"))
+        .await;
+
+    let body = assert_error(resp, 502, "upstream_connect_error").await;
+    assert_eq!(
+        body["error"]["message"],
+        "Could not connect to the provider."
+    );
+}
+
+#[tokio::test]
+async fn a_provider_rejection_of_the_request_is_relayed_with_its_status() {
+    let app = spawn().await;
+    app.mock().push_fault(Fault::Status(400));
+    app.mock().push_fault(Fault::RateLimited {
+        retry_after_secs: 7,
+    });
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "mock: injected status 400");
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "7");
+}
+
+#[tokio::test]
+async fn the_provider_key_never_appears_in_a_response_or_a_log_line() {
+    let app = spawn().await;
+    app.mock().push_fault(Fault::EchoAuthorization);
+    app.mock().push_fault(Fault::Status(500));
+
+    let first = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    let status = first.status();
+    let text = first.text().await.unwrap();
+    let second = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await
+        .text()
+        .await
+        .unwrap();
+
+    assert_eq!(
+        status, 502,
+        "a rejected provider key is the gateway's problem, not the client's"
+    );
+    assert!(!text.contains(MOCK_PROVIDER_KEY), "{text}");
+    assert!(!second.contains(MOCK_PROVIDER_KEY));
+    // The mock really did echo it: the gateway scrubbed it.
+    assert!(app.mock().requests()[0].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .contains(MOCK_PROVIDER_KEY));
+    let logs = app.logs();
+    assert!(logs
+        .iter()
+        .any(|l| l.contains("request") && l.contains("502")));
+    assert!(
+        logs.iter().all(|l| !l.contains(MOCK_PROVIDER_KEY)),
+        "a log line leaked the key"
+    );
+}

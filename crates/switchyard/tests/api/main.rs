@@ -1,0 +1,14 @@
+//! End-to-end tests of the real `switchyard` binary against testkit's mock
+//! upstream. One test binary; modules by area.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod helpers;
+
+mod chat;
+mod cli;
+mod embeddings;
+mod errors;
+mod ops;
+mod python_sdk;
+mod streaming;
+mod usage;

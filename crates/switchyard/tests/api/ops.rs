@@ -1,0 +1,160 @@
+//! Health, readiness, metrics, trace context and logs.
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_and_ready_answer_ok() {
+    let app = spawn().await;
+
+    let health = app.client.get(app.url("/health")).send().await.unwrap();
+    let ready = app.client.get(app.url("/ready")).send().await.unwrap();
+
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap()["checks"]["store"],
+        "ok"
+    );
+}
+
+#[tokio::test]
+async fn ready_fails_when_the_store_is_unreachable() {
+    let Some(pg) = pg_url() else { return };
+    let target = pg_addr(&pg);
+    let proxy = switchyard_testkit::proxy::TcpProxy::start(target)
+        .await
+        .unwrap();
+    let via_proxy = pg.replace(&target.to_string(), &proxy.addr().to_string());
+    assert_ne!(via_proxy, pg, "the URL names the server by address");
+    let app = app()
+        .postgres(&via_proxy)
+        .env("SWITCHYARD_STORE__CONNECT_TIMEOUT_SECS", "1")
+        .spawn()
+        .await;
+    assert_eq!(
+        app.client
+            .get(app.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    proxy.cut();
+
+    let resp = app.client.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["checks"]["store"], "unreachable");
+    assert_eq!(
+        app.client
+            .get(app.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "liveness does not depend on the store"
+    );
+}
+
+pub fn pg_url() -> Option<String> {
+    match std::env::var("SWITCHYARD_TEST_PG_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            assert_ne!(
+                std::env::var("SWITCHYARD_REQUIRE_PG").as_deref(),
+                Ok("1"),
+                "SWITCHYARD_TEST_PG_URL is required"
+            );
+            eprintln!("skipping: SWITCHYARD_TEST_PG_URL is not set");
+            None
+        }
+    }
+}
+
+fn pg_addr(url: &str) -> std::net::SocketAddr {
+    let host_port = url.split('@').nth(1).unwrap().split('/').next().unwrap();
+    host_port.parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_traceparent_is_continued_and_the_request_id_echoed() {
+    let app = spawn().await;
+
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("x-request-id", "req-123")
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+
+    let tp = resp.headers()["traceparent"].to_str().unwrap().to_owned();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert_eq!(resp.headers()["x-request-id"], "req-123");
+    let fresh = app.client.get(app.url("/health")).send().await.unwrap();
+    let tp2 = fresh.headers()["traceparent"].to_str().unwrap();
+    assert_eq!(tp2.len(), 55);
+    assert!(!tp2.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let line = app
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("\"route\":\"/v1/chat/completions\""))
+        .expect("a request log line");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["model"], "gpt-4o-mini");
+}
+
+#[tokio::test]
+async fn metrics_expose_requests_latency_tokens_and_the_usage_queue() {
+    let app = spawn().await;
+    app.post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    app.post_json("/v1/chat/completions", &chat_body("made-up-model"))
+        .await
+        .text()
+        .await
+        .unwrap();
+
+    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = resp.text().await.unwrap();
+    for needle in [
+        r#"switchyard_http_requests_total{route="/v1/chat/completions",model="gpt-4o-mini",status="200"} 1"#,
+        r#"switchyard_http_request_duration_seconds_bucket{route="/v1/chat/completions",model="gpt-4o-mini",status="200",le="#,
+        r#"switchyard_upstream_duration_seconds_bucket{provider="mock",endpoint="chat",le="#,
+        r#"switchyard_tokens_total{model="gpt-4o-mini",provider="mock",kind="completion"} 7"#,
+        "switchyard_usage_queue_depth ",
+        "switchyard_usage_dropped_total 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(
+        !text.contains("made-up-model"),
+        "client-chosen names must not become labels"
+    );
+}

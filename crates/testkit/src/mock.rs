@@ -1,0 +1,583 @@
+//! A mock upstream that speaks OpenAI's chat-completions (streamed and not)
+//! and embeddings shapes, with injectable latency, time to first token,
+//! delay between chunks, error statuses, connection resets mid-stream and
+//! hangs. Tests drive it through [`MockUpstream`]; benchmarks run it as the
+//! `switchyard-mock` binary.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+/// How the mock answers when no fault is queued.
+#[derive(Debug, Clone)]
+pub struct Behavior {
+    /// Before the response headers.
+    pub latency: Duration,
+    /// Streams: after the headers, before the first chunk.
+    pub ttft: Duration,
+    /// Streams: between chunks.
+    pub chunk_delay: Duration,
+    /// The assistant's reply; streamed one word per chunk.
+    pub reply: String,
+    /// A fault applied to every request (a queued fault wins).
+    pub always: Option<Fault>,
+}
+
+impl Default for Behavior {
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            ttft: Duration::ZERO,
+            chunk_delay: Duration::ZERO,
+            reply: "Hello! How can I help you today?".into(),
+            always: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer with this status and an OpenAI-shaped error body.
+    Status(u16),
+    /// Answer 429 with `Retry-After: secs`.
+    RateLimited { retry_after_secs: u64 },
+    /// Stream this many chunks, then cut the connection.
+    ResetAfterChunks(usize),
+    /// Accept the request and never answer.
+    Hang,
+    /// Answer 401 with the Authorization header it received in the message
+    /// (as some providers do), to prove the gateway scrubs it.
+    EchoAuthorization,
+    /// Stream the whole answer but close without `[DONE]`.
+    NoDone,
+}
+
+/// One request the mock received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct Shared {
+    behavior: Mutex<Behavior>,
+    faults: Mutex<VecDeque<Fault>>,
+    requests: Mutex<Vec<Recorded>>,
+    calls: AtomicU64,
+    record: bool,
+    /// While true, streams pause after their first chunk.
+    hold: Hold,
+}
+
+struct Hold(tokio::sync::watch::Sender<bool>);
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
+}
+
+/// A running mock; stops when dropped.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl MockUpstream {
+    /// Starts on a free loopback port, recording every request.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            Behavior::default(),
+            true,
+        )
+        .await
+    }
+
+    pub async fn start_on(
+        addr: SocketAddr,
+        behavior: Behavior,
+        record: bool,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            behavior: Mutex::new(behavior),
+            record,
+            ..Shared::default()
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = router(shared.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            shared,
+            _stop: stop,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL to configure as a provider, ending in `/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn set_behavior(&self, b: Behavior) {
+        *lock(&self.shared.behavior) = b;
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Behavior)) {
+        f(&mut lock(&self.shared.behavior));
+    }
+
+    /// Queues a fault for the next request (faults apply in order, once each).
+    pub fn push_fault(&self, fault: Fault) {
+        lock(&self.shared.faults).push_back(fault);
+    }
+
+    /// Streams started from now on pause after their first chunk until
+    /// [`MockUpstream::release_streams`]: a test can then observe that the
+    /// first chunk reached the client while the rest was not yet sent.
+    pub fn hold_streams(&self) {
+        self.shared.hold.0.send_replace(true);
+    }
+
+    pub fn release_streams(&self) {
+        self.shared.hold.0.send_replace(false);
+    }
+
+    /// Chat and embeddings requests received so far.
+    pub fn calls(&self) -> u64 {
+        self.shared.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.shared.requests).clone()
+    }
+
+    pub fn last_request(&self) -> Option<Recorded> {
+        lock(&self.shared.requests).last().cloned()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The mock's routes, for serving it elsewhere (the binary uses this).
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/chat/completions", post(chat))
+        .route("/v1/openai/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/embeddings", post(embeddings))
+        .route("/v1/openai/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .with_state(shared)
+}
+
+/// Serves a mock on `listener` until the process ends (for the binary).
+pub async fn serve_forever(listener: TcpListener, behavior: Behavior) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        behavior: Mutex::new(behavior),
+        record: false,
+        ..Shared::default()
+    });
+    axum::serve(listener, router(shared)).await
+}
+
+async fn models() -> Response {
+    axum::Json(json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 1_700_000_000, "owned_by": "mock"}]}))
+        .into_response()
+}
+
+fn begin(
+    shared: &Shared,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Value, Behavior, Option<Fault>), Box<Response>> {
+    shared.calls.fetch_add(1, Ordering::SeqCst);
+    let parsed: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Err(Box::new(error(400, &format!("mock: invalid JSON: {e}")))),
+    };
+    if shared.record {
+        lock(&shared.requests).push(Recorded {
+            path: path.to_owned(),
+            headers: headers.clone(),
+            body: parsed.clone(),
+        });
+    }
+    let behavior = lock(&shared.behavior).clone();
+    let fault = lock(&shared.faults)
+        .pop_front()
+        .or_else(|| behavior.always.clone());
+    Ok((parsed, behavior, fault))
+}
+
+fn error(status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let kind = if status >= 500 {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    (
+        code,
+        axum::Json(
+            json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
+        ),
+    )
+        .into_response()
+}
+
+/// Applies a fault that ends the request before any body; `None` to go on.
+async fn early_fault(fault: &Option<Fault>, headers: &HeaderMap) -> Option<Response> {
+    match fault {
+        Some(Fault::Status(s)) => Some(error(*s, &format!("mock: injected status {s}"))),
+        Some(Fault::RateLimited { retry_after_secs }) => {
+            let mut r = error(429, "mock: rate limited");
+            r.headers_mut()
+                .insert("retry-after", (*retry_after_secs).into());
+            Some(r)
+        }
+        Some(Fault::EchoAuthorization) => {
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            Some(error(401, &format!("Incorrect API key provided: {auth}")))
+        }
+        Some(Fault::Hang) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Some(error(504, "mock: hung"))
+        }
+        _ => None,
+    }
+}
+
+async fn chat(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (req, behavior, fault) = match begin(&shared, uri.path(), &headers, &body) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if !behavior.latency.is_zero() {
+        tokio::time::sleep(behavior.latency).await;
+    }
+    if let Some(r) = early_fault(&fault, &headers).await {
+        return r;
+    }
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model")
+        .to_owned();
+    let prompt_tokens = count_prompt_tokens(&req);
+    let tool = first_tool(&req);
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if !stream {
+        return completion(&model, &behavior.reply, tool.as_deref(), prompt_tokens);
+    }
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let chunks = stream_chunks(
+        &model,
+        &behavior.reply,
+        tool.as_deref(),
+        prompt_tokens,
+        include_usage,
+    );
+    let hold = shared.hold.0.subscribe();
+    stream_response(chunks, behavior, fault, hold)
+}
+
+fn count_prompt_tokens(req: &Value) -> u64 {
+    let messages = req.get("messages").and_then(Value::as_array);
+    messages.map_or(0, |ms| {
+        ms.iter()
+            .map(|m| {
+                3 + m
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .map_or(0, |c| c.split_whitespace().count() as u64)
+            })
+            .sum()
+    })
+}
+
+/// The function to call when the request offers tools (unless `tool_choice` is `none`).
+fn first_tool(req: &Value) -> Option<String> {
+    if req.get("tool_choice").and_then(Value::as_str) == Some("none") {
+        return None;
+    }
+    req.get("tools")?
+        .as_array()?
+        .first()?
+        .pointer("/function/name")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+const TOOL_ARGS: &str = r#"{"location": "Paris", "unit": "celsius"}"#;
+
+fn completion(model: &str, reply: &str, tool: Option<&str>, prompt_tokens: u64) -> Response {
+    let completion_tokens = reply.split_whitespace().count() as u64;
+    let (message, finish) = match tool {
+        Some(name) => (
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_mock_1", "type": "function", "function": {"name": name, "arguments": TOOL_ARGS}}]}),
+            "tool_calls",
+        ),
+        None => (json!({"role": "assistant", "content": reply}), "stop"),
+    };
+    axum::Json(json!({
+        "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        "system_fingerprint": "fp_mock"
+    }))
+    .into_response()
+}
+
+fn chunk(model: &str, delta: Value, finish: Option<&str>, usage_null: bool) -> Value {
+    let mut c = json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
+    });
+    if usage_null {
+        c["usage"] = Value::Null;
+    }
+    c
+}
+
+/// The data payloads of a stream, `[DONE]` excluded.
+fn stream_chunks(
+    model: &str,
+    reply: &str,
+    tool: Option<&str>,
+    prompt_tokens: u64,
+    include_usage: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let words: Vec<&str> = reply.split_whitespace().collect();
+    match tool {
+        Some(name) => {
+            out.push(chunk(model, json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_mock_1", "type": "function", "function": {"name": name, "arguments": ""}}]}), None, include_usage));
+            let mid = TOOL_ARGS.len() / 2;
+            for piece in [&TOOL_ARGS[..mid], &TOOL_ARGS[mid..]] {
+                out.push(chunk(
+                    model,
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                    None,
+                    include_usage,
+                ));
+            }
+            out.push(chunk(model, json!({}), Some("tool_calls"), include_usage));
+        }
+        None => {
+            out.push(chunk(
+                model,
+                json!({"role": "assistant", "content": ""}),
+                None,
+                include_usage,
+            ));
+            for (i, w) in words.iter().enumerate() {
+                let text = if i == 0 {
+                    (*w).to_owned()
+                } else {
+                    format!(" {w}")
+                };
+                out.push(chunk(model, json!({"content": text}), None, include_usage));
+            }
+            out.push(chunk(model, json!({}), Some("stop"), include_usage));
+        }
+    }
+    if include_usage {
+        let completion_tokens = words.len() as u64;
+        out.push(json!({
+            "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        }));
+    }
+    out.into_iter().map(|c| c.to_string()).collect()
+}
+
+fn stream_response(
+    chunks: Vec<String>,
+    behavior: Behavior,
+    fault: Option<Fault>,
+    hold: tokio::sync::watch::Receiver<bool>,
+) -> Response {
+    let reset_after = match fault {
+        Some(Fault::ResetAfterChunks(n)) => Some(n),
+        _ => None,
+    };
+    let no_done = fault == Some(Fault::NoDone);
+    let body = async_stream(chunks, behavior, reset_after, no_done, hold);
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| error(500, "mock: building the response"))
+}
+
+fn async_stream(
+    chunks: Vec<String>,
+    behavior: Behavior,
+    reset_after: Option<usize>,
+    no_done: bool,
+    hold: tokio::sync::watch::Receiver<bool>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    let total = chunks.len();
+    futures::stream::unfold((0usize, chunks), move |(i, chunks)| {
+        let behavior = behavior.clone();
+        let mut hold = hold.clone();
+        async move {
+            if i == 1 {
+                let _ = hold.wait_for(|held| !held).await;
+            }
+            if let Some(n) = reset_after {
+                if i == n {
+                    // Give the chunks before the cut time to reach the wire,
+                    // as they would from a real provider that fails midway.
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    return Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "mock: injected reset",
+                        )),
+                        (i + 1, chunks),
+                    ));
+                }
+                if i > n {
+                    return None;
+                }
+            }
+            if i > total || (i == total && no_done) {
+                return None;
+            }
+            let delay = if i == 0 {
+                behavior.ttft
+            } else {
+                behavior.chunk_delay
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let frame = if i == total {
+                "data: [DONE]\n\n".to_owned()
+            } else {
+                format!("data: {}\n\n", chunks[i])
+            };
+            Some((Ok(Bytes::from(frame)), (i + 1, chunks)))
+        }
+    })
+}
+
+async fn embeddings(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (req, behavior, fault) = match begin(&shared, uri.path(), &headers, &body) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if !behavior.latency.is_zero() {
+        tokio::time::sleep(behavior.latency).await;
+    }
+    if let Some(r) = early_fault(&fault, &headers).await {
+        return r;
+    }
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => {
+            vec![Value::Array(items.clone()).to_string()]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect(),
+        _ => return error(400, "mock: input is required"),
+    };
+    let dims = req.get("dimensions").and_then(Value::as_u64).unwrap_or(8) as usize;
+    let base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let v = mock_embedding(text, dims);
+            let embedding = if base64 {
+                let raw: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(raw))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens: u64 = inputs
+        .iter()
+        .map(|t| t.split_whitespace().count() as u64)
+        .sum();
+    let model = req.get("model").cloned().unwrap_or(Value::Null);
+    axum::Json(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+        .into_response()
+}
+
+/// A deterministic unit vector derived from the text (FNV-1a seeded).
+pub fn mock_embedding(text: &str, dims: usize) -> Vec<f32> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut v: Vec<f32> = (0..dims)
+        .map(|i| {
+            h ^= i as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+            ((h >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
