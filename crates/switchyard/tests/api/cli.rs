@@ -90,3 +90,16 @@ fn migrate_creates_the_database_and_is_idempotent() {
     assert!(String::from_utf8_lossy(&second.stdout).contains("applied versions: [1]"));
     assert!(dir.path().join("data/sy.db").exists());
 }
+
+#[test]
+fn the_example_configuration_is_valid_and_its_secrets_are_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../switchyard.example.toml");
+
+    let out = run(&["--config", example, "config", "check"], &[], dir.path());
+
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[models.llama-3-8b]"), "{text}");
+    assert!(!text.contains("sk-..."), "{text}");
+}
