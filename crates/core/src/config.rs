@@ -22,6 +22,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub usage: UsageConfig,
     pub log: LogConfig,
+    pub resilience: ResilienceConfig,
     /// Upstream providers by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Model aliases clients may name, by alias.
@@ -122,6 +123,45 @@ impl Default for LogConfig {
     }
 }
 
+/// Retries, retry budget and circuit breakers, for every deployment.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResilienceConfig {
+    /// Attempts per deployment, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff before retry n is random in [0, min(cap, base · 2^n)].
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// Retries allowed as a share of the requests of the last ten seconds…
+    pub retry_budget_ratio: f64,
+    /// …but at least this many per ten seconds.
+    pub retry_budget_min: u32,
+    /// Consecutive failures that open a deployment's breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker stays open before letting probes through.
+    pub breaker_cooldown_secs: u64,
+    /// Probe requests allowed at once while half-open.
+    pub breaker_half_open_probes: u32,
+    /// Consecutive probe successes that close the breaker.
+    pub breaker_success_threshold: u32,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 2,
+            backoff_base_ms: 100,
+            backoff_cap_ms: 2_000,
+            retry_budget_ratio: 0.2,
+            retry_budget_min: 10,
+            breaker_failure_threshold: 5,
+            breaker_cooldown_secs: 60,
+            breaker_half_open_probes: 1,
+            breaker_success_threshold: 3,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
@@ -142,6 +182,10 @@ pub struct ProviderConfig {
     /// TCP connect timeout, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Time allowed until the first byte of the answer (the response for
+    /// non-streamed calls, the first chunk for streams), in milliseconds.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
     /// Total time allowed for one upstream request (a whole stream included), in seconds.
     #[serde(default = "default_request_timeout_secs")]
     pub timeout_secs: u64,
@@ -153,6 +197,12 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_request_timeout_secs() -> u64 {
     600
 }
+fn default_first_byte_timeout_ms() -> u64 {
+    60_000
+}
+fn default_weight() -> u32 {
+    1
+}
 
 impl ProviderConfig {
     /// DeepInfra's OpenAI-compatible API returns no embeddings unless
@@ -162,13 +212,73 @@ impl ProviderConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+/// A model alias: one deployment (`provider` + `model`) or a `route` of
+/// several, tried in order of priority with fallback.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Name of an entry in `providers`.
+    /// Name of an entry in `providers` (single-deployment form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The model name sent upstream (single-deployment form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Deployments in order of preference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<DeploymentConfig>,
+}
+
+/// One provider + upstream model a route may use.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
     pub provider: String,
-    /// The model name sent upstream.
     pub model: String,
+    /// Share of traffic among deployments of equal priority.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Lower is tried first; deployments with equal priority share load by
+    /// weight. Default: the position in the route, so a plain list is an
+    /// ordered fallback chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    /// Overrides the provider's `first_byte_timeout_ms` for this deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_timeout_ms: Option<u64>,
+    /// Overrides the provider's `timeout_secs` for this deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+impl ModelConfig {
+    /// A single-deployment alias.
+    pub fn single(provider: &str, model: &str) -> Self {
+        Self {
+            provider: Some(provider.to_owned()),
+            model: Some(model.to_owned()),
+            route: Vec::new(),
+        }
+    }
+
+    /// The deployments with their effective priority, in route order.
+    pub fn deployments(&self) -> Vec<(u32, DeploymentConfig)> {
+        if let (Some(provider), Some(model)) = (&self.provider, &self.model) {
+            let d = DeploymentConfig {
+                provider: provider.clone(),
+                model: model.clone(),
+                weight: 1,
+                priority: None,
+                first_byte_timeout_ms: None,
+                timeout_secs: None,
+            };
+            return vec![(0, d)];
+        }
+        self.route
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.priority.unwrap_or(i as u32), d.clone()))
+            .collect()
+    }
 }
 
 /// Prices in US dollars per million tokens.
@@ -344,7 +454,7 @@ impl Config {
                     "expected an http:// or https:// URL",
                 ));
             }
-            if p.timeout_secs == 0 || p.connect_timeout_ms == 0 {
+            if p.timeout_secs == 0 || p.connect_timeout_ms == 0 || p.first_byte_timeout_ms == 0 {
                 return Err(ConfigError::invalid(
                     format!("providers.{name}"),
                     "expected timeouts greater than zero",
@@ -352,13 +462,82 @@ impl Config {
             }
         }
         for (alias, m) in &self.models {
-            if !self.providers.contains_key(&m.provider) {
-                let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+            self.validate_model(alias, m)?;
+        }
+        let r = &self.resilience;
+        if r.max_attempts == 0
+            || r.breaker_failure_threshold == 0
+            || r.breaker_success_threshold == 0
+            || r.breaker_half_open_probes == 0
+        {
+            return Err(ConfigError::invalid(
+                "resilience",
+                "expected max_attempts and the breaker thresholds and probes to be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&r.retry_budget_ratio) {
+            return Err(ConfigError::invalid(
+                "resilience.retry_budget_ratio",
+                "expected a number from 0 to 1",
+            ));
+        }
+        if r.backoff_base_ms > r.backoff_cap_ms {
+            return Err(ConfigError::invalid(
+                "resilience.backoff_base_ms",
+                "expected at most backoff_cap_ms",
+            ));
+        }
+        for (name, p) in &self.pricing {
+            if !(p.input_per_mtok >= 0.0 && p.output_per_mtok >= 0.0) {
+                return Err(ConfigError::invalid(
+                    format!("pricing.{name}"),
+                    "expected prices of zero or more",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self, alias: &str, m: &ModelConfig) -> Result<(), ConfigError> {
+        let single = m.provider.is_some() || m.model.is_some();
+        if single && !m.route.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("models.{alias}"),
+                "expected either provider and model, or route, not both",
+            ));
+        }
+        if single {
+            if m.provider.is_none() {
                 return Err(ConfigError::invalid(
                     format!("models.{alias}.provider"),
+                    "expected a provider name",
+                ));
+            }
+            if m.model.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError::invalid(
+                    format!("models.{alias}.model"),
+                    "expected a model name",
+                ));
+            }
+        } else if m.route.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("models.{alias}"),
+                "expected provider and model, or a non-empty route",
+            ));
+        }
+        for (i, (_, d)) in m.deployments().iter().enumerate() {
+            let path = if single {
+                format!("models.{alias}")
+            } else {
+                format!("models.{alias}.route[{i}]")
+            };
+            if !self.providers.contains_key(&d.provider) {
+                let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+                return Err(ConfigError::invalid(
+                    format!("{path}.provider"),
                     format!(
                         "unknown provider `{}`; expected one of: {}",
-                        m.provider,
+                        d.provider,
                         if known.is_empty() {
                             "(none configured)".to_owned()
                         } else {
@@ -367,18 +546,22 @@ impl Config {
                     ),
                 ));
             }
-            if m.model.is_empty() {
+            if d.model.is_empty() {
                 return Err(ConfigError::invalid(
-                    format!("models.{alias}.model"),
+                    format!("{path}.model"),
                     "expected a model name",
                 ));
             }
-        }
-        for (name, p) in &self.pricing {
-            if !(p.input_per_mtok >= 0.0 && p.output_per_mtok >= 0.0) {
+            if d.weight == 0 {
                 return Err(ConfigError::invalid(
-                    format!("pricing.{name}"),
-                    "expected prices of zero or more",
+                    format!("{path}.weight"),
+                    "expected at least 1",
+                ));
+            }
+            if d.first_byte_timeout_ms == Some(0) || d.timeout_secs == Some(0) {
+                return Err(ConfigError::invalid(
+                    path,
+                    "expected timeouts greater than zero",
                 ));
             }
         }
@@ -647,15 +830,9 @@ mod tests {
             chat.api_key.as_ref().map(expose),
             Some("sk-from-openai-var")
         );
-        assert_eq!(
-            c.models["default"],
-            ModelConfig {
-                provider: "chat".into(),
-                model: "llama-3".into()
-            }
-        );
-        assert_eq!(c.models["llama-3"].provider, "chat");
-        assert_eq!(c.models["bge-small"].provider, "embedding");
+        assert_eq!(c.models["default"], ModelConfig::single("chat", "llama-3"));
+        assert_eq!(c.models["llama-3"].provider.as_deref(), Some("chat"));
+        assert_eq!(c.models["bge-small"].provider.as_deref(), Some("embedding"));
         assert_eq!(c.providers["embedding"].base_url, "http://127.0.0.1:9/v1");
     }
 
@@ -677,7 +854,7 @@ mod tests {
     fn shortcuts_do_not_replace_aliases_from_the_file() {
         let file = "[providers.p]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\n[models.default]\nprovider = \"p\"\nmodel = \"mine\"\n";
         let c = Config::load(Some(("f.toml", file)), &env(&[("CHAT_API_KEY", "sk-1")])).unwrap();
-        assert_eq!(c.models["default"].model, "mine");
+        assert_eq!(c.models["default"].model.as_deref(), Some("mine"));
     }
 
     #[test]
@@ -713,6 +890,72 @@ mod tests {
         );
         assert_eq!(c.price_for("p", "m").unwrap().input_per_mtok, 3.0);
         assert!(c.price_for("p", "other").is_none());
+    }
+
+    #[test]
+    fn a_route_groups_deployments_by_priority() {
+        let file = r#"
+[providers.a]
+kind = "openai"
+base_url = "http://a/v1"
+[providers.b]
+kind = "openai"
+base_url = "http://b/v1"
+[[models.m.route]]
+provider = "a"
+model = "x"
+weight = 3
+priority = 0
+[[models.m.route]]
+provider = "b"
+model = "y"
+priority = 0
+[[models.m.route]]
+provider = "b"
+model = "z"
+first_byte_timeout_ms = 500
+"#;
+        let c = Config::load(Some(("f.toml", file)), &Env::new()).unwrap();
+        let d = c.models["m"].deployments();
+        let summary: Vec<(u32, &str, u32)> = d
+            .iter()
+            .map(|(p, d)| (*p, d.model.as_str(), d.weight))
+            .collect();
+        assert_eq!(summary, [(0, "x", 3), (0, "y", 1), (2, "z", 1)]);
+        assert_eq!(d[2].1.first_byte_timeout_ms, Some(500));
+    }
+
+    #[test]
+    fn a_route_must_name_configured_providers_and_not_mix_forms() {
+        let base = "[providers.a]\nkind = \"openai\"\nbase_url = \"http://a/v1\"\n";
+        let err = Config::load(
+            Some((
+                "f.toml",
+                &format!("{base}[[models.m.route]]\nprovider = \"nope\"\nmodel = \"x\"\n"),
+            )),
+            &Env::new(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("models.m.route[0].provider: unknown provider `nope`"),
+            "{err}"
+        );
+        let err = Config::load(
+            Some((
+                "f.toml",
+                &format!("{base}[models.m]\nprovider = \"a\"\nmodel = \"x\"\n[[models.m.route]]\nprovider = \"a\"\nmodel = \"y\"\n"),
+            )),
+            &Env::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = Config::load(
+            Some(("f.toml", &format!("{base}[models.m]\n"))),
+            &Env::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("non-empty route"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! OpenAI-compatible request shapes and their validation, trace ids and the
 //! usage record. Nothing here does I/O.
 
+pub mod anthropic;
 pub mod config;
 pub mod openai;
 pub mod trace;

@@ -1,20 +1,22 @@
-//! The gateway service: resolves a model alias to its provider deployment,
-//! calls it, and accounts for the call (usage row, metrics) whatever the
-//! outcome.
+//! The gateway service: resolves a model alias to its route, has the router
+//! call a deployment (retries, breakers, fallback), and accounts for the call
+//! (usage row, metrics) whatever the outcome.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::Stream;
 use switchyard_core::config::{Config, Pricing, ProviderKind};
 use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_core::usage::{new_id, UsageRecord};
+use switchyard_providers::breaker::{BreakerConfig, CircuitBreaker};
+use switchyard_providers::health::HealthStats;
 use switchyard_providers::openai::OpenAiProvider;
-use switchyard_providers::{
-    ChatCall, ChatProvider, ChatReply, EmbedCall, EmbeddingProvider, ProviderError,
-};
+use switchyard_providers::retry::{RetryBudget, RetryConfig};
+use switchyard_providers::router::{Deployment, Route, RouteError, Router};
+use switchyard_providers::{ChatReply, ProviderError};
 use switchyard_store::{Store, StoreError};
 
 use crate::metered::{MeteredStream, StreamEvent};
@@ -34,19 +36,13 @@ pub enum EngineError {
     UnknownModel(String),
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// Every deployment of the alias has an open circuit breaker.
+    #[error("every deployment of `{0}` is unavailable")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("provider setup failed: {0}")]
     Setup(String),
-}
-
-/// One alias's deployment.
-struct Deployment {
-    provider_name: Arc<str>,
-    upstream_model: Arc<str>,
-    chat: Arc<dyn ChatProvider>,
-    embed: Arc<dyn EmbeddingProvider>,
-    pricing: Option<Pricing>,
 }
 
 /// An entry of `GET /v1/models`.
@@ -67,7 +63,10 @@ pub enum ChatOutcome {
 }
 
 pub struct Gateway {
-    deployments: HashMap<String, Deployment>,
+    routes: HashMap<String, Route>,
+    deployments: Vec<Arc<Deployment>>,
+    pricing: HashMap<String, Pricing>,
+    router: Router,
     models: Vec<ModelInfo>,
     usage: UsageWriter,
     store: Arc<dyn Store>,
@@ -87,34 +86,83 @@ impl Gateway {
             };
             providers.insert(name, Arc::new(adapter));
         }
+        let r = &config.resilience;
+        let breaker = BreakerConfig {
+            failure_threshold: r.breaker_failure_threshold,
+            cooldown: Duration::from_secs(r.breaker_cooldown_secs),
+            half_open_probes: r.breaker_half_open_probes,
+            success_threshold: r.breaker_success_threshold,
+        };
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut deployments = HashMap::new();
+        // Deployments are shared between aliases, so one upstream has one breaker.
+        let mut by_key: HashMap<(String, String, u64, u64), Arc<Deployment>> = HashMap::new();
+        let mut deployments = Vec::new();
+        let mut pricing = HashMap::new();
+        let mut routes = HashMap::new();
         let mut models = Vec::new();
         for (alias, m) in &config.models {
-            let provider = providers.get(m.provider.as_str()).ok_or_else(|| {
-                EngineError::Setup(format!("models.{alias}: unknown provider {}", m.provider))
-            })?;
-            deployments.insert(
-                alias.clone(),
-                Deployment {
-                    provider_name: Arc::from(m.provider.as_str()),
-                    upstream_model: Arc::from(m.model.as_str()),
-                    chat: provider.clone(),
-                    embed: provider.clone(),
-                    pricing: config.price_for(&m.provider, &m.model),
-                },
-            );
+            let mut entries = Vec::new();
+            for (priority, d) in m.deployments() {
+                let pc = config.providers.get(&d.provider).ok_or_else(|| {
+                    EngineError::Setup(format!("models.{alias}: unknown provider {}", d.provider))
+                })?;
+                let provider = providers.get(d.provider.as_str()).ok_or_else(|| {
+                    EngineError::Setup(format!("models.{alias}: unknown provider {}", d.provider))
+                })?;
+                let first_byte = d.first_byte_timeout_ms.unwrap_or(pc.first_byte_timeout_ms);
+                let total = d.timeout_secs.unwrap_or(pc.timeout_secs);
+                let key = (d.provider.clone(), d.model.clone(), first_byte, total);
+                let dep = by_key
+                    .entry(key)
+                    .or_insert_with(|| {
+                        let dep = Arc::new(Deployment {
+                            id: format!("{}/{}", d.provider, d.model),
+                            provider_name: Arc::from(d.provider.as_str()),
+                            upstream_model: Arc::from(d.model.as_str()),
+                            weight: d.weight,
+                            chat: provider.clone(),
+                            embed: provider.clone(),
+                            breaker: CircuitBreaker::new(breaker),
+                            first_byte_timeout: Duration::from_millis(first_byte),
+                            total_timeout: Duration::from_secs(total),
+                            health: HealthStats::default(),
+                        });
+                        deployments.push(dep.clone());
+                        dep
+                    })
+                    .clone();
+                if let Some(p) = config.price_for(&d.provider, &d.model) {
+                    pricing.insert(dep.id.clone(), p);
+                }
+                entries.push((priority, dep));
+            }
+            let owned_by = entries
+                .first()
+                .map(|(_, d)| d.provider_name.to_string())
+                .unwrap_or_default();
+            routes.insert(alias.clone(), Route::new(entries));
             models.push(ModelInfo {
                 id: alias.clone(),
-                owned_by: m.provider.clone(),
+                owned_by,
                 created,
             });
         }
+        let router = Router::new(
+            RetryConfig {
+                max_attempts: r.max_attempts,
+                base: Duration::from_millis(r.backoff_base_ms),
+                cap: Duration::from_millis(r.backoff_cap_ms),
+            },
+            RetryBudget::new(r.retry_budget_ratio, r.retry_budget_min),
+        );
         Ok(Self {
+            routes,
             deployments,
+            pricing,
+            router,
             models,
             usage,
             store,
@@ -126,6 +174,11 @@ impl Gateway {
         &self.models
     }
 
+    /// Every deployment, for health and breaker reporting.
+    pub fn deployments(&self) -> &[Arc<Deployment>] {
+        &self.deployments
+    }
+
     pub fn usage_writer(&self) -> &UsageWriter {
         &self.usage
     }
@@ -135,71 +188,61 @@ impl Gateway {
         Ok(self.store.ping().await?)
     }
 
-    fn deployment(&self, alias: &str) -> Result<&Deployment, EngineError> {
-        self.deployments
+    fn route(&self, alias: &str) -> Result<&Route, EngineError> {
+        self.routes
             .get(alias)
             .ok_or_else(|| EngineError::UnknownModel(alias.to_owned()))
     }
 
-    #[tracing::instrument(skip_all, fields(gen_ai.request.model = %req.model, provider, stream = req.stream))]
+    #[tracing::instrument(skip_all, fields(gen_ai.request.model = %req.model, stream = req.stream))]
     pub async fn chat(
         &self,
         meta: &RequestMeta,
         req: &ChatRequest,
     ) -> Result<ChatOutcome, EngineError> {
-        let d = self.deployment(&req.model)?;
-        tracing::Span::current().record("provider", &*d.provider_name);
-        let acc = Accounting::new(self, meta, "chat", &req.model, d, req.stream);
-        let call = ChatCall {
-            upstream_model: &d.upstream_model,
-            body: &req.body,
-            stream: req.stream,
-        };
-        let reply = match d.chat.chat(call).await {
-            Ok(r) => r,
-            Err(e) => {
-                acc.finish_error(&e);
-                return Err(e.into());
+        let route = self.route(&req.model)?;
+        let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream);
+        match self.router.chat(route, &req.body, req.stream).await {
+            Ok(served) => {
+                acc.served_by(self, &served.deployment);
+                let provider = served.deployment.provider_name.clone();
+                match served.value {
+                    ChatReply::Complete(c) => {
+                        acc.finish_ok(c.usage);
+                        Ok(ChatOutcome::Complete {
+                            body: c.body,
+                            provider,
+                        })
+                    }
+                    ChatReply::Stream(s) => Ok(ChatOutcome::Stream {
+                        events: Box::new(MeteredStream::new(s, req.include_usage, acc)),
+                        provider,
+                    }),
+                }
             }
-        };
-        match reply {
-            ChatReply::Complete(c) => {
-                acc.finish_ok(c.usage);
-                Ok(ChatOutcome::Complete {
-                    body: c.body,
-                    provider: d.provider_name.clone(),
-                })
-            }
-            ChatReply::Stream(s) => Ok(ChatOutcome::Stream {
-                events: Box::new(MeteredStream::new(s, req.include_usage, acc)),
-                provider: d.provider_name.clone(),
-            }),
+            Err(e) => Err(acc.fail(self, e, &req.model)),
         }
     }
 
-    #[tracing::instrument(skip_all, fields(gen_ai.request.model = %req.model, provider))]
+    #[tracing::instrument(skip_all, fields(gen_ai.request.model = %req.model))]
     pub async fn embeddings(
         &self,
         meta: &RequestMeta,
         req: &EmbeddingsRequest,
     ) -> Result<(Bytes, Arc<str>), EngineError> {
-        let d = self.deployment(&req.model)?;
-        tracing::Span::current().record("provider", &*d.provider_name);
-        let acc = Accounting::new(self, meta, "embeddings", &req.model, d, false);
-        let call = EmbedCall {
-            upstream_model: &d.upstream_model,
-            body: &req.body,
-            encoding_format: req.encoding_format,
-        };
-        match d.embed.embed(call).await {
-            Ok(c) => {
-                acc.finish_ok(c.usage);
-                Ok((c.body, d.provider_name.clone()))
+        let route = self.route(&req.model)?;
+        let mut acc = Accounting::new(self, meta, "embeddings", &req.model, false);
+        match self
+            .router
+            .embed(route, &req.body, req.encoding_format)
+            .await
+        {
+            Ok(served) => {
+                acc.served_by(self, &served.deployment);
+                acc.finish_ok(served.value.usage);
+                Ok((served.value.body, served.deployment.provider_name.clone()))
             }
-            Err(e) => {
-                acc.finish_error(&e);
-                Err(e.into())
-            }
+            Err(e) => Err(acc.fail(self, e, &req.model)),
         }
     }
 }
@@ -226,21 +269,14 @@ pub(crate) struct Accounting {
 }
 
 impl Accounting {
-    fn new(
-        gw: &Gateway,
-        meta: &RequestMeta,
-        endpoint: &str,
-        alias: &str,
-        d: &Deployment,
-        stream: bool,
-    ) -> Self {
+    fn new(gw: &Gateway, meta: &RequestMeta, endpoint: &str, alias: &str, stream: bool) -> Self {
         let created_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         Self {
             writer: gw.usage.clone(),
-            pricing: d.pricing,
+            pricing: None,
             started: meta.started,
             record: UsageRecord {
                 id: new_id(),
@@ -248,8 +284,8 @@ impl Accounting {
                 trace_id: meta.trace_id.clone(),
                 endpoint: endpoint.to_owned(),
                 model_alias: alias.to_owned(),
-                provider: d.provider_name.to_string(),
-                upstream_model: d.upstream_model.to_string(),
+                provider: String::new(),
+                upstream_model: String::new(),
                 stream,
                 prompt_tokens: None,
                 completion_tokens: None,
@@ -263,12 +299,31 @@ impl Accounting {
         }
     }
 
+    fn served_by(&mut self, gw: &Gateway, d: &Deployment) {
+        self.record.provider = d.provider_name.to_string();
+        self.record.upstream_model = d.upstream_model.to_string();
+        self.pricing = gw.pricing.get(&d.id).copied();
+    }
+
     fn finish_ok(self, usage: Option<Usage>) {
         self.finish(200, None, usage, None);
     }
 
-    fn finish_error(self, e: &ProviderError) {
-        self.finish(status_for(e), Some(e.code()), None, None);
+    /// Records a routed call that failed and turns it into the engine's error.
+    fn fail(mut self, gw: &Gateway, e: RouteError, alias: &str) -> EngineError {
+        match e {
+            RouteError::Failed {
+                error, deployment, ..
+            } => {
+                self.served_by(gw, &deployment);
+                self.finish(status_for(&error), Some(error.code()), None, None);
+                EngineError::Provider(error)
+            }
+            RouteError::Unavailable => {
+                self.finish(503, Some("model_unavailable"), None, None);
+                EngineError::Unavailable(alias.to_owned())
+            }
+        }
     }
 
     pub(crate) fn finish_stream(

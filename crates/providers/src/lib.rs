@@ -2,11 +2,16 @@
 //! each upstream's wire format. Every adapter takes and returns
 //! OpenAI-shaped JSON, so the engine and the HTTP layer see one shape.
 
+pub mod breaker;
 pub mod error;
+pub mod health;
 pub mod openai;
+pub mod retry;
+pub mod router;
 pub mod sse;
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,6 +28,8 @@ pub struct ChatCall<'a> {
     pub upstream_model: &'a str,
     pub body: &'a Map<String, Value>,
     pub stream: bool,
+    /// Total time for the call, a whole stream included.
+    pub timeout: Duration,
 }
 
 /// A complete (non-streamed) answer: the provider's JSON, relayed as is.
@@ -48,6 +55,7 @@ pub struct EmbedCall<'a> {
     pub body: &'a Map<String, Value>,
     /// The encoding the client wants back.
     pub encoding_format: EncodingFormat,
+    pub timeout: Duration,
 }
 
 #[async_trait]

@@ -34,16 +34,13 @@ pub struct OpenAiProvider {
     /// Kept only to scrub it from anything the provider echoes back.
     key: Option<SecretString>,
     client: reqwest::Client,
-    timeout: Duration,
     deepinfra: bool,
 }
 
 impl OpenAiProvider {
     pub fn new(name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
-        let timeout = Duration::from_secs(config.timeout_secs);
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-            .timeout(timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
@@ -69,21 +66,29 @@ impl OpenAiProvider {
             auth,
             key: config.api_key.clone(),
             client,
-            timeout,
             deepinfra: config.is_deepinfra(),
         })
     }
 
-    async fn post(&self, url: &str, body: Vec<u8>) -> Result<reqwest::Response, ProviderError> {
+    async fn post(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ProviderError> {
         let mut req = self
             .client
             .post(url)
+            .timeout(timeout)
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(auth) = &self.auth {
             req = req.header(AUTHORIZATION, auth.clone());
         }
-        let resp = req.send().await.map_err(|e| self.map_err(e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| map_reqwest_error(e, timeout))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -125,10 +130,6 @@ impl OpenAiProvider {
         }
         out.extend_from_slice(rest);
         Bytes::from(out)
-    }
-
-    fn map_err(&self, e: reqwest::Error) -> ProviderError {
-        map_reqwest_error(e, self.timeout)
     }
 }
 
@@ -218,8 +219,11 @@ impl ChatProvider for OpenAiProvider {
         let model = Value::String(call.upstream_model.to_owned());
         if !call.stream {
             let body = overlay(call.body, &[("model", model)])?;
-            let resp = self.post(&self.chat_url, body).await?;
-            let bytes = resp.bytes().await.map_err(|e| self.map_err(e))?;
+            let resp = self.post(&self.chat_url, body, call.timeout).await?;
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| map_reqwest_error(e, call.timeout))?;
             let parsed: UsageOnly = serde_json::from_slice(&bytes)
                 .map_err(|e| ProviderError::Protocol(format!("the completion is not JSON: {e}")))?;
             return Ok(ChatReply::Complete(Completion {
@@ -238,8 +242,8 @@ impl ChatProvider for OpenAiProvider {
             call.body,
             &[("model", model), ("stream_options", Value::Object(options))],
         )?;
-        let resp = self.post(&self.chat_url, body).await?;
-        Ok(ChatReply::Stream(chunk_stream(resp, self.timeout)))
+        let resp = self.post(&self.chat_url, body, call.timeout).await?;
+        Ok(ChatReply::Stream(chunk_stream(resp, call.timeout)))
     }
 }
 
@@ -319,8 +323,11 @@ impl EmbeddingProvider for OpenAiProvider {
         } else {
             overlay(call.body, &[("model", model)])?
         };
-        let resp = self.post(&self.embeddings_url, body).await?;
-        let bytes = resp.bytes().await.map_err(|e| self.map_err(e))?;
+        let resp = self.post(&self.embeddings_url, body, call.timeout).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| map_reqwest_error(e, call.timeout))?;
         if !convert {
             let parsed: UsageOnly = serde_json::from_slice(&bytes).map_err(|e| {
                 ProviderError::Protocol(format!("the embeddings response is not JSON: {e}"))

@@ -82,6 +82,12 @@ impl From<EngineError> for ApiError {
                 err
             }
             EngineError::Provider(p) => from_provider(p),
+            EngineError::Unavailable(model) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_error",
+                "model_unavailable",
+                format!("Every provider of `{model}` is failing; try again shortly."),
+            ),
             e @ (EngineError::Store(_) | EngineError::Setup(_)) => Self::internal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",

@@ -33,6 +33,16 @@ pub struct Behavior {
     pub reply: String,
     /// A fault applied to every request (a queued fault wins).
     pub always: Option<Fault>,
+    /// Deterministic partial failure: of every `of` requests, the first
+    /// `fail` answer with `status` (e.g. 3 of 10 → 30 %).
+    pub fail_pattern: Option<FailPattern>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailPattern {
+    pub status: u16,
+    pub fail: u64,
+    pub of: u64,
 }
 
 impl Default for Behavior {
@@ -43,6 +53,7 @@ impl Default for Behavior {
             chunk_delay: Duration::ZERO,
             reply: "Hello! How can I help you today?".into(),
             always: None,
+            fail_pattern: None,
         }
     }
 }
@@ -78,6 +89,8 @@ struct Shared {
     faults: Mutex<VecDeque<Fault>>,
     requests: Mutex<Vec<Recorded>>,
     calls: AtomicU64,
+    /// Requests answered with an injected error status.
+    injected: AtomicU64,
     record: bool,
     /// While true, streams pause after their first chunk.
     hold: Hold,
@@ -175,6 +188,11 @@ impl MockUpstream {
         self.shared.calls.load(Ordering::SeqCst)
     }
 
+    /// Requests answered with an injected error status so far.
+    pub fn injected_failures(&self) -> u64 {
+        self.shared.injected.load(Ordering::SeqCst)
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.shared.requests).clone()
     }
@@ -222,7 +240,7 @@ fn begin(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(Value, Behavior, Option<Fault>), Box<Response>> {
-    shared.calls.fetch_add(1, Ordering::SeqCst);
+    let n = shared.calls.fetch_add(1, Ordering::SeqCst);
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return Err(Box::new(error(400, &format!("mock: invalid JSON: {e}")))),
@@ -235,9 +253,20 @@ fn begin(
         });
     }
     let behavior = lock(&shared.behavior).clone();
+    let pattern = behavior
+        .fail_pattern
+        .filter(|p| p.of > 0 && n % p.of < p.fail)
+        .map(|p| Fault::Status(p.status));
     let fault = lock(&shared.faults)
         .pop_front()
-        .or_else(|| behavior.always.clone());
+        .or_else(|| behavior.always.clone())
+        .or(pattern);
+    if matches!(
+        fault,
+        Some(Fault::Status(_) | Fault::RateLimited { .. } | Fault::EchoAuthorization)
+    ) {
+        shared.injected.fetch_add(1, Ordering::SeqCst);
+    }
     Ok((parsed, behavior, fault))
 }
 

@@ -98,7 +98,11 @@ fn the_example_configuration_is_valid_and_its_secrets_are_masked() {
 
     let out = run(&["--config", example, "config", "check"], &[], dir.path());
 
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("[models.llama-3-8b]"), "{text}");
     assert!(!text.contains("sk-..."), "{text}");

@@ -182,7 +182,7 @@ async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
 #[tokio::test]
 async fn a_provider_5xx_is_502_without_internal_details() {
     let app = spawn().await;
-    app.mock().push_fault(Fault::Status(500));
+    app.mock().update(|b| b.always = Some(Fault::Status(500)));
 
     let resp = app
         .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
@@ -207,7 +207,7 @@ async fn a_provider_that_hangs_is_504() {
         ))
         .spawn()
         .await;
-    mock.push_fault(Fault::Hang);
+    mock.update(|b| b.always = Some(Fault::Hang));
 
     let resp = app
         .post_json("/v1/chat/completions", &chat_body("slow"))
@@ -269,8 +269,8 @@ async fn a_provider_rejection_of_the_request_is_relayed_with_its_status() {
 #[tokio::test]
 async fn the_provider_key_never_appears_in_a_response_or_a_log_line() {
     let app = spawn().await;
-    app.mock().push_fault(Fault::EchoAuthorization);
-    app.mock().push_fault(Fault::Status(500));
+    app.mock()
+        .update(|b| b.always = Some(Fault::EchoAuthorization));
 
     let first = app
         .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))

@@ -10,5 +10,6 @@ mod embeddings;
 mod errors;
 mod ops;
 mod python_sdk;
+mod resilience;
 mod streaming;
 mod usage;

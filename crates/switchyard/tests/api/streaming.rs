@@ -138,7 +138,7 @@ async fn a_streamed_tool_call_arrives_in_pieces() {
 #[tokio::test]
 async fn a_provider_error_before_the_stream_starts_is_an_ordinary_error_response() {
     let app = spawn().await;
-    app.mock().push_fault(Fault::Status(503));
+    app.mock().update(|b| b.always = Some(Fault::Status(503)));
 
     let resp = app
         .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))

@@ -154,12 +154,13 @@ async fn a_usage_row_records_tokens_cost_latency_and_ttft() {
 #[tokio::test]
 async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
     let mut app = spawn().await;
-    app.mock().push_fault(Fault::Status(503));
+    app.mock().update(|b| b.always = Some(Fault::Status(503)));
     app.post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
         .await
         .text()
         .await
         .unwrap();
+    app.mock().update(|b| b.always = None);
     // A client that goes away mid-stream.
     app.mock().hold_streams();
     let resp = app

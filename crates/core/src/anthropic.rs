@@ -1,0 +1,1197 @@
+//! Translation between OpenAI's chat-completions shapes and Anthropic's
+//! Messages API, in both directions, for requests, complete answers and
+//! streams. Pure functions and small state machines: the `anthropic`
+//! provider uses one direction, the inbound `POST /v1/messages` endpoint the
+//! other.
+
+use serde_json::{json, Map, Value};
+
+/// The `max_tokens` sent to Anthropic when the client gave none (Anthropic
+/// requires one).
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// Why a body could not be translated; becomes a 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TranslateError {
+    pub message: String,
+    pub param: Option<String>,
+}
+
+fn bad(param: &str, message: impl Into<String>) -> TranslateError {
+    TranslateError {
+        message: message.into(),
+        param: Some(param.to_owned()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// OpenAI request → Anthropic request (the `anthropic` provider)
+// ---------------------------------------------------------------------------
+
+/// Builds an Anthropic Messages request from an OpenAI chat request.
+pub fn request_to_anthropic(
+    body: &Map<String, Value>,
+    model: &str,
+    stream: bool,
+) -> Result<Value, TranslateError> {
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("messages", "messages must be an array"))?;
+    let mut system: Vec<String> = Vec::new();
+    let mut out: Vec<(String, Vec<Value>)> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+        match role {
+            "system" | "developer" => system.push(text_of(m.get("content"))),
+            "user" => push_blocks(&mut out, "user", user_blocks(m.get("content"), i)?),
+            "assistant" => {
+                let mut blocks = Vec::new();
+                let text = text_of(m.get("content"));
+                if !text.is_empty() {
+                    blocks.push(json!({"type": "text", "text": text}));
+                }
+                for call in m
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let f = call.get("function").cloned().unwrap_or(Value::Null);
+                    let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+                    let input: Value =
+                        serde_json::from_str(if args.trim().is_empty() { "{}" } else { args })
+                            .map_err(|_| {
+                                bad(
+                                    &format!("messages[{i}].tool_calls"),
+                                    "tool call arguments must be a JSON object",
+                                )
+                            })?;
+                    blocks.push(json!({
+                        "type": "tool_use",
+                        "id": call.get("id").cloned().unwrap_or(Value::Null),
+                        "name": f.get("name").cloned().unwrap_or(Value::Null),
+                        "input": input,
+                    }));
+                }
+                if blocks.is_empty() {
+                    continue; // an empty assistant turn says nothing
+                }
+                push_blocks(&mut out, "assistant", blocks);
+            }
+            "tool" | "function" => {
+                let id = m.get("tool_call_id").cloned().unwrap_or(Value::Null);
+                let block = json!({"type": "tool_result", "tool_use_id": id, "content": text_of(m.get("content"))});
+                push_blocks(&mut out, "user", vec![block]);
+            }
+            other => {
+                return Err(bad(
+                    &format!("messages[{i}].role"),
+                    format!("unsupported role {other}"),
+                ))
+            }
+        }
+    }
+    // Anthropic requires the conversation to start with the user.
+    if out.first().is_some_and(|(r, _)| r == "assistant") {
+        out.insert(
+            0,
+            ("user".into(), vec![json!({"type": "text", "text": "."})]),
+        );
+    }
+    let mut req = Map::new();
+    req.insert("model".into(), json!(model));
+    let max_tokens = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    req.insert("max_tokens".into(), json!(max_tokens));
+    if !system.is_empty() {
+        req.insert("system".into(), json!(system.join("\n\n")));
+    }
+    let messages: Vec<Value> = out
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    req.insert("messages".into(), Value::Array(messages));
+    if let Some(t) = body.get("temperature").and_then(Value::as_f64) {
+        // Anthropic's range is 0–1.
+        req.insert("temperature".into(), json!(t.min(1.0)));
+    }
+    if let Some(p) = body.get("top_p") {
+        req.insert("top_p".into(), p.clone());
+    }
+    if let Some(k) = body.get("top_k") {
+        req.insert("top_k".into(), k.clone());
+    }
+    match body.get("stop") {
+        Some(Value::String(s)) => {
+            req.insert("stop_sequences".into(), json!([s]));
+        }
+        Some(Value::Array(a)) if !a.is_empty() => {
+            req.insert("stop_sequences".into(), Value::Array(a.clone()));
+        }
+        _ => {}
+    }
+    if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        let tools: Vec<Value> = tools
+            .iter()
+            .filter_map(|t| t.get("function"))
+            .map(|f| {
+                let mut tool = json!({
+                    "name": f.get("name").cloned().unwrap_or(Value::Null),
+                    "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                });
+                if let Some(d) = f.get("description") {
+                    tool["description"] = d.clone();
+                }
+                tool
+            })
+            .collect();
+        if !tools.is_empty() {
+            req.insert("tools".into(), Value::Array(tools));
+        }
+    }
+    let parallel = body.get("parallel_tool_calls").and_then(Value::as_bool);
+    let choice = match body.get("tool_choice") {
+        Some(Value::String(s)) if s == "required" => Some(json!({"type": "any"})),
+        Some(Value::String(s)) if s == "none" => Some(json!({"type": "none"})),
+        Some(Value::String(_)) => Some(json!({"type": "auto"})),
+        Some(Value::Object(o)) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .map(|name| json!({"type": "tool", "name": name})),
+        _ => None,
+    };
+    if req.contains_key("tools") {
+        let mut choice = choice.unwrap_or_else(|| json!({"type": "auto"}));
+        if parallel == Some(false) && choice["type"] != "none" {
+            choice["disable_parallel_tool_use"] = json!(true);
+        }
+        req.insert("tool_choice".into(), choice);
+    }
+    if let Some(user) = body.get("user").and_then(Value::as_str) {
+        req.insert("metadata".into(), json!({"user_id": user}));
+    }
+    if stream {
+        req.insert("stream".into(), json!(true));
+    }
+    Ok(Value::Object(req))
+}
+
+fn push_blocks(out: &mut Vec<(String, Vec<Value>)>, role: &str, blocks: Vec<Value>) {
+    // Consecutive messages of one role are merged: Anthropic wants turns to alternate.
+    match out.last_mut() {
+        Some((r, existing)) if r == role => existing.extend(blocks),
+        _ => out.push((role.to_owned(), blocks)),
+    }
+}
+
+/// The text of an OpenAI `content` (a string, or text parts joined).
+fn text_of(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, TranslateError> {
+    match content {
+        Some(Value::String(s)) => Ok(vec![json!({"type": "text", "text": s})]),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
+                Some("text") => {
+                    Ok(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))}))
+                }
+                Some("image_url") => {
+                    let url = p
+                        .pointer("/image_url/url")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    Ok(image_block(url))
+                }
+                other => Err(bad(
+                    &format!("messages[{i}].content[{j}].type"),
+                    format!(
+                        "content part type {} cannot be sent to this provider",
+                        other.unwrap_or("(none)")
+                    ),
+                )),
+            })
+            .collect(),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// A data URL becomes a base64 source; any other URL a url source.
+fn image_block(url: &str) -> Value {
+    if let Some(rest) = url.strip_prefix("data:") {
+        if let Some((meta, data)) = rest.split_once(',') {
+            let media_type = meta.trim_end_matches(";base64");
+            return json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}});
+        }
+    }
+    json!({"type": "image", "source": {"type": "url", "url": url}})
+}
+
+// ---------------------------------------------------------------------------
+// Anthropic response → OpenAI response (the `anthropic` provider)
+// ---------------------------------------------------------------------------
+
+/// OpenAI's `finish_reason` for an Anthropic `stop_reason`.
+pub fn finish_reason(stop_reason: Option<&str>) -> &'static str {
+    match stop_reason {
+        Some("max_tokens") => "length",
+        Some("tool_use") => "tool_calls",
+        Some("refusal") => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// Anthropic's `stop_reason` for an OpenAI `finish_reason`.
+pub fn stop_reason(finish_reason: Option<&str>) -> &'static str {
+    match finish_reason {
+        Some("length") => "max_tokens",
+        Some("tool_calls") | Some("function_call") => "tool_use",
+        Some("content_filter") => "refusal",
+        _ => "end_turn",
+    }
+}
+
+fn usage_from_anthropic(u: Option<&Value>) -> (u64, u64) {
+    let get = |k: &str| {
+        u.and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    (
+        get("input_tokens") + get("cache_read_input_tokens") + get("cache_creation_input_tokens"),
+        get("output_tokens"),
+    )
+}
+
+/// Turns an Anthropic message into an OpenAI `chat.completion`.
+pub fn response_from_anthropic(msg: &Value, created: u64) -> Value {
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in msg
+        .get("content")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
+            Some("tool_use") => tool_calls.push(json!({
+                "id": block.get("id").cloned().unwrap_or(Value::Null),
+                "type": "function",
+                "function": {
+                    "name": block.get("name").cloned().unwrap_or(Value::Null),
+                    "arguments": block.get("input").map_or_else(|| "{}".to_owned(), Value::to_string),
+                },
+            })),
+            _ => {}
+        }
+    }
+    let mut message = json!({"role": "assistant", "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
+    if !tool_calls.is_empty() {
+        message["tool_calls"] = Value::Array(tool_calls);
+    }
+    let (prompt, completion) = usage_from_anthropic(msg.get("usage"));
+    json!({
+        "id": msg.get("id").cloned().unwrap_or(Value::Null),
+        "object": "chat.completion",
+        "created": created,
+        "model": msg.get("model").cloned().unwrap_or(Value::Null),
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish_reason(msg.get("stop_reason").and_then(Value::as_str)),
+        }],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    })
+}
+
+/// What one Anthropic stream event means for the OpenAI stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamStep {
+    /// Chunks to emit now (zero or more).
+    Chunks(Vec<Value>),
+    /// `message_stop`: the final usage chunk; the stream is complete.
+    Done(Value),
+    /// An `error` event: the stream failed with this type and message.
+    Error { kind: String, message: String },
+}
+
+/// Turns Anthropic stream events into OpenAI chunks as they arrive: text
+/// deltas and tool-call argument fragments each become their own chunk, so
+/// nothing is buffered into one burst.
+#[derive(Debug, Default)]
+pub struct AnthropicToOpenAiStream {
+    id: String,
+    model: String,
+    created: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// Anthropic content-block index → OpenAI tool-call index.
+    tool_index: Vec<(u64, u64)>,
+    next_tool: u64,
+}
+
+impl AnthropicToOpenAiStream {
+    pub fn new(created: u64) -> Self {
+        Self {
+            created,
+            ..Self::default()
+        }
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        })
+    }
+
+    /// Handles one event given its name (the `event:` field) and data.
+    pub fn step(&mut self, event: &str, data: &Value) -> StreamStep {
+        let kind = data.get("type").and_then(Value::as_str).unwrap_or(event);
+        match kind {
+            "message_start" => {
+                let msg = data.get("message").cloned().unwrap_or(Value::Null);
+                self.id = msg
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                self.model = msg
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                let (p, c) = usage_from_anthropic(msg.get("usage"));
+                self.prompt_tokens = p;
+                self.completion_tokens = c;
+                StreamStep::Chunks(vec![
+                    self.chunk(json!({"role": "assistant", "content": ""}), None)
+                ])
+            }
+            "content_block_start" => {
+                let block = data.get("content_block").cloned().unwrap_or(Value::Null);
+                let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
+                match block.get("type").and_then(Value::as_str) {
+                    Some("tool_use") => {
+                        let tool = self.next_tool;
+                        self.next_tool += 1;
+                        self.tool_index.push((index, tool));
+                        let delta = json!({"tool_calls": [{
+                            "index": tool,
+                            "id": block.get("id").cloned().unwrap_or(Value::Null),
+                            "type": "function",
+                            "function": {"name": block.get("name").cloned().unwrap_or(Value::Null), "arguments": ""},
+                        }]});
+                        StreamStep::Chunks(vec![self.chunk(delta, None)])
+                    }
+                    Some("text") => match block.get("text").and_then(Value::as_str) {
+                        Some(t) if !t.is_empty() => {
+                            StreamStep::Chunks(vec![self.chunk(json!({"content": t}), None)])
+                        }
+                        _ => StreamStep::Chunks(Vec::new()),
+                    },
+                    _ => StreamStep::Chunks(Vec::new()),
+                }
+            }
+            "content_block_delta" => {
+                let delta = data.get("delta").cloned().unwrap_or(Value::Null);
+                let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
+                match delta.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => {
+                        let text = delta.get("text").cloned().unwrap_or(json!(""));
+                        StreamStep::Chunks(vec![self.chunk(json!({"content": text}), None)])
+                    }
+                    Some("input_json_delta") => {
+                        let tool = self
+                            .tool_index
+                            .iter()
+                            .find(|(b, _)| *b == index)
+                            .map_or(0, |(_, t)| *t);
+                        let part = delta.get("partial_json").cloned().unwrap_or(json!(""));
+                        let d = json!({"tool_calls": [{"index": tool, "function": {"arguments": part}}]});
+                        StreamStep::Chunks(vec![self.chunk(d, None)])
+                    }
+                    _ => StreamStep::Chunks(Vec::new()),
+                }
+            }
+            "message_delta" => {
+                if let Some(out) = data.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+                    self.completion_tokens = out;
+                }
+                if let Some(inp) = data.pointer("/usage/input_tokens").and_then(Value::as_u64) {
+                    self.prompt_tokens = inp;
+                }
+                let reason = data.pointer("/delta/stop_reason").and_then(Value::as_str);
+                match reason {
+                    Some(r) => {
+                        StreamStep::Chunks(
+                            vec![self.chunk(json!({}), Some(finish_reason(Some(r))))],
+                        )
+                    }
+                    None => StreamStep::Chunks(Vec::new()),
+                }
+            }
+            "message_stop" => {
+                let (p, c) = (self.prompt_tokens, self.completion_tokens);
+                StreamStep::Done(json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [],
+                    "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+                }))
+            }
+            "error" => StreamStep::Error {
+                kind: data
+                    .pointer("/error/type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("api_error")
+                    .to_owned(),
+                message: data
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+            },
+            // ping, content_block_stop, and event types added later
+            _ => StreamStep::Chunks(Vec::new()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Anthropic request → OpenAI request (inbound POST /v1/messages)
+// ---------------------------------------------------------------------------
+
+/// A validated `POST /v1/messages` body, as the OpenAI request the router takes.
+#[derive(Debug, Clone)]
+pub struct MessagesRequest {
+    pub model: String,
+    pub stream: bool,
+    /// The equivalent OpenAI chat-completions body.
+    pub openai_body: Map<String, Value>,
+}
+
+fn a_missing(param: &str) -> TranslateError {
+    bad(param, format!("{param}: Field required"))
+}
+
+impl MessagesRequest {
+    /// Validates an Anthropic Messages body and translates it.
+    pub fn parse(body: &Map<String, Value>) -> Result<Self, TranslateError> {
+        let model = match body.get("model") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(_) => return Err(bad("model", "model: Input should be a valid string")),
+            None => return Err(a_missing("model")),
+        };
+        let max_tokens = match body.get("max_tokens") {
+            Some(v) if v.as_u64().is_some_and(|n| n >= 1) => v.clone(),
+            Some(_) => {
+                return Err(bad(
+                    "max_tokens",
+                    "max_tokens: Input should be a positive integer",
+                ))
+            }
+            None => return Err(a_missing("max_tokens")),
+        };
+        let messages = match body.get("messages") {
+            Some(Value::Array(m)) => m,
+            Some(_) => return Err(bad("messages", "messages: Input should be a valid list")),
+            None => return Err(a_missing("messages")),
+        };
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("stream", "stream: Input should be a valid boolean")),
+        };
+        let mut out: Vec<Value> = Vec::new();
+        match body.get("system") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => out.push(json!({"role": "system", "content": s})),
+            Some(Value::Array(blocks)) => {
+                let text: Vec<&str> = blocks
+                    .iter()
+                    .filter_map(|b| b.get("text").and_then(Value::as_str))
+                    .collect();
+                out.push(json!({"role": "system", "content": text.join("\n\n")}));
+            }
+            Some(_) => {
+                return Err(bad(
+                    "system",
+                    "system: Input should be a valid string or list of text blocks",
+                ))
+            }
+        }
+        for (i, m) in messages.iter().enumerate() {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| a_missing(&format!("messages.{i}.role")))?;
+            if role != "user" && role != "assistant" {
+                return Err(bad(
+                    &format!("messages.{i}.role"),
+                    format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
+                ));
+            }
+            match m.get("content") {
+                Some(Value::String(s)) => out.push(json!({"role": role, "content": s})),
+                Some(Value::Array(blocks)) => translate_blocks(role, blocks, i, &mut out)?,
+                _ => return Err(a_missing(&format!("messages.{i}.content"))),
+            }
+        }
+        let mut openai = Map::new();
+        openai.insert("model".into(), json!(model));
+        openai.insert("messages".into(), Value::Array(out));
+        openai.insert("max_tokens".into(), max_tokens);
+        for key in ["temperature", "top_p", "top_k"] {
+            if let Some(v) = body.get(key) {
+                openai.insert(key.into(), v.clone());
+            }
+        }
+        if let Some(stops) = body.get("stop_sequences").and_then(Value::as_array) {
+            if !stops.is_empty() {
+                openai.insert("stop".into(), Value::Array(stops.clone()));
+            }
+        }
+        if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+            let tools: Vec<Value> = tools
+                .iter()
+                .map(|t| {
+                    json!({"type": "function", "function": {
+                        "name": t.get("name").cloned().unwrap_or(Value::Null),
+                        "description": t.get("description").cloned().unwrap_or(json!("")),
+                        "parameters": t.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
+                    }})
+                })
+                .collect();
+            openai.insert("tools".into(), Value::Array(tools));
+        }
+        if let Some(choice) = body.get("tool_choice") {
+            let (mapped, parallel_off) = match choice.get("type").and_then(Value::as_str) {
+                Some("any") => (json!("required"), choice.get("disable_parallel_tool_use")),
+                Some("none") => (json!("none"), None),
+                Some("tool") => (
+                    json!({"type": "function", "function": {"name": choice.get("name").cloned().unwrap_or(Value::Null)}}),
+                    choice.get("disable_parallel_tool_use"),
+                ),
+                _ => (json!("auto"), choice.get("disable_parallel_tool_use")),
+            };
+            openai.insert("tool_choice".into(), mapped);
+            if parallel_off.and_then(Value::as_bool) == Some(true) {
+                openai.insert("parallel_tool_calls".into(), json!(false));
+            }
+        }
+        if let Some(user) = body.get("metadata").and_then(|m| m.get("user_id")) {
+            openai.insert("user".into(), user.clone());
+        }
+        if stream {
+            openai.insert("stream".into(), json!(true));
+            openai.insert("stream_options".into(), json!({"include_usage": true}));
+        }
+        Ok(Self {
+            model,
+            stream,
+            openai_body: openai,
+        })
+    }
+}
+
+fn translate_blocks(
+    role: &str,
+    blocks: &[Value],
+    i: usize,
+    out: &mut Vec<Value>,
+) -> Result<(), TranslateError> {
+    let mut parts: Vec<Value> = Vec::new();
+    let mut tool_calls: Vec<Value> = Vec::new();
+    let mut tool_results: Vec<Value> = Vec::new();
+    for (j, b) in blocks.iter().enumerate() {
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => parts
+                .push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))})),
+            Some("image") => {
+                let src = b.get("source").cloned().unwrap_or(Value::Null);
+                let url = match src.get("type").and_then(Value::as_str) {
+                    Some("base64") => format!(
+                        "data:{};base64,{}",
+                        src.get("media_type")
+                            .and_then(Value::as_str)
+                            .unwrap_or("image/png"),
+                        src.get("data").and_then(Value::as_str).unwrap_or("")
+                    ),
+                    _ => src
+                        .get("url")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
+                };
+                parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
+            }
+            Some("tool_use") => tool_calls.push(json!({
+                "id": b.get("id").cloned().unwrap_or(Value::Null),
+                "type": "function",
+                "function": {
+                    "name": b.get("name").cloned().unwrap_or(Value::Null),
+                    "arguments": b.get("input").map_or_else(|| "{}".to_owned(), Value::to_string),
+                },
+            })),
+            Some("tool_result") => {
+                let content = match b.get("content") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(c)) => c
+                        .iter()
+                        .filter_map(|x| x.get("text").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    _ => String::new(),
+                };
+                tool_results.push(json!({
+                    "role": "tool",
+                    "tool_call_id": b.get("tool_use_id").cloned().unwrap_or(Value::Null),
+                    "content": content,
+                }));
+            }
+            // Reasoning blocks from an earlier turn are not sent to other providers.
+            Some("thinking") | Some("redacted_thinking") => {}
+            other => {
+                return Err(bad(
+                    &format!("messages.{i}.content.{j}.type"),
+                    format!(
+                        "messages.{i}.content.{j}: unsupported block type {}",
+                        other.unwrap_or("(none)")
+                    ),
+                ))
+            }
+        }
+    }
+    // Tool results answer the previous assistant turn, so they come first.
+    out.extend(tool_results);
+    let only_text = parts.iter().all(|p| p["type"] == "text");
+    let content = if parts.is_empty() {
+        Value::Null
+    } else if only_text {
+        json!(parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""))
+    } else {
+        Value::Array(parts)
+    };
+    if role == "assistant" {
+        let mut msg = json!({"role": "assistant", "content": content});
+        if !tool_calls.is_empty() {
+            msg["tool_calls"] = Value::Array(tool_calls);
+        }
+        if !msg["content"].is_null() || msg.get("tool_calls").is_some() {
+            out.push(msg);
+        }
+    } else if !content.is_null() {
+        out.push(json!({"role": "user", "content": content}));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// OpenAI response → Anthropic response (inbound POST /v1/messages)
+// ---------------------------------------------------------------------------
+
+/// Turns an OpenAI `chat.completion` into an Anthropic message.
+pub fn response_to_anthropic(resp: &Value, model: &str) -> Value {
+    let choice = resp.pointer("/choices/0").cloned().unwrap_or(Value::Null);
+    let msg = choice.get("message").cloned().unwrap_or(Value::Null);
+    let mut content = Vec::new();
+    if let Some(text) = msg.get("content").and_then(Value::as_str) {
+        if !text.is_empty() {
+            content.push(json!({"type": "text", "text": text}));
+        }
+    }
+    for call in msg
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let args = call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or("{}");
+        let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
+        content.push(json!({
+            "type": "tool_use",
+            "id": call.get("id").cloned().unwrap_or(Value::Null),
+            "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null),
+            "input": input,
+        }));
+    }
+    let id = resp.get("id").and_then(Value::as_str).unwrap_or("");
+    json!({
+        "id": anthropic_id(id),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(choice.get("finish_reason").and_then(Value::as_str)),
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": resp.pointer("/usage/prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
+            "output_tokens": resp.pointer("/usage/completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        },
+    })
+}
+
+fn anthropic_id(id: &str) -> String {
+    if id.starts_with("msg_") {
+        id.to_owned()
+    } else {
+        format!("msg_{}", id.trim_start_matches("chatcmpl-"))
+    }
+}
+
+/// Turns OpenAI chunks into Anthropic stream events (name, data), opening and
+/// closing content blocks as text and tool calls begin and end.
+#[derive(Debug)]
+pub struct OpenAiToAnthropicStream {
+    model: String,
+    started: bool,
+    /// The open block: its index and whether it is text (or a tool's index).
+    open: Option<(u64, OpenBlock)>,
+    next_block: u64,
+    stop_reason: Option<&'static str>,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum OpenBlock {
+    Text,
+    Tool(u64),
+}
+
+pub type Event = (&'static str, Value);
+
+impl OpenAiToAnthropicStream {
+    pub fn new(model: &str) -> Self {
+        Self {
+            model: model.to_owned(),
+            started: false,
+            open: None,
+            next_block: 0,
+            stop_reason: None,
+            input_tokens: 0,
+            output_tokens: 0,
+        }
+    }
+
+    fn start(&mut self, id: &str, out: &mut Vec<Event>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        out.push(("message_start", json!({
+            "type": "message_start",
+            "message": {
+                "id": anthropic_id(id), "type": "message", "role": "assistant", "model": self.model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            },
+        })));
+    }
+
+    fn close(&mut self, out: &mut Vec<Event>) {
+        if let Some((index, _)) = self.open.take() {
+            out.push((
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": index}),
+            ));
+        }
+    }
+
+    fn open(&mut self, kind: OpenBlock, block: Value, out: &mut Vec<Event>) -> u64 {
+        self.close(out);
+        let index = self.next_block;
+        self.next_block += 1;
+        out.push((
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": block}),
+        ));
+        self.open = Some((index, kind));
+        index
+    }
+
+    /// Events for one OpenAI chunk.
+    pub fn chunk(&mut self, chunk: &Value) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.start(
+            chunk.get("id").and_then(Value::as_str).unwrap_or(""),
+            &mut out,
+        );
+        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.input_tokens = u
+                .get("prompt_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(self.input_tokens);
+            self.output_tokens = u
+                .get("completion_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(self.output_tokens);
+        }
+        let Some(choice) = chunk.pointer("/choices/0") else {
+            return out;
+        };
+        let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
+        if let Some(text) = delta.get("content").and_then(Value::as_str) {
+            if !text.is_empty() {
+                let index = match self.open {
+                    Some((i, OpenBlock::Text)) => i,
+                    _ => self.open(
+                        OpenBlock::Text,
+                        json!({"type": "text", "text": ""}),
+                        &mut out,
+                    ),
+                };
+                out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}})));
+            }
+        }
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let tool = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let index = match self.open {
+                Some((i, OpenBlock::Tool(t))) if t == tool => i,
+                _ => self.open(
+                    OpenBlock::Tool(tool),
+                    json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or(Value::Null),
+                           "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null), "input": {}}),
+                    &mut out,
+                ),
+            };
+            if let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                if !args.is_empty() {
+                    out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": args}})));
+                }
+            }
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            self.stop_reason = Some(stop_reason(Some(reason)));
+        }
+        out
+    }
+
+    /// The closing events, after the last chunk.
+    pub fn finish(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.start("", &mut out);
+        self.close(&mut out);
+        out.push(("message_delta", json!({
+            "type": "message_delta",
+            "delta": {"stop_reason": self.stop_reason.unwrap_or("end_turn"), "stop_sequence": null},
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
+        })));
+        out.push(("message_stop", json!({"type": "message_stop"})));
+        out
+    }
+}
+
+/// Anthropic's error `type` for an HTTP status.
+pub fn error_type_for_status(status: u16) -> &'static str {
+    match status {
+        400 | 413 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn an_openai_request_becomes_an_anthropic_one() {
+        let body = obj(json!({
+            "model": "alias",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                ]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"q\":1}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+                {"role": "user", "content": "Thanks"},
+            ],
+            "stop": "END",
+            "temperature": 1.5,
+            "tools": [{"type": "function", "function": {"name": "look", "description": "Look", "parameters": {"type": "object"}}}],
+            "tool_choice": "required",
+            "parallel_tool_calls": false,
+        }));
+        let req = request_to_anthropic(&body, "claude-x", true).unwrap();
+        assert_eq!(
+            req,
+            json!({
+                "model": "claude-x",
+                "max_tokens": DEFAULT_MAX_TOKENS,
+                "system": "Be brief.",
+                "messages": [
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}},
+                    ]},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "look", "input": {"q": 1}}]},
+                    {"role": "user", "content": [
+                        {"type": "tool_result", "tool_use_id": "call_1", "content": "a cat"},
+                        {"type": "text", "text": "Thanks"},
+                    ]},
+                ],
+                "temperature": 1.0,
+                "stop_sequences": ["END"],
+                "tools": [{"name": "look", "input_schema": {"type": "object"}, "description": "Look"}],
+                "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+                "stream": true,
+            })
+        );
+    }
+
+    #[test]
+    fn a_conversation_starting_with_the_assistant_gets_a_user_turn_first() {
+        let body = obj(
+            json!({"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Yo"}], "max_tokens": 5}),
+        );
+        let req = request_to_anthropic(&body, "m", false).unwrap();
+        assert_eq!(req["messages"][0]["role"], "user");
+        assert_eq!(req["messages"][1]["role"], "assistant");
+        assert_eq!(req["max_tokens"], 5);
+    }
+
+    #[test]
+    fn an_anthropic_answer_becomes_a_chat_completion() {
+        let msg = json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [{"type": "text", "text": "Let me look."}, {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"q": 1}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 2},
+        });
+        let r = response_from_anthropic(&msg, 7);
+        assert_eq!(r["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(r["choices"][0]["message"]["content"], "Let me look.");
+        assert_eq!(
+            r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+            "{\"q\":1}"
+        );
+        assert_eq!(
+            r["usage"],
+            json!({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17})
+        );
+    }
+
+    #[test]
+    fn anthropic_stream_events_become_chunks_one_for_one() {
+        let mut s = AnthropicToOpenAiStream::new(1);
+        let events = [
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_1", "model": "c", "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+            ),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {}}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"q\":"}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "1}"}}),
+            ),
+            ("ping", json!({"type": "ping"})),
+            (
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 12}}),
+            ),
+        ];
+        let mut chunks = Vec::new();
+        for (e, d) in &events {
+            match s.step(e, d) {
+                StreamStep::Chunks(c) => chunks.extend(c),
+                other => panic!("{other:?}"),
+            }
+        }
+        let deltas: Vec<Value> = chunks
+            .iter()
+            .map(|c| c["choices"][0]["delta"].clone())
+            .collect();
+        assert_eq!(
+            deltas,
+            vec![
+                json!({"role": "assistant", "content": ""}),
+                json!({"content": "Hi"}),
+                json!({"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "look", "arguments": ""}}]}),
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}),
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+                json!({}),
+            ]
+        );
+        assert_eq!(chunks[5]["choices"][0]["finish_reason"], "tool_calls");
+        match s.step("message_stop", &json!({"type": "message_stop"})) {
+            StreamStep::Done(u) => assert_eq!(
+                u["usage"],
+                json!({"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21})
+            ),
+            other => panic!("{other:?}"),
+        }
+        let err = s.step("error", &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}));
+        assert_eq!(
+            err,
+            StreamStep::Error {
+                kind: "overloaded_error".into(),
+                message: "Overloaded".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_messages_request_becomes_an_openai_request() {
+        let body = obj(json!({
+            "model": "alias", "max_tokens": 100, "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {"c": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny"}]}]},
+            ],
+            "tools": [{"name": "w", "description": "weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "tool", "name": "w"},
+            "stop_sequences": ["X"], "stream": true, "metadata": {"user_id": "u1"},
+        }));
+        let r = MessagesRequest::parse(&body).unwrap();
+        assert!(r.stream);
+        assert_eq!(
+            Value::Object(r.openai_body),
+            json!({
+                "model": "alias",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Weather?"},
+                    {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "w", "arguments": "{\"c\":\"Paris\"}"}}]},
+                    {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+                ],
+                "max_tokens": 100,
+                "stop": ["X"],
+                "tools": [{"type": "function", "function": {"name": "w", "description": "weather", "parameters": {"type": "object"}}}],
+                "tool_choice": {"type": "function", "function": {"name": "w"}},
+                "user": "u1",
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            })
+        );
+    }
+
+    #[test]
+    fn a_messages_request_missing_fields_names_them() {
+        for (body, param) in [
+            (json!({"max_tokens": 1, "messages": []}), "model"),
+            (json!({"model": "m", "messages": []}), "max_tokens"),
+            (json!({"model": "m", "max_tokens": 1}), "messages"),
+            (
+                json!({"model": "m", "max_tokens": 0, "messages": []}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 1, "messages": [{"role": "system", "content": "x"}]}),
+                "messages.0.role",
+            ),
+        ] {
+            let e = MessagesRequest::parse(&obj(body.clone())).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+    }
+
+    #[test]
+    fn openai_chunks_become_anthropic_events() {
+        let mut s = OpenAiToAnthropicStream::new("alias");
+        let chunks = [
+            json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
+            json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "w", "arguments": ""}}]}}]}),
+            json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]}),
+            json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+            json!({"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}),
+        ];
+        let mut names = Vec::new();
+        for c in &chunks {
+            names.extend(s.chunk(c).into_iter().map(|(n, _)| n));
+        }
+        let end = s.finish();
+        names.extend(end.iter().map(|(n, _)| *n));
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        assert_eq!(end[1].1["delta"]["stop_reason"], "tool_use");
+        assert_eq!(end[1].1["usage"]["output_tokens"], 4);
+    }
+
+    #[test]
+    fn an_openai_answer_becomes_an_anthropic_message() {
+        let resp = json!({"id": "chatcmpl-9", "choices": [{"message": {"role": "assistant", "content": "Hello"}, "finish_reason": "length"}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}});
+        let m = response_to_anthropic(&resp, "alias");
+        assert_eq!(
+            m,
+            json!({
+                "id": "msg_9", "type": "message", "role": "assistant", "model": "alias",
+                "content": [{"type": "text", "text": "Hello"}],
+                "stop_reason": "max_tokens", "stop_sequence": null,
+                "usage": {"input_tokens": 1, "output_tokens": 2},
+            })
+        );
+    }
+}

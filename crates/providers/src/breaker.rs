@@ -1,0 +1,359 @@
+//! A circuit breaker per deployment: closed → open after N consecutive
+//! failures → half-open after a cool-down, letting a bounded number of probe
+//! requests through → closed after M consecutive successes; a failed probe
+//! re-opens it. An open breaker costs no upstream call.
+//!
+//! Time comes from `tokio::time::Instant`, so tests drive it with a paused clock.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub failure_threshold: u32,
+    pub cooldown: Duration,
+    /// Probes allowed in flight at once while half-open.
+    pub half_open_probes: u32,
+    pub success_threshold: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            cooldown: Duration::from_secs(60),
+            half_open_probes: 1,
+            success_threshold: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+
+    /// For the state gauge: 0 closed, 1 half-open, 2 open.
+    pub fn as_gauge(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        }
+    }
+}
+
+impl fmt::Display for BreakerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A change of state, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub from: BreakerState,
+    pub to: BreakerState,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    consecutive_failures: u32,
+    consecutive_successes: u32,
+    opened_at: Option<Instant>,
+    probes_in_flight: u32,
+}
+
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    config: BreakerConfig,
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// Leave to make one call. Report its outcome with [`Permit::success`] or
+/// [`Permit::failure`]; dropping it unreported (the caller gave up) frees a
+/// probe slot without counting either way.
+#[derive(Debug)]
+pub struct Permit {
+    inner: Arc<Mutex<Inner>>,
+    config: BreakerConfig,
+    probe: bool,
+    settled: bool,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl CircuitBreaker {
+    pub fn new(config: BreakerConfig) -> Self {
+        Self {
+            config,
+            inner: Arc::new(Mutex::new(Inner {
+                state: BreakerState::Closed,
+                consecutive_failures: 0,
+                consecutive_successes: 0,
+                opened_at: None,
+                probes_in_flight: 0,
+            })),
+        }
+    }
+
+    /// The state now (an open breaker whose cool-down has passed reads as half-open).
+    pub fn state(&self) -> BreakerState {
+        let mut inner = lock(&self.inner);
+        self.refresh(&mut inner, Instant::now());
+        inner.state
+    }
+
+    /// A permit to call, or `None` while open (or while half-open with every
+    /// probe slot taken). Also returns the transition to half-open, if this
+    /// call caused it.
+    pub fn try_acquire(&self) -> (Option<Permit>, Option<Transition>) {
+        let mut inner = lock(&self.inner);
+        let transition = self.refresh(&mut inner, Instant::now());
+        let probe = match inner.state {
+            BreakerState::Closed => false,
+            BreakerState::Open => return (None, transition),
+            BreakerState::HalfOpen if inner.probes_in_flight >= self.config.half_open_probes => {
+                return (None, transition)
+            }
+            BreakerState::HalfOpen => {
+                inner.probes_in_flight += 1;
+                true
+            }
+        };
+        let permit = Permit {
+            inner: self.inner.clone(),
+            config: self.config,
+            probe,
+            settled: false,
+        };
+        (Some(permit), transition)
+    }
+
+    fn refresh(&self, inner: &mut Inner, now: Instant) -> Option<Transition> {
+        if inner.state == BreakerState::Open
+            && inner
+                .opened_at
+                .is_some_and(|t| now.duration_since(t) >= self.config.cooldown)
+        {
+            inner.state = BreakerState::HalfOpen;
+            inner.consecutive_successes = 0;
+            inner.probes_in_flight = 0;
+            return Some(Transition {
+                from: BreakerState::Open,
+                to: BreakerState::HalfOpen,
+            });
+        }
+        None
+    }
+}
+
+impl Permit {
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    pub fn success(mut self) -> Option<Transition> {
+        self.settled = true;
+        let mut inner = lock(&self.inner);
+        if self.probe {
+            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        }
+        inner.consecutive_failures = 0;
+        match inner.state {
+            BreakerState::HalfOpen => {
+                inner.consecutive_successes += 1;
+                if inner.consecutive_successes >= self.config.success_threshold {
+                    inner.state = BreakerState::Closed;
+                    inner.opened_at = None;
+                    inner.consecutive_successes = 0;
+                    return Some(Transition {
+                        from: BreakerState::HalfOpen,
+                        to: BreakerState::Closed,
+                    });
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    pub fn failure(mut self) -> Option<Transition> {
+        self.settled = true;
+        let mut inner = lock(&self.inner);
+        if self.probe {
+            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        }
+        inner.consecutive_successes = 0;
+        match inner.state {
+            BreakerState::Closed => {
+                inner.consecutive_failures += 1;
+                if inner.consecutive_failures >= self.config.failure_threshold {
+                    inner.state = BreakerState::Open;
+                    inner.opened_at = Some(Instant::now());
+                    return Some(Transition {
+                        from: BreakerState::Closed,
+                        to: BreakerState::Open,
+                    });
+                }
+                None
+            }
+            BreakerState::HalfOpen => {
+                inner.state = BreakerState::Open;
+                inner.opened_at = Some(Instant::now());
+                inner.consecutive_failures = self.config.failure_threshold;
+                Some(Transition {
+                    from: BreakerState::HalfOpen,
+                    to: BreakerState::Open,
+                })
+            }
+            // A call that started before the breaker opened: already open.
+            BreakerState::Open => None,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.settled && self.probe {
+            let mut inner = lock(&self.inner);
+            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> CircuitBreaker {
+        CircuitBreaker::new(BreakerConfig::default())
+    }
+
+    fn fail(b: &CircuitBreaker) -> Option<Transition> {
+        b.try_acquire().0.expect("permit").failure()
+    }
+
+    fn succeed(b: &CircuitBreaker) -> Option<Transition> {
+        b.try_acquire().0.expect("permit").success()
+    }
+
+    const OPEN: Option<Transition> = Some(Transition {
+        from: BreakerState::Closed,
+        to: BreakerState::Open,
+    });
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_five_consecutive_failures_and_rejects_without_calling() {
+        let b = breaker();
+        for _ in 0..4 {
+            assert_eq!(fail(&b), None);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(fail(&b), OPEN);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(b.try_acquire().0.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_resets_the_failure_count() {
+        let b = breaker();
+        for _ in 0..4 {
+            fail(&b);
+        }
+        succeed(&b);
+        for _ in 0..4 {
+            assert_eq!(fail(&b), None);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_full_cycle_follows_the_exact_sequence_of_states() {
+        let b = breaker();
+        let mut states = vec![b.state()];
+        for _ in 0..5 {
+            fail(&b);
+        }
+        states.push(b.state());
+        tokio::time::advance(Duration::from_secs(59)).await;
+        states.push(b.state());
+        assert!(b.try_acquire().0.is_none(), "still cooling down at 59 s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (probe, t) = b.try_acquire();
+        assert_eq!(
+            t,
+            Some(Transition {
+                from: BreakerState::Open,
+                to: BreakerState::HalfOpen
+            })
+        );
+        let probe = probe.expect("a probe at 60 s");
+        assert!(probe.is_probe());
+        assert!(b.try_acquire().0.is_none(), "one probe at a time");
+        states.push(b.state());
+        assert_eq!(probe.success(), None);
+        assert_eq!(succeed(&b), None);
+        states.push(b.state());
+        assert_eq!(
+            succeed(&b),
+            Some(Transition {
+                from: BreakerState::HalfOpen,
+                to: BreakerState::Closed
+            })
+        );
+        states.push(b.state());
+        use BreakerState::*;
+        assert_eq!(states, [Closed, Open, Open, HalfOpen, HalfOpen, Closed]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_another_full_cooldown() {
+        let b = breaker();
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(
+            fail(&b),
+            Some(Transition {
+                from: BreakerState::HalfOpen,
+                to: BreakerState::Open
+            })
+        );
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(b.try_acquire().0.is_none());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_acquire().0.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_frees_its_slot() {
+        let b = breaker();
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let probe = b.try_acquire().0.expect("probe");
+        drop(probe);
+        assert!(b.try_acquire().0.is_some());
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+}

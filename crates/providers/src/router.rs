@@ -1,0 +1,337 @@
+//! Routes a call over an alias's deployments: tiers in priority order, load
+//! shared by weight inside a tier, retries with backoff inside the retry
+//! budget, circuit breakers that skip failing deployments at no cost, and
+//! fallback to the next deployment. A stream is committed once its first
+//! chunk has arrived; until then a failure moves on like any other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use serde_json::{Map, Value};
+use switchyard_core::openai::EncodingFormat;
+use tokio::time::Instant;
+
+use crate::breaker::{BreakerState, CircuitBreaker, Transition};
+use crate::health::HealthStats;
+use crate::retry::{is_retryable, next_step, Next, RetryBudget, RetryConfig};
+use crate::{
+    ChatCall, ChatProvider, ChatReply, Completion, EmbedCall, EmbeddingProvider, ProviderError,
+};
+
+/// One provider + upstream model that a route may use.
+pub struct Deployment {
+    /// `provider/model`, for logs, metrics and the admin API.
+    pub id: String,
+    pub provider_name: Arc<str>,
+    pub upstream_model: Arc<str>,
+    pub weight: u32,
+    pub chat: Arc<dyn ChatProvider>,
+    pub embed: Arc<dyn EmbeddingProvider>,
+    pub breaker: CircuitBreaker,
+    pub first_byte_timeout: Duration,
+    pub total_timeout: Duration,
+    pub health: HealthStats,
+}
+
+/// An alias's deployments grouped by priority, best first.
+pub struct Route {
+    tiers: Vec<Vec<Arc<Deployment>>>,
+}
+
+impl Route {
+    /// `deployments` with their priority; equal priorities form one tier.
+    pub fn new(mut deployments: Vec<(u32, Arc<Deployment>)>) -> Self {
+        deployments.sort_by_key(|(p, _)| *p);
+        let mut tiers: Vec<Vec<Arc<Deployment>>> = Vec::new();
+        let mut last = None;
+        for (p, d) in deployments {
+            if last == Some(p) {
+                if let Some(t) = tiers.last_mut() {
+                    t.push(d);
+                }
+            } else {
+                tiers.push(vec![d]);
+                last = Some(p);
+            }
+        }
+        Self { tiers }
+    }
+
+    pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
+        self.tiers.iter().flatten()
+    }
+
+    /// The order to try deployments in: tier by tier, each tier in a random
+    /// order weighted by `weight` (so the first pick follows the weights).
+    fn order(&self, rng: &mut impl Rng) -> Vec<Arc<Deployment>> {
+        let mut out = Vec::with_capacity(self.tiers.iter().map(Vec::len).sum());
+        for tier in &self.tiers {
+            if tier.len() == 1 {
+                out.extend(tier.iter().cloned());
+                continue;
+            }
+            let mut pool: Vec<&Arc<Deployment>> = tier.iter().collect();
+            while !pool.is_empty() {
+                let total: u64 = pool.iter().map(|d| u64::from(d.weight)).sum();
+                let mut pick = rng.random_range(0..total.max(1));
+                let mut idx = 0;
+                for (i, d) in pool.iter().enumerate() {
+                    if pick < u64::from(d.weight) {
+                        idx = i;
+                        break;
+                    }
+                    pick -= u64::from(d.weight);
+                }
+                out.push(pool.remove(idx).clone());
+            }
+        }
+        out
+    }
+}
+
+/// What a routed call produced and who produced it.
+pub struct Served<T> {
+    pub value: T,
+    pub deployment: Arc<Deployment>,
+    /// Upstream calls made, the successful one included.
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The last deployment tried failed this way (or the failure was not
+    /// retryable and was returned at once).
+    #[error("{error}")]
+    Failed {
+        error: ProviderError,
+        deployment: Arc<Deployment>,
+        attempts: u32,
+    },
+    /// Every deployment's breaker was open: nothing was called.
+    #[error("every deployment of this model is unavailable (circuit open)")]
+    Unavailable,
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+pub struct Router {
+    retry: RetryConfig,
+    budget: RetryBudget,
+}
+
+/// The call to make on one deployment.
+#[derive(Clone, Copy)]
+enum Call<'a> {
+    Chat {
+        body: &'a Map<String, Value>,
+        stream: bool,
+    },
+    Embed {
+        body: &'a Map<String, Value>,
+        encoding_format: EncodingFormat,
+    },
+}
+
+enum Reply {
+    Chat(ChatReply),
+    Embed(Completion),
+}
+
+impl Router {
+    pub fn new(retry: RetryConfig, budget: RetryBudget) -> Self {
+        Self { retry, budget }
+    }
+
+    #[tracing::instrument(skip_all, fields(stream))]
+    pub async fn chat(
+        &self,
+        route: &Route,
+        body: &Map<String, Value>,
+        stream: bool,
+    ) -> Result<Served<ChatReply>, RouteError> {
+        let served = self.run(route, Call::Chat { body, stream }).await?;
+        match served.value {
+            Reply::Chat(r) => Ok(Served {
+                value: r,
+                deployment: served.deployment,
+                attempts: served.attempts,
+            }),
+            Reply::Embed(_) => Err(RouteError::Unavailable),
+        }
+    }
+
+    pub async fn embed(
+        &self,
+        route: &Route,
+        body: &Map<String, Value>,
+        encoding_format: EncodingFormat,
+    ) -> Result<Served<Completion>, RouteError> {
+        let served = self
+            .run(
+                route,
+                Call::Embed {
+                    body,
+                    encoding_format,
+                },
+            )
+            .await?;
+        match served.value {
+            Reply::Embed(c) => Ok(Served {
+                value: c,
+                deployment: served.deployment,
+                attempts: served.attempts,
+            }),
+            Reply::Chat(_) => Err(RouteError::Unavailable),
+        }
+    }
+
+    async fn run(&self, route: &Route, call: Call<'_>) -> Result<Served<Reply>, RouteError> {
+        self.budget.record_request();
+        let order = route.order(&mut rand::rng());
+        let mut attempts = 0u32;
+        let mut last: Option<(ProviderError, Arc<Deployment>)> = None;
+        for (position, d) in order.iter().enumerate() {
+            if position > 0 {
+                if let Some((e, from)) = &last {
+                    tracing::warn!(from = %from.id, to = %d.id, error = %e, "falling back to the next deployment");
+                    metrics::counter!("switchyard_fallbacks_total", "from" => from.id.clone())
+                        .increment(1);
+                }
+            }
+            let mut attempt = 1u32;
+            loop {
+                let (permit, t) = d.breaker.try_acquire();
+                log_transition(d, t);
+                let Some(permit) = permit else {
+                    tracing::debug!(deployment = %d.id, "circuit open: skipping");
+                    metrics::counter!("switchyard_breaker_rejections_total", "deployment" => d.id.clone()).increment(1);
+                    break;
+                };
+                attempts += 1;
+                let started = Instant::now();
+                let outcome = attempt_once(d, call).await;
+                let elapsed = started.elapsed();
+                match outcome {
+                    Ok(reply) => {
+                        log_transition(d, permit.success());
+                        d.health.record_success(elapsed);
+                        metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "ok").increment(1);
+                        return Ok(Served {
+                            value: reply,
+                            deployment: d.clone(),
+                            attempts,
+                        });
+                    }
+                    Err(e) if !is_retryable(&e) => {
+                        // The request itself was refused: not the deployment's
+                        // fault, and no other deployment will think otherwise.
+                        drop(permit);
+                        d.health.record_success(elapsed);
+                        metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "rejected").increment(1);
+                        return Err(RouteError::Failed {
+                            error: e,
+                            deployment: d.clone(),
+                            attempts,
+                        });
+                    }
+                    Err(e) => {
+                        log_transition(d, permit.failure());
+                        d.health.record_failure(elapsed, e.code());
+                        metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "error").increment(1);
+                        let step = next_step(&self.retry, attempt, &e, &mut rand::rng());
+                        last = Some((e, d.clone()));
+                        match step {
+                            Next::RetryAfter(wait) if self.budget.try_retry() => {
+                                tracing::info!(deployment = %d.id, attempt, wait_ms = wait.as_millis() as u64, "retrying");
+                                metrics::counter!("switchyard_retries_total", "deployment" => d.id.clone()).increment(1);
+                                tokio::time::sleep(wait).await;
+                                attempt += 1;
+                            }
+                            Next::RetryAfter(_) => {
+                                tracing::warn!(deployment = %d.id, "retry budget spent: not retrying");
+                                metrics::counter!("switchyard_retry_budget_exhausted_total")
+                                    .increment(1);
+                                break;
+                            }
+                            Next::Fallback => break,
+                        }
+                    }
+                }
+            }
+        }
+        match last {
+            Some((error, deployment)) => Err(RouteError::Failed {
+                error,
+                deployment,
+                attempts,
+            }),
+            None => Err(RouteError::Unavailable),
+        }
+    }
+}
+
+fn log_transition(d: &Deployment, t: Option<Transition>) {
+    let Some(t) = t else { return };
+    match t.to {
+        BreakerState::Open => {
+            tracing::warn!(deployment = %d.id, from = %t.from, to = %t.to, "circuit breaker opened")
+        }
+        _ => {
+            tracing::info!(deployment = %d.id, from = %t.from, to = %t.to, "circuit breaker changed state")
+        }
+    }
+    metrics::counter!("switchyard_breaker_transitions_total", "deployment" => d.id.clone(), "to" => t.to.as_str())
+        .increment(1);
+    metrics::gauge!("switchyard_breaker_state", "deployment" => d.id.clone()).set(t.to.as_gauge());
+}
+
+/// One upstream call under the deployment's first-byte timeout. A stream is
+/// only returned once its first chunk is in hand.
+async fn attempt_once(d: &Deployment, call: Call<'_>) -> Result<Reply, ProviderError> {
+    let first_byte = d.first_byte_timeout;
+    let work = async {
+        match call {
+            Call::Chat { body, stream } => {
+                let c = ChatCall {
+                    upstream_model: &d.upstream_model,
+                    body,
+                    stream,
+                    timeout: d.total_timeout,
+                };
+                match d.chat.chat(c).await? {
+                    ChatReply::Complete(c) => Ok(Reply::Chat(ChatReply::Complete(c))),
+                    ChatReply::Stream(mut s) => match s.next().await {
+                        Some(Ok(first)) => {
+                            let rest = futures::stream::once(async move { Ok(first) }).chain(s);
+                            Ok(Reply::Chat(ChatReply::Stream(Box::pin(rest))))
+                        }
+                        Some(Err(e)) => Err(e),
+                        None => Err(ProviderError::Truncated),
+                    },
+                }
+            }
+            Call::Embed {
+                body,
+                encoding_format,
+            } => {
+                let c = EmbedCall {
+                    upstream_model: &d.upstream_model,
+                    body,
+                    encoding_format,
+                    timeout: d.total_timeout,
+                };
+                Ok(Reply::Embed(d.embed.embed(c).await?))
+            }
+        }
+    };
+    match tokio::time::timeout(first_byte, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ProviderError::Timeout(first_byte)),
+    }
+}

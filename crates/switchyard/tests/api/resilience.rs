@@ -1,0 +1,301 @@
+//! Providers that fail well: retries, breakers and fallback over a
+//! two-deployment route, against two real mock upstreams.
+
+use futures::future::join_all;
+use serde_json::Value;
+use switchyard_testkit::{FailPattern, Fault, MockUpstream, TestApp};
+
+use crate::helpers::*;
+
+/// A route `smart` → primary, then fallback, with `resilience` settings.
+async fn two_deployments(resilience: &str) -> (TestApp, MockUpstream, MockUpstream) {
+    let primary = MockUpstream::start().await.unwrap();
+    let fallback = MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .config(&format!(
+            "[resilience]\n{resilience}\n\n\
+             [providers.primary]\nkind = \"openai\"\nbase_url = \"{}\"\nfirst_byte_timeout_ms = 500\n\n\
+             [providers.fallback]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+             [[models.smart.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\n\n\
+             [[models.smart.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n",
+            primary.base_url(),
+            fallback.base_url()
+        ))
+        .spawn()
+        .await;
+    (app, primary, fallback)
+}
+
+async fn metric(app: &TestApp, prefix: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_primary_failing_30_percent_costs_the_client_nothing() {
+    // A threshold the 30 % cannot reach, so the breaker stays closed and
+    // every failed request is failed over on its own.
+    let (app, primary, fallback) = two_deployments("breaker_failure_threshold = 1000").await;
+    primary.update(|b| {
+        b.fail_pattern = Some(FailPattern {
+            status: 500,
+            fail: 3,
+            of: 10,
+        })
+    });
+
+    let mut statuses = Vec::new();
+    for batch in 0..20 {
+        let sends = (0..50).map(|i| {
+            let app = &app;
+            async move {
+                let body = if (batch + i) % 4 == 0 {
+                    stream_body("smart", false)
+                } else {
+                    chat_body("smart")
+                };
+                let resp = app.post_json("/v1/chat/completions", &body).await;
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap();
+                (status, body["stream"] == true, text)
+            }
+        });
+        statuses.extend(join_all(sends).await);
+    }
+
+    assert_eq!(statuses.len(), 1000);
+    assert!(
+        statuses.iter().all(|(s, _, _)| *s == 200),
+        "a client saw an error"
+    );
+    assert!(statuses
+        .iter()
+        .filter(|(_, stream, _)| *stream)
+        .all(|(_, _, t)| t.ends_with("data: [DONE]\n\n")));
+    let failures = primary.injected_failures();
+    let calls = primary.calls();
+    assert_eq!(
+        failures,
+        calls / 10 * 3 + (calls % 10).min(3),
+        "30 % of {calls} calls failed"
+    );
+    let counted = metric(
+        &app,
+        r#"switchyard_upstream_attempts_total{deployment="primary/p-model",outcome="error"}"#,
+    )
+    .await;
+    assert_eq!(counted as u64, failures, "every failure is counted");
+    let served_by_fallback = fallback.calls();
+    assert!(served_by_fallback > 0 && served_by_fallback <= failures);
+    assert!(primary.calls() >= 1000, "the primary kept its traffic");
+    let ok = metric(
+        &app,
+        r#"switchyard_upstream_attempts_total{deployment="primary/p-model",outcome="ok"}"#,
+    )
+    .await;
+    assert_eq!(ok as u64 + served_by_fallback, 1000);
+}
+
+#[tokio::test]
+async fn a_dead_primary_gets_no_calls_while_its_breaker_is_open_then_exactly_the_probes() {
+    let (app, primary, fallback) = two_deployments(
+        "max_attempts = 1\nbreaker_cooldown_secs = 2\nbreaker_half_open_probes = 1",
+    )
+    .await;
+    primary.update(|b| b.always = Some(Fault::Status(503)));
+
+    for _ in 0..20 {
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("smart"))
+            .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+    }
+    assert_eq!(primary.calls(), 5, "the breaker opened after 5 failures");
+    assert_eq!(fallback.calls(), 20);
+
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+    for _ in 0..10 {
+        assert_eq!(
+            app.post_json("/v1/chat/completions", &chat_body("smart"))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        primary.calls(),
+        6,
+        "exactly one probe, which failed and re-opened the breaker"
+    );
+
+    // The primary recovers: after the next cool-down, probes succeed and close it.
+    primary.update(|b| b.always = None);
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+    for _ in 0..10 {
+        assert_eq!(
+            app.post_json("/v1/chat/completions", &chat_body("smart"))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        primary.calls(),
+        16,
+        "probes closed the breaker and traffic returned"
+    );
+    let logs = app.logs().join("\n");
+    assert!(logs.contains("circuit breaker opened"));
+    assert!(logs.contains("\"to\":\"closed\""));
+}
+
+#[tokio::test]
+async fn a_short_retry_after_is_waited_for_and_a_long_one_falls_back() {
+    let (app, primary, fallback) = two_deployments("backoff_cap_ms = 2000").await;
+    primary.push_fault(Fault::RateLimited {
+        retry_after_secs: 1,
+    });
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("smart"))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "primary");
+    assert_eq!((primary.calls(), fallback.calls()), (2, 0));
+    assert!(app
+        .logs()
+        .iter()
+        .any(|l| l.contains("retrying") && l.contains("\"wait_ms\":1000")));
+
+    primary.push_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("smart"))
+        .await;
+    assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+    assert_eq!((primary.calls(), fallback.calls()), (3, 1));
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_its_first_chunk_ends_with_an_error_event_and_no_failover() {
+    let (app, primary, fallback) = two_deployments("").await;
+    primary.push_fault(Fault::ResetAfterChunks(1));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("smart", false))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    let data = sse_data(&resp.text().await.unwrap());
+    assert_eq!(data.len(), 2, "{data:?}");
+    let last: Value = serde_json::from_str(&data[1]).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_broken");
+    assert_eq!(fallback.calls(), 0, "a committed stream is never retried");
+    assert_eq!(primary.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_before_its_first_byte_is_served_by_the_fallback() {
+    let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
+    primary.push_fault(Fault::Status(500));
+    primary.push_fault(Fault::ResetAfterChunks(0));
+
+    for _ in 0..2 {
+        let resp = app
+            .post_json("/v1/chat/completions", &stream_body("smart", true))
+            .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+        let data = sse_data(&resp.text().await.unwrap());
+        assert_eq!(data.last().unwrap(), "[DONE]");
+        let text: String = data[..data.len() - 1]
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(text, "Hello! How can I help you today?");
+    }
+    assert_eq!((primary.calls(), fallback.calls()), (2, 2));
+}
+
+#[tokio::test]
+async fn a_hung_primary_times_out_and_the_fallback_answers() {
+    let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
+    primary.push_fault(Fault::Hang);
+    primary.update(|b| b.ttft = std::time::Duration::from_secs(30));
+
+    let plain = app
+        .post_json("/v1/chat/completions", &chat_body("smart"))
+        .await;
+    let stream = app
+        .post_json("/v1/chat/completions", &stream_body("smart", false))
+        .await;
+
+    assert_eq!(plain.status(), 200);
+    assert_eq!(plain.headers()["x-switchyard-provider"], "fallback");
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers()["x-switchyard-provider"],
+        "fallback",
+        "a first chunk that never comes is a first-byte timeout"
+    );
+    assert_eq!(
+        sse_data(&stream.text().await.unwrap()).last().unwrap(),
+        "[DONE]"
+    );
+    assert_eq!((primary.calls(), fallback.calls()), (2, 2));
+}
+
+#[tokio::test]
+async fn a_client_error_is_returned_at_once_without_retry_or_fallback() {
+    let (app, primary, fallback) = two_deployments("").await;
+    primary.push_fault(Fault::Status(400));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("smart"))
+        .await;
+
+    assert_eq!(resp.status(), 400);
+    assert_eq!((primary.calls(), fallback.calls()), (1, 0));
+}
+
+#[tokio::test]
+async fn when_every_breaker_is_open_the_answer_is_503_without_upstream_calls() {
+    let (app, primary, fallback) =
+        two_deployments("max_attempts = 1\nbreaker_failure_threshold = 1").await;
+    primary.update(|b| b.always = Some(Fault::Status(500)));
+    fallback.update(|b| b.always = Some(Fault::Status(500)));
+    assert_eq!(
+        app.post_json("/v1/chat/completions", &chat_body("smart"))
+            .await
+            .status(),
+        502
+    );
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("smart"))
+        .await;
+
+    assert_error(resp, 503, "model_unavailable").await;
+    assert_eq!((primary.calls(), fallback.calls()), (1, 1));
+}
