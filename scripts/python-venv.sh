@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Python venv for Switchyard's client-compatibility tests (openai SDK + pytest).
+# Python venv for Switchyard's client-compatibility tests (openai and anthropic SDKs + pytest).
 #
 # Usage (sourced):
 #   source scripts/python-venv.sh
@@ -44,16 +44,16 @@ ensure_python_venv() {
     fi
 
     # find_spec is a cheap presence check (importing openai takes ~2 s).
-    if ! "$venv/bin/python" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("openai") and u.find_spec("pytest") else 1)' >/dev/null 2>&1; then
-        printf '[python-venv] pip install openai pytest into %s\n' "$venv" >&2
+    if ! "$venv/bin/python" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("openai") and u.find_spec("anthropic") and u.find_spec("pytest") else 1)' >/dev/null 2>&1; then
+        printf '[python-venv] pip install openai anthropic pytest into %s\n' "$venv" >&2
         if ! timeout 600 "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-                openai pytest >"$venv/pip-install.log" 2>&1; then
+                openai anthropic pytest >"$venv/pip-install.log" 2>&1; then
             printf '[python-venv] ERROR: pip install failed; see %s/pip-install.log\n' "$venv" >&2
             tail -n 20 "$venv/pip-install.log" >&2 2>/dev/null || true
             return 1
         fi
-        if ! "$venv/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
-            printf '[python-venv] ERROR: openai/pytest still not importable in %s\n' "$venv" >&2
+        if ! "$venv/bin/python" -c 'import openai, anthropic, pytest' >/dev/null 2>&1; then
+            printf '[python-venv] ERROR: openai/anthropic/pytest still not importable in %s\n' "$venv" >&2
             return 1
         fi
     fi

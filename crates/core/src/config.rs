@@ -167,6 +167,8 @@ impl Default for ResilienceConfig {
 pub enum ProviderKind {
     /// Any OpenAI-compatible base URL (OpenAI, DeepInfra, vLLM, Ollama, llama.cpp…).
     Openai,
+    /// Anthropic's Messages API; `base_url` like `https://api.anthropic.com/v1`.
+    Anthropic,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -715,6 +717,7 @@ impl fmt::Display for ProviderKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProviderKind::Openai => f.write_str("openai"),
+            ProviderKind::Anthropic => f.write_str("anthropic"),
         }
     }
 }

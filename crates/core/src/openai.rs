@@ -110,7 +110,11 @@ const ROLES: &[&str] = &[
 
 impl ChatRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, InvalidRequest> {
-        let body = parse_object(bytes)?;
+        Self::from_object(parse_object(bytes)?)
+    }
+
+    /// Validates a body already parsed (or built by a translation layer).
+    pub fn from_object(body: Map<String, Value>) -> Result<Self, InvalidRequest> {
         let model = required_string(&body, "model")?;
         validate_messages(&body)?;
         let stream = optional_bool(&body, "stream")?.unwrap_or(false);

@@ -11,12 +11,16 @@ use futures::Stream;
 use switchyard_core::config::{Config, Pricing, ProviderKind};
 use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, Usage};
 use switchyard_core::usage::{new_id, UsageRecord};
+use switchyard_providers::anthropic::AnthropicProvider;
 use switchyard_providers::breaker::{BreakerConfig, CircuitBreaker};
 use switchyard_providers::health::HealthStats;
 use switchyard_providers::openai::OpenAiProvider;
 use switchyard_providers::retry::{RetryBudget, RetryConfig};
 use switchyard_providers::router::{Deployment, Route, RouteError, Router};
-use switchyard_providers::{ChatReply, ProviderError};
+use switchyard_providers::{ChatProvider, ChatReply, EmbeddingProvider, ProviderError};
+
+/// A provider's two faces.
+type Adapter = (Arc<dyn ChatProvider>, Arc<dyn EmbeddingProvider>);
 use switchyard_store::{Store, StoreError};
 
 use crate::metered::{MeteredStream, StreamEvent};
@@ -78,13 +82,20 @@ impl Gateway {
         store: Arc<dyn Store>,
         usage: UsageWriter,
     ) -> Result<Self, EngineError> {
-        let mut providers: HashMap<&str, Arc<OpenAiProvider>> = HashMap::new();
+        let mut providers: HashMap<&str, Adapter> = HashMap::new();
         for (name, p) in &config.providers {
-            let adapter = match p.kind {
-                ProviderKind::Openai => OpenAiProvider::new(name, p)
-                    .map_err(|e| EngineError::Setup(format!("{name}: {e}")))?,
+            let setup = |e: ProviderError| EngineError::Setup(format!("{name}: {e}"));
+            let adapter: Adapter = match p.kind {
+                ProviderKind::Openai => {
+                    let a = Arc::new(OpenAiProvider::new(name, p).map_err(setup)?);
+                    (a.clone(), a)
+                }
+                ProviderKind::Anthropic => {
+                    let a = Arc::new(AnthropicProvider::new(name, p).map_err(setup)?);
+                    (a.clone(), a)
+                }
             };
-            providers.insert(name, Arc::new(adapter));
+            providers.insert(name, adapter);
         }
         let r = &config.resilience;
         let breaker = BreakerConfig {
@@ -123,8 +134,8 @@ impl Gateway {
                             provider_name: Arc::from(d.provider.as_str()),
                             upstream_model: Arc::from(d.model.as_str()),
                             weight: d.weight,
-                            chat: provider.clone(),
-                            embed: provider.clone(),
+                            chat: provider.0.clone(),
+                            embed: provider.1.clone(),
                             breaker: CircuitBreaker::new(breaker),
                             first_byte_timeout: Duration::from_millis(first_byte),
                             total_timeout: Duration::from_secs(total),

@@ -2,6 +2,7 @@
 //! each upstream's wire format. Every adapter takes and returns
 //! OpenAI-shaped JSON, so the engine and the HTTP layer see one shape.
 
+pub mod anthropic;
 pub mod breaker;
 pub mod error;
 pub mod health;
@@ -9,6 +10,7 @@ pub mod openai;
 pub mod retry;
 pub mod router;
 pub mod sse;
+mod upstream;
 
 use std::pin::Pin;
 use std::time::Duration;

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use secrecy::{ExposeSecret, SecretString};
+use http::header::{HeaderMap, AUTHORIZATION};
+use secrecy::ExposeSecret;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -18,159 +18,38 @@ use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::{EncodingFormat, Usage};
 
 use crate::sse::SseParser;
+use crate::upstream::{map_reqwest_error, secret_header, Upstream};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
 };
 
-/// Largest upstream error body kept for relaying to the client.
-const MAX_ERROR_BODY: usize = 64 * 1024;
-
 pub struct OpenAiProvider {
     name: String,
     chat_url: String,
     embeddings_url: String,
-    auth: Option<HeaderValue>,
-    /// Kept only to scrub it from anything the provider echoes back.
-    key: Option<SecretString>,
-    client: reqwest::Client,
+    upstream: Upstream,
     deepinfra: bool,
 }
 
 impl OpenAiProvider {
     pub fn new(name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()
-            .map_err(|e| ProviderError::Protocol(format!("building the HTTP client: {e}")))?;
-        let auth = match &config.api_key {
-            Some(key) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
-                    .map_err(|_| {
-                        ProviderError::Protocol(
-                            "the API key has characters a header cannot carry".into(),
-                        )
-                    })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &config.api_key {
+            headers.insert(
+                AUTHORIZATION,
+                secret_header(&format!("Bearer {}", key.expose_secret()))?,
+            );
+        }
         let base = config.base_url.trim_end_matches('/');
         Ok(Self {
             name: name.to_owned(),
             chat_url: format!("{base}/chat/completions"),
             embeddings_url: format!("{base}/embeddings"),
-            auth,
-            key: config.api_key.clone(),
-            client,
+            upstream: Upstream::new(config, headers)?,
             deepinfra: config.is_deepinfra(),
         })
     }
-
-    async fn post(
-        &self,
-        url: &str,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<reqwest::Response, ProviderError> {
-        let mut req = self
-            .client
-            .post(url)
-            .timeout(timeout)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(auth) = &self.auth {
-            req = req.header(AUTHORIZATION, auth.clone());
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| map_reqwest_error(e, timeout))?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let retry_after = retry_after(resp.headers());
-        let body = self.read_bounded(resp, MAX_ERROR_BODY).await;
-        Err(ProviderError::Status {
-            status: status.as_u16(),
-            body,
-            retry_after,
-        })
-    }
-
-    async fn read_bounded(&self, mut resp: reqwest::Response, limit: usize) -> Bytes {
-        let mut out = Vec::new();
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            let room = limit.saturating_sub(out.len());
-            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if out.len() >= limit {
-                break;
-            }
-        }
-        self.scrub(Bytes::from(out))
-    }
-
-    /// Removes the provider key from text the provider sent back.
-    fn scrub(&self, body: Bytes) -> Bytes {
-        let Some(key) = &self.key else { return body };
-        let key = key.expose_secret().as_bytes();
-        if key.is_empty() || memchr::memmem::find(&body, key).is_none() {
-            return body;
-        }
-        let mut out = Vec::with_capacity(body.len());
-        let mut rest = &body[..];
-        while let Some(i) = memchr::memmem::find(rest, key) {
-            out.extend_from_slice(&rest[..i]);
-            out.extend_from_slice(b"[redacted]");
-            rest = &rest[i + key.len()..];
-        }
-        out.extend_from_slice(rest);
-        Bytes::from(out)
-    }
-}
-
-fn map_reqwest_error(e: reqwest::Error, timeout: Duration) -> ProviderError {
-    let e = e.without_url();
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    if e.is_timeout() {
-        ProviderError::Timeout(timeout)
-    } else if e.is_connect() {
-        ProviderError::Connect(msg)
-    } else if e.is_body() || e.is_decode() {
-        ProviderError::Broken(msg)
-    } else if e.is_request() {
-        ProviderError::Connect(msg)
-    } else {
-        ProviderError::Protocol(msg)
-    }
-}
-
-fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
-    }
-    let secs = headers
-        .get("retry-after")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<f64>()
-        .ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
 /// A JSON object written as `base` with some keys replaced or added,
@@ -219,7 +98,10 @@ impl ChatProvider for OpenAiProvider {
         let model = Value::String(call.upstream_model.to_owned());
         if !call.stream {
             let body = overlay(call.body, &[("model", model)])?;
-            let resp = self.post(&self.chat_url, body, call.timeout).await?;
+            let resp = self
+                .upstream
+                .post(&self.chat_url, body, call.timeout)
+                .await?;
             let bytes = resp
                 .bytes()
                 .await
@@ -242,7 +124,10 @@ impl ChatProvider for OpenAiProvider {
             call.body,
             &[("model", model), ("stream_options", Value::Object(options))],
         )?;
-        let resp = self.post(&self.chat_url, body, call.timeout).await?;
+        let resp = self
+            .upstream
+            .post(&self.chat_url, body, call.timeout)
+            .await?;
         Ok(ChatReply::Stream(chunk_stream(resp, call.timeout)))
     }
 }
@@ -323,7 +208,10 @@ impl EmbeddingProvider for OpenAiProvider {
         } else {
             overlay(call.body, &[("model", model)])?
         };
-        let resp = self.post(&self.embeddings_url, body, call.timeout).await?;
+        let resp = self
+            .upstream
+            .post(&self.embeddings_url, body, call.timeout)
+            .await?;
         let bytes = resp
             .bytes()
             .await
@@ -415,25 +303,5 @@ mod tests {
             raw,
             [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
         );
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_milliseconds() {
-        let mut h = http::HeaderMap::new();
-        h.insert("retry-after", HeaderValue::from_static("2"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
-        h.insert("retry-after-ms", HeaderValue::from_static("150"));
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
-        assert_eq!(retry_after(&http::HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn the_key_is_scrubbed_from_echoed_bodies() {
-        let config: ProviderConfig = toml::from_str("kind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key = \"sk-top-secret\"\n").unwrap();
-        let p = OpenAiProvider::new("p", &config).unwrap();
-        let out = p.scrub(Bytes::from_static(
-            b"bad key sk-top-secret and sk-top-secret",
-        ));
-        assert_eq!(&out[..], b"bad key [redacted] and [redacted]");
     }
 }

@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
             post(routes::openai::chat_completions),
         )
         .route("/v1/embeddings", post(routes::openai::embeddings))
+        .route("/v1/messages", post(routes::anthropic::messages))
         .route("/v1/models", get(routes::openai::list_models))
         .route("/v1/models/{*model}", get(routes::openai::get_model))
         .route("/health", get(routes::ops::health))

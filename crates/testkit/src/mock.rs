@@ -215,6 +215,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/embeddings", post(embeddings))
         .route("/v1/openai/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .with_state(shared)
 }
@@ -469,12 +470,27 @@ fn stream_response(
     fault: Option<Fault>,
     hold: tokio::sync::watch::Receiver<bool>,
 ) -> Response {
+    let mut frames: Vec<String> = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+    frames.push("data: [DONE]\n\n".to_owned());
+    stream_frames(frames, behavior, fault, hold)
+}
+
+/// Sends SSE frames with the behaviour's delays; `NoDone` drops the last
+/// frame (the completion marker), `ResetAfterChunks(n)` cuts after n frames.
+fn stream_frames(
+    mut frames: Vec<String>,
+    behavior: Behavior,
+    fault: Option<Fault>,
+    hold: tokio::sync::watch::Receiver<bool>,
+) -> Response {
     let reset_after = match fault {
         Some(Fault::ResetAfterChunks(n)) => Some(n),
         _ => None,
     };
-    let no_done = fault == Some(Fault::NoDone);
-    let body = async_stream(chunks, behavior, reset_after, no_done, hold);
+    if fault == Some(Fault::NoDone) {
+        frames.pop();
+    }
+    let body = frame_stream(frames, behavior, reset_after, hold);
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
@@ -482,15 +498,13 @@ fn stream_response(
         .unwrap_or_else(|_| error(500, "mock: building the response"))
 }
 
-fn async_stream(
-    chunks: Vec<String>,
+fn frame_stream(
+    frames: Vec<String>,
     behavior: Behavior,
     reset_after: Option<usize>,
-    no_done: bool,
     hold: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    let total = chunks.len();
-    futures::stream::unfold((0usize, chunks), move |(i, chunks)| {
+    futures::stream::unfold((0usize, frames), move |(i, frames)| {
         let behavior = behavior.clone();
         let mut hold = hold.clone();
         async move {
@@ -499,24 +513,20 @@ fn async_stream(
             }
             if let Some(n) = reset_after {
                 if i == n {
-                    // Give the chunks before the cut time to reach the wire,
+                    // Give the frames before the cut time to reach the wire,
                     // as they would from a real provider that fails midway.
                     tokio::time::sleep(Duration::from_millis(30)).await;
-                    return Some((
-                        Err(std::io::Error::new(
-                            std::io::ErrorKind::ConnectionReset,
-                            "mock: injected reset",
-                        )),
-                        (i + 1, chunks),
-                    ));
+                    let reset = std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "mock: injected reset",
+                    );
+                    return Some((Err(reset), (i + 1, frames)));
                 }
                 if i > n {
                     return None;
                 }
             }
-            if i > total || (i == total && no_done) {
-                return None;
-            }
+            let frame = frames.get(i)?.clone();
             let delay = if i == 0 {
                 behavior.ttft
             } else {
@@ -525,14 +535,140 @@ fn async_stream(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let frame = if i == total {
-                "data: [DONE]\n\n".to_owned()
-            } else {
-                format!("data: {}\n\n", chunks[i])
-            };
-            Some((Ok(Bytes::from(frame)), (i + 1, chunks)))
+            Some((Ok(Bytes::from(frame)), (i + 1, frames)))
         }
     })
+}
+
+/// Anthropic's Messages API: the same reply, tools and faults, in its shape.
+async fn messages(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (req, behavior, fault) = match begin(&shared, uri.path(), &headers, &body) {
+        Ok(x) => x,
+        Err(_) => return anthropic_error(400, "mock: invalid JSON"),
+    };
+    if !behavior.latency.is_zero() {
+        tokio::time::sleep(behavior.latency).await;
+    }
+    if let Some(r) = early_fault(&fault, &headers).await {
+        let status = r.status().as_u16();
+        let retry_after = r.headers().get("retry-after").cloned();
+        let mut resp = anthropic_error(status, &format!("mock: injected status {status}"));
+        if let Some(v) = retry_after {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        return resp;
+    }
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-claude")
+        .to_owned();
+    let tool = req
+        .get("tools")
+        .and_then(Value::as_array)
+        .and_then(|t| t.first())
+        .and_then(|t| t.get("name"))
+        .and_then(Value::as_str)
+        .filter(|_| req.pointer("/tool_choice/type").and_then(Value::as_str) != Some("none"))
+        .map(str::to_owned);
+    let input_tokens = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, |m| m.len() as u64 * 4);
+    let words: Vec<&str> = behavior.reply.split_whitespace().collect();
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if !stream {
+        let (content, stop) = match &tool {
+            Some(name) => (
+                json!([{"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": serde_json::from_str::<Value>(TOOL_ARGS).unwrap_or(Value::Null)}]),
+                "tool_use",
+            ),
+            None => (
+                json!([{"type": "text", "text": behavior.reply}]),
+                "end_turn",
+            ),
+        };
+        return axum::Json(json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop, "stop_sequence": null,
+            "usage": {"input_tokens": input_tokens, "output_tokens": words.len()},
+        }))
+        .into_response();
+    }
+    let mut events: Vec<(&str, Value)> = vec![(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+    )];
+    let stop = match &tool {
+        Some(name) => {
+            events.push(("content_block_start", json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": {}}})));
+            let mid = TOOL_ARGS.len() / 2;
+            for piece in [&TOOL_ARGS[..mid], &TOOL_ARGS[mid..]] {
+                events.push((
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": piece}}),
+                ));
+            }
+            "tool_use"
+        }
+        None => {
+            events.push(("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+            events.push(("ping", json!({"type": "ping"})));
+            for (i, w) in words.iter().enumerate() {
+                let text = if i == 0 {
+                    (*w).to_owned()
+                } else {
+                    format!(" {w}")
+                };
+                events.push((
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": text}}),
+                ));
+            }
+            "end_turn"
+        }
+    };
+    events.push((
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push((
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+        "usage": {"output_tokens": words.len()}}),
+    ));
+    events.push(("message_stop", json!({"type": "message_stop"})));
+    let frames: Vec<String> = events
+        .into_iter()
+        .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+        .collect();
+    let hold = shared.hold.0.subscribe();
+    stream_frames(frames, behavior, fault, hold)
+}
+
+fn anthropic_error(status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let kind = match status {
+        429 => "rate_limit_error",
+        529 | 503 => "overloaded_error",
+        401 => "authentication_error",
+        s if s >= 500 => "api_error",
+        _ => "invalid_request_error",
+    };
+    (
+        code,
+        axum::Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
+    )
+        .into_response()
 }
 
 async fn embeddings(

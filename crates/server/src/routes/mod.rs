@@ -1,4 +1,5 @@
 //! Route handlers, grouped by API family.
 
+pub mod anthropic;
 pub mod openai;
 pub mod ops;

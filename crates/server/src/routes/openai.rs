@@ -24,7 +24,7 @@ use crate::AppState;
 /// Until tenancy exists every request belongs to the default tenant.
 const DEFAULT_TENANT: &str = "default";
 
-fn meta(ctx: &TraceContext, started: Instant) -> RequestMeta {
+pub(crate) fn meta(ctx: &TraceContext, started: Instant) -> RequestMeta {
     RequestMeta {
         trace_id: ctx.trace_id(),
         tenant_id: DEFAULT_TENANT.to_owned(),
@@ -34,7 +34,7 @@ fn meta(ctx: &TraceContext, started: Instant) -> RequestMeta {
 
 /// Labels the response with the alias only when it is configured, so a
 /// client cannot grow the metrics with made-up model names.
-fn label(state: &AppState, resp: &mut Response, model: &str, provider: Option<&str>) {
+pub(crate) fn label(state: &AppState, resp: &mut Response, model: &str, provider: Option<&str>) {
     if state.gateway().models().iter().any(|m| m.id == model) {
         resp.extensions_mut().insert(ModelLabel(model.to_owned()));
     }

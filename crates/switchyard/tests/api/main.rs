@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod anthropic;
 mod chat;
 mod cli;
 mod embeddings;

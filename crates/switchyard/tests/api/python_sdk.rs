@@ -1,5 +1,5 @@
-//! Runs the official `openai` Python SDK against the gateway
-//! (`tests/python/test_openai_sdk.py`). Needs `SWITCHYARD_PYTHON`, a Python
+//! Runs the official `openai` and `anthropic` Python SDKs against the gateway
+//! (`tests/python/`), with an Anthropic-backed alias `claude`. Needs `SWITCHYARD_PYTHON`, a Python
 //! with `openai` and `pytest` (the test command provides one);
 //! `SWITCHYARD_REQUIRE_PY=1` makes its absence a failure.
 
@@ -19,16 +19,23 @@ async fn the_official_openai_python_sdk_works_unchanged() {
             return;
         }
     };
-    let app = spawn().await;
-    let tests = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/test_openai_sdk.py"
-    );
+    let anthropic = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let app = app()
+        .config(&format!(
+            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\n\n\
+             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-mock\"\n",
+            anthropic.base_url()
+        ))
+        .spawn()
+        .await;
+    let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python");
 
     let out = tokio::process::Command::new(python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", tests])
         .env("OPENAI_BASE_URL", app.url("/v1"))
+        .env("ANTHROPIC_BASE_URL", app.url(""))
         .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
         .output()
         .await
         .unwrap();
@@ -39,5 +46,5 @@ async fn the_official_openai_python_sdk_works_unchanged() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{report}");
-    assert!(report.contains("7 passed"), "{report}");
+    assert!(report.contains("12 passed"), "{report}");
 }

@@ -1,0 +1,289 @@
+//! The adapter for Anthropic's Messages API: OpenAI-shaped requests are
+//! translated (system prompt, alternation, images, tools, stop sequences,
+//! `max_tokens` default), and answers translated back — streams event by
+//! event, so text and tool-call arguments reach the client as they arrive.
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use http::header::{HeaderMap, HeaderValue};
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use switchyard_core::anthropic::{
+    request_to_anthropic, response_from_anthropic, AnthropicToOpenAiStream, StreamStep,
+};
+use switchyard_core::config::ProviderConfig;
+use switchyard_core::openai::Usage;
+
+use crate::sse::SseParser;
+use crate::upstream::{map_reqwest_error, secret_header, Upstream};
+use crate::{
+    ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
+    ProviderError,
+};
+
+/// The API version this adapter speaks.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+pub struct AnthropicProvider {
+    name: String,
+    messages_url: String,
+    upstream: Upstream,
+}
+
+impl AnthropicProvider {
+    pub fn new(name: &str, config: &ProviderConfig) -> Result<Self, ProviderError> {
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &config.api_key {
+            headers.insert("x-api-key", secret_header(key.expose_secret())?);
+        }
+        headers.insert(
+            "anthropic-version",
+            HeaderValue::from_static(ANTHROPIC_VERSION),
+        );
+        let base = config.base_url.trim_end_matches('/');
+        Ok(Self {
+            name: name.to_owned(),
+            messages_url: format!("{base}/messages"),
+            upstream: Upstream::new(config, headers)?,
+        })
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An OpenAI-shaped error body, so the HTTP layer can relay it as is.
+fn openai_error(message: &str, kind: &str, param: Option<&str>) -> Bytes {
+    Bytes::from(
+        json!({"error": {"message": message, "type": kind, "param": param, "code": null}})
+            .to_string(),
+    )
+}
+
+/// Anthropic's error body (`{"type":"error","error":{"type","message"}}`)
+/// rewritten in OpenAI's shape, keeping status and `Retry-After`.
+fn translate_status(e: ProviderError) -> ProviderError {
+    match e {
+        ProviderError::Status {
+            status,
+            body,
+            retry_after,
+        } => {
+            let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+            let kind = parsed
+                .as_ref()
+                .and_then(|v| v.pointer("/error/type"))
+                .and_then(Value::as_str)
+                .unwrap_or("api_error");
+            let message = parsed
+                .as_ref()
+                .and_then(|v| v.pointer("/error/message"))
+                .and_then(Value::as_str)
+                .map_or_else(
+                    || format!("The provider answered with status {status}."),
+                    str::to_owned,
+                );
+            ProviderError::Status {
+                status,
+                body: openai_error(&message, kind, None),
+                retry_after,
+            }
+        }
+        other => other,
+    }
+}
+
+/// An `error` event in a stream: retryable kinds keep a retryable status so
+/// that one arriving before the first chunk fails over.
+fn stream_error(kind: &str, message: &str) -> ProviderError {
+    let status = match kind {
+        "overloaded_error" => 529,
+        "rate_limit_error" => 429,
+        "api_error" => 500,
+        _ => return ProviderError::Broken(format!("{kind}: {message}")),
+    };
+    ProviderError::Status {
+        status,
+        body: openai_error(message, kind, None),
+        retry_after: None,
+    }
+}
+
+#[async_trait]
+impl ChatProvider for AnthropicProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
+        let req =
+            request_to_anthropic(call.body, call.upstream_model, call.stream).map_err(|e| {
+                ProviderError::Status {
+                    status: 400,
+                    body: openai_error(&e.message, "invalid_request_error", e.param.as_deref()),
+                    retry_after: None,
+                }
+            })?;
+        let body = serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let resp = self
+            .upstream
+            .post(&self.messages_url, body, call.timeout)
+            .await
+            .map_err(translate_status)?;
+        if call.stream {
+            return Ok(ChatReply::Stream(event_stream(resp, call.timeout)));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| map_reqwest_error(e, call.timeout))?;
+        let msg: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ProviderError::Protocol(format!("the message is not JSON: {e}")))?;
+        let completion = response_from_anthropic(&msg, now_secs());
+        let usage: Option<Usage> = completion
+            .get("usage")
+            .and_then(|u| serde_json::from_value(u.clone()).ok());
+        let body =
+            serde_json::to_vec(&completion).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        Ok(ChatReply::Complete(Completion {
+            body: Bytes::from(body),
+            usage,
+        }))
+    }
+}
+
+#[async_trait]
+impl EmbeddingProvider for AnthropicProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn embed(&self, _call: EmbedCall<'_>) -> Result<Completion, ProviderError> {
+        Err(ProviderError::Status {
+            status: 400,
+            body: openai_error(
+                "This model's provider (Anthropic) has no embeddings API.",
+                "invalid_request_error",
+                Some("model"),
+            ),
+            retry_after: None,
+        })
+    }
+}
+
+struct EventState {
+    body: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    parser: SseParser,
+    translator: AnthropicToOpenAiStream,
+    pending: VecDeque<Bytes>,
+    eof: bool,
+    done: bool,
+    timeout: Duration,
+}
+
+/// Anthropic events in, OpenAI chunk payloads out, one for one.
+fn event_stream(resp: reqwest::Response, timeout: Duration) -> ChunkStream {
+    let state = EventState {
+        body: resp.bytes_stream().boxed(),
+        parser: SseParser::new(),
+        translator: AnthropicToOpenAiStream::new(now_secs()),
+        pending: VecDeque::new(),
+        eof: false,
+        done: false,
+        timeout,
+    };
+    Box::pin(futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(chunk) = st.pending.pop_front() {
+                return Some((Ok(chunk), st));
+            }
+            if st.done {
+                return None;
+            }
+            let event = if st.eof {
+                st.parser.finish()
+            } else {
+                st.parser.next_event()
+            };
+            if let Some(ev) = event {
+                let Ok(data) = serde_json::from_slice::<Value>(&ev.data) else {
+                    st.done = true;
+                    return Some((
+                        Err(ProviderError::Protocol("an event is not JSON".into())),
+                        st,
+                    ));
+                };
+                match st.translator.step(ev.event.as_deref().unwrap_or(""), &data) {
+                    StreamStep::Chunks(chunks) => st
+                        .pending
+                        .extend(chunks.iter().map(|c| Bytes::from(c.to_string()))),
+                    StreamStep::Done(usage) => {
+                        st.pending.push_back(Bytes::from(usage.to_string()));
+                        st.done = true;
+                    }
+                    StreamStep::Error { kind, message } => {
+                        st.done = true;
+                        return Some((Err(stream_error(&kind, &message)), st));
+                    }
+                }
+                continue;
+            }
+            if st.eof {
+                st.done = true;
+                return Some((Err(ProviderError::Truncated), st));
+            }
+            match st.body.next().await {
+                Some(Ok(bytes)) => st.parser.push(&bytes),
+                Some(Err(e)) => {
+                    st.done = true;
+                    let err = match map_reqwest_error(e, st.timeout) {
+                        ProviderError::Timeout(d) => ProviderError::Timeout(d),
+                        other => ProviderError::Broken(other.to_string()),
+                    };
+                    return Some((Err(err), st));
+                }
+                None => st.eof = true,
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anthropic_errors_are_relayed_in_openai_shape() {
+        let e = translate_status(ProviderError::Status {
+            status: 400,
+            body: Bytes::from_static(br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: too big"}}"#),
+            retry_after: None,
+        });
+        let ProviderError::Status { body, .. } = e else {
+            panic!()
+        };
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], "max_tokens: too big");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn overload_in_a_stream_stays_retryable() {
+        assert!(crate::retry::is_retryable(&stream_error(
+            "overloaded_error",
+            "Overloaded"
+        )));
+        assert!(matches!(
+            stream_error("invalid_request_error", "x"),
+            ProviderError::Broken(_)
+        ));
+    }
+}

@@ -1,0 +1,146 @@
+//! `POST /v1/messages`: Anthropic's Messages API in front of any provider.
+//! The body is translated to the OpenAI shape the router takes, and the
+//! answer back — streams event by event — with errors in Anthropic's shape.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use switchyard_core::anthropic::{
+    error_type_for_status, response_to_anthropic, Event, MessagesRequest, OpenAiToAnthropicStream,
+};
+use switchyard_core::openai::{parse_object, ChatRequest};
+use switchyard_core::trace::TraceContext;
+use switchyard_engine::{ChatOutcome, StreamEvent};
+
+use super::openai::{label, meta};
+use crate::error::ApiError;
+use crate::extract::read_body;
+use crate::AppState;
+
+/// Anthropic's error envelope: `{"type":"error","error":{"type","message"}}`.
+fn anthropic_error(status: StatusCode, message: &str) -> Response {
+    let body = json!({"type": "error", "error": {"type": error_type_for_status(status.as_u16()), "message": message}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// Re-shapes an OpenAI-style error response, keeping status, headers and the
+/// logged detail.
+fn to_anthropic(e: ApiError) -> Response {
+    let status = e.status;
+    let message = e.body.message.clone();
+    let mut resp = e.into_response();
+    let reshaped = anthropic_error(status, &message);
+    *resp.body_mut() = reshaped.into_body();
+    resp
+}
+
+fn invalid(message: &str) -> Response {
+    anthropic_error(StatusCode::BAD_REQUEST, message)
+}
+
+pub async fn messages(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(started): Extension<Instant>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return to_anthropic(e),
+    };
+    let object = match parse_object(&bytes) {
+        Ok(o) => o,
+        Err(e) => return invalid(&e.message),
+    };
+    let msg = match MessagesRequest::parse(&object) {
+        Ok(m) => m,
+        Err(e) => return invalid(&e.message),
+    };
+    let req = match ChatRequest::from_object(msg.openai_body) {
+        Ok(r) => r,
+        Err(e) => return invalid(&e.message),
+    };
+    let alias = msg.model.clone();
+    let (mut resp, provider) = match state.gateway().chat(&meta(&ctx, started), &req).await {
+        Ok(ChatOutcome::Complete { body, provider }) => {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(v) => (
+                    axum::Json(response_to_anthropic(&v, &alias)).into_response(),
+                    Some(provider),
+                ),
+                Err(_) => (
+                    anthropic_error(
+                        StatusCode::BAD_GATEWAY,
+                        "The provider's response could not be relayed.",
+                    ),
+                    Some(provider),
+                ),
+            }
+        }
+        Ok(ChatOutcome::Stream { events, provider }) => {
+            (event_stream(events, alias.clone()), Some(provider))
+        }
+        Err(e) => (to_anthropic(ApiError::from(e)), None),
+    };
+    label(&state, &mut resp, &alias, provider.as_deref());
+    resp
+}
+
+fn frame(out: &mut BytesMut, (name, data): &Event) {
+    out.put_slice(b"event: ");
+    out.put_slice(name.as_bytes());
+    out.put_slice(b"\ndata: ");
+    out.put_slice(data.to_string().as_bytes());
+    out.put_slice(b"\n\n");
+}
+
+/// OpenAI chunks in, Anthropic events out. A failure midway ends the stream
+/// with an `error` event, as Anthropic's own API does.
+fn event_stream(
+    events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>,
+    model: String,
+) -> Response {
+    let mut translator = OpenAiToAnthropicStream::new(&model);
+    let frames = events.map(move |ev| {
+        let mut out = BytesMut::new();
+        match ev {
+            StreamEvent::Chunk(json) => {
+                if let Ok(chunk) = serde_json::from_slice::<Value>(&json) {
+                    for e in translator.chunk(&chunk) {
+                        frame(&mut out, &e);
+                    }
+                }
+            }
+            StreamEvent::Done => {
+                for e in translator.finish() {
+                    frame(&mut out, &e);
+                }
+            }
+            StreamEvent::Error(e) => {
+                let data = json!({"type": "error", "error": {"type": "api_error", "message": format!("The provider's stream broke before it was complete ({}).", e.code())}});
+                frame(&mut out, &("error", data));
+            }
+        }
+        Ok::<_, Infallible>(Bytes::from(out))
+    });
+    // A chunk that opens no event (e.g. an empty delta) sends nothing.
+    let frames = frames.filter(|f| futures::future::ready(f.as_ref().is_ok_and(|b| !b.is_empty())));
+    let mut resp = Response::new(Body::from_stream(frames));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}

@@ -1,0 +1,275 @@
+//! Anthropic both ways: an Anthropic-backed alias through the OpenAI API, and
+//! the Anthropic Messages API in front of an OpenAI-compatible provider.
+
+use serde_json::{json, Value};
+use switchyard_testkit::{Fault, MockUpstream, TestApp};
+
+use crate::helpers::*;
+
+const ANTHROPIC_KEY: &str = "sk-ant-mock-secret-key";
+
+/// The default test app plus `claude` → an Anthropic provider on its own mock,
+/// and `claude-then-gpt` → that provider with the OpenAI mock as fallback.
+async fn with_anthropic() -> (TestApp, MockUpstream) {
+    let anthropic = MockUpstream::start().await.unwrap();
+    let app = app()
+        .config(&format!(
+            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"{ANTHROPIC_KEY}\"\n\n\
+             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
+             [[models.claude-then-gpt.route]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
+             [[models.claude-then-gpt.route]]\nprovider = \"mock\"\nmodel = \"gpt-4o-mini-upstream\"\n",
+            anthropic.base_url()
+        ))
+        .spawn()
+        .await;
+    (app, anthropic)
+}
+
+fn content_of(data: &[String]) -> String {
+    data.iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_anthropic_backed_alias_answers_in_openai_shape() {
+    let (app, anthropic) = with_anthropic().await;
+    let body = json!({"model": "claude", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hello"},
+    ]});
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "anthropic");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Hello! How can I help you today?"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 7);
+    let sent = anthropic.last_request().unwrap();
+    assert_eq!(sent.path, "/v1/messages");
+    assert_eq!(sent.headers["x-api-key"], ANTHROPIC_KEY);
+    assert_eq!(sent.headers["anthropic-version"], "2023-06-01");
+    assert_eq!(sent.body["system"], "Be brief.");
+    assert_eq!(sent.body["model"], "claude-sonnet-mock");
+    assert_eq!(sent.body["max_tokens"], 4096);
+    assert_eq!(
+        sent.body["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}])
+    );
+}
+
+#[tokio::test]
+async fn an_anthropic_stream_becomes_openai_chunks_with_usage() {
+    let (app, _anthropic) = with_anthropic().await;
+
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("claude", true))
+        .await;
+
+    let data = sse_data(&resp.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    assert_eq!(content_of(&data), "Hello! How can I help you today?");
+    let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 7);
+    let finish: Value = serde_json::from_str(&data[data.len() - 3]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn anthropic_tool_call_deltas_reach_the_client_as_several_chunks() {
+    let (app, anthropic) = with_anthropic().await;
+    let mut body = stream_body("claude", false);
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}]);
+
+    let data = sse_data(
+        &app.post_json("/v1/chat/completions", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+
+    let pieces: Vec<String> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert!(
+        pieces.len() >= 2,
+        "arguments arrived in one burst: {pieces:?}"
+    );
+    assert_eq!(
+        pieces.concat(),
+        r#"{"location": "Paris", "unit": "celsius"}"#
+    );
+    let finish = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned));
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    assert_eq!(
+        anthropic.last_request().unwrap().body["tools"][0]["input_schema"],
+        json!({"type": "object"})
+    );
+}
+
+#[tokio::test]
+async fn an_overloaded_anthropic_fails_over_to_the_next_deployment() {
+    let (app, anthropic) = with_anthropic().await;
+    anthropic.update(|b| b.always = Some(Fault::Status(529)));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("claude-then-gpt"))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "mock");
+    assert!(anthropic.calls() >= 1);
+}
+
+#[tokio::test]
+async fn an_anthropic_rejection_is_relayed_in_openai_shape() {
+    let (app, anthropic) = with_anthropic().await;
+    anthropic.push_fault(Fault::Status(400));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("claude"))
+        .await;
+
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["message"], "mock: injected status 400");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+}
+
+fn messages_body(model: &str) -> Value {
+    json!({"model": model, "max_tokens": 256, "system": "Be brief.", "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+#[tokio::test]
+async fn the_messages_api_fronts_an_openai_compatible_provider() {
+    let app = spawn().await;
+
+    let resp = app
+        .post_json("/v1/messages", &messages_body("gpt-4o-mini"))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["role"], "assistant");
+    assert_eq!(v["model"], "gpt-4o-mini");
+    assert_eq!(
+        v["content"],
+        json!([{"type": "text", "text": "Hello! How can I help you today?"}])
+    );
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["usage"]["output_tokens"], 7);
+    let sent = app.mock().last_request().unwrap().body;
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(sent["max_tokens"], 256);
+}
+
+#[tokio::test]
+async fn the_messages_api_streams_anthropic_events() {
+    let app = spawn().await;
+    let mut body = messages_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+
+    let resp = app.post_json("/v1/messages", &body).await;
+
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let name = e
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap()
+                .to_owned();
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            (name, serde_json::from_str(data).unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(&names[names.len() - 2..], ["message_delta", "message_stop"]);
+    let text: String = events
+        .iter()
+        .filter_map(|(_, d)| {
+            d.pointer("/delta/text")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "Hello! How can I help you today?");
+    assert_eq!(events[events.len() - 2].1["usage"]["output_tokens"], 7);
+}
+
+#[tokio::test]
+async fn the_messages_api_answers_errors_in_anthropic_shape() {
+    let app = spawn().await;
+
+    let missing = app
+        .post_json(
+            "/v1/messages",
+            &json!({"model": "gpt-4o-mini", "messages": []}),
+        )
+        .await;
+    assert_eq!(missing.status(), 400);
+    let v: Value = missing.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_tokens"));
+
+    let unknown = app
+        .post_json("/v1/messages", &messages_body("claude-nope"))
+        .await;
+    assert_eq!(unknown.status(), 404);
+    let v: Value = unknown.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "not_found_error");
+
+    let malformed = app
+        .client
+        .post(app.url("/v1/messages"))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    assert_eq!(malformed.json::<Value>().await.unwrap()["type"], "error");
+
+    app.mock().update(|b| b.always = Some(Fault::Status(503)));
+    let failed = app
+        .post_json("/v1/messages", &messages_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(failed.status(), 502);
+    assert_eq!(
+        failed.json::<Value>().await.unwrap()["error"]["type"],
+        "api_error"
+    );
+}

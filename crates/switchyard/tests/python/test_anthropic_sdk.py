@@ -1,0 +1,104 @@
+"""The official anthropic Python SDK against Switchyard's POST /v1/messages,
+routed to an OpenAI-compatible provider (testkit's mock), and the openai SDK
+against an Anthropic-backed alias.
+
+Run by tests/api/python_sdk.rs with ANTHROPIC_BASE_URL and OPENAI_BASE_URL set.
+"""
+import os
+
+import anthropic
+import openai
+import pytest
+
+MODEL = "gpt-4o-mini"  # an OpenAI-compatible deployment behind the Messages API
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+}
+
+
+@pytest.fixture
+def client():
+    return anthropic.Anthropic(base_url=os.environ["ANTHROPIC_BASE_URL"], api_key="sk-ant-unused", max_retries=0)
+
+
+def test_messages_create(client):
+    msg = client.messages.create(
+        model=MODEL, max_tokens=64, system="Be brief.", messages=[{"role": "user", "content": "Say hello"}]
+    )
+    assert msg.type == "message"
+    assert msg.content[0].type == "text"
+    assert msg.content[0].text == "Hello! How can I help you today?"
+    assert msg.stop_reason == "end_turn"
+    assert msg.usage.output_tokens == 7
+
+
+def test_messages_stream(client):
+    with client.messages.stream(
+        model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "Say hello"}]
+    ) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(pieces) >= 5
+    assert "".join(pieces) == "Hello! How can I help you today?"
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 7
+
+
+def test_messages_with_tools(client):
+    msg = client.messages.create(
+        model=MODEL, max_tokens=64, tools=[WEATHER], messages=[{"role": "user", "content": "Weather in Paris?"}]
+    )
+    assert msg.stop_reason == "tool_use"
+    call = next(b for b in msg.content if b.type == "tool_use")
+    assert call.name == "get_weather"
+    assert call.input == {"location": "Paris", "unit": "celsius"}
+
+    with client.messages.stream(
+        model=MODEL, max_tokens=64, tools=[WEATHER], messages=[{"role": "user", "content": "Weather in Paris?"}]
+    ) as stream:
+        partial = [e.partial_json for e in stream if e.type == "input_json"]
+        final = stream.get_final_message()
+    assert len(partial) >= 2
+    assert next(b for b in final.content if b.type == "tool_use").input == {"location": "Paris", "unit": "celsius"}
+
+    # The tool result goes back as Anthropic expects, and reaches the provider.
+    follow = client.messages.create(
+        model=MODEL,
+        max_tokens=64,
+        tools=[WEATHER],
+        tool_choice={"type": "none"},
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny"}]},
+        ],
+    )
+    assert follow.content[0].text == "Hello! How can I help you today?"
+
+
+def test_messages_unknown_model(client):
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="nope", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+
+
+def test_openai_sdk_against_an_anthropic_backed_alias():
+    oai = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="unused", max_retries=0)
+    resp = oai.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Say hello"}])
+    assert resp.choices[0].message.content == "Hello! How can I help you today?"
+    chunks = list(
+        oai.chat.completions.create(
+            model="claude",
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+            stream=True,
+        )
+    )
+    args = [
+        c.choices[0].delta.tool_calls[0].function.arguments
+        for c in chunks
+        if c.choices and c.choices[0].delta.tool_calls and c.choices[0].delta.tool_calls[0].function.arguments
+    ]
+    assert len(args) >= 2
+    assert "".join(args) == '{"location": "Paris", "unit": "celsius"}'
