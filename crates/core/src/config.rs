@@ -23,6 +23,7 @@ pub struct Config {
     pub usage: UsageConfig,
     pub log: LogConfig,
     pub resilience: ResilienceConfig,
+    pub health: HealthConfig,
     /// Upstream providers by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Model aliases clients may name, by alias.
@@ -158,6 +159,27 @@ impl Default for ResilienceConfig {
             breaker_cooldown_secs: 60,
             breaker_half_open_probes: 1,
             breaker_success_threshold: 3,
+        }
+    }
+}
+
+/// Provider health: how often it is persisted, and the optional active probe.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// How often each deployment's health is written to `provider_health`.
+    pub persist_interval_secs: u64,
+    /// How often each deployment is probed (listing models, no tokens); 0 = never.
+    pub probe_interval_secs: u64,
+    pub probe_timeout_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            persist_interval_secs: 15,
+            probe_interval_secs: 0,
+            probe_timeout_ms: 5_000,
         }
     }
 }
@@ -386,7 +408,7 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_shortcuts(&mut tree, env);
+        apply_shortcuts(&mut tree, env)?;
         apply_env_overrides(&mut tree, env)?;
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
@@ -475,6 +497,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "resilience",
                 "expected max_attempts and the breaker thresholds and probes to be at least 1",
+            ));
+        }
+        if self.health.persist_interval_secs == 0 || self.health.probe_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "health",
+                "expected persist_interval_secs and probe_timeout_ms of at least 1",
             ));
         }
         if !(0.0..=1.0).contains(&r.retry_budget_ratio) {
@@ -579,6 +607,8 @@ impl Config {
 const DEFAULT_CHAT_BASE: &str = "https://api.openai.com/v1";
 const DEFAULT_CHAT_MODEL: &str = "gpt-4o-mini";
 const DEFAULT_EMBEDDING_MODEL: &str = "text-embedding-3-small";
+const DEFAULT_ANTHROPIC_BASE: &str = "https://api.anthropic.com/v1";
+const DEFAULT_ANTHROPIC_MODEL: &str = "claude-sonnet-4-5";
 
 fn env_nonempty<'a>(env: &'a Env, key: &str) -> Option<&'a str> {
     env.get(key)
@@ -587,9 +617,15 @@ fn env_nonempty<'a>(env: &'a Env, key: &str) -> Option<&'a str> {
 }
 
 /// The variables the Supabase functions used: they define a provider `chat`
-/// (and `embedding`) with the aliases `default`, `default-embedding` and the
-/// model names themselves. Aliases the file defines are left alone.
-fn apply_shortcuts(tree: &mut toml::Table, env: &Env) {
+/// (and `embedding`, and `anthropic`) with the aliases `default`,
+/// `default-embedding`, `claude` and the model names themselves; and
+/// `LLM_PROVIDER` + `LLM_FALLBACK_PROVIDER` make `default` a two-step route.
+/// Aliases the file defines are left alone.
+fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError> {
+    let file_default = tree
+        .get("models")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|m| m.contains_key("default"));
     let chat_key =
         env_nonempty(env, "CHAT_API_KEY").or_else(|| env_nonempty(env, "OPENAI_API_KEY"));
     let chat_base = env_nonempty(env, "CHAT_API_BASE");
@@ -618,6 +654,71 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) {
         insert_alias(tree, "default-embedding", "embedding", model);
         insert_alias(tree, model, "embedding", model);
     }
+    let anthropic_model =
+        env_nonempty(env, "ANTHROPIC_MODEL_DEFAULT").unwrap_or(DEFAULT_ANTHROPIC_MODEL);
+    if let Some(key) = env_nonempty(env, "ANTHROPIC_API_KEY") {
+        let base = env_nonempty(env, "ANTHROPIC_BASE_URL").unwrap_or(DEFAULT_ANTHROPIC_BASE);
+        upsert_provider(tree, "anthropic", base, Some(key));
+        if let Some(t) = section(tree, "providers")
+            .and_then(|p| p.get_mut("anthropic"))
+            .and_then(toml::Value::as_table_mut)
+        {
+            t.insert("kind".into(), toml::Value::String("anthropic".into()));
+        }
+        insert_alias(tree, "claude", "anthropic", anthropic_model);
+        insert_alias(tree, anthropic_model, "anthropic", anthropic_model);
+    }
+    let Some(primary) = env_nonempty(env, "LLM_PROVIDER") else {
+        return Ok(());
+    };
+    let chat_model = chat_model.unwrap_or(DEFAULT_CHAT_MODEL);
+    let mut route = Vec::new();
+    for (var, choice) in [
+        ("LLM_PROVIDER", Some(primary)),
+        (
+            "LLM_FALLBACK_PROVIDER",
+            env_nonempty(env, "LLM_FALLBACK_PROVIDER"),
+        ),
+    ] {
+        let Some(choice) = choice else { continue };
+        let (provider, model) = match choice.trim().to_ascii_lowercase().as_str() {
+            "openai" | "chat" => ("chat", chat_model),
+            "anthropic" => ("anthropic", anthropic_model),
+            other => {
+                return Err(ConfigError::invalid(
+                    var,
+                    format!("unknown provider `{other}`; expected openai or anthropic"),
+                ))
+            }
+        };
+        let defined = tree
+            .get("providers")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|p| p.contains_key(provider));
+        if !defined {
+            let needs = if provider == "anthropic" {
+                "ANTHROPIC_API_KEY"
+            } else {
+                "CHAT_API_KEY (or OPENAI_API_KEY) or CHAT_API_BASE"
+            };
+            return Err(ConfigError::invalid(
+                var,
+                format!("`{choice}` needs {needs} to be set"),
+            ));
+        }
+        let mut d = toml::Table::new();
+        d.insert("provider".into(), toml::Value::String(provider.into()));
+        d.insert("model".into(), toml::Value::String(model.into()));
+        route.push(toml::Value::Table(d));
+    }
+    if !file_default {
+        if let Some(models) = section(tree, "models") {
+            let mut t = toml::Table::new();
+            t.insert("route".into(), toml::Value::Array(route));
+            models.insert("default".into(), toml::Value::Table(t));
+        }
+    }
+    Ok(())
 }
 
 fn section<'a>(tree: &'a mut toml::Table, name: &str) -> Option<&'a mut toml::Table> {
@@ -959,6 +1060,53 @@ first_byte_timeout_ms = 500
         )
         .unwrap_err();
         assert!(err.to_string().contains("non-empty route"), "{err}");
+    }
+
+    #[test]
+    fn llm_provider_variables_make_default_a_two_step_route() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("CHAT_API_KEY", "sk-1"),
+                ("ANTHROPIC_API_KEY", "sk-ant-1"),
+                ("LLM_PROVIDER", "anthropic"),
+                ("LLM_FALLBACK_PROVIDER", "openai"),
+            ]),
+        )
+        .unwrap();
+        let route: Vec<(String, String)> = c.models["default"]
+            .deployments()
+            .into_iter()
+            .map(|(_, d)| (d.provider, d.model))
+            .collect();
+        assert_eq!(
+            route,
+            [
+                ("anthropic".to_owned(), DEFAULT_ANTHROPIC_MODEL.to_owned()),
+                ("chat".to_owned(), DEFAULT_CHAT_MODEL.to_owned())
+            ]
+        );
+        assert_eq!(c.providers["anthropic"].kind, ProviderKind::Anthropic);
+        assert_eq!(c.models["claude"].provider.as_deref(), Some("anthropic"));
+    }
+
+    #[test]
+    fn llm_provider_without_its_key_names_the_missing_variable() {
+        let err = Config::load(None, &env(&[("LLM_PROVIDER", "anthropic")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "LLM_PROVIDER: `anthropic` needs ANTHROPIC_API_KEY to be set"
+        );
+        let err = Config::load(
+            None,
+            &env(&[("CHAT_API_KEY", "k"), ("LLM_PROVIDER", "mistral")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("LLM_PROVIDER: unknown provider `mistral`"),
+            "{err}"
+        );
     }
 
     #[test]

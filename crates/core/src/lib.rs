@@ -4,6 +4,7 @@
 
 pub mod anthropic;
 pub mod config;
+pub mod health;
 pub mod openai;
 pub mod trace;
 pub mod usage;

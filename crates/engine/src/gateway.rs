@@ -16,7 +16,7 @@ use switchyard_providers::breaker::{BreakerConfig, CircuitBreaker};
 use switchyard_providers::health::HealthStats;
 use switchyard_providers::openai::OpenAiProvider;
 use switchyard_providers::retry::{RetryBudget, RetryConfig};
-use switchyard_providers::router::{Deployment, Route, RouteError, Router};
+use switchyard_providers::router::{Deployment, Route, RouteEntry, RouteError, Router};
 use switchyard_providers::{ChatProvider, ChatReply, EmbeddingProvider, ProviderError};
 
 /// A provider's two faces.
@@ -133,7 +133,6 @@ impl Gateway {
                             id: format!("{}/{}", d.provider, d.model),
                             provider_name: Arc::from(d.provider.as_str()),
                             upstream_model: Arc::from(d.model.as_str()),
-                            weight: d.weight,
                             chat: provider.0.clone(),
                             embed: provider.1.clone(),
                             breaker: CircuitBreaker::new(breaker),
@@ -141,6 +140,8 @@ impl Gateway {
                             total_timeout: Duration::from_secs(total),
                             health: HealthStats::default(),
                         });
+                        metrics::gauge!("switchyard_breaker_state", "deployment" => dep.id.clone())
+                            .set(0.0);
                         deployments.push(dep.clone());
                         dep
                     })
@@ -148,11 +149,15 @@ impl Gateway {
                 if let Some(p) = config.price_for(&d.provider, &d.model) {
                     pricing.insert(dep.id.clone(), p);
                 }
-                entries.push((priority, dep));
+                entries.push(RouteEntry {
+                    priority,
+                    weight: d.weight,
+                    deployment: dep,
+                });
             }
             let owned_by = entries
                 .first()
-                .map(|(_, d)| d.provider_name.to_string())
+                .map(|e| e.deployment.provider_name.to_string())
                 .unwrap_or_default();
             routes.insert(alias.clone(), Route::new(entries));
             models.push(ModelInfo {
@@ -188,6 +193,22 @@ impl Gateway {
     /// Every deployment, for health and breaker reporting.
     pub fn deployments(&self) -> &[Arc<Deployment>] {
         &self.deployments
+    }
+
+    /// Every deployment's health and breaker state, live.
+    pub fn provider_health(&self) -> Vec<switchyard_core::health::ProviderHealthRow> {
+        self.deployments
+            .iter()
+            .map(|d| crate::health::health_row(d))
+            .collect()
+    }
+
+    /// Starts probing and persisting provider health.
+    pub fn spawn_health_task(
+        &self,
+        config: &switchyard_core::config::HealthConfig,
+    ) -> crate::health::HealthTask {
+        crate::health::HealthTask::spawn(self.deployments.clone(), self.store.clone(), config)
     }
 
     pub fn usage_writer(&self) -> &UsageWriter {

@@ -3,10 +3,13 @@
 //! `server` calls these; they call `providers` and `store`.
 
 pub mod gateway;
+pub mod health;
 pub mod metered;
 pub mod usage_writer;
 
 pub use gateway::{ChatOutcome, EngineError, Gateway, ModelInfo, RequestMeta};
+pub use health::HealthTask;
 pub use metered::StreamEvent;
+pub use switchyard_core::health::ProviderHealthRow;
 pub use switchyard_providers::ProviderError;
 pub use usage_writer::{UsageWriter, UsageWriterTask};

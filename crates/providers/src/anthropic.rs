@@ -31,6 +31,7 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 pub struct AnthropicProvider {
     name: String,
     messages_url: String,
+    models_url: String,
     upstream: Upstream,
 }
 
@@ -48,6 +49,7 @@ impl AnthropicProvider {
         Ok(Self {
             name: name.to_owned(),
             messages_url: format!("{base}/messages"),
+            models_url: format!("{base}/models"),
             upstream: Upstream::new(config, headers)?,
         })
     }
@@ -121,6 +123,10 @@ fn stream_error(kind: &str, message: &str) -> ProviderError {
 impl ChatProvider for AnthropicProvider {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    async fn probe(&self, timeout: Duration) -> Result<(), ProviderError> {
+        self.upstream.get(&self.models_url, timeout).await
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {

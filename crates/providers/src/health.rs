@@ -22,6 +22,8 @@ struct Inner {
     total_errors: u64,
     last_error: Option<(i64, String)>,
     last_success_ms: Option<i64>,
+    /// (when, ok, latency in ms) of the last active probe.
+    last_probe: Option<(i64, bool, f64)>,
 }
 
 /// A point-in-time view, for the admin API and the `provider_health` table.
@@ -37,6 +39,9 @@ pub struct HealthSnapshot {
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<i64>,
     pub last_success_at_ms: Option<i64>,
+    pub last_probe_at_ms: Option<i64>,
+    pub last_probe_ok: Option<bool>,
+    pub last_probe_ms: Option<f64>,
 }
 
 fn now_ms() -> i64 {
@@ -53,6 +58,12 @@ impl HealthStats {
 
     pub fn record_failure(&self, latency: Duration, code: &str) {
         self.record(latency, Some(code));
+    }
+
+    /// An active probe's outcome; kept apart from the traffic statistics.
+    pub fn record_probe(&self, ok: bool, latency: Duration) {
+        let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        s.last_probe = Some((now_ms(), ok, latency.as_secs_f64() * 1000.0));
     }
 
     fn record(&self, latency: Duration, error: Option<&str>) {
@@ -102,6 +113,9 @@ impl HealthStats {
             last_error: s.last_error.as_ref().map(|(_, c)| c.clone()),
             last_error_at_ms: s.last_error.as_ref().map(|(t, _)| *t),
             last_success_at_ms: s.last_success_ms,
+            last_probe_at_ms: s.last_probe.map(|p| p.0),
+            last_probe_ok: s.last_probe.map(|p| p.1),
+            last_probe_ms: s.last_probe.map(|p| p.2),
         }
     }
 }

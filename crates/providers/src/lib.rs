@@ -65,6 +65,9 @@ pub trait ChatProvider: Send + Sync {
     /// The configured provider name (for logs, metrics and usage rows).
     fn name(&self) -> &str;
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError>;
+    /// A cheap call that costs no tokens (listing models), for active
+    /// health probes.
+    async fn probe(&self, timeout: Duration) -> Result<(), ProviderError>;
 }
 
 #[async_trait]

@@ -28,6 +28,7 @@ pub struct OpenAiProvider {
     name: String,
     chat_url: String,
     embeddings_url: String,
+    models_url: String,
     upstream: Upstream,
     deepinfra: bool,
 }
@@ -46,6 +47,7 @@ impl OpenAiProvider {
             name: name.to_owned(),
             chat_url: format!("{base}/chat/completions"),
             embeddings_url: format!("{base}/embeddings"),
+            models_url: format!("{base}/models"),
             upstream: Upstream::new(config, headers)?,
             deepinfra: config.is_deepinfra(),
         })
@@ -92,6 +94,10 @@ struct UsageOnly {
 impl ChatProvider for OpenAiProvider {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    async fn probe(&self, timeout: Duration) -> Result<(), ProviderError> {
+        self.upstream.get(&self.models_url, timeout).await
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {

@@ -26,7 +26,6 @@ pub struct Deployment {
     pub id: String,
     pub provider_name: Arc<str>,
     pub upstream_model: Arc<str>,
-    pub weight: u32,
     pub chat: Arc<dyn ChatProvider>,
     pub embed: Arc<dyn EmbeddingProvider>,
     pub breaker: CircuitBreaker,
@@ -35,32 +34,40 @@ pub struct Deployment {
     pub health: HealthStats,
 }
 
+/// A deployment's place in one alias's route.
+pub struct RouteEntry {
+    pub priority: u32,
+    /// Share of its tier's traffic.
+    pub weight: u32,
+    pub deployment: Arc<Deployment>,
+}
+
 /// An alias's deployments grouped by priority, best first.
 pub struct Route {
-    tiers: Vec<Vec<Arc<Deployment>>>,
+    tiers: Vec<Vec<(u32, Arc<Deployment>)>>,
 }
 
 impl Route {
-    /// `deployments` with their priority; equal priorities form one tier.
-    pub fn new(mut deployments: Vec<(u32, Arc<Deployment>)>) -> Self {
-        deployments.sort_by_key(|(p, _)| *p);
-        let mut tiers: Vec<Vec<Arc<Deployment>>> = Vec::new();
+    /// Equal priorities form one tier.
+    pub fn new(mut entries: Vec<RouteEntry>) -> Self {
+        entries.sort_by_key(|e| e.priority);
+        let mut tiers: Vec<Vec<(u32, Arc<Deployment>)>> = Vec::new();
         let mut last = None;
-        for (p, d) in deployments {
-            if last == Some(p) {
+        for e in entries {
+            if last == Some(e.priority) {
                 if let Some(t) = tiers.last_mut() {
-                    t.push(d);
+                    t.push((e.weight, e.deployment));
                 }
             } else {
-                tiers.push(vec![d]);
-                last = Some(p);
+                tiers.push(vec![(e.weight, e.deployment)]);
+                last = Some(e.priority);
             }
         }
         Self { tiers }
     }
 
     pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
-        self.tiers.iter().flatten()
+        self.tiers.iter().flatten().map(|(_, d)| d)
     }
 
     /// The order to try deployments in: tier by tier, each tier in a random
@@ -68,26 +75,111 @@ impl Route {
     fn order(&self, rng: &mut impl Rng) -> Vec<Arc<Deployment>> {
         let mut out = Vec::with_capacity(self.tiers.iter().map(Vec::len).sum());
         for tier in &self.tiers {
-            if tier.len() == 1 {
-                out.extend(tier.iter().cloned());
+            if let [(_, only)] = tier.as_slice() {
+                out.push(only.clone());
                 continue;
             }
-            let mut pool: Vec<&Arc<Deployment>> = tier.iter().collect();
+            let mut pool: Vec<&(u32, Arc<Deployment>)> = tier.iter().collect();
             while !pool.is_empty() {
-                let total: u64 = pool.iter().map(|d| u64::from(d.weight)).sum();
+                let total: u64 = pool.iter().map(|(w, _)| u64::from(*w)).sum();
                 let mut pick = rng.random_range(0..total.max(1));
                 let mut idx = 0;
-                for (i, d) in pool.iter().enumerate() {
-                    if pick < u64::from(d.weight) {
+                for (i, (w, _)) in pool.iter().enumerate() {
+                    if pick < u64::from(*w) {
                         idx = i;
                         break;
                     }
-                    pick -= u64::from(d.weight);
+                    pick -= u64::from(*w);
                 }
-                out.push(pool.remove(idx).clone());
+                out.push(pool.remove(idx).1.clone());
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    struct Never;
+
+    #[async_trait::async_trait]
+    impl ChatProvider for Never {
+        fn name(&self) -> &str {
+            "never"
+        }
+        async fn chat(&self, _: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
+            Err(ProviderError::Truncated)
+        }
+        async fn probe(&self, _: Duration) -> Result<(), ProviderError> {
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl EmbeddingProvider for Never {
+        fn name(&self) -> &str {
+            "never"
+        }
+        async fn embed(&self, _: EmbedCall<'_>) -> Result<Completion, ProviderError> {
+            Err(ProviderError::Truncated)
+        }
+    }
+
+    fn dep(id: &str) -> Arc<Deployment> {
+        Arc::new(Deployment {
+            id: id.to_owned(),
+            provider_name: Arc::from(id),
+            upstream_model: Arc::from("m"),
+            chat: Arc::new(Never),
+            embed: Arc::new(Never),
+            breaker: CircuitBreaker::new(crate::breaker::BreakerConfig::default()),
+            first_byte_timeout: Duration::from_secs(1),
+            total_timeout: Duration::from_secs(1),
+            health: HealthStats::default(),
+        })
+    }
+
+    fn entry(priority: u32, weight: u32, id: &str) -> RouteEntry {
+        RouteEntry {
+            priority,
+            weight,
+            deployment: dep(id),
+        }
+    }
+
+    #[test]
+    fn tiers_are_tried_in_priority_order() {
+        let route = Route::new(vec![entry(2, 1, "c"), entry(0, 1, "a"), entry(1, 1, "b")]);
+        let ids: Vec<String> = route
+            .order(&mut rand::rng())
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn equal_priorities_share_first_picks_by_weight() {
+        let route = Route::new(vec![
+            entry(0, 3, "heavy"),
+            entry(0, 1, "light"),
+            entry(1, 1, "last"),
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let mut heavy_first = 0;
+        for _ in 0..4000 {
+            let order = route.order(&mut rng);
+            assert_eq!(order.len(), 3);
+            assert_eq!(order[2].id, "last", "the lower tier always comes after");
+            if order[0].id == "heavy" {
+                heavy_first += 1;
+            }
+        }
+        // 3:1 weights: about 3000 of 4000; the bounds are ±6 standard deviations.
+        assert!((2835..=3165).contains(&heavy_first), "{heavy_first}");
     }
 }
 

@@ -77,6 +77,32 @@ impl Upstream {
         })
     }
 
+    /// GETs `url`, reading and discarding the body; for probes.
+    pub(crate) async fn get(&self, url: &str, timeout: Duration) -> Result<(), ProviderError> {
+        let resp = self
+            .client
+            .get(url)
+            .timeout(timeout)
+            .headers(self.headers.clone())
+            .send()
+            .await
+            .map_err(|e| map_reqwest_error(e, timeout))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = retry_after(resp.headers());
+            let body = self.read_bounded(resp, MAX_ERROR_BODY).await;
+            return Err(ProviderError::Status {
+                status: status.as_u16(),
+                body,
+                retry_after,
+            });
+        }
+        resp.bytes()
+            .await
+            .map_err(|e| map_reqwest_error(e, timeout))?;
+        Ok(())
+    }
+
     async fn read_bounded(&self, mut resp: reqwest::Response, limit: usize) -> Bytes {
         let mut out = Vec::new();
         while let Ok(Some(chunk)) = resp.chunk().await {

@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/messages", post(routes::anthropic::messages))
         .route("/v1/models", get(routes::openai::list_models))
         .route("/v1/models/{*model}", get(routes::openai::get_model))
+        .route("/v1/admin/providers", get(routes::admin::providers))
         .route("/health", get(routes::ops::health))
         .route("/ready", get(routes::ops::ready))
         .route("/metrics", get(routes::ops::metrics))

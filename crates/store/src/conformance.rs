@@ -4,6 +4,7 @@
 //! a failed check panics, as a test should.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::usage::{new_id, UsageRecord};
 
 use crate::Store;
@@ -38,13 +39,14 @@ pub async fn run_all(store: &dyn Store) {
     usage_is_scoped_by_tenant(store).await;
     large_batches_are_written_whole(store).await;
     an_empty_batch_is_a_no_op(store).await;
+    provider_health_is_upserted_and_listed(store).await;
     store.ping().await.expect("ping");
 }
 
 pub async fn migrations_are_idempotent(store: &dyn Store) {
     store.migrate().await.expect("second migrate");
     let applied = store.applied_migrations().await.expect("applied");
-    assert_eq!(applied, vec![1], "{}", store.backend());
+    assert_eq!(applied, vec![1, 2], "{}", store.backend());
 }
 
 pub async fn usage_rows_round_trip_exactly(store: &dyn Store) {
@@ -105,4 +107,43 @@ pub async fn large_batches_are_written_whole(store: &dyn Store) {
 
 pub async fn an_empty_batch_is_a_no_op(store: &dyn Store) {
     store.insert_usage(&[]).await.expect("empty insert");
+}
+
+fn health(deployment: &str, calls: u64) -> ProviderHealthRow {
+    ProviderHealthRow {
+        deployment: deployment.to_owned(),
+        provider: "p".into(),
+        model: "m".into(),
+        breaker_state: "closed".into(),
+        p50_ms: Some(12.5),
+        p95_ms: None,
+        error_rate: 0.25,
+        window_calls: calls,
+        total_calls: calls,
+        total_errors: calls / 4,
+        last_error: Some("upstream_status".into()),
+        last_error_at_ms: Some(1_760_000_000_000),
+        last_success_at_ms: None,
+        last_probe_at_ms: None,
+        last_probe_ok: Some(false),
+        last_probe_ms: Some(3.25),
+        updated_at_ms: 1_760_000_000_123,
+    }
+}
+
+pub async fn provider_health_is_upserted_and_listed(store: &dyn Store) {
+    store
+        .upsert_provider_health(&[health("b/m", 4), health("a/m", 8)])
+        .await
+        .expect("insert");
+    let mut changed = health("b/m", 40);
+    changed.breaker_state = "open".into();
+    changed.last_probe_ok = None;
+    store
+        .upsert_provider_health(std::slice::from_ref(&changed))
+        .await
+        .expect("update");
+    let rows = store.list_provider_health().await.expect("list");
+    assert_eq!(rows, vec![health("a/m", 8), changed], "{}", store.backend());
+    store.upsert_provider_health(&[]).await.expect("empty");
 }

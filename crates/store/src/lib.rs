@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchyard_core::config::StoreConfig;
+use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::usage::UsageRecord;
 
 pub use postgres::PostgresStore;
@@ -38,6 +39,84 @@ pub enum StoreError {
     },
     #[error("stored data is malformed: {0}")]
     Corrupt(String),
+}
+
+/// The `provider_health` columns, in insert order (both backends).
+pub(crate) const HEALTH_COLUMNS: &str = "deployment, provider, model, breaker_state, p50_ms, p95_ms, error_rate, \
+     window_calls, total_calls, total_errors, last_error, last_error_at_ms, last_success_at_ms, last_probe_at_ms, \
+     last_probe_ok, last_probe_ms, updated_at_ms";
+
+/// `ON CONFLICT` clause replacing every column but the key.
+pub(crate) fn health_upsert_clause() -> String {
+    let sets: Vec<String> = HEALTH_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .filter(|c| *c != "deployment")
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect();
+    format!(
+        " ON CONFLICT (deployment) DO UPDATE SET {}",
+        sets.join(", ")
+    )
+}
+
+/// Binds one health row's values in [`HEALTH_COLUMNS`] order.
+macro_rules! push_health_row {
+    ($b:expr, $r:expr) => {
+        $b.push_bind(&$r.deployment)
+            .push_bind(&$r.provider)
+            .push_bind(&$r.model)
+            .push_bind(&$r.breaker_state)
+            .push_bind($r.p50_ms)
+            .push_bind($r.p95_ms)
+            .push_bind($r.error_rate)
+            .push_bind($r.window_calls as i64)
+            .push_bind($r.total_calls as i64)
+            .push_bind($r.total_errors as i64)
+            .push_bind(&$r.last_error)
+            .push_bind($r.last_error_at_ms)
+            .push_bind($r.last_success_at_ms)
+            .push_bind($r.last_probe_at_ms)
+            .push_bind($r.last_probe_ok)
+            .push_bind($r.last_probe_ms)
+            .push_bind($r.updated_at_ms)
+    };
+}
+pub(crate) use push_health_row;
+
+/// Reads one `provider_health` row (both backends share the column types).
+pub(crate) fn health_from_row<R>(r: &R) -> Result<ProviderHealthRow, sqlx::Error>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> f64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<f64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<bool>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let count = |c: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
+    Ok(ProviderHealthRow {
+        deployment: r.try_get("deployment")?,
+        provider: r.try_get("provider")?,
+        model: r.try_get("model")?,
+        breaker_state: r.try_get("breaker_state")?,
+        p50_ms: r.try_get("p50_ms")?,
+        p95_ms: r.try_get("p95_ms")?,
+        error_rate: r.try_get("error_rate")?,
+        window_calls: count("window_calls")?,
+        total_calls: count("total_calls")?,
+        total_errors: count("total_errors")?,
+        last_error: r.try_get("last_error")?,
+        last_error_at_ms: r.try_get("last_error_at_ms")?,
+        last_success_at_ms: r.try_get("last_success_at_ms")?,
+        last_probe_at_ms: r.try_get("last_probe_at_ms")?,
+        last_probe_ok: r.try_get("last_probe_ok")?,
+        last_probe_ms: r.try_get("last_probe_ms")?,
+        updated_at_ms: r.try_get("updated_at_ms")?,
+    })
 }
 
 pub(crate) trait Context<T> {
@@ -67,6 +146,10 @@ pub trait Store: Send + Sync + 'static {
     async fn list_usage(&self, tenant_id: &str, limit: u32)
         -> Result<Vec<UsageRecord>, StoreError>;
     async fn count_usage(&self, tenant_id: &str) -> Result<u64, StoreError>;
+    /// Inserts or replaces the health rows of these deployments.
+    async fn upsert_provider_health(&self, rows: &[ProviderHealthRow]) -> Result<(), StoreError>;
+    /// Every deployment's last persisted health, by deployment id.
+    async fn list_provider_health(&self) -> Result<Vec<ProviderHealthRow>, StoreError>;
     /// Closes the pool, waiting for connections in use.
     async fn close(&self);
 }

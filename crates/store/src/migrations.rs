@@ -6,17 +6,31 @@ pub(crate) struct Migration {
     pub sql: &'static str,
 }
 
-pub(crate) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "usage_logs",
-    sql: include_str!("../migrations/sqlite/0001_usage_logs.sql"),
-}];
+pub(crate) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "usage_logs",
+        sql: include_str!("../migrations/sqlite/0001_usage_logs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "provider_health",
+        sql: include_str!("../migrations/sqlite/0002_provider_health.sql"),
+    },
+];
 
-pub(crate) const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "usage_logs",
-    sql: include_str!("../migrations/postgres/0001_usage_logs.sql"),
-}];
+pub(crate) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "usage_logs",
+        sql: include_str!("../migrations/postgres/0001_usage_logs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "provider_health",
+        sql: include_str!("../migrations/postgres/0002_provider_health.sql"),
+    },
+];
 
 #[cfg(test)]
 mod tests {

@@ -9,10 +9,14 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, QueryBuilder, Row};
 use switchyard_core::config::StoreConfig;
+use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::usage::UsageRecord;
 
 use crate::migrations::POSTGRES;
-use crate::{Context, Store, StoreError};
+use crate::{
+    health_from_row, health_upsert_clause, push_health_row, Context, Store, StoreError,
+    HEALTH_COLUMNS,
+};
 
 /// Key of the advisory lock that serializes migrations across instances.
 const MIGRATION_LOCK: i64 = 0x5357_4954_4348; // "SWITCH"
@@ -229,6 +233,35 @@ impl Store for PostgresStore {
             .await
             .context("counting usage rows")?;
         Ok(n.max(0) as u64)
+    }
+
+    async fn upsert_provider_health(&self, rows: &[ProviderHealthRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut qb = QueryBuilder::new(format!("INSERT INTO provider_health ({HEALTH_COLUMNS}) "));
+        qb.push_values(rows, |mut b, r| {
+            push_health_row!(b, r);
+        });
+        qb.push(health_upsert_clause());
+        qb.build()
+            .execute(&self.pool)
+            .await
+            .context("writing provider health")?;
+        Ok(())
+    }
+
+    async fn list_provider_health(&self) -> Result<Vec<ProviderHealthRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {HEALTH_COLUMNS} FROM provider_health ORDER BY deployment"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .context("listing provider health")?;
+        rows.iter()
+            .map(health_from_row)
+            .collect::<Result<_, _>>()
+            .context("reading provider health")
     }
 
     async fn close(&self) {

@@ -8,10 +8,14 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
+use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::usage::UsageRecord;
 
 use crate::migrations::{Migration, SQLITE};
-use crate::{Context, Store, StoreError};
+use crate::{
+    health_from_row, health_upsert_clause, push_health_row, Context, Store, StoreError,
+    HEALTH_COLUMNS,
+};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -221,6 +225,35 @@ impl Store for SqliteStore {
             .await
             .context("counting usage rows")?;
         Ok(n.max(0) as u64)
+    }
+
+    async fn upsert_provider_health(&self, rows: &[ProviderHealthRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut qb = QueryBuilder::new(format!("INSERT INTO provider_health ({HEALTH_COLUMNS}) "));
+        qb.push_values(rows, |mut b, r| {
+            push_health_row!(b, r);
+        });
+        qb.push(health_upsert_clause());
+        qb.build()
+            .execute(&self.pool)
+            .await
+            .context("writing provider health")?;
+        Ok(())
+    }
+
+    async fn list_provider_health(&self) -> Result<Vec<ProviderHealthRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {HEALTH_COLUMNS} FROM provider_health ORDER BY deployment"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .context("listing provider health")?;
+        rows.iter()
+            .map(health_from_row)
+            .collect::<Result<_, _>>()
+            .context("reading provider health")
     }
 
     async fn close(&self) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchyard_core::Config;
-use switchyard_engine::{Gateway, UsageWriter, UsageWriterTask};
+use switchyard_engine::{Gateway, HealthTask, UsageWriter, UsageWriterTask};
 use switchyard_store::Store;
 use tokio::net::TcpListener;
 
@@ -21,6 +21,7 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     usage_task: UsageWriterTask,
+    health_task: HealthTask,
     store: Arc<dyn Store>,
     grace: Duration,
     prometheus: Option<PrometheusHandle>,
@@ -39,6 +40,7 @@ impl Application {
         store.migrate().await.context("migrating the store")?;
         let (usage, usage_task) = UsageWriter::spawn(store.clone(), &config.usage);
         let gateway = Gateway::new(config, store.clone(), usage).context("building the gateway")?;
+        let health_task = gateway.spawn_health_task(&config.health);
         for m in gateway.models() {
             tracing::info!(model = %m.id, provider = %m.owned_by, "model alias configured");
         }
@@ -55,6 +57,7 @@ impl Application {
             listener,
             router,
             usage_task,
+            health_task,
             store,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             prometheus,
@@ -104,6 +107,7 @@ impl Application {
         if let Some(u) = upkeep {
             u.abort();
         }
+        self.health_task.shutdown().await;
         self.usage_task.shutdown().await;
         self.store.close().await;
         tracing::info!("stopped");

@@ -1,5 +1,6 @@
 //! Route handlers, grouped by API family.
 
+pub mod admin;
 pub mod anthropic;
 pub mod openai;
 pub mod ops;

@@ -299,3 +299,87 @@ async fn when_every_breaker_is_open_the_answer_is_503_without_upstream_calls() {
     assert_error(resp, 503, "model_unavailable").await;
     assert_eq!((primary.calls(), fallback.calls()), (1, 1));
 }
+
+#[tokio::test]
+async fn provider_health_and_breaker_state_are_served_probed_and_persisted() {
+    let (mut app, primary, _fallback) = two_deployments(
+        "max_attempts = 1\n\n[health]\npersist_interval_secs = 1\nprobe_interval_secs = 1\nprobe_timeout_ms = 1000",
+    )
+    .await;
+    primary.update(|b| b.always = Some(Fault::Status(503)));
+    for _ in 0..6 {
+        assert_eq!(
+            app.post_json("/v1/chat/completions", &chat_body("smart"))
+                .await
+                .status(),
+            200
+        );
+    }
+
+    // Probes run once a second: wait (bounded) until both deployments have one.
+    let mut body = Value::Null;
+    for _ in 0..50 {
+        body = app
+            .client
+            .get(app.url("/v1/admin/providers"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["probe"]["ok"].is_boolean())
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let find = |id: &str| {
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["deployment"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let p = find("primary/p-model");
+    assert_eq!(p["breaker"]["state"], "open");
+    assert_eq!(p["health"]["total_errors"], 5);
+    assert_eq!(p["health"]["error_rate"], 1.0);
+    assert_eq!(p["health"]["last_error"], "upstream_status");
+    assert_eq!(
+        p["probe"]["ok"], true,
+        "listing models still works: the probe says the host is up"
+    );
+    let f = find("fallback/f-model");
+    assert_eq!(f["breaker"]["state"], "closed");
+    assert_eq!(f["health"]["total_calls"], 6);
+    assert!(f["health"]["p50_ms"].as_f64().unwrap() > 0.0);
+
+    app.stop_gracefully().await;
+    let rows = app_store(&app).await.list_provider_health().await.unwrap();
+    let states: Vec<(&str, &str, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.deployment.as_str(),
+                r.breaker_state.as_str(),
+                r.total_calls,
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("fallback/f-model", "closed", 6),
+            ("primary/p-model", "open", 5)
+        ]
+    );
+    assert!(rows.iter().all(|r| r.last_probe_ok == Some(true)));
+}
