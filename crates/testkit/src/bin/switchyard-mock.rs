@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use switchyard_testkit::mock::{serve_forever, Behavior, Fault};
+use switchyard_testkit::mock::{serve_forever, Behavior, FailPattern, Fault};
 
 #[derive(Parser)]
 #[command(about = "A mock OpenAI-compatible upstream with injectable latency and faults")]
@@ -34,6 +34,12 @@ struct Args {
     /// Never answer.
     #[arg(long)]
     hang: bool,
+    /// Answer this percentage of requests (deterministically: the first N of
+    /// every 100) with `--fail-status`.
+    #[arg(long, default_value_t = 0)]
+    fail_percent: u64,
+    #[arg(long, default_value_t = 500)]
+    fail_status: u16,
     /// Worker threads (default 1, to leave CPU for what is measured).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -57,6 +63,13 @@ fn main() {
     };
     if let Some(r) = args.reply {
         behavior.reply = r;
+    }
+    if args.fail_percent > 0 {
+        behavior.fail_pattern = Some(FailPattern {
+            status: args.fail_status,
+            fail: args.fail_percent.min(100),
+            of: 100,
+        });
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
