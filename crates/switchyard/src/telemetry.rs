@@ -18,7 +18,7 @@ pub fn init_logging(config: &LogConfig) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
     };
