@@ -19,7 +19,7 @@ use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::Usage;
 
 use crate::sse::SseParser;
-use crate::upstream::{map_reqwest_error, secret_header, Upstream};
+use crate::upstream::{map_reqwest_error, parse_url, secret_header, Upstream};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
@@ -30,8 +30,8 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 pub struct AnthropicProvider {
     name: String,
-    messages_url: String,
-    models_url: String,
+    messages_url: reqwest::Url,
+    models_url: reqwest::Url,
     upstream: Upstream,
 }
 
@@ -48,8 +48,8 @@ impl AnthropicProvider {
         let base = config.base_url.trim_end_matches('/');
         Ok(Self {
             name: name.to_owned(),
-            messages_url: format!("{base}/messages"),
-            models_url: format!("{base}/models"),
+            messages_url: parse_url(&format!("{base}/messages"))?,
+            models_url: parse_url(&format!("{base}/models"))?,
             upstream: Upstream::new(config, headers)?,
         })
     }
@@ -126,7 +126,7 @@ impl ChatProvider for AnthropicProvider {
     }
 
     async fn probe(&self, timeout: Duration) -> Result<(), ProviderError> {
-        self.upstream.get(&self.models_url, timeout).await
+        self.upstream.get(self.models_url.clone(), timeout).await
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
@@ -141,7 +141,7 @@ impl ChatProvider for AnthropicProvider {
         let body = serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let resp = self
             .upstream
-            .post(&self.messages_url, body, call.timeout)
+            .post(self.messages_url.clone(), body, call.timeout)
             .await
             .map_err(translate_status)?;
         if call.stream {

@@ -18,7 +18,7 @@ use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::{EncodingFormat, Usage};
 
 use crate::sse::SseParser;
-use crate::upstream::{map_reqwest_error, secret_header, Upstream};
+use crate::upstream::{map_reqwest_error, parse_url, secret_header, Upstream};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
@@ -26,9 +26,9 @@ use crate::{
 
 pub struct OpenAiProvider {
     name: String,
-    chat_url: String,
-    embeddings_url: String,
-    models_url: String,
+    chat_url: reqwest::Url,
+    embeddings_url: reqwest::Url,
+    models_url: reqwest::Url,
     upstream: Upstream,
     deepinfra: bool,
 }
@@ -45,9 +45,9 @@ impl OpenAiProvider {
         let base = config.base_url.trim_end_matches('/');
         Ok(Self {
             name: name.to_owned(),
-            chat_url: format!("{base}/chat/completions"),
-            embeddings_url: format!("{base}/embeddings"),
-            models_url: format!("{base}/models"),
+            chat_url: parse_url(&format!("{base}/chat/completions"))?,
+            embeddings_url: parse_url(&format!("{base}/embeddings"))?,
+            models_url: parse_url(&format!("{base}/models"))?,
             upstream: Upstream::new(config, headers)?,
             deepinfra: config.is_deepinfra(),
         })
@@ -97,7 +97,7 @@ impl ChatProvider for OpenAiProvider {
     }
 
     async fn probe(&self, timeout: Duration) -> Result<(), ProviderError> {
-        self.upstream.get(&self.models_url, timeout).await
+        self.upstream.get(self.models_url.clone(), timeout).await
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
@@ -106,7 +106,7 @@ impl ChatProvider for OpenAiProvider {
             let body = overlay(call.body, &[("model", model)])?;
             let resp = self
                 .upstream
-                .post(&self.chat_url, body, call.timeout)
+                .post(self.chat_url.clone(), body, call.timeout)
                 .await?;
             let bytes = resp
                 .bytes()
@@ -132,7 +132,7 @@ impl ChatProvider for OpenAiProvider {
         )?;
         let resp = self
             .upstream
-            .post(&self.chat_url, body, call.timeout)
+            .post(self.chat_url.clone(), body, call.timeout)
             .await?;
         Ok(ChatReply::Stream(chunk_stream(resp, call.timeout)))
     }
@@ -216,7 +216,7 @@ impl EmbeddingProvider for OpenAiProvider {
         };
         let resp = self
             .upstream
-            .post(&self.embeddings_url, body, call.timeout)
+            .post(self.embeddings_url.clone(), body, call.timeout)
             .await?;
         let bytes = resp
             .bytes()

@@ -22,6 +22,12 @@ pub(crate) struct Upstream {
     key: Option<SecretString>,
 }
 
+/// Parsed once at startup: parsing (with IDNA) on every request showed up in profiles.
+pub(crate) fn parse_url(url: &str) -> Result<reqwest::Url, ProviderError> {
+    reqwest::Url::parse(url)
+        .map_err(|e| ProviderError::Protocol(format!("invalid provider URL: {e}")))
+}
+
 /// A header value that is never printed (`Debug` shows `Sensitive`).
 pub(crate) fn secret_header(value: &str) -> Result<HeaderValue, ProviderError> {
     let mut v = HeaderValue::from_str(value).map_err(|_| {
@@ -50,7 +56,7 @@ impl Upstream {
     /// provider's (bounded, scrubbed) body.
     pub(crate) async fn post(
         &self,
-        url: &str,
+        url: reqwest::Url,
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<reqwest::Response, ProviderError> {
@@ -78,7 +84,11 @@ impl Upstream {
     }
 
     /// GETs `url`, reading and discarding the body; for probes.
-    pub(crate) async fn get(&self, url: &str, timeout: Duration) -> Result<(), ProviderError> {
+    pub(crate) async fn get(
+        &self,
+        url: reqwest::Url,
+        timeout: Duration,
+    ) -> Result<(), ProviderError> {
         let resp = self
             .client
             .get(url)

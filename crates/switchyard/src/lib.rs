@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchyard_core::Config;
 use switchyard_engine::{Gateway, HealthTask, UsageWriter, UsageWriterTask};
@@ -92,7 +93,12 @@ impl Application {
         });
         let stopping = Arc::new(tokio::sync::Notify::new());
         let notify = stopping.clone();
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        // Small SSE frames must leave at once: Nagle's algorithm would hold
+        // each one until the client's delayed ACK (~40 ms).
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve = axum::serve(listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections; waiting for requests in flight");
             notify.notify_one();

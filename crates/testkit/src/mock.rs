@@ -137,7 +137,7 @@ impl MockUpstream {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(shared.clone());
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
+            let _ = axum::serve(nodelay(listener), app)
                 .with_graceful_shutdown(async move {
                     let _ = stopped.await;
                 })
@@ -227,7 +227,15 @@ pub async fn serve_forever(listener: TcpListener, behavior: Behavior) -> std::io
         record: false,
         ..Shared::default()
     });
-    axum::serve(listener, router(shared)).await
+    axum::serve(nodelay(listener), router(shared)).await
+}
+
+/// Like a real provider's front end, send small frames without Nagle delay.
+fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt as _;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
 }
 
 async fn models() -> Response {

@@ -158,10 +158,18 @@ async fn a_dead_primary_gets_no_calls_while_its_breaker_is_open_then_exactly_the
         16,
         "probes closed the breaker and traffic returned"
     );
-    let opened = app.logs().into_iter().find(|l| l.contains("circuit breaker opened")).unwrap();
+    let opened = app
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("circuit breaker opened"))
+        .unwrap();
     let opened: Value = serde_json::from_str(&opened).unwrap();
     let trace_id = opened["spans"][0]["trace_id"].as_str().unwrap_or_default();
-    assert_eq!(trace_id.len(), 32, "the transition is logged with the causing request's trace id: {opened}");
+    assert_eq!(
+        trace_id.len(),
+        32,
+        "the transition is logged with the causing request's trace id: {opened}"
+    );
     let logs = app.logs().join("\n");
     assert!(logs.contains("\"to\":\"closed\""));
 }
