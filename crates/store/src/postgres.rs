@@ -147,6 +147,8 @@ impl Store for PostgresStore {
         if rows.is_empty() {
             return Ok(());
         }
+        // One statement text for any batch size (arrays + UNNEST), so it is
+        // prepared once and cached, and one round trip per batch.
         let ids = rows
             .iter()
             .map(|r| {
@@ -154,34 +156,36 @@ impl Store for PostgresStore {
                     .map_err(|e| StoreError::Corrupt(format!("usage id {}: {e}", r.id)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut qb = QueryBuilder::new(
+        let col = |f: fn(&UsageRecord) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        sqlx::query(
             "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at) ",
-        );
-        qb.push_values(rows.iter().zip(ids), |mut b, (r, id)| {
-            b.push_bind(id)
-                .push_bind(&r.tenant_id)
-                .push_bind(&r.trace_id)
-                .push_bind(&r.endpoint)
-                .push_bind(&r.model_alias)
-                .push_bind(&r.provider)
-                .push_bind(&r.upstream_model)
-                .push_bind(r.stream)
-                .push_bind(r.prompt_tokens.map(|v| v as i64))
-                .push_bind(r.completion_tokens.map(|v| v as i64))
-                .push_bind(r.cost_usd)
-                .push_bind(r.latency_ms)
-                .push_bind(r.ttft_ms)
-                .push_bind(i32::from(r.status))
-                .push_bind(&r.error_code)
-                .push("to_timestamp(")
-                .push_bind_unseparated(r.created_at_ms as f64 / 1000.0)
-                .push_unseparated(")");
-        });
-        qb.build()
-            .execute(&self.pool)
-            .await
-            .context("inserting usage rows")?;
+             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at) \
+             SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, to_timestamp(created_at_ms / 1000.0) \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], \
+             $9::int8[], $10::int8[], $11::float8[], $12::float8[], $13::float8[], $14::int4[], $15::text[], $16::int8[]) \
+             AS t(id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms)",
+        )
+        .bind(ids)
+        .bind(col(|r| r.tenant_id.clone()))
+        .bind(col(|r| r.trace_id.clone()))
+        .bind(col(|r| r.endpoint.clone()))
+        .bind(col(|r| r.model_alias.clone()))
+        .bind(col(|r| r.provider.clone()))
+        .bind(col(|r| r.upstream_model.clone()))
+        .bind(rows.iter().map(|r| r.stream).collect::<Vec<bool>>())
+        .bind(rows.iter().map(|r| r.prompt_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
+        .bind(rows.iter().map(|r| r.completion_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
+        .bind(rows.iter().map(|r| r.cost_usd).collect::<Vec<Option<f64>>>())
+        .bind(rows.iter().map(|r| r.latency_ms).collect::<Vec<f64>>())
+        .bind(rows.iter().map(|r| r.ttft_ms).collect::<Vec<Option<f64>>>())
+        .bind(rows.iter().map(|r| i32::from(r.status)).collect::<Vec<i32>>())
+        .bind(rows.iter().map(|r| r.error_code.clone()).collect::<Vec<Option<String>>>())
+        .bind(rows.iter().map(|r| r.created_at_ms).collect::<Vec<i64>>())
+        .execute(&self.pool)
+        .await
+        .context("inserting usage rows")?;
         Ok(())
     }
 

@@ -149,33 +149,41 @@ impl Store for SqliteStore {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut qb = QueryBuilder::new(
-            "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) ",
-        );
-        qb.push_values(rows, |mut b, r| {
-            b.push_bind(&r.id)
-                .push_bind(&r.tenant_id)
-                .push_bind(&r.trace_id)
-                .push_bind(&r.endpoint)
-                .push_bind(&r.model_alias)
-                .push_bind(&r.provider)
-                .push_bind(&r.upstream_model)
-                .push_bind(r.stream)
-                .push_bind(r.prompt_tokens.map(|v| v as i64))
-                .push_bind(r.completion_tokens.map(|v| v as i64))
-                .push_bind(r.cost_usd)
-                .push_bind(r.latency_ms)
-                .push_bind(r.ttft_ms)
-                .push_bind(i64::from(r.status))
-                .push_bind(&r.error_code)
-                .push_bind(r.created_at_ms);
-        });
-        qb.build()
-            .execute(&self.pool)
+        // One cached prepared statement run per row inside one transaction:
+        // a multi-row INSERT would be a new statement (and a new prepare) for
+        // every batch size.
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting the usage transaction")?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
+                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&r.id)
+            .bind(&r.tenant_id)
+            .bind(&r.trace_id)
+            .bind(&r.endpoint)
+            .bind(&r.model_alias)
+            .bind(&r.provider)
+            .bind(&r.upstream_model)
+            .bind(r.stream)
+            .bind(r.prompt_tokens.map(|v| v as i64))
+            .bind(r.completion_tokens.map(|v| v as i64))
+            .bind(r.cost_usd)
+            .bind(r.latency_ms)
+            .bind(r.ttft_ms)
+            .bind(i64::from(r.status))
+            .bind(&r.error_code)
+            .bind(r.created_at_ms)
+            .execute(&mut *tx)
             .await
             .context("inserting usage rows")?;
-        Ok(())
+        }
+        tx.commit().await.context("committing usage rows")
     }
 
     async fn list_usage(

@@ -6,13 +6,19 @@ use tracing_subscriber::EnvFilter;
 
 /// JSON (or text) logs to stdout; every line inside a request carries the
 /// request span's `trace_id`. `RUST_LOG` wins over `log.level` when set.
-pub fn init_logging(config: &LogConfig) {
+///
+/// Lines are handed to a writer thread that batches them into few writes, so
+/// no request waits on a `write` syscall. Keep the guard until exit: dropping
+/// it flushes what is queued.
+pub fn init_logging(config: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) =
+        tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stdout()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     let _ = match config.format {
         LogFormat::Json => builder
             .json()
@@ -22,6 +28,7 @@ pub fn init_logging(config: &LogConfig) {
             .try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
     };
+    guard
 }
 
 /// Latency buckets from 100 µs to 60 s: gateway overhead is sub-millisecond,
