@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Where does Switchyard's time go? Re-runs bench/run.sh (PHASES="pinned c64", REPS=2 by default)
+# once per configuration, changing only Switchyard's environment, then prints a comparison
+# (bench/compare.py). No code change: every variant is an environment variable.
+#
+#   bench/variants.sh                              # all variants below, ~2 min each
+#   VARIANTS="base logwarn" bench/variants.sh      # a subset
+#   VARIANTS="base batch1 batch32" bench/variants.sh   # usage rows one per statement / at most 32 per statement
+#   bench/variants.sh stream                       # the streaming experiment (TCP_NODELAY preload)
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+TS="$(date +%Y%m%d-%H%M%S)"
+BASE="$HERE/results/variants-$TS"
+export REPS="${REPS:-2}"
+declare -A ENVS=(
+  [base]=""
+  [logwarn]="RUST_LOG=warn"
+  [nousage]="SWITCHYARD_USAGE__ENABLED=false"
+  [logwarn+nousage]="RUST_LOG=warn SWITCHYARD_USAGE__ENABLED=false"
+  [workers1]="TOKIO_WORKER_THREADS=1"
+  [workers1+logwarn+nousage]="TOKIO_WORKER_THREADS=1 RUST_LOG=warn SWITCHYARD_USAGE__ENABLED=false"
+  # usage ON, but every insert the same one-row statement (tests the prepared-statement-cache theory for RSS)
+  [batch1]="SWITCHYARD_USAGE__BATCH_SIZE=1"
+  [batch32]="SWITCHYARD_USAGE__BATCH_SIZE=32"
+)
+ORDER="base logwarn nousage logwarn+nousage workers1 workers1+logwarn+nousage"
+mkdir -p "$BASE"
+dirs=()
+if [ "${1:-}" = stream ]; then
+  for v in ${VARIANTS:-base nodelay}; do
+    nd=0; [ "$v" = nodelay ] && nd=1
+    OUT_DIR="$BASE/$v" PHASES="ttfb stream64" SY_NODELAY_PRELOAD=$nd "$HERE/run.sh" >"$BASE/$v.log" 2>&1 || echo "variant $v failed (see $BASE/$v.log)"
+    dirs+=("$BASE/$v")
+  done
+else
+  for v in ${VARIANTS:-$ORDER}; do
+    echo "== variant $v: SY_ENV='${ENVS[$v]}'" >&2
+    OUT_DIR="$BASE/$v" PHASES="${PHASES:-pinned c64}" SY_ENV="${ENVS[$v]}" "$HERE/run.sh" >"$BASE/$v.log" 2>&1 || echo "variant $v failed (see $BASE/$v.log)"
+    dirs+=("$BASE/$v")
+  done
+fi
+python3 "$HERE/compare.py" "${dirs[@]}" | tee "$BASE/compare.md"
