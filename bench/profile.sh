@@ -48,6 +48,7 @@ PERF=$!
 sleep 0.3
 "${pre[@]}" wrk -t"$t" -c"$C" -d"$((SECS - 1))s" -s "$HERE/chat.lua" "http://127.0.0.1:$SY_PORT/v1/chat/completions" | grep BENCH | tee "$OUT/wrk.txt"
 wait "$PERF" || true
+set +e +o pipefail   # reporting only from here (head closes pipes early; greps may match nothing)
 perf report -i "$OUT/perf.data" --children --sort sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' >"$OUT/children.txt"
 {
   echo "# c=$C pin=${PIN:-none} SY_ENV='$SY_ENV' $(cat "$OUT/wrk.txt")"
