@@ -12,7 +12,7 @@ use axum::Extension;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::json;
-use switchyard_core::openai::{ChatRequest, EmbeddingsRequest};
+use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, InvalidRequest};
 use switchyard_core::trace::TraceContext;
 use switchyard_engine::{ChatOutcome, ModelInfo, RequestMeta, StreamEvent};
 
@@ -53,13 +53,9 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let req = match ChatRequest::parse(&bytes) {
+    let req = match read_request(&state, &headers, body, ChatRequest::parse).await {
         Ok(r) => r,
-        Err(e) => return ApiError::invalid(e).into_response(),
+        Err(resp) => return resp,
     };
     let outcome = state.gateway().chat(&meta(&ctx, started), &req).await;
     let (mut resp, provider) = match outcome {
@@ -78,13 +74,9 @@ pub async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let req = match EmbeddingsRequest::parse(&bytes) {
+    let req = match read_request(&state, &headers, body, EmbeddingsRequest::parse).await {
         Ok(r) => r,
-        Err(e) => return ApiError::invalid(e).into_response(),
+        Err(resp) => return resp,
     };
     let (mut resp, provider) = match state.gateway().embeddings(&meta(&ctx, started), &req).await {
         Ok((body, provider)) => (json_response(body), Some(provider)),
@@ -92,6 +84,20 @@ pub async fn embeddings(
     };
     label(&state, &mut resp, &req.model, provider.as_deref());
     resp
+}
+
+/// Reads the body under the size limit and validates it; a failure is the
+/// finished error response (413, or 400 naming the field).
+async fn read_request<T>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    parse: fn(&[u8]) -> Result<T, InvalidRequest>,
+) -> Result<T, Response> {
+    let bytes = read_body(headers, body, state.inner.max_body_bytes)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    parse(&bytes).map_err(|e| ApiError::invalid(e).into_response())
 }
 
 fn json_response(body: Bytes) -> Response {
