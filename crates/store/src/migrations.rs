@@ -17,6 +17,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "provider_health",
         sql: include_str!("../migrations/sqlite/0002_provider_health.sql"),
     },
+    Migration {
+        version: 3,
+        name: "drop_usage_trace_index",
+        sql: include_str!("../migrations/sqlite/0003_drop_usage_trace_index.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -29,6 +34,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 2,
         name: "provider_health",
         sql: include_str!("../migrations/postgres/0002_provider_health.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "drop_usage_trace_index",
+        sql: include_str!("../migrations/postgres/0003_drop_usage_trace_index.sql"),
     },
 ];
 

@@ -29,7 +29,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Multi-row inserts in a transaction keep a statement journal;
+            // in memory it costs no file writes.
+            .pragma("temp_store", "memory");
         let path = opts.get_filename();
         let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
         if !in_memory {
@@ -100,6 +103,23 @@ impl SqliteStore {
     }
 }
 
+/// Rows per usage INSERT statement, largest first; the last must be 1.
+const USAGE_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+fn usage_insert_sql() -> &'static [String; 4] {
+    static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        USAGE_CHUNKS.map(|n| {
+            let row = format!("({})", vec!["?"; 16].join(", "));
+            format!(
+                "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
+                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) VALUES {}",
+                vec![row; n].join(", ")
+            )
+        })
+    })
+}
+
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -149,39 +169,42 @@ impl Store for SqliteStore {
         if rows.is_empty() {
             return Ok(());
         }
-        // One cached prepared statement run per row inside one transaction:
-        // a multi-row INSERT would be a new statement (and a new prepare) for
-        // every batch size.
+        // Multi-row INSERTs of a few fixed sizes, so every statement is one of
+        // four cached prepared statements (a statement per batch size would
+        // fill sqlx's statement cache and memory), and a batch costs a handful
+        // of round trips to the SQLite thread instead of one per row.
         let mut tx = self
             .pool
             .begin()
             .await
             .context("starting the usage transaction")?;
-        for r in rows {
-            sqlx::query(
-                "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&r.id)
-            .bind(&r.tenant_id)
-            .bind(&r.trace_id)
-            .bind(&r.endpoint)
-            .bind(&r.model_alias)
-            .bind(&r.provider)
-            .bind(&r.upstream_model)
-            .bind(r.stream)
-            .bind(r.prompt_tokens.map(|v| v as i64))
-            .bind(r.completion_tokens.map(|v| v as i64))
-            .bind(r.cost_usd)
-            .bind(r.latency_ms)
-            .bind(r.ttft_ms)
-            .bind(i64::from(r.status))
-            .bind(&r.error_code)
-            .bind(r.created_at_ms)
-            .execute(&mut *tx)
-            .await
-            .context("inserting usage rows")?;
+        let mut rest = rows;
+        for (size, sql) in USAGE_CHUNKS.iter().zip(usage_insert_sql()) {
+            while rest.len() >= *size {
+                let (chunk, tail) = rest.split_at(*size);
+                rest = tail;
+                let mut q = sqlx::query(sql.as_str());
+                for r in chunk {
+                    q = q
+                        .bind(&r.id)
+                        .bind(&r.tenant_id)
+                        .bind(&r.trace_id)
+                        .bind(&r.endpoint)
+                        .bind(&r.model_alias)
+                        .bind(&r.provider)
+                        .bind(&r.upstream_model)
+                        .bind(r.stream)
+                        .bind(r.prompt_tokens.map(|v| v as i64))
+                        .bind(r.completion_tokens.map(|v| v as i64))
+                        .bind(r.cost_usd)
+                        .bind(r.latency_ms)
+                        .bind(r.ttft_ms)
+                        .bind(i64::from(r.status))
+                        .bind(&r.error_code)
+                        .bind(r.created_at_ms);
+                }
+                q.execute(&mut *tx).await.context("inserting usage rows")?;
+            }
         }
         tx.commit().await.context("committing usage rows")
     }
