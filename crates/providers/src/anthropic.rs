@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
 use http::header::{HeaderMap, HeaderValue};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
@@ -19,7 +18,7 @@ use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::Usage;
 
 use crate::sse::SseParser;
-use crate::upstream::{map_reqwest_error, parse_url, secret_header, Upstream};
+use crate::upstream::{parse_url, secret_header, Upstream, UpstreamResponse};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
@@ -30,8 +29,8 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 pub struct AnthropicProvider {
     name: String,
-    messages_url: reqwest::Url,
-    models_url: reqwest::Url,
+    messages_url: http::Uri,
+    models_url: http::Uri,
     upstream: Upstream,
 }
 
@@ -126,7 +125,7 @@ impl ChatProvider for AnthropicProvider {
     }
 
     async fn probe(&self, timeout: Duration) -> Result<(), ProviderError> {
-        self.upstream.get(self.models_url.clone(), timeout).await
+        self.upstream.get(&self.models_url, timeout).await
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
@@ -141,16 +140,13 @@ impl ChatProvider for AnthropicProvider {
         let body = serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let resp = self
             .upstream
-            .post(self.messages_url.clone(), body, call.timeout)
+            .post(&self.messages_url, body, call.timeout)
             .await
             .map_err(translate_status)?;
         if call.stream {
-            return Ok(ChatReply::Stream(event_stream(resp, call.timeout)));
+            return Ok(ChatReply::Stream(event_stream(resp)));
         }
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| map_reqwest_error(e, call.timeout))?;
+        let bytes = resp.bytes().await?;
         let msg: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ProviderError::Protocol(format!("the message is not JSON: {e}")))?;
         let completion = response_from_anthropic(&msg, now_secs());
@@ -186,25 +182,23 @@ impl EmbeddingProvider for AnthropicProvider {
 }
 
 struct EventState {
-    body: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    resp: UpstreamResponse,
     parser: SseParser,
     translator: AnthropicToOpenAiStream,
     pending: VecDeque<Bytes>,
     eof: bool,
     done: bool,
-    timeout: Duration,
 }
 
 /// Anthropic events in, OpenAI chunk payloads out, one for one.
-fn event_stream(resp: reqwest::Response, timeout: Duration) -> ChunkStream {
+fn event_stream(resp: UpstreamResponse) -> ChunkStream {
     let state = EventState {
-        body: resp.bytes_stream().boxed(),
+        resp,
         parser: SseParser::new(),
         translator: AnthropicToOpenAiStream::new(now_secs()),
         pending: VecDeque::new(),
         eof: false,
         done: false,
-        timeout,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -246,17 +240,13 @@ fn event_stream(resp: reqwest::Response, timeout: Duration) -> ChunkStream {
                 st.done = true;
                 return Some((Err(ProviderError::Truncated), st));
             }
-            match st.body.next().await {
-                Some(Ok(bytes)) => st.parser.push(&bytes),
-                Some(Err(e)) => {
+            match st.resp.chunk().await {
+                Ok(Some(bytes)) => st.parser.push(&bytes),
+                Ok(None) => st.eof = true,
+                Err(e) => {
                     st.done = true;
-                    let err = match map_reqwest_error(e, st.timeout) {
-                        ProviderError::Timeout(d) => ProviderError::Timeout(d),
-                        other => ProviderError::Broken(other.to_string()),
-                    };
-                    return Some((Err(err), st));
+                    return Some((Err(e), st));
                 }
-                None => st.eof = true,
             }
         }
     }))

@@ -4,6 +4,7 @@
 
 pub mod anthropic;
 pub mod breaker;
+mod connect;
 pub mod error;
 pub mod health;
 pub mod openai;

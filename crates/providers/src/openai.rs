@@ -8,7 +8,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
-use futures::StreamExt;
 use http::header::{HeaderMap, AUTHORIZATION};
 use secrecy::ExposeSecret;
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -18,7 +17,7 @@ use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::{EncodingFormat, Usage};
 
 use crate::sse::SseParser;
-use crate::upstream::{map_reqwest_error, parse_url, secret_header, Upstream};
+use crate::upstream::{parse_url, secret_header, Upstream, UpstreamResponse};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
@@ -26,9 +25,9 @@ use crate::{
 
 pub struct OpenAiProvider {
     name: String,
-    chat_url: reqwest::Url,
-    embeddings_url: reqwest::Url,
-    models_url: reqwest::Url,
+    chat_url: http::Uri,
+    embeddings_url: http::Uri,
+    models_url: http::Uri,
     upstream: Upstream,
     deepinfra: bool,
 }
@@ -97,7 +96,7 @@ impl ChatProvider for OpenAiProvider {
     }
 
     async fn probe(&self, timeout: Duration) -> Result<(), ProviderError> {
-        self.upstream.get(self.models_url.clone(), timeout).await
+        self.upstream.get(&self.models_url, timeout).await
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
@@ -106,12 +105,9 @@ impl ChatProvider for OpenAiProvider {
             let body = overlay(call.body, &[("model", model)])?;
             let resp = self
                 .upstream
-                .post(self.chat_url.clone(), body, call.timeout)
+                .post(&self.chat_url, body, call.timeout)
                 .await?;
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| map_reqwest_error(e, call.timeout))?;
+            let bytes = resp.bytes().await?;
             let parsed: UsageOnly = serde_json::from_slice(&bytes)
                 .map_err(|e| ProviderError::Protocol(format!("the completion is not JSON: {e}")))?;
             return Ok(ChatReply::Complete(Completion {
@@ -132,27 +128,25 @@ impl ChatProvider for OpenAiProvider {
         )?;
         let resp = self
             .upstream
-            .post(self.chat_url.clone(), body, call.timeout)
+            .post(&self.chat_url, body, call.timeout)
             .await?;
-        Ok(ChatReply::Stream(chunk_stream(resp, call.timeout)))
+        Ok(ChatReply::Stream(chunk_stream(resp)))
     }
 }
 
 struct StreamState {
-    body: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    resp: UpstreamResponse,
     parser: SseParser,
     eof: bool,
     finished: bool,
-    timeout: Duration,
 }
 
-fn chunk_stream(resp: reqwest::Response, timeout: Duration) -> ChunkStream {
+fn chunk_stream(resp: UpstreamResponse) -> ChunkStream {
     let state = StreamState {
-        body: resp.bytes_stream().boxed(),
+        resp,
         parser: SseParser::new(),
         eof: false,
         finished: false,
-        timeout,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
         if st.finished {
@@ -177,17 +171,13 @@ fn chunk_stream(resp: reqwest::Response, timeout: Duration) -> ChunkStream {
                 st.finished = true;
                 return Some((Err(ProviderError::Truncated), st));
             }
-            match st.body.next().await {
-                Some(Ok(chunk)) => st.parser.push(&chunk),
-                Some(Err(e)) => {
+            match st.resp.chunk().await {
+                Ok(Some(chunk)) => st.parser.push(&chunk),
+                Ok(None) => st.eof = true,
+                Err(e) => {
                     st.finished = true;
-                    let err = match map_reqwest_error(e, st.timeout) {
-                        ProviderError::Timeout(d) => ProviderError::Timeout(d),
-                        other => ProviderError::Broken(other.to_string()),
-                    };
-                    return Some((Err(err), st));
+                    return Some((Err(e), st));
                 }
-                None => st.eof = true,
             }
         }
     }))
@@ -216,12 +206,9 @@ impl EmbeddingProvider for OpenAiProvider {
         };
         let resp = self
             .upstream
-            .post(self.embeddings_url.clone(), body, call.timeout)
+            .post(&self.embeddings_url, body, call.timeout)
             .await?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| map_reqwest_error(e, call.timeout))?;
+        let bytes = resp.bytes().await?;
         if !convert {
             let parsed: UsageOnly = serde_json::from_slice(&bytes).map_err(|e| {
                 ProviderError::Protocol(format!("the embeddings response is not JSON: {e}"))
