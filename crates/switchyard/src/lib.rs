@@ -2,6 +2,7 @@
 //! the command line, loads configuration, sets up telemetry and calls this.
 
 pub mod cli;
+pub mod logwriter;
 pub mod telemetry;
 
 use std::future::Future;

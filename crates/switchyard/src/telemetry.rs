@@ -4,21 +4,22 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use switchyard_core::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+use crate::logwriter::{self, LogFlushGuard};
+
 /// JSON (or text) logs to stdout; every line inside a request carries the
 /// request span's `trace_id`. `RUST_LOG` wins over `log.level` when set.
 ///
-/// Lines are handed to a writer thread that batches them into few writes, so
-/// no request waits on a `write` syscall. Keep the guard until exit: dropping
-/// it flushes what is queued.
-pub fn init_logging(config: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+/// Lines go through [`crate::logwriter`]: buffered, written by one thread in
+/// few large writes, so no request waits on a `write` syscall. Keep the
+/// guard until exit: dropping it flushes what is buffered.
+pub fn init_logging(config: &LogConfig) -> LogFlushGuard {
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) =
-        tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stdout()));
+    let (sink, guard) = logwriter::spawn(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(move || sink.clone());
     let _ = match config.format {
         LogFormat::Json => builder
             .json()
@@ -73,6 +74,11 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
         "Usage rows dropped (queue full or database failing)"
     );
     metrics::describe_counter!("switchyard_usage_written_total", "Usage rows written");
+    metrics::describe_counter!(
+        "switchyard_log_lines_dropped_total",
+        "Log lines dropped because stdout did not keep up"
+    );
+    metrics::counter!("switchyard_log_lines_dropped_total").increment(0);
     metrics::gauge!("switchyard_usage_queue_depth").set(0.0);
     metrics::counter!("switchyard_usage_dropped_total").increment(0);
     Some(handle)

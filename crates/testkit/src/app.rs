@@ -262,6 +262,21 @@ impl TestApp {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The first log line matching `pred`, waiting up to 5 s for it: the
+    /// server writes its log in batches, a few milliseconds after the fact.
+    pub async fn wait_for_log(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| pred(l)) {
+                return Some(line.clone());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }

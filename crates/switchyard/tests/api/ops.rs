@@ -109,11 +109,9 @@ async fn a_traceparent_is_continued_and_the_request_id_echoed() {
     let tp2 = fresh.headers()["traceparent"].to_str().unwrap();
     assert_eq!(tp2.len(), 55);
     assert!(!tp2.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let line = app
-        .logs()
-        .into_iter()
-        .find(|l| l.contains("\"route\":\"/v1/chat/completions\""))
+        .wait_for_log(|l| l.contains("\"route\":\"/v1/chat/completions\""))
+        .await
         .expect("a request log line");
     let v: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");

@@ -159,9 +159,8 @@ async fn a_dead_primary_gets_no_calls_while_its_breaker_is_open_then_exactly_the
         "probes closed the breaker and traffic returned"
     );
     let opened = app
-        .logs()
-        .into_iter()
-        .find(|l| l.contains("circuit breaker opened"))
+        .wait_for_log(|l| l.contains("circuit breaker opened"))
+        .await
         .unwrap();
     let opened: Value = serde_json::from_str(&opened).unwrap();
     let trace_id = opened["spans"][0]["trace_id"].as_str().unwrap_or_default();
@@ -170,8 +169,10 @@ async fn a_dead_primary_gets_no_calls_while_its_breaker_is_open_then_exactly_the
         32,
         "the transition is logged with the causing request's trace id: {opened}"
     );
-    let logs = app.logs().join("\n");
-    assert!(logs.contains("\"to\":\"closed\""));
+    assert!(app
+        .wait_for_log(|l| l.contains("\"to\":\"closed\""))
+        .await
+        .is_some());
 }
 
 #[tokio::test]
@@ -189,9 +190,9 @@ async fn a_short_retry_after_is_waited_for_and_a_long_one_falls_back() {
     assert_eq!(resp.headers()["x-switchyard-provider"], "primary");
     assert_eq!((primary.calls(), fallback.calls()), (2, 0));
     assert!(app
-        .logs()
-        .iter()
-        .any(|l| l.contains("retrying") && l.contains("\"wait_ms\":1000")));
+        .wait_for_log(|l| l.contains("retrying") && l.contains("\"wait_ms\":1000"))
+        .await
+        .is_some());
 
     primary.push_fault(Fault::RateLimited {
         retry_after_secs: 30,
