@@ -102,3 +102,72 @@ impl Principal {
         }
     }
 }
+
+/// A stored API key: everything but the key itself, of which only the
+/// SHA-256 hash is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub role: Role,
+    pub user_id: Option<String>,
+    /// The first characters of the key, shown in listings to recognise it.
+    pub prefix: String,
+    /// Hex SHA-256 of the whole key.
+    pub key_hash: String,
+    pub limits: KeyLimits,
+    /// HMAC secrets for request signing; several while one rotates.
+    pub signing_secrets: Vec<String>,
+    pub require_signature: bool,
+    pub expires_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    /// Who created it (`key:<id>`, `cli`, `bootstrap`, `open-dev`).
+    pub created_by: String,
+}
+
+impl ApiKeyRecord {
+    /// Not revoked and not expired at `now_ms`.
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        self.revoked_at_ms.is_none() && self.expires_at_ms.is_none_or(|e| e > now_ms)
+    }
+}
+
+/// A tenant: the unit of isolation. Every row of every table belongs to one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub monthly_budget_usd: Option<f64>,
+    /// Route class → rate, overriding the configured defaults.
+    pub limits: std::collections::BTreeMap<String, String>,
+    pub created_at_ms: i64,
+}
+
+/// One audit event: who did what to what, when, in which request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub actor: String,
+    /// `key.created`, `key.revoked`, `rate_limit.reset`, `auth_cache.invalidated`,
+    /// `auth.failures`, `budget.alert`, ...
+    pub action: String,
+    pub target: Option<String>,
+    pub detail: serde_json::Value,
+    pub trace_id: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// Filters for listing audit events, newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditQuery {
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Cursor: only events older than this id (ids sort by time).
+    pub before_id: Option<String>,
+    pub limit: u32,
+}

@@ -8,6 +8,10 @@ pub struct UsageRecord {
     /// UUIDv7, so rows sort by time.
     pub id: String,
     pub tenant_id: String,
+    /// The API key that made the request, if one did.
+    pub key_id: Option<String>,
+    /// The user the request acted for, if known.
+    pub user_id: Option<String>,
     pub trace_id: String,
     /// `chat` or `embeddings`.
     pub endpoint: String,

@@ -31,6 +31,10 @@ use crate::usage_writer::UsageWriter;
 pub struct RequestMeta {
     pub trace_id: String,
     pub tenant_id: String,
+    /// The API key that authenticated the request, if one did.
+    pub key_id: Option<String>,
+    /// The user the request acts for, if known.
+    pub user_id: Option<String>,
     pub started: Instant,
 }
 
@@ -313,6 +317,8 @@ impl Accounting {
             record: UsageRecord {
                 id: new_id(),
                 tenant_id: meta.tenant_id.clone(),
+                key_id: meta.key_id.clone(),
+                user_id: meta.user_id.clone(),
                 trace_id: meta.trace_id.clone(),
                 endpoint: endpoint.to_owned(),
                 model_alias: alias.to_owned(),

@@ -4,6 +4,7 @@
 
 pub mod gateway;
 pub mod health;
+pub mod identity;
 pub mod metered;
 pub mod usage_writer;
 

@@ -5,6 +5,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use switchyard_core::health::ProviderHealthRow;
+use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, KeyLimits, Role, Tenant};
 use switchyard_core::usage::{new_id, UsageRecord};
 
 use crate::Store;
@@ -12,6 +13,8 @@ use crate::Store;
 /// A usage row with every optional field set, distinct per `n`.
 pub fn sample_usage(tenant: &str, n: u32) -> UsageRecord {
     UsageRecord {
+        key_id: Some(format!("key-{}", n % 3)),
+        user_id: Some(format!("user-{n}")),
         id: new_id(),
         tenant_id: tenant.to_owned(),
         trace_id: format!("{:032x}", 0xabc000 + n),
@@ -40,13 +43,19 @@ pub async fn run_all(store: &dyn Store) {
     large_batches_are_written_whole(store).await;
     an_empty_batch_is_a_no_op(store).await;
     provider_health_is_upserted_and_listed(store).await;
+    tenants_are_created_once_updated_and_listed(store).await;
+    api_keys_round_trip_and_are_found_by_hash(store).await;
+    api_keys_of_another_tenant_are_invisible(store).await;
+    revoked_and_expired_keys_are_not_active(store).await;
+    audit_events_are_filtered_and_paginated_per_tenant(store).await;
+    spend_is_summed_per_tenant_and_per_key(store).await;
     store.ping().await.expect("ping");
 }
 
 pub async fn migrations_are_idempotent(store: &dyn Store) {
     store.migrate().await.expect("second migrate");
     let applied = store.applied_migrations().await.expect("applied");
-    assert_eq!(applied, vec![1, 2, 3], "{}", store.backend());
+    assert_eq!(applied, vec![1, 2, 3, 4], "{}", store.backend());
 }
 
 pub async fn usage_rows_round_trip_exactly(store: &dyn Store) {
@@ -153,4 +162,310 @@ pub async fn provider_health_is_upserted_and_listed(store: &dyn Store) {
     let rows = store.list_provider_health().await.expect("list");
     assert_eq!(rows, vec![health("a/m", 8), changed], "{}", store.backend());
     store.upsert_provider_health(&[]).await.expect("empty");
+}
+
+fn sample_key(tenant: &str, n: u32) -> ApiKeyRecord {
+    let mut limits = KeyLimits::default();
+    limits.rates.insert("chat".into(), "5/min".into());
+    limits.monthly_budget_usd = Some(12.5);
+    ApiKeyRecord {
+        id: new_id(),
+        tenant_id: tenant.into(),
+        name: format!("key {n}"),
+        role: [Role::Admin, Role::Service, Role::User][n as usize % 3],
+        user_id: (n % 3 == 2).then(|| format!("user-{n}")),
+        prefix: format!("sy_{n:06}"),
+        key_hash: format!("{tenant}-hash-{n}"),
+        limits,
+        signing_secrets: if n % 2 == 0 {
+            vec!["s1".into(), "s2".into()]
+        } else {
+            vec![]
+        },
+        require_signature: n % 2 == 0,
+        expires_at_ms: (n % 4 == 3).then_some(1_900_000_000_000),
+        revoked_at_ms: None,
+        created_at_ms: 1_760_000_000_000 + i64::from(n),
+        created_by: "cli".into(),
+    }
+}
+
+pub async fn tenants_are_created_once_updated_and_listed(store: &dyn Store) {
+    let mut t = Tenant {
+        id: "acme".into(),
+        name: "Acme".into(),
+        monthly_budget_usd: None,
+        limits: Default::default(),
+        created_at_ms: 1_760_000_000_000,
+    };
+    assert!(store.create_tenant(&t).await.expect("create"));
+    assert!(
+        !store.create_tenant(&t).await.expect("create twice"),
+        "{}",
+        store.backend()
+    );
+    t.monthly_budget_usd = Some(100.0);
+    t.limits.insert("chat".into(), "50/min".into());
+    assert!(store.update_tenant(&t).await.expect("update"));
+    assert_eq!(
+        store.get_tenant("acme").await.expect("get"),
+        Some(t.clone())
+    );
+    assert_eq!(store.get_tenant("nobody").await.expect("get"), None);
+    let mut missing = t.clone();
+    missing.id = "nobody".into();
+    assert!(!store.update_tenant(&missing).await.expect("update missing"));
+    assert!(store.list_tenants().await.expect("list").contains(&t));
+    store.ensure_user("acme", "u1", 1).await.expect("user");
+    store
+        .ensure_user("acme", "u1", 2)
+        .await
+        .expect("user twice");
+}
+
+pub async fn api_keys_round_trip_and_are_found_by_hash(store: &dyn Store) {
+    let keys: Vec<ApiKeyRecord> = (0..4).map(|n| sample_key("t-keys", n)).collect();
+    for k in &keys {
+        store.insert_api_key(k).await.expect("insert key");
+    }
+    for k in &keys {
+        assert_eq!(
+            store
+                .find_api_key_by_hash(&k.key_hash)
+                .await
+                .expect("find")
+                .as_ref(),
+            Some(k),
+            "{}",
+            store.backend()
+        );
+        assert_eq!(
+            store
+                .get_api_key("t-keys", &k.id)
+                .await
+                .expect("get")
+                .as_ref(),
+            Some(k)
+        );
+    }
+    let mut listed = store.list_api_keys("t-keys").await.expect("list");
+    listed.reverse();
+    assert_eq!(listed, keys);
+    assert_eq!(
+        store
+            .find_api_key_by_hash("no-such-hash")
+            .await
+            .expect("find"),
+        None
+    );
+    let mut dup = sample_key("t-keys", 9);
+    dup.key_hash = keys[0].key_hash.clone();
+    assert!(
+        store.insert_api_key(&dup).await.is_err(),
+        "key hashes are unique"
+    );
+}
+
+pub async fn api_keys_of_another_tenant_are_invisible(store: &dyn Store) {
+    let k = sample_key("t-owner", 1);
+    store.insert_api_key(&k).await.expect("insert");
+    assert_eq!(
+        store.get_api_key("t-other", &k.id).await.expect("get"),
+        None
+    );
+    assert!(store
+        .list_api_keys("t-other")
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(!store
+        .revoke_api_key("t-other", &k.id, 5)
+        .await
+        .expect("revoke"));
+    assert_eq!(
+        store
+            .get_api_key("t-owner", &k.id)
+            .await
+            .expect("get")
+            .and_then(|k| k.revoked_at_ms),
+        None
+    );
+}
+
+pub async fn revoked_and_expired_keys_are_not_active(store: &dyn Store) {
+    let now = 1_800_000_000_000;
+    let before = store.count_active_api_keys(now).await.expect("count");
+    let mut live = sample_key("t-active", 0);
+    live.expires_at_ms = None;
+    let mut expired = sample_key("t-active", 1);
+    expired.expires_at_ms = Some(now - 1);
+    let mut later = sample_key("t-active", 2);
+    later.expires_at_ms = Some(now + 1);
+    for k in [&live, &expired, &later] {
+        store.insert_api_key(k).await.expect("insert");
+    }
+    assert_eq!(
+        store.count_active_api_keys(now).await.expect("count"),
+        before + 2
+    );
+    assert!(store
+        .revoke_api_key("t-active", &live.id, now)
+        .await
+        .expect("revoke"));
+    assert!(!store
+        .revoke_api_key("t-active", &live.id, now + 5)
+        .await
+        .expect("revoke twice"));
+    let stored = store
+        .get_api_key("t-active", &live.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(
+        stored.revoked_at_ms,
+        Some(now),
+        "the first revocation time stays"
+    );
+    assert!(!stored.is_active(now));
+    assert_eq!(
+        store.count_active_api_keys(now).await.expect("count"),
+        before + 1
+    );
+}
+
+pub async fn audit_events_are_filtered_and_paginated_per_tenant(store: &dyn Store) {
+    let event = |tenant: &str, action: &str, actor: &str, at: i64| AuditRecord {
+        id: new_id(),
+        tenant_id: tenant.into(),
+        actor: actor.into(),
+        action: action.into(),
+        target: Some("key:1".into()),
+        detail: serde_json::json!({"n": at}),
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        created_at_ms: at,
+    };
+    let rows: Vec<AuditRecord> = (0..5)
+        .map(|i| {
+            event(
+                "t-audit",
+                if i % 2 == 0 {
+                    "key.created"
+                } else {
+                    "key.revoked"
+                },
+                "key:admin",
+                1000 + i,
+            )
+        })
+        .chain([event("t-audit-other", "key.created", "key:admin", 1003)])
+        .collect();
+    store.insert_audit(&rows).await.expect("insert");
+    let q = |f: fn(&mut AuditQuery)| {
+        let mut q = AuditQuery {
+            limit: 100,
+            ..Default::default()
+        };
+        f(&mut q);
+        q
+    };
+    let all = store.list_audit("t-audit", &q(|_| {})).await.expect("list");
+    assert_eq!(all.len(), 5, "{}", store.backend());
+    assert_eq!(all[0], rows[4], "newest first, every field kept");
+    let created = store
+        .list_audit("t-audit", &q(|q| q.action = Some("key.created".into())))
+        .await
+        .expect("list");
+    assert_eq!(
+        created.iter().map(|a| a.created_at_ms).collect::<Vec<_>>(),
+        vec![1004, 1002, 1000]
+    );
+    let window = store
+        .list_audit(
+            "t-audit",
+            &q(|q| {
+                q.since_ms = Some(1001);
+                q.until_ms = Some(1003);
+            }),
+        )
+        .await
+        .expect("list");
+    assert_eq!(window.len(), 2);
+    let page1 = store
+        .list_audit(
+            "t-audit",
+            &AuditQuery {
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("page");
+    let page2 = store
+        .list_audit(
+            "t-audit",
+            &AuditQuery {
+                limit: 2,
+                before_id: Some(page1[1].id.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(
+        page2.iter().map(|a| a.created_at_ms).collect::<Vec<_>>(),
+        vec![1002, 1001]
+    );
+    assert!(store
+        .list_audit("t-audit", &q(|q| q.actor = Some("someone-else".into())))
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+pub async fn spend_is_summed_per_tenant_and_per_key(store: &dyn Store) {
+    let mut rows = Vec::new();
+    for n in 0..6u32 {
+        let mut r = sample_usage("t-spend", n);
+        r.cost_usd = Some(0.25 * f64::from(n + 1));
+        r.key_id = Some(if n < 3 { "k-a".into() } else { "k-b".into() });
+        rows.push(r);
+    }
+    let mut other = sample_usage("t-spend-other", 1);
+    other.cost_usd = Some(100.0);
+    rows.push(other);
+    store.insert_usage(&rows).await.expect("insert");
+    let since = rows[0].created_at_ms;
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    assert!(close(
+        store
+            .spend_since("t-spend", None, since)
+            .await
+            .expect("sum"),
+        5.25
+    ));
+    assert!(close(
+        store
+            .spend_since("t-spend", Some("k-a"), since)
+            .await
+            .expect("sum"),
+        1.5
+    ));
+    assert!(close(
+        store
+            .spend_since("t-spend", Some("k-b"), since)
+            .await
+            .expect("sum"),
+        3.75
+    ));
+    assert!(close(
+        store
+            .spend_since("t-spend", None, since + 4)
+            .await
+            .expect("sum"),
+        1.25 + 1.5
+    ));
+    assert!(close(
+        store.spend_since("t-none", None, 0).await.expect("sum"),
+        0.0
+    ));
 }

@@ -6,6 +6,7 @@
 //! Every table carries `tenant_id` and every query filters by it.
 
 pub mod conformance;
+mod identity;
 mod migrations;
 mod postgres;
 mod sqlite;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
+use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, Tenant};
 use switchyard_core::usage::UsageRecord;
 
 pub use postgres::PostgresStore;
@@ -150,6 +152,59 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_provider_health(&self, rows: &[ProviderHealthRow]) -> Result<(), StoreError>;
     /// Every deployment's last persisted health, by deployment id.
     async fn list_provider_health(&self) -> Result<Vec<ProviderHealthRow>, StoreError>;
+
+    /// Creates a tenant; `false` if one with that id exists.
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError>;
+    /// Replaces a tenant's name, budget and limits; `false` if it does not exist.
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError>;
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError>;
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+    /// Records that a user exists in a tenant (idempotent).
+    async fn ensure_user(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    /// The key with this hash, in any tenant: the key itself says whose it is.
+    async fn find_api_key_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError>;
+    async fn get_api_key(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// A tenant's keys, revoked ones included, newest first.
+    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Marks a key revoked; `false` if it does not exist in this tenant or
+    /// was already revoked.
+    async fn revoke_api_key(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// Keys neither revoked nor expired, across tenants (open development
+    /// mode ends when there is one).
+    async fn count_active_api_keys(&self, now_ms: i64) -> Result<u64, StoreError>;
+    async fn insert_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError>;
+    /// A tenant's audit events, newest first.
+    async fn list_audit(
+        &self,
+        tenant_id: &str,
+        query: &AuditQuery,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Total `cost_usd` of a tenant's usage (of one key, if given) since a time.
+    async fn spend_since(
+        &self,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        since_ms: i64,
+    ) -> Result<f64, StoreError>;
+
     /// Closes the pool, waiting for connections in use.
     async fn close(&self);
 }

@@ -22,6 +22,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "drop_usage_trace_index",
         sql: include_str!("../migrations/sqlite/0003_drop_usage_trace_index.sql"),
     },
+    Migration {
+        version: 4,
+        name: "identity",
+        sql: include_str!("../migrations/sqlite/0004_identity.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -39,6 +44,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         name: "drop_usage_trace_index",
         sql: include_str!("../migrations/postgres/0003_drop_usage_trace_index.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "identity",
+        sql: include_str!("../migrations/postgres/0004_identity.sql"),
     },
 ];
 

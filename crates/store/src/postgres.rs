@@ -10,8 +10,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool, QueryBuilder, Row};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
+use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, Tenant};
 use switchyard_core::usage::UsageRecord;
 
+use crate::identity::pg_once;
 use crate::migrations::POSTGRES;
 use crate::{
     health_from_row, health_upsert_clause, push_health_row, Context, Store, StoreError,
@@ -71,6 +73,13 @@ fn redact(message: &str, url: &str) -> String {
 
 fn opt_u64(v: Option<i64>) -> Option<u64> {
     v.map(|x| x.max(0) as u64)
+}
+
+/// Total spend of a tenant (or one of its keys) since a time.
+const SPEND_SQL: &str = "SELECT SUM(cost_usd)::float8 FROM usage_logs WHERE tenant_id = $1 AND ($2::text IS NULL OR key_id = $3) AND created_at >= to_timestamp($4 / 1000.0)";
+
+impl PostgresStore {
+    crate::identity::identity_methods!(pg_once);
 }
 
 #[async_trait]
@@ -159,13 +168,14 @@ impl Store for PostgresStore {
         let col = |f: fn(&UsageRecord) -> String| rows.iter().map(f).collect::<Vec<String>>();
         sqlx::query(
             "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at) \
+             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at, key_id, user_id) \
              SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
-             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, to_timestamp(created_at_ms / 1000.0) \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, to_timestamp(created_at_ms / 1000.0), key_id, user_id \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], \
-             $9::int8[], $10::int8[], $11::float8[], $12::float8[], $13::float8[], $14::int4[], $15::text[], $16::int8[]) \
+             $9::int8[], $10::int8[], $11::float8[], $12::float8[], $13::float8[], $14::int4[], $15::text[], $16::int8[], \
+             $17::text[], $18::text[]) \
              AS t(id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
-             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms)",
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, key_id, user_id)",
         )
         .bind(ids)
         .bind(col(|r| r.tenant_id.clone()))
@@ -183,6 +193,8 @@ impl Store for PostgresStore {
         .bind(rows.iter().map(|r| i32::from(r.status)).collect::<Vec<i32>>())
         .bind(rows.iter().map(|r| r.error_code.clone()).collect::<Vec<Option<String>>>())
         .bind(rows.iter().map(|r| r.created_at_ms).collect::<Vec<i64>>())
+        .bind(rows.iter().map(|r| r.key_id.clone()).collect::<Vec<Option<String>>>())
+        .bind(rows.iter().map(|r| r.user_id.clone()).collect::<Vec<Option<String>>>())
         .execute(&self.pool)
         .await
         .context("inserting usage rows")?;
@@ -195,7 +207,7 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> Result<Vec<UsageRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
+            "SELECT id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
              completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, \
              (extract(epoch FROM created_at) * 1000)::float8 AS created_at_ms \
              FROM usage_logs WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
@@ -210,6 +222,8 @@ impl Store for PostgresStore {
                 Ok(UsageRecord {
                     id: r.try_get::<uuid::Uuid, _>("id")?.to_string(),
                     tenant_id: r.try_get("tenant_id")?,
+                    key_id: r.try_get("key_id")?,
+                    user_id: r.try_get("user_id")?,
                     trace_id: r.try_get("trace_id")?,
                     endpoint: r.try_get("endpoint")?,
                     model_alias: r.try_get("model_alias")?,
@@ -266,6 +280,97 @@ impl Store for PostgresStore {
             .map(health_from_row)
             .collect::<Result<_, _>>()
             .context("reading provider health")
+    }
+
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
+        self.create_tenant_impl(tenant).await
+    }
+
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
+        self.update_tenant_impl(tenant).await
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        self.get_tenant_impl(id).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.list_tenants_impl().await
+    }
+
+    async fn ensure_user(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.ensure_user_impl(tenant_id, user_id, at_ms).await
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        self.insert_api_key_impl(key).await
+    }
+
+    async fn find_api_key_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.find_api_key_by_hash_impl(key_hash).await
+    }
+
+    async fn get_api_key(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.get_api_key_impl(tenant_id, id).await
+    }
+
+    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.list_api_keys_impl(tenant_id).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.revoke_api_key_impl(tenant_id, id, at_ms).await
+    }
+
+    async fn count_active_api_keys(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.count_active_api_keys_impl(now_ms).await
+    }
+
+    async fn insert_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+        self.insert_audit_impl(rows).await
+    }
+
+    async fn list_audit(
+        &self,
+        tenant_id: &str,
+        query: &AuditQuery,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.list_audit_impl(tenant_id, query).await
+    }
+
+    async fn spend_since(
+        &self,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        since_ms: i64,
+    ) -> Result<f64, StoreError> {
+        let sql = SPEND_SQL;
+        let spent: Option<f64> = sqlx::query_scalar(sql)
+            .bind(tenant_id)
+            .bind(key_id)
+            .bind(key_id)
+            .bind(since_ms)
+            .fetch_one(&self.pool)
+            .await
+            .context("summing spend")?;
+        Ok(spent.unwrap_or(0.0))
     }
 
     async fn close(&self) {

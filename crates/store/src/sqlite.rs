@@ -9,8 +9,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
+use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, Tenant};
 use switchyard_core::usage::UsageRecord;
 
+use crate::identity::lite_once;
 use crate::migrations::{Migration, SQLITE};
 use crate::{
     health_from_row, health_upsert_clause, push_health_row, Context, Store, StoreError,
@@ -110,9 +112,9 @@ fn usage_insert_sql() -> &'static [String; 4] {
     static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         USAGE_CHUNKS.map(|n| {
-            let row = format!("({})", vec!["?"; 16].join(", "));
+            let row = format!("({})", vec!["?"; 18].join(", "));
             format!(
-                "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
+                "INSERT INTO usage_logs (id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
                  prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) VALUES {}",
                 vec![row; n].join(", ")
             )
@@ -129,6 +131,13 @@ pub(crate) fn now_ms() -> i64 {
 
 fn opt_u64(v: Option<i64>) -> Option<u64> {
     v.map(|x| x.max(0) as u64)
+}
+
+/// Total spend of a tenant (or one of its keys) since a time.
+const SPEND_SQL: &str = "SELECT SUM(cost_usd) FROM usage_logs WHERE tenant_id = ? AND (? IS NULL OR key_id = ?) AND created_at_ms >= ?";
+
+impl SqliteStore {
+    crate::identity::identity_methods!(lite_once);
 }
 
 #[async_trait]
@@ -188,6 +197,8 @@ impl Store for SqliteStore {
                     q = q
                         .bind(&r.id)
                         .bind(&r.tenant_id)
+                        .bind(&r.key_id)
+                        .bind(&r.user_id)
                         .bind(&r.trace_id)
                         .bind(&r.endpoint)
                         .bind(&r.model_alias)
@@ -215,7 +226,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<UsageRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
+            "SELECT id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
              completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms \
              FROM usage_logs WHERE tenant_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?",
         )
@@ -229,6 +240,8 @@ impl Store for SqliteStore {
                 Ok(UsageRecord {
                     id: r.try_get("id")?,
                     tenant_id: r.try_get("tenant_id")?,
+                    key_id: r.try_get("key_id")?,
+                    user_id: r.try_get("user_id")?,
                     trace_id: r.try_get("trace_id")?,
                     endpoint: r.try_get("endpoint")?,
                     model_alias: r.try_get("model_alias")?,
@@ -285,6 +298,97 @@ impl Store for SqliteStore {
             .map(health_from_row)
             .collect::<Result<_, _>>()
             .context("reading provider health")
+    }
+
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
+        self.create_tenant_impl(tenant).await
+    }
+
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
+        self.update_tenant_impl(tenant).await
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        self.get_tenant_impl(id).await
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.list_tenants_impl().await
+    }
+
+    async fn ensure_user(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.ensure_user_impl(tenant_id, user_id, at_ms).await
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        self.insert_api_key_impl(key).await
+    }
+
+    async fn find_api_key_by_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.find_api_key_by_hash_impl(key_hash).await
+    }
+
+    async fn get_api_key(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.get_api_key_impl(tenant_id, id).await
+    }
+
+    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.list_api_keys_impl(tenant_id).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.revoke_api_key_impl(tenant_id, id, at_ms).await
+    }
+
+    async fn count_active_api_keys(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.count_active_api_keys_impl(now_ms).await
+    }
+
+    async fn insert_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
+        self.insert_audit_impl(rows).await
+    }
+
+    async fn list_audit(
+        &self,
+        tenant_id: &str,
+        query: &AuditQuery,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.list_audit_impl(tenant_id, query).await
+    }
+
+    async fn spend_since(
+        &self,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        since_ms: i64,
+    ) -> Result<f64, StoreError> {
+        let sql = SPEND_SQL;
+        let spent: Option<f64> = sqlx::query_scalar(sql)
+            .bind(tenant_id)
+            .bind(key_id)
+            .bind(key_id)
+            .bind(since_ms)
+            .fetch_one(&self.pool)
+            .await
+            .context("summing spend")?;
+        Ok(spent.unwrap_or(0.0))
     }
 
     async fn close(&self) {

@@ -28,6 +28,8 @@ pub(crate) fn meta(ctx: &TraceContext, started: Instant) -> RequestMeta {
     RequestMeta {
         trace_id: ctx.trace_id(),
         tenant_id: DEFAULT_TENANT.to_owned(),
+        key_id: None,
+        user_id: None,
         started,
     }
 }

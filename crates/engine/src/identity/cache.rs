@@ -1,0 +1,189 @@
+//! The credential cache: a verified key or token is remembered for 60 s
+//! (never past the token's own expiry), so a request that repeats a
+//! credential costs one hash and one map lookup instead of a database read
+//! or a signature check. Keyed by the credential's SHA-256, so the cache
+//! never holds a credential itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::Serialize;
+use switchyard_core::identity::Principal;
+use tokio::time::Instant;
+
+pub const TTL: Duration = Duration::from_secs(60);
+/// Beyond this many entries, expired ones are swept; if all are live the
+/// oldest half is dropped, so memory stays bounded under a credential flood.
+const MAX_ENTRIES: usize = 100_000;
+
+struct Entry {
+    principal: Principal,
+    until: Instant,
+}
+
+#[derive(Default)]
+pub struct CredentialCache {
+    map: Mutex<HashMap<[u8; 32], Entry>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CacheStats {
+    pub size: usize,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_rate: f64,
+}
+
+impl CredentialCache {
+    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Entry>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn get(&self, digest: &[u8; 32]) -> Option<Principal> {
+        let now = Instant::now();
+        let mut map = self.lock();
+        match map.get(digest) {
+            Some(e) if e.until > now => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(e.principal.clone())
+            }
+            Some(_) => {
+                map.remove(digest);
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Remembers a verified credential for [`TTL`], or until `expires_at`
+    /// (unix seconds) if that comes first.
+    pub fn put(&self, digest: [u8; 32], principal: Principal, now_unix: i64) {
+        let mut ttl = TTL;
+        if let Some(exp) = principal.expires_at {
+            let left = u64::try_from(exp - now_unix).unwrap_or(0);
+            ttl = ttl.min(Duration::from_secs(left));
+        }
+        if ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut map = self.lock();
+        if map.len() >= MAX_ENTRIES {
+            map.retain(|_, e| e.until > now);
+            if map.len() >= MAX_ENTRIES {
+                let mut untils: Vec<Instant> = map.values().map(|e| e.until).collect();
+                untils.sort_unstable();
+                let cut = untils[untils.len() / 2];
+                map.retain(|_, e| e.until > cut);
+            }
+        }
+        map.insert(
+            digest,
+            Entry {
+                principal,
+                until: now + ttl,
+            },
+        );
+    }
+
+    /// Drops every entry of one API key; returns how many.
+    pub fn invalidate_key(&self, key_id: &str) -> usize {
+        let mut map = self.lock();
+        let before = map.len();
+        map.retain(|_, e| e.principal.key_id.as_deref() != Some(key_id));
+        before - map.len()
+    }
+
+    /// Drops the entry of one credential; returns whether there was one.
+    pub fn invalidate_digest(&self, digest: &[u8; 32]) -> bool {
+        self.lock().remove(digest).is_some()
+    }
+
+    pub fn clear(&self) -> usize {
+        let mut map = self.lock();
+        let n = map.len();
+        map.clear();
+        n
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let hits = self.hits.load(Ordering::Relaxed);
+        let misses = self.misses.load(Ordering::Relaxed);
+        let total = hits + misses;
+        CacheStats {
+            size: self.lock().len(),
+            hits,
+            misses,
+            hit_rate: if total == 0 {
+                0.0
+            } else {
+                hits as f64 / total as f64
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(key: &str, expires_at: Option<i64>) -> Principal {
+        let mut p = Principal::open_dev();
+        p.key_id = Some(key.into());
+        p.expires_at = expires_at;
+        p
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_lives_sixty_seconds() {
+        let cache = CredentialCache::default();
+        cache.put([1; 32], principal("k1", None), 1_000);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(cache.get(&[1; 32]).is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(cache.get(&[1; 32]).is_none());
+        let s = cache.stats();
+        assert_eq!((s.hits, s.misses, s.size), (1, 1, 0));
+        assert!((s.hit_rate - 0.5).abs() < 1e-9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_never_outlives_the_token() {
+        let cache = CredentialCache::default();
+        cache.put([2; 32], principal("k", Some(1_010)), 1_000);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(cache.get(&[2; 32]).is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            cache.get(&[2; 32]).is_none(),
+            "expired with the token, not at 60 s"
+        );
+        cache.put([3; 32], principal("k", Some(999)), 1_000);
+        assert!(
+            cache.get(&[3; 32]).is_none(),
+            "an expired token is not cached"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidation_drops_one_key_one_credential_or_all() {
+        let cache = CredentialCache::default();
+        cache.put([1; 32], principal("a", None), 0);
+        cache.put([2; 32], principal("a", None), 0);
+        cache.put([3; 32], principal("b", None), 0);
+        cache.put([4; 32], principal("c", None), 0);
+        assert_eq!(cache.invalidate_key("a"), 2);
+        assert!(cache.invalidate_digest(&[3; 32]));
+        assert!(!cache.invalidate_digest(&[3; 32]));
+        assert_eq!(cache.clear(), 1);
+        assert_eq!(cache.stats().size, 0);
+    }
+}

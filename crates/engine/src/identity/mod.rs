@@ -1,0 +1,557 @@
+//! Identity: who is calling, and the management of the keys that say so.
+//!
+//! [`Identity::authenticate`] turns a presented credential into a
+//! [`Principal`] (through the [`cache::CredentialCache`] first). Key and
+//! tenant management check the [`Actor`]'s role and tenant here, so the HTTP
+//! API and the CLI obey the same rules, and record every change in the audit
+//! log.
+//!
+//! Tenancy rule: an actor works in its own tenant. Only an *operator* (an
+//! admin of tenant `default`, or the CLI on the server's own machine) may
+//! name another tenant; for anyone else another tenant does not exist (404).
+
+pub mod cache;
+pub mod keys;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use switchyard_core::identity::{
+    ApiKeyRecord, AuditQuery, AuditRecord, CredentialKind, KeyLimits, Principal, Role, Tenant,
+};
+use switchyard_core::usage::new_id;
+use switchyard_store::{Store, StoreError};
+
+pub use cache::CacheStats;
+use cache::CredentialCache;
+
+pub const DEFAULT_TENANT: &str = "default";
+/// A bootstrap key shorter than this is refused: it would be guessable.
+const MIN_BOOTSTRAP_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential was presented")]
+    Missing,
+    /// Unknown, revoked or expired: the caller is not told which.
+    #[error("the API key is not valid")]
+    InvalidKey,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AuthError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_credentials",
+            AuthError::InvalidKey => "invalid_api_key",
+            AuthError::Store(_) => "internal_error",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Who performs a management operation.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// For the audit log: `key:<id>`, `user:<id>`, `open-dev` or `cli`.
+    pub label: String,
+    pub tenant_id: String,
+    pub role: Role,
+    pub trace_id: Option<String>,
+}
+
+impl Actor {
+    pub fn from_principal(p: &Principal, trace_id: Option<String>) -> Self {
+        let label = match (&p.key_id, &p.user_id, p.kind) {
+            (Some(k), _, _) => format!("key:{k}"),
+            (None, Some(u), _) => format!("user:{u}"),
+            (None, None, CredentialKind::OpenDev) => "open-dev".into(),
+            (None, None, _) => "anonymous".into(),
+        };
+        Self {
+            label,
+            tenant_id: p.tenant_id.clone(),
+            role: p.role,
+            trace_id,
+        }
+    }
+
+    /// The `switchyard keys` command, run by whoever runs the server.
+    pub fn cli() -> Self {
+        Self {
+            label: "cli".into(),
+            tenant_id: DEFAULT_TENANT.into(),
+            role: Role::Admin,
+            trace_id: None,
+        }
+    }
+
+    pub fn is_operator(&self) -> bool {
+        self.role == Role::Admin && self.tenant_id == DEFAULT_TENANT
+    }
+
+    fn require_admin(&self) -> Result<(), IdentityError> {
+        if self.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(IdentityError::Forbidden("this needs an admin key"))
+        }
+    }
+
+    /// The tenant an operation applies to.
+    fn tenant(&self, requested: Option<&str>) -> Result<String, IdentityError> {
+        match requested {
+            None => Ok(self.tenant_id.clone()),
+            Some(t) if t == self.tenant_id || self.is_operator() => Ok(t.to_owned()),
+            Some(_) => Err(IdentityError::NotFound("tenant")),
+        }
+    }
+}
+
+/// A key to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub name: String,
+    pub role: Option<Role>,
+    pub tenant_id: Option<String>,
+    pub user_id: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    pub limits: KeyLimits,
+    pub require_signature: bool,
+}
+
+/// A created key: the only time the key (and its signing secret) is seen.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub record: ApiKeyRecord,
+    pub key: String,
+    pub signing_secret: Option<String>,
+}
+
+/// What to drop from the credential cache.
+#[derive(Debug, Clone)]
+pub enum Invalidate {
+    All,
+    Key(String),
+    Credential(SecretString),
+}
+
+#[derive(Clone)]
+pub struct Identity {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    cache: CredentialCache,
+    open_dev: AtomicBool,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Identity {
+    /// Loads the identity state: makes sure tenant `default` exists, stores
+    /// the bootstrap admin key if one is given, and decides whether open
+    /// development mode applies (`open_dev_allowed` = loopback listener and no
+    /// JWT issuer, and no active key exists).
+    pub async fn start(
+        store: Arc<dyn Store>,
+        open_dev_allowed: bool,
+        bootstrap_admin_key: Option<&SecretString>,
+    ) -> Result<Self, IdentityError> {
+        let now = now_ms();
+        store
+            .create_tenant(&Tenant {
+                id: DEFAULT_TENANT.into(),
+                name: "Default".into(),
+                monthly_budget_usd: None,
+                limits: Default::default(),
+                created_at_ms: now,
+            })
+            .await?;
+        if let Some(key) = bootstrap_admin_key {
+            let key = key.expose_secret();
+            if key.len() < MIN_BOOTSTRAP_LEN || key.chars().any(char::is_whitespace) {
+                return Err(IdentityError::Invalid {
+                    field: "SWITCHYARD_ADMIN_KEY",
+                    message: format!(
+                        "SWITCHYARD_ADMIN_KEY must be at least {MIN_BOOTSTRAP_LEN} characters without spaces (for example the output of `openssl rand -hex 32`)"
+                    ),
+                });
+            }
+            let hash = keys::hash_hex(key);
+            if store.find_api_key_by_hash(&hash).await?.is_none() {
+                store
+                    .insert_api_key(&ApiKeyRecord {
+                        id: new_id(),
+                        tenant_id: DEFAULT_TENANT.into(),
+                        name: "bootstrap admin (SWITCHYARD_ADMIN_KEY)".into(),
+                        role: Role::Admin,
+                        user_id: None,
+                        prefix: keys::shown_prefix(key),
+                        key_hash: hash,
+                        limits: KeyLimits::default(),
+                        signing_secrets: Vec::new(),
+                        require_signature: false,
+                        expires_at_ms: None,
+                        revoked_at_ms: None,
+                        created_at_ms: now,
+                        created_by: "bootstrap".into(),
+                    })
+                    .await?;
+                tracing::info!("stored the bootstrap admin key from SWITCHYARD_ADMIN_KEY");
+            }
+        }
+        let open_dev = open_dev_allowed && store.count_active_api_keys(now).await? == 0;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                cache: CredentialCache::default(),
+                open_dev: AtomicBool::new(open_dev),
+            }),
+        })
+    }
+
+    /// Whether requests without a credential are served as the admin of
+    /// tenant `default`. Ends for good once a key exists.
+    pub fn open_dev(&self) -> bool {
+        self.inner.open_dev.load(Ordering::Acquire)
+    }
+
+    /// The principal a credential stands for.
+    pub async fn authenticate(&self, credential: &str) -> Result<Principal, AuthError> {
+        let digest = keys::digest(credential);
+        if let Some(p) = self.inner.cache.get(&digest) {
+            return Ok(p);
+        }
+        let now = now_ms();
+        let Some(record) = self
+            .inner
+            .store
+            .find_api_key_by_hash(&hex::encode(digest))
+            .await?
+        else {
+            return Err(AuthError::InvalidKey);
+        };
+        if !record.is_active(now) {
+            return Err(AuthError::InvalidKey);
+        }
+        let principal = Principal {
+            tenant_id: record.tenant_id,
+            user_id: record.user_id,
+            role: record.role,
+            kind: CredentialKind::ApiKey,
+            key_id: Some(record.id),
+            expires_at: record.expires_at_ms.map(|ms| ms.div_euclid(1000)),
+            limits: record.limits,
+            require_signature: record.require_signature,
+        };
+        self.inner
+            .cache
+            .put(digest, principal.clone(), now.div_euclid(1000));
+        Ok(principal)
+    }
+
+    /// The signing secrets of a key, for verifying a signed request.
+    pub async fn signing_secrets(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .get_api_key(tenant_id, key_id)
+            .await?
+            .map(|k| k.signing_secrets)
+            .unwrap_or_default())
+    }
+
+    pub async fn create_key(
+        &self,
+        actor: &Actor,
+        new: NewKey,
+    ) -> Result<CreatedKey, IdentityError> {
+        actor.require_admin()?;
+        let tenant_id = actor.tenant(new.tenant_id.as_deref())?;
+        let name = new.name.trim();
+        if name.is_empty() || name.len() > 200 {
+            return Err(IdentityError::Invalid {
+                field: "name",
+                message: "name must be 1 to 200 characters".into(),
+            });
+        }
+        let now = now_ms();
+        if new.expires_at_ms.is_some_and(|e| e <= now) {
+            return Err(IdentityError::Invalid {
+                field: "expires_at",
+                message: "expires_at must be in the future".into(),
+            });
+        }
+        if self.inner.store.get_tenant(&tenant_id).await?.is_none() {
+            return Err(IdentityError::NotFound("tenant"));
+        }
+        if let Some(user) = &new.user_id {
+            self.inner.store.ensure_user(&tenant_id, user, now).await?;
+        }
+        let key = keys::generate();
+        let signing_secret = new.require_signature.then(keys::generate_signing_secret);
+        let record = ApiKeyRecord {
+            id: new_id(),
+            tenant_id,
+            name: name.to_owned(),
+            role: new.role.unwrap_or(Role::User),
+            user_id: new.user_id,
+            prefix: keys::shown_prefix(&key),
+            key_hash: keys::hash_hex(&key),
+            limits: new.limits,
+            signing_secrets: signing_secret.iter().cloned().collect(),
+            require_signature: new.require_signature,
+            expires_at_ms: new.expires_at_ms,
+            revoked_at_ms: None,
+            created_at_ms: now,
+            created_by: actor.label.clone(),
+        };
+        self.inner.store.insert_api_key(&record).await?;
+        if self.inner.open_dev.swap(false, Ordering::AcqRel) {
+            tracing::warn!("the first API key exists: open development mode has ended, every request now needs a credential");
+        }
+        self.audit(
+            actor,
+            &record.tenant_id,
+            "key.created",
+            Some(format!("key:{}", record.id)),
+            json!({"name": record.name, "role": record.role, "user_id": record.user_id, "prefix": record.prefix,
+                   "expires_at_ms": record.expires_at_ms, "require_signature": record.require_signature}),
+        )
+        .await;
+        Ok(CreatedKey {
+            record,
+            key,
+            signing_secret,
+        })
+    }
+
+    pub async fn list_keys(
+        &self,
+        actor: &Actor,
+        tenant: Option<&str>,
+    ) -> Result<Vec<ApiKeyRecord>, IdentityError> {
+        actor.require_admin()?;
+        let tenant_id = actor.tenant(tenant)?;
+        Ok(self.inner.store.list_api_keys(&tenant_id).await?)
+    }
+
+    /// Revokes a key; it stops working on this instance at once.
+    pub async fn revoke_key(
+        &self,
+        actor: &Actor,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<ApiKeyRecord, IdentityError> {
+        actor.require_admin()?;
+        let tenant_id = actor.tenant(tenant)?;
+        let revoked = self
+            .inner
+            .store
+            .revoke_api_key(&tenant_id, id, now_ms())
+            .await?;
+        let record = self
+            .inner
+            .store
+            .get_api_key(&tenant_id, id)
+            .await?
+            .ok_or(IdentityError::NotFound("key"))?;
+        self.inner.cache.invalidate_key(id);
+        if revoked {
+            self.audit(
+                actor,
+                &tenant_id,
+                "key.revoked",
+                Some(format!("key:{id}")),
+                json!({"name": record.name, "prefix": record.prefix}),
+            )
+            .await;
+        }
+        Ok(record)
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
+    }
+
+    /// Drops credentials from this instance's cache; returns how many.
+    pub async fn invalidate(
+        &self,
+        actor: &Actor,
+        what: Invalidate,
+    ) -> Result<usize, IdentityError> {
+        actor.require_admin()?;
+        let (n, target) = match &what {
+            Invalidate::All if actor.is_operator() => (self.inner.cache.clear(), "all".to_owned()),
+            Invalidate::All => {
+                return Err(IdentityError::Forbidden(
+                    "only an operator (an admin of tenant `default`) may drop the whole cache",
+                ))
+            }
+            Invalidate::Key(id) => {
+                // Only keys of the actor's tenant (any, for an operator).
+                let tenant_id = actor.tenant(None)?;
+                if !actor.is_operator()
+                    && self
+                        .inner
+                        .store
+                        .get_api_key(&tenant_id, id)
+                        .await?
+                        .is_none()
+                {
+                    return Err(IdentityError::NotFound("key"));
+                }
+                (self.inner.cache.invalidate_key(id), format!("key:{id}"))
+            }
+            Invalidate::Credential(c) => {
+                let digest = keys::digest(c.expose_secret());
+                (
+                    usize::from(self.inner.cache.invalidate_digest(&digest)),
+                    "credential".to_owned(),
+                )
+            }
+        };
+        self.audit(
+            actor,
+            &actor.tenant_id,
+            "auth_cache.invalidated",
+            Some(target),
+            json!({"dropped": n}),
+        )
+        .await;
+        Ok(n)
+    }
+
+    pub async fn create_tenant(
+        &self,
+        actor: &Actor,
+        tenant: Tenant,
+    ) -> Result<Tenant, IdentityError> {
+        if !actor.is_operator() {
+            return Err(IdentityError::Forbidden(
+                "only an operator (an admin of tenant `default`) manages tenants",
+            ));
+        }
+        validate_tenant_id(&tenant.id)?;
+        if !self.inner.store.create_tenant(&tenant).await? {
+            return Err(IdentityError::Conflict(format!(
+                "a tenant with id `{}` exists",
+                tenant.id
+            )));
+        }
+        self.audit(
+            actor,
+            &tenant.id,
+            "tenant.created",
+            Some(format!("tenant:{}", tenant.id)),
+            json!({"name": tenant.name, "monthly_budget_usd": tenant.monthly_budget_usd}),
+        )
+        .await;
+        Ok(tenant)
+    }
+
+    pub async fn list_tenants(&self, actor: &Actor) -> Result<Vec<Tenant>, IdentityError> {
+        actor.require_admin()?;
+        if actor.is_operator() {
+            return Ok(self.inner.store.list_tenants().await?);
+        }
+        Ok(self
+            .inner
+            .store
+            .get_tenant(&actor.tenant_id)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    pub async fn get_tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, StoreError> {
+        self.inner.store.get_tenant(tenant_id).await
+    }
+
+    /// Writes one audit event; a failure to write is logged, never fatal to
+    /// the operation it records (which has already happened).
+    pub async fn audit(
+        &self,
+        actor: &Actor,
+        tenant_id: &str,
+        action: &str,
+        target: Option<String>,
+        detail: serde_json::Value,
+    ) {
+        let record = AuditRecord {
+            id: new_id(),
+            tenant_id: tenant_id.to_owned(),
+            actor: actor.label.clone(),
+            action: action.to_owned(),
+            target,
+            detail,
+            trace_id: actor.trace_id.clone(),
+            created_at_ms: now_ms(),
+        };
+        tracing::info!(action, actor = %actor.label, tenant = tenant_id, target = record.target.as_deref(), "audit");
+        if let Err(e) = self.inner.store.insert_audit(&[record]).await {
+            tracing::error!(error = %e, action, "could not write an audit event");
+        }
+    }
+
+    pub async fn list_audit(
+        &self,
+        actor: &Actor,
+        tenant: Option<&str>,
+        query: &AuditQuery,
+    ) -> Result<Vec<AuditRecord>, IdentityError> {
+        actor.require_admin()?;
+        let tenant_id = actor.tenant(tenant)?;
+        Ok(self.inner.store.list_audit(&tenant_id, query).await?)
+    }
+}
+
+fn validate_tenant_id(id: &str) -> Result<(), IdentityError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::Invalid {
+            field: "id",
+            message: "a tenant id is 1 to 64 letters, digits, `-` or `_`".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

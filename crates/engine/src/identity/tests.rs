@@ -1,0 +1,227 @@
+use super::*;
+use switchyard_core::config::StoreConfig;
+use switchyard_store::SqliteStore;
+
+async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        url: format!("sqlite://{}/i.db", dir.path().display()),
+        ..StoreConfig::default()
+    };
+    let store = SqliteStore::connect(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    (dir, Arc::new(store))
+}
+
+fn new_key(name: &str, role: Role) -> NewKey {
+    NewKey {
+        name: name.into(),
+        role: Some(role),
+        ..NewKey::default()
+    }
+}
+
+#[tokio::test]
+async fn a_created_key_authenticates_and_a_revoked_one_stops_at_once() {
+    let (_d, store) = store().await;
+    let id = Identity::start(store, true, None).await.unwrap();
+    let created = id
+        .create_key(&Actor::cli(), new_key("svc", Role::Service))
+        .await
+        .unwrap();
+    assert!(keys::looks_like_key(&created.key));
+
+    let p = id.authenticate(&created.key).await.unwrap();
+    assert_eq!(p.role, Role::Service);
+    assert_eq!(p.tenant_id, "default");
+    assert_eq!(p.key_id.as_deref(), Some(created.record.id.as_str()));
+    id.authenticate(&created.key).await.unwrap();
+    assert_eq!(id.cache_stats().hits, 1, "the second use is a cache hit");
+
+    id.revoke_key(&Actor::cli(), None, &created.record.id)
+        .await
+        .unwrap();
+    assert!(matches!(
+        id.authenticate(&created.key).await,
+        Err(AuthError::InvalidKey)
+    ));
+    assert!(matches!(
+        id.authenticate("sy_notakeyatall").await,
+        Err(AuthError::InvalidKey)
+    ));
+}
+
+#[tokio::test]
+async fn open_development_mode_ends_with_the_first_key_and_stays_ended() {
+    let (_d, store) = store().await;
+    let id = Identity::start(store.clone(), true, None).await.unwrap();
+    assert!(id.open_dev());
+    let k = id
+        .create_key(&Actor::cli(), new_key("first", Role::Admin))
+        .await
+        .unwrap();
+    assert!(!id.open_dev());
+    id.revoke_key(&Actor::cli(), None, &k.record.id)
+        .await
+        .unwrap();
+    assert!(
+        !id.open_dev(),
+        "revoking every key does not reopen a running server"
+    );
+    assert!(
+        !Identity::start(store, false, None)
+            .await
+            .unwrap()
+            .open_dev(),
+        "never on a public address"
+    );
+}
+
+#[tokio::test]
+async fn a_bootstrap_admin_key_is_stored_once_and_authenticates() {
+    let (_d, store) = store().await;
+    let secret = SecretString::from("x".repeat(40));
+    let id = Identity::start(store.clone(), true, Some(&secret))
+        .await
+        .unwrap();
+    assert!(!id.open_dev());
+    let p = id.authenticate(&"x".repeat(40)).await.unwrap();
+    assert_eq!((p.role, p.tenant_id.as_str()), (Role::Admin, "default"));
+    Identity::start(store.clone(), true, Some(&secret))
+        .await
+        .unwrap();
+    assert_eq!(store.list_api_keys("default").await.unwrap().len(), 1);
+    let short = SecretString::from("short".to_owned());
+    assert!(matches!(
+        Identity::start(store, true, Some(&short)).await,
+        Err(IdentityError::Invalid {
+            field: "SWITCHYARD_ADMIN_KEY",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn only_admins_manage_keys_and_only_operators_cross_tenants() {
+    let (_d, store) = store().await;
+    let id = Identity::start(store, true, None).await.unwrap();
+    let op = Actor::cli();
+    for t in ["acme", "globex"] {
+        id.create_tenant(
+            &op,
+            Tenant {
+                id: t.into(),
+                name: t.into(),
+                monthly_budget_usd: None,
+                limits: Default::default(),
+                created_at_ms: 0,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let mut nk = new_key("acme admin", Role::Admin);
+    nk.tenant_id = Some("acme".into());
+    let acme_admin = id.create_key(&op, nk).await.unwrap();
+    let acme = Actor::from_principal(&id.authenticate(&acme_admin.key).await.unwrap(), None);
+    assert!(!acme.is_operator());
+
+    let mut other = new_key("x", Role::User);
+    other.tenant_id = Some("globex".into());
+    assert!(matches!(
+        id.create_key(&acme, other).await,
+        Err(IdentityError::NotFound("tenant"))
+    ));
+    assert!(matches!(
+        id.list_keys(&acme, Some("globex")).await,
+        Err(IdentityError::NotFound("tenant"))
+    ));
+    let mine = id
+        .create_key(&acme, new_key("acme user", Role::User))
+        .await
+        .unwrap();
+    assert_eq!(mine.record.tenant_id, "acme");
+    assert_eq!(id.list_keys(&acme, None).await.unwrap().len(), 2);
+
+    let mut gk = new_key("globex key", Role::User);
+    gk.tenant_id = Some("globex".into());
+    let globex_key = id.create_key(&op, gk).await.unwrap();
+    assert!(matches!(
+        id.revoke_key(&acme, None, &globex_key.record.id).await,
+        Err(IdentityError::NotFound("key"))
+    ));
+    assert!(id.authenticate(&globex_key.key).await.is_ok(), "untouched");
+
+    let user = Actor::from_principal(&id.authenticate(&mine.key).await.unwrap(), None);
+    assert!(matches!(
+        id.create_key(&user, new_key("nope", Role::Admin)).await,
+        Err(IdentityError::Forbidden(_))
+    ));
+    assert!(matches!(
+        id.create_tenant(
+            &acme,
+            Tenant {
+                id: "t3".into(),
+                name: "t3".into(),
+                monthly_budget_usd: None,
+                limits: Default::default(),
+                created_at_ms: 0
+            }
+        )
+        .await,
+        Err(IdentityError::Forbidden(_))
+    ));
+    let audit = id
+        .list_audit(
+            &acme,
+            None,
+            &AuditQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|a| (a.action.as_str(), a.actor.as_str()))
+        .collect();
+    let acme_actor = format!("key:{}", acme_admin.record.id);
+    assert_eq!(
+        seen,
+        vec![
+            ("key.created", acme_actor.as_str()),
+            ("key.created", "cli"),
+            ("tenant.created", "cli")
+        ],
+        "acme's own events, newest first, none of globex's"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_key_is_refused() {
+    let (_d, store) = store().await;
+    let id = Identity::start(store.clone(), true, None).await.unwrap();
+    let k = id
+        .create_key(&Actor::cli(), new_key("k", Role::User))
+        .await
+        .unwrap();
+    let mut past = k.record.clone();
+    past.id = new_id();
+    past.key_hash = keys::hash_hex("sy_expired");
+    past.expires_at_ms = Some(now_ms() - 1);
+    store.insert_api_key(&past).await.unwrap();
+    assert!(matches!(
+        id.authenticate("sy_expired").await,
+        Err(AuthError::InvalidKey)
+    ));
+    let mut nk = new_key("k", Role::User);
+    nk.expires_at_ms = Some(now_ms() - 1000);
+    assert!(matches!(
+        id.create_key(&Actor::cli(), nk).await,
+        Err(IdentityError::Invalid {
+            field: "expires_at",
+            ..
+        })
+    ));
+}
