@@ -24,6 +24,8 @@ pub struct Config {
     pub log: LogConfig,
     pub resilience: ResilienceConfig,
     pub health: HealthConfig,
+    pub auth: AuthConfig,
+    pub security: SecurityConfig,
     /// Upstream providers by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Model aliases clients may name, by alias.
@@ -191,6 +193,42 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic's Messages API; `base_url` like `https://api.anthropic.com/v1`.
     Anthropic,
+}
+
+/// Who may call: API keys live in the store; this says how credentials are
+/// presented and bootstraps the first admin.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// An admin key for tenant `default`, stored (as a hash) at startup if new.
+    /// Shortcut: `SWITCHYARD_ADMIN_KEY`. At least 32 characters.
+    #[serde(serialize_with = "serialize_secret_masked")]
+    pub admin_key: Option<SecretString>,
+    /// Header in which a `service` (or `admin`) key names the user it acts for.
+    pub user_header: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            admin_key: None,
+            user_header: "x-switchyard-user".into(),
+        }
+    }
+}
+
+/// Response headers and browser access.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Origins allowed to call from a browser (CORS); empty = none. `"*"` allows any.
+    pub cors_origins: Vec<String>,
+    /// Send `Strict-Transport-Security`: set it when clients reach this server
+    /// over TLS (terminated here or by the proxy in front of it).
+    pub hsts: bool,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask for;
+    /// unset = no cap.
+    pub max_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -656,6 +694,14 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
     }
     let anthropic_model =
         env_nonempty(env, "ANTHROPIC_MODEL_DEFAULT").unwrap_or(DEFAULT_ANTHROPIC_MODEL);
+    if let Some(key) = env_nonempty(env, "SWITCHYARD_ADMIN_KEY") {
+        let auth = tree
+            .entry("auth")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(t) = auth.as_table_mut() {
+            t.insert("admin_key".into(), toml::Value::String(key.to_owned()));
+        }
+    }
     if let Some(key) = env_nonempty(env, "ANTHROPIC_API_KEY") {
         let base = env_nonempty(env, "ANTHROPIC_BASE_URL").unwrap_or(DEFAULT_ANTHROPIC_BASE);
         upsert_provider(tree, "anthropic", base, Some(key));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::Stream;
 use switchyard_core::config::{Config, Pricing, ProviderKind};
-use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, InvalidRequest, Usage};
 use switchyard_core::usage::{new_id, UsageRecord};
 use switchyard_providers::anthropic::AnthropicProvider;
 use switchyard_providers::breaker::{BreakerConfig, CircuitBreaker};
@@ -42,6 +42,9 @@ pub struct RequestMeta {
 pub enum EngineError {
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     UnknownModel(String),
+    /// The request breaks a rule of this server's configuration.
+    #[error("{}", .0.message)]
+    Invalid(InvalidRequest),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     /// Every deployment of the alias has an open circuit breaker.
@@ -78,6 +81,8 @@ pub struct Gateway {
     models: Vec<ModelInfo>,
     usage: UsageWriter,
     store: Arc<dyn Store>,
+    /// `security.max_tokens`: the largest completion a request may ask for.
+    max_tokens: Option<u32>,
 }
 
 impl Gateway {
@@ -186,6 +191,7 @@ impl Gateway {
             models,
             usage,
             store,
+            max_tokens: config.security.max_tokens,
         })
     }
 
@@ -231,11 +237,31 @@ impl Gateway {
     }
 
     #[tracing::instrument(skip_all, fields(gen_ai.request.model = %req.model, stream = req.stream))]
+    /// Refuses a request asking for more completion tokens than allowed.
+    fn check_max_tokens(&self, req: &ChatRequest) -> Result<(), EngineError> {
+        let Some(cap) = self.max_tokens else {
+            return Ok(());
+        };
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(n) = req.body.get(field).and_then(serde_json::Value::as_u64) {
+                if n > u64::from(cap) {
+                    return Err(EngineError::Invalid(InvalidRequest {
+                        message: format!("`{field}` is {n}, above this server's limit of {cap}."),
+                        param: Some(field.to_owned()),
+                        code: "max_tokens_too_large",
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn chat(
         &self,
         meta: &RequestMeta,
         req: &ChatRequest,
     ) -> Result<ChatOutcome, EngineError> {
+        self.check_max_tokens(req)?;
         let route = self.route(&req.model)?;
         let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream);
         match self.router.chat(route, &req.body, req.stream).await {

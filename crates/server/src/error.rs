@@ -81,6 +81,7 @@ impl From<EngineError> for ApiError {
                 err.body.param = Some("model".into());
                 err
             }
+            EngineError::Invalid(e) => Self::invalid(e),
             EngineError::Provider(p) => from_provider(p),
             EngineError::Unavailable(model) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -2,6 +2,7 @@
 //! context, metrics and request logging. It turns requests into engine calls
 //! and engine results into responses; it never runs SQL or calls a provider.
 
+mod auth;
 mod error;
 mod extract;
 mod observe;
@@ -9,9 +10,11 @@ mod routes;
 
 use std::sync::Arc;
 
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use switchyard_core::config::SecurityConfig;
+use switchyard_engine::identity::Identity;
 use switchyard_engine::Gateway;
 
 pub use error::ApiError;
@@ -22,35 +25,63 @@ pub struct AppState {
     inner: Arc<Inner>,
 }
 
+/// What the HTTP layer is built from.
+pub struct Parts {
+    pub gateway: Gateway,
+    pub identity: Identity,
+    pub prometheus: Option<PrometheusHandle>,
+    pub max_body_bytes: usize,
+    /// Header in which a service key names the user it acts for.
+    pub user_header: String,
+    pub security: SecurityConfig,
+}
+
 struct Inner {
     gateway: Gateway,
+    identity: Identity,
     prometheus: Option<PrometheusHandle>,
     max_body_bytes: usize,
+    user_header: axum::http::HeaderName,
+    security: SecurityConfig,
 }
 
 impl AppState {
-    pub fn new(
-        gateway: Gateway,
-        prometheus: Option<PrometheusHandle>,
-        max_body_bytes: usize,
-    ) -> Self {
-        Self {
+    pub fn new(parts: Parts) -> Result<Self, String> {
+        let user_header =
+            axum::http::HeaderName::try_from(parts.user_header.as_str()).map_err(|_| {
+                format!(
+                    "auth.user_header: `{}` is not a header name",
+                    parts.user_header
+                )
+            })?;
+        Ok(Self {
             inner: Arc::new(Inner {
-                gateway,
-                prometheus,
-                max_body_bytes,
+                gateway: parts.gateway,
+                identity: parts.identity,
+                prometheus: parts.prometheus,
+                max_body_bytes: parts.max_body_bytes,
+                user_header,
+                security: parts.security,
             }),
-        }
+        })
     }
 
     pub fn gateway(&self) -> &Gateway {
         &self.inner.gateway
     }
+
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    pub(crate) fn user_header(&self) -> &axum::http::HeaderName {
+        &self.inner.user_header
+    }
 }
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route(
             "/v1/chat/completions",
             post(routes::openai::chat_completions),
@@ -60,11 +91,63 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(routes::openai::list_models))
         .route("/v1/models/{*model}", get(routes::openai::get_model))
         .route("/v1/admin/providers", get(routes::admin::providers))
+        .route(
+            "/v1/admin/keys",
+            post(routes::keys::create_key).get(routes::keys::list_keys),
+        )
+        .route("/v1/admin/keys/{id}", delete(routes::keys::revoke_key))
+        .route(
+            "/v1/admin/tenants",
+            post(routes::keys::create_tenant).get(routes::keys::list_tenants),
+        )
+        .route("/v1/admin/auth-cache", get(routes::keys::auth_cache))
+        .route(
+            "/v1/admin/auth-cache/invalidate",
+            post(routes::keys::invalidate_auth_cache),
+        )
+        .route("/v1/admin/audit", get(routes::keys::audit))
         .route("/health", get(routes::ops::health))
         .route("/ready", get(routes::ops::ready))
         .route("/metrics", get(routes::ops::metrics))
         .fallback(routes::ops::not_found)
         .method_not_allowed_fallback(routes::ops::method_not_allowed)
-        .layer(axum::middleware::from_fn(observe::observe))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ));
+    let router = match cors_layer(&state.inner.security) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// CORS for the configured origins; none by default (no layer at all).
+fn cors_layer(security: &SecurityConfig) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if security.cors_origins.is_empty() {
+        return None;
+    }
+    let origin = if security.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            security
+                .cors_origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers(Any)
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }

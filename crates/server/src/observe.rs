@@ -23,7 +23,11 @@ pub struct ModelLabel(pub String);
 #[derive(Clone, Debug)]
 pub struct ProviderLabel(pub String);
 
-pub async fn observe(mut req: Request, next: Next) -> Response {
+pub async fn observe(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let ctx = req
         .headers()
@@ -74,6 +78,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     }
 
     let headers = resp.headers_mut();
+    security_headers(headers, state.inner.security.hsts);
     if let Ok(v) = HeaderValue::from_str(&ctx.traceparent()) {
         headers.insert("traceparent", v);
     }
@@ -81,4 +86,28 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         headers.insert("x-request-id", id);
     }
     resp
+}
+
+/// The security headers every response carries.
+fn security_headers(headers: &mut axum::http::HeaderMap, hsts: bool) {
+    use axum::http::header;
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        "permissions-policy",
+        HeaderValue::from_static("camera=(), microphone=(), geolocation=(), interest-cohort=()"),
+    );
+    if hsts {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+        );
+    }
 }

@@ -32,6 +32,48 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Create, list and revoke API keys (directly in the configured store).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (the only time it is shown).
+    Create {
+        /// What the key is for.
+        #[arg(long)]
+        name: String,
+        /// admin, service or user.
+        #[arg(long, default_value = "user")]
+        role: String,
+        /// The tenant it belongs to (created if missing).
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// The user a `user` key belongs to.
+        #[arg(long)]
+        user: Option<String>,
+        /// Days until it expires (no expiry by default).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+        /// Require signed requests (X-Timestamp + X-Signature); prints the signing secret.
+        #[arg(long)]
+        require_signature: bool,
+    },
+    /// List a tenant's keys (never the keys themselves).
+    List {
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// Revoke a key by id; it stops working at once on the server that
+    /// serves this store (within its credential cache's 60 s elsewhere).
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

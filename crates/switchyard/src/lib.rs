@@ -2,6 +2,7 @@
 //! the command line, loads configuration, sets up telemetry and calls this.
 
 pub mod cli;
+pub mod keys;
 pub mod logwriter;
 pub mod telemetry;
 
@@ -46,11 +47,29 @@ impl Application {
         for m in gateway.models() {
             tracing::info!(model = %m.id, provider = %m.owned_by, "model alias configured");
         }
-        let state = switchyard_server::AppState::new(
+        // Open development mode: only on a loopback listener (and, once JWT
+        // issuers exist, only without one), and only while no key exists.
+        let identity = switchyard_engine::identity::Identity::start(
+            store.clone(),
+            config.server.listen.ip().is_loopback(),
+            config.auth.admin_key.as_ref(),
+        )
+        .await
+        .context("loading identity")?;
+        if identity.open_dev() {
+            tracing::warn!(
+                "open development mode: no API key exists and the server listens on a loopback address, so every request is served as the admin of tenant `default`; create a key (`switchyard keys create`) to end it"
+            );
+        }
+        let state = switchyard_server::AppState::new(switchyard_server::Parts {
             gateway,
-            prometheus.clone(),
-            config.server.max_body_bytes,
-        );
+            identity,
+            prometheus: prometheus.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            user_header: config.auth.user_header.clone(),
+            security: config.security.clone(),
+        })
+        .map_err(anyhow::Error::msg)?;
         let router = switchyard_server::router(state);
         let listener = TcpListener::bind(config.server.listen)
             .await

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let _log_guard = telemetry::init_logging(&config.log);
+    let _log_guard = telemetry::init_logging(&config.log, !matches!(cli.command, Command::Serve));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -61,6 +61,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Config { .. } => Ok(()),
+            Command::Keys { command } => switchyard::keys::run(&config, command).await,
         }
     });
     match result {

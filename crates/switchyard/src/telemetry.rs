@@ -12,11 +12,16 @@ use crate::logwriter::{self, LogFlushGuard};
 /// Lines go through [`crate::logwriter`]: buffered, written by one thread in
 /// few large writes, so no request waits on a `write` syscall. Keep the
 /// guard until exit: dropping it flushes what is buffered.
-pub fn init_logging(config: &LogConfig) -> LogFlushGuard {
+/// `to_stderr` is for one-shot commands whose stdout is their output.
+pub fn init_logging(config: &LogConfig, to_stderr: bool) -> LogFlushGuard {
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let (sink, guard) = logwriter::spawn(std::io::stdout());
+    let (sink, guard) = if to_stderr {
+        logwriter::spawn(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>)
+    } else {
+        logwriter::spawn(Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(move || sink.clone());

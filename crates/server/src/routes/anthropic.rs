@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use switchyard_core::anthropic::{
     error_type_for_status, response_to_anthropic, Event, MessagesRequest, OpenAiToAnthropicStream,
 };
+use switchyard_core::identity::Principal;
 use switchyard_core::openai::{parse_object, ChatRequest};
 use switchyard_core::trace::TraceContext;
 use switchyard_engine::{ChatOutcome, StreamEvent};
@@ -50,6 +51,7 @@ pub async fn messages(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(started): Extension<Instant>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -70,7 +72,11 @@ pub async fn messages(
         Err(e) => return invalid(&e.message),
     };
     let alias = msg.model.clone();
-    let (mut resp, provider) = match state.gateway().chat(&meta(&ctx, started), &req).await {
+    let (mut resp, provider) = match state
+        .gateway()
+        .chat(&meta(&ctx, started, &principal), &req)
+        .await
+    {
         Ok(ChatOutcome::Complete { body, provider }) => {
             match serde_json::from_slice::<Value>(&body) {
                 Ok(v) => (

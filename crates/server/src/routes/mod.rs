@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod anthropic;
+pub mod keys;
 pub mod openai;
 pub mod ops;

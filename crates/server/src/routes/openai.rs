@@ -12,6 +12,7 @@ use axum::Extension;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::json;
+use switchyard_core::identity::Principal;
 use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, InvalidRequest};
 use switchyard_core::trace::TraceContext;
 use switchyard_engine::{ChatOutcome, ModelInfo, RequestMeta, StreamEvent};
@@ -21,15 +22,12 @@ use crate::extract::read_body;
 use crate::observe::{ModelLabel, ProviderLabel};
 use crate::AppState;
 
-/// Until tenancy exists every request belongs to the default tenant.
-const DEFAULT_TENANT: &str = "default";
-
-pub(crate) fn meta(ctx: &TraceContext, started: Instant) -> RequestMeta {
+pub(crate) fn meta(ctx: &TraceContext, started: Instant, who: &Principal) -> RequestMeta {
     RequestMeta {
         trace_id: ctx.trace_id(),
-        tenant_id: DEFAULT_TENANT.to_owned(),
-        key_id: None,
-        user_id: None,
+        tenant_id: who.tenant_id.clone(),
+        key_id: who.key_id.clone(),
+        user_id: who.user_id.clone(),
         started,
     }
 }
@@ -52,6 +50,7 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(started): Extension<Instant>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -59,7 +58,10 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let outcome = state.gateway().chat(&meta(&ctx, started), &req).await;
+    let outcome = state
+        .gateway()
+        .chat(&meta(&ctx, started, &principal), &req)
+        .await;
     let (mut resp, provider) = match outcome {
         Ok(ChatOutcome::Complete { body, provider }) => (json_response(body), Some(provider)),
         Ok(ChatOutcome::Stream { events, provider }) => (sse_response(events), Some(provider)),
@@ -73,6 +75,7 @@ pub async fn embeddings(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(started): Extension<Instant>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -80,7 +83,11 @@ pub async fn embeddings(
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let (mut resp, provider) = match state.gateway().embeddings(&meta(&ctx, started), &req).await {
+    let (mut resp, provider) = match state
+        .gateway()
+        .embeddings(&meta(&ctx, started, &principal), &req)
+        .await
+    {
         Ok((body, provider)) => (json_response(body), Some(provider)),
         Err(e) => (ApiError::from(e).into_response(), None),
     };

@@ -305,3 +305,32 @@ async fn the_provider_key_never_appears_in_a_response_or_a_log_line() {
         "a log line leaked the key"
     );
 }
+
+#[tokio::test]
+async fn max_tokens_above_the_configured_cap_is_400_before_any_provider_call() {
+    let app = app().config("[security]\nmax_tokens = 256\n").spawn().await;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let mut body = chat_body("gpt-4o-mini");
+        body[field] = json!(257);
+        let resp = app.post_json("/v1/chat/completions", &body).await;
+        let err = assert_error(resp, 400, "max_tokens_too_large").await;
+        assert_eq!(err["error"]["param"], field);
+    }
+    let resp = app
+        .post_json(
+            "/v1/messages",
+            &json!({"model": "gpt-4o-mini", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(app.mock().calls(), 0);
+    let mut ok = chat_body("gpt-4o-mini");
+    ok["max_tokens"] = json!(256);
+    assert_eq!(
+        app.post_json("/v1/chat/completions", &ok).await.status(),
+        200
+    );
+}

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod anthropic;
+mod auth;
 mod chat;
 mod cli;
 mod embeddings;

@@ -5,6 +5,9 @@
 
 use crate::helpers::*;
 
+/// The key the SDKs authenticate with (bootstrapped as the admin key).
+const SDK_KEY: &str = "sdk-test-admin-key-0123456789abcdef0123";
+
 #[tokio::test]
 async fn the_official_openai_python_sdk_works_unchanged() {
     let python = match std::env::var("SWITCHYARD_PYTHON") {
@@ -26,6 +29,7 @@ async fn the_official_openai_python_sdk_works_unchanged() {
              [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-mock\"\n",
             anthropic.base_url()
         ))
+        .env("SWITCHYARD_ADMIN_KEY", SDK_KEY)
         .spawn()
         .await;
     let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python");
@@ -34,6 +38,7 @@ async fn the_official_openai_python_sdk_works_unchanged() {
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", tests])
         .env("OPENAI_BASE_URL", app.url("/v1"))
         .env("ANTHROPIC_BASE_URL", app.url(""))
+        .env("SWITCHYARD_TEST_KEY", SDK_KEY)
         .env_remove("OPENAI_API_KEY")
         .env_remove("ANTHROPIC_API_KEY")
         .output()
@@ -46,5 +51,5 @@ async fn the_official_openai_python_sdk_works_unchanged() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{report}");
-    assert!(report.contains("12 passed"), "{report}");
+    assert!(report.contains("14 passed"), "{report}");
 }

@@ -20,7 +20,7 @@ WEATHER = {
 
 @pytest.fixture
 def client():
-    return anthropic.Anthropic(base_url=os.environ["ANTHROPIC_BASE_URL"], api_key="sk-ant-unused", max_retries=0)
+    return anthropic.Anthropic(base_url=os.environ["ANTHROPIC_BASE_URL"], api_key=os.environ["SWITCHYARD_TEST_KEY"], max_retries=0)
 
 
 def test_messages_create(client):
@@ -84,7 +84,7 @@ def test_messages_unknown_model(client):
 
 
 def test_openai_sdk_against_an_anthropic_backed_alias():
-    oai = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="unused", max_retries=0)
+    oai = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key=os.environ["SWITCHYARD_TEST_KEY"], max_retries=0)
     resp = oai.chat.completions.create(model="claude", messages=[{"role": "user", "content": "Say hello"}])
     assert resp.choices[0].message.content == "Hello! How can I help you today?"
     chunks = list(
@@ -102,3 +102,10 @@ def test_openai_sdk_against_an_anthropic_backed_alias():
     ]
     assert len(args) >= 2
     assert "".join(args) == '{"location": "Paris", "unit": "celsius"}'
+
+
+def test_a_wrong_key_raises_authentication_error():
+    bad = anthropic.Anthropic(base_url=os.environ["ANTHROPIC_BASE_URL"], api_key="sy_wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        bad.messages.create(model="claude", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 401

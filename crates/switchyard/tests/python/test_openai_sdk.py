@@ -16,7 +16,7 @@ EMBED_MODEL = "text-embedding-3-small"
 
 @pytest.fixture
 def client():
-    return openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="sk-client-unused", max_retries=0)
+    return openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key=os.environ["SWITCHYARD_TEST_KEY"], max_retries=0)
 
 
 def test_non_streaming_chat(client):
@@ -101,3 +101,11 @@ def test_bad_request_raises_bad_request_error(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "x"}], temperature=9)
     assert e.value.param == "temperature"
+
+
+def test_a_wrong_key_raises_authentication_error():
+    bad = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="sy_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 401
+    assert e.value.code == "invalid_api_key"

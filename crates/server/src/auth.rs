@@ -1,0 +1,187 @@
+//! Authentication and the first authorization gate, as one middleware:
+//! every route but `/health`, `/ready` and `/metrics` needs a credential
+//! (`Authorization: Bearer …`, or `x-api-key` as Anthropic's SDK sends it),
+//! unless open development mode applies. The resulting [`Principal`] is put
+//! in the request's extensions for handlers; `/v1/admin/*` needs an admin.
+//!
+//! A refusal answers in the shape of the API the route belongs to
+//! (OpenAI's, Anthropic's or the native one), so every SDK raises its own
+//! authentication error.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use switchyard_core::identity::{Principal, Role};
+use switchyard_engine::identity::AuthError;
+
+use crate::error::ErrorDetail;
+use crate::AppState;
+
+/// Which API's error shape a path answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    OpenAi,
+    Anthropic,
+    Native,
+}
+
+impl Family {
+    pub(crate) fn of(path: &str) -> Self {
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Family::Anthropic
+        } else if path.starts_with("/v1/admin/")
+            || path.starts_with("/v1/sessions")
+            || path.starts_with("/v1/bots")
+            || path.starts_with("/v1/traces")
+        {
+            Family::Native
+        } else {
+            Family::OpenAi
+        }
+    }
+}
+
+/// An error in the family's shape.
+pub(crate) fn family_error(
+    family: Family,
+    status: StatusCode,
+    code: Option<&str>,
+    message: &str,
+) -> Response {
+    let body = match family {
+        Family::OpenAi => json!({"error": {
+            "message": message,
+            "type": if status == StatusCode::TOO_MANY_REQUESTS { "requests" } else { "invalid_request_error" },
+            "param": null,
+            "code": code,
+        }}),
+        Family::Anthropic => json!({"type": "error", "error": {
+            "type": switchyard_core::anthropic::error_type_for_status(status.as_u16()),
+            "message": message,
+        }}),
+        Family::Native => json!({"error": {
+            "code": code.unwrap_or("error"),
+            "message": message,
+            "details": {},
+        }}),
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+fn is_public(path: &str) -> bool {
+    matches!(path, "/health" | "/ready" | "/metrics")
+}
+
+fn credential(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        return Some(
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .unwrap_or(v)
+                .trim(),
+        );
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if is_public(path) {
+        return next.run(req).await;
+    }
+    let family = Family::of(path);
+    let identity = state.identity();
+    // In open development mode no key exists, so no presented credential
+    // could be valid: the placeholder an SDK insists on ("unused") is ignored.
+    let mut principal = if identity.open_dev() {
+        Principal::open_dev()
+    } else {
+        match credential(req.headers()).filter(|c| !c.is_empty()) {
+            Some(c) => match identity.authenticate(c).await {
+                Ok(p) => p,
+                Err(e) => return refuse(family, &e),
+            },
+            None => return refuse(family, &AuthError::Missing),
+        }
+    };
+    if let Some(user) = req.headers().get(state.user_header()) {
+        let user = user.to_str().map(str::trim).unwrap_or_default();
+        if principal.role == Role::User {
+            return family_error(
+                family,
+                StatusCode::FORBIDDEN,
+                Some("insufficient_permissions"),
+                &format!(
+                    "Only a service or admin key may act for a user (`{}`).",
+                    state.user_header()
+                ),
+            );
+        }
+        if user.is_empty() || user.len() > 256 {
+            return family_error(
+                family,
+                StatusCode::BAD_REQUEST,
+                Some("invalid_user"),
+                &format!(
+                    "`{}` must name a user (1 to 256 characters).",
+                    state.user_header()
+                ),
+            );
+        }
+        principal.user_id = Some(user.to_owned());
+    }
+    if path.starts_with("/v1/admin/") && principal.role != Role::Admin {
+        return family_error(
+            family,
+            StatusCode::FORBIDDEN,
+            Some("insufficient_permissions"),
+            "This route needs an admin key.",
+        );
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+fn refuse(family: Family, e: &AuthError) -> Response {
+    let mut resp = match e {
+        AuthError::Missing => match family {
+            Family::OpenAi => family_error(
+                family,
+                StatusCode::UNAUTHORIZED,
+                None,
+                "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            ),
+            _ => family_error(
+                family,
+                StatusCode::UNAUTHORIZED,
+                Some(e.code()),
+                "No credential: send `Authorization: Bearer <key or token>` or `x-api-key: <key>`.",
+            ),
+        },
+        AuthError::InvalidKey => family_error(
+            family,
+            StatusCode::UNAUTHORIZED,
+            Some(e.code()),
+            "Incorrect API key provided. It may be mistyped, revoked or expired.",
+        ),
+        AuthError::Store(_) => family_error(
+            family,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("internal_error"),
+            "The server could not check the credential; try again shortly.",
+        ),
+    };
+    if let AuthError::Store(inner) = e {
+        resp.extensions_mut().insert(ErrorDetail(inner.to_string()));
+    }
+    resp
+}

@@ -1,0 +1,384 @@
+//! `/v1/admin/keys`, `/v1/admin/tenants`, `/v1/admin/auth-cache` and
+//! `/v1/admin/audit`: identity management over HTTP, with the same rules as
+//! the CLI (they are enforced in the engine). Errors use the native shape
+//! `{"error":{"code","message","details"}}`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchyard_core::identity::{ApiKeyRecord, AuditQuery, KeyLimits, Principal, Role, Tenant};
+use switchyard_core::trace::TraceContext;
+use switchyard_engine::identity::{now_ms, Actor, IdentityError, Invalidate, NewKey};
+
+use crate::error::ErrorDetail;
+use crate::extract::read_body;
+use crate::AppState;
+
+/// A native error response.
+pub(crate) fn native(status: StatusCode, code: &str, message: &str, details: Value) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message, "details": details}})),
+    )
+        .into_response()
+}
+
+fn identity_error(e: IdentityError) -> Response {
+    match e {
+        IdentityError::Invalid { field, message } => native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &message,
+            json!({"field": field}),
+        ),
+        IdentityError::Forbidden(m) => native(StatusCode::FORBIDDEN, "forbidden", m, json!({})),
+        IdentityError::NotFound(what) => native(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("No such {what}."),
+            json!({}),
+        ),
+        IdentityError::Conflict(m) => native(StatusCode::CONFLICT, "conflict", &m, json!({})),
+        IdentityError::Store(s) => {
+            let mut r = native(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "The server had an error while processing your request.",
+                json!({}),
+            );
+            r.extensions_mut().insert(ErrorDetail(s.to_string()));
+            r
+        }
+    }
+}
+
+/// Parses a JSON body into `T`, naming the offending field on failure.
+async fn parse<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<T, Response> {
+    let bytes: Bytes = read_body(headers, body, state.inner.max_body_bytes)
+        .await
+        .map_err(|e| {
+            native(
+                e.status,
+                e.body.code.as_deref().unwrap_or("invalid_request"),
+                &e.body.message,
+                json!({}),
+            )
+        })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("The body is not valid JSON: {inner}")
+        } else {
+            format!("Invalid field `{path}`: {inner}")
+        };
+        native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &message,
+            json!({"field": (path != ".").then_some(path)}),
+        )
+    })
+}
+
+fn actor(p: &Principal, ctx: &TraceContext) -> Actor {
+    Actor::from_principal(p, Some(ctx.trace_id()))
+}
+
+fn secs(ms: Option<i64>) -> Option<i64> {
+    ms.map(|m| m.div_euclid(1000))
+}
+
+/// A key as listed: never the key, its hash or its signing secrets.
+fn key_json(k: &ApiKeyRecord) -> Value {
+    json!({
+        "id": k.id,
+        "object": "api_key",
+        "name": k.name,
+        "role": k.role,
+        "tenant_id": k.tenant_id,
+        "user_id": k.user_id,
+        "prefix": k.prefix,
+        "limits": k.limits,
+        "require_signature": k.require_signature,
+        "created_at": secs(Some(k.created_at_ms)),
+        "expires_at": secs(k.expires_at_ms),
+        "revoked_at": secs(k.revoked_at_ms),
+        "active": k.is_active(now_ms()),
+        "created_by": k.created_by,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    #[serde(default)]
+    role: Option<Role>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+    /// Unix seconds.
+    #[serde(default)]
+    expires_at: Option<i64>,
+    #[serde(default)]
+    limits: KeyLimits,
+    #[serde(default)]
+    require_signature: bool,
+}
+
+pub async fn create_key(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let req: CreateKey = match parse(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let new = NewKey {
+        name: req.name,
+        role: req.role,
+        tenant_id: req.tenant_id,
+        user_id: req.user_id,
+        expires_at_ms: req.expires_at.map(|s| s.saturating_mul(1000)),
+        limits: req.limits,
+        require_signature: req.require_signature,
+    };
+    match state.identity().create_key(&actor(&who, &ctx), new).await {
+        Ok(created) => {
+            let mut body = key_json(&created.record);
+            body["key"] = json!(created.key);
+            if let Some(s) = created.signing_secret {
+                body["signing_secret"] = json!(s);
+            }
+            (StatusCode::CREATED, Json(body)).into_response()
+        }
+        Err(e) => identity_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct TenantParam {
+    tenant_id: Option<String>,
+}
+
+pub async fn list_keys(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    Query(q): Query<TenantParam>,
+) -> Response {
+    match state
+        .identity()
+        .list_keys(&actor(&who, &ctx), q.tenant_id.as_deref())
+        .await
+    {
+        Ok(keys) => {
+            Json(json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
+                .into_response()
+        }
+        Err(e) => identity_error(e),
+    }
+}
+
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    Query(q): Query<TenantParam>,
+) -> Response {
+    match state
+        .identity()
+        .revoke_key(&actor(&who, &ctx), q.tenant_id.as_deref(), &id)
+        .await
+    {
+        Ok(k) => Json(key_json(&k)).into_response(),
+        Err(e) => identity_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    monthly_budget_usd: Option<f64>,
+    #[serde(default)]
+    limits: std::collections::BTreeMap<String, String>,
+}
+
+fn tenant_json(t: &Tenant) -> Value {
+    json!({"id": t.id, "object": "tenant", "name": t.name, "monthly_budget_usd": t.monthly_budget_usd,
+           "limits": t.limits, "created_at": secs(Some(t.created_at_ms))})
+}
+
+pub async fn create_tenant(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let req: CreateTenant = match parse(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if req
+        .monthly_budget_usd
+        .is_some_and(|b| !b.is_finite() || b < 0.0)
+    {
+        return native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "monthly_budget_usd must be a number of dollars, zero or more",
+            json!({"field": "monthly_budget_usd"}),
+        );
+    }
+    let tenant = Tenant {
+        name: req.name.unwrap_or_else(|| req.id.clone()),
+        id: req.id,
+        monthly_budget_usd: req.monthly_budget_usd,
+        limits: req.limits,
+        created_at_ms: now_ms(),
+    };
+    match state
+        .identity()
+        .create_tenant(&actor(&who, &ctx), tenant)
+        .await
+    {
+        Ok(t) => (StatusCode::CREATED, Json(tenant_json(&t))).into_response(),
+        Err(e) => identity_error(e),
+    }
+}
+
+pub async fn list_tenants(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+) -> Response {
+    match state.identity().list_tenants(&actor(&who, &ctx)).await {
+        Ok(ts) => {
+            Json(json!({"object": "list", "data": ts.iter().map(tenant_json).collect::<Vec<_>>()}))
+                .into_response()
+        }
+        Err(e) => identity_error(e),
+    }
+}
+
+pub async fn auth_cache(State(state): State<AppState>) -> Response {
+    Json(json!(state.identity().cache_stats())).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateBody {
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    key_id: Option<String>,
+    #[serde(default)]
+    credential: Option<String>,
+}
+
+pub async fn invalidate_auth_cache(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let req: InvalidateBody = match parse(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let what = match (req.all, req.key_id, req.credential) {
+        (true, None, None) => Invalidate::All,
+        (false, Some(id), None) => Invalidate::Key(id),
+        (false, None, Some(c)) => Invalidate::Credential(SecretString::from(c)),
+        _ => {
+            return native(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Give exactly one of `all: true`, `key_id` or `credential`.",
+                json!({}),
+            )
+        }
+    };
+    match state.identity().invalidate(&actor(&who, &ctx), what).await {
+        Ok(n) => Json(json!({"dropped": n})).into_response(),
+        Err(e) => identity_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct AuditParams {
+    tenant_id: Option<String>,
+    action: Option<String>,
+    actor: Option<String>,
+    /// Unix seconds, inclusive.
+    since: Option<i64>,
+    /// Unix seconds, exclusive.
+    until: Option<i64>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+pub async fn audit(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    Query(p): Query<AuditParams>,
+) -> Response {
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "limit must be between 1 and 500",
+            json!({"field": "limit"}),
+        );
+    }
+    let query = AuditQuery {
+        action: p.action,
+        actor: p.actor,
+        since_ms: p.since.map(|s| s.saturating_mul(1000)),
+        until_ms: p.until.map(|s| s.saturating_mul(1000)),
+        before_id: p.cursor,
+        limit,
+    };
+    match state
+        .identity()
+        .list_audit(&actor(&who, &ctx), p.tenant_id.as_deref(), &query)
+        .await
+    {
+        Ok(rows) => {
+            let next = (rows.len() == limit as usize)
+                .then(|| rows.last().map(|r| r.id.clone()))
+                .flatten();
+            let data: Vec<Value> = rows
+                .iter()
+                .map(|a| json!({"id": a.id, "tenant_id": a.tenant_id, "actor": a.actor, "action": a.action,
+                    "target": a.target, "detail": a.detail, "trace_id": a.trace_id, "created_at_ms": a.created_at_ms}))
+                .collect();
+            Json(json!({"data": data, "next_cursor": next})).into_response()
+        }
+        Err(e) => identity_error(e),
+    }
+}

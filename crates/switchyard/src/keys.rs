@@ -1,0 +1,105 @@
+//! `switchyard keys …`: key management from the machine that runs the
+//! server, straight against the configured store, as an operator (it may
+//! name any tenant; a missing tenant is created).
+
+use anyhow::{bail, Context as _};
+use switchyard_core::identity::{Role, Tenant};
+use switchyard_core::Config;
+use switchyard_engine::identity::{now_ms, Actor, Identity, NewKey};
+
+use crate::cli::KeysCommand;
+
+pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    let store = switchyard_store::connect(&config.store)
+        .await
+        .context("opening the store")?;
+    store.migrate().await.context("migrating the store")?;
+    let identity = Identity::start(store.clone(), false, config.auth.admin_key.as_ref())
+        .await
+        .context("loading identity")?;
+    let actor = Actor::cli();
+    let result = match command {
+        KeysCommand::Create {
+            name,
+            role,
+            tenant,
+            user,
+            expires_in_days,
+            require_signature,
+        } => {
+            let Some(role) = Role::parse(&role) else {
+                bail!("--role must be admin, service or user, not `{role}`");
+            };
+            if identity.get_tenant(&tenant).await?.is_none() {
+                identity
+                    .create_tenant(
+                        &actor,
+                        Tenant {
+                            id: tenant.clone(),
+                            name: tenant.clone(),
+                            monthly_budget_usd: None,
+                            limits: Default::default(),
+                            created_at_ms: now_ms(),
+                        },
+                    )
+                    .await?;
+            }
+            let created = identity
+                .create_key(
+                    &actor,
+                    NewKey {
+                        name,
+                        role: Some(role),
+                        tenant_id: Some(tenant),
+                        user_id: user,
+                        expires_at_ms: expires_in_days
+                            .map(|d| now_ms() + i64::from(d) * 86_400_000),
+                        limits: Default::default(),
+                        require_signature,
+                    },
+                )
+                .await?;
+            let r = &created.record;
+            println!("{}", created.key);
+            eprintln!(
+                "created key {} ({}, role {}, tenant {}); the key above is shown only now",
+                r.id,
+                r.name,
+                r.role.as_str(),
+                r.tenant_id
+            );
+            if let Some(secret) = created.signing_secret {
+                eprintln!("signing secret (shown only now): {secret}");
+            }
+            Ok(())
+        }
+        KeysCommand::List { tenant } => {
+            let now = now_ms();
+            for k in identity.list_keys(&actor, Some(&tenant)).await? {
+                println!(
+                    "{}\t{}…\t{}\t{}\t{}\t{}",
+                    k.id,
+                    k.prefix,
+                    k.role.as_str(),
+                    if k.is_active(now) {
+                        "active"
+                    } else if k.revoked_at_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "expired"
+                    },
+                    k.user_id.as_deref().unwrap_or("-"),
+                    k.name
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { id, tenant } => {
+            let k = identity.revoke_key(&actor, Some(&tenant), &id).await?;
+            println!("revoked {} ({})", k.id, k.name);
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
+}

@@ -1,0 +1,579 @@
+//! Identity over HTTP: open development mode and its end, API keys through
+//! the admin API and the CLI, error shapes per API family, acting for a
+//! user, security headers, and the authorization matrix.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use switchyard_testkit::TestApp;
+
+use crate::helpers::{app, chat_body, spawn, BIN};
+
+const ADMIN: &str = "bootstrap-admin-key-0123456789abcdef0123456789";
+
+async fn with_admin() -> TestApp {
+    app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await
+}
+
+async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let mut req = app.client.request(method, app.url(path));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, headers, v)
+}
+
+async fn create_key(app: &TestApp, admin: &str, body: Value) -> Value {
+    let (status, _, v) = send(
+        app,
+        reqwest::Method::POST,
+        "/v1/admin/keys",
+        Some(admin),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    v
+}
+
+async fn chat_status(app: &TestApp, key: Option<&str>) -> StatusCode {
+    send(
+        app,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        key,
+        Some(chat_body("gpt-4o-mini")),
+    )
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn open_development_mode_serves_without_a_key_until_the_first_key_exists() {
+    let app = spawn().await;
+    assert!(app
+        .wait_for_log(|l| l.contains("open development mode"))
+        .await
+        .is_some());
+    assert_eq!(chat_status(&app, None).await, StatusCode::OK);
+    assert_eq!(
+        chat_status(&app, Some("sk-placeholder-an-sdk-insists-on")).await,
+        StatusCode::OK,
+        "no key exists, so a presented one is ignored"
+    );
+
+    let (status, _, created) = send(
+        &app,
+        reqwest::Method::POST,
+        "/v1/admin/keys",
+        None,
+        Some(json!({"name": "first", "role": "admin"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap();
+
+    let (status, _, body) = send(
+        &app,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        None,
+        Some(chat_body("gpt-4o-mini")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], Value::Null);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("You didn't provide an API key"));
+    assert_eq!(chat_status(&app, Some(key)).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_public_listener_never_runs_open() {
+    let app = app()
+        .env("SWITCHYARD_SERVER__LISTEN", "0.0.0.0:0")
+        .spawn()
+        .await;
+    assert_eq!(chat_status(&app, None).await, StatusCode::UNAUTHORIZED);
+    let (status, _, _) = send(&app, reqwest::Method::GET, "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK, "health stays public");
+    let (status, _, _) = send(&app, reqwest::Method::GET, "/metrics", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn refusals_answer_in_the_shape_of_each_api() {
+    let app = with_admin().await;
+    let bad = "sy_0000000000000000000000000000000000000000000";
+
+    let (s, _, openai) = send(
+        &app,
+        reqwest::Method::POST,
+        "/v1/chat/completions",
+        Some(bad),
+        Some(chat_body("gpt-4o-mini")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(openai["error"]["code"], "invalid_api_key");
+    assert_eq!(openai["error"]["type"], "invalid_request_error");
+    assert!(openai["error"].get("param").is_some());
+
+    let resp = app
+        .client
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", bad)
+        .json(&json!({"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let anthropic: Value = resp.json().await.unwrap();
+    assert_eq!(
+        anthropic,
+        json!({"type": "error", "error": {"type": "authentication_error", "message": anthropic["error"]["message"]}})
+    );
+
+    let (s, _, native) = send(&app, reqwest::Method::GET, "/v1/admin/keys", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(native["error"]["code"], "missing_credentials");
+    assert!(native["error"]["details"].is_object());
+
+    // The Anthropic SDK's header works for any route.
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("x-api-key", ADMIN)
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_key_is_shown_once_listed_without_secrets_and_revoked_at_once() {
+    let app = with_admin().await;
+    let created = create_key(
+        &app,
+        ADMIN,
+        json!({"name": "svc", "role": "service", "require_signature": true}),
+    )
+    .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("sy_") && key.len() == 46);
+    assert!(created["signing_secret"]
+        .as_str()
+        .unwrap()
+        .starts_with("sys_"));
+    assert_eq!(created["prefix"], key[..11]);
+    assert_eq!(chat_status(&app, Some(&key)).await, StatusCode::OK);
+
+    let (s, _, list) = send(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/keys",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let text = list.to_string();
+    assert!(!text.contains(&key), "the key is never listed");
+    assert!(!text.contains(created["signing_secret"].as_str().unwrap()));
+    assert!(!text.contains("key_hash"));
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+
+    let (s, _, revoked) = send(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/v1/admin/keys/{id}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{revoked}");
+    assert_eq!(revoked["active"], false);
+    assert_eq!(
+        chat_status(&app, Some(&key)).await,
+        StatusCode::UNAUTHORIZED,
+        "revocation is immediate despite the cache"
+    );
+
+    let (s, _, missing) = send(
+        &app,
+        reqwest::Method::DELETE,
+        "/v1/admin/keys/no-such-id",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(missing["error"]["code"], "not_found");
+
+    let (s, _, audit) = send(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/audit?action=key.revoked",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(audit["data"][0]["target"], format!("key:{id}"));
+    assert_eq!(audit["data"][0]["trace_id"].as_str().unwrap().len(), 32);
+}
+
+#[tokio::test]
+async fn bad_key_requests_are_refused_naming_the_problem() {
+    let app = with_admin().await;
+    let post = |body: &'static str| {
+        app.client
+            .post(app.url("/v1/admin/keys"))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, field) in [
+        (r#"{"name": "x", "role": "root"}"#, "role"),
+        (r#"{"name": "x", "colour": "red"}"#, ""),
+        (r#"{"role": "user"}"#, ""),
+        (r#"{"name": ""}"#, "name"),
+        (r#"{"name": "x", "expires_at": 1}"#, "expires_at"),
+        (
+            r#"{"name": "x", "limits": {"rates": {"chat": 5}}}"#,
+            "limits.rates.chat",
+        ),
+        (r#"{"name": "x""#, ""),
+    ] {
+        let resp = post(body).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_request", "{body}: {v}");
+        if !field.is_empty() {
+            assert_eq!(v["error"]["details"]["field"], field, "{body}: {v}");
+        }
+    }
+    let small = crate::helpers::app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .env("SWITCHYARD_SERVER__MAX_BODY_BYTES", "2048")
+        .spawn()
+        .await;
+    let resp = small
+        .client
+        .post(small.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "x".repeat(4096)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+    let (s, _, dup) = send(
+        &app,
+        reqwest::Method::POST,
+        "/v1/admin/tenants",
+        Some(ADMIN),
+        Some(json!({"id": "default"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{dup}");
+    assert_eq!(dup["error"]["code"], "conflict");
+}
+
+#[tokio::test]
+async fn a_service_key_acts_for_a_user_and_a_user_key_cannot() {
+    let app = with_admin().await;
+    let svc = create_key(&app, ADMIN, json!({"name": "svc", "role": "service"})).await;
+    let user = create_key(
+        &app,
+        ADMIN,
+        json!({"name": "u", "role": "user", "user_id": "alice"}),
+    )
+    .await;
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(svc["key"].as_str().unwrap())
+        .header("x-switchyard-user", "bob")
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(user["key"].as_str().unwrap())
+        .header("x-switchyard-user", "bob")
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_permissions");
+    assert_eq!(
+        chat_status(&app, user["key"].as_str()).await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let app = spawn().await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/health"),
+        (reqwest::Method::GET, "/v1/models"),
+        (reqwest::Method::GET, "/no/such/route"),
+    ] {
+        let (_, h, _) = send(&app, method, path, None, None).await;
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        assert!(h.contains_key("permissions-policy"));
+        assert!(
+            !h.contains_key("strict-transport-security"),
+            "no HSTS without TLS"
+        );
+        assert!(
+            !h.contains_key("access-control-allow-origin"),
+            "no CORS by default"
+        );
+    }
+    let app = crate::helpers::app()
+        .config("[security]\nhsts = true\ncors_origins = [\"https://app.example\"]\n")
+        .spawn()
+        .await;
+    let resp = app
+        .client
+        .get(app.url("/v1/models"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers()["strict-transport-security"]
+        .to_str()
+        .unwrap()
+        .starts_with("max-age="));
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let other = app
+        .client
+        .get(app.url("/v1/models"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
+
+/// Every route, for anonymous, a user of tenant A, a user of tenant B, a
+/// service key of A, an admin of A and the operator: the status, and that
+/// no answer to someone else names tenant A's keys.
+#[tokio::test]
+async fn authorization_matrix_over_every_route() {
+    let app = with_admin().await;
+    for t in ["tenant-a", "tenant-b"] {
+        let (s, _, v) = send(
+            &app,
+            reqwest::Method::POST,
+            "/v1/admin/tenants",
+            Some(ADMIN),
+            Some(json!({"id": t})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let key = |tenant: &str, role: &str, user: Option<&str>| {
+        let body = json!({"name": format!("{role}@{tenant}"), "role": role, "tenant_id": tenant, "user_id": user});
+        let app = &app;
+        async move { create_key(app, ADMIN, body).await }
+    };
+    let user_a = key("tenant-a", "user", Some("ua")).await;
+    let user_b = key("tenant-b", "user", Some("ub")).await;
+    let svc_a = key("tenant-a", "service", None).await;
+    let admin_a = key("tenant-a", "admin", None).await;
+    let admin_b = key("tenant-b", "admin", None).await;
+    let a_key_id = user_a["id"].as_str().unwrap().to_owned();
+    let a_secret = user_a["key"].as_str().unwrap().to_owned();
+
+    let who: Vec<(&str, Option<String>)> = vec![
+        ("anonymous", None),
+        ("user A", user_a["key"].as_str().map(str::to_owned)),
+        ("user B", user_b["key"].as_str().map(str::to_owned)),
+        ("service A", svc_a["key"].as_str().map(str::to_owned)),
+        ("admin A", admin_a["key"].as_str().map(str::to_owned)),
+        ("admin B", admin_b["key"].as_str().map(str::to_owned)),
+        ("operator", Some(ADMIN.to_owned())),
+    ];
+    use reqwest::Method as M;
+    let revoke_a = format!("/v1/admin/keys/{a_key_id}?tenant_id=tenant-a");
+    let routes: Vec<(M, String, Option<Value>, [u16; 7])> = vec![
+        (
+            M::POST,
+            "/v1/chat/completions".into(),
+            Some(chat_body("gpt-4o-mini")),
+            [401, 200, 200, 200, 200, 200, 200],
+        ),
+        (
+            M::POST,
+            "/v1/embeddings".into(),
+            Some(json!({"model": "text-embedding-3-small", "input": "x"})),
+            [401, 200, 200, 200, 200, 200, 200],
+        ),
+        (
+            M::GET,
+            "/v1/models".into(),
+            None,
+            [401, 200, 200, 200, 200, 200, 200],
+        ),
+        (
+            M::GET,
+            "/v1/models/gpt-4o-mini".into(),
+            None,
+            [401, 200, 200, 200, 200, 200, 200],
+        ),
+        (
+            M::GET,
+            "/v1/admin/providers".into(),
+            None,
+            [401, 403, 403, 403, 200, 200, 200],
+        ),
+        (
+            M::GET,
+            "/v1/admin/keys?tenant_id=tenant-a".into(),
+            None,
+            [401, 403, 403, 403, 200, 404, 200],
+        ),
+        (
+            M::POST,
+            "/v1/admin/keys".into(),
+            Some(json!({"name": "n", "tenant_id": "tenant-a"})),
+            [401, 403, 403, 403, 201, 404, 201],
+        ),
+        (
+            M::GET,
+            "/v1/admin/tenants".into(),
+            None,
+            [401, 403, 403, 403, 200, 200, 200],
+        ),
+        (
+            M::POST,
+            "/v1/admin/tenants".into(),
+            Some(json!({"id": "t-new"})),
+            [401, 403, 403, 403, 403, 403, 201],
+        ),
+        (
+            M::GET,
+            "/v1/admin/auth-cache".into(),
+            None,
+            [401, 403, 403, 403, 200, 200, 200],
+        ),
+        (
+            M::POST,
+            "/v1/admin/auth-cache/invalidate".into(),
+            Some(json!({"key_id": a_key_id})),
+            [401, 403, 403, 403, 200, 404, 200],
+        ),
+        (
+            M::GET,
+            "/v1/admin/audit?tenant_id=tenant-a".into(),
+            None,
+            [401, 403, 403, 403, 200, 404, 200],
+        ),
+        (
+            M::DELETE,
+            revoke_a,
+            None,
+            [401, 403, 403, 403, 200, 404, 200],
+        ),
+    ];
+    for (method, path, body, expected) in routes {
+        for ((name, cred), want) in who.iter().zip(expected) {
+            let (status, _, v) =
+                send(&app, method.clone(), &path, cred.as_deref(), body.clone()).await;
+            assert_eq!(status.as_u16(), want, "{name} {method} {path}: {v}");
+            let text = v.to_string();
+            if *name == "admin B" || *name == "user B" {
+                assert!(
+                    !text.contains(&a_key_id) && !text.contains("ua"),
+                    "{name} {path} leaked tenant A: {text}"
+                );
+            }
+            assert!(!text.contains(&a_secret), "{name} {path} shows a key");
+        }
+    }
+}
+
+#[test]
+fn the_cli_creates_lists_and_revokes_keys_the_server_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"sqlite://{}/s.db\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("SWITCHYARD_ADMIN_KEY")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (key, note) = run(&[
+        "keys", "create", "--name", "ci", "--role", "service", "--tenant", "acme",
+    ]);
+    let key = key.trim();
+    assert!(
+        key.starts_with("sy_") && key.len() == 46,
+        "stdout is only the key: {key:?}"
+    );
+    assert!(note.contains("shown only now"));
+    let (list, _) = run(&["keys", "list", "--tenant", "acme"]);
+    assert!(
+        list.contains("service") && list.contains("active") && !list.contains(key),
+        "{list}"
+    );
+    let id = list.split('\t').next().unwrap().to_owned();
+    let (out, _) = run(&["keys", "revoke", &id, "--tenant", "acme"]);
+    assert!(out.contains("revoked"));
+    let (list, _) = run(&["keys", "list", "--tenant", "acme"]);
+    assert!(list.contains("revoked"), "{list}");
+}
