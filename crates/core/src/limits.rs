@@ -190,7 +190,7 @@ impl From<Rate> for String {
     }
 }
 
-/// The `[limits]` section: request rates per route class, per-tenant
+/// The `[rate_limits]` section: request rates per route class, per-tenant
 /// overrides, the limit on authentication failures, and where the shared
 /// state lives.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
