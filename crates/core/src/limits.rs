@@ -199,7 +199,10 @@ pub struct RateLimitConfig {
     /// Off switch for every request-rate limit (auth failures included).
     pub enabled: bool,
     /// Route class (`chat`, `bots`, `orchestrate`, `global`, `embeddings`,
-    /// `admin`, …) → rate per subject (key, else user, else tenant).
+    /// `admin`, …) → rate per subject (key, else user, else tenant). Classes
+    /// given in the file are merged over the defaults, so naming one does
+    /// not drop the others.
+    #[serde(deserialize_with = "classes_over_defaults")]
     pub classes: BTreeMap<String, Rate>,
     /// Failed authentications allowed per client IP.
     pub auth_failures: Rate,
@@ -213,27 +216,41 @@ pub struct RateLimitConfig {
     pub redis_url: Option<String>,
 }
 
+fn default_classes() -> BTreeMap<String, Rate> {
+    let rate = |count, secs| Rate {
+        count,
+        period: Duration::from_secs(secs),
+    };
+    [
+        ("chat", rate(20, 60)),
+        ("bots", rate(10, 3_600)),
+        ("orchestrate", rate(30, 60)),
+        ("global", rate(100, 60)),
+        ("embeddings", rate(60, 60)),
+        ("admin", rate(60, 60)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn classes_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Rate>, D::Error> {
+    let mut classes = default_classes();
+    classes.extend(BTreeMap::<String, Rate>::deserialize(d)?);
+    Ok(classes)
+}
+
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        let rate = |count, secs| Rate {
-            count,
-            period: Duration::from_secs(secs),
-        };
-        let classes = [
-            ("chat", rate(20, 60)),
-            ("bots", rate(10, 3_600)),
-            ("orchestrate", rate(30, 60)),
-            ("global", rate(100, 60)),
-            ("embeddings", rate(60, 60)),
-            ("admin", rate(60, 60)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
         Self {
             enabled: true,
-            classes,
-            auth_failures: rate(10, 60),
+            classes: default_classes(),
+            auth_failures: Rate {
+                count: 10,
+                period: Duration::from_secs(60),
+            },
             tenants: BTreeMap::new(),
             redis_url: None,
         }
@@ -441,9 +458,10 @@ mod tests {
         assert_eq!(c.rate_for("other", "chat"), Some(rate("5/min")));
         assert_eq!(
             c.rate_for("other", "global"),
-            None,
-            "classes replace the defaults"
+            Some(rate("100/min")),
+            "classes in the file merge over the defaults"
         );
+        assert_eq!(c.rate_for("other", "unknown"), None);
         assert_eq!(c.auth_failures, rate("3/min"));
         assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379/"));
     }
