@@ -1,0 +1,202 @@
+//! The shared limiter: every instance runs the same GCRA step as one Lua
+//! script inside Redis, so checks on a key are serialised by Redis itself and
+//! any number of instances share one limit.
+//!
+//! The script reads Redis's clock (`TIME`), not the caller's, so instances
+//! with skewed clocks still agree. A key lives until its quota is full again
+//! (its TTL), after which it is gone, which GCRA reads as a full quota.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Script};
+use async_trait::async_trait;
+use switchyard_core::limits::Rate;
+
+use super::{decide, Decision, Gcra, LimitError, RateLimiter};
+
+/// Prefix of every key this limiter writes, so `reset("")` cannot touch
+/// anything else in a shared Redis.
+pub const DEFAULT_NAMESPACE: &str = "sy:rl:";
+
+/// A check (or one reset round trip) that takes longer than this fails with
+/// [`LimitError::Timeout`] instead of holding the request, including while
+/// the connection is being re-established.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// Reconnection attempts (100 ms, 200 ms, … jittered, capped at 1 s) before
+/// one reconnection gives up; the next failing check starts another.
+const CONNECTION_RETRIES: usize = 3;
+const SCAN_BATCH: usize = 1000;
+
+/// One GCRA step; the same arithmetic as [`Gcra::step`]. Lua numbers are
+/// doubles, exact for integers below 2^53: Unix microseconds plus a period
+/// of at most 366 days stay far below that.
+///
+/// KEYS[1] the key. ARGV: T µs, τ µs, cost, and optionally `now_us` — only
+/// tests pass it, to replay a sequence of arrivals at chosen times.
+/// Returns {allowed (1/0), lead µs: TAT − now after the step}.
+const GCRA_LUA: &str = r"
+local t = tonumber(ARGV[1])
+local tol = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local now
+local slack_ms = 1
+if ARGV[4] and ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
+  -- Replayed time runs ahead of the real clock that expires keys: keep
+  -- them long enough that expiry never overtakes the replay.
+  slack_ms = 600000
+else
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]) or '') or now
+local base = math.max(tat, now)
+local new_tat = base + cost * t
+if new_tat - now <= tol then
+  if cost > 0 then
+    -- +slack: PX counts whole milliseconds; the key must outlive its TAT.
+    local ttl_ms = math.ceil((new_tat - now) / 1000) + slack_ms
+    redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
+  end
+  return {1, new_tat - now}
+end
+return {0, base - now}
+";
+
+static GCRA_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA_LUA));
+
+/// A limiter whose state lives in Redis. Cloning shares the connection.
+#[derive(Clone)]
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    namespace: String,
+}
+
+impl RedisLimiter {
+    /// Connects to `url` (`redis://…`), failing if Redis cannot be reached.
+    /// Later, a lost connection is re-established in the background while
+    /// checks fail with [`LimitError::Backend`] or [`LimitError::Timeout`].
+    pub async fn connect(url: &str) -> Result<Self, LimitError> {
+        let client = Client::open(url).map_err(LimitError::InvalidUrl)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(CHECK_TIMEOUT))
+            .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+            .set_number_of_retries(CONNECTION_RETRIES)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(LimitError::Backend)?;
+        Ok(Self {
+            conn,
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+        })
+    }
+
+    /// Keys are written as `namespace + key`; the default is
+    /// [`DEFAULT_NAMESPACE`]. Tests use one namespace each.
+    pub fn with_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The check at an explicit time instead of Redis's clock, so a test can
+    /// replay the arrivals it gave the in-memory limiter.
+    #[cfg(test)]
+    pub(crate) async fn check_at_us(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u32,
+        now_us: u64,
+    ) -> Result<Decision, LimitError> {
+        self.run(key, rate, cost, Some(now_us)).await
+    }
+
+    async fn run(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u32,
+        now_us: Option<u64>,
+    ) -> Result<Decision, LimitError> {
+        let gcra = Gcra::checked(rate, cost)?;
+        let mut invocation = GCRA_SCRIPT.key(self.full_key(key));
+        invocation.arg(gcra.t).arg(gcra.tol).arg(cost);
+        if let Some(now) = now_us {
+            invocation.arg(now);
+        }
+        let mut conn = self.conn.clone();
+        let (allowed, lead): (i64, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
+        let lead = u64::try_from(lead).unwrap_or(0);
+        Ok(decide(rate, cost, allowed == 1, lead))
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        let mut k = String::with_capacity(self.namespace.len() + key.len());
+        k.push_str(&self.namespace);
+        k.push_str(key);
+        k
+    }
+}
+
+#[async_trait]
+impl RateLimiter for RedisLimiter {
+    async fn check(&self, key: &str, rate: Rate, cost: u32) -> Result<Decision, LimitError> {
+        self.run(key, rate, cost, None).await
+    }
+
+    /// SCAN + UNLINK over `namespace + prefix*`. Not atomic: a key written
+    /// while the scan runs may survive, which a reset tolerates.
+    async fn reset(&self, key_prefix: &str) -> Result<u64, LimitError> {
+        let pattern = format!("{}*", glob_escape(&self.full_key(key_prefix)));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut dropped = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = bounded(
+                ::redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_BATCH)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            if !keys.is_empty() {
+                let n: u64 =
+                    bounded(::redis::cmd("UNLINK").arg(keys).query_async(&mut conn)).await?;
+                dropped += n;
+            }
+            if next == 0 {
+                return Ok(dropped);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// One Redis call, failed after [`CHECK_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+) -> Result<T, LimitError> {
+    match tokio::time::timeout(CHECK_TIMEOUT, call).await {
+        Ok(result) => result.map_err(LimitError::Backend),
+        Err(_) => Err(LimitError::Timeout(CHECK_TIMEOUT)),
+    }
+}
+
+/// Escapes Redis glob metacharacters so a prefix matches only itself.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
