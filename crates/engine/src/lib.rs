@@ -1,9 +1,11 @@
 //! Application services, free of HTTP types: the gateway that routes model
-//! calls to providers and accounts for them, and the batched usage writer.
+//! calls to providers and accounts for them, the batched usage writer, and
+//! JWT verification.
 //! `server` calls these; they call `providers` and `store`.
 
 pub mod gateway;
 pub mod health;
+pub mod jwt;
 pub mod metered;
 pub mod usage_writer;
 
