@@ -6,6 +6,7 @@ pub mod anthropic;
 pub mod config;
 pub mod health;
 pub mod identity;
+pub mod jwt;
 pub mod limits;
 pub mod openai;
 pub mod trace;

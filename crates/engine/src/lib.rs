@@ -1,11 +1,12 @@
 //! Application services, free of HTTP types: the gateway that routes model
 //! calls to providers and accounts for them, the batched usage writer, and
-//! the rate limiters.
+//! the rate limiters, identity and JWT verification.
 //! `server` calls these; they call `providers` and `store`.
 
 pub mod gateway;
 pub mod health;
 pub mod identity;
+pub mod jwt;
 pub mod limits;
 pub mod metered;
 pub mod usage_writer;
