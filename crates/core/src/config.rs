@@ -25,6 +25,9 @@ pub struct Config {
     pub resilience: ResilienceConfig,
     pub health: HealthConfig,
     pub auth: AuthConfig,
+    /// JWTs as credentials (Supabase HS256, or RS256/ES256 through a JWKS).
+    pub jwt: crate::jwt::JwtConfig,
+    pub rate_limits: crate::limits::RateLimitConfig,
     pub security: SecurityConfig,
     /// Upstream providers by name.
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -469,6 +472,7 @@ impl Config {
 
     /// Checks what types alone cannot: references between sections and ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.jwt.validate("jwt")?;
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

@@ -173,15 +173,27 @@ fn refuse(family: Family, e: &AuthError) -> Response {
             Some(e.code()),
             "Incorrect API key provided. It may be mistyped, revoked or expired.",
         ),
+        e if e.is_unavailable() => family_error(
+            family,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("auth_unavailable"),
+            "The server could not check the credential; try again shortly.",
+        ),
+        AuthError::Jwt(j) => family_error(
+            family,
+            StatusCode::UNAUTHORIZED,
+            Some(j.code()),
+            &format!("The token was refused: {j}."),
+        ),
         AuthError::Store(_) => family_error(
             family,
             StatusCode::SERVICE_UNAVAILABLE,
-            Some("internal_error"),
+            Some("auth_unavailable"),
             "The server could not check the credential; try again shortly.",
         ),
     };
-    if let AuthError::Store(inner) = e {
-        resp.extensions_mut().insert(ErrorDetail(inner.to_string()));
+    if e.is_unavailable() {
+        resp.extensions_mut().insert(ErrorDetail(e.to_string()));
     }
     resp
 }

@@ -5,6 +5,9 @@
 mod auth;
 mod error;
 mod extract;
+mod limit;
+
+pub use limit::Limits;
 mod observe;
 mod routes;
 
@@ -34,6 +37,8 @@ pub struct Parts {
     /// Header in which a service key names the user it acts for.
     pub user_header: String,
     pub security: SecurityConfig,
+    /// Rate limits; `None` turns them off.
+    pub limits: Option<Limits>,
 }
 
 struct Inner {
@@ -43,6 +48,7 @@ struct Inner {
     max_body_bytes: usize,
     user_header: axum::http::HeaderName,
     security: SecurityConfig,
+    limits: Option<Limits>,
 }
 
 impl AppState {
@@ -62,6 +68,7 @@ impl AppState {
                 max_body_bytes: parts.max_body_bytes,
                 user_header,
                 security: parts.security,
+                limits: parts.limits,
             }),
         })
     }
@@ -111,6 +118,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(routes::ops::metrics))
         .fallback(routes::ops::not_found)
         .method_not_allowed_fallback(routes::ops::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit::rate_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

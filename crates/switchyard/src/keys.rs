@@ -14,7 +14,7 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
         .await
         .context("opening the store")?;
     store.migrate().await.context("migrating the store")?;
-    let identity = Identity::start(store.clone(), false, config.auth.admin_key.as_ref())
+    let identity = Identity::start(store.clone(), false, config.auth.admin_key.as_ref(), None)
         .await
         .context("loading identity")?;
     let actor = Actor::cli();

@@ -47,12 +47,21 @@ impl Application {
         for m in gateway.models() {
             tracing::info!(model = %m.id, provider = %m.owned_by, "model alias configured");
         }
-        // Open development mode: only on a loopback listener (and, once JWT
-        // issuers exist, only without one), and only while no key exists.
+        let jwt = if config.jwt.enabled() {
+            Some(
+                switchyard_engine::jwt::JwtVerifier::new(&config.jwt)
+                    .context("setting up JWT verification")?,
+            )
+        } else {
+            None
+        };
+        // Open development mode: only on a loopback listener, without a JWT
+        // issuer, and only while no key exists.
         let identity = switchyard_engine::identity::Identity::start(
             store.clone(),
             config.server.listen.ip().is_loopback(),
             config.auth.admin_key.as_ref(),
+            jwt,
         )
         .await
         .context("loading identity")?;
@@ -68,6 +77,7 @@ impl Application {
             max_body_bytes: config.server.max_body_bytes,
             user_header: config.auth.user_header.clone(),
             security: config.security.clone(),
+            limits: Some(limits(config).await?),
         })
         .map_err(anyhow::Error::msg)?;
         let router = switchyard_server::router(state);
@@ -161,4 +171,22 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// The rate limiter the configuration asks for: Redis when `redis_url` is
+/// set (every instance shares the limits), else in memory.
+async fn limits(config: &Config) -> anyhow::Result<switchyard_server::Limits> {
+    use switchyard_engine::limits::{MemoryLimiter, RateLimiter, RedisLimiter};
+    let limiter: Arc<dyn RateLimiter> = match &config.rate_limits.redis_url {
+        Some(url) => Arc::new(
+            RedisLimiter::connect(url)
+                .await
+                .context("connecting to the rate-limit Redis (rate_limits.redis_url)")?,
+        ),
+        None => Arc::new(MemoryLimiter::new()),
+    };
+    Ok(switchyard_server::Limits {
+        config: config.rate_limits.clone(),
+        limiter,
+    })
 }

@@ -40,6 +40,8 @@ pub enum AuthError {
     #[error("the API key is not valid")]
     InvalidKey,
     #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -48,7 +50,17 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing_credentials",
             AuthError::InvalidKey => "invalid_api_key",
+            AuthError::Jwt(e) => e.code(),
             AuthError::Store(_) => "internal_error",
+        }
+    }
+
+    /// Our failure (the store or the JWKS is unreachable), not the caller's.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            AuthError::Store(_) => true,
+            AuthError::Jwt(e) => e.is_unavailable(),
+            _ => false,
         }
     }
 }
@@ -165,6 +177,7 @@ struct Inner {
     store: Arc<dyn Store>,
     cache: CredentialCache,
     open_dev: AtomicBool,
+    jwt: Option<crate::jwt::JwtVerifier>,
 }
 
 pub fn now_ms() -> i64 {
@@ -177,12 +190,13 @@ pub fn now_ms() -> i64 {
 impl Identity {
     /// Loads the identity state: makes sure tenant `default` exists, stores
     /// the bootstrap admin key if one is given, and decides whether open
-    /// development mode applies (`open_dev_allowed` = loopback listener and no
-    /// JWT issuer, and no active key exists).
+    /// development mode applies (`open_dev_allowed` = loopback listener, no
+    /// JWT verifier, and no active key exists).
     pub async fn start(
         store: Arc<dyn Store>,
         open_dev_allowed: bool,
         bootstrap_admin_key: Option<&SecretString>,
+        jwt: Option<crate::jwt::JwtVerifier>,
     ) -> Result<Self, IdentityError> {
         let now = now_ms();
         store
@@ -227,12 +241,14 @@ impl Identity {
                 tracing::info!("stored the bootstrap admin key from SWITCHYARD_ADMIN_KEY");
             }
         }
-        let open_dev = open_dev_allowed && store.count_active_api_keys(now).await? == 0;
+        let open_dev =
+            open_dev_allowed && jwt.is_none() && store.count_active_api_keys(now).await? == 0;
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 cache: CredentialCache::default(),
                 open_dev: AtomicBool::new(open_dev),
+                jwt,
             }),
         })
     }
@@ -250,6 +266,17 @@ impl Identity {
             return Ok(p);
         }
         let now = now_ms();
+        // A JWT is three dot-separated parts; an API key has no dot.
+        if credential.bytes().filter(|b| *b == b'.').count() == 2 {
+            let Some(jwt) = &self.inner.jwt else {
+                return Err(AuthError::InvalidKey);
+            };
+            let verified = jwt.verify(credential).await?;
+            self.inner
+                .cache
+                .put(digest, verified.principal.clone(), now.div_euclid(1000));
+            return Ok(verified.principal);
+        }
         let Some(record) = self
             .inner
             .store

@@ -24,7 +24,7 @@ fn new_key(name: &str, role: Role) -> NewKey {
 #[tokio::test]
 async fn a_created_key_authenticates_and_a_revoked_one_stops_at_once() {
     let (_d, store) = store().await;
-    let id = Identity::start(store, true, None).await.unwrap();
+    let id = Identity::start(store, true, None, None).await.unwrap();
     let created = id
         .create_key(&Actor::cli(), new_key("svc", Role::Service))
         .await
@@ -54,7 +54,9 @@ async fn a_created_key_authenticates_and_a_revoked_one_stops_at_once() {
 #[tokio::test]
 async fn open_development_mode_ends_with_the_first_key_and_stays_ended() {
     let (_d, store) = store().await;
-    let id = Identity::start(store.clone(), true, None).await.unwrap();
+    let id = Identity::start(store.clone(), true, None, None)
+        .await
+        .unwrap();
     assert!(id.open_dev());
     let k = id
         .create_key(&Actor::cli(), new_key("first", Role::Admin))
@@ -69,7 +71,7 @@ async fn open_development_mode_ends_with_the_first_key_and_stays_ended() {
         "revoking every key does not reopen a running server"
     );
     assert!(
-        !Identity::start(store, false, None)
+        !Identity::start(store, false, None, None)
             .await
             .unwrap()
             .open_dev(),
@@ -81,19 +83,19 @@ async fn open_development_mode_ends_with_the_first_key_and_stays_ended() {
 async fn a_bootstrap_admin_key_is_stored_once_and_authenticates() {
     let (_d, store) = store().await;
     let secret = SecretString::from("x".repeat(40));
-    let id = Identity::start(store.clone(), true, Some(&secret))
+    let id = Identity::start(store.clone(), true, Some(&secret), None)
         .await
         .unwrap();
     assert!(!id.open_dev());
     let p = id.authenticate(&"x".repeat(40)).await.unwrap();
     assert_eq!((p.role, p.tenant_id.as_str()), (Role::Admin, "default"));
-    Identity::start(store.clone(), true, Some(&secret))
+    Identity::start(store.clone(), true, Some(&secret), None)
         .await
         .unwrap();
     assert_eq!(store.list_api_keys("default").await.unwrap().len(), 1);
     let short = SecretString::from("short".to_owned());
     assert!(matches!(
-        Identity::start(store, true, Some(&short)).await,
+        Identity::start(store, true, Some(&short), None).await,
         Err(IdentityError::Invalid {
             field: "SWITCHYARD_ADMIN_KEY",
             ..
@@ -104,7 +106,7 @@ async fn a_bootstrap_admin_key_is_stored_once_and_authenticates() {
 #[tokio::test]
 async fn only_admins_manage_keys_and_only_operators_cross_tenants() {
     let (_d, store) = store().await;
-    let id = Identity::start(store, true, None).await.unwrap();
+    let id = Identity::start(store, true, None, None).await.unwrap();
     let op = Actor::cli();
     for t in ["acme", "globex"] {
         id.create_tenant(
@@ -201,7 +203,9 @@ async fn only_admins_manage_keys_and_only_operators_cross_tenants() {
 #[tokio::test]
 async fn an_expired_key_is_refused() {
     let (_d, store) = store().await;
-    let id = Identity::start(store.clone(), true, None).await.unwrap();
+    let id = Identity::start(store.clone(), true, None, None)
+        .await
+        .unwrap();
     let k = id
         .create_key(&Actor::cli(), new_key("k", Role::User))
         .await

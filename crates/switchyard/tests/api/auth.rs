@@ -577,3 +577,116 @@ fn the_cli_creates_lists_and_revokes_keys_the_server_accepts() {
     let (list, _) = run(&["keys", "list", "--tenant", "acme"]);
     assert!(list.contains("revoked"), "{list}");
 }
+
+const JWT_SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters";
+
+/// An HS256 token the way Supabase signs them.
+fn hs256(claims: Value, secret: &str, alg: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use hmac::Mac;
+    let header = URL_SAFE_NO_PAD.encode(json!({"alg": alg, "typ": "JWT"}).to_string());
+    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let input = format!("{header}.{payload}");
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(input.as_bytes());
+    let sig = if alg == "none" {
+        String::new()
+    } else {
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    };
+    format!("{input}.{sig}")
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn a_supabase_jwt_authenticates_and_attacks_are_refused() {
+    let app = crate::helpers::app()
+        .env("SWITCHYARD_JWT__HS256_SECRET", JWT_SECRET)
+        .config(
+            "[jwt]\naudience = \"authenticated\"\nissuer = \"https://proj.supabase.co/auth/v1\"\n",
+        )
+        .spawn()
+        .await;
+    let claims = |exp: i64, aud: &str, role: &str| json!({"sub": "0b7f-user", "role": role, "aud": aud, "iss": "https://proj.supabase.co/auth/v1", "exp": exp, "iat": now() - 10});
+    assert_eq!(
+        chat_status(&app, None).await,
+        StatusCode::UNAUTHORIZED,
+        "a JWT issuer ends open development mode"
+    );
+    let good = hs256(
+        claims(now() + 600, "authenticated", "authenticated"),
+        JWT_SECRET,
+        "HS256",
+    );
+    assert_eq!(chat_status(&app, Some(&good)).await, StatusCode::OK);
+
+    for (token, code) in [
+        (
+            hs256(
+                claims(now() - 61, "authenticated", "authenticated"),
+                JWT_SECRET,
+                "HS256",
+            ),
+            "jwt_expired",
+        ),
+        (
+            hs256(
+                claims(now() + 600, "other", "authenticated"),
+                JWT_SECRET,
+                "HS256",
+            ),
+            "jwt_wrong_audience",
+        ),
+        (
+            hs256(
+                claims(now() + 600, "authenticated", "anon"),
+                JWT_SECRET,
+                "HS256",
+            ),
+            "jwt_unmapped_role",
+        ),
+        (
+            hs256(
+                claims(now() + 600, "authenticated", "authenticated"),
+                "a-different-secret-of-32-characters!",
+                "HS256",
+            ),
+            "jwt_bad_signature",
+        ),
+        (
+            hs256(
+                claims(now() + 600, "authenticated", "authenticated"),
+                JWT_SECRET,
+                "none",
+            ),
+            "jwt_disallowed_algorithm",
+        ),
+    ] {
+        let (status, _, body) = send(
+            &app,
+            reqwest::Method::POST,
+            "/v1/chat/completions",
+            Some(&token),
+            Some(chat_body("gpt-4o-mini")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{code}: {body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            !body.to_string().contains(&token),
+            "the token is not echoed"
+        );
+    }
+    let logs = app.logs().join("\n");
+    assert!(
+        !logs.contains(JWT_SECRET) && !logs.contains(&good),
+        "no secret or token in the logs"
+    );
+}

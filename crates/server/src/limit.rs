@@ -1,0 +1,118 @@
+//! Rate limits, after authentication: each request is counted against its
+//! subject (key, else user, else tenant) for the `global` class and for its
+//! route's class (`chat`, `embeddings`, `admin`, …). Allowed responses carry
+//! the IETF `RateLimit-Policy`/`RateLimit` headers of the tightest class; a
+//! refusal is 429 with `Retry-After`, in the shape of the route's API.
+//!
+//! A limit set on the key wins over the tenant's configured one, which wins
+//! over the class default. Open development mode is not limited. When the
+//! shared store (Redis) fails, requests are let through (counted in
+//! `switchyard_rate_limit_errors_total` and logged): an outage of the limiter
+//! must not become an outage of the gateway.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use switchyard_core::identity::{CredentialKind, Principal};
+use switchyard_core::limits::{Rate, RateLimitConfig};
+use switchyard_engine::limits::{Decision, RateLimiter};
+
+use crate::auth::{family_error, Family};
+use crate::AppState;
+
+/// The limiter and its configuration.
+pub struct Limits {
+    pub config: RateLimitConfig,
+    pub limiter: Arc<dyn RateLimiter>,
+}
+
+/// The class a route is counted in, besides `global`.
+fn class_of(path: &str) -> Option<&'static str> {
+    if path == "/v1/chat/completions" || path == "/v1/messages" {
+        Some("chat")
+    } else if path == "/v1/embeddings" {
+        Some("embeddings")
+    } else if path.starts_with("/v1/admin/") {
+        Some("admin")
+    } else if path.starts_with("/v1/bots") {
+        Some("bots")
+    } else if path.starts_with("/v1/orchestrate") {
+        Some("orchestrate")
+    } else {
+        None
+    }
+}
+
+fn rate_for(config: &RateLimitConfig, who: &Principal, class: &str) -> Option<Rate> {
+    who.limits
+        .rates
+        .get(class)
+        .and_then(|r| Rate::from_str(r).ok())
+        .or_else(|| config.rate_for(&who.tenant_id, class))
+}
+
+fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
+    for (name, value) in d.headers(policy) {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(limits) = state.inner.limits.as_ref().filter(|l| l.config.enabled) else {
+        return next.run(req).await;
+    };
+    let Some(who) = req.extensions().get::<Principal>() else {
+        return next.run(req).await; // a public route
+    };
+    if who.kind == CredentialKind::OpenDev {
+        return next.run(req).await;
+    }
+    let path = req.uri().path();
+    let family = Family::of(path);
+    let subject = who.subject();
+    let mut tightest: Option<(Decision, &'static str)> = None;
+    for class in ["global"].into_iter().chain(class_of(path)) {
+        let Some(rate) = rate_for(&limits.config, who, class) else {
+            continue;
+        };
+        let key = format!("{subject}:{class}");
+        match limits.limiter.check(&key, rate, 1).await {
+            Ok(d) if d.allowed => {
+                if tightest.is_none_or(|(t, _)| d.remaining < t.remaining) {
+                    tightest = Some((d, class));
+                }
+            }
+            Ok(d) => {
+                let mut resp = family_error(
+                    family,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Some("rate_limit_exceeded"),
+                    &format!(
+                        "Rate limit reached for `{class}`: {rate}. Try again in {} s.",
+                        d.retry_after
+                            .map_or(1, |r| r.as_secs_f64().ceil() as u64)
+                            .max(1)
+                    ),
+                );
+                set_headers(&mut resp, &d, class);
+                metrics::counter!("switchyard_rate_limited_total", "class" => class).increment(1);
+                return resp;
+            }
+            Err(e) => {
+                metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
+                tracing::warn!(error = %e, code = e.code(), class, "rate limit check failed; letting the request through");
+            }
+        }
+    }
+    let mut resp = next.run(req).await;
+    if let Some((d, class)) = tightest {
+        set_headers(&mut resp, &d, class);
+    }
+    resp
+}

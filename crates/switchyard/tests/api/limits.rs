@@ -1,0 +1,180 @@
+//! Rate limits over HTTP: exact GCRA refusals with the IETF headers, and two
+//! instances sharing one limit through Redis.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{app, chat_body};
+
+const ADMIN: &str = "limits-admin-key-0123456789abcdef0123456789";
+
+#[tokio::test]
+async fn a_key_limit_refuses_past_its_burst_with_429_and_the_ietf_headers() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let created: Value = app
+        .client
+        .post(app.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "tight", "limits": {"rates": {"chat": "3/min"}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    for remaining in [2, 1, 0] {
+        let resp = chat().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"chat\";q=3;w=60");
+        let rl = resp.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(
+            rl.starts_with(&format!("\"chat\";r={remaining};t=")),
+            "{rl}"
+        );
+    }
+    let resp = chat().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=20).contains(&retry),
+        "one request comes back every 20 s: {retry}"
+    );
+    assert!(resp.headers()["ratelimit"]
+        .to_str()
+        .unwrap()
+        .contains("r=0"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(body["error"]["type"], "requests");
+    assert_eq!(
+        app.mock().calls(),
+        3,
+        "a refused request never reaches the provider"
+    );
+
+    // Other classes and keys are unaffected.
+    let models = app
+        .client
+        .get(app.url("/v1/models"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), StatusCode::OK);
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(ADMIN)
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["ratelimit-policy"],
+        "\"chat\";q=20;w=60",
+        "the class default"
+    );
+}
+
+fn hs256(claims: Value, secret: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use hmac::Mac;
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "HS256", "typ": "JWT"}).to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(input.as_bytes());
+    format!(
+        "{input}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// The same user (a JWT subject) on two instances that share Redis: 200
+/// concurrent requests against a limit of 30 admit exactly 30.
+#[tokio::test]
+async fn two_instances_sharing_redis_never_admit_more_than_the_limit() {
+    let Ok(redis) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
+        assert_ne!(
+            std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
+            Ok("1"),
+            "SWITCHYARD_TEST_REDIS_URL is required"
+        );
+        eprintln!("skipping: SWITCHYARD_TEST_REDIS_URL is not set");
+        return;
+    };
+    let secret = "shared-jwt-secret-for-two-instances-0123456789";
+    let namespace = format!("rl-test-{}", std::process::id());
+    let user = format!("user-{namespace}-{}", rand_suffix());
+    let config = "[rate_limits.classes]\nchat = \"30/hour\"\nglobal = \"1000/hour\"\n".to_string();
+    let spawn = || {
+        app()
+            .env("SWITCHYARD_JWT__HS256_SECRET", secret)
+            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
+            .config(&config)
+            .spawn()
+    };
+    let (a, b) = tokio::join!(spawn(), spawn());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = hs256(
+        json!({"sub": user, "role": "authenticated", "exp": exp}),
+        secret,
+    );
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (client, url) = if i % 2 == 0 {
+            (a.client.clone(), a.url("/v1/chat/completions"))
+        } else {
+            (b.client.clone(), b.url("/v1/chat/completions"))
+        };
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&chat_body("gpt-4o-mini"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (30, 170));
+    assert_eq!(a.mock().calls() + b.mock().calls(), 30);
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
