@@ -3,6 +3,7 @@
 //! the rate limiters, identity and JWT verification.
 //! `server` calls these; they call `providers` and `store`.
 
+pub mod budget;
 pub mod gateway;
 pub mod health;
 pub mod identity;

@@ -39,6 +39,8 @@ pub struct Parts {
     pub security: SecurityConfig,
     /// Rate limits; `None` turns them off.
     pub limits: Option<Limits>,
+    /// Monthly budgets; `None` turns them off.
+    pub budgets: Option<switchyard_engine::budget::Budgets>,
 }
 
 struct Inner {
@@ -49,6 +51,7 @@ struct Inner {
     user_header: axum::http::HeaderName,
     security: SecurityConfig,
     limits: Option<Limits>,
+    budgets: Option<switchyard_engine::budget::Budgets>,
 }
 
 impl AppState {
@@ -69,6 +72,7 @@ impl AppState {
                 user_header,
                 security: parts.security,
                 limits: parts.limits,
+                budgets: parts.budgets,
             }),
         })
     }

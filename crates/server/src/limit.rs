@@ -1,4 +1,4 @@
-//! Rate limits, after authentication: each request is counted against its
+//! Rate limits and monthly budgets, after authentication: each request is counted against its
 //! subject (key, else user, else tenant) for the `global` class and for its
 //! route's class (`chat`, `embeddings`, `admin`, …). Allowed responses carry
 //! the IETF `RateLimit-Policy`/`RateLimit` headers of the tightest class; a
@@ -8,7 +8,8 @@
 //! over the class default. Open development mode is not limited. When the
 //! shared store (Redis) fails, requests are let through (counted in
 //! `switchyard_rate_limit_errors_total` and logged): an outage of the limiter
-//! must not become an outage of the gateway.
+//! must not become an outage of the gateway. Model routes then check the
+//! key's and the tenant's monthly budget (429 `budget_exceeded`).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -64,20 +65,19 @@ fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
 }
 
 pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(limits) = state.inner.limits.as_ref().filter(|l| l.config.enabled) else {
-        return next.run(req).await;
-    };
     let Some(who) = req.extensions().get::<Principal>() else {
         return next.run(req).await; // a public route
     };
     if who.kind == CredentialKind::OpenDev {
         return next.run(req).await;
     }
+    let limits = state.inner.limits.as_ref().filter(|l| l.config.enabled);
     let path = req.uri().path();
     let family = Family::of(path);
     let subject = who.subject();
     let mut tightest: Option<(Decision, &'static str)> = None;
     for class in ["global"].into_iter().chain(class_of(path)) {
+        let Some(limits) = limits else { break };
         let Some(rate) = rate_for(&limits.config, who, class) else {
             continue;
         };
@@ -107,6 +107,28 @@ pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next)
             Err(e) => {
                 metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
                 tracing::warn!(error = %e, code = e.code(), class, "rate limit check failed; letting the request through");
+            }
+        }
+    }
+    if matches!(class_of(path), Some("chat" | "embeddings")) {
+        if let Some(budgets) = &state.inner.budgets {
+            if let Err(over) = budgets
+                .check(who, switchyard_engine::identity::now_ms())
+                .await
+            {
+                let mut resp = family_error(
+                    family,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Some("budget_exceeded"),
+                    &format!(
+                        "The monthly budget of this {} (${:.2}) is spent (${:.2} so far this month).",
+                        over.scope, over.budget_usd, over.spent_usd
+                    ),
+                );
+                if let Some((d, class)) = tightest {
+                    set_headers(&mut resp, &d, class);
+                }
+                return resp;
             }
         }
     }

@@ -70,9 +70,11 @@ impl Application {
                 "open development mode: no API key exists and the server listens on a loopback address, so every request is served as the admin of tenant `default`; create a key (`switchyard keys create`) to end it"
             );
         }
+        let budgets = switchyard_engine::budget::Budgets::new(store.clone(), identity.clone());
         let state = switchyard_server::AppState::new(switchyard_server::Parts {
             gateway,
             identity,
+            budgets: Some(budgets),
             prometheus: prometheus.clone(),
             max_body_bytes: config.server.max_body_bytes,
             user_header: config.auth.user_header.clone(),

@@ -178,3 +178,122 @@ fn rand_suffix() -> u64 {
         .unwrap()
         .as_nanos() as u64
 }
+
+/// Spend already in the usage log, as the usage writer would have put it.
+async fn spend(app: &switchyard_testkit::TestApp, tenant: &str, key_id: Option<&str>, usd: f64) {
+    let store = crate::helpers::app_store(app).await;
+    let mut row = switchyard_store::conformance::sample_usage(tenant, 1);
+    row.id = switchyard_core::usage::new_id();
+    row.key_id = key_id.map(str::to_owned);
+    row.cost_usd = Some(usd);
+    row.created_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    store.insert_usage(&[row]).await.unwrap();
+}
+
+async fn post_key(app: &switchyard_testkit::TestApp, body: Value) -> Value {
+    let resp = app
+        .client
+        .post(app.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_spent_monthly_budget_refuses_model_calls_and_80_percent_is_audited() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let near = post_key(
+        &app,
+        json!({"name": "near", "limits": {"monthly_budget_usd": 1.0}}),
+    )
+    .await;
+    let over = post_key(
+        &app,
+        json!({"name": "over", "limits": {"monthly_budget_usd": 1.0}}),
+    )
+    .await;
+    spend(&app, "default", near["id"].as_str(), 0.85).await;
+    spend(&app, "default", over["id"].as_str(), 1.25).await;
+    let chat = |key: &str| {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key.to_owned())
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+
+    assert_eq!(
+        chat(near["key"].as_str().unwrap()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let resp = chat(over["key"].as_str().unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("key"));
+    assert_eq!(app.mock().calls(), 1);
+
+    let audit: Value = app
+        .client
+        .get(app.url("/v1/admin/audit?action=budget.alert"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alerts = audit["data"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{audit}");
+    assert_eq!(
+        alerts[0]["target"],
+        format!("key:{}", near["id"].as_str().unwrap())
+    );
+    assert_eq!(alerts[0]["detail"]["spent_usd"], 0.85);
+
+    // A tenant's budget covers all its keys.
+    let t = app
+        .client
+        .post(app.url("/v1/admin/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": "frugal", "monthly_budget_usd": 2.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(t.status(), StatusCode::CREATED);
+    let k = post_key(&app, json!({"name": "frugal key", "tenant_id": "frugal"})).await;
+    spend(&app, "frugal", None, 2.5).await;
+    let resp = app
+        .client
+        .post(app.url("/v1/embeddings"))
+        .bearer_auth(k["key"].as_str().unwrap())
+        .json(&json!({"model": "text-embedding-3-small", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant"),
+        "{body}"
+    );
+    // Non-model routes still answer.
+    let models = app
+        .client
+        .get(app.url("/v1/models"))
+        .bearer_auth(k["key"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), StatusCode::OK);
+}

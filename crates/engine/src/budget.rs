@@ -1,0 +1,198 @@
+//! Monthly spend limits, per key and per tenant, from the usage log's costs.
+//!
+//! A model request is refused once the month's spend (UTC calendar month)
+//! has reached the budget; at 80 % a `budget.alert` audit event is written
+//! and logged, once per subject and month per instance. Spend is read from
+//! the store and cached for a few seconds per subject, and usage rows reach
+//! the store through the batched writer, so a burst can overshoot a budget
+//! by what it spends within that lag — a budget is a ceiling to stop at, not
+//! an exact meter.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::json;
+use switchyard_core::identity::Principal;
+use switchyard_store::{Store, StoreError};
+use tokio::time::Instant;
+
+use crate::identity::{Actor, Identity};
+
+/// How long a subject's spend is reused before it is read again.
+const SPEND_TTL: Duration = Duration::from_secs(5);
+const ALERT_AT: f64 = 0.8;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetExceeded {
+    /// `key` or `tenant`.
+    pub scope: &'static str,
+    pub budget_usd: f64,
+    pub spent_usd: f64,
+}
+
+pub struct Budgets {
+    store: Arc<dyn Store>,
+    identity: Identity,
+    spend: Mutex<HashMap<String, (f64, Instant)>>,
+    tenant_budget: Mutex<HashMap<String, (Option<f64>, Instant)>>,
+    alerted: Mutex<HashSet<String>>,
+}
+
+/// Start of the current UTC month, in unix milliseconds.
+pub fn month_start_ms(now_ms: i64) -> i64 {
+    let days = now_ms.div_euclid(86_400_000);
+    // Civil-from-days (Howard Hinnant's algorithm), then back to day one.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day_of_month = doy - (153 * mp + 2) / 5; // 0-based
+    (days - day_of_month) * 86_400_000
+}
+
+impl Budgets {
+    pub fn new(store: Arc<dyn Store>, identity: Identity) -> Self {
+        Self {
+            store,
+            identity,
+            spend: Mutex::default(),
+            tenant_budget: Mutex::default(),
+            alerted: Mutex::default(),
+        }
+    }
+
+    async fn spent(&self, tenant: &str, key: Option<&str>, since: i64) -> Result<f64, StoreError> {
+        let id = format!("{tenant}/{}/{since}", key.unwrap_or("*"));
+        if let Some((v, at)) = self
+            .spend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            if at.elapsed() < SPEND_TTL {
+                return Ok(*v);
+            }
+        }
+        let v = self.store.spend_since(tenant, key, since).await?;
+        self.spend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, (v, Instant::now()));
+        Ok(v)
+    }
+
+    async fn tenant_budget(&self, tenant: &str) -> Result<Option<f64>, StoreError> {
+        if let Some((v, at)) = self
+            .tenant_budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tenant)
+        {
+            if at.elapsed() < SPEND_TTL {
+                return Ok(*v);
+            }
+        }
+        let v = self
+            .store
+            .get_tenant(tenant)
+            .await?
+            .and_then(|t| t.monthly_budget_usd);
+        self.tenant_budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(tenant.to_owned(), (v, Instant::now()));
+        Ok(v)
+    }
+
+    /// `Err(Some(..))`: over budget; `Err(None)` is never returned; a store
+    /// failure is reported as `Ok` with a warning (a budget check must not
+    /// turn a database hiccup into refusals).
+    pub async fn check(&self, who: &Principal, now_ms: i64) -> Result<(), BudgetExceeded> {
+        let since = month_start_ms(now_ms);
+        let mut checks: Vec<(&'static str, Option<&str>, f64)> = Vec::new();
+        if let (Some(key), Some(b)) = (&who.key_id, who.limits.monthly_budget_usd) {
+            checks.push(("key", Some(key.as_str()), b));
+        }
+        match self.tenant_budget(&who.tenant_id).await {
+            Ok(Some(b)) => checks.push(("tenant", None, b)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the tenant's budget"),
+        }
+        for (scope, key, budget) in checks {
+            let spent = match self.spent(&who.tenant_id, key, since).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, scope, "could not read the month's spend");
+                    continue;
+                }
+            };
+            if spent >= budget {
+                return Err(BudgetExceeded {
+                    scope,
+                    budget_usd: budget,
+                    spent_usd: spent,
+                });
+            }
+            if spent >= budget * ALERT_AT {
+                self.alert(who, scope, key, budget, spent, since).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn alert(
+        &self,
+        who: &Principal,
+        scope: &str,
+        key: Option<&str>,
+        budget: f64,
+        spent: f64,
+        since: i64,
+    ) {
+        let id = format!("{}/{}/{since}", who.tenant_id, key.unwrap_or("*"));
+        if !self
+            .alerted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id)
+        {
+            return;
+        }
+        tracing::warn!(tenant = %who.tenant_id, scope, budget_usd = budget, spent_usd = spent, "80 % of the monthly budget is spent");
+        let actor = Actor {
+            label: "budget".into(),
+            tenant_id: who.tenant_id.clone(),
+            role: switchyard_core::identity::Role::Admin,
+            trace_id: None,
+        };
+        self.identity
+            .audit(
+                &actor,
+                &who.tenant_id,
+                "budget.alert",
+                Some(key.map_or_else(|| format!("tenant:{}", who.tenant_id), |k| format!("key:{k}"))),
+                json!({"scope": scope, "budget_usd": budget, "spent_usd": spent, "threshold": ALERT_AT}),
+            )
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::month_start_ms;
+
+    #[test]
+    fn the_month_starts_on_the_first_at_midnight_utc() {
+        // 2026-11-23T18:00:00Z → 2026-11-01T00:00:00Z
+        assert_eq!(month_start_ms(1_795_456_800_000), 1_793_491_200_000);
+        // 2024-02-29T12:00:00Z (leap day) → 2024-02-01
+        assert_eq!(month_start_ms(1_709_208_000_000), 1_706_745_600_000);
+        // the first instant of a month is its own start
+        assert_eq!(month_start_ms(1_706_745_600_000), 1_706_745_600_000);
+        // 1970-01-15 → epoch
+        assert_eq!(month_start_ms(14 * 86_400_000), 0);
+    }
+}
