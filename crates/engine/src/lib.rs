@@ -10,6 +10,7 @@ pub mod identity;
 pub mod jwt;
 pub mod limits;
 pub mod metered;
+pub mod signing;
 pub mod usage_writer;
 
 pub use gateway::{ChatOutcome, EngineError, Gateway, ModelInfo, RequestMeta};

@@ -93,7 +93,7 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if is_public(path) {
         return next.run(req).await;
@@ -147,8 +147,78 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             "This route needs an admin key.",
         );
     }
+    let require = principal.require_signature || req.headers().contains_key("x-signature");
+    let mut req = req;
+    if require {
+        if let Some(key_id) = principal.key_id.clone() {
+            req = match check_signature(&state, family, &principal.tenant_id, &key_id, req).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+        }
+    }
     req.extensions_mut().insert(principal);
     next.run(req).await
+}
+
+/// Verifies `X-Timestamp`/`X-Signature` over the buffered body, then hands
+/// the request on with that body.
+async fn check_signature(
+    state: &AppState,
+    family: Family,
+    tenant: &str,
+    key_id: &str,
+    req: Request,
+) -> Result<Request, Response> {
+    use switchyard_engine::signing::{self, SignError};
+    let (parts, body) = req.into_parts();
+    let bytes = crate::extract::read_body(&parts.headers, body, state.inner.max_body_bytes)
+        .await
+        .map_err(|e| family_error(family, e.status, e.body.code.as_deref(), &e.body.message))?;
+    let refuse = |e: SignError| {
+        let status = if e == SignError::Unavailable {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        family_error(
+            family,
+            status,
+            Some(e.code()),
+            &format!("Request signature refused: {e}."),
+        )
+    };
+    let secrets = state
+        .identity()
+        .signing_secrets(tenant, key_id)
+        .await
+        .map_err(|_| refuse(SignError::Unavailable))?;
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+    let now = switchyard_engine::identity::now_ms().div_euclid(1000);
+    let sig = signing::verify(
+        &secrets,
+        header("x-timestamp"),
+        header("x-signature"),
+        parts.method.as_str(),
+        target,
+        &bytes,
+        now,
+    )
+    .map_err(refuse)?;
+    if !state
+        .inner
+        .replay
+        .first_use(&sig, now)
+        .await
+        .map_err(refuse)?
+    {
+        return Err(refuse(SignError::Replayed));
+    }
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 fn refuse(family: Family, e: &AuthError) -> Response {

@@ -41,6 +41,8 @@ pub struct Parts {
     pub limits: Option<Limits>,
     /// Monthly budgets; `None` turns them off.
     pub budgets: Option<switchyard_engine::budget::Budgets>,
+    /// Remembers request signatures, so each is accepted once.
+    pub replay: switchyard_engine::signing::ReplayGuard,
 }
 
 struct Inner {
@@ -52,6 +54,7 @@ struct Inner {
     security: SecurityConfig,
     limits: Option<Limits>,
     budgets: Option<switchyard_engine::budget::Budgets>,
+    replay: switchyard_engine::signing::ReplayGuard,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
                 security: parts.security,
                 limits: parts.limits,
                 budgets: parts.budgets,
+                replay: parts.replay,
             }),
         })
     }

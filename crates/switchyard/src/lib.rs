@@ -75,6 +75,12 @@ impl Application {
             gateway,
             identity,
             budgets: Some(budgets),
+            replay: match &config.rate_limits.redis_url {
+                Some(url) => switchyard_engine::signing::ReplayGuard::redis(url)
+                    .await
+                    .context("connecting to Redis for the replay guard")?,
+                None => switchyard_engine::signing::ReplayGuard::memory(),
+            },
             prometheus: prometheus.clone(),
             max_body_bytes: config.server.max_body_bytes,
             user_header: config.auth.user_header.clone(),

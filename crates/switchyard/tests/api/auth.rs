@@ -177,13 +177,21 @@ async fn a_key_is_shown_once_listed_without_secrets_and_revoked_at_once() {
     )
     .await;
     let key = created["key"].as_str().unwrap().to_owned();
-    let id = created["id"].as_str().unwrap().to_owned();
     assert!(key.starts_with("sy_") && key.len() == 46);
     assert!(created["signing_secret"]
         .as_str()
         .unwrap()
         .starts_with("sys_"));
     assert_eq!(created["prefix"], key[..11]);
+    assert_eq!(
+        chat_status(&app, Some(&key)).await,
+        StatusCode::UNAUTHORIZED,
+        "it requires signed requests"
+    );
+    let plain = create_key(&app, ADMIN, json!({"name": "plain", "role": "service"})).await;
+    let key = plain["key"].as_str().unwrap().to_owned();
+    let id = plain["id"].as_str().unwrap().to_owned();
+    assert!(plain.get("signing_secret").is_none());
     assert_eq!(chat_status(&app, Some(&key)).await, StatusCode::OK);
 
     let (s, _, list) = send(
@@ -199,7 +207,8 @@ async fn a_key_is_shown_once_listed_without_secrets_and_revoked_at_once() {
     assert!(!text.contains(&key), "the key is never listed");
     assert!(!text.contains(created["signing_secret"].as_str().unwrap()));
     assert!(!text.contains("key_hash"));
-    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    assert!(!text.contains(created["key"].as_str().unwrap()));
+    assert_eq!(list["data"].as_array().unwrap().len(), 3, "{list}");
 
     let (s, _, revoked) = send(
         &app,
@@ -689,4 +698,93 @@ async fn a_supabase_jwt_authenticates_and_attacks_are_refused() {
         !logs.contains(JWT_SECRET) && !logs.contains(&good),
         "no secret or token in the logs"
     );
+}
+
+fn sig(secret: &str, ts: i64, target: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    use sha2::Digest;
+    let message = format!(
+        "{ts}.POST.{target}.{}",
+        hex_encode(&sha2::Sha256::digest(body))
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(message.as_bytes());
+    format!("v1={}", hex_encode(&mac.finalize().into_bytes()))
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_key_that_requires_signing_accepts_only_fresh_correct_unreplayed_signatures() {
+    let app = with_admin().await;
+    let created = create_key(
+        &app,
+        ADMIN,
+        json!({"name": "signed", "require_signature": true}),
+    )
+    .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let secret = created["signing_secret"].as_str().unwrap().to_owned();
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini")).unwrap();
+    let post = |ts: i64, signature: Option<String>, body: Vec<u8>| {
+        let mut req = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .header("x-timestamp", ts.to_string());
+        if let Some(s) = signature {
+            req = req.header("x-signature", s);
+        }
+        async move {
+            let resp = req.body(body).send().await.unwrap();
+            let status = resp.status();
+            let v: Value = resp.json().await.unwrap();
+            (status, v["error"]["code"].as_str().unwrap_or("").to_owned())
+        }
+    };
+    let t = now();
+    let good = sig(&secret, t, "/v1/chat/completions", &body);
+    assert_eq!(
+        post(t, Some(good.clone()), body.clone()).await,
+        (StatusCode::OK, String::new())
+    );
+    assert_eq!(
+        post(t, Some(good), body.clone()).await,
+        (StatusCode::UNAUTHORIZED, "replayed_request".into())
+    );
+    assert_eq!(
+        post(t, None, body.clone()).await,
+        (StatusCode::UNAUTHORIZED, "signature_required".into())
+    );
+    for skew in [-301, 301] {
+        let ts = t + skew;
+        let s = sig(&secret, ts, "/v1/chat/completions", &body);
+        assert_eq!(
+            post(ts, Some(s), body.clone()).await,
+            (StatusCode::UNAUTHORIZED, "stale_timestamp".into()),
+            "{skew}"
+        );
+    }
+    let mut flipped = body.clone();
+    let at = flipped.len() - 5;
+    flipped[at] ^= 1;
+    let s = sig(&secret, t + 1, "/v1/chat/completions", &body);
+    assert_eq!(
+        post(t + 1, Some(s), flipped).await,
+        (StatusCode::UNAUTHORIZED, "invalid_signature".into())
+    );
+    let rotated = format!(
+        "v1={},{}",
+        "0".repeat(64),
+        sig(&secret, t + 2, "/v1/chat/completions", &body)
+    );
+    assert_eq!(
+        post(t + 2, Some(rotated), body.clone()).await,
+        (StatusCode::OK, String::new()),
+        "the second v1= value matches"
+    );
+    assert_eq!(app.mock().calls(), 2);
 }

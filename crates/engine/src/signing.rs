@@ -1,0 +1,278 @@
+//! Request signing: `X-Timestamp: <unix seconds>` and
+//! `X-Signature: v1=<hex HMAC-SHA256(secret, "{timestamp}.{METHOD}.{target}.{hex sha256(body)}")>`,
+//! where `target` is the path with its query string, if any. Several `v1=`
+//! values (comma- or space-separated) may be sent, so a secret can rotate;
+//! one matching value is enough. Comparison is constant-time (`hmac`'s
+//! `verify_slice`). A timestamp more than [`MAX_SKEW_SECS`] away from now is
+//! refused, and a signature seen before within that window is a replay.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+pub const MAX_SKEW_SECS: i64 = 300;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignError {
+    #[error("this key requires signed requests: send X-Timestamp and X-Signature")]
+    Missing,
+    #[error("X-Timestamp must be unix seconds")]
+    BadTimestamp,
+    #[error("X-Timestamp is more than {MAX_SKEW_SECS} s away from the server's clock")]
+    Stale,
+    #[error("X-Signature must be one or more `v1=<hex>` values")]
+    BadFormat,
+    #[error("the signature does not match")]
+    Mismatch,
+    #[error("this signature was already used")]
+    Replayed,
+    #[error("the replay guard is unavailable")]
+    Unavailable,
+}
+
+impl SignError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            SignError::Missing => "signature_required",
+            SignError::BadTimestamp | SignError::BadFormat => "invalid_signature_header",
+            SignError::Stale => "stale_timestamp",
+            SignError::Mismatch => "invalid_signature",
+            SignError::Replayed => "replayed_request",
+            SignError::Unavailable => "signature_check_unavailable",
+        }
+    }
+}
+
+/// The string that is signed.
+pub fn canonical(timestamp: &str, method: &str, target: &str, body: &[u8]) -> String {
+    format!(
+        "{timestamp}.{method}.{target}.{}",
+        hex::encode(Sha256::digest(body))
+    )
+}
+
+/// Hex HMAC-SHA256 of `message` (what a client computes).
+pub fn sign(secret: &str, message: &str) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+        return String::new(); // HMAC accepts keys of any length
+    };
+    mac.update(message.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks the headers against the key's secrets; returns the matching
+/// signature (for the replay guard).
+pub fn verify(
+    secrets: &[String],
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    method: &str,
+    target: &str,
+    body: &[u8],
+    now_secs: i64,
+) -> Result<Vec<u8>, SignError> {
+    let (Some(ts), Some(sig)) = (timestamp, signature) else {
+        return Err(SignError::Missing);
+    };
+    let ts_num: i64 = ts.trim().parse().map_err(|_| SignError::BadTimestamp)?;
+    if (now_secs - ts_num).abs() > MAX_SKEW_SECS {
+        return Err(SignError::Stale);
+    }
+    let mut candidates = Vec::new();
+    for part in sig.split([',', ' ']).filter(|p| !p.is_empty()) {
+        let hexed = part.strip_prefix("v1=").ok_or(SignError::BadFormat)?;
+        candidates.push(hex::decode(hexed).map_err(|_| SignError::BadFormat)?);
+    }
+    if candidates.is_empty() {
+        return Err(SignError::BadFormat);
+    }
+    let message = canonical(ts.trim(), method, target, body);
+    for secret in secrets {
+        for c in &candidates {
+            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+                continue;
+            };
+            mac.update(message.as_bytes());
+            if mac.verify_slice(c).is_ok() {
+                return Ok(c.clone());
+            }
+        }
+    }
+    Err(SignError::Mismatch)
+}
+
+/// Remembers signatures for the skew window, so each is accepted once.
+pub enum ReplayGuard {
+    Memory(Mutex<HashMap<Vec<u8>, i64>>),
+    Redis(redis::aio::ConnectionManager),
+}
+
+impl ReplayGuard {
+    pub fn memory() -> Self {
+        ReplayGuard::Memory(Mutex::default())
+    }
+
+    pub async fn redis(url: &str) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        Ok(ReplayGuard::Redis(
+            redis::aio::ConnectionManager::new(client).await?,
+        ))
+    }
+
+    /// `Ok(true)` the first time a signature is seen within the window.
+    pub async fn first_use(&self, signature: &[u8], now_secs: i64) -> Result<bool, SignError> {
+        let window = 2 * MAX_SKEW_SECS;
+        match self {
+            ReplayGuard::Memory(seen) => {
+                let mut seen = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if seen.len() > 100_000 {
+                    seen.retain(|_, until| *until > now_secs);
+                }
+                match seen.get(signature) {
+                    Some(until) if *until > now_secs => Ok(false),
+                    _ => {
+                        seen.insert(signature.to_vec(), now_secs + window);
+                        Ok(true)
+                    }
+                }
+            }
+            ReplayGuard::Redis(conn) => {
+                let mut conn = conn.clone();
+                let key = format!("sy:sig:{}", hex::encode(signature));
+                let set: Option<String> = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(1)
+                        .arg("NX")
+                        .arg("EX")
+                        .arg(window)
+                        .query_async(&mut conn),
+                )
+                .await
+                .map_err(|_| SignError::Unavailable)?
+                .map_err(|_| SignError::Unavailable)?;
+                Ok(set.is_some())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn signed(secret: &str, ts: i64, body: &[u8]) -> String {
+        format!(
+            "v1={}",
+            sign(
+                secret,
+                &canonical(&ts.to_string(), "POST", "/v1/chat/completions", body)
+            )
+        )
+    }
+
+    fn check(secrets: &[&str], ts: i64, sig: &str, body: &[u8]) -> Result<Vec<u8>, SignError> {
+        let secrets: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
+        verify(
+            &secrets,
+            Some(&ts.to_string()),
+            Some(sig),
+            "POST",
+            "/v1/chat/completions",
+            body,
+            NOW,
+        )
+    }
+
+    #[test]
+    fn a_correct_signature_passes_and_a_flipped_body_byte_fails() {
+        let body = br#"{"model":"m"}"#;
+        assert!(check(&["s1"], NOW, &signed("s1", NOW, body), body).is_ok());
+        let mut flipped = body.to_vec();
+        flipped[3] ^= 1;
+        assert_eq!(
+            check(&["s1"], NOW, &signed("s1", NOW, body), &flipped),
+            Err(SignError::Mismatch)
+        );
+        assert_eq!(
+            check(&["s2"], NOW, &signed("s1", NOW, body), body),
+            Err(SignError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn a_skew_of_301_seconds_either_way_is_refused() {
+        for ts in [NOW - 301, NOW + 301] {
+            assert_eq!(
+                check(&["s"], ts, &signed("s", ts, b""), b""),
+                Err(SignError::Stale)
+            );
+        }
+        for ts in [NOW - 300, NOW + 300] {
+            assert!(check(&["s"], ts, &signed("s", ts, b""), b"").is_ok());
+        }
+    }
+
+    #[test]
+    fn the_second_of_two_v1_values_is_accepted_for_rotation() {
+        let sig = format!("v1={},{}", "00".repeat(32), signed("new", NOW, b"x"));
+        assert!(check(&["new"], NOW, &sig, b"x").is_ok());
+        let spaced = format!("v1={} {}", "ab".repeat(32), signed("new", NOW, b"x"));
+        assert!(check(&["old", "new"], NOW, &spaced, b"x").is_ok());
+    }
+
+    #[test]
+    fn malformed_headers_are_named() {
+        let ok = signed("s", NOW, b"");
+        let secrets = vec!["s".to_string()];
+        assert_eq!(
+            verify(&secrets, None, Some(&ok), "POST", "/", b"", NOW),
+            Err(SignError::Missing)
+        );
+        assert_eq!(
+            verify(&secrets, Some("soon"), Some(&ok), "POST", "/", b"", NOW),
+            Err(SignError::BadTimestamp)
+        );
+        assert_eq!(
+            check(&["s"], NOW, "sha256=abc", b""),
+            Err(SignError::BadFormat)
+        );
+        assert_eq!(check(&["s"], NOW, "v1=zz", b""), Err(SignError::BadFormat));
+    }
+
+    #[tokio::test]
+    async fn a_signature_is_accepted_once_within_the_window() {
+        let guard = ReplayGuard::memory();
+        assert_eq!(guard.first_use(b"sig", NOW).await, Ok(true));
+        assert_eq!(guard.first_use(b"sig", NOW + 10).await, Ok(false));
+        assert_eq!(
+            guard.first_use(b"sig", NOW + 601).await,
+            Ok(true),
+            "forgotten after the window"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_redis_replay_guard_is_shared_between_connections() {
+        let Ok(url) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
+            assert_ne!(
+                std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
+                Ok("1")
+            );
+            return;
+        };
+        let a = ReplayGuard::redis(&url).await.unwrap();
+        let b = ReplayGuard::redis(&url).await.unwrap();
+        let sig = format!("test-{}-{}", std::process::id(), NOW).into_bytes();
+        assert_eq!(a.first_use(&sig, NOW).await, Ok(true));
+        assert_eq!(b.first_use(&sig, NOW).await, Ok(false));
+    }
+}
