@@ -106,10 +106,24 @@ pub async fn authenticate(State(state): State<AppState>, req: Request, next: Nex
         Principal::open_dev()
     } else {
         match credential(req.headers()).filter(|c| !c.is_empty()) {
-            Some(c) => match identity.authenticate(c).await {
-                Ok(p) => p,
-                Err(e) => return refuse(family, &e),
-            },
+            Some(c) => {
+                let ip = req
+                    .extensions()
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|ci| ci.0.ip());
+                if let Some(blocked) = ip.and_then(|ip| failures_blocked(&state, ip)) {
+                    return blocked_response(family, blocked);
+                }
+                match identity.authenticate(c).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if let (Some(ip), false) = (ip, e.is_unavailable()) {
+                            count_failure(&state, ip).await;
+                        }
+                        return refuse(family, &e);
+                    }
+                }
+            }
             None => return refuse(family, &AuthError::Missing),
         }
     };
@@ -264,6 +278,75 @@ fn refuse(family: Family, e: &AuthError) -> Response {
     };
     if e.is_unavailable() {
         resp.extensions_mut().insert(ErrorDetail(e.to_string()));
+    }
+    resp
+}
+
+fn failure_key(ip: std::net::IpAddr) -> String {
+    format!("authfail:{ip}")
+}
+
+/// `Some(wait)` while an address has used up its failed authentications.
+fn failures_blocked(state: &AppState, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+    let config = &state.inner.limits.as_ref()?.config;
+    if !config.enabled {
+        return None;
+    }
+    let rate = config.auth_failures;
+    let d = state
+        .inner
+        .auth_failures
+        .check_now(&failure_key(ip), rate, 0)
+        .ok()?;
+    (d.remaining == 0).then(|| std::time::Duration::from_micros(rate.emission_interval_us()))
+}
+
+/// Counts a failed authentication; the one that uses up the allowance is
+/// written to the audit log (one event per burst, not one per failure).
+async fn count_failure(state: &AppState, ip: std::net::IpAddr) {
+    let Some(limits) = state.inner.limits.as_ref().filter(|l| l.config.enabled) else {
+        return;
+    };
+    let rate = limits.config.auth_failures;
+    let Ok(d) = state
+        .inner
+        .auth_failures
+        .check_now(&failure_key(ip), rate, 1)
+    else {
+        return;
+    };
+    metrics::counter!("switchyard_auth_failures_total").increment(1);
+    if d.allowed && d.remaining == 0 {
+        let actor = switchyard_engine::identity::Actor {
+            label: format!("ip:{ip}"),
+            tenant_id: switchyard_engine::identity::DEFAULT_TENANT.into(),
+            role: Role::User,
+            trace_id: None,
+        };
+        state
+            .identity()
+            .audit(
+                &actor,
+                switchyard_engine::identity::DEFAULT_TENANT,
+                "auth.failures",
+                Some(format!("ip:{ip}")),
+                json!({"failures": rate.count(), "window_secs": rate.window_secs(), "blocked": true}),
+            )
+            .await;
+    }
+}
+
+fn blocked_response(family: Family, wait: std::time::Duration) -> Response {
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp = family_error(
+        family,
+        StatusCode::TOO_MANY_REQUESTS,
+        Some("too_many_auth_failures"),
+        &format!("Too many failed authentications from this address; try again in {secs} s."),
+    );
+    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, v);
     }
     resp
 }

@@ -55,6 +55,8 @@ struct Inner {
     limits: Option<Limits>,
     budgets: Option<switchyard_engine::budget::Budgets>,
     replay: switchyard_engine::signing::ReplayGuard,
+    /// Failed authentications per client address (this instance's).
+    auth_failures: switchyard_engine::limits::MemoryLimiter,
 }
 
 impl AppState {
@@ -77,6 +79,7 @@ impl AppState {
                 limits: parts.limits,
                 budgets: parts.budgets,
                 replay: parts.replay,
+                auth_failures: switchyard_engine::limits::MemoryLimiter::new(),
             }),
         })
     }
@@ -121,6 +124,10 @@ pub fn router(state: AppState) -> Router {
             post(routes::keys::invalidate_auth_cache),
         )
         .route("/v1/admin/audit", get(routes::keys::audit))
+        .route(
+            "/v1/admin/rate-limits/reset",
+            post(routes::keys::reset_rate_limits),
+        )
         .route("/health", get(routes::ops::health))
         .route("/ready", get(routes::ops::ready))
         .route("/metrics", get(routes::ops::metrics))

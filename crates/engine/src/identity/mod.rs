@@ -428,6 +428,32 @@ impl Identity {
         Ok(record)
     }
 
+    /// The rate-limit subject prefix an actor may reset: a key of its tenant
+    /// (any, for an operator), or a user of its tenant.
+    pub async fn limit_subject(
+        &self,
+        actor: &Actor,
+        key_id: Option<&str>,
+        user_id: Option<&str>,
+        tenant: Option<&str>,
+    ) -> Result<String, IdentityError> {
+        actor.require_admin()?;
+        let tenant_id = actor.tenant(tenant)?;
+        match (key_id, user_id) {
+            (Some(k), None) => {
+                if self.inner.store.get_api_key(&tenant_id, k).await?.is_none() {
+                    return Err(IdentityError::NotFound("key"));
+                }
+                Ok(format!("key:{k}:"))
+            }
+            (None, Some(u)) => Ok(format!("user:{tenant_id}:{u}:")),
+            _ => Err(IdentityError::Invalid {
+                field: "key_id",
+                message: "give exactly one of `key_id` or `user_id`".into(),
+            }),
+        }
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.inner.cache.stats()
     }

@@ -382,3 +382,67 @@ pub async fn audit(
         Err(e) => identity_error(e),
     }
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    #[serde(default)]
+    key_id: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+}
+
+/// `POST /v1/admin/rate-limits/reset`: forgets a key's or a user's counts.
+pub async fn reset_rate_limits(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let req: ResetBody = match parse(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let actor = actor(&who, &ctx);
+    let prefix = match state
+        .identity()
+        .limit_subject(
+            &actor,
+            req.key_id.as_deref(),
+            req.user_id.as_deref(),
+            req.tenant_id.as_deref(),
+        )
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return identity_error(e),
+    };
+    let Some(limits) = state.inner.limits.as_ref() else {
+        return Json(json!({"reset": 0})).into_response();
+    };
+    match limits.limiter.reset(&prefix).await {
+        Ok(n) => {
+            let subject = prefix.trim_end_matches(':').to_owned();
+            state
+                .identity()
+                .audit(
+                    &actor,
+                    &actor.tenant_id,
+                    "rate_limit.reset",
+                    Some(subject),
+                    json!({"reset": n}),
+                )
+                .await;
+            Json(json!({"reset": n})).into_response()
+        }
+        Err(e) => native(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.code(),
+            "The rate-limit store is unavailable; try again shortly.",
+            json!({}),
+        ),
+    }
+}

@@ -513,6 +513,12 @@ async fn authorization_matrix_over_every_route() {
             [401, 403, 403, 403, 200, 404, 200],
         ),
         (
+            M::POST,
+            "/v1/admin/rate-limits/reset".into(),
+            Some(json!({"key_id": a_key_id, "tenant_id": "tenant-a"})),
+            [401, 403, 403, 403, 200, 404, 200],
+        ),
+        (
             M::DELETE,
             revoke_a,
             None,
@@ -787,4 +793,91 @@ async fn a_key_that_requires_signing_accepts_only_fresh_correct_unreplayed_signa
         "the second v1= value matches"
     );
     assert_eq!(app.mock().calls(), 2);
+}
+
+/// One run that uses every kind of secret, at debug level: none of them may
+/// appear in any line the server writes.
+#[tokio::test]
+async fn no_secret_appears_in_the_logs() {
+    let app = crate::helpers::app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .env("SWITCHYARD_JWT__HS256_SECRET", JWT_SECRET)
+        .env("RUST_LOG", "debug")
+        .spawn()
+        .await;
+    let created = create_key(&app, ADMIN, json!({"name": "s", "require_signature": true})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let signing = created["signing_secret"].as_str().unwrap().to_owned();
+    let plain = create_key(&app, ADMIN, json!({"name": "p"})).await;
+    let plain_key = plain["key"].as_str().unwrap().to_owned();
+    let token = hs256(
+        json!({"sub": "u1", "role": "authenticated", "exp": now() + 600}),
+        JWT_SECRET,
+        "HS256",
+    );
+    let expired = hs256(
+        json!({"sub": "u1", "role": "authenticated", "exp": now() - 600}),
+        JWT_SECRET,
+        "HS256",
+    );
+    assert_eq!(chat_status(&app, Some(&plain_key)).await, StatusCode::OK);
+    assert_eq!(chat_status(&app, Some(&token)).await, StatusCode::OK);
+    assert_eq!(
+        chat_status(&app, Some(&expired)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        chat_status(&app, Some(&key)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini")).unwrap();
+    let t = now();
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .header("x-timestamp", t.to_string())
+        .header(
+            "x-signature",
+            sig(&signing, t, "/v1/chat/completions", &body),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let wrong = format!("{}x", &plain_key[..45]);
+    assert_eq!(
+        chat_status(&app, Some(&wrong)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let invalidate = send(
+        &app,
+        reqwest::Method::POST,
+        "/v1/admin/auth-cache/invalidate",
+        Some(ADMIN),
+        Some(json!({"credential": plain_key})),
+    )
+    .await;
+    assert_eq!(invalidate.0, StatusCode::OK);
+
+    let _ = app
+        .wait_for_log(|l| l.contains("auth_cache.invalidated"))
+        .await;
+    let logs = app.logs().join("\n");
+    assert!(logs.len() > 1000, "debug logs were captured");
+    for (name, secret) in [
+        ("admin key", ADMIN),
+        ("API key", key.as_str()),
+        ("plain key", plain_key.as_str()),
+        ("mistyped key", wrong.as_str()),
+        ("signing secret", signing.as_str()),
+        ("JWT secret", JWT_SECRET),
+        ("JWT", token.as_str()),
+        ("expired JWT", expired.as_str()),
+        ("provider key", switchyard_testkit::app::MOCK_PROVIDER_KEY),
+    ] {
+        assert!(!logs.contains(secret), "the {name} appears in the logs");
+    }
 }

@@ -297,3 +297,119 @@ async fn a_spent_monthly_budget_refuses_model_calls_and_80_percent_is_audited() 
         .unwrap();
     assert_eq!(models.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn repeated_authentication_failures_from_one_address_are_limited_and_audited() {
+    let app = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .config("[rate_limits]\nauth_failures = \"3/hour\"\n")
+        .spawn()
+        .await;
+    let bad = "sy_0000000000000000000000000000000000000000000";
+    let status = |key: &'static str| {
+        let req = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"));
+        async move { req.send().await.unwrap() }
+    };
+    for _ in 0..3 {
+        assert_eq!(status(bad).await.status(), StatusCode::UNAUTHORIZED);
+    }
+    let blocked = status(bad).await;
+    assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(blocked.headers()["retry-after"], "1200");
+    let v: Value = blocked.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_many_auth_failures");
+    let even_good = status(ADMIN).await;
+    assert_eq!(
+        even_good.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the address is blocked, whatever it sends"
+    );
+    // Requests without a credential are not failures (open routes, SDK probes).
+    let health = app.client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    let store = crate::helpers::app_store(&app).await;
+    let events = store
+        .list_audit(
+            "default",
+            &switchyard_core::identity::AuditQuery {
+                action: Some("auth.failures".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1, "one aggregated event, not one per failure");
+    assert_eq!(events[0].target.as_deref(), Some("ip:127.0.0.1"));
+}
+
+#[tokio::test]
+async fn an_admin_resets_a_keys_rate_limit_and_the_reset_is_audited() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let k = post_key(
+        &app,
+        json!({"name": "tight", "limits": {"rates": {"chat": "1/hour"}}}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        chat().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let reset = |body: Value| {
+        app.client
+            .post(app.url("/v1/admin/rate-limits/reset"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let resp = reset(json!({"key_id": k["id"]})).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["reset"], 2, "global and chat: {v}");
+    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+
+    let bad = reset(json!({"key_id": "nope"})).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::NOT_FOUND);
+    let both = reset(json!({"key_id": k["id"], "user_id": "u"}))
+        .await
+        .unwrap();
+    assert_eq!(both.status(), StatusCode::BAD_REQUEST);
+    let user = app
+        .client
+        .post(app.url("/v1/admin/rate-limits/reset"))
+        .bearer_auth(key)
+        .json(&json!({"key_id": k["id"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(user.status(), StatusCode::FORBIDDEN);
+
+    let audit: Value = app
+        .client
+        .get(app.url("/v1/admin/audit?action=rate_limit.reset"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        audit["data"][0]["target"],
+        format!("key:{}", k["id"].as_str().unwrap())
+    );
+}
