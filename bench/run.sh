@@ -6,6 +6,8 @@
 #   PHASES="pinned" REPS=2 bench/run.sh  # a subset
 #   LABEL=logwarn SY_ENV="RUST_LOG=warn" bench/run.sh                         # a variant
 #   LABEL=nousage SY_ENV="SWITCHYARD_USAGE__ENABLED=false" bench/run.sh       # another
+#   WRK_API_KEY=K LABEL=auth SY_ENV="SWITCHYARD_ADMIN_KEY=K SWITCHYARD_RATE_LIMITS__CLASSES__CHAT=10000000/min SWITCHYARD_RATE_LIMITS__CLASSES__GLOBAL=10000000/min" PHASES="pinned c64" bench/run.sh
+#                                        # with an API key (K, >= 32 chars) and rate limits on (bench/auth.sh for the per-check cost)
 #   LABEL=nodelay SY_NODELAY_PRELOAD=1 bench/run.sh    # experiment: TCP_NODELAY on accepted sockets
 #   REBUILD=1 bench/run.sh               # cargo build --release first (a no-op when up to date)
 #
@@ -234,7 +236,7 @@ alternate() {  # PHASE C TOOL BODY PINNED: REPS x (direct, gateway), order flipp
 verify() {  # URL BODY PATTERN: must answer 200 and contain PATTERN
   local code
   code=$(curl -s -m 10 -o "$OUT/runs/verify.body" -w '%{http_code}' -H 'Content-Type: application/json' \
-    -H 'Authorization: Bearer sk-bench-6f1c2a9e4b7d8035e1f2a3b4c5d6e7f8' -d "$2" "$1" || true)
+    -H "Authorization: Bearer ${WRK_API_KEY:-sk-bench-6f1c2a9e4b7d8035e1f2a3b4c5d6e7f8}" -d "$2" "$1" || true)
   [ "$code" = 200 ] && grep -q -- "$3" "$OUT/runs/verify.body" || die "verification failed for $1 (HTTP $code): $(head -c 300 "$OUT/runs/verify.body")"
 }
 

@@ -28,6 +28,8 @@ pub struct Application {
     store: Arc<dyn Store>,
     grace: Duration,
     prometheus: Option<PrometheusHandle>,
+    /// Tasks that live as long as the server (the revocation listener).
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -70,6 +72,17 @@ impl Application {
                 "open development mode: no API key exists and the server listens on a loopback address, so every request is served as the admin of tenant `default`; create a key (`switchyard keys create`) to end it"
             );
         }
+        let mut background = Vec::new();
+        if let Some(url) = &config.rate_limits.redis_url {
+            let b = switchyard_engine::identity::broadcast::Broadcast::connect(url)
+                .await
+                .context("connecting to Redis for revocations")?;
+            identity.set_broadcast(b);
+            background.push(switchyard_engine::identity::broadcast::spawn_listener(
+                identity.clone(),
+                url.clone(),
+            ));
+        }
         let budgets = switchyard_engine::budget::Budgets::new(store.clone(), identity.clone());
         let state = switchyard_server::AppState::new(switchyard_server::Parts {
             gateway,
@@ -100,6 +113,7 @@ impl Application {
             store,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             prometheus,
+            background,
         })
     }
 
@@ -153,6 +167,9 @@ impl Application {
         }
         if let Some(u) = upkeep {
             u.abort();
+        }
+        for task in &self.background {
+            task.abort();
         }
         self.health_task.shutdown().await;
         self.usage_task.shutdown().await;

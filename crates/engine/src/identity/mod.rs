@@ -10,6 +10,7 @@
 //! admin of tenant `default`, or the CLI on the server's own machine) may
 //! name another tenant; for anyone else another tenant does not exist (404).
 
+pub mod broadcast;
 pub mod cache;
 pub mod keys;
 
@@ -178,6 +179,7 @@ struct Inner {
     cache: CredentialCache,
     open_dev: AtomicBool,
     jwt: Option<crate::jwt::JwtVerifier>,
+    broadcast: std::sync::OnceLock<broadcast::Broadcast>,
 }
 
 pub fn now_ms() -> i64 {
@@ -249,8 +251,14 @@ impl Identity {
                 cache: CredentialCache::default(),
                 open_dev: AtomicBool::new(open_dev),
                 jwt,
+                broadcast: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Publishes revocations to the other instances (Redis), from now on.
+    pub fn set_broadcast(&self, b: broadcast::Broadcast) {
+        let _ = self.inner.broadcast.set(b);
     }
 
     /// Whether requests without a credential are served as the admin of
@@ -415,6 +423,9 @@ impl Identity {
             .await?
             .ok_or(IdentityError::NotFound("key"))?;
         self.inner.cache.invalidate_key(id);
+        if let Some(b) = self.inner.broadcast.get() {
+            b.publish(id).await;
+        }
         if revoked {
             self.audit(
                 actor,

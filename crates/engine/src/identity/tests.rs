@@ -229,3 +229,45 @@ async fn an_expired_key_is_refused() {
         })
     ));
 }
+
+/// The per-request cost of a cache-hit authentication plus two in-memory
+/// rate-limit checks (global and the route's class), as the middleware does
+/// them. Run by `bench/auth.sh` in release mode; prints, asserts nothing
+/// about time.
+#[tokio::test]
+#[ignore = "a measurement; run with bench/auth.sh"]
+async fn auth_hit_and_memory_limit_cost_is_reported() {
+    use crate::limits::MemoryLimiter;
+    use std::str::FromStr;
+    use switchyard_core::limits::Rate;
+    let (_d, store) = store().await;
+    let id = Identity::start(store, false, None, None).await.unwrap();
+    let created = id
+        .create_key(&Actor::cli(), new_key("bench", Role::Service))
+        .await
+        .unwrap();
+    let limiter = MemoryLimiter::new();
+    let rate = Rate::from_str("1000000000/min").unwrap();
+    id.authenticate(&created.key).await.unwrap();
+    let n = 200_000u32;
+    let mut samples = Vec::new();
+    for _round in 0..5 {
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            let p = id.authenticate(&created.key).await.unwrap();
+            let subject = p.subject();
+            for class in ["global", "chat"] {
+                let d = limiter
+                    .check_now(&format!("{subject}:{class}"), rate, 1)
+                    .unwrap();
+                assert!(d.allowed);
+            }
+        }
+        samples.push(start.elapsed().as_secs_f64() * 1e6 / f64::from(n));
+    }
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "AUTH_LIMIT_COST_US median={:.3} min={:.3} max={:.3} (cache hit + 2 in-memory checks, {n} iterations x 5)",
+        samples[2], samples[0], samples[4]
+    );
+}

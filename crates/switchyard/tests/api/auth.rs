@@ -881,3 +881,52 @@ async fn no_secret_appears_in_the_logs() {
         assert!(!logs.contains(secret), "the {name} appears in the logs");
     }
 }
+
+/// Two instances on one database and one Redis: a key revoked on one stops
+/// working on the other (which had it cached) within a few seconds.
+#[tokio::test]
+async fn a_revocation_reaches_every_instance_through_redis() {
+    let Ok(redis) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
+        assert_ne!(
+            std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
+            Ok("1"),
+            "SWITCHYARD_TEST_REDIS_URL is required"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/shared.db", dir.path().display());
+    let spawn = || {
+        crate::helpers::app()
+            .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+            .env("SWITCHYARD_STORE__URL", &db)
+            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
+            .spawn()
+    };
+    let a = spawn().await;
+    let b = spawn().await;
+    let created = create_key(&a, ADMIN, json!({"name": "shared"})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        chat_status(&b, Some(&key)).await,
+        StatusCode::OK,
+        "B knows the key (and caches it)"
+    );
+    assert_eq!(chat_status(&b, Some(&key)).await, StatusCode::OK);
+
+    let path = format!("/v1/admin/keys/{}", created["id"].as_str().unwrap());
+    let (s, _, _) = send(&a, reqwest::Method::DELETE, &path, Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if chat_status(&b, Some(&key)).await == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B still accepts the revoked key after 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
