@@ -113,7 +113,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/admin/keys",
             post(routes::keys::create_key).get(routes::keys::list_keys),
         )
-        .route("/v1/admin/keys/{id}", delete(routes::keys::revoke_key))
+        .route(
+            "/v1/admin/keys/{id}",
+            delete(routes::keys::revoke_key).patch(routes::keys::update_key),
+        )
         .route(
             "/v1/admin/tenants",
             post(routes::keys::create_tenant).get(routes::keys::list_tenants),

@@ -349,6 +349,24 @@ macro_rules! identity_methods {
                 .context("decoding API keys")
         }
 
+        pub(crate) async fn update_api_key_impl(
+            &self,
+            k: &switchyard_core::identity::ApiKeyRecord,
+        ) -> Result<bool, $crate::StoreError> {
+            use $crate::identity::*;
+            let sql = $conv!("UPDATE api_keys SET name = ?, role = ?, limits = ? WHERE tenant_id = ? AND id = ?");
+            let r = sqlx::query(sql)
+                .bind(&k.name)
+                .bind(k.role.as_str())
+                .bind(json_text(&k.limits)?)
+                .bind(&k.tenant_id)
+                .bind(&k.id)
+                .execute(&self.pool)
+                .await
+                .context("updating an API key")?;
+            Ok(r.rows_affected() == 1)
+        }
+
         pub(crate) async fn revoke_api_key_impl(
             &self,
             tenant_id: &str,

@@ -179,6 +179,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// A tenant's keys, revoked ones included, newest first.
     async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Replaces a key's name, role and limits (matched by tenant and id);
+    /// `false` if it does not exist in that tenant.
+    async fn update_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError>;
     /// Marks a key revoked; `false` if it does not exist in this tenant or
     /// was already revoked.
     async fn revoke_api_key(

@@ -348,6 +348,10 @@ impl Store for SqliteStore {
         self.list_api_keys_impl(tenant_id).await
     }
 
+    async fn update_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {
+        self.update_api_key_impl(key).await
+    }
+
     async fn revoke_api_key(
         &self,
         tenant_id: &str,

@@ -153,6 +153,14 @@ pub struct NewKey {
     pub require_signature: bool,
 }
 
+/// Changes to a key; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub role: Option<Role>,
+    pub limits: Option<KeyLimits>,
+}
+
 /// A created key: the only time the key (and its signing secret) is seen.
 #[derive(Debug, Clone)]
 pub struct CreatedKey {
@@ -400,6 +408,71 @@ impl Identity {
         actor.require_admin()?;
         let tenant_id = actor.tenant(tenant)?;
         Ok(self.inner.store.list_api_keys(&tenant_id).await?)
+    }
+
+    /// Changes a key's name, role or limits. The change applies to the next
+    /// request on this instance (and, with Redis, on every instance).
+    pub async fn update_key(
+        &self,
+        actor: &Actor,
+        tenant: Option<&str>,
+        id: &str,
+        update: KeyUpdate,
+    ) -> Result<ApiKeyRecord, IdentityError> {
+        actor.require_admin()?;
+        let tenant_id = actor.tenant(tenant)?;
+        let mut record = self
+            .inner
+            .store
+            .get_api_key(&tenant_id, id)
+            .await?
+            .ok_or(IdentityError::NotFound("key"))?;
+        let before = record.clone();
+        if let Some(name) = update.name {
+            let name = name.trim();
+            if name.is_empty() || name.len() > 200 {
+                return Err(IdentityError::Invalid {
+                    field: "name",
+                    message: "name must be 1 to 200 characters".into(),
+                });
+            }
+            record.name = name.to_owned();
+        }
+        if let Some(role) = update.role {
+            record.role = role;
+        }
+        if let Some(limits) = update.limits {
+            record.limits = limits;
+        }
+        if !self.inner.store.update_api_key(&record).await? {
+            return Err(IdentityError::NotFound("key"));
+        }
+        self.inner.cache.invalidate_key(id);
+        if let Some(b) = self.inner.broadcast.get() {
+            b.publish(id).await;
+        }
+        let target = Some(format!("key:{id}"));
+        if before.role != record.role {
+            self.audit(
+                actor,
+                &tenant_id,
+                "key.role_changed",
+                target.clone(),
+                json!({"from": before.role, "to": record.role}),
+            )
+            .await;
+        }
+        if before.name != record.name || before.limits != record.limits {
+            self.audit(
+                actor,
+                &tenant_id,
+                "key.updated",
+                target,
+                json!({"name": record.name, "limits": record.limits}),
+            )
+            .await;
+        }
+        Ok(record)
     }
 
     /// Revokes a key; it stops working on this instance at once.

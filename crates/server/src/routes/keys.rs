@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use switchyard_core::identity::{ApiKeyRecord, AuditQuery, KeyLimits, Principal, Role, Tenant};
 use switchyard_core::trace::TraceContext;
-use switchyard_engine::identity::{now_ms, Actor, IdentityError, Invalidate, NewKey};
+use switchyard_engine::identity::{now_ms, Actor, IdentityError, Invalidate, KeyUpdate, NewKey};
 
 use crate::error::ErrorDetail;
 use crate::extract::read_body;
@@ -191,6 +191,46 @@ pub async fn list_keys(
             Json(json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()}))
                 .into_response()
         }
+        Err(e) => identity_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    role: Option<Role>,
+    #[serde(default)]
+    limits: Option<KeyLimits>,
+}
+
+/// `PATCH /v1/admin/keys/{id}`: name, role or limits.
+pub async fn update_key(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    Query(q): Query<TenantParam>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let req: UpdateKey = match parse(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let update = KeyUpdate {
+        name: req.name,
+        role: req.role,
+        limits: req.limits,
+    };
+    match state
+        .identity()
+        .update_key(&actor(&who, &ctx), q.tenant_id.as_deref(), &id, update)
+        .await
+    {
+        Ok(k) => Json(key_json(&k)).into_response(),
         Err(e) => identity_error(e),
     }
 }

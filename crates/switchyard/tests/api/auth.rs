@@ -930,3 +930,80 @@ async fn a_revocation_reaches_every_instance_through_redis() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_role_change_applies_to_the_next_request_and_is_audited() {
+    let app = with_admin().await;
+    let k = create_key(&app, ADMIN, json!({"name": "grows", "role": "user"})).await;
+    let key = k["key"].as_str().unwrap().to_owned();
+    let path = format!("/v1/admin/keys/{}", k["id"].as_str().unwrap());
+    let (s, _, _) = send(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/keys",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "a user key is not an admin (and is now cached)"
+    );
+
+    let (s, _, updated) = send(
+        &app,
+        reqwest::Method::PATCH,
+        &path,
+        Some(ADMIN),
+        Some(json!({"role": "admin", "name": "grown"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{updated}");
+    assert_eq!(
+        (updated["role"].as_str(), updated["name"].as_str()),
+        (Some("admin"), Some("grown"))
+    );
+    let (s, _, _) = send(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/keys",
+        Some(&key),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "the cached principal was dropped");
+
+    let (s, _, bad) = send(
+        &app,
+        reqwest::Method::PATCH,
+        &path,
+        Some(ADMIN),
+        Some(json!({"role": "owner"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(bad["error"]["details"]["field"], "role");
+    let (s, _, _) = send(
+        &app,
+        reqwest::Method::PATCH,
+        "/v1/admin/keys/nope",
+        Some(ADMIN),
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (_, _, audit) = send(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/audit?action=key.role_changed",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        audit["data"][0]["detail"],
+        json!({"from": "user", "to": "admin"})
+    );
+}
