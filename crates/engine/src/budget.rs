@@ -1,4 +1,5 @@
-//! Monthly spend limits, per key and per tenant, from the usage log's costs.
+//! Monthly spend limits, per key and per tenant, from the usage log's costs;
+//! and the cached tenant settings the rate limits read too.
 //!
 //! A model request is refused once the month's spend (UTC calendar month)
 //! has reached the budget; at 80 % a `budget.alert` audit event is written
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::json;
-use switchyard_core::identity::Principal;
+use switchyard_core::identity::{Principal, Tenant};
 use switchyard_store::{Store, StoreError};
 use tokio::time::Instant;
 
@@ -31,11 +32,14 @@ pub struct BudgetExceeded {
     pub spent_usd: f64,
 }
 
+/// A tenant as last read (or its absence), and when.
+type CachedTenant = (Option<Arc<Tenant>>, Instant);
+
 pub struct Budgets {
     store: Arc<dyn Store>,
     identity: Identity,
     spend: Mutex<HashMap<String, (f64, Instant)>>,
-    tenant_budget: Mutex<HashMap<String, (Option<f64>, Instant)>>,
+    tenants: Mutex<HashMap<String, CachedTenant>>,
     alerted: Mutex<HashSet<String>>,
 }
 
@@ -59,7 +63,7 @@ impl Budgets {
             store,
             identity,
             spend: Mutex::default(),
-            tenant_budget: Mutex::default(),
+            tenants: Mutex::default(),
             alerted: Mutex::default(),
         }
     }
@@ -84,26 +88,24 @@ impl Budgets {
         Ok(v)
     }
 
-    async fn tenant_budget(&self, tenant: &str) -> Result<Option<f64>, StoreError> {
+    /// A tenant's stored settings (budget, rate limits), re-read at most
+    /// every few seconds.
+    pub async fn tenant(&self, tenant: &str) -> Result<Option<Arc<Tenant>>, StoreError> {
         if let Some((v, at)) = self
-            .tenant_budget
+            .tenants
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(tenant)
         {
             if at.elapsed() < SPEND_TTL {
-                return Ok(*v);
+                return Ok(v.clone());
             }
         }
-        let v = self
-            .store
-            .get_tenant(tenant)
-            .await?
-            .and_then(|t| t.monthly_budget_usd);
-        self.tenant_budget
+        let v = self.store.get_tenant(tenant).await?.map(Arc::new);
+        self.tenants
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(tenant.to_owned(), (v, Instant::now()));
+            .insert(tenant.to_owned(), (v.clone(), Instant::now()));
         Ok(v)
     }
 
@@ -116,9 +118,12 @@ impl Budgets {
         if let (Some(key), Some(b)) = (&who.key_id, who.limits.monthly_budget_usd) {
             checks.push(("key", Some(key.as_str()), b));
         }
-        match self.tenant_budget(&who.tenant_id).await {
-            Ok(Some(b)) => checks.push(("tenant", None, b)),
-            Ok(None) => {}
+        match self.tenant(&who.tenant_id).await {
+            Ok(t) => {
+                if let Some(b) = t.and_then(|t| t.monthly_budget_usd) {
+                    checks.push(("tenant", None, b));
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "could not read the tenant's budget"),
         }
         for (scope, key, budget) in checks {

@@ -18,7 +18,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use switchyard_core::identity::{CredentialKind, Principal};
+use switchyard_core::identity::{CredentialKind, Principal, Tenant};
 use switchyard_core::limits::{Rate, RateLimitConfig};
 use switchyard_engine::limits::{Decision, RateLimiter};
 
@@ -48,11 +48,20 @@ fn class_of(path: &str) -> Option<&'static str> {
     }
 }
 
-fn rate_for(config: &RateLimitConfig, who: &Principal, class: &str) -> Option<Rate> {
+/// The key's own rate, else the tenant's stored one, else the configured
+/// tenant override or class default.
+fn rate_for(
+    config: &RateLimitConfig,
+    who: &Principal,
+    tenant: Option<&Tenant>,
+    class: &str,
+) -> Option<Rate> {
+    let parse = |r: &String| Rate::from_str(r).ok();
     who.limits
         .rates
         .get(class)
-        .and_then(|r| Rate::from_str(r).ok())
+        .and_then(parse)
+        .or_else(|| tenant.and_then(|t| t.limits.get(class)).and_then(parse))
         .or_else(|| config.rate_for(&who.tenant_id, class))
 }
 
@@ -76,9 +85,13 @@ pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next)
     let family = Family::of(path);
     let subject = who.subject();
     let mut tightest: Option<(Decision, &'static str)> = None;
+    let tenant = match (&state.inner.budgets, limits) {
+        (Some(b), Some(_)) => b.tenant(&who.tenant_id).await.ok().flatten(),
+        _ => None,
+    };
     for class in ["global"].into_iter().chain(class_of(path)) {
         let Some(limits) = limits else { break };
-        let Some(rate) = rate_for(&limits.config, who, class) else {
+        let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) else {
             continue;
         };
         let key = format!("{subject}:{class}");

@@ -91,6 +91,25 @@ async fn parse<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A 400 naming the first rate in `rates` that does not parse (`20/min`, ...).
+fn validate_rates(
+    prefix: &str,
+    rates: &std::collections::BTreeMap<String, String>,
+) -> Option<Response> {
+    for (class, rate) in rates {
+        if let Err(e) = rate.parse::<switchyard_core::limits::Rate>() {
+            let field = format!("{prefix}.{class}");
+            return Some(native(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("Invalid field `{field}`: {e}"),
+                json!({"field": field}),
+            ));
+        }
+    }
+    None
+}
+
 fn actor(p: &Principal, ctx: &TraceContext) -> Actor {
     Actor::from_principal(p, Some(ctx.trace_id()))
 }
@@ -149,6 +168,9 @@ pub async fn create_key(
         Ok(r) => r,
         Err(resp) => return resp,
     };
+    if let Some(resp) = validate_rates("limits.rates", &req.limits.rates) {
+        return resp;
+    }
     let new = NewKey {
         name: req.name,
         role: req.role,
@@ -220,6 +242,11 @@ pub async fn update_key(
         Ok(r) => r,
         Err(resp) => return resp,
     };
+    if let Some(l) = &req.limits {
+        if let Some(resp) = validate_rates("limits.rates", &l.rates) {
+            return resp;
+        }
+    }
     let update = KeyUpdate {
         name: req.name,
         role: req.role,
@@ -280,6 +307,9 @@ pub async fn create_tenant(
         Ok(r) => r,
         Err(resp) => return resp,
     };
+    if let Some(resp) = validate_rates("limits", &req.limits) {
+        return resp;
+    }
     if req
         .monthly_budget_usd
         .is_some_and(|b| !b.is_finite() || b < 0.0)

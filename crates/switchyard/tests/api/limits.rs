@@ -413,3 +413,54 @@ async fn an_admin_resets_a_keys_rate_limit_and_the_reset_is_audited() {
         format!("key:{}", k["id"].as_str().unwrap())
     );
 }
+
+#[tokio::test]
+async fn a_tenants_stored_limits_apply_to_its_keys_and_bad_rates_are_refused() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let create_tenant = |body: Value| {
+        app.client
+            .post(app.url("/v1/admin/tenants"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let bad = create_tenant(json!({"id": "t2", "limits": {"chat": "5/fortnight"}}))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let v: Value = bad.json().await.unwrap();
+    assert_eq!(v["error"]["details"]["field"], "limits.chat");
+    let ok = create_tenant(json!({"id": "t2", "limits": {"chat": "2/min"}}))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::CREATED);
+
+    let k = post_key(&app, json!({"name": "k", "tenant_id": "t2"})).await;
+    let key = k["key"].as_str().unwrap();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    let first = chat().await.unwrap();
+    assert_eq!(first.headers()["ratelimit-policy"], "\"chat\";q=2;w=60");
+    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        chat().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    let bad_key = app
+        .client
+        .post(app.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "x", "limits": {"rates": {"chat": "0/min"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), StatusCode::BAD_REQUEST);
+    let v: Value = bad_key.json().await.unwrap();
+    assert_eq!(v["error"]["details"]["field"], "limits.rates.chat");
+}
