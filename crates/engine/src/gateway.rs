@@ -36,6 +36,25 @@ pub struct RequestMeta {
     /// The user the request acts for, if known.
     pub user_id: Option<String>,
     pub started: Instant,
+    /// Where the tokens this call uses are counted (token-per-minute limits).
+    pub tokens: Option<TokenMeter>,
+}
+
+/// A token-per-minute limit to charge once a call's usage is known.
+#[derive(Clone)]
+pub struct TokenMeter {
+    pub limiter: Arc<dyn crate::limits::RateLimiter>,
+    pub key: String,
+    pub rate: switchyard_core::limits::Rate,
+}
+
+impl std::fmt::Debug for TokenMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenMeter")
+            .field("key", &self.key)
+            .field("rate", &self.rate)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -325,6 +344,7 @@ pub fn status_for(e: &ProviderError) -> u16 {
 /// Everything needed to write one usage row, carried until the call ends.
 pub(crate) struct Accounting {
     writer: UsageWriter,
+    tokens: Option<TokenMeter>,
     record: UsageRecord,
     pricing: Option<Pricing>,
     started: Instant,
@@ -338,6 +358,7 @@ impl Accounting {
             .unwrap_or(0);
         Self {
             writer: gw.usage.clone(),
+            tokens: meta.tokens.clone(),
             pricing: None,
             started: meta.started,
             record: UsageRecord {
@@ -421,6 +442,14 @@ impl Accounting {
                 .record(ttft / 1000.0);
         }
         if let Some(u) = usage {
+            if let (Some(m), Ok(rt)) = (self.tokens.take(), tokio::runtime::Handle::try_current()) {
+                let used = u.prompt_tokens + u.completion_tokens;
+                rt.spawn(async move {
+                    if let Err(e) = m.limiter.charge(&m.key, m.rate, used).await {
+                        tracing::warn!(error = %e, "could not count tokens against the token limit");
+                    }
+                });
+            }
             r.prompt_tokens = Some(u.prompt_tokens);
             r.completion_tokens = Some(u.completion_tokens);
             r.cost_usd = self

@@ -13,7 +13,7 @@ pub mod metered;
 pub mod signing;
 pub mod usage_writer;
 
-pub use gateway::{ChatOutcome, EngineError, Gateway, ModelInfo, RequestMeta};
+pub use gateway::{ChatOutcome, EngineError, Gateway, ModelInfo, RequestMeta, TokenMeter};
 pub use health::HealthTask;
 pub use metered::StreamEvent;
 pub use switchyard_core::health::ProviderHealthRow;

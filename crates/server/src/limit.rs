@@ -21,6 +21,7 @@ use axum::response::Response;
 use switchyard_core::identity::{CredentialKind, Principal, Tenant};
 use switchyard_core::limits::{Rate, RateLimitConfig};
 use switchyard_engine::limits::{Decision, RateLimiter};
+use switchyard_engine::TokenMeter;
 
 use crate::auth::{family_error, Family};
 use crate::AppState;
@@ -63,6 +64,21 @@ fn rate_for(
         .and_then(parse)
         .or_else(|| tenant.and_then(|t| t.limits.get(class)).and_then(parse))
         .or_else(|| config.rate_for(&who.tenant_id, class))
+}
+
+/// The key's token-per-minute limit, if it has one (and limits are on).
+pub(crate) fn token_meter(state: &AppState, who: &Principal) -> Option<TokenMeter> {
+    let limits = state.inner.limits.as_ref().filter(|l| l.config.enabled)?;
+    if who.kind == CredentialKind::OpenDev {
+        return None;
+    }
+    let tpm = u32::try_from(who.limits.tokens_per_minute?).ok()?;
+    let rate = Rate::new(tpm, std::time::Duration::from_secs(60)).ok()?;
+    Some(TokenMeter {
+        limiter: limits.limiter.clone(),
+        key: format!("{}:tokens", who.subject()),
+        rate,
+    })
 }
 
 fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
@@ -124,6 +140,38 @@ pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next)
         }
     }
     if matches!(class_of(path), Some("chat" | "embeddings")) {
+        if let Some(meter) = token_meter(&state, who) {
+            // Cost 0: look, do not spend; the call's tokens are charged when
+            // its usage is known.
+            match meter.limiter.check(&meter.key, meter.rate, 0).await {
+                Ok(d) if d.remaining == 0 => {
+                    let t = std::time::Duration::from_micros(meter.rate.emission_interval_us());
+                    let wait = (d.reset_after + t).saturating_sub(meter.rate.period());
+                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                    let mut resp = family_error(
+                        family,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Some("rate_limit_exceeded"),
+                        &format!(
+                            "Token limit reached: {} tokens per minute. Try again in {secs} s.",
+                            meter.rate.count()
+                        ),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                        resp.headers_mut()
+                            .insert(axum::http::header::RETRY_AFTER, v);
+                    }
+                    metrics::counter!("switchyard_rate_limited_total", "class" => "tokens")
+                        .increment(1);
+                    return resp;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
+                    tracing::warn!(error = %e, "token limit check failed; letting the request through");
+                }
+            }
+        }
         if let Some(budgets) = &state.inner.budgets {
             if let Err(over) = budgets
                 .check(who, switchyard_engine::identity::now_ms())

@@ -119,6 +119,20 @@ impl RateLimiter for MemoryLimiter {
         self.check_now(key, rate, cost)
     }
 
+    async fn charge(&self, key: &str, rate: Rate, cost: u64) -> Result<(), LimitError> {
+        let t = Gcra::of(rate).t;
+        let mut shard = self.shard(key);
+        let now = self.clock.now_us();
+        let base = shard.tats.get(key).copied().unwrap_or(now).max(now);
+        let tat = base.saturating_add(cost.saturating_mul(t));
+        if let Some(v) = shard.tats.get_mut(key) {
+            *v = tat;
+        } else {
+            shard.insert(key, tat, now);
+        }
+        Ok(())
+    }
+
     async fn reset(&self, key_prefix: &str) -> Result<u64, LimitError> {
         // Expired keys are dropped too but not counted: in Redis they would
         // already be gone, and the two backends report alike.

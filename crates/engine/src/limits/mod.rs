@@ -87,6 +87,11 @@ pub trait RateLimiter: Send + Sync {
     /// Forgets every key that starts with `key_prefix` (`""` forgets all);
     /// returns how many were dropped.
     async fn reset(&self, key_prefix: &str) -> Result<u64, LimitError>;
+
+    /// Counts `cost` against `key` unconditionally, after the fact (the
+    /// tokens a finished call used). The TAT may then run past the
+    /// tolerance: checks of that key are refused until it has drained.
+    async fn charge(&self, key: &str, rate: Rate, cost: u64) -> Result<(), LimitError>;
 }
 
 /// The GCRA parameters of a rate, in microseconds.

@@ -68,6 +68,21 @@ return {0, base - now}
 
 static GCRA_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA_LUA));
 
+/// KEYS[1] the key. ARGV: T µs, cost. Moves the TAT forward unconditionally.
+const CHARGE_LUA: &str = r"
+local t = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '') or now
+local new_tat = math.max(tat, now) + cost * t
+local ttl_ms = math.ceil((new_tat - now) / 1000) + 1
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
+return 1
+";
+
+static CHARGE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CHARGE_LUA));
+
 /// A limiter whose state lives in Redis. Cloning shares the connection.
 #[derive(Clone)]
 pub struct RedisLimiter {
@@ -146,6 +161,14 @@ impl RedisLimiter {
 impl RateLimiter for RedisLimiter {
     async fn check(&self, key: &str, rate: Rate, cost: u32) -> Result<Decision, LimitError> {
         self.run(key, rate, cost, None).await
+    }
+
+    async fn charge(&self, key: &str, rate: Rate, cost: u64) -> Result<(), LimitError> {
+        let mut invocation = CHARGE_SCRIPT.key(self.full_key(key));
+        invocation.arg(Gcra::of(rate).t).arg(cost);
+        let mut conn = self.conn.clone();
+        let _: i64 = bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     /// SCAN + UNLINK over `namespace + prefix*`. Not atomic: a key written

@@ -608,3 +608,33 @@ fn memory_and_redis_limiters_take_identical_decisions_for_the_same_arrivals() {
         panic!("{e}");
     }
 }
+
+// ---- charging after the fact (token-per-minute limits) -------------------
+
+#[tokio::test]
+async fn a_charge_past_the_quota_refuses_until_it_has_drained() {
+    let (l, clock) = limiter();
+    let r = rate("100/min"); // T = 600 ms, tolerance 60 s
+    l.charge("tpm", r, 150).await.unwrap(); // 90 s of tokens: 30 s in debt
+    let d = l.check_now("tpm", r, 0).unwrap();
+    assert_eq!(d.remaining, 0);
+    let d = l.check_now("tpm", r, 1).unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after, Some(Duration::from_millis(30_600)));
+    clock.advance(Duration::from_millis(30_600));
+    assert!(l.check_now("tpm", r, 1).unwrap().allowed);
+}
+
+#[tokio::test]
+async fn a_redis_charge_is_seen_by_the_next_check() {
+    let Some(url) = redis_url() else { return };
+    let ns = unique_namespace("charge");
+    let a = redis_limiter(&url, &ns).await;
+    let b = redis_limiter(&url, &ns).await;
+    let r = rate("100/min");
+    assert!(b.check("tpm", r, 1).await.unwrap().allowed);
+    a.charge("tpm", r, 150).await.unwrap();
+    let d = b.check("tpm", r, 1).await.unwrap();
+    assert!(!d.allowed, "{d:?}");
+    assert_eq!(b.check("tpm", r, 0).await.unwrap().remaining, 0);
+}

@@ -74,7 +74,7 @@ pub async fn messages(
     let alias = msg.model.clone();
     let (mut resp, provider) = match state
         .gateway()
-        .chat(&meta(&ctx, started, &principal), &req)
+        .chat(&meta(&state, &ctx, started, &principal), &req)
         .await
     {
         Ok(ChatOutcome::Complete { body, provider }) => {

@@ -22,8 +22,14 @@ use crate::extract::read_body;
 use crate::observe::{ModelLabel, ProviderLabel};
 use crate::AppState;
 
-pub(crate) fn meta(ctx: &TraceContext, started: Instant, who: &Principal) -> RequestMeta {
+pub(crate) fn meta(
+    state: &AppState,
+    ctx: &TraceContext,
+    started: Instant,
+    who: &Principal,
+) -> RequestMeta {
     RequestMeta {
+        tokens: crate::limit::token_meter(state, who),
         trace_id: ctx.trace_id(),
         tenant_id: who.tenant_id.clone(),
         key_id: who.key_id.clone(),
@@ -60,7 +66,7 @@ pub async fn chat_completions(
     };
     let outcome = state
         .gateway()
-        .chat(&meta(&ctx, started, &principal), &req)
+        .chat(&meta(&state, &ctx, started, &principal), &req)
         .await;
     let (mut resp, provider) = match outcome {
         Ok(ChatOutcome::Complete { body, provider }) => (json_response(body), Some(provider)),
@@ -85,7 +91,7 @@ pub async fn embeddings(
     };
     let (mut resp, provider) = match state
         .gateway()
-        .embeddings(&meta(&ctx, started, &principal), &req)
+        .embeddings(&meta(&state, &ctx, started, &principal), &req)
         .await
     {
         Ok((body, provider)) => (json_response(body), Some(provider)),

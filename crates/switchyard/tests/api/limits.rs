@@ -464,3 +464,62 @@ async fn a_tenants_stored_limits_apply_to_its_keys_and_bad_rates_are_refused() {
     let v: Value = bad_key.json().await.unwrap();
     assert_eq!(v["error"]["details"]["field"], "limits.rates.chat");
 }
+
+#[tokio::test]
+async fn a_token_per_minute_limit_counts_the_tokens_calls_used() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let k = post_key(
+        &app,
+        json!({"name": "tpm", "limits": {"tokens_per_minute": 5}}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    let first = chat().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let used: Value = first.json().await.unwrap();
+    let tokens = used["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(
+        tokens > 5,
+        "the mock's answer uses more than the limit: {tokens}"
+    );
+    // The tokens are counted when the call's usage is known, just after it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let refused = loop {
+        let resp = chat().await.unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            break resp;
+        }
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1 && retry <= 60 * tokens / 5, "{retry}");
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Token limit"));
+    assert!(app.mock().calls() <= 2);
+    // Other keys are not affected.
+    let other = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(ADMIN)
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+}
