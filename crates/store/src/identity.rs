@@ -171,11 +171,13 @@ macro_rules! lite_once {
 }
 pub(crate) use lite_once;
 
-/// The identity methods, written once and expanded into each backend's
-/// inherent impl with its placeholder style (`lite_once` or `pg_once`).
-macro_rules! identity_methods {
-    ($conv:ident) => {
-        pub(crate) async fn create_tenant_impl(
+/// [`crate::IdentityStore`] for a backend, written once and expanded with
+/// the backend's placeholder style (`lite_once` or `pg_once`).
+macro_rules! identity_store {
+    ($store:ty, $conv:ident) => {
+    #[async_trait::async_trait]
+    impl $crate::IdentityStore for $store {
+        async fn create_tenant(
             &self,
             t: &switchyard_core::identity::Tenant,
         ) -> Result<bool, $crate::StoreError> {
@@ -195,7 +197,7 @@ macro_rules! identity_methods {
             Ok(r.rows_affected() == 1)
         }
 
-        pub(crate) async fn update_tenant_impl(
+        async fn update_tenant(
             &self,
             t: &switchyard_core::identity::Tenant,
         ) -> Result<bool, $crate::StoreError> {
@@ -212,7 +214,7 @@ macro_rules! identity_methods {
             Ok(r.rows_affected() == 1)
         }
 
-        pub(crate) async fn get_tenant_impl(
+        async fn get_tenant(
             &self,
             id: &str,
         ) -> Result<Option<switchyard_core::identity::Tenant>, $crate::StoreError> {
@@ -229,7 +231,7 @@ macro_rules! identity_methods {
                 .context("decoding a tenant")
         }
 
-        pub(crate) async fn list_tenants_impl(
+        async fn list_tenants(
             &self,
         ) -> Result<Vec<switchyard_core::identity::Tenant>, $crate::StoreError> {
             use $crate::identity::*;
@@ -244,7 +246,7 @@ macro_rules! identity_methods {
                 .context("decoding tenants")
         }
 
-        pub(crate) async fn ensure_user_impl(
+        async fn ensure_user(
             &self,
             tenant_id: &str,
             user_id: &str,
@@ -261,7 +263,7 @@ macro_rules! identity_methods {
             Ok(())
         }
 
-        pub(crate) async fn insert_api_key_impl(
+        async fn insert_api_key(
             &self,
             k: &switchyard_core::identity::ApiKeyRecord,
         ) -> Result<(), $crate::StoreError> {
@@ -292,7 +294,7 @@ macro_rules! identity_methods {
             Ok(())
         }
 
-        pub(crate) async fn find_api_key_by_hash_impl(
+        async fn find_api_key_by_hash(
             &self,
             key_hash: &str,
         ) -> Result<Option<switchyard_core::identity::ApiKeyRecord>, $crate::StoreError> {
@@ -309,7 +311,7 @@ macro_rules! identity_methods {
                 .context("decoding an API key")
         }
 
-        pub(crate) async fn get_api_key_impl(
+        async fn get_api_key(
             &self,
             tenant_id: &str,
             id: &str,
@@ -330,7 +332,7 @@ macro_rules! identity_methods {
                 .context("decoding an API key")
         }
 
-        pub(crate) async fn list_api_keys_impl(
+        async fn list_api_keys(
             &self,
             tenant_id: &str,
         ) -> Result<Vec<switchyard_core::identity::ApiKeyRecord>, $crate::StoreError> {
@@ -349,7 +351,7 @@ macro_rules! identity_methods {
                 .context("decoding API keys")
         }
 
-        pub(crate) async fn update_api_key_impl(
+        async fn update_api_key(
             &self,
             k: &switchyard_core::identity::ApiKeyRecord,
         ) -> Result<bool, $crate::StoreError> {
@@ -367,7 +369,7 @@ macro_rules! identity_methods {
             Ok(r.rows_affected() == 1)
         }
 
-        pub(crate) async fn revoke_api_key_impl(
+        async fn revoke_api_key(
             &self,
             tenant_id: &str,
             id: &str,
@@ -384,7 +386,7 @@ macro_rules! identity_methods {
             Ok(r.rows_affected() == 1)
         }
 
-        pub(crate) async fn count_active_api_keys_impl(
+        async fn count_active_api_keys(
             &self,
             now_ms: i64,
         ) -> Result<u64, $crate::StoreError> {
@@ -397,7 +399,7 @@ macro_rules! identity_methods {
             Ok(n.max(0) as u64)
         }
 
-        pub(crate) async fn insert_audit_impl(
+        async fn insert_audit(
             &self,
             rows: &[switchyard_core::identity::AuditRecord],
         ) -> Result<(), $crate::StoreError> {
@@ -420,7 +422,7 @@ macro_rules! identity_methods {
             tx.commit().await.context("committing audit events")
         }
 
-        pub(crate) async fn list_audit_impl(
+        async fn list_audit(
             &self,
             tenant_id: &str,
             q: &switchyard_core::identity::AuditQuery,
@@ -447,9 +449,10 @@ macro_rules! identity_methods {
                 .collect::<Result<_, _>>()
                 .context("decoding audit events")
         }
+    }
     };
 }
-pub(crate) use identity_methods;
+pub(crate) use identity_store;
 
 #[cfg(test)]
 mod tests {

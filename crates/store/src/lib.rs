@@ -131,28 +131,10 @@ impl<T> Context<T> for Result<T, sqlx::Error> {
     }
 }
 
+/// Tenants, API keys and the audit log. Both backends implement it from one
+/// body of SQL (`identity.rs`); it is part of every [`Store`].
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// `sqlite` or `postgres`.
-    fn backend(&self) -> &'static str;
-    /// Applies the embedded migrations not yet applied; safe to run
-    /// concurrently from several instances.
-    async fn migrate(&self) -> Result<(), StoreError>;
-    /// Versions of the migrations applied, ascending.
-    async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError>;
-    /// Cheap round trip, for readiness checks.
-    async fn ping(&self) -> Result<(), StoreError>;
-    /// Writes a batch of usage rows in one transaction.
-    async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError>;
-    /// A tenant's newest usage rows first.
-    async fn list_usage(&self, tenant_id: &str, limit: u32)
-        -> Result<Vec<UsageRecord>, StoreError>;
-    async fn count_usage(&self, tenant_id: &str) -> Result<u64, StoreError>;
-    /// Inserts or replaces the health rows of these deployments.
-    async fn upsert_provider_health(&self, rows: &[ProviderHealthRow]) -> Result<(), StoreError>;
-    /// Every deployment's last persisted health, by deployment id.
-    async fn list_provider_health(&self) -> Result<Vec<ProviderHealthRow>, StoreError>;
-
+pub trait IdentityStore: Send + Sync {
     /// Creates a tenant; `false` if one with that id exists.
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError>;
     /// Replaces a tenant's name, budget and limits; `false` if it does not exist.
@@ -200,6 +182,30 @@ pub trait Store: Send + Sync + 'static {
         tenant_id: &str,
         query: &AuditQuery,
     ) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+#[async_trait]
+pub trait Store: IdentityStore + Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Applies the embedded migrations not yet applied; safe to run
+    /// concurrently from several instances.
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Versions of the migrations applied, ascending.
+    async fn applied_migrations(&self) -> Result<Vec<i64>, StoreError>;
+    /// Cheap round trip, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Writes a batch of usage rows in one transaction.
+    async fn insert_usage(&self, rows: &[UsageRecord]) -> Result<(), StoreError>;
+    /// A tenant's newest usage rows first.
+    async fn list_usage(&self, tenant_id: &str, limit: u32)
+        -> Result<Vec<UsageRecord>, StoreError>;
+    async fn count_usage(&self, tenant_id: &str) -> Result<u64, StoreError>;
+    /// Inserts or replaces the health rows of these deployments.
+    async fn upsert_provider_health(&self, rows: &[ProviderHealthRow]) -> Result<(), StoreError>;
+    /// Every deployment's last persisted health, by deployment id.
+    async fn list_provider_health(&self) -> Result<Vec<ProviderHealthRow>, StoreError>;
+
     /// Total `cost_usd` of a tenant's usage (of one key, if given) since a time.
     async fn spend_since(
         &self,

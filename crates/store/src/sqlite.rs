@@ -9,7 +9,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
-use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, Tenant};
 use switchyard_core::usage::UsageRecord;
 
 use crate::identity::lite_once;
@@ -136,9 +135,7 @@ fn opt_u64(v: Option<i64>) -> Option<u64> {
 /// Total spend of a tenant (or one of its keys) since a time.
 const SPEND_SQL: &str = "SELECT SUM(cost_usd) FROM usage_logs WHERE tenant_id = ? AND (? IS NULL OR key_id = ?) AND created_at_ms >= ?";
 
-impl SqliteStore {
-    crate::identity::identity_methods!(lite_once);
-}
+crate::identity::identity_store!(SqliteStore, lite_once);
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -298,83 +295,6 @@ impl Store for SqliteStore {
             .map(health_from_row)
             .collect::<Result<_, _>>()
             .context("reading provider health")
-    }
-
-    async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
-        self.create_tenant_impl(tenant).await
-    }
-
-    async fn update_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
-        self.update_tenant_impl(tenant).await
-    }
-
-    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
-        self.get_tenant_impl(id).await
-    }
-
-    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
-        self.list_tenants_impl().await
-    }
-
-    async fn ensure_user(
-        &self,
-        tenant_id: &str,
-        user_id: &str,
-        at_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.ensure_user_impl(tenant_id, user_id, at_ms).await
-    }
-
-    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
-        self.insert_api_key_impl(key).await
-    }
-
-    async fn find_api_key_by_hash(
-        &self,
-        key_hash: &str,
-    ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        self.find_api_key_by_hash_impl(key_hash).await
-    }
-
-    async fn get_api_key(
-        &self,
-        tenant_id: &str,
-        id: &str,
-    ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        self.get_api_key_impl(tenant_id, id).await
-    }
-
-    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        self.list_api_keys_impl(tenant_id).await
-    }
-
-    async fn update_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError> {
-        self.update_api_key_impl(key).await
-    }
-
-    async fn revoke_api_key(
-        &self,
-        tenant_id: &str,
-        id: &str,
-        at_ms: i64,
-    ) -> Result<bool, StoreError> {
-        self.revoke_api_key_impl(tenant_id, id, at_ms).await
-    }
-
-    async fn count_active_api_keys(&self, now_ms: i64) -> Result<u64, StoreError> {
-        self.count_active_api_keys_impl(now_ms).await
-    }
-
-    async fn insert_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError> {
-        self.insert_audit_impl(rows).await
-    }
-
-    async fn list_audit(
-        &self,
-        tenant_id: &str,
-        query: &AuditQuery,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
-        self.list_audit_impl(tenant_id, query).await
     }
 
     async fn spend_since(
