@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -140,13 +140,5 @@ fn event_stream(
     });
     // A chunk that opens no event (e.g. an empty delta) sends nothing.
     let frames = frames.filter(|f| futures::future::ready(f.as_ref().is_ok_and(|b| !b.is_empty())));
-    let mut resp = Response::new(Body::from_stream(frames));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
+    super::openai::sse(Body::from_stream(frames))
 }

@@ -110,6 +110,19 @@ fn validate_rates(
     None
 }
 
+/// A JSON body of the native API, read under the body limit and parsed
+/// naming the offending field; refusals in the native error shape.
+pub struct NativeJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<AppState> for NativeJson<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        parse(state, &parts.headers, body).await.map(NativeJson)
+    }
+}
+
 fn actor(p: &Principal, ctx: &TraceContext) -> Actor {
     Actor::from_principal(p, Some(ctx.trace_id()))
 }
@@ -140,7 +153,7 @@ fn key_json(k: &ApiKeyRecord) -> Value {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
+pub struct CreateKey {
     name: String,
     #[serde(default)]
     role: Option<Role>,
@@ -161,13 +174,8 @@ pub async fn create_key(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
+    NativeJson(req): NativeJson<CreateKey>,
 ) -> Response {
-    let req: CreateKey = match parse(&state, &headers, body).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
     if let Some(resp) = validate_rates("limits.rates", &req.limits.rates) {
         return resp;
     }
@@ -219,7 +227,7 @@ pub async fn list_keys(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UpdateKey {
+pub struct UpdateKey {
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
@@ -235,13 +243,8 @@ pub async fn update_key(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(q): Query<TenantParam>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
+    NativeJson(req): NativeJson<UpdateKey>,
 ) -> Response {
-    let req: UpdateKey = match parse(&state, &headers, body).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
     if let Some(l) = &req.limits {
         if let Some(resp) = validate_rates("limits.rates", &l.rates) {
             return resp;
@@ -281,7 +284,7 @@ pub async fn revoke_key(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateTenant {
+pub struct CreateTenant {
     id: String,
     #[serde(default)]
     name: Option<String>,
@@ -300,13 +303,8 @@ pub async fn create_tenant(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
+    NativeJson(req): NativeJson<CreateTenant>,
 ) -> Response {
-    let req: CreateTenant = match parse(&state, &headers, body).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
     if let Some(resp) = validate_rates("limits", &req.limits) {
         return resp;
     }
@@ -358,7 +356,7 @@ pub async fn auth_cache(State(state): State<AppState>) -> Response {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct InvalidateBody {
+pub struct InvalidateBody {
     #[serde(default)]
     all: bool,
     #[serde(default)]
@@ -371,13 +369,8 @@ pub async fn invalidate_auth_cache(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
+    NativeJson(req): NativeJson<InvalidateBody>,
 ) -> Response {
-    let req: InvalidateBody = match parse(&state, &headers, body).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
     let what = match (req.all, req.key_id, req.credential) {
         (true, None, None) => Invalidate::All,
         (false, Some(id), None) => Invalidate::Key(id),
@@ -455,7 +448,7 @@ pub async fn audit(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ResetBody {
+pub struct ResetBody {
     #[serde(default)]
     key_id: Option<String>,
     #[serde(default)]
@@ -469,13 +462,8 @@ pub async fn reset_rate_limits(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
-    body: axum::body::Body,
+    NativeJson(req): NativeJson<ResetBody>,
 ) -> Response {
-    let req: ResetBody = match parse(&state, &headers, body).await {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
     let actor = actor(&who, &ctx);
     let prefix = match state
         .identity()

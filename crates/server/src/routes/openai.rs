@@ -130,7 +130,12 @@ fn sse_response(events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unp
         };
         Ok::<_, Infallible>(frame)
     });
-    let mut resp = Response::new(Body::from_stream(frames));
+    sse(Body::from_stream(frames))
+}
+
+/// A `text/event-stream` response, unbuffered by proxies in between.
+pub(crate) fn sse(body: Body) -> Response {
+    let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
