@@ -16,7 +16,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
+use serde_json::{Map, Value};
 use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, Tenant};
+use switchyard_core::sessions::{
+    Bot, BusEvent, Erased, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion, Session,
+    SessionQuery, StatePatch, StoredResponse, UserData,
+};
 use switchyard_core::usage::UsageRecord;
 
 pub use postgres::PostgresStore;
@@ -184,8 +189,116 @@ pub trait IdentityStore: Send + Sync {
     ) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
+/// Bots, sessions and their messages, the events of each trace,
+/// idempotency records and a user's data. Both backends implement it from
+/// one body of SQL (`sessions.rs`); it is part of every [`Store`].
 #[async_trait]
-pub trait Store: IdentityStore + Send + Sync + 'static {
+pub trait SessionStore: Send + Sync {
+    async fn insert_bot(&self, bot: &Bot) -> Result<(), StoreError>;
+    async fn get_bot(&self, tenant_id: &str, id: &str) -> Result<Option<Bot>, StoreError>;
+    /// A tenant's bots, newest first, below `before_id` when given.
+    async fn list_bots(
+        &self,
+        tenant_id: &str,
+        before_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Bot>, StoreError>;
+    /// Replaces every field but the ids and `created_at_ms`; `false` if the
+    /// bot does not exist in that tenant.
+    async fn update_bot(&self, bot: &Bot) -> Result<bool, StoreError>;
+    async fn delete_bot(&self, tenant_id: &str, id: &str) -> Result<bool, StoreError>;
+
+    async fn insert_session(&self, session: &Session) -> Result<(), StoreError>;
+    async fn get_session(&self, tenant_id: &str, id: &str) -> Result<Option<Session>, StoreError>;
+    /// Newest first, filtered, below the cursor.
+    async fn list_sessions(
+        &self,
+        tenant_id: &str,
+        query: &SessionQuery,
+    ) -> Result<Vec<Session>, StoreError>;
+    /// Deletes a session with its messages; `false` if it does not exist.
+    async fn delete_session(&self, tenant_id: &str, id: &str) -> Result<bool, StoreError>;
+    /// Merges `patch` into the session's state (RFC 7396 JSON Merge Patch:
+    /// objects merge recursively, `null` removes a key) and increments the
+    /// version, in one statement; with `if_version`, only from that version.
+    async fn patch_state(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        patch: &Map<String, Value>,
+        if_version: Option<i64>,
+    ) -> Result<StatePatch, StoreError>;
+
+    /// Inserts messages in one transaction (a user turn and the assistant
+    /// placeholder that answers it).
+    async fn insert_messages(&self, rows: &[Message]) -> Result<(), StoreError>;
+    async fn get_message(&self, tenant_id: &str, id: &str) -> Result<Option<Message>, StoreError>;
+    /// A session's messages oldest first, after the cursor.
+    async fn list_messages(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError>;
+    /// A session's newest messages, newest first.
+    async fn recent_messages(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError>;
+    /// Ends a `streaming` message; `false` if it is not streaming (already
+    /// ended, or interrupted).
+    async fn complete_message(&self, completion: &MessageCompletion) -> Result<bool, StoreError>;
+    /// The frames stored with an ended message.
+    async fn message_frames(&self, tenant_id: &str, id: &str)
+        -> Result<Option<String>, StoreError>;
+    /// Marks `streaming` messages `failed` with code `interrupted`: those of
+    /// `instance_id`, and (across instances) those not updated since
+    /// `stale_before_ms`. Returns how many.
+    async fn interrupt_streaming(
+        &self,
+        instance_id: Option<&str>,
+        stale_before_ms: Option<i64>,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+
+    async fn insert_events(&self, rows: &[BusEvent]) -> Result<(), StoreError>;
+    /// A trace's events in the order they happened.
+    async fn list_trace_events(
+        &self,
+        tenant_id: &str,
+        trace_id: &str,
+    ) -> Result<Vec<BusEvent>, StoreError>;
+
+    /// Claims an idempotency key, or reports who holds it. Expired records
+    /// and in-flight claims past their lease are taken over.
+    async fn claim_idempotency(&self, key: &IdempotencyKey)
+        -> Result<IdempotencyClaim, StoreError>;
+    /// Stores the response of a claimed key, kept until `expires_at_ms`.
+    async fn complete_idempotency(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        response: &StoredResponse,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Gives up an in-flight claim (the request failed in a way worth retrying).
+    async fn release_idempotency(&self, tenant_id: &str, key: &str) -> Result<(), StoreError>;
+    /// Deletes expired records; returns how many.
+    async fn purge_idempotency(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Every session (with state), message and usage row of a user.
+    async fn user_data(&self, tenant_id: &str, user_id: &str) -> Result<UserData, StoreError>;
+    /// Deletes a user's sessions, messages, events and idempotency records,
+    /// and removes the user from usage rows (kept for accounting), in one
+    /// transaction.
+    async fn erase_user(&self, tenant_id: &str, user_id: &str) -> Result<Erased, StoreError>;
+}
+
+#[async_trait]
+pub trait Store: IdentityStore + SessionStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// Applies the embedded migrations not yet applied; safe to run
