@@ -6,6 +6,10 @@
 
 use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, KeyLimits, Role, Tenant};
+use switchyard_core::sessions::{
+    Bot, BusEvent, Erased, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion,
+    MessageStatus, Session, SessionQuery, StatePatch, StoredResponse,
+};
 use switchyard_core::usage::{new_id, UsageRecord};
 
 use crate::Store;
@@ -49,13 +53,24 @@ pub async fn run_all(store: &dyn Store) {
     revoked_and_expired_keys_are_not_active(store).await;
     audit_events_are_filtered_and_paginated_per_tenant(store).await;
     spend_is_summed_per_tenant_and_per_key(store).await;
+    bots_round_trip_paginate_update_and_delete(store).await;
+    sessions_are_filtered_paginated_and_deleted_with_their_messages(store).await;
+    messages_are_listed_in_order_and_completed_once(store).await;
+    state_is_merged_as_a_json_merge_patch(store).await;
+    concurrent_state_patches_lose_nothing(store).await;
+    a_state_compare_and_set_race_has_one_winner(store).await;
+    trace_events_are_ordered_and_scoped(store).await;
+    idempotency_claims_have_one_winner_and_replay(store).await;
+    idempotency_records_are_purged_when_dead(store).await;
+    streaming_messages_are_interrupted_by_instance_and_staleness(store).await;
+    a_user_is_exported_and_erased_alone(store).await;
     store.ping().await.expect("ping");
 }
 
 pub async fn migrations_are_idempotent(store: &dyn Store) {
     store.migrate().await.expect("second migrate");
     let applied = store.applied_migrations().await.expect("applied");
-    assert_eq!(applied, vec![1, 2, 3, 4], "{}", store.backend());
+    assert_eq!(applied, vec![1, 2, 3, 4, 5], "{}", store.backend());
 }
 
 pub async fn usage_rows_round_trip_exactly(store: &dyn Store) {
@@ -468,4 +483,1238 @@ pub async fn spend_is_summed_per_tenant_and_per_key(store: &dyn Store) {
         store.spend_since("t-none", None, 0).await.expect("sum"),
         0.0
     ));
+}
+
+fn sample_bot(tenant: &str, n: u32) -> Bot {
+    let mut metadata = serde_json::Map::new();
+    metadata.insert(
+        "team".into(),
+        serde_json::json!({"name": "support", "n": n}),
+    );
+    Bot {
+        id: new_id(),
+        tenant_id: tenant.into(),
+        name: format!("bot {n}"),
+        model: "gpt-4o-mini".into(),
+        system_prompt: Some(format!("You are bot {n}.")),
+        temperature: Some(0.25),
+        max_tokens: Some(512 + n),
+        context_tokens: Some(8000),
+        metadata,
+        created_at_ms: 1_760_000_000_000 + i64::from(n),
+        updated_at_ms: 1_760_000_000_000 + i64::from(n),
+    }
+}
+
+fn sample_session(tenant: &str, user: Option<&str>, bot: Option<&str>) -> Session {
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("channel".into(), "web".into());
+    let mut state = serde_json::Map::new();
+    state.insert("step".into(), 1.into());
+    Session {
+        id: new_id(),
+        tenant_id: tenant.into(),
+        bot_id: bot.map(Into::into),
+        user_id: user.map(Into::into),
+        metadata,
+        state,
+        state_version: 0,
+        created_at_ms: 1_760_000_000_000,
+    }
+}
+
+fn sample_message(tenant: &str, session: &str, role: &str, status: MessageStatus) -> Message {
+    let assistant = role == "assistant";
+    Message {
+        id: new_id(),
+        tenant_id: tenant.into(),
+        session_id: session.into(),
+        role: role.into(),
+        content: if assistant {
+            String::new()
+        } else {
+            "Hello there".into()
+        },
+        status,
+        finish_reason: None,
+        error_code: None,
+        error_message: None,
+        model: assistant.then(|| "gpt-4o-mini".into()),
+        prompt_tokens: None,
+        completion_tokens: None,
+        cost_usd: None,
+        latency_ms: None,
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        instance_id: assistant.then(|| "instance-1".into()),
+        created_at_ms: 1_760_000_000_000,
+        updated_at_ms: 1_760_000_000_000,
+    }
+}
+
+fn completion(m: &Message, content: &str, at_ms: i64) -> MessageCompletion {
+    MessageCompletion {
+        tenant_id: m.tenant_id.clone(),
+        id: m.id.clone(),
+        status: MessageStatus::Complete,
+        content: content.into(),
+        finish_reason: Some("stop".into()),
+        error_code: None,
+        error_message: None,
+        prompt_tokens: Some(12),
+        completion_tokens: Some(34),
+        cost_usd: Some(0.000_125),
+        latency_ms: Some(250.5),
+        frames: Some(r#"[{"delta":"Hi"},{"delta":" there"}]"#.into()),
+        at_ms,
+    }
+}
+
+fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+pub async fn bots_round_trip_paginate_update_and_delete(store: &dyn Store) {
+    let tenant = "t-bots";
+    let bots: Vec<Bot> = (0..5).map(|n| sample_bot(tenant, n)).collect();
+    for b in &bots {
+        store.insert_bot(b).await.expect("insert bot");
+    }
+    let mut bare = sample_bot(tenant, 9);
+    bare.system_prompt = None;
+    bare.temperature = None;
+    bare.max_tokens = None;
+    bare.context_tokens = None;
+    bare.metadata.clear();
+    store.insert_bot(&bare).await.expect("insert bare bot");
+    for b in bots.iter().chain([&bare]) {
+        assert_eq!(
+            store.get_bot(tenant, &b.id).await.expect("get").as_ref(),
+            Some(b),
+            "{}",
+            store.backend()
+        );
+    }
+
+    let page1 = store.list_bots(tenant, None, 2).await.expect("list");
+    assert_eq!(page1, vec![bare.clone(), bots[4].clone()], "newest first");
+    let page2 = store
+        .list_bots(tenant, Some(&page1[1].id), 2)
+        .await
+        .expect("list");
+    assert_eq!(page2, vec![bots[3].clone(), bots[2].clone()]);
+    let page3 = store
+        .list_bots(tenant, Some(&page2[1].id), 10)
+        .await
+        .expect("list");
+    assert_eq!(page3, vec![bots[1].clone(), bots[0].clone()]);
+
+    let mut changed = bots[0].clone();
+    changed.name = "renamed".into();
+    changed.system_prompt = None;
+    changed.temperature = Some(1.5);
+    changed.metadata.insert("tier".into(), "gold".into());
+    changed.updated_at_ms += 1000;
+    assert!(store.update_bot(&changed).await.expect("update"));
+    assert_eq!(
+        store.get_bot(tenant, &changed.id).await.expect("get"),
+        Some(changed.clone())
+    );
+
+    // Another tenant sees, changes and deletes nothing.
+    let other = "t-bots-other";
+    assert_eq!(store.get_bot(other, &bots[1].id).await.expect("get"), None);
+    assert!(store
+        .list_bots(other, None, 10)
+        .await
+        .expect("list")
+        .is_empty());
+    let mut foreign = bots[1].clone();
+    foreign.tenant_id = other.into();
+    foreign.name = "hijacked".into();
+    assert!(!store.update_bot(&foreign).await.expect("update"));
+    assert!(!store.delete_bot(other, &bots[1].id).await.expect("delete"));
+    assert_eq!(
+        store.get_bot(tenant, &bots[1].id).await.expect("get"),
+        Some(bots[1].clone())
+    );
+
+    assert!(store.delete_bot(tenant, &bots[1].id).await.expect("delete"));
+    assert!(!store
+        .delete_bot(tenant, &bots[1].id)
+        .await
+        .expect("delete twice"));
+    assert_eq!(store.get_bot(tenant, &bots[1].id).await.expect("get"), None);
+    assert_eq!(
+        store.list_bots(tenant, None, 10).await.expect("list").len(),
+        5
+    );
+}
+
+pub async fn sessions_are_filtered_paginated_and_deleted_with_their_messages(store: &dyn Store) {
+    let tenant = "t-sessions";
+    let combos = [
+        (Some("u1"), Some("b1")),
+        (Some("u2"), Some("b1")),
+        (Some("u1"), Some("b2")),
+        (None, None),
+        (Some("u1"), Some("b1")),
+    ];
+    let sessions: Vec<Session> = combos
+        .iter()
+        .map(|(u, b)| sample_session(tenant, *u, *b))
+        .collect();
+    for s in &sessions {
+        store.insert_session(s).await.expect("insert session");
+    }
+    for s in &sessions {
+        assert_eq!(
+            store
+                .get_session(tenant, &s.id)
+                .await
+                .expect("get")
+                .as_ref(),
+            Some(s),
+            "{}",
+            store.backend()
+        );
+    }
+    let list = |f: fn(&mut SessionQuery)| {
+        let mut q = SessionQuery {
+            limit: 100,
+            ..Default::default()
+        };
+        f(&mut q);
+        async move { store.list_sessions(tenant, &q).await.expect("list") }
+    };
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    let id = |i: usize| sessions[i].id.clone();
+    assert_eq!(
+        ids(list(|_| {}).await),
+        vec![id(4), id(3), id(2), id(1), id(0)]
+    );
+    assert_eq!(
+        ids(list(|q| q.user_id = Some("u1".into())).await),
+        vec![id(4), id(2), id(0)]
+    );
+    assert_eq!(
+        ids(list(|q| q.bot_id = Some("b1".into())).await),
+        vec![id(4), id(1), id(0)]
+    );
+    assert_eq!(
+        ids(list(|q| {
+            q.user_id = Some("u1".into());
+            q.bot_id = Some("b1".into());
+        })
+        .await),
+        vec![id(4), id(0)]
+    );
+    let page1 = store
+        .list_sessions(
+            tenant,
+            &SessionQuery {
+                user_id: Some("u1".into()),
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(ids(page1.clone()), vec![id(4), id(2)]);
+    let page2 = store
+        .list_sessions(
+            tenant,
+            &SessionQuery {
+                user_id: Some("u1".into()),
+                before_id: Some(page1[1].id.clone()),
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(ids(page2), vec![id(0)]);
+
+    // Another tenant sees nothing and deletes nothing.
+    let other = "t-sessions-other";
+    assert_eq!(store.get_session(other, &id(0)).await.expect("get"), None);
+    assert!(store
+        .list_sessions(
+            other,
+            &SessionQuery {
+                limit: 10,
+                ..Default::default()
+            }
+        )
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(!store.delete_session(other, &id(0)).await.expect("delete"));
+
+    // Deleting a session deletes its messages, and only its.
+    let doomed = sample_message(tenant, &id(0), "user", MessageStatus::Complete);
+    let kept = sample_message(tenant, &id(1), "user", MessageStatus::Complete);
+    store
+        .insert_messages(&[doomed.clone(), kept.clone()])
+        .await
+        .expect("insert messages");
+    assert!(store.delete_session(tenant, &id(0)).await.expect("delete"));
+    assert!(!store
+        .delete_session(tenant, &id(0))
+        .await
+        .expect("delete twice"));
+    assert_eq!(store.get_session(tenant, &id(0)).await.expect("get"), None);
+    assert_eq!(
+        store.get_message(tenant, &doomed.id).await.expect("get"),
+        None
+    );
+    assert_eq!(
+        store.get_message(tenant, &kept.id).await.expect("get"),
+        Some(kept)
+    );
+    assert_eq!(ids(list(|_| {}).await).len(), 4);
+}
+
+pub async fn messages_are_listed_in_order_and_completed_once(store: &dyn Store) {
+    let tenant = "t-messages";
+    let session = sample_session(tenant, Some("u1"), None);
+    store.insert_session(&session).await.expect("session");
+    let mut turns = Vec::new();
+    for _ in 0..3 {
+        let user = sample_message(tenant, &session.id, "user", MessageStatus::Complete);
+        let mut reply = sample_message(tenant, &session.id, "assistant", MessageStatus::Complete);
+        reply.content = "Hi there".into();
+        reply.finish_reason = Some("stop".into());
+        reply.prompt_tokens = Some(10);
+        reply.completion_tokens = Some(u64::from(u32::MAX) + 7);
+        reply.cost_usd = Some(0.000_012_5);
+        reply.latency_ms = Some(321.25);
+        store
+            .insert_messages(&[user.clone(), reply.clone()])
+            .await
+            .expect("insert");
+        turns.push(user);
+        turns.push(reply);
+    }
+    let placeholder = sample_message(tenant, &session.id, "assistant", MessageStatus::Streaming);
+    store
+        .insert_messages(std::slice::from_ref(&placeholder))
+        .await
+        .expect("insert placeholder");
+    store.insert_messages(&[]).await.expect("empty insert");
+    turns.push(placeholder.clone());
+
+    for m in &turns {
+        assert_eq!(
+            store
+                .get_message(tenant, &m.id)
+                .await
+                .expect("get")
+                .as_ref(),
+            Some(m),
+            "{}",
+            store.backend()
+        );
+    }
+    let all = store
+        .list_messages(tenant, &session.id, None, 100)
+        .await
+        .expect("list");
+    assert_eq!(all, turns, "oldest first");
+    let page = store
+        .list_messages(tenant, &session.id, Some(&turns[2].id), 3)
+        .await
+        .expect("list");
+    assert_eq!(page, turns[3..6].to_vec());
+    let recent = store
+        .recent_messages(tenant, &session.id, 2)
+        .await
+        .expect("recent");
+    assert_eq!(recent, vec![turns[6].clone(), turns[5].clone()]);
+
+    // Another tenant reads, completes and lists nothing.
+    let other = "t-messages-other";
+    assert_eq!(
+        store
+            .get_message(other, &placeholder.id)
+            .await
+            .expect("get"),
+        None
+    );
+    assert!(store
+        .list_messages(other, &session.id, None, 100)
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(store
+        .recent_messages(other, &session.id, 100)
+        .await
+        .expect("recent")
+        .is_empty());
+    let mut foreign = completion(&placeholder, "hijacked", 5);
+    foreign.tenant_id = other.into();
+    assert!(!store.complete_message(&foreign).await.expect("complete"));
+
+    let done = completion(&placeholder, "Hi there", 1_760_000_001_000);
+    assert!(store.complete_message(&done).await.expect("complete"));
+    let mut again = done.clone();
+    again.content = "second ending".into();
+    assert!(
+        !store
+            .complete_message(&again)
+            .await
+            .expect("complete twice"),
+        "only a streaming message is completed"
+    );
+    let stored = store
+        .get_message(tenant, &placeholder.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    let expected = Message {
+        status: MessageStatus::Complete,
+        content: done.content.clone(),
+        finish_reason: done.finish_reason.clone(),
+        prompt_tokens: done.prompt_tokens,
+        completion_tokens: done.completion_tokens,
+        cost_usd: done.cost_usd,
+        latency_ms: done.latency_ms,
+        updated_at_ms: done.at_ms,
+        ..placeholder.clone()
+    };
+    assert_eq!(stored, expected, "{}", store.backend());
+    assert_eq!(
+        store
+            .message_frames(tenant, &placeholder.id)
+            .await
+            .expect("frames"),
+        done.frames
+    );
+    assert_eq!(
+        store
+            .message_frames(tenant, &turns[0].id)
+            .await
+            .expect("frames"),
+        None
+    );
+    assert_eq!(
+        store
+            .message_frames(other, &placeholder.id)
+            .await
+            .expect("frames"),
+        None
+    );
+
+    // A failure ending keeps its code and message.
+    let second = sample_message(tenant, &session.id, "assistant", MessageStatus::Streaming);
+    store
+        .insert_messages(std::slice::from_ref(&second))
+        .await
+        .expect("insert");
+    let failed = MessageCompletion {
+        status: MessageStatus::Failed,
+        content: "partial".into(),
+        finish_reason: None,
+        error_code: Some("upstream_timeout".into()),
+        error_message: Some("The provider did not answer in time.".into()),
+        prompt_tokens: None,
+        completion_tokens: None,
+        cost_usd: None,
+        latency_ms: None,
+        frames: None,
+        ..completion(&second, "", 1_760_000_002_000)
+    };
+    assert!(store.complete_message(&failed).await.expect("fail"));
+    let stored = store
+        .get_message(tenant, &second.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(stored.status, MessageStatus::Failed);
+    assert_eq!(stored.error_code.as_deref(), Some("upstream_timeout"));
+    assert_eq!(stored.content, "partial");
+}
+
+pub async fn state_is_merged_as_a_json_merge_patch(store: &dyn Store) {
+    use serde_json::json;
+    let tenant = "t-state";
+    let mut session = sample_session(tenant, Some("u1"), None);
+    session.state = obj(json!({
+        "step": 1,
+        "profile": {"name": "Ada", "langs": ["en", "fr"], "address": {"city": "Paris", "zip": "75001"}},
+        "flags": {"beta": true},
+        "scalar": "text"
+    }));
+    store.insert_session(&session).await.expect("session");
+    let id = session.id.clone();
+
+    // (patch, expected state): each applied to the previous result.
+    let steps = [
+        (
+            json!({"step": 2, "profile": {"address": {"zip": null, "country": "FR"}, "langs": ["de"]}}),
+            json!({
+                "step": 2,
+                "profile": {"name": "Ada", "langs": ["de"], "address": {"city": "Paris", "country": "FR"}},
+                "flags": {"beta": true},
+                "scalar": "text"
+            }),
+        ),
+        (
+            // null deletes; a missing key patched with nulls becomes an empty object;
+            // an object replaces a scalar and a scalar an object.
+            json!({"flags": null, "ghost": null, "fresh": {"a": null}, "scalar": {"x": 1}, "profile": "gone"}),
+            json!({"step": 2, "profile": "gone", "scalar": {"x": 1}, "fresh": {}}),
+        ),
+        (
+            json!({"unicode": "é \u{1F600} \"quoted\"", "num": 1.5, "big": 9_007_199_254_740_993_i64, "empty": {}, "list": [{"a": null}]}),
+            json!({
+                "step": 2, "profile": "gone", "scalar": {"x": 1}, "fresh": {},
+                "unicode": "é \u{1F600} \"quoted\"", "num": 1.5, "big": 9_007_199_254_740_993_i64,
+                "empty": {}, "list": [{"a": null}]
+            }),
+        ),
+        (
+            json!({}),
+            json!({
+                "step": 2, "profile": "gone", "scalar": {"x": 1}, "fresh": {},
+                "unicode": "é \u{1F600} \"quoted\"", "num": 1.5, "big": 9_007_199_254_740_993_i64,
+                "empty": {}, "list": [{"a": null}]
+            }),
+        ),
+    ];
+    for (n, (patch, expected)) in steps.into_iter().enumerate() {
+        let version = n as i64 + 1;
+        let got = store
+            .patch_state(tenant, &id, &obj(patch.clone()), None)
+            .await
+            .expect("patch");
+        assert_eq!(
+            got,
+            StatePatch::Applied {
+                state: obj(expected.clone()),
+                version
+            },
+            "{} patch {patch}",
+            store.backend()
+        );
+        let stored = store
+            .get_session(tenant, &id)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(stored.state, obj(expected));
+        assert_eq!(stored.state_version, version);
+    }
+
+    // Compare-and-set.
+    let p = obj(json!({"cas": 1}));
+    assert_eq!(
+        store
+            .patch_state(tenant, &id, &p, Some(1))
+            .await
+            .expect("patch"),
+        StatePatch::VersionMismatch { current: 4 }
+    );
+    assert!(matches!(
+        store
+            .patch_state(tenant, &id, &p, Some(4))
+            .await
+            .expect("patch"),
+        StatePatch::Applied { version: 5, .. }
+    ));
+    // Unknown sessions and another tenant's sessions are not found, and untouched.
+    assert_eq!(
+        store
+            .patch_state(tenant, "no-such-session", &p, None)
+            .await
+            .expect("patch"),
+        StatePatch::NotFound
+    );
+    assert_eq!(
+        store
+            .patch_state("t-state-other", &id, &p, None)
+            .await
+            .expect("patch"),
+        StatePatch::NotFound
+    );
+    assert_eq!(
+        store
+            .patch_state("t-state-other", &id, &p, Some(5))
+            .await
+            .expect("patch"),
+        StatePatch::NotFound
+    );
+    assert_eq!(
+        store
+            .get_session(tenant, &id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .state_version,
+        5
+    );
+}
+
+pub async fn concurrent_state_patches_lose_nothing(store: &dyn Store) {
+    let tenant = "t-state-concurrent";
+    let mut session = sample_session(tenant, None, None);
+    session.state.clear();
+    store.insert_session(&session).await.expect("session");
+    let patches: Vec<_> = (0..200)
+        .map(|i| obj(serde_json::json!({ format!("k{i}"): {"i": i} })))
+        .collect();
+    let results = futures::future::join_all(
+        patches
+            .iter()
+            .map(|p| store.patch_state(tenant, &session.id, p, None)),
+    )
+    .await;
+    let mut versions: Vec<i64> = results
+        .into_iter()
+        .map(|r| match r.expect("patch") {
+            StatePatch::Applied { version, .. } => version,
+            other => panic!("{}: {other:?}", store.backend()),
+        })
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(
+        versions,
+        (1..=200).collect::<Vec<_>>(),
+        "each patch its own version"
+    );
+    let stored = store
+        .get_session(tenant, &session.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(stored.state_version, 200, "{}", store.backend());
+    assert_eq!(
+        stored.state.len(),
+        200,
+        "{}: no lost update",
+        store.backend()
+    );
+    for i in 0..200 {
+        assert_eq!(stored.state[&format!("k{i}")], serde_json::json!({"i": i}));
+    }
+}
+
+pub async fn a_state_compare_and_set_race_has_one_winner(store: &dyn Store) {
+    let tenant = "t-state-cas";
+    let session = sample_session(tenant, None, None);
+    store.insert_session(&session).await.expect("session");
+    let seed = obj(serde_json::json!({"seed": true}));
+    store
+        .patch_state(tenant, &session.id, &seed, None)
+        .await
+        .expect("seed");
+    let patches: Vec<_> = (0..20)
+        .map(|i| obj(serde_json::json!({ "winner": i })))
+        .collect();
+    let results = futures::future::join_all(
+        patches
+            .iter()
+            .map(|p| store.patch_state(tenant, &session.id, p, Some(1))),
+    )
+    .await;
+    let mut applied = 0;
+    for r in results {
+        match r.expect("patch") {
+            StatePatch::Applied { version, .. } => {
+                assert_eq!(version, 2);
+                applied += 1;
+            }
+            StatePatch::VersionMismatch { current } => assert_eq!(current, 2),
+            StatePatch::NotFound => panic!("{}: not found", store.backend()),
+        }
+    }
+    assert_eq!(applied, 1, "{}", store.backend());
+    let stored = store
+        .get_session(tenant, &session.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(stored.state_version, 2);
+    assert!(stored.state.contains_key("winner") && stored.state.contains_key("seed"));
+}
+
+pub async fn trace_events_are_ordered_and_scoped(store: &dyn Store) {
+    let tenant = "t-events";
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let kinds = [
+        "request.received",
+        "provider.attempt",
+        "provider.retry",
+        "request.done",
+    ];
+    // 85 events over 5 milliseconds, several per millisecond, given shuffled.
+    let mut events: Vec<BusEvent> = (0..85)
+        .map(|n: i64| BusEvent {
+            id: new_id(),
+            tenant_id: tenant.into(),
+            trace_id: trace.into(),
+            seq: n,
+            kind: kinds[(n % 4) as usize].into(),
+            session_id: (n % 2 == 0).then(|| "s-1".into()),
+            payload: serde_json::json!({"n": n, "nested": {"list": [1, "two", null, 3.5]}, "text": "é\n\"q\""}),
+            created_at_ms: 1_760_000_000_000 + n / 17,
+        })
+        .collect();
+    let expected = events.clone();
+    events.reverse();
+    events.swap(3, 60);
+    let mut other = expected[0].clone();
+    other.id = new_id();
+    other.tenant_id = "t-events-other".into();
+    events.push(other.clone());
+    store.insert_events(&events).await.expect("insert");
+    store.insert_events(&[]).await.expect("empty insert");
+    let back = store.list_trace_events(tenant, trace).await.expect("list");
+    assert_eq!(back, expected, "{}", store.backend());
+    assert_eq!(
+        store
+            .list_trace_events("t-events-other", trace)
+            .await
+            .expect("list"),
+        vec![other]
+    );
+    assert!(store
+        .list_trace_events("t-events-none", trace)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+fn idem_key(tenant: &str, key: &str, hash: &str, now_ms: i64) -> IdempotencyKey {
+    IdempotencyKey {
+        tenant_id: tenant.into(),
+        key: key.into(),
+        request_hash: hash.into(),
+        user_id: Some("u-idem".into()),
+        now_ms,
+        lease_ms: 30_000,
+        ttl_ms: 86_400_000,
+    }
+}
+
+pub async fn idempotency_claims_have_one_winner_and_replay(store: &dyn Store) {
+    let tenant = "t-idem";
+    let now = 1_760_000_000_000;
+    let k = idem_key(tenant, "key-1", "hash-a", now);
+
+    let claims = futures::future::join_all((0..50).map(|_| store.claim_idempotency(&k))).await;
+    let mut acquired = 0;
+    for c in claims {
+        match c.expect("claim") {
+            IdempotencyClaim::Acquired => acquired += 1,
+            IdempotencyClaim::InFlight { same_request: true } => {}
+            other => panic!("{}: {other:?}", store.backend()),
+        }
+    }
+    assert_eq!(acquired, 1, "{}", store.backend());
+    let other_hash = IdempotencyKey {
+        request_hash: "hash-b".into(),
+        ..k.clone()
+    };
+    assert_eq!(
+        store.claim_idempotency(&other_hash).await.expect("claim"),
+        IdempotencyClaim::InFlight {
+            same_request: false
+        }
+    );
+
+    // Another tenant's key of the same name is its own, and is left alone.
+    let foreign = idem_key("t-idem-other", "key-1", "hash-z", now);
+    assert_eq!(
+        store.claim_idempotency(&foreign).await.expect("claim"),
+        IdempotencyClaim::Acquired
+    );
+
+    let response = StoredResponse {
+        status: 201,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-switchyard-provider".into(), "openai".into()),
+        ],
+        body: vec![b'{', b'}', 0, 0xff, 0x9f, b'\n', b'"'],
+    };
+    let expires = now + k.ttl_ms;
+    store
+        .complete_idempotency(tenant, "key-1", &response, expires)
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.claim_idempotency(&k).await.expect("claim"),
+        IdempotencyClaim::Done {
+            same_request: true,
+            response: response.clone()
+        },
+        "{}",
+        store.backend()
+    );
+    assert_eq!(
+        store.claim_idempotency(&other_hash).await.expect("claim"),
+        IdempotencyClaim::Done {
+            same_request: false,
+            response: response.clone()
+        }
+    );
+    // Releasing a finished record does nothing; neither does another tenant.
+    store
+        .release_idempotency(tenant, "key-1")
+        .await
+        .expect("release");
+    store
+        .release_idempotency("t-idem-other", "key-1")
+        .await
+        .expect("release other");
+    assert!(matches!(
+        store.claim_idempotency(&k).await.expect("claim"),
+        IdempotencyClaim::Done { .. }
+    ));
+    assert_eq!(
+        store.claim_idempotency(&foreign).await.expect("claim"),
+        IdempotencyClaim::Acquired,
+        "a released claim is free again"
+    );
+
+    // Expired: taken over, by one of several concurrent claimers.
+    let later = IdempotencyKey {
+        now_ms: expires,
+        ..other_hash.clone()
+    };
+    let claims = futures::future::join_all((0..10).map(|_| store.claim_idempotency(&later))).await;
+    let acquired = claims
+        .into_iter()
+        .map(|c| c.expect("claim"))
+        .filter(|c| *c == IdempotencyClaim::Acquired)
+        .count();
+    assert_eq!(acquired, 1, "{}", store.backend());
+    assert_eq!(
+        store.claim_idempotency(&later).await.expect("claim"),
+        IdempotencyClaim::InFlight { same_request: true },
+        "the takeover is the new request's, with its hash"
+    );
+    // An in-flight claim past its lease is taken over.
+    let after_lease = IdempotencyKey {
+        now_ms: expires + later.lease_ms,
+        ..k.clone()
+    };
+    assert_eq!(
+        store.claim_idempotency(&after_lease).await.expect("claim"),
+        IdempotencyClaim::Acquired
+    );
+    // Released: free again.
+    store
+        .release_idempotency(tenant, "key-1")
+        .await
+        .expect("release");
+    assert_eq!(
+        store.claim_idempotency(&after_lease).await.expect("claim"),
+        IdempotencyClaim::Acquired
+    );
+    store
+        .release_idempotency(tenant, "key-1")
+        .await
+        .expect("release");
+    store
+        .release_idempotency("t-idem-other", "key-1")
+        .await
+        .expect("release");
+}
+
+pub async fn idempotency_records_are_purged_when_dead(store: &dyn Store) {
+    // Times far below every other check's, so only these records are dead.
+    let tenant = "t-idem-purge";
+    let response = StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: b"ok".to_vec(),
+    };
+    let claim = |key: &str, now: i64| {
+        let mut k = idem_key(tenant, key, "h", now);
+        k.lease_ms = 100;
+        k
+    };
+    for key in ["expired", "live", "stuck", "leased"] {
+        assert_eq!(
+            store
+                .claim_idempotency(&claim(key, 1_000))
+                .await
+                .expect("claim"),
+            IdempotencyClaim::Acquired
+        );
+    }
+    store
+        .complete_idempotency(tenant, "expired", &response, 2_000)
+        .await
+        .expect("complete");
+    store
+        .complete_idempotency(tenant, "live", &response, 9_000)
+        .await
+        .expect("complete");
+    // "stuck" stays in flight with its lease over at 1_100; "leased" is
+    // claimed again at 2_000 and holds a lease until 2_100.
+    assert_eq!(
+        store
+            .claim_idempotency(&claim("leased", 2_000))
+            .await
+            .expect("claim"),
+        IdempotencyClaim::Acquired
+    );
+    assert_eq!(store.purge_idempotency(999).await.expect("purge"), 0);
+    assert_eq!(
+        store.purge_idempotency(2_000).await.expect("purge"),
+        2,
+        "{}",
+        store.backend()
+    );
+    assert_eq!(store.purge_idempotency(2_000).await.expect("purge"), 0);
+    assert!(matches!(
+        store
+            .claim_idempotency(&claim("live", 2_050))
+            .await
+            .expect("claim"),
+        IdempotencyClaim::Done { .. }
+    ));
+    assert_eq!(
+        store
+            .claim_idempotency(&claim("leased", 2_050))
+            .await
+            .expect("claim"),
+        IdempotencyClaim::InFlight { same_request: true }
+    );
+    assert_eq!(store.purge_idempotency(9_000).await.expect("purge"), 2);
+}
+
+pub async fn streaming_messages_are_interrupted_by_instance_and_staleness(store: &dyn Store) {
+    let tenant = "t-interrupt";
+    let session = sample_session(tenant, None, None);
+    store.insert_session(&session).await.expect("session");
+    let msg = |instance: &str, updated: i64, status: MessageStatus| {
+        let mut m = sample_message(tenant, &session.id, "assistant", status);
+        m.instance_id = Some(instance.into());
+        m.created_at_ms = updated;
+        m.updated_at_ms = updated;
+        m
+    };
+    // Other checks' messages are updated around 1_760_000_000_000, far above
+    // the staleness cut-off used here; the instance ids are this check's own.
+    let a1 = msg("inst-interrupt-a", 10_000, MessageStatus::Streaming);
+    let a2 = msg("inst-interrupt-a", 10_000, MessageStatus::Streaming);
+    let a_done = msg("inst-interrupt-a", 10_000, MessageStatus::Complete);
+    let b_stale = msg("inst-interrupt-b", 500, MessageStatus::Streaming);
+    let b_fresh = msg("inst-interrupt-b", 10_000, MessageStatus::Streaming);
+    let mut other = msg("inst-interrupt-a", 10_000, MessageStatus::Streaming);
+    other.tenant_id = "t-interrupt-other".into();
+    store
+        .insert_messages(&[
+            a1.clone(),
+            a2.clone(),
+            a_done.clone(),
+            b_stale.clone(),
+            b_fresh.clone(),
+            other.clone(),
+        ])
+        .await
+        .expect("insert");
+
+    assert_eq!(
+        store
+            .interrupt_streaming(None, None, 20_000)
+            .await
+            .expect("none"),
+        0
+    );
+    assert_eq!(
+        store
+            .interrupt_streaming(Some("inst-interrupt-a"), None, 20_000)
+            .await
+            .expect("by instance"),
+        3,
+        "{}: across tenants",
+        store.backend()
+    );
+    for m in [&a1, &a2] {
+        let got = store
+            .get_message(tenant, &m.id)
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_eq!(got.status, MessageStatus::Failed);
+        assert_eq!(got.error_code.as_deref(), Some("interrupted"));
+        assert_eq!(
+            got.error_message.as_deref(),
+            Some("The server stopped before the reply was complete.")
+        );
+        assert_eq!(got.updated_at_ms, 20_000);
+        assert!(
+            !store
+                .complete_message(&completion(m, "too late", 30_000))
+                .await
+                .expect("complete"),
+            "an interrupted message stays interrupted"
+        );
+        assert_eq!(
+            store
+                .get_message(tenant, &m.id)
+                .await
+                .expect("get")
+                .expect("exists")
+                .status,
+            MessageStatus::Failed
+        );
+    }
+    assert_eq!(
+        store.get_message(tenant, &a_done.id).await.expect("get"),
+        Some(a_done.clone()),
+        "only streaming messages"
+    );
+    assert_eq!(
+        store
+            .get_message("t-interrupt-other", &other.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .status,
+        MessageStatus::Failed
+    );
+
+    assert_eq!(
+        store
+            .interrupt_streaming(None, Some(1_000), 20_000)
+            .await
+            .expect("by staleness"),
+        1,
+        "{}",
+        store.backend()
+    );
+    assert_eq!(
+        store
+            .get_message(tenant, &b_stale.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .status,
+        MessageStatus::Failed
+    );
+    assert_eq!(
+        store
+            .get_message(tenant, &b_fresh.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .status,
+        MessageStatus::Streaming
+    );
+    // Both conditions at once; the fresh one is neither.
+    assert_eq!(
+        store
+            .interrupt_streaming(Some("inst-interrupt-a"), Some(1_000), 20_000)
+            .await
+            .expect("both"),
+        0
+    );
+    assert!(store
+        .complete_message(&completion(&b_fresh, "done", 21_000))
+        .await
+        .expect("complete"));
+}
+
+pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
+    let tenant = "t-erase";
+    let gone = "u-gone";
+    let kept = "u-kept";
+    for (t, u) in [(tenant, gone), (tenant, kept), ("t-erase-other", gone)] {
+        store.ensure_user(t, u, 1).await.expect("user");
+    }
+    let mut sessions = Vec::new();
+    let mut messages = Vec::new();
+    let mut events = Vec::new();
+    for (t, u) in [
+        (tenant, gone),
+        (tenant, kept),
+        (tenant, gone),
+        ("t-erase-other", gone),
+    ] {
+        let s = sample_session(t, Some(u), None);
+        store.insert_session(&s).await.expect("session");
+        let user = sample_message(t, &s.id, "user", MessageStatus::Complete);
+        let reply = sample_message(t, &s.id, "assistant", MessageStatus::Complete);
+        store
+            .insert_messages(&[user.clone(), reply.clone()])
+            .await
+            .expect("messages");
+        let e = BusEvent {
+            id: new_id(),
+            tenant_id: t.into(),
+            trace_id: format!("trace-erase-{}", s.id),
+            seq: 0,
+            kind: "request.done".into(),
+            session_id: Some(s.id.clone()),
+            payload: serde_json::json!({"user": u}),
+            created_at_ms: 1,
+        };
+        store
+            .insert_events(std::slice::from_ref(&e))
+            .await
+            .expect("event");
+        sessions.push(s);
+        messages.push(vec![user, reply]);
+        events.push(e);
+    }
+    // A session with no user is nobody's.
+    let anonymous = sample_session(tenant, None, None);
+    store.insert_session(&anonymous).await.expect("session");
+
+    let mut usage = Vec::new();
+    for (n, (t, u)) in [
+        (tenant, gone),
+        (tenant, kept),
+        (tenant, gone),
+        ("t-erase-other", gone),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = sample_usage(t, n as u32);
+        r.user_id = Some(u.into());
+        usage.push(r);
+    }
+    store.insert_usage(&usage).await.expect("usage");
+    for (t, u, key) in [
+        (tenant, Some(gone), "idem-gone"),
+        (tenant, Some(kept), "idem-kept"),
+        (tenant, None, "idem-nobody"),
+        ("t-erase-other", Some(gone), "idem-gone"),
+    ] {
+        let mut k = idem_key(t, key, "h", 1_760_000_000_000);
+        k.user_id = u.map(Into::into);
+        assert_eq!(
+            store.claim_idempotency(&k).await.expect("claim"),
+            IdempotencyClaim::Acquired
+        );
+    }
+
+    let data = store.user_data(tenant, gone).await.expect("export");
+    assert_eq!(
+        data.sessions,
+        vec![sessions[0].clone(), sessions[2].clone()]
+    );
+    assert_eq!(
+        data.messages,
+        [&messages[0][..], &messages[2][..]].concat(),
+        "{}",
+        store.backend()
+    );
+    assert_eq!(data.usage, vec![usage[0].clone(), usage[2].clone()]);
+    let nobody = store.user_data(tenant, "u-nobody").await.expect("export");
+    assert_eq!(nobody, Default::default());
+
+    let erased = store.erase_user(tenant, gone).await.expect("erase");
+    assert_eq!(
+        erased,
+        Erased {
+            sessions: 2,
+            messages: 4,
+            events: 2,
+            idempotency_records: 1,
+            usage_anonymised: 2,
+        },
+        "{}",
+        store.backend()
+    );
+    assert_eq!(
+        store.user_data(tenant, gone).await.expect("export"),
+        Default::default()
+    );
+    for i in [0, 2] {
+        assert_eq!(
+            store
+                .get_session(tenant, &sessions[i].id)
+                .await
+                .expect("get"),
+            None
+        );
+        for m in &messages[i] {
+            assert_eq!(store.get_message(tenant, &m.id).await.expect("get"), None);
+        }
+        assert!(store
+            .list_trace_events(tenant, &events[i].trace_id)
+            .await
+            .expect("events")
+            .is_empty());
+    }
+    let idem = |t: &str, key: &str| {
+        let mut k = idem_key(t, key, "h", 1_760_000_000_000);
+        k.user_id = None;
+        k
+    };
+    assert_eq!(
+        store
+            .claim_idempotency(&idem(tenant, "idem-gone"))
+            .await
+            .expect("claim"),
+        IdempotencyClaim::Acquired,
+        "the erased user's record is gone"
+    );
+    for (t, key) in [
+        (tenant, "idem-kept"),
+        (tenant, "idem-nobody"),
+        ("t-erase-other", "idem-gone"),
+    ] {
+        assert_eq!(
+            store.claim_idempotency(&idem(t, key)).await.expect("claim"),
+            IdempotencyClaim::InFlight { same_request: true },
+            "{t}/{key} kept"
+        );
+    }
+
+    // The other user, the anonymous session and the other tenant's user keep everything.
+    let kept_data = store.user_data(tenant, kept).await.expect("export");
+    assert_eq!(kept_data.sessions, vec![sessions[1].clone()]);
+    assert_eq!(kept_data.messages, messages[1]);
+    assert_eq!(kept_data.usage, vec![usage[1].clone()]);
+    assert_eq!(
+        store.get_session(tenant, &anonymous.id).await.expect("get"),
+        Some(anonymous)
+    );
+    assert_eq!(
+        store
+            .list_trace_events(tenant, &events[1].trace_id)
+            .await
+            .expect("events"),
+        vec![events[1].clone()]
+    );
+    let other = store
+        .user_data("t-erase-other", gone)
+        .await
+        .expect("export");
+    assert_eq!(other.sessions, vec![sessions[3].clone()]);
+    assert_eq!(other.messages, messages[3]);
+    assert_eq!(other.usage, vec![usage[3].clone()]);
+    assert_eq!(
+        store
+            .list_trace_events("t-erase-other", &events[3].trace_id)
+            .await
+            .expect("events"),
+        vec![events[3].clone()]
+    );
+
+    // Usage rows stay for accounting, without the user.
+    assert_eq!(store.count_usage(tenant).await.expect("count"), 3);
+    let rows = store.list_usage(tenant, 10).await.expect("usage");
+    for (i, r) in usage.iter().enumerate().take(3) {
+        let back = rows.iter().find(|b| b.id == r.id).expect("row kept");
+        let expected_user = if i == 1 { Some(kept.to_owned()) } else { None };
+        assert_eq!(back.user_id, expected_user);
+        assert_eq!(back.cost_usd, r.cost_usd);
+    }
+    // Erasing again finds nothing.
+    assert_eq!(
+        store.erase_user(tenant, gone).await.expect("erase"),
+        Erased::default()
+    );
 }

@@ -74,7 +74,10 @@ pub(crate) fn json_text<T: serde::Serialize>(v: &T) -> Result<String, StoreError
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding JSON: {e}")))
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, sqlx::Error> {
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    text: &str,
+) -> Result<T, sqlx::Error> {
     serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(format!("{what}: {e}").into()))
 }
 
@@ -86,6 +89,7 @@ pub(crate) trait RowExt {
     fn opt_int(&self, c: &str) -> Result<Option<i64>, sqlx::Error>;
     fn opt_float(&self, c: &str) -> Result<Option<f64>, sqlx::Error>;
     fn boolean(&self, c: &str) -> Result<bool, sqlx::Error>;
+    fn opt_bytes(&self, c: &str) -> Result<Option<Vec<u8>>, sqlx::Error>;
 }
 
 macro_rules! row_ext {
@@ -107,6 +111,9 @@ macro_rules! row_ext {
                 sqlx::Row::try_get(self, c)
             }
             fn boolean(&self, c: &str) -> Result<bool, sqlx::Error> {
+                sqlx::Row::try_get(self, c)
+            }
+            fn opt_bytes(&self, c: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
                 sqlx::Row::try_get(self, c)
             }
         }

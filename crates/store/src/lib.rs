@@ -9,14 +9,15 @@ pub mod conformance;
 mod identity;
 mod migrations;
 mod postgres;
+mod sessions;
 mod sqlite;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde_json::{Map, Value};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
-use serde_json::{Map, Value};
 use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, Tenant};
 use switchyard_core::sessions::{
     Bot, BusEvent, Erased, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion, Session,

@@ -27,6 +27,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "identity",
         sql: include_str!("../migrations/sqlite/0004_identity.sql"),
     },
+    Migration {
+        version: 5,
+        name: "sessions",
+        sql: include_str!("../migrations/sqlite/0005_sessions.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -49,6 +54,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 4,
         name: "identity",
         sql: include_str!("../migrations/postgres/0004_identity.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "sessions",
+        sql: include_str!("../migrations/postgres/0005_sessions.sql"),
     },
 ];
 

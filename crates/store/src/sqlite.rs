@@ -5,7 +5,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
@@ -135,7 +137,57 @@ fn opt_u64(v: Option<i64>) -> Option<u64> {
 /// Total spend of a tenant (or one of its keys) since a time.
 const SPEND_SQL: &str = "SELECT SUM(cost_usd) FROM usage_logs WHERE tenant_id = ? AND (? IS NULL OR key_id = ?) AND created_at_ms >= ?";
 
+/// The `usage_logs` columns of a [`UsageRecord`], for SELECT.
+const USAGE_SELECT: &str = "id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
+     prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms";
+
+fn usage_from_row(r: &SqliteRow) -> Result<UsageRecord, sqlx::Error> {
+    Ok(UsageRecord {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        key_id: r.try_get("key_id")?,
+        user_id: r.try_get("user_id")?,
+        trace_id: r.try_get("trace_id")?,
+        endpoint: r.try_get("endpoint")?,
+        model_alias: r.try_get("model_alias")?,
+        provider: r.try_get("provider")?,
+        upstream_model: r.try_get("upstream_model")?,
+        stream: r.try_get("stream")?,
+        prompt_tokens: opt_u64(r.try_get("prompt_tokens")?),
+        completion_tokens: opt_u64(r.try_get("completion_tokens")?),
+        cost_usd: r.try_get("cost_usd")?,
+        latency_ms: r.try_get("latency_ms")?,
+        ttft_ms: r.try_get("ttft_ms")?,
+        status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(0),
+        error_code: r.try_get("error_code")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+    })
+}
+
+impl SqliteStore {
+    /// A user's usage rows, oldest first (for [`crate::SessionStore::user_data`]).
+    async fn user_usage(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(lite_once!(format!(
+            "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND user_id = ? ORDER BY created_at_ms, id"
+        )))
+        .bind(tenant_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading a user's usage rows")?;
+        rows.iter()
+            .map(usage_from_row)
+            .collect::<Result<_, sqlx::Error>>()
+            .context("reading usage rows")
+    }
+}
+
 crate::identity::identity_store!(SqliteStore, lite_once);
+crate::sessions::session_store!(SqliteStore, lite_once, "json_patch(state, ?)");
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -222,39 +274,16 @@ impl Store for SqliteStore {
         tenant_id: &str,
         limit: u32,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
-             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms \
-             FROM usage_logs WHERE tenant_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?",
-        )
+        let rows = sqlx::query(lite_once!(format!(
+            "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? ORDER BY created_at_ms DESC, id DESC LIMIT ?"
+        )))
         .bind(tenant_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .context("listing usage rows")?;
         rows.iter()
-            .map(|r| {
-                Ok(UsageRecord {
-                    id: r.try_get("id")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    key_id: r.try_get("key_id")?,
-                    user_id: r.try_get("user_id")?,
-                    trace_id: r.try_get("trace_id")?,
-                    endpoint: r.try_get("endpoint")?,
-                    model_alias: r.try_get("model_alias")?,
-                    provider: r.try_get("provider")?,
-                    upstream_model: r.try_get("upstream_model")?,
-                    stream: r.try_get("stream")?,
-                    prompt_tokens: opt_u64(r.try_get("prompt_tokens")?),
-                    completion_tokens: opt_u64(r.try_get("completion_tokens")?),
-                    cost_usd: r.try_get("cost_usd")?,
-                    latency_ms: r.try_get("latency_ms")?,
-                    ttft_ms: r.try_get("ttft_ms")?,
-                    status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(0),
-                    error_code: r.try_get("error_code")?,
-                    created_at_ms: r.try_get("created_at_ms")?,
-                })
-            })
+            .map(usage_from_row)
             .collect::<Result<_, sqlx::Error>>()
             .context("reading usage rows")
     }

@@ -1,0 +1,83 @@
+-- Bots, sessions with their JSON state, messages, the events of each trace
+-- and idempotency records. JSON columns are TEXT (the same bytes as in
+-- PostgreSQL); ids are UUIDv7 strings, so ordering by id orders by time.
+CREATE TABLE IF NOT EXISTS bots (
+    id             TEXT PRIMARY KEY,
+    tenant_id      TEXT NOT NULL,
+    name           TEXT NOT NULL,
+    model          TEXT NOT NULL,
+    system_prompt  TEXT,
+    temperature    REAL,
+    max_tokens     INTEGER,
+    context_tokens INTEGER,
+    metadata       TEXT NOT NULL DEFAULT '{}',
+    created_at_ms  INTEGER NOT NULL,
+    updated_at_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bots_tenant ON bots (tenant_id, id);
+
+CREATE TABLE IF NOT EXISTS sessions (
+    id            TEXT PRIMARY KEY,
+    tenant_id     TEXT NOT NULL,
+    bot_id        TEXT,
+    user_id       TEXT,
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    state         TEXT NOT NULL DEFAULT '{}',
+    state_version INTEGER NOT NULL DEFAULT 0,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_tenant ON sessions (tenant_id, id);
+CREATE INDEX IF NOT EXISTS sessions_tenant_user ON sessions (tenant_id, user_id, id);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id                TEXT PRIMARY KEY,
+    tenant_id         TEXT NOT NULL,
+    session_id        TEXT NOT NULL,
+    role              TEXT NOT NULL,
+    content           TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    finish_reason     TEXT,
+    error_code        TEXT,
+    error_message     TEXT,
+    model             TEXT,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    cost_usd          REAL,
+    latency_ms        REAL,
+    trace_id          TEXT,
+    instance_id       TEXT,
+    frames            TEXT,
+    created_at_ms     INTEGER NOT NULL,
+    updated_at_ms     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_session ON messages (tenant_id, session_id, id);
+CREATE INDEX IF NOT EXISTS messages_streaming ON messages (instance_id, updated_at_ms) WHERE status = 'streaming';
+
+CREATE TABLE IF NOT EXISTS bus_events (
+    id            TEXT PRIMARY KEY,
+    tenant_id     TEXT NOT NULL,
+    trace_id      TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    kind          TEXT NOT NULL,
+    session_id    TEXT,
+    payload       TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bus_events_trace ON bus_events (tenant_id, trace_id, created_at_ms, seq);
+CREATE INDEX IF NOT EXISTS bus_events_session ON bus_events (tenant_id, session_id);
+
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    tenant_id        TEXT NOT NULL,
+    key              TEXT NOT NULL,
+    request_hash     TEXT NOT NULL,
+    user_id          TEXT,
+    status           TEXT NOT NULL,
+    response_status  INTEGER,
+    response_headers TEXT,
+    response_body    BLOB,
+    created_at_ms    INTEGER NOT NULL,
+    locked_until_ms  INTEGER NOT NULL,
+    expires_at_ms    INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at_ms);
