@@ -21,6 +21,10 @@ pub struct Config {
     pub server: ServerConfig,
     pub store: StoreConfig,
     pub usage: UsageConfig,
+    /// The `bus_events` writer (every request's lifecycle, by trace id).
+    pub events: UsageConfig,
+    /// Native sessions: streaming replies, idempotency, compatibility paths.
+    pub sessions: SessionsConfig,
     pub log: LogConfig,
     pub resilience: ResilienceConfig,
     pub health: HealthConfig,
@@ -103,6 +107,67 @@ impl Default for UsageConfig {
             flush_interval_ms: 100,
         }
     }
+}
+
+/// Native sessions and their compatibility paths.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Longest message `content` accepted, in bytes; longer answers 413.
+    pub max_content_bytes: usize,
+    /// Seconds of silence after which a stream sends a `keepalive` frame.
+    pub keepalive_secs: u64,
+    /// History tokens sent to the model when the bot sets no `context_tokens`.
+    pub default_context_tokens: u32,
+    /// How long a finished idempotent response is replayed, in seconds.
+    pub idempotency_ttl_secs: u64,
+    /// How long an in-flight idempotency claim holds before another request
+    /// may take it over (its process presumably died), in seconds.
+    pub idempotency_lease_secs: u64,
+    /// This server's name in `messages.instance_id`: a restart with the same
+    /// name marks the replies it left streaming as interrupted. Default:
+    /// the host name and the listen address.
+    pub instance_id: Option<String>,
+    /// Streaming messages not updated for this long are marked interrupted
+    /// whoever generated them (an instance that never came back), in seconds.
+    pub stale_stream_secs: u64,
+    /// Retired paths still answered like the chat function, with
+    /// `Deprecation`/`Sunset` headers until `sunset`, `410 Gone` after it.
+    pub retired_paths: Vec<RetiredPath>,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: 64 * 1024,
+            keepalive_secs: 15,
+            default_context_tokens: 8192,
+            idempotency_ttl_secs: 24 * 3600,
+            idempotency_lease_secs: 600,
+            instance_id: None,
+            stale_stream_secs: 3600,
+            retired_paths: Vec::new(),
+        }
+    }
+}
+
+/// A path kept working for a while after it was replaced.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredPath {
+    /// e.g. `/functions/v1/chatting`.
+    pub path: String,
+    /// What to call instead (named in the headers and the 410 hint).
+    #[serde(default = "default_successor")]
+    pub successor: String,
+    /// When it was deprecated: `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+    pub deprecated: Option<String>,
+    /// From this moment it answers `410 Gone` (same formats).
+    pub sunset: String,
+}
+
+fn default_successor() -> String {
+    "/functions/v1/chat".into()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -473,6 +538,7 @@ impl Config {
     /// Checks what types alone cannot: references between sections and ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.jwt.validate("jwt")?;
+        self.validate_sessions()?;
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",
@@ -564,6 +630,47 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("pricing.{name}"),
                     "expected prices of zero or more",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_sessions(&self) -> Result<(), ConfigError> {
+        let s = &self.sessions;
+        if s.keepalive_secs == 0 {
+            return Err(ConfigError::invalid(
+                "sessions.keepalive_secs",
+                "expected at least 1",
+            ));
+        }
+        if s.max_content_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "sessions.max_content_bytes",
+                "expected at least 1",
+            ));
+        }
+        for (i, r) in s.retired_paths.iter().enumerate() {
+            let at = |f: &str| format!("sessions.retired_paths[{i}].{f}");
+            if !r.path.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    at("path"),
+                    "expected a path starting with /",
+                ));
+            }
+            if crate::sessions::parse_utc(&r.sunset).is_none() {
+                return Err(ConfigError::invalid(
+                    at("sunset"),
+                    "expected a UTC date, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ",
+                ));
+            }
+            if r.deprecated
+                .as_deref()
+                .is_some_and(|d| crate::sessions::parse_utc(d).is_none())
+            {
+                return Err(ConfigError::invalid(
+                    at("deprecated"),
+                    "expected a UTC date, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ",
                 ));
             }
         }

@@ -131,7 +131,9 @@ pub enum StatePatch {
         version: i64,
     },
     /// `If-Match` named another version than the current one.
-    VersionMismatch { current: i64 },
+    VersionMismatch {
+        current: i64,
+    },
     NotFound,
 }
 
@@ -291,7 +293,12 @@ mod tests {
         assert_eq!(parse_utc("1970-01-01"), Some(0));
         assert_eq!(parse_utc("2023-11-14T22:13:20Z"), Some(1_700_000_000_000));
         assert_eq!(parse_utc("2000-02-29"), Some(951_782_400_000));
-        for bad in ["2023-13-01", "2023-11-14T22:13:20", "x", "2023-11-14T25:00:00Z"] {
+        for bad in [
+            "2023-13-01",
+            "2023-11-14T22:13:20",
+            "x",
+            "2023-11-14T25:00:00Z",
+        ] {
             assert_eq!(parse_utc(bad), None, "{bad}");
         }
     }

@@ -23,8 +23,9 @@ use switchyard_providers::{ChatProvider, ChatReply, EmbeddingProvider, ProviderE
 type Adapter = (Arc<dyn ChatProvider>, Arc<dyn EmbeddingProvider>);
 use switchyard_store::{Store, StoreError};
 
+use crate::batch_writer::{EventWriter, UsageWriter};
+use crate::events::TraceEvents;
 use crate::metered::{MeteredStream, StreamEvent};
-use crate::usage_writer::UsageWriter;
 
 /// Who is asking and since when; carried from the HTTP layer.
 #[derive(Debug, Clone)]
@@ -38,6 +39,8 @@ pub struct RequestMeta {
     pub started: Instant,
     /// Where the tokens this call uses are counted (token-per-minute limits).
     pub tokens: Option<TokenMeter>,
+    /// The session the call answers in, if any (for its trace events).
+    pub session_id: Option<String>,
 }
 
 /// A token-per-minute limit to charge once a call's usage is known.
@@ -89,6 +92,8 @@ pub enum ChatOutcome {
     Stream {
         events: Box<dyn Stream<Item = StreamEvent> + Send + Unpin>,
         provider: Arc<str>,
+        /// The serving deployment's prices, if configured.
+        pricing: Option<Pricing>,
     },
 }
 
@@ -99,6 +104,7 @@ pub struct Gateway {
     router: Router,
     models: Vec<ModelInfo>,
     usage: UsageWriter,
+    events: EventWriter,
     store: Arc<dyn Store>,
     /// `security.max_tokens`: the largest completion a request may ask for.
     max_tokens: Option<u32>,
@@ -109,6 +115,7 @@ impl Gateway {
         config: &Config,
         store: Arc<dyn Store>,
         usage: UsageWriter,
+        events: EventWriter,
     ) -> Result<Self, EngineError> {
         let mut providers: HashMap<&str, Adapter> = HashMap::new();
         for (name, p) in &config.providers {
@@ -209,6 +216,7 @@ impl Gateway {
             router,
             models,
             usage,
+            events,
             store,
             max_tokens: config.security.max_tokens,
         })
@@ -242,6 +250,30 @@ impl Gateway {
 
     pub fn usage_writer(&self) -> &UsageWriter {
         &self.usage
+    }
+
+    pub fn event_writer(&self) -> &EventWriter {
+        &self.events
+    }
+
+    /// The store, for the services built beside the gateway.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Whether `alias` is a configured model.
+    pub fn has_model(&self, alias: &str) -> bool {
+        self.routes.contains_key(alias)
+    }
+
+    /// A recorder of this request's trace events.
+    pub fn trace_events(&self, meta: &RequestMeta) -> TraceEvents {
+        TraceEvents::new(
+            self.events.clone(),
+            &meta.tenant_id,
+            &meta.trace_id,
+            meta.session_id.as_deref(),
+        )
     }
 
     /// Whether the store answers (for `/ready`).
@@ -283,7 +315,11 @@ impl Gateway {
         self.check_max_tokens(req)?;
         let route = self.route(&req.model)?;
         let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream);
-        match self.router.chat(route, &req.body, req.stream).await {
+        match self
+            .router
+            .chat(route, &req.body, req.stream, &acc.events)
+            .await
+        {
             Ok(served) => {
                 acc.served_by(self, &served.deployment);
                 let provider = served.deployment.provider_name.clone();
@@ -296,6 +332,7 @@ impl Gateway {
                         })
                     }
                     ChatReply::Stream(s) => Ok(ChatOutcome::Stream {
+                        pricing: acc.pricing,
                         events: Box::new(MeteredStream::new(s, req.include_usage, acc)),
                         provider,
                     }),
@@ -315,7 +352,7 @@ impl Gateway {
         let mut acc = Accounting::new(self, meta, "embeddings", &req.model, false);
         match self
             .router
-            .embed(route, &req.body, req.encoding_format)
+            .embed(route, &req.body, req.encoding_format, &acc.events)
             .await
         {
             Ok(served) => {
@@ -325,6 +362,56 @@ impl Gateway {
             }
             Err(e) => Err(acc.fail(self, e, &req.model)),
         }
+    }
+}
+
+/// A failure as a client may see it: no internal detail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublicError {
+    pub status: u16,
+    /// A stable machine code.
+    pub code: String,
+    pub message: String,
+    /// Whether the same request may succeed later.
+    pub retryable: bool,
+}
+
+/// How an engine failure is reported inside a stream or a stored reply.
+pub fn public_error(e: &EngineError) -> PublicError {
+    let (status, code, message, retryable): (u16, &str, String, bool) = match e {
+        EngineError::UnknownModel(_) => (404, "model_not_found", e.to_string(), false),
+        EngineError::Invalid(i) => (400, i.code, i.message.clone(), false),
+        EngineError::Unavailable(model) => (
+            503,
+            "model_unavailable",
+            format!("Every provider of `{model}` is failing; try again shortly."),
+            true,
+        ),
+        EngineError::Provider(p) => {
+            let status = status_for(p);
+            let message = match p {
+                ProviderError::Timeout(_) => "The provider did not answer in time.".to_owned(),
+                ProviderError::Connect(_) => "Could not connect to the provider.".to_owned(),
+                ProviderError::Status { status: s, .. } => {
+                    format!("The provider failed with status {s}.")
+                }
+                _ => "The provider's stream broke before it was complete.".to_owned(),
+            };
+            let retryable = !matches!(status, 400 | 404 | 409 | 413 | 422);
+            (status, p.code(), message, retryable)
+        }
+        EngineError::Store(_) | EngineError::Setup(_) => (
+            500,
+            "internal_error",
+            "The server had an error while processing your request.".to_owned(),
+            true,
+        ),
+    };
+    PublicError {
+        status,
+        code: code.to_owned(),
+        message,
+        retryable,
     }
 }
 
@@ -344,6 +431,7 @@ pub fn status_for(e: &ProviderError) -> u16 {
 /// Everything needed to write one usage row, carried until the call ends.
 pub(crate) struct Accounting {
     writer: UsageWriter,
+    events: TraceEvents,
     tokens: Option<TokenMeter>,
     record: UsageRecord,
     pricing: Option<Pricing>,
@@ -356,8 +444,14 @@ impl Accounting {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
+        let events = gw.trace_events(meta);
+        events.record(
+            "request.received",
+            serde_json::json!({"endpoint": endpoint, "model": alias, "stream": stream}),
+        );
         Self {
             writer: gw.usage.clone(),
+            events,
             tokens: meta.tokens.clone(),
             pricing: None,
             started: meta.started,
@@ -435,6 +529,23 @@ impl Accounting {
         r.ttft_ms = first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
         let provider = r.provider.clone();
         let model = r.model_alias.clone();
+        let outcome = serde_json::json!({
+            "status": status,
+            "provider": provider,
+            "latency_ms": r.latency_ms,
+            "ttft_ms": r.ttft_ms,
+            "error": code,
+            "prompt_tokens": usage.map(|u| u.prompt_tokens),
+            "completion_tokens": usage.map(|u| u.completion_tokens),
+        });
+        self.events.record(
+            if status < 400 {
+                "request.done"
+            } else {
+                "request.error"
+            },
+            outcome,
+        );
         metrics::histogram!("switchyard_upstream_duration_seconds", "provider" => provider.clone(), "endpoint" => r.endpoint.clone())
             .record(r.latency_ms / 1000.0);
         if let Some(ttft) = r.ttft_ms {

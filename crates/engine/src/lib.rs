@@ -3,19 +3,22 @@
 //! the rate limiters, identity and JWT verification.
 //! `server` calls these; they call `providers` and `store`.
 
+pub mod batch_writer;
 pub mod budget;
+pub mod events;
 pub mod gateway;
 pub mod health;
+pub mod idempotency;
 pub mod identity;
 pub mod jwt;
 pub mod limits;
 pub mod metered;
+pub mod sessions;
 pub mod signing;
-pub mod usage_writer;
 
+pub use batch_writer::{BatchWriterTask, EventWriter, UsageWriter, UsageWriterTask};
 pub use gateway::{ChatOutcome, EngineError, Gateway, ModelInfo, RequestMeta, TokenMeter};
 pub use health::HealthTask;
 pub use metered::StreamEvent;
 pub use switchyard_core::health::ProviderHealthRow;
 pub use switchyard_providers::ProviderError;
-pub use usage_writer::{UsageWriter, UsageWriterTask};

@@ -212,6 +212,44 @@ impl std::fmt::Debug for Deployment {
     }
 }
 
+/// A step of a routed call, reported as it happens (for the request's trace).
+#[derive(Debug, Clone, Copy)]
+pub enum RouteEvent<'a> {
+    /// An upstream call is about to be made.
+    Attempt { deployment: &'a str, attempt: u32 },
+    /// That call failed and will be retried after `wait`.
+    Retry {
+        deployment: &'a str,
+        attempt: u32,
+        wait: Duration,
+        error: &'a ProviderError,
+    },
+    /// The route moves on to the next deployment.
+    Fallback {
+        from: &'a str,
+        to: &'a str,
+        error: &'a ProviderError,
+    },
+    /// A deployment was skipped because its breaker is open.
+    Skipped { deployment: &'a str },
+    /// A deployment's breaker changed state.
+    Breaker {
+        deployment: &'a str,
+        from: BreakerState,
+        to: BreakerState,
+    },
+}
+
+/// Receives a routed call's [`RouteEvent`]s; must not block.
+pub trait RouteObserver: Send + Sync {
+    fn on_event(&self, event: RouteEvent<'_>);
+}
+
+/// Observes nothing.
+impl RouteObserver for () {
+    fn on_event(&self, _: RouteEvent<'_>) {}
+}
+
 pub struct Router {
     retry: RetryConfig,
     budget: RetryBudget,
@@ -246,8 +284,11 @@ impl Router {
         route: &Route,
         body: &Map<String, Value>,
         stream: bool,
+        observer: &dyn RouteObserver,
     ) -> Result<Served<ChatReply>, RouteError> {
-        let served = self.run(route, Call::Chat { body, stream }).await?;
+        let served = self
+            .run(route, Call::Chat { body, stream }, observer)
+            .await?;
         match served.value {
             Reply::Chat(r) => Ok(Served {
                 value: r,
@@ -263,6 +304,7 @@ impl Router {
         route: &Route,
         body: &Map<String, Value>,
         encoding_format: EncodingFormat,
+        observer: &dyn RouteObserver,
     ) -> Result<Served<Completion>, RouteError> {
         let served = self
             .run(
@@ -271,6 +313,7 @@ impl Router {
                     body,
                     encoding_format,
                 },
+                observer,
             )
             .await?;
         match served.value {
@@ -283,7 +326,12 @@ impl Router {
         }
     }
 
-    async fn run(&self, route: &Route, call: Call<'_>) -> Result<Served<Reply>, RouteError> {
+    async fn run(
+        &self,
+        route: &Route,
+        call: Call<'_>,
+        obs: &dyn RouteObserver,
+    ) -> Result<Served<Reply>, RouteError> {
         self.budget.record_request();
         let order = route.order(&mut rand::rng());
         let mut attempts = 0u32;
@@ -292,6 +340,11 @@ impl Router {
             if position > 0 {
                 if let Some((e, from)) = &last {
                     tracing::warn!(from = %from.id, to = %d.id, error = %e, "falling back to the next deployment");
+                    obs.on_event(RouteEvent::Fallback {
+                        from: &from.id,
+                        to: &d.id,
+                        error: e,
+                    });
                     metrics::counter!("switchyard_fallbacks_total", "from" => from.id.clone())
                         .increment(1);
                 }
@@ -299,19 +352,24 @@ impl Router {
             let mut attempt = 1u32;
             loop {
                 let (permit, t) = d.breaker.try_acquire();
-                log_transition(d, t);
+                log_transition(d, t, obs);
                 let Some(permit) = permit else {
                     tracing::debug!(deployment = %d.id, "circuit open: skipping");
+                    obs.on_event(RouteEvent::Skipped { deployment: &d.id });
                     metrics::counter!("switchyard_breaker_rejections_total", "deployment" => d.id.clone()).increment(1);
                     break;
                 };
                 attempts += 1;
+                obs.on_event(RouteEvent::Attempt {
+                    deployment: &d.id,
+                    attempt,
+                });
                 let started = Instant::now();
                 let outcome = attempt_once(d, call).await;
                 let elapsed = started.elapsed();
                 match outcome {
                     Ok(reply) => {
-                        log_transition(d, permit.success());
+                        log_transition(d, permit.success(), obs);
                         d.health.record_success(elapsed);
                         metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "ok").increment(1);
                         return Ok(Served {
@@ -333,25 +391,35 @@ impl Router {
                         });
                     }
                     Err(e) => {
-                        log_transition(d, permit.failure());
+                        log_transition(d, permit.failure(), obs);
                         d.health.record_failure(elapsed, e.code());
                         metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "error").increment(1);
                         let step = next_step(&self.retry, attempt, &e, &mut rand::rng());
-                        last = Some((e, d.clone()));
                         match step {
                             Next::RetryAfter(wait) if self.budget.try_retry() => {
                                 tracing::info!(deployment = %d.id, attempt, wait_ms = wait.as_millis() as u64, "retrying");
+                                obs.on_event(RouteEvent::Retry {
+                                    deployment: &d.id,
+                                    attempt,
+                                    wait,
+                                    error: &e,
+                                });
+                                last = Some((e, d.clone()));
                                 metrics::counter!("switchyard_retries_total", "deployment" => d.id.clone()).increment(1);
                                 tokio::time::sleep(wait).await;
                                 attempt += 1;
                             }
                             Next::RetryAfter(_) => {
+                                last = Some((e, d.clone()));
                                 tracing::warn!(deployment = %d.id, "retry budget spent: not retrying");
                                 metrics::counter!("switchyard_retry_budget_exhausted_total")
                                     .increment(1);
                                 break;
                             }
-                            Next::Fallback => break,
+                            Next::Fallback => {
+                                last = Some((e, d.clone()));
+                                break;
+                            }
                         }
                     }
                 }
@@ -368,8 +436,13 @@ impl Router {
     }
 }
 
-fn log_transition(d: &Deployment, t: Option<Transition>) {
+fn log_transition(d: &Deployment, t: Option<Transition>, obs: &dyn RouteObserver) {
     let Some(t) = t else { return };
+    obs.on_event(RouteEvent::Breaker {
+        deployment: &d.id,
+        from: t.from,
+        to: t.to,
+    });
     match t.to {
         BreakerState::Open => {
             tracing::warn!(deployment = %d.id, from = %t.from, to = %t.to, "circuit breaker opened")

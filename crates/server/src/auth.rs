@@ -35,6 +35,8 @@ impl Family {
             || path.starts_with("/v1/sessions")
             || path.starts_with("/v1/bots")
             || path.starts_with("/v1/traces")
+            || path.starts_with("/v1/users/")
+            || path.starts_with("/functions/")
         {
             Family::Native
         } else {

@@ -30,7 +30,12 @@ pub struct AppState {
 
 /// What the HTTP layer is built from.
 pub struct Parts {
-    pub gateway: Gateway,
+    pub gateway: Arc<Gateway>,
+    /// Bots, sessions and replies.
+    pub sessions: switchyard_engine::sessions::Sessions,
+    pub idempotency: switchyard_engine::idempotency::Idempotency,
+    /// Retired paths still answered (with deprecation headers) until sunset.
+    pub retired_paths: Vec<switchyard_core::config::RetiredPath>,
     pub identity: Identity,
     pub prometheus: Option<PrometheusHandle>,
     pub max_body_bytes: usize,
@@ -46,7 +51,10 @@ pub struct Parts {
 }
 
 struct Inner {
-    gateway: Gateway,
+    gateway: Arc<Gateway>,
+    sessions: switchyard_engine::sessions::Sessions,
+    idempotency: switchyard_engine::idempotency::Idempotency,
+    retired_paths: Vec<switchyard_core::config::RetiredPath>,
     identity: Identity,
     prometheus: Option<PrometheusHandle>,
     max_body_bytes: usize,
@@ -71,6 +79,9 @@ impl AppState {
         Ok(Self {
             inner: Arc::new(Inner {
                 gateway: parts.gateway,
+                sessions: parts.sessions,
+                idempotency: parts.idempotency,
+                retired_paths: parts.retired_paths,
                 identity: parts.identity,
                 prometheus: parts.prometheus,
                 max_body_bytes: parts.max_body_bytes,
@@ -92,6 +103,18 @@ impl AppState {
         &self.inner.identity
     }
 
+    pub fn sessions(&self) -> &switchyard_engine::sessions::Sessions {
+        &self.inner.sessions
+    }
+
+    pub(crate) fn idempotency(&self) -> &switchyard_engine::idempotency::Idempotency {
+        &self.inner.idempotency
+    }
+
+    pub(crate) fn max_body_bytes(&self) -> usize {
+        self.inner.max_body_bytes
+    }
+
     pub(crate) fn user_header(&self) -> &axum::http::HeaderName {
         &self.inner.user_header
     }
@@ -99,7 +122,58 @@ impl AppState {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let router = Router::new()
+    use routes::sessions as s;
+    let mut router = Router::new()
+        .route("/v1/bots", post(s::create_bot).get(s::list_bots))
+        .route(
+            "/v1/bots/{id}",
+            get(s::get_bot).patch(s::update_bot).delete(s::delete_bot),
+        )
+        .route(
+            "/v1/sessions",
+            post(s::create_session).get(s::list_sessions),
+        )
+        .route(
+            "/v1/sessions/{id}",
+            get(s::get_session).delete(s::delete_session),
+        )
+        .route(
+            "/v1/sessions/{id}/messages",
+            get(s::list_messages).post(s::post_message),
+        )
+        .route(
+            "/v1/sessions/{id}/messages/{message_id}/events",
+            get(s::message_events),
+        )
+        .route(
+            "/v1/sessions/{id}/state",
+            get(s::get_state).patch(s::patch_state),
+        )
+        .route("/v1/traces/{trace_id}", get(s::trace))
+        .route("/v1/users/{id}/export", get(s::export_user))
+        .route("/v1/users/{id}", delete(s::erase_user))
+        .route("/functions/v1/chat", post(s::function_chat));
+    for retired in &state.inner.retired_paths {
+        let retired = Arc::new(retired.clone());
+        router = router.route(
+            &retired.path.clone(),
+            post(
+                move |axum::extract::State(state): axum::extract::State<AppState>,
+                      axum::Extension(ctx): axum::Extension<
+                    switchyard_core::trace::TraceContext,
+                >,
+                      axum::Extension(started): axum::Extension<std::time::Instant>,
+                      axum::Extension(who): axum::Extension<
+                    switchyard_core::identity::Principal,
+                >,
+                      headers: axum::http::HeaderMap,
+                      body: axum::body::Body| {
+                    s::retired(retired.clone(), state, ctx, started, who, headers, body)
+                },
+            ),
+        );
+    }
+    let router = router
         .route(
             "/v1/chat/completions",
             post(routes::openai::chat_completions),

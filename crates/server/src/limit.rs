@@ -33,8 +33,11 @@ pub struct Limits {
 }
 
 /// The class a route is counted in, besides `global`.
-fn class_of(path: &str) -> Option<&'static str> {
-    if path == "/v1/chat/completions" || path == "/v1/messages" {
+fn class_of(method: &axum::http::Method, path: &str) -> Option<&'static str> {
+    let session_reply = method == axum::http::Method::POST
+        && (path.starts_with("/functions/")
+            || (path.starts_with("/v1/sessions/") && path.ends_with("/messages")));
+    if path == "/v1/chat/completions" || path == "/v1/messages" || session_reply {
         Some("chat")
     } else if path == "/v1/embeddings" {
         Some("embeddings")
@@ -98,6 +101,7 @@ pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next)
     }
     let limits = state.inner.limits.as_ref().filter(|l| l.config.enabled);
     let path = req.uri().path();
+    let method = req.method();
     let family = Family::of(path);
     let subject = who.subject();
     let mut tightest: Option<(Decision, &'static str)> = None;
@@ -105,7 +109,7 @@ pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next)
         (Some(b), Some(_)) => b.tenant(&who.tenant_id).await.ok().flatten(),
         _ => None,
     };
-    for class in ["global"].into_iter().chain(class_of(path)) {
+    for class in ["global"].into_iter().chain(class_of(method, path)) {
         let Some(limits) = limits else { break };
         let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) else {
             continue;
@@ -139,7 +143,7 @@ pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next)
             }
         }
     }
-    if matches!(class_of(path), Some("chat" | "embeddings")) {
+    if matches!(class_of(req.method(), path), Some("chat" | "embeddings")) {
         if let Some(meter) = token_meter(&state, who) {
             // Cost 0: look, do not spend; the call's tokens are charged when
             // its usage is known.

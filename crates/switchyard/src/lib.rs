@@ -15,7 +15,10 @@ use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchyard_core::Config;
-use switchyard_engine::{Gateway, HealthTask, UsageWriter, UsageWriterTask};
+use switchyard_engine::sessions::{SessionSettings, Sessions};
+use switchyard_engine::{
+    BatchWriterTask, EventWriter, Gateway, HealthTask, UsageWriter, UsageWriterTask,
+};
 use switchyard_store::Store;
 use tokio::net::TcpListener;
 
@@ -24,7 +27,9 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     usage_task: UsageWriterTask,
+    events_task: BatchWriterTask,
     health_task: HealthTask,
+    sessions: Sessions,
     store: Arc<dyn Store>,
     grace: Duration,
     prometheus: Option<PrometheusHandle>,
@@ -44,7 +49,10 @@ impl Application {
             .context("opening the store")?;
         store.migrate().await.context("migrating the store")?;
         let (usage, usage_task) = UsageWriter::spawn(store.clone(), &config.usage);
-        let gateway = Gateway::new(config, store.clone(), usage).context("building the gateway")?;
+        let (events, events_task) = EventWriter::spawn(store.clone(), &config.events);
+        let gateway = Arc::new(
+            Gateway::new(config, store.clone(), usage, events).context("building the gateway")?,
+        );
         let health_task = gateway.spawn_health_task(&config.health);
         for m in gateway.models() {
             tracing::info!(model = %m.id, provider = %m.owned_by, "model alias configured");
@@ -84,8 +92,51 @@ impl Application {
             ));
         }
         let budgets = switchyard_engine::budget::Budgets::new(store.clone(), identity.clone());
+        let sc = &config.sessions;
+        let instance_id = sc
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", host_name(), config.server.listen));
+        let sessions = Sessions::new(
+            store.clone(),
+            gateway.clone(),
+            SessionSettings {
+                max_content_bytes: sc.max_content_bytes,
+                keepalive: Duration::from_secs(sc.keepalive_secs),
+                default_context_tokens: sc.default_context_tokens,
+                instance_id: instance_id.clone(),
+            },
+        );
+        // Replies this instance was generating when it last stopped
+        // (killed) can never complete: say so before serving anything.
+        sessions
+            .recover(Duration::from_secs(sc.stale_stream_secs))
+            .await
+            .context("marking interrupted replies")?;
+        let stale = Duration::from_secs(sc.stale_stream_secs);
+        let sweeper = sessions.clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(300));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = sweeper.recover(stale).await {
+                    tracing::warn!(error = %e, "sweeping stale replies failed");
+                }
+            }
+        }));
+        tracing::info!(instance = %instance_id, "sessions ready");
+        let idempotency = switchyard_engine::idempotency::Idempotency::new(
+            store.clone(),
+            Duration::from_secs(sc.idempotency_ttl_secs),
+            Duration::from_secs(sc.idempotency_lease_secs),
+        );
+        background.push(idempotency.spawn_purge(Duration::from_secs(600)));
         let state = switchyard_server::AppState::new(switchyard_server::Parts {
             gateway,
+            sessions: sessions.clone(),
+            idempotency,
+            retired_paths: sc.retired_paths.clone(),
             identity,
             budgets: Some(budgets),
             replay: match &config.rate_limits.redis_url {
@@ -109,7 +160,9 @@ impl Application {
             listener,
             router,
             usage_task,
+            events_task,
             health_task,
+            sessions,
             store,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             prometheus,
@@ -171,12 +224,29 @@ impl Application {
         for task in &self.background {
             task.abort();
         }
+        // Replies whose clients left still finish and are stored.
+        self.sessions.drain(grace).await;
         self.health_task.shutdown().await;
         self.usage_task.shutdown().await;
+        self.events_task.shutdown().await;
         self.store.close().await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// This machine's name, for the default instance id.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Resolves on SIGTERM or ctrl-c.

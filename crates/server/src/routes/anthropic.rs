@@ -92,9 +92,9 @@ pub async fn messages(
                 ),
             }
         }
-        Ok(ChatOutcome::Stream { events, provider }) => {
-            (event_stream(events, alias.clone()), Some(provider))
-        }
+        Ok(ChatOutcome::Stream {
+            events, provider, ..
+        }) => (event_stream(events, alias.clone()), Some(provider)),
         Err(e) => (to_anthropic(ApiError::from(e)), None),
     };
     label(&state, &mut resp, &alias, provider.as_deref());

@@ -73,7 +73,13 @@ async fn parse<T: serde::de::DeserializeOwned>(
                 json!({}),
             )
         })?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    parse_json(&bytes)
+}
+
+/// Parses JSON into `T`; a failure is a native 400 naming the field.
+#[allow(clippy::result_large_err)] // the error is the finished response, on the cold path
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

@@ -5,3 +5,4 @@ pub mod anthropic;
 pub mod keys;
 pub mod openai;
 pub mod ops;
+pub mod sessions;

@@ -14,7 +14,9 @@ use futures::StreamExt;
 use serde_json::json;
 use switchyard_core::identity::Principal;
 use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, InvalidRequest};
+use switchyard_core::sessions::StoredResponse;
 use switchyard_core::trace::TraceContext;
+use switchyard_engine::idempotency::Claimed;
 use switchyard_engine::{ChatOutcome, ModelInfo, RequestMeta, StreamEvent};
 
 use crate::error::{stream_error_json, ApiError};
@@ -35,6 +37,7 @@ pub(crate) fn meta(
         key_id: who.key_id.clone(),
         user_id: who.user_id.clone(),
         started,
+        session_id: None,
     }
 }
 
@@ -60,8 +63,28 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let req = match read_request(&state, &headers, body, ChatRequest::parse).await {
+    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let req = match ChatRequest::parse(&bytes) {
         Ok(r) => r,
+        Err(e) => return ApiError::invalid(e).into_response(),
+    };
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let claim = match crate::routes::sessions::claim_key(
+        &state,
+        &principal,
+        key,
+        "/v1/chat/completions",
+        &bytes,
+        false,
+    )
+    .await
+    {
+        Ok(c) => c,
         Err(resp) => return resp,
     };
     let outcome = state
@@ -69,8 +92,27 @@ pub async fn chat_completions(
         .chat(&meta(&state, &ctx, started, &principal), &req)
         .await;
     let (mut resp, provider) = match outcome {
-        Ok(ChatOutcome::Complete { body, provider }) => (json_response(body), Some(provider)),
-        Ok(ChatOutcome::Stream { events, provider }) => (sse_response(events), Some(provider)),
+        Ok(ChatOutcome::Complete { body, provider }) => {
+            if let Some(claim) = claim {
+                claim
+                    .complete(&StoredResponse {
+                        status: 200,
+                        headers: stored_headers("application/json", &provider),
+                        body: body.to_vec(),
+                    })
+                    .await;
+            }
+            (json_response(body), Some(provider))
+        }
+        Ok(ChatOutcome::Stream {
+            events, provider, ..
+        }) => {
+            let resp = match claim {
+                None => sse_response(events),
+                Some(claim) => sse_response_stored(events, claim, &provider),
+            };
+            (resp, Some(provider))
+        }
         Err(e) => (ApiError::from(e).into_response(), None),
     };
     label(&state, &mut resp, &req.model, provider.as_deref());
@@ -122,14 +164,62 @@ fn json_response(body: Bytes) -> Response {
 /// Relays chunks as they arrive; the stream always ends with `[DONE]` or,
 /// if the provider failed midway, an `error` object — never silently.
 fn sse_response(events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>) -> Response {
-    let frames = events.map(|ev| {
-        let frame = match ev {
-            StreamEvent::Chunk(json) => frame(&json),
-            StreamEvent::Done => Bytes::from_static(b"data: [DONE]\n\n"),
-            StreamEvent::Error(e) => frame(&stream_error_json(&e)),
-        };
-        Ok::<_, Infallible>(frame)
-    });
+    let frames = events.map(|ev| Ok::<_, Infallible>(event_frame(&ev)));
+    sse(Body::from_stream(frames))
+}
+
+fn event_frame(ev: &StreamEvent) -> Bytes {
+    match ev {
+        StreamEvent::Chunk(json) => frame(json),
+        StreamEvent::Done => Bytes::from_static(b"data: [DONE]\n\n"),
+        StreamEvent::Error(e) => frame(&stream_error_json(e)),
+    }
+}
+
+/// The headers an idempotent replay sends again.
+fn stored_headers(content_type: &str, provider: &str) -> Vec<(String, String)> {
+    let mut h = vec![("content-type".to_owned(), content_type.to_owned())];
+    if content_type == "text/event-stream" {
+        h.push(("cache-control".to_owned(), "no-cache".to_owned()));
+        h.push(("x-accel-buffering".to_owned(), "no".to_owned()));
+    }
+    h.push(("x-switchyard-provider".to_owned(), provider.to_owned()));
+    h
+}
+
+/// [`sse_response`] that also keeps the stream for idempotent replays: a
+/// complete stream is stored before its `[DONE]` is sent (so a client that
+/// saw the end finds it stored); a failed or abandoned one releases the key.
+fn sse_response_stored(
+    events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>,
+    claim: Claimed,
+    provider: &str,
+) -> Response {
+    let headers = stored_headers("text/event-stream", provider);
+    let frames = futures::stream::unfold(
+        (events, Some(claim), Vec::new(), headers),
+        |(mut events, mut claim, mut kept, headers)| async move {
+            let ev = events.next().await?;
+            let frame = event_frame(&ev);
+            match ev {
+                StreamEvent::Chunk(_) => kept.extend_from_slice(&frame),
+                StreamEvent::Done => {
+                    kept.extend_from_slice(&frame);
+                    if let Some(c) = claim.take() {
+                        let body = std::mem::take(&mut kept);
+                        c.complete(&StoredResponse {
+                            status: 200,
+                            headers: headers.clone(),
+                            body,
+                        })
+                        .await;
+                    }
+                }
+                StreamEvent::Error(_) => drop(claim.take()),
+            }
+            Some((Ok::<_, Infallible>(frame), (events, claim, kept, headers)))
+        },
+    );
     sse(Body::from_stream(frames))
 }
 

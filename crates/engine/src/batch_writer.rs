@@ -1,24 +1,76 @@
-//! The batched asynchronous usage writer. Requests hand rows to a bounded
-//! channel and never wait on the database; one task writes them in batches.
-//! When the channel is full the row is dropped and counted, so a slow
-//! database shows up in a metric instead of in request latency. On shutdown
-//! the task drains the channel before the process exits.
+//! The batched asynchronous writers of usage rows and trace events.
+//! Requests hand rows to a bounded channel and never wait on the database;
+//! one task writes them in batches. When the channel is full the row is
+//! dropped and counted, so a slow database shows up in a metric instead of
+//! in request latency. On shutdown the task drains the channel before the
+//! process exits.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use switchyard_core::config::UsageConfig;
+use switchyard_core::sessions::BusEvent;
 use switchyard_core::usage::UsageRecord;
-use switchyard_store::Store;
+use switchyard_store::{Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+/// A kind of row written in batches, with its metric names.
+#[async_trait]
+pub trait Row: Send + Sync + 'static + Sized {
+    /// For log lines: `usage rows`, `trace events`.
+    const WHAT: &'static str;
+    /// The writer's name in log lines: `usage`, `events`.
+    const NAME: &'static str;
+    const WRITTEN_METRIC: &'static str;
+    const DROPPED_METRIC: &'static str;
+    async fn write(store: &dyn Store, rows: &[Self]) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl Row for UsageRecord {
+    const WHAT: &'static str = "usage rows";
+    const NAME: &'static str = "usage";
+    const WRITTEN_METRIC: &'static str = "switchyard_usage_written_total";
+    const DROPPED_METRIC: &'static str = "switchyard_usage_dropped_total";
+    async fn write(store: &dyn Store, rows: &[Self]) -> Result<(), StoreError> {
+        store.insert_usage(rows).await
+    }
+}
+
+#[async_trait]
+impl Row for BusEvent {
+    const WHAT: &'static str = "trace events";
+    const NAME: &'static str = "events";
+    const WRITTEN_METRIC: &'static str = "switchyard_events_written_total";
+    const DROPPED_METRIC: &'static str = "switchyard_events_dropped_total";
+    async fn write(store: &dyn Store, rows: &[Self]) -> Result<(), StoreError> {
+        store.insert_events(rows).await
+    }
+}
+
+/// The usage writer.
+pub type UsageWriter = BatchWriter<UsageRecord>;
+/// The usage writer's task.
+pub type UsageWriterTask = BatchWriterTask;
+/// The `bus_events` writer.
+pub type EventWriter = BatchWriter<BusEvent>;
+
 /// The sending side, cheap to clone into every request.
-#[derive(Clone)]
-pub struct UsageWriter {
-    tx: Option<mpsc::Sender<UsageRecord>>,
+pub struct BatchWriter<T> {
+    tx: Option<mpsc::Sender<T>>,
     stats: Arc<Stats>,
+}
+
+impl<T> Clone for BatchWriter<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            stats: self.stats.clone(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -27,23 +79,23 @@ struct Stats {
     written: AtomicU64,
 }
 
-/// The writing task; [`UsageWriterTask::shutdown`] flushes what is queued.
-pub struct UsageWriterTask {
+/// The writing task; [`BatchWriterTask::shutdown`] flushes what is queued.
+pub struct BatchWriterTask {
     stop: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<()>>,
 }
 
 const WRITE_ATTEMPTS: u32 = 3;
 
-impl UsageWriter {
+impl<T: Row> BatchWriter<T> {
     /// Starts the writer task on the current runtime.
-    pub fn spawn(store: Arc<dyn Store>, config: &UsageConfig) -> (Self, UsageWriterTask) {
+    pub fn spawn(store: Arc<dyn Store>, config: &UsageConfig) -> (Self, BatchWriterTask) {
         let stats = Arc::new(Stats::default());
         if !config.enabled {
             let writer = Self { tx: None, stats };
             return (
                 writer,
-                UsageWriterTask {
+                BatchWriterTask {
                     stop: None,
                     join: None,
                 },
@@ -64,7 +116,7 @@ impl UsageWriter {
                 tx: Some(tx),
                 stats,
             },
-            UsageWriterTask {
+            BatchWriterTask {
                 stop: Some(stop_tx),
                 join: Some(join),
             },
@@ -72,12 +124,17 @@ impl UsageWriter {
     }
 
     /// Queues a row; never waits. A full queue drops the row and counts it.
-    pub fn record(&self, row: UsageRecord) {
+    pub fn record(&self, row: T) {
         let Some(tx) = &self.tx else { return };
         if tx.try_send(row).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("switchyard_usage_dropped_total").increment(1);
+            metrics::counter!(T::DROPPED_METRIC).increment(1);
         }
+    }
+
+    /// Whether rows are written at all.
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
     }
 
     /// Rows waiting to be written.
@@ -96,7 +153,7 @@ impl UsageWriter {
     }
 }
 
-impl UsageWriterTask {
+impl BatchWriterTask {
     /// Stops accepting rows, writes every queued row, and returns.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -104,15 +161,15 @@ impl UsageWriterTask {
         }
         if let Some(join) = self.join.take() {
             if let Err(e) = join.await {
-                tracing::error!(error = %e, "the usage writer task failed");
+                tracing::error!(error = %e, "a batch writer task failed");
             }
         }
     }
 }
 
-async fn run(
+async fn run<T: Row>(
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<UsageRecord>,
+    mut rx: mpsc::Receiver<T>,
     mut stop: oneshot::Receiver<()>,
     batch_size: usize,
     flush_interval: Duration,
@@ -156,39 +213,40 @@ async fn run(
     tracing::info!(
         written = stats.written.load(Ordering::Relaxed),
         dropped = stats.dropped.load(Ordering::Relaxed),
-        "usage writer flushed"
+        "{} writer flushed",
+        T::NAME
     );
 }
 
-async fn write(store: &dyn Store, batch: &mut Vec<UsageRecord>, stats: &Stats) {
+async fn write<T: Row>(store: &dyn Store, batch: &mut Vec<T>, stats: &Stats) {
     if batch.is_empty() {
         return;
     }
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=WRITE_ATTEMPTS {
-        match store.insert_usage(batch).await {
+        match T::write(store, batch).await {
             Ok(()) => {
                 stats
                     .written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                metrics::counter!("switchyard_usage_written_total").increment(batch.len() as u64);
+                metrics::counter!(T::WRITTEN_METRIC).increment(batch.len() as u64);
                 batch.clear();
                 return;
             }
             Err(e) if attempt < WRITE_ATTEMPTS => {
-                tracing::warn!(error = %e, attempt, rows = batch.len(), "writing usage rows failed; retrying");
+                tracing::warn!(error = %e, attempt, rows = batch.len(), "writing {} failed; retrying", T::WHAT);
                 tokio::time::sleep(delay).await;
                 delay *= 4;
             }
             Err(e) => {
-                tracing::error!(error = %e, rows = batch.len(), "writing usage rows failed; dropping them");
+                tracing::error!(error = %e, rows = batch.len(), "writing {} failed; dropping them", T::WHAT);
             }
         }
     }
     stats
         .dropped
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    metrics::counter!("switchyard_usage_dropped_total").increment(batch.len() as u64);
+    metrics::counter!(T::DROPPED_METRIC).increment(batch.len() as u64);
     batch.clear();
 }
 

@@ -1,0 +1,654 @@
+//! Sending a message and generating the reply: the user turn and an
+//! assistant placeholder are stored before the provider is called; the reply
+//! streams into a [`Transcript`] from a task of its own; its end (content,
+//! usage, cost, latency, frames) is stored before the last frame is sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use switchyard_core::config::Pricing;
+use switchyard_core::identity::Principal;
+use switchyard_core::openai::{ChatRequest, Usage};
+use switchyard_core::sessions::{Message, MessageCompletion, MessageStatus, StoredResponse};
+use switchyard_core::usage::new_id;
+use tokio::sync::oneshot;
+
+use super::transcript::{render_all, Frame, Transcript};
+use super::views::message_json;
+use super::{invalid, Inner, SessionError, Sessions};
+use crate::gateway::{public_error, ChatOutcome, PublicError, RequestMeta};
+use crate::idempotency::Claimed;
+use crate::identity::now_ms;
+use crate::metered::StreamEvent;
+
+/// `POST /v1/sessions/{id}/messages`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessage {
+    pub content: String,
+    /// A model alias overriding the bot's.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// How the caller wants the reply (and how an idempotent replay is stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    /// `text/event-stream` frames.
+    Sse,
+    /// The final message as JSON.
+    Json,
+}
+
+/// A reply in progress.
+pub struct ReplyHandle {
+    pub user_message: Message,
+    pub assistant_id: String,
+    pub transcript: Arc<Transcript>,
+    /// The stored response once the reply has ended (what an idempotent
+    /// repeat gets), whichever mode was asked for.
+    pub finished: oneshot::Receiver<StoredResponse>,
+}
+
+/// History sent with a new message: how many stored turns are considered.
+const HISTORY_WINDOW: u32 = 200;
+
+/// A rough token count: about three bytes per token, plus the per-message
+/// overhead of the chat format. Errs towards more tokens, not fewer.
+fn estimate_tokens(text: &str) -> u32 {
+    (text.len().div_ceil(3) + 4).min(u32::MAX as usize) as u32
+}
+
+/// The messages to send: the system prompt, then the newest turns of
+/// `history` (oldest first) that fit `budget` with the new message.
+pub(crate) fn build_messages(
+    system: Option<&str>,
+    history: &[Message],
+    content: &str,
+    budget: u32,
+) -> Vec<Value> {
+    let mut left = i64::from(budget);
+    left -= i64::from(system.map_or(0, estimate_tokens));
+    left -= i64::from(estimate_tokens(content));
+    let mut kept = Vec::new();
+    for m in history.iter().rev() {
+        let usable = m.role == "user" || m.status == MessageStatus::Complete;
+        if !usable || m.content.is_empty() {
+            continue;
+        }
+        left -= i64::from(estimate_tokens(&m.content));
+        if left < 0 {
+            break;
+        }
+        kept.push(json!({"role": m.role, "content": m.content}));
+    }
+    let mut out = Vec::with_capacity(kept.len() + 2);
+    if let Some(s) = system {
+        out.push(json!({"role": "system", "content": s}));
+    }
+    out.extend(kept.into_iter().rev());
+    out.push(json!({"role": "user", "content": content}));
+    out
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Delta,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+}
+
+/// One job for the generating task.
+struct Job {
+    meta: RequestMeta,
+    request: ChatRequest,
+    transcript: Arc<Transcript>,
+    assistant: Message,
+    mode: ReplyMode,
+    claim: Option<Claimed>,
+    finished: oneshot::Sender<StoredResponse>,
+}
+
+/// What the reply came to.
+struct Ending {
+    content: String,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+    pricing: Option<Pricing>,
+    provider: Option<Arc<str>>,
+    error: Option<PublicError>,
+}
+
+impl Sessions {
+    /// Stores the user's message and starts the reply.
+    pub async fn send(
+        &self,
+        who: &Principal,
+        session_id: &str,
+        msg: SendMessage,
+        mut meta: RequestMeta,
+        mode: ReplyMode,
+        claim: Option<Claimed>,
+    ) -> Result<ReplyHandle, SessionError> {
+        let settings = &self.inner.settings;
+        if msg.content.trim().is_empty() {
+            return Err(invalid("content", "`content` must not be empty."));
+        }
+        if msg.content.len() > settings.max_content_bytes {
+            return Err(SessionError::TooLarge {
+                limit: settings.max_content_bytes,
+            });
+        }
+        let session = self.get_session(who, session_id).await?;
+        let bot = match &session.bot_id {
+            Some(b) => Some(self.store().get_bot(&who.tenant_id, b).await?.ok_or(
+                SessionError::Conflict {
+                    code: "bot_deleted",
+                    message: "The session's bot was deleted; start a new session.".into(),
+                },
+            )?),
+            None => None,
+        };
+        let model = match (msg.model, &bot) {
+            (Some(m), _) => m,
+            (None, Some(b)) => b.model.clone(),
+            (None, None) => {
+                return Err(invalid(
+                    "model",
+                    "The session has no bot: name a `model` for the reply.",
+                ))
+            }
+        };
+        if !self.inner.gateway.has_model(&model) {
+            return Err(SessionError::UnknownModel(model));
+        }
+        let mut history = self
+            .store()
+            .recent_messages(&who.tenant_id, session_id, HISTORY_WINDOW)
+            .await?;
+        history.reverse();
+        let budget = bot
+            .as_ref()
+            .and_then(|b| b.context_tokens)
+            .unwrap_or(settings.default_context_tokens);
+        let mut body = Map::new();
+        body.insert("model".into(), json!(model));
+        body.insert(
+            "messages".into(),
+            Value::Array(build_messages(
+                bot.as_ref().and_then(|b| b.system_prompt.as_deref()),
+                &history,
+                &msg.content,
+                budget,
+            )),
+        );
+        body.insert("stream".into(), json!(true));
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+        if let Some(t) = bot.as_ref().and_then(|b| b.temperature) {
+            body.insert("temperature".into(), json!(t));
+        }
+        if let Some(m) = bot.as_ref().and_then(|b| b.max_tokens) {
+            body.insert("max_tokens".into(), json!(m));
+        }
+        let request = ChatRequest::from_object(body).map_err(|e| SessionError::Invalid {
+            field: e.param.unwrap_or_default(),
+            message: e.message,
+        })?;
+
+        let now = now_ms();
+        let base = Message {
+            id: String::new(),
+            tenant_id: who.tenant_id.clone(),
+            session_id: session_id.to_owned(),
+            role: String::new(),
+            content: String::new(),
+            status: MessageStatus::Complete,
+            finish_reason: None,
+            error_code: None,
+            error_message: None,
+            model: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            cost_usd: None,
+            latency_ms: None,
+            trace_id: Some(meta.trace_id.clone()),
+            instance_id: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let user_message = Message {
+            id: new_id(),
+            role: "user".into(),
+            content: msg.content,
+            ..base.clone()
+        };
+        let assistant = Message {
+            id: new_id(),
+            role: "assistant".into(),
+            status: MessageStatus::Streaming,
+            model: Some(model),
+            instance_id: Some(settings.instance_id.clone()),
+            ..base
+        };
+        self.store()
+            .insert_messages(&[user_message.clone(), assistant.clone()])
+            .await?;
+
+        let transcript = Arc::new(Transcript::default());
+        transcript.push(
+            "ready",
+            json!({"session_id": session_id, "message_id": assistant.id, "trace_id": meta.trace_id})
+                .to_string(),
+        );
+        if let Ok(mut live) = self.inner.live.lock() {
+            live.insert(assistant.id.clone(), transcript.clone());
+        }
+        meta.session_id = Some(session_id.to_owned());
+        if session.user_id.is_some() {
+            meta.user_id = session.user_id.clone();
+        }
+        let (finished_tx, finished) = oneshot::channel();
+        let handle = ReplyHandle {
+            user_message,
+            assistant_id: assistant.id.clone(),
+            transcript: transcript.clone(),
+            finished,
+        };
+        tokio::spawn(generate(
+            self.inner.clone(),
+            Job {
+                meta,
+                request,
+                transcript,
+                assistant,
+                mode,
+                claim,
+                finished: finished_tx,
+            },
+        ));
+        Ok(handle)
+    }
+
+    /// The frames of a reply after `after_id`: live if it is being generated
+    /// here, else from the store (waiting for another instance to finish it).
+    pub async fn follow(
+        &self,
+        who: &Principal,
+        session_id: &str,
+        message_id: &str,
+        after_id: u64,
+    ) -> Result<impl Stream<Item = Bytes> + Send + 'static, SessionError> {
+        self.get_session(who, session_id).await?;
+        let message = match self.store().get_message(&who.tenant_id, message_id).await? {
+            Some(m) if m.session_id == session_id && m.role == "assistant" => m,
+            _ => return Err(SessionError::NotFound("message")),
+        };
+        let keepalive = self.inner.settings.keepalive;
+        let live = self
+            .inner
+            .live
+            .lock()
+            .ok()
+            .and_then(|l| l.get(message_id).cloned());
+        let transcript = match live {
+            Some(t) => t,
+            None => {
+                let t = Arc::new(Transcript::default());
+                let store = self.inner.store.clone();
+                let (tenant, id) = (who.tenant_id.clone(), message.id.clone());
+                let filler = t.clone();
+                let mut current = Some(message);
+                tokio::spawn(async move {
+                    // Another instance (or one that died) has it: wait until
+                    // it is no longer streaming, then replay what was stored.
+                    let poll = Duration::from_millis(200);
+                    let ended = loop {
+                        match current.take() {
+                            Some(m) if m.status != MessageStatus::Streaming => break Some(m),
+                            Some(_) => tokio::time::sleep(poll).await,
+                            None => tokio::time::sleep(poll).await,
+                        }
+                        match store.get_message(&tenant, &id).await {
+                            Ok(Some(m)) => current = Some(m),
+                            Ok(None) => break None,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reading a message to resume failed");
+                            }
+                        }
+                    };
+                    let frames = match &ended {
+                        Some(_) => store
+                            .message_frames(&tenant, &id)
+                            .await
+                            .ok()
+                            .flatten()
+                            .and_then(|f| serde_json::from_str::<Vec<Frame>>(&f).ok()),
+                        None => None,
+                    };
+                    match frames {
+                        Some(frames) => filler.replay(frames),
+                        None => {
+                            let e = match &ended {
+                                Some(m) => PublicError {
+                                    status: 502,
+                                    code: m
+                                        .error_code
+                                        .clone()
+                                        .unwrap_or_else(|| "interrupted".into()),
+                                    message: m.error_message.clone().unwrap_or_else(|| {
+                                        "The reply ended without being stored.".into()
+                                    }),
+                                    retryable: true,
+                                },
+                                None => PublicError {
+                                    status: 404,
+                                    code: "not_found".into(),
+                                    message: "The message was deleted.".into(),
+                                    retryable: false,
+                                },
+                            };
+                            filler.replay(vec![Frame {
+                                id: after_id + 1,
+                                event: "error".into(),
+                                data: e.frame_json(),
+                            }]);
+                        }
+                    }
+                });
+                t
+            }
+        };
+        Ok(transcript.follow(after_id, keepalive))
+    }
+}
+
+impl PublicError {
+    /// The `error` frame's data: `{code, message, retryable}`.
+    pub fn frame_json(&self) -> String {
+        json!({"code": self.code, "message": self.message, "retryable": self.retryable}).to_string()
+    }
+}
+
+async fn generate(inner: Arc<Inner>, job: Job) {
+    let Job {
+        meta,
+        request,
+        transcript,
+        assistant,
+        mode,
+        claim,
+        finished,
+    } = job;
+    let ending = run(&inner, &meta, &request, &transcript).await;
+    let latency_ms = meta.started.elapsed().as_secs_f64() * 1000.0;
+    let cost_usd = match (ending.pricing, ending.usage) {
+        (Some(p), Some(u)) => Some(p.cost_usd(u.prompt_tokens, u.completion_tokens)),
+        _ => None,
+    };
+    let mut message = assistant;
+    message.content = ending.content;
+    message.finish_reason = ending.finish_reason;
+    message.prompt_tokens = ending.usage.map(|u| u.prompt_tokens);
+    message.completion_tokens = ending.usage.map(|u| u.completion_tokens);
+    message.cost_usd = cost_usd;
+    message.latency_ms = Some(latency_ms);
+    message.updated_at_ms = now_ms();
+    let (event, data) = match &ending.error {
+        None => {
+            message.status = MessageStatus::Complete;
+            (
+                "chat.done",
+                json!({
+                    "message_id": message.id,
+                    "content": message.content,
+                    "finish_reason": message.finish_reason,
+                    "usage": {
+                        "prompt_tokens": message.prompt_tokens,
+                        "completion_tokens": message.completion_tokens,
+                    },
+                    "cost_usd": cost_usd,
+                    "latency_ms": latency_ms,
+                })
+                .to_string(),
+            )
+        }
+        Some(e) => {
+            message.status = MessageStatus::Failed;
+            message.error_code = Some(e.code.clone());
+            message.error_message = Some(e.message.clone());
+            ("error", e.frame_json())
+        }
+    };
+    let mut frames = transcript.snapshot();
+    frames.push(Frame {
+        id: transcript.next_id(),
+        event: event.to_owned(),
+        data: data.clone(),
+    });
+    let completion = MessageCompletion {
+        tenant_id: message.tenant_id.clone(),
+        id: message.id.clone(),
+        status: message.status,
+        content: message.content.clone(),
+        finish_reason: message.finish_reason.clone(),
+        error_code: message.error_code.clone(),
+        error_message: message.error_message.clone(),
+        prompt_tokens: message.prompt_tokens,
+        completion_tokens: message.completion_tokens,
+        cost_usd,
+        latency_ms: Some(latency_ms),
+        frames: serde_json::to_string(&frames).ok(),
+        at_ms: message.updated_at_ms,
+    };
+    match inner.store.complete_message(&completion).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(message = %message.id, "the reply had already been ended (interrupted?)")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, message = %message.id, "could not store a finished reply")
+        }
+    }
+    transcript.push(event, data);
+    transcript.end();
+    if let Ok(mut live) = inner.live.lock() {
+        live.remove(&message.id);
+    }
+    let stored = match (mode, &ending.error) {
+        (ReplyMode::Sse, _) => {
+            let mut headers = vec![
+                ("content-type".to_owned(), "text/event-stream".to_owned()),
+                ("cache-control".to_owned(), "no-cache".to_owned()),
+                ("x-accel-buffering".to_owned(), "no".to_owned()),
+            ];
+            if let Some(p) = &ending.provider {
+                headers.push(("x-switchyard-provider".to_owned(), p.to_string()));
+            }
+            StoredResponse {
+                status: 200,
+                headers,
+                body: render_all(&frames),
+            }
+        }
+        (ReplyMode::Json, None) => StoredResponse {
+            status: 200,
+            headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+            body: serde_json::to_vec(&message_json(&message)).unwrap_or_default(),
+        },
+        (ReplyMode::Json, Some(e)) => StoredResponse {
+            status: e.status,
+            headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+            body: serde_json::to_vec(&json!({"error": {
+                "code": e.code,
+                "message": e.message,
+                "details": {"message_id": message.id, "retryable": e.retryable},
+            }}))
+            .unwrap_or_default(),
+        },
+    };
+    if let Some(claim) = claim {
+        claim.complete(&stored).await;
+    }
+    let _ = finished.send(stored);
+}
+
+/// Calls the model and relays its deltas into the transcript.
+async fn run(
+    inner: &Inner,
+    meta: &RequestMeta,
+    request: &ChatRequest,
+    transcript: &Transcript,
+) -> Ending {
+    let mut end = Ending {
+        content: String::new(),
+        finish_reason: None,
+        usage: None,
+        pricing: None,
+        provider: None,
+        error: None,
+    };
+    let outcome = match inner.gateway.chat(meta, request).await {
+        Ok(o) => o,
+        Err(e) => {
+            end.error = Some(public_error(&e));
+            return end;
+        }
+    };
+    let (mut events, provider, pricing) = match outcome {
+        ChatOutcome::Stream {
+            events,
+            provider,
+            pricing,
+        } => (events, provider, pricing),
+        ChatOutcome::Complete { provider, .. } => {
+            end.provider = Some(provider);
+            end.error = Some(PublicError {
+                status: 502,
+                code: "upstream_protocol_error".into(),
+                message: "The provider answered a streaming request without streaming.".into(),
+                retryable: true,
+            });
+            return end;
+        }
+    };
+    end.provider = Some(provider);
+    end.pricing = pricing;
+    while let Some(ev) = events.next().await {
+        match ev {
+            StreamEvent::Chunk(bytes) => {
+                let Ok(chunk) = serde_json::from_slice::<Chunk>(&bytes) else {
+                    continue;
+                };
+                if chunk.usage.is_some() {
+                    end.usage = chunk.usage;
+                }
+                for choice in chunk.choices {
+                    if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                        transcript.push("chat.delta", json!({"delta": text}).to_string());
+                        end.content.push_str(&text);
+                    }
+                    for call in choice.delta.tool_calls.unwrap_or_default() {
+                        transcript.push("chat.delta", json!({"tool_call": call}).to_string());
+                    }
+                    if choice.finish_reason.is_some() {
+                        end.finish_reason = choice.finish_reason;
+                    }
+                }
+            }
+            StreamEvent::Done => break,
+            StreamEvent::Error(e) => {
+                end.error = Some(public_error(&crate::EngineError::Provider(e)));
+                break;
+            }
+        }
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str, status: MessageStatus) -> Message {
+        Message {
+            id: new_id(),
+            tenant_id: "t".into(),
+            session_id: "s".into(),
+            role: role.into(),
+            content: content.into(),
+            status,
+            finish_reason: None,
+            error_code: None,
+            error_message: None,
+            model: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            cost_usd: None,
+            latency_ms: None,
+            trace_id: None,
+            instance_id: None,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_newest_turns_that_fit_after_the_system_prompt() {
+        let history = vec![
+            msg("user", &"a".repeat(300), MessageStatus::Complete),
+            msg("assistant", &"b".repeat(300), MessageStatus::Complete),
+            msg("user", "second question", MessageStatus::Complete),
+            msg("assistant", "", MessageStatus::Failed),
+            msg("user", "third question", MessageStatus::Complete),
+            msg("assistant", "third answer", MessageStatus::Complete),
+        ];
+        // Budget for the system prompt, the new message and the three newest
+        // usable turns, not the 300-byte ones.
+        let out = build_messages(Some("be brief"), &history, "new", 40);
+        let roles: Vec<_> = out
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}:{}",
+                    m["role"].as_str().unwrap(),
+                    m["content"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                "system:be brief",
+                "user:second question",
+                "user:third question",
+                "assistant:third answer",
+                "user:new"
+            ]
+        );
+        // A large budget keeps everything usable, the failed turn excluded.
+        assert_eq!(build_messages(None, &history, "new", 100_000).len(), 6);
+        // No room at all: just the new message.
+        assert_eq!(build_messages(Some("s"), &history, "new", 1).len(), 2);
+    }
+}
