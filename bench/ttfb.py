@@ -55,8 +55,13 @@ def percentile(sorted_vals, p):
     return sorted_vals[k]
 
 
-def one_request(c, req, clock):
-    """Returns (status, t_hdr_ns, t_first_data_ns, t_full_ns, saw_done) relative to send."""
+def has_data(buf):
+    return b"data:" in buf
+
+
+def one_request(c, req, clock, found=has_data):
+    """Returns (status, t_hdr_ns, t_first_data_ns, t_full_ns, saw_done) relative to send.
+    `found(bytes)` says whether what arrived so far holds the awaited first event."""
     t0 = clock()
     c.sock.sendall(req)
     t_hdr = t_data = None
@@ -67,7 +72,7 @@ def one_request(c, req, clock):
             t_hdr = clock()
     head, _, rest = c.buf.partition(b"\r\n\r\n")
     c.buf = rest
-    if b"data:" in rest and t_data is None:
+    if found(rest) and t_data is None:
         t_data = clock()
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
@@ -80,13 +85,13 @@ def one_request(c, req, clock):
         while True:
             while b"\r\n" not in c.buf:
                 c.fill()
-                if t_data is None and b"data:" in c.buf:
+                if t_data is None and found(c.buf):
                     t_data = clock()
             size_line, _, c.buf = c.buf.partition(b"\r\n")
             size = int(size_line.split(b";")[0], 16)
             while len(c.buf) < size + 2:
                 c.fill()
-                if t_data is None and b"data:" in c.buf:
+                if t_data is None and found(c.buf):
                     t_data = clock()
             body += c.buf[:size]
             c.buf = c.buf[size + 2:]
@@ -96,14 +101,14 @@ def one_request(c, req, clock):
         n = int(headers.get(b"content-length", b"0"))
         while len(c.buf) < n:
             c.fill()
-            if t_data is None and b"data:" in c.buf:
+            if t_data is None and found(c.buf):
                 t_data = clock()
         body += c.buf[:n]
         c.buf = c.buf[n:]
     t_full = clock()
     if headers.get(b"connection") == b"close":
         c.connect()
-    if t_data is None and b"data:" in body:
+    if t_data is None and found(bytes(body)):
         t_data = t_full
     return (status, t_hdr - t0, (t_data - t0) if t_data else None, t_full - t0,
             b"data: [DONE]" in body, bytes(body[:300]))

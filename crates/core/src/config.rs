@@ -652,10 +652,24 @@ impl Config {
         }
         for (i, r) in s.retired_paths.iter().enumerate() {
             let at = |f: &str| format!("sessions.retired_paths[{i}].{f}");
-            if !r.path.starts_with('/') {
+            if !r.path.starts_with('/')
+                || r.path.contains(['{', '}', '*', '?', '#'])
+                || r.path.len() > 200
+            {
                 return Err(ConfigError::invalid(
                     at("path"),
-                    "expected a path starting with /",
+                    "expected a literal path starting with / (no {, }, *, ?, #)",
+                ));
+            }
+            let served = r.path.starts_with("/v1/")
+                || matches!(
+                    r.path.as_str(),
+                    "/functions/v1/chat" | "/health" | "/ready" | "/metrics"
+                );
+            if served || s.retired_paths[..i].iter().any(|o| o.path == r.path) {
+                return Err(ConfigError::invalid(
+                    at("path"),
+                    "expected a path no other route (or retired path) serves",
                 ));
             }
             if crate::sessions::parse_utc(&r.sunset).is_none() {
@@ -994,6 +1008,53 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn retired_paths_are_checked_and_named() {
+        let load = |t: &str| Config::load(Some(("f.toml", t)), &Env::new());
+        let ok = "[[sessions.retired_paths]]\npath = \"/functions/v1/chatting\"\nsunset = \"2027-01-01\"\n";
+        let c = load(ok).unwrap();
+        assert_eq!(c.sessions.retired_paths[0].successor, "/functions/v1/chat");
+        let cases = [
+            (
+                "path = \"/functions/v1/old\"\nsunset = \"soon\"",
+                "sessions.retired_paths[0].sunset",
+            ),
+            (
+                "path = \"/functions/v1/old\"\nsunset = \"2027-01-01\"\ndeprecated = \"x\"",
+                "sessions.retired_paths[0].deprecated",
+            ),
+            (
+                "path = \"/functions/v1/chat\"\nsunset = \"2027-01-01\"",
+                "sessions.retired_paths[0].path",
+            ),
+            (
+                "path = \"/v1/sessions\"\nsunset = \"2027-01-01\"",
+                "sessions.retired_paths[0].path",
+            ),
+            (
+                "path = \"/functions/{x}\"\nsunset = \"2027-01-01\"",
+                "sessions.retired_paths[0].path",
+            ),
+            (
+                "path = \"no-slash\"\nsunset = \"2027-01-01\"",
+                "sessions.retired_paths[0].path",
+            ),
+        ];
+        for (body, key) in cases {
+            let err = load(&format!("[[sessions.retired_paths]]\n{body}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{body}: {err}");
+        }
+        let twice = format!("{ok}{ok}");
+        let err = load(&twice).unwrap_err().to_string();
+        assert!(err.contains("sessions.retired_paths[1].path"), "{err}");
+        let err = load("[sessions]\nkeepalive_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sessions.keepalive_secs"), "{err}");
     }
 
     #[test]

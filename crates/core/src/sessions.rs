@@ -239,7 +239,12 @@ pub fn parse_utc(s: &str) -> Option<i64> {
     if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
-    let mut secs = days_from_civil(y, m, d) * 86_400;
+    let days = days_from_civil(y, m, d);
+    // No 30 February: the day must exist in its month.
+    if civil_from_days(days) != (y, m, d) {
+        return None;
+    }
+    let mut secs = days * 86_400;
     if let Some(t) = time {
         let mut hms = t.split(':');
         let h: i64 = hms.next()?.parse().ok()?;
@@ -295,6 +300,8 @@ mod tests {
         assert_eq!(parse_utc("2000-02-29"), Some(951_782_400_000));
         for bad in [
             "2023-13-01",
+            "2023-02-29",
+            "2024-04-31",
             "2023-11-14T22:13:20",
             "x",
             "2023-11-14T25:00:00Z",

@@ -142,6 +142,18 @@ impl Claimed {
             release(store, &self.tenant_id, &self.key);
         }
     }
+
+    /// Frees the key now, for a request that failed in a way worth
+    /// retrying: a retry sent as soon as the failure was seen must run, not
+    /// find the key still in flight (as it could after a drop, which frees
+    /// the key in the background).
+    pub async fn release(mut self) {
+        if let Some(store) = self.store.take() {
+            if let Err(e) = store.release_idempotency(&self.tenant_id, &self.key).await {
+                tracing::warn!(error = %e, "could not release an idempotency key; it frees itself when its lease ends");
+            }
+        }
+    }
 }
 
 impl Drop for Claimed {

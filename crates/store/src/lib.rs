@@ -230,7 +230,7 @@ pub trait SessionStore: Send + Sync {
         if_version: Option<i64>,
     ) -> Result<StatePatch, StoreError>;
 
-    /// Inserts messages in one transaction (a user turn and the assistant
+    /// Inserts messages in one statement (a user turn and the assistant
     /// placeholder that answers it).
     async fn insert_messages(&self, rows: &[Message]) -> Result<(), StoreError>;
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<Option<Message>, StoreError>;

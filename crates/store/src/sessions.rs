@@ -462,32 +462,36 @@ macro_rules! session_store {
             if rows.is_empty() {
                 return Ok(());
             }
-            let mut tx = self.pool.begin().await.context("starting the message transaction")?;
-            for m in rows {
-                sqlx::query($conv!(insert_sql("messages", MESSAGE_COLUMNS)))
-                    .bind(&m.id)
-                    .bind(&m.tenant_id)
-                    .bind(&m.session_id)
-                    .bind(&m.role)
-                    .bind(&m.content)
-                    .bind(m.status.as_str())
-                    .bind(&m.finish_reason)
-                    .bind(&m.error_code)
-                    .bind(&m.error_message)
-                    .bind(&m.model)
-                    .bind(db_int(m.prompt_tokens))
-                    .bind(db_int(m.completion_tokens))
-                    .bind(m.cost_usd)
-                    .bind(m.latency_ms)
-                    .bind(&m.trace_id)
-                    .bind(&m.instance_id)
-                    .bind(m.created_at_ms)
-                    .bind(m.updated_at_ms)
-                    .execute(&mut *tx)
-                    .await
-                    .context("storing messages")?;
-            }
-            tx.commit().await.context("committing messages")
+            // One multi-row statement: atomic without a transaction, and one
+            // round trip on the way to a reply's first token.
+            let mut qb = sqlx::QueryBuilder::new(format!(
+                "INSERT INTO messages ({MESSAGE_COLUMNS}) "
+            ));
+            qb.push_values(rows, |mut b, m| {
+                b.push_bind(&m.id)
+                    .push_bind(&m.tenant_id)
+                    .push_bind(&m.session_id)
+                    .push_bind(&m.role)
+                    .push_bind(&m.content)
+                    .push_bind(m.status.as_str())
+                    .push_bind(&m.finish_reason)
+                    .push_bind(&m.error_code)
+                    .push_bind(&m.error_message)
+                    .push_bind(&m.model)
+                    .push_bind(db_int(m.prompt_tokens))
+                    .push_bind(db_int(m.completion_tokens))
+                    .push_bind(m.cost_usd)
+                    .push_bind(m.latency_ms)
+                    .push_bind(&m.trace_id)
+                    .push_bind(&m.instance_id)
+                    .push_bind(m.created_at_ms)
+                    .push_bind(m.updated_at_ms);
+            });
+            qb.build()
+                .execute(&self.pool)
+                .await
+                .context("storing messages")?;
+            Ok(())
         }
 
         async fn get_message(

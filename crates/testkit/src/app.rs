@@ -47,6 +47,7 @@ pub struct AppBuilder {
     env: Vec<(String, String)>,
     with_mock: bool,
     postgres: Option<String>,
+    store_url: Option<String>,
 }
 
 impl Default for AppBuilder {
@@ -63,6 +64,7 @@ impl AppBuilder {
             env: Vec::new(),
             with_mock: true,
             postgres: None,
+            store_url: None,
         }
     }
 
@@ -97,6 +99,13 @@ impl AppBuilder {
         self
     }
 
+    /// Use this store URL as it is (e.g. another app's SQLite file, to
+    /// restart on its data); wins over [`AppBuilder::postgres`].
+    pub fn store_url(mut self, url: &str) -> Self {
+        self.store_url = Some(url.to_owned());
+        self
+    }
+
     pub async fn spawn(self) -> TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let mock = if self.with_mock {
@@ -107,10 +116,11 @@ impl AppBuilder {
         let schema = self
             .postgres
             .as_ref()
+            .filter(|_| self.store_url.is_none())
             .map(|_| format!("t_{:016x}", rand_u64()));
-        let store_url = match &self.postgres {
-            Some(url) => url.clone(),
-            None => format!("sqlite://{}/switchyard.db", dir.path().display()),
+        let store_url = match (&self.store_url, &self.postgres) {
+            (Some(url), _) | (None, Some(url)) => url.clone(),
+            (None, None) => format!("sqlite://{}/switchyard.db", dir.path().display()),
         };
         let store = match &schema {
             Some(schema) => format!("[store]\nurl = \"{store_url}\"\nschema = \"{schema}\"\n"),

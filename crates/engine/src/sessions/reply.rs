@@ -160,9 +160,18 @@ impl Sessions {
                 limit: settings.max_content_bytes,
             });
         }
-        let session = self.get_session(who, session_id).await?;
+        // The session (with its access check) and its history in parallel:
+        // both are on the way to the first token.
+        let store = self.store();
+        let (session, mut history) = tokio::try_join!(self.get_session(who, session_id), async {
+            Ok::<_, SessionError>(
+                store
+                    .recent_messages(&who.tenant_id, session_id, HISTORY_WINDOW)
+                    .await?,
+            )
+        },)?;
         let bot = match &session.bot_id {
-            Some(b) => Some(self.store().get_bot(&who.tenant_id, b).await?.ok_or(
+            Some(b) => Some(self.cached_bot(&who.tenant_id, b).await?.ok_or(
                 SessionError::Conflict {
                     code: "bot_deleted",
                     message: "The session's bot was deleted; start a new session.".into(),
@@ -183,10 +192,6 @@ impl Sessions {
         if !self.inner.gateway.has_model(&model) {
             return Err(SessionError::UnknownModel(model));
         }
-        let mut history = self
-            .store()
-            .recent_messages(&who.tenant_id, session_id, HISTORY_WINDOW)
-            .await?;
         history.reverse();
         let budget = bot
             .as_ref()
@@ -324,6 +329,9 @@ impl Sessions {
                     // it is no longer streaming, then replay what was stored.
                     let poll = Duration::from_millis(200);
                     let ended = loop {
+                        if Arc::strong_count(&filler) == 1 {
+                            return; // the follower went away
+                        }
                         match current.take() {
                             Some(m) if m.status != MessageStatus::Streaming => break Some(m),
                             Some(_) => tokio::time::sleep(poll).await,
@@ -470,11 +478,6 @@ async fn generate(inner: Arc<Inner>, job: Job) {
             tracing::error!(error = %e, message = %message.id, "could not store a finished reply")
         }
     }
-    transcript.push(event, data);
-    transcript.end();
-    if let Ok(mut live) = inner.live.lock() {
-        live.remove(&message.id);
-    }
     let stored = match (mode, &ending.error) {
         (ReplyMode::Sse, _) => {
             let mut headers = vec![
@@ -507,8 +510,15 @@ async fn generate(inner: Arc<Inner>, job: Job) {
             .unwrap_or_default(),
         },
     };
+    // Stored before the last frame is sent: a client that saw the end and
+    // repeats the request gets the replay, not a 409.
     if let Some(claim) = claim {
         claim.complete(&stored).await;
+    }
+    transcript.push(event, data);
+    transcript.end();
+    if let Ok(mut live) = inner.live.lock() {
+        live.remove(&message.id);
     }
     let _ = finished.send(stored);
 }

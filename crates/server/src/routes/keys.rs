@@ -81,8 +81,22 @@ async fn parse<T: serde::de::DeserializeOwned>(
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+        let mut path = e.path().to_string();
         let inner = e.into_inner();
+        // A missing field is reported at its parent (`.` at the top):
+        // name the field itself.
+        let text = inner.to_string();
+        if let Some(name) = text
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name)
+        {
+            path = if path == "." {
+                name.to_owned()
+            } else {
+                format!("{path}.{name}")
+            };
+        }
         let message = if inner.is_syntax() || inner.is_eof() {
             format!("The body is not valid JSON: {inner}")
         } else {

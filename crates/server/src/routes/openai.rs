@@ -113,7 +113,13 @@ pub async fn chat_completions(
             };
             (resp, Some(provider))
         }
-        Err(e) => (ApiError::from(e).into_response(), None),
+        Err(e) => {
+            // Not kept: free the key before the client sees the failure.
+            if let Some(claim) = claim {
+                claim.release().await;
+            }
+            (ApiError::from(e).into_response(), None)
+        }
     };
     label(&state, &mut resp, &req.model, provider.as_deref());
     resp
@@ -189,7 +195,8 @@ fn stored_headers(content_type: &str, provider: &str) -> Vec<(String, String)> {
 
 /// [`sse_response`] that also keeps the stream for idempotent replays: a
 /// complete stream is stored before its `[DONE]` is sent (so a client that
-/// saw the end finds it stored); a failed or abandoned one releases the key.
+/// saw the end finds it stored); a failed one releases the key before its
+/// error is sent, an abandoned one when it is dropped.
 fn sse_response_stored(
     events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>,
     claim: Claimed,
@@ -215,7 +222,11 @@ fn sse_response_stored(
                         .await;
                     }
                 }
-                StreamEvent::Error(_) => drop(claim.take()),
+                StreamEvent::Error(_) => {
+                    if let Some(c) = claim.take() {
+                        c.release().await;
+                    }
+                }
             }
             Some((Ok::<_, Infallible>(frame), (events, claim, kept, headers)))
         },

@@ -619,7 +619,7 @@ pub async fn export_user(
             &actor(&who, &ctx),
             &who.tenant_id,
             "user.export",
-            Some(user_id.clone()),
+            Some(format!("user:{user_id}")),
             json!({"sessions": data.sessions.len(), "messages": data.messages.len(), "usage": data.usage.len()}),
         )
         .await;
@@ -664,7 +664,7 @@ pub async fn erase_user(
             &actor(&who, &ctx),
             &who.tenant_id,
             "user.erase",
-            Some(user_id.clone()),
+            Some(format!("user:{user_id}")),
             json!(erased),
         )
         .await;

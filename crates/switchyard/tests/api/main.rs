@@ -14,5 +14,7 @@ mod errors;
 mod ops;
 mod python_sdk;
 mod resilience;
+mod session_streams;
+mod sessions;
 mod streaming;
 mod usage;
