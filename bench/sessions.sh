@@ -8,6 +8,7 @@
 #   N=500 bench/sessions.sh           # shorter
 #   STORE=postgres://... bench/sessions.sh   # another store
 #   REBUILD=1 bench/sessions.sh       # cargo build --release first
+#   SY_ENV="SWITCHYARD_EVENTS__ENABLED=false" LABEL=noevents bench/sessions.sh   # a variant
 #
 # Release binaries from target/release; SQLite store in a temp dir; open
 # development mode (loopback, no keys); the mock answers at once.
@@ -19,7 +20,7 @@ MOCK_PORT="${MOCK_PORT:-18190}"
 SY_PORT="${SY_PORT:-18191}"
 BIN="${BIN:-$ROOT/target/release}"
 TS="$(date +%Y%m%d-%H%M%S)"
-OUT="${OUT_DIR:-$HERE/results/$TS-sessions}"
+OUT="${OUT_DIR:-$HERE/results/$TS-sessions${LABEL:+-$LABEL}}"
 WORK="$(mktemp -d /tmp/sy-sessions.XXXXXX)"
 STORE="${STORE:-sqlite://$WORK/switchyard.db}"
 mkdir -p "$OUT"
@@ -48,7 +49,7 @@ TOML
 
 "$BIN/switchyard-mock" --listen "127.0.0.1:$MOCK_PORT" >"$OUT/mock.log" 2>&1 &
 MOCK_PID=$!
-(cd "$WORK" && exec "$BIN/switchyard" --config "$WORK/switchyard.toml" serve) >"$OUT/switchyard.log" 2>&1 &
+(cd "$WORK" && exec env ${SY_ENV:-} "$BIN/switchyard" --config "$WORK/switchyard.toml" serve) >"$OUT/switchyard.log" 2>&1 &
 SY_PID=$!
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$SY_PORT/health" >/dev/null 2>&1 && break

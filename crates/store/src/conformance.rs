@@ -828,11 +828,28 @@ pub async fn messages_are_listed_in_order_and_completed_once(store: &dyn Store) 
         .await
         .expect("list");
     assert_eq!(page, turns[3..6].to_vec());
-    let recent = store
-        .recent_messages(tenant, &session.id, 2)
+    // History: newest first, the streaming placeholder left out.
+    let history = store
+        .history(tenant, &session.id, 2)
         .await
-        .expect("recent");
-    assert_eq!(recent, vec![turns[6].clone(), turns[5].clone()]);
+        .expect("history");
+    assert_eq!(
+        history,
+        vec![
+            ("assistant".to_owned(), "Hi there".to_owned()),
+            ("user".to_owned(), turns[4].content.clone()),
+        ],
+        "{}",
+        store.backend()
+    );
+    assert_eq!(
+        store
+            .history(tenant, &session.id, 100)
+            .await
+            .expect("history")
+            .len(),
+        6
+    );
 
     // Another tenant reads, completes and lists nothing.
     let other = "t-messages-other";
@@ -849,9 +866,9 @@ pub async fn messages_are_listed_in_order_and_completed_once(store: &dyn Store) 
         .expect("list")
         .is_empty());
     assert!(store
-        .recent_messages(other, &session.id, 100)
+        .history(other, &session.id, 100)
         .await
-        .expect("recent")
+        .expect("history")
         .is_empty());
     let mut foreign = completion(&placeholder, "hijacked", 5);
     foreign.tenant_id = other.into();

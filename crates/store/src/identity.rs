@@ -198,7 +198,7 @@ macro_rules! identity_store {
                 .bind(t.monthly_budget_usd)
                 .bind(json_text(&t.limits)?)
                 .bind(t.created_at_ms)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("creating a tenant")?;
             Ok(r.rows_affected() == 1)
@@ -215,7 +215,7 @@ macro_rules! identity_store {
                 .bind(t.monthly_budget_usd)
                 .bind(json_text(&t.limits)?)
                 .bind(&t.id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("updating a tenant")?;
             Ok(r.rows_affected() == 1)
@@ -264,7 +264,7 @@ macro_rules! identity_store {
                 .bind(tenant_id)
                 .bind(user_id)
                 .bind(at_ms)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("recording a user")?;
             Ok(())
@@ -295,7 +295,7 @@ macro_rules! identity_store {
                 .bind(k.revoked_at_ms)
                 .bind(k.created_at_ms)
                 .bind(&k.created_by)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("storing an API key")?;
             Ok(())
@@ -370,7 +370,7 @@ macro_rules! identity_store {
                 .bind(json_text(&k.limits)?)
                 .bind(&k.tenant_id)
                 .bind(&k.id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("updating an API key")?;
             Ok(r.rows_affected() == 1)
@@ -387,7 +387,7 @@ macro_rules! identity_store {
                 .bind(at_ms)
                 .bind(tenant_id)
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("revoking an API key")?;
             Ok(r.rows_affected() == 1)
@@ -411,7 +411,7 @@ macro_rules! identity_store {
             rows: &[switchyard_core::identity::AuditRecord],
         ) -> Result<(), $crate::StoreError> {
             use $crate::identity::*;
-            let mut tx = self.pool.begin().await.context("starting the audit transaction")?;
+            let mut tx = self.writer.begin().await.context("starting the audit transaction")?;
             for a in rows {
                 sqlx::query($conv!(insert_audit_sql()))
                     .bind(&a.id)

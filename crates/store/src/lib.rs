@@ -242,13 +242,16 @@ pub trait SessionStore: Send + Sync {
         after_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError>;
-    /// A session's newest messages, newest first.
-    async fn recent_messages(
+    /// The turns worth sending a model as history, newest first, as
+    /// `(role, content)`: user messages and complete replies, with content.
+    /// The backend aggregates them into one row: this read is on the way
+    /// to a reply's first token, and rows cost more than bytes.
+    async fn history(
         &self,
         tenant_id: &str,
         session_id: &str,
         limit: u32,
-    ) -> Result<Vec<Message>, StoreError>;
+    ) -> Result<Vec<(String, String)>, StoreError>;
     /// Ends a `streaming` message; `false` if it is not streaming (already
     /// ended, or interrupted).
     async fn complete_message(&self, completion: &MessageCompletion) -> Result<bool, StoreError>;

@@ -24,6 +24,9 @@ const MIGRATION_LOCK: i64 = 0x5357_4954_4348; // "SWITCH"
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The same pool: PostgreSQL has row locks and no single writer, so
+    /// writes need no queue of their own (the SQL shared with SQLite names it).
+    writer: PgPool,
     schema: Option<String>,
 }
 
@@ -48,6 +51,7 @@ impl PostgresStore {
             .await
             .context("connecting to PostgreSQL")?;
         Ok(Self {
+            writer: pool.clone(),
             pool,
             schema: config.schema.clone(),
         })
@@ -57,7 +61,7 @@ impl PostgresStore {
     pub async fn drop_schema(&self) -> Result<(), StoreError> {
         if let Some(schema) = &self.schema {
             sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("dropping the schema")?;
         }
@@ -131,7 +135,10 @@ crate::identity::identity_store!(PostgresStore, pg_once);
 crate::sessions::session_store!(
     PostgresStore,
     pg_once,
-    "sy_json_merge_patch(state::jsonb, ?::jsonb)::text"
+    "sy_json_merge_patch(state::jsonb, ?::jsonb)::text",
+    "SELECT COALESCE(json_agg(json_build_array(id, role, content)), '[]')::text FROM (SELECT id, role, content \
+     FROM messages WHERE tenant_id = ? AND session_id = ? \
+     AND (role = 'user' OR status = 'complete') AND content <> '' ORDER BY id DESC LIMIT ?) AS h"
 );
 
 #[async_trait]
@@ -198,7 +205,7 @@ impl Store for PostgresStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .context("pinging")?;
         Ok(())
@@ -247,7 +254,7 @@ impl Store for PostgresStore {
         .bind(rows.iter().map(|r| r.created_at_ms).collect::<Vec<i64>>())
         .bind(rows.iter().map(|r| r.key_id.clone()).collect::<Vec<Option<String>>>())
         .bind(rows.iter().map(|r| r.user_id.clone()).collect::<Vec<Option<String>>>())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .context("inserting usage rows")?;
         Ok(())
@@ -291,7 +298,7 @@ impl Store for PostgresStore {
         });
         qb.push(health_upsert_clause());
         qb.build()
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .context("writing provider health")?;
         Ok(())

@@ -35,7 +35,7 @@ pub(crate) const INTERRUPTED_MESSAGE: &str = "The server stopped before the repl
 
 /// Rows per `bus_events` INSERT statement, largest first; the last must be 1.
 /// A few fixed sizes keep the statements few and cached.
-pub(crate) const EVENT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+pub(crate) const EVENT_CHUNKS: [usize; 4] = [16, 8, 4, 1];
 
 /// How often a claim starts over when the record it met vanished.
 pub(crate) const CLAIM_ATTEMPTS: usize = 3;
@@ -52,7 +52,7 @@ pub(crate) fn insert_sql(table: &str, columns: &str) -> String {
 /// A multi-row `bus_events` INSERT of `rows` rows.
 pub(crate) fn insert_events_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO bus_events ({EVENT_COLUMNS}) VALUES {}",
+        "INSERT INTO bus_events ({EVENT_COLUMNS}) VALUES {} ON CONFLICT DO NOTHING",
         vec![values(EVENT_COLUMNS); rows].join(", ")
     )
 }
@@ -224,7 +224,7 @@ pub(crate) fn claim_from_row(
 /// merge expression of `state` and one `?` (the patch, as JSON text).
 /// `user_data` reads usage rows through the backend's own `user_usage`.
 macro_rules! session_store {
-    ($store:ty, $conv:ident, $merge:expr) => {
+    ($store:ty, $conv:ident, $merge:expr, $history:expr) => {
     #[async_trait::async_trait]
     impl $crate::SessionStore for $store {
         async fn insert_bot(
@@ -244,7 +244,7 @@ macro_rules! session_store {
                 .bind($crate::identity::json_text(&b.metadata)?)
                 .bind(b.created_at_ms)
                 .bind(b.updated_at_ms)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("storing a bot")?;
             Ok(())
@@ -307,7 +307,7 @@ macro_rules! session_store {
                 .bind(b.updated_at_ms)
                 .bind(&b.tenant_id)
                 .bind(&b.id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("updating a bot")?;
             Ok(r.rows_affected() == 1)
@@ -317,7 +317,7 @@ macro_rules! session_store {
             let r = sqlx::query($conv!("DELETE FROM bots WHERE tenant_id = ? AND id = ?"))
                 .bind(tenant_id)
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("deleting a bot")?;
             Ok(r.rows_affected() == 1)
@@ -337,7 +337,7 @@ macro_rules! session_store {
                 .bind($crate::identity::json_text(&s.state)?)
                 .bind(s.state_version)
                 .bind(s.created_at_ms)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("storing a session")?;
             Ok(())
@@ -395,7 +395,7 @@ macro_rules! session_store {
             tenant_id: &str,
             id: &str,
         ) -> Result<bool, $crate::StoreError> {
-            let mut tx = self.pool.begin().await.context("starting a session deletion")?;
+            let mut tx = self.writer.begin().await.context("starting a session deletion")?;
             sqlx::query($conv!("DELETE FROM messages WHERE tenant_id = ? AND session_id = ?"))
                 .bind(tenant_id)
                 .bind(id)
@@ -428,7 +428,7 @@ macro_rules! session_store {
                 .bind(id)
                 .bind(if_version)
                 .bind(if_version)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.writer)
                 .await
                 .context("merging a session's state")?;
             if let Some(row) = row {
@@ -488,7 +488,7 @@ macro_rules! session_store {
                     .push_bind(m.updated_at_ms);
             });
             qb.build()
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("storing messages")?;
             Ok(())
@@ -539,28 +539,27 @@ macro_rules! session_store {
                 .context("decoding messages")
         }
 
-        async fn recent_messages(
+        async fn history(
             &self,
             tenant_id: &str,
             session_id: &str,
             limit: u32,
-        ) -> Result<Vec<switchyard_core::sessions::Message>, $crate::StoreError> {
-            use $crate::sessions::*;
-            let sql = $conv!(format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = ? AND session_id = ? \
-                 ORDER BY id DESC LIMIT ?"
-            ));
-            let rows = sqlx::query(sql)
+        ) -> Result<Vec<(String, String)>, $crate::StoreError> {
+            let text: Option<String> = sqlx::query_scalar($conv!($history))
                 .bind(tenant_id)
                 .bind(session_id)
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_one(&self.pool)
                 .await
-                .context("reading recent messages")?;
-            rows.iter()
-                .map(message_from_row)
-                .collect::<Result<_, _>>()
-                .context("decoding messages")
+                .context("reading a session's history")?;
+            // `[[id, role, content], ...]`, in no promised order.
+            let mut turns: Vec<(String, String, String)> = match text {
+                Some(t) => serde_json::from_str(&t)
+                    .map_err(|e| $crate::StoreError::Corrupt(format!("history: {e}")))?,
+                None => Vec::new(),
+            };
+            turns.sort_by(|a, b| b.0.cmp(&a.0));
+            Ok(turns.into_iter().map(|(_, role, content)| (role, content)).collect())
         }
 
         async fn complete_message(
@@ -587,7 +586,7 @@ macro_rules! session_store {
                 .bind(c.at_ms)
                 .bind(&c.tenant_id)
                 .bind(&c.id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("completing a message")?;
             Ok(r.rows_affected() == 1)
@@ -632,7 +631,7 @@ macro_rules! session_store {
                 .bind(instance_id)
                 .bind(stale_before_ms)
                 .bind(stale_before_ms)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("interrupting streaming messages")?;
             Ok(r.rows_affected())
@@ -656,7 +655,9 @@ macro_rules! session_store {
                 .iter()
                 .map(|e| $crate::identity::json_text(&e.payload))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut tx = self.pool.begin().await.context("starting the event transaction")?;
+            // One statement per chunk, each its own short write: a reply
+            // waiting to store its messages waits for one chunk, not for the
+            // whole batch. `ON CONFLICT DO NOTHING` makes a retried batch safe.
             let mut rest: Vec<_> = rows.iter().zip(&payloads).collect();
             for (size, sql) in EVENT_CHUNKS.iter().zip(sqls) {
                 while rest.len() >= *size {
@@ -672,10 +673,10 @@ macro_rules! session_store {
                             .bind(payload)
                             .bind(e.created_at_ms);
                     }
-                    q.execute(&mut *tx).await.context("storing events")?;
+                    q.execute(&self.writer).await.context("storing events")?;
                 }
             }
-            tx.commit().await.context("committing events")
+            Ok(())
         }
 
         async fn list_trace_events(
@@ -718,7 +719,7 @@ macro_rules! session_store {
                     .bind(k.now_ms)
                     .bind(until)
                     .bind(until)
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await
                     .context("claiming an idempotency key")?;
                 if r.rows_affected() == 1 {
@@ -735,7 +736,7 @@ macro_rules! session_store {
                     .bind(&k.key)
                     .bind(k.now_ms)
                     .bind(k.now_ms)
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await
                     .context("taking over an idempotency key")?;
                 if r.rows_affected() == 1 {
@@ -780,7 +781,7 @@ macro_rules! session_store {
                 .bind(expires_at_ms)
                 .bind(tenant_id)
                 .bind(key)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("completing an idempotency key")?;
             Ok(())
@@ -797,7 +798,7 @@ macro_rules! session_store {
             sqlx::query(sql)
                 .bind(tenant_id)
                 .bind(key)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("releasing an idempotency key")?;
             Ok(())
@@ -811,7 +812,7 @@ macro_rules! session_store {
             let r = sqlx::query(sql)
                 .bind(now_ms)
                 .bind(now_ms)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .context("purging idempotency keys")?;
             Ok(r.rows_affected())
@@ -865,7 +866,7 @@ macro_rules! session_store {
             tenant_id: &str,
             user_id: &str,
         ) -> Result<switchyard_core::sessions::Erased, $crate::StoreError> {
-            let mut tx = self.pool.begin().await.context("starting a user erasure")?;
+            let mut tx = self.writer.begin().await.context("starting a user erasure")?;
             // Children first: the sessions' ids are found through the sessions.
             let events = sqlx::query($conv!(
                 "DELETE FROM bus_events WHERE tenant_id = ? AND session_id IN \
@@ -937,6 +938,8 @@ mod tests {
     fn event_inserts_have_a_row_of_placeholders_per_event() {
         let sql = super::insert_events_sql(2);
         assert_eq!(sql.matches('?').count(), 16);
-        assert!(sql.ends_with("(?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?)"));
+        assert!(sql.ends_with(
+            "(?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        ));
     }
 }

@@ -21,7 +21,13 @@ use crate::{
 };
 
 pub struct SqliteStore {
+    /// Readers (WAL: they never wait for the writer).
     pool: SqlitePool,
+    /// The one connection that writes. Writers queue here, woken as soon as
+    /// the previous write ends, instead of in SQLite's busy handler, which
+    /// sleeps 1, 2, 5, 10… ms between tries and would put those sleeps on
+    /// the path of a reply's first token.
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -35,7 +41,10 @@ impl SqliteStore {
             .foreign_keys(true)
             // Multi-row inserts in a transaction keep a statement journal;
             // in memory it costs no file writes.
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // Checkpoints run from a background task (see `spawn_checkpoints`),
+            // never inside a request's commit.
+            .pragma("wal_autocheckpoint", "0");
         let path = opts.get_filename();
         let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
         if !in_memory {
@@ -49,10 +58,51 @@ impl SqliteStore {
             // An in-memory database exists once per connection.
             .max_connections(if in_memory { 1 } else { config.max_connections })
             .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
             .context("opening the SQLite database")?;
-        Ok(Self { pool })
+        let writer = if in_memory {
+            pool.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
+                .connect_with(opts)
+                .await
+                .context("opening the SQLite database for writing")?
+        };
+        if !in_memory {
+            Self::spawn_checkpoints(pool.clone());
+        }
+        Ok(Self { pool, writer })
+    }
+
+    /// Copies the WAL into the database now and then, off the request path:
+    /// with automatic checkpoints, the commit that crosses the threshold
+    /// (often a reply storing its messages) would do it and wait for it.
+    fn spawn_checkpoints(pool: SqlitePool) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if pool.is_closed() {
+                    return;
+                }
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&pool)
+                    .await
+                {
+                    if pool.is_closed() {
+                        return;
+                    }
+                    tracing::warn!(error = %e, "SQLite checkpoint failed");
+                }
+            }
+        });
     }
 
     async fn apply(&self, m: &Migration) -> Result<(), StoreError> {
@@ -62,7 +112,7 @@ impl SqliteStore {
             source,
         };
         let mut conn = self
-            .pool
+            .writer
             .acquire()
             .await
             .context("acquiring a connection")?;
@@ -107,7 +157,7 @@ impl SqliteStore {
 }
 
 /// Rows per usage INSERT statement, largest first; the last must be 1.
-const USAGE_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+const USAGE_CHUNKS: [usize; 4] = [16, 8, 4, 1];
 
 fn usage_insert_sql() -> &'static [String; 4] {
     static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
@@ -116,7 +166,8 @@ fn usage_insert_sql() -> &'static [String; 4] {
             let row = format!("({})", vec!["?"; 18].join(", "));
             format!(
                 "INSERT INTO usage_logs (id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) VALUES {}",
+                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) VALUES {} \
+                 ON CONFLICT (id) DO NOTHING",
                 vec![row; n].join(", ")
             )
         })
@@ -187,7 +238,14 @@ impl SqliteStore {
 }
 
 crate::identity::identity_store!(SqliteStore, lite_once);
-crate::sessions::session_store!(SqliteStore, lite_once, "json_patch(state, ?)");
+crate::sessions::session_store!(
+    SqliteStore,
+    lite_once,
+    "json_patch(state, ?)",
+    "SELECT json_group_array(json_array(id, role, content)) FROM (SELECT id, role, content \
+     FROM messages WHERE tenant_id = ? AND session_id = ? \
+     AND (role = 'user' OR status = 'complete') AND content <> '' ORDER BY id DESC LIMIT ?)"
+);
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -199,7 +257,7 @@ impl Store for SqliteStore {
         sqlx::raw_sql(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ms INTEGER NOT NULL)",
         )
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .context("creating schema_migrations")?;
         for m in SQLITE {
@@ -217,7 +275,7 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .context("pinging")?;
         Ok(())
@@ -231,11 +289,9 @@ impl Store for SqliteStore {
         // four cached prepared statements (a statement per batch size would
         // fill sqlx's statement cache and memory), and a batch costs a handful
         // of round trips to the SQLite thread instead of one per row.
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .context("starting the usage transaction")?;
+        // Each chunk is its own short write on the writer connection, so a
+        // reply storing its messages waits for one chunk, not the batch;
+        // `ON CONFLICT DO NOTHING` makes a retried batch safe.
         let mut rest = rows;
         for (size, sql) in USAGE_CHUNKS.iter().zip(usage_insert_sql()) {
             while rest.len() >= *size {
@@ -263,10 +319,12 @@ impl Store for SqliteStore {
                         .bind(&r.error_code)
                         .bind(r.created_at_ms);
                 }
-                q.execute(&mut *tx).await.context("inserting usage rows")?;
+                q.execute(&self.writer)
+                    .await
+                    .context("inserting usage rows")?;
             }
         }
-        tx.commit().await.context("committing usage rows")
+        Ok(())
     }
 
     async fn list_usage(
@@ -307,7 +365,7 @@ impl Store for SqliteStore {
         });
         qb.push(health_upsert_clause());
         qb.build()
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .context("writing provider health")?;
         Ok(())
@@ -345,6 +403,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

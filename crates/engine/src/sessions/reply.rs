@@ -64,10 +64,11 @@ fn estimate_tokens(text: &str) -> u32 {
 }
 
 /// The messages to send: the system prompt, then the newest turns of
-/// `history` (oldest first) that fit `budget` with the new message.
+/// `history` (given newest first, as `(role, content)`) that fit `budget`
+/// with the new message, oldest first.
 pub(crate) fn build_messages(
     system: Option<&str>,
-    history: &[Message],
+    history: &[(String, String)],
     content: &str,
     budget: u32,
 ) -> Vec<Value> {
@@ -75,16 +76,12 @@ pub(crate) fn build_messages(
     left -= i64::from(system.map_or(0, estimate_tokens));
     left -= i64::from(estimate_tokens(content));
     let mut kept = Vec::new();
-    for m in history.iter().rev() {
-        let usable = m.role == "user" || m.status == MessageStatus::Complete;
-        if !usable || m.content.is_empty() {
-            continue;
-        }
-        left -= i64::from(estimate_tokens(&m.content));
+    for (role, text) in history {
+        left -= i64::from(estimate_tokens(text));
         if left < 0 {
             break;
         }
-        kept.push(json!({"role": m.role, "content": m.content}));
+        kept.push(json!({"role": role, "content": text}));
     }
     let mut out = Vec::with_capacity(kept.len() + 2);
     if let Some(s) = system {
@@ -163,10 +160,10 @@ impl Sessions {
         // The session (with its access check) and its history in parallel:
         // both are on the way to the first token.
         let store = self.store();
-        let (session, mut history) = tokio::try_join!(self.get_session(who, session_id), async {
+        let (session, history) = tokio::try_join!(self.get_session(who, session_id), async {
             Ok::<_, SessionError>(
                 store
-                    .recent_messages(&who.tenant_id, session_id, HISTORY_WINDOW)
+                    .history(&who.tenant_id, session_id, HISTORY_WINDOW)
                     .await?,
             )
         },)?;
@@ -192,7 +189,6 @@ impl Sessions {
         if !self.inner.gateway.has_model(&model) {
             return Err(SessionError::UnknownModel(model));
         }
-        history.reverse();
         let budget = bot
             .as_ref()
             .and_then(|b| b.context_tokens)
@@ -600,38 +596,16 @@ async fn run(
 mod tests {
     use super::*;
 
-    fn msg(role: &str, content: &str, status: MessageStatus) -> Message {
-        Message {
-            id: new_id(),
-            tenant_id: "t".into(),
-            session_id: "s".into(),
-            role: role.into(),
-            content: content.into(),
-            status,
-            finish_reason: None,
-            error_code: None,
-            error_message: None,
-            model: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            cost_usd: None,
-            latency_ms: None,
-            trace_id: None,
-            instance_id: None,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        }
-    }
-
     #[test]
     fn history_keeps_the_newest_turns_that_fit_after_the_system_prompt() {
+        let turn = |role: &str, content: &str| (role.to_owned(), content.to_owned());
+        // Newest first, as the store gives it.
         let history = vec![
-            msg("user", &"a".repeat(300), MessageStatus::Complete),
-            msg("assistant", &"b".repeat(300), MessageStatus::Complete),
-            msg("user", "second question", MessageStatus::Complete),
-            msg("assistant", "", MessageStatus::Failed),
-            msg("user", "third question", MessageStatus::Complete),
-            msg("assistant", "third answer", MessageStatus::Complete),
+            turn("assistant", "third answer"),
+            turn("user", "third question"),
+            turn("user", "second question"),
+            turn("assistant", &"b".repeat(300)),
+            turn("user", &"a".repeat(300)),
         ];
         // Budget for the system prompt, the new message and the three newest
         // usable turns, not the 300-byte ones.
@@ -656,7 +630,7 @@ mod tests {
                 "user:new"
             ]
         );
-        // A large budget keeps everything usable, the failed turn excluded.
+        // A large budget keeps everything.
         assert_eq!(build_messages(None, &history, "new", 100_000).len(), 6);
         // No room at all: just the new message.
         assert_eq!(build_messages(Some("s"), &history, "new", 1).len(), 2);
