@@ -205,6 +205,7 @@ pub struct UserData {
 pub struct Erased {
     pub sessions: u64,
     pub messages: u64,
+    /// Trace event rows (one per request, its events packed together).
     pub events: u64,
     pub idempotency_records: u64,
     /// Usage rows kept with the user removed.

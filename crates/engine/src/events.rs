@@ -1,10 +1,12 @@
-//! A request's lifecycle as `bus_events` rows: received, each provider
-//! attempt, retries, fallbacks, breaker changes, and how it ended. Rows go
-//! through the batched [`EventWriter`], so recording never waits on the
-//! database; `GET /v1/traces/{trace_id}` reads them back in order.
+//! A request's lifecycle as trace events: received, each provider attempt,
+//! retries, fallbacks, breaker changes, and how it ended. A request's events
+//! are kept together and handed to the batched [`EventWriter`] when the
+//! request is done (the last handle drops), so they are stored as one row
+//! and recording never waits on the database; `GET /v1/traces/{trace_id}`
+//! reads them back in order.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use switchyard_core::sessions::BusEvent;
@@ -26,6 +28,17 @@ struct Inner {
     trace_id: String,
     session_id: Option<String>,
     seq: AtomicI64,
+    /// Recorded, not yet handed to the writer.
+    pending: Mutex<Vec<BusEvent>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let pending = std::mem::take(self.pending.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for e in pending {
+            self.writer.record(e);
+        }
+    }
 }
 
 impl TraceEvents {
@@ -42,17 +55,19 @@ impl TraceEvents {
                 trace_id: trace_id.to_owned(),
                 session_id: session_id.map(str::to_owned),
                 seq: AtomicI64::new(0),
+                pending: Mutex::new(Vec::with_capacity(4)),
             }),
         }
     }
 
-    /// Queues one event (dropped and counted if the writer is saturated).
+    /// Records one event; they are queued for writing together when the
+    /// last handle drops (and dropped and counted if the writer is saturated).
     pub fn record(&self, kind: &str, payload: Value) {
         let i = &self.inner;
         if !i.writer.enabled() {
             return;
         }
-        i.writer.record(BusEvent {
+        let event = BusEvent {
             id: new_id(),
             tenant_id: i.tenant_id.clone(),
             trace_id: i.trace_id.clone(),
@@ -61,7 +76,11 @@ impl TraceEvents {
             session_id: i.session_id.clone(),
             payload,
             created_at_ms: now_ms(),
-        });
+        };
+        i.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
     }
 }
 

@@ -49,6 +49,11 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Most rows the background writers (usage, events) put in one
+/// transaction: few commits under load, and a request that must write (a
+/// reply storing its messages) waits behind one group at most.
+pub(crate) const WRITE_GROUP: usize = 256;
+
 /// The `provider_health` columns, in insert order (both backends).
 pub(crate) const HEALTH_COLUMNS: &str = "deployment, provider, model, breaker_state, p50_ms, p95_ms, error_rate, \
      window_calls, total_calls, total_errors, last_error, last_error_at_ms, last_success_at_ms, last_probe_at_ms, \

@@ -14,7 +14,8 @@ use switchyard_core::sessions::{
     Bot, BusEvent, IdempotencyClaim, Message, MessageStatus, Session, StoredResponse,
 };
 
-use crate::identity::{from_json, RowExt};
+use crate::identity::{from_json, json_text, RowExt};
+use crate::StoreError;
 
 pub(crate) const BOT_COLUMNS: &str = "id, tenant_id, name, model, system_prompt, temperature, \
      max_tokens, context_tokens, metadata, created_at_ms, updated_at_ms";
@@ -25,8 +26,13 @@ pub(crate) const MESSAGE_COLUMNS: &str =
     "id, tenant_id, session_id, role, content, status, finish_reason, error_code, \
      error_message, model, prompt_tokens, completion_tokens, cost_usd, latency_ms, trace_id, \
      instance_id, created_at_ms, updated_at_ms";
+/// A `bus_events` row holds the consecutive events of one trace written in
+/// one batch (usually a whole request: received, attempts, done), as a JSON
+/// array in `events`; `seq`, `id` and `created_at_ms` are its first event's.
+/// One row per request instead of one per event keeps tracing cheap enough
+/// for every request (see docs/sessions.md, "Traces").
 pub(crate) const EVENT_COLUMNS: &str =
-    "id, tenant_id, trace_id, seq, kind, session_id, payload, created_at_ms";
+    "tenant_id, trace_id, seq, id, session_id, created_at_ms, events";
 const IDEMPOTENCY_COLUMNS: &str = "request_hash, status, response_status, response_headers, \
      response_body, locked_until_ms, expires_at_ms";
 
@@ -35,7 +41,7 @@ pub(crate) const INTERRUPTED_MESSAGE: &str = "The server stopped before the repl
 
 /// Rows per `bus_events` INSERT statement, largest first; the last must be 1.
 /// A few fixed sizes keep the statements few and cached.
-pub(crate) const EVENT_CHUNKS: [usize; 4] = [16, 8, 4, 1];
+pub(crate) const EVENT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
 
 /// How often a claim starts over when the record it met vanished.
 pub(crate) const CLAIM_ATTEMPTS: usize = 3;
@@ -170,17 +176,75 @@ pub(crate) fn message_from_row(r: &impl RowExt) -> Result<Message, sqlx::Error> 
     })
 }
 
-pub(crate) fn event_from_row(r: &impl RowExt) -> Result<BusEvent, sqlx::Error> {
-    Ok(BusEvent {
-        id: r.text("id")?,
-        tenant_id: r.text("tenant_id")?,
-        trace_id: r.text("trace_id")?,
-        seq: r.int("seq")?,
-        kind: r.text("kind")?,
-        session_id: r.opt_text("session_id")?,
-        payload: from_json("payload", &r.text("payload")?)?,
-        created_at_ms: r.int("created_at_ms")?,
-    })
+/// One event inside a `bus_events` row.
+#[derive(serde::Serialize)]
+pub(crate) struct PackedEvent<'a> {
+    id: &'a str,
+    seq: i64,
+    kind: &'a str,
+    payload: &'a serde_json::Value,
+    created_at_ms: i64,
+}
+
+#[derive(serde::Deserialize)]
+struct UnpackedEvent {
+    id: String,
+    seq: i64,
+    kind: String,
+    payload: serde_json::Value,
+    created_at_ms: i64,
+}
+
+/// Consecutive events of one trace (same tenant and session), with the
+/// JSON of their `events` column.
+pub(crate) fn pack_events(rows: &[BusEvent]) -> Result<Vec<(&BusEvent, String)>, StoreError> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let first = &rows[start];
+        let end = rows[start..]
+            .iter()
+            .position(|e| {
+                e.trace_id != first.trace_id
+                    || e.tenant_id != first.tenant_id
+                    || e.session_id != first.session_id
+            })
+            .map_or(rows.len(), |n| start + n);
+        let packed: Vec<PackedEvent<'_>> = rows[start..end]
+            .iter()
+            .map(|e| PackedEvent {
+                id: &e.id,
+                seq: e.seq,
+                kind: &e.kind,
+                payload: &e.payload,
+                created_at_ms: e.created_at_ms,
+            })
+            .collect();
+        out.push((first, json_text(&packed)?));
+        start = end;
+    }
+    Ok(out)
+}
+
+/// The events of one `bus_events` row.
+pub(crate) fn events_from_row(r: &impl RowExt) -> Result<Vec<BusEvent>, sqlx::Error> {
+    let tenant_id = r.text("tenant_id")?;
+    let trace_id = r.text("trace_id")?;
+    let session_id = r.opt_text("session_id")?;
+    let packed: Vec<UnpackedEvent> = from_json("events", &r.text("events")?)?;
+    Ok(packed
+        .into_iter()
+        .map(|e| BusEvent {
+            id: e.id,
+            tenant_id: tenant_id.clone(),
+            trace_id: trace_id.clone(),
+            seq: e.seq,
+            kind: e.kind,
+            session_id: session_id.clone(),
+            payload: e.payload,
+            created_at_ms: e.created_at_ms,
+        })
+        .collect())
 }
 
 /// What a claim that neither inserted nor took over found: `None` when the
@@ -651,30 +715,31 @@ macro_rules! session_store {
                 $conv!(insert_events_sql(EVENT_CHUNKS[2])),
                 $conv!(insert_events_sql(EVENT_CHUNKS[3])),
             ];
-            let payloads = rows
-                .iter()
-                .map(|e| $crate::identity::json_text(&e.payload))
-                .collect::<Result<Vec<_>, _>>()?;
-            // One statement per chunk, each its own short write: a reply
-            // waiting to store its messages waits for one chunk, not for the
-            // whole batch. `ON CONFLICT DO NOTHING` makes a retried batch safe.
-            let mut rest: Vec<_> = rows.iter().zip(&payloads).collect();
-            for (size, sql) in EVENT_CHUNKS.iter().zip(sqls) {
-                while rest.len() >= *size {
-                    let mut q = sqlx::query(sql);
-                    for (e, payload) in rest.drain(..*size) {
-                        q = q
-                            .bind(&e.id)
-                            .bind(&e.tenant_id)
-                            .bind(&e.trace_id)
-                            .bind(e.seq)
-                            .bind(&e.kind)
-                            .bind(&e.session_id)
-                            .bind(payload)
-                            .bind(e.created_at_ms);
+            let packed = pack_events(rows)?;
+            // At most WRITE_GROUP rows per transaction (see insert_usage);
+            // `ON CONFLICT DO NOTHING` makes a retried batch safe.
+            for group in packed.chunks($crate::WRITE_GROUP) {
+                let mut tx = self.writer.begin().await.context("starting the event transaction")?;
+                let mut rest = group;
+                for (size, sql) in EVENT_CHUNKS.iter().zip(sqls) {
+                    while rest.len() >= *size {
+                        let (chunk, tail) = rest.split_at(*size);
+                        rest = tail;
+                        let mut q = sqlx::query(sql);
+                        for (e, events) in chunk {
+                            q = q
+                                .bind(&e.tenant_id)
+                                .bind(&e.trace_id)
+                                .bind(e.seq)
+                                .bind(&e.id)
+                                .bind(&e.session_id)
+                                .bind(e.created_at_ms)
+                                .bind(events);
+                        }
+                        q.execute(&mut *tx).await.context("storing events")?;
                     }
-                    q.execute(&self.writer).await.context("storing events")?;
                 }
+                tx.commit().await.context("committing events")?;
             }
             Ok(())
         }
@@ -686,8 +751,7 @@ macro_rules! session_store {
         ) -> Result<Vec<switchyard_core::sessions::BusEvent>, $crate::StoreError> {
             use $crate::sessions::*;
             let sql = $conv!(format!(
-                "SELECT {EVENT_COLUMNS} FROM bus_events WHERE tenant_id = ? AND trace_id = ? \
-                 ORDER BY created_at_ms, seq, id"
+                "SELECT {EVENT_COLUMNS} FROM bus_events WHERE tenant_id = ? AND trace_id = ?"
             ));
             let rows = sqlx::query(sql)
                 .bind(tenant_id)
@@ -695,10 +759,14 @@ macro_rules! session_store {
                 .fetch_all(&self.pool)
                 .await
                 .context("listing a trace's events")?;
-            rows.iter()
-                .map(event_from_row)
-                .collect::<Result<_, _>>()
-                .context("decoding events")
+            let mut events = Vec::new();
+            for r in &rows {
+                events.extend(events_from_row(r).context("decoding events")?);
+            }
+            events.sort_by(|a, b| {
+                (a.created_at_ms, a.seq, &a.id).cmp(&(b.created_at_ms, b.seq, &b.id))
+            });
+            Ok(events)
         }
 
         async fn claim_idempotency(
@@ -935,11 +1003,11 @@ pub(crate) use session_store;
 #[cfg(test)]
 mod tests {
     #[test]
-    fn event_inserts_have_a_row_of_placeholders_per_event() {
+    fn event_inserts_have_a_row_of_placeholders_per_packed_row() {
         let sql = super::insert_events_sql(2);
-        assert_eq!(sql.matches('?').count(), 16);
-        assert!(sql.ends_with(
-            "(?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-        ));
+        assert_eq!(sql.matches('?').count(), 14);
+        assert!(
+            sql.ends_with("(?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+        );
     }
 }

@@ -157,7 +157,7 @@ impl SqliteStore {
 }
 
 /// Rows per usage INSERT statement, largest first; the last must be 1.
-const USAGE_CHUNKS: [usize; 4] = [16, 8, 4, 1];
+const USAGE_CHUNKS: [usize; 4] = [64, 16, 4, 1];
 
 fn usage_insert_sql() -> &'static [String; 4] {
     static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
@@ -289,40 +289,46 @@ impl Store for SqliteStore {
         // four cached prepared statements (a statement per batch size would
         // fill sqlx's statement cache and memory), and a batch costs a handful
         // of round trips to the SQLite thread instead of one per row.
-        // Each chunk is its own short write on the writer connection, so a
-        // reply storing its messages waits for one chunk, not the batch;
-        // `ON CONFLICT DO NOTHING` makes a retried batch safe.
-        let mut rest = rows;
-        for (size, sql) in USAGE_CHUNKS.iter().zip(usage_insert_sql()) {
-            while rest.len() >= *size {
-                let (chunk, tail) = rest.split_at(*size);
-                rest = tail;
-                let mut q = sqlx::query(sql.as_str());
-                for r in chunk {
-                    q = q
-                        .bind(&r.id)
-                        .bind(&r.tenant_id)
-                        .bind(&r.key_id)
-                        .bind(&r.user_id)
-                        .bind(&r.trace_id)
-                        .bind(&r.endpoint)
-                        .bind(&r.model_alias)
-                        .bind(&r.provider)
-                        .bind(&r.upstream_model)
-                        .bind(r.stream)
-                        .bind(r.prompt_tokens.map(|v| v as i64))
-                        .bind(r.completion_tokens.map(|v| v as i64))
-                        .bind(r.cost_usd)
-                        .bind(r.latency_ms)
-                        .bind(r.ttft_ms)
-                        .bind(i64::from(r.status))
-                        .bind(&r.error_code)
-                        .bind(r.created_at_ms);
+        // At most WRITE_GROUP rows per transaction: few commits under load,
+        // and a reply storing its messages waits for one group at most, not
+        // the whole batch. `ON CONFLICT DO NOTHING` makes a retried batch safe.
+        for group in rows.chunks(crate::WRITE_GROUP) {
+            let mut tx = self
+                .writer
+                .begin()
+                .await
+                .context("starting the usage transaction")?;
+            let mut rest = group;
+            for (size, sql) in USAGE_CHUNKS.iter().zip(usage_insert_sql()) {
+                while rest.len() >= *size {
+                    let (chunk, tail) = rest.split_at(*size);
+                    rest = tail;
+                    let mut q = sqlx::query(sql.as_str());
+                    for r in chunk {
+                        q = q
+                            .bind(&r.id)
+                            .bind(&r.tenant_id)
+                            .bind(&r.key_id)
+                            .bind(&r.user_id)
+                            .bind(&r.trace_id)
+                            .bind(&r.endpoint)
+                            .bind(&r.model_alias)
+                            .bind(&r.provider)
+                            .bind(&r.upstream_model)
+                            .bind(r.stream)
+                            .bind(r.prompt_tokens.map(|v| v as i64))
+                            .bind(r.completion_tokens.map(|v| v as i64))
+                            .bind(r.cost_usd)
+                            .bind(r.latency_ms)
+                            .bind(r.ttft_ms)
+                            .bind(i64::from(r.status))
+                            .bind(&r.error_code)
+                            .bind(r.created_at_ms);
+                    }
+                    q.execute(&mut *tx).await.context("inserting usage rows")?;
                 }
-                q.execute(&self.writer)
-                    .await
-                    .context("inserting usage rows")?;
             }
+            tx.commit().await.context("committing usage rows")?;
         }
         Ok(())
     }

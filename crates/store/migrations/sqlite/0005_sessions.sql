@@ -53,20 +53,20 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_session ON messages (tenant_id, session_id, id);
 CREATE INDEX IF NOT EXISTS messages_streaming ON messages (instance_id, updated_at_ms) WHERE status = 'streaming';
 
--- Clustered by trace (the one way events are read), so an insert touches
--- the table and, for session requests only, the session index: events are
--- written for every request and must stay cheap.
+-- One row per trace and batch (usually a whole request) with its events
+-- as a JSON array. Rows are appended; the trace index grows at its end for
+-- the trace ids Switchyard makes (they start with the time), so writing
+-- the events of every request stays cheap.
 CREATE TABLE IF NOT EXISTS bus_events (
     tenant_id     TEXT NOT NULL,
     trace_id      TEXT NOT NULL,
     seq           INTEGER NOT NULL,
     id            TEXT NOT NULL,
-    kind          TEXT NOT NULL,
     session_id    TEXT,
-    payload       TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, trace_id, seq, id)
-) WITHOUT ROWID;
+    events        TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS bus_events_trace ON bus_events (tenant_id, trace_id, seq, id);
 CREATE INDEX IF NOT EXISTS bus_events_session ON bus_events (tenant_id, session_id) WHERE session_id IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS idempotency_keys (

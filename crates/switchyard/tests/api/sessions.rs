@@ -1553,7 +1553,8 @@ async fn data_rights(app: &TestApp) {
     assert_eq!(erased["erased"]["sessions"], 1);
     assert_eq!(erased["erased"]["messages"], 2);
     assert_eq!(erased["erased"]["usage_anonymised"], 1);
-    assert!(erased["erased"]["events"].as_u64().unwrap() >= 3);
+    // Event rows: one per request (its events packed together).
+    assert!(erased["erased"]["events"].as_u64().unwrap() >= 1);
 
     native_error(svc.get("/v1/users/alice/export").await, 404, "not_found").await;
     native_error(
