@@ -111,10 +111,6 @@ impl AppState {
         &self.inner.idempotency
     }
 
-    pub(crate) fn max_body_bytes(&self) -> usize {
-        self.inner.max_body_bytes
-    }
-
     pub(crate) fn user_header(&self) -> &axum::http::HeaderName {
         &self.inner.user_header
     }

@@ -287,6 +287,28 @@ pub(crate) fn claim_from_row(
 /// backend's placeholder style (`lite_once` or `pg_once`) and its RFC 7396
 /// merge expression of `state` and one `?` (the patch, as JSON text).
 /// `user_data` reads usage rows through the backend's own `user_usage`.
+/// One row of `$table` by tenant and id, decoded (inside `session_store!`).
+macro_rules! by_tenant_and_id {
+    ($self:ident, $conv:ident, $table:literal, $columns:ident, $decode:ident, $tenant:expr, $id:expr, $what:literal) => {{
+        use $crate::sessions::*;
+        let sql = $conv!(format!(
+            "SELECT {} FROM {} WHERE tenant_id = ? AND id = ?",
+            $columns, $table
+        ));
+        let row = sqlx::query(sql)
+            .bind($tenant)
+            .bind($id)
+            .fetch_optional(&$self.pool)
+            .await
+            .context(concat!("reading a ", $what))?;
+        row.as_ref()
+            .map($decode)
+            .transpose()
+            .context(concat!("decoding a ", $what))
+    }};
+}
+pub(crate) use by_tenant_and_id;
+
 macro_rules! session_store {
     ($store:ty, $conv:ident, $merge:expr, $history:expr) => {
     #[async_trait::async_trait]
@@ -319,15 +341,7 @@ macro_rules! session_store {
             tenant_id: &str,
             id: &str,
         ) -> Result<Option<switchyard_core::sessions::Bot>, $crate::StoreError> {
-            use $crate::sessions::*;
-            let sql = $conv!(format!("SELECT {BOT_COLUMNS} FROM bots WHERE tenant_id = ? AND id = ?"));
-            let row = sqlx::query(sql)
-                .bind(tenant_id)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .context("reading a bot")?;
-            row.as_ref().map(bot_from_row).transpose().context("decoding a bot")
+            $crate::sessions::by_tenant_and_id!(self, $conv, "bots", BOT_COLUMNS, bot_from_row, tenant_id, id, "bot")
         }
 
         async fn list_bots(
@@ -412,17 +426,7 @@ macro_rules! session_store {
             tenant_id: &str,
             id: &str,
         ) -> Result<Option<switchyard_core::sessions::Session>, $crate::StoreError> {
-            use $crate::sessions::*;
-            let sql = $conv!(format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant_id = ? AND id = ?"
-            ));
-            let row = sqlx::query(sql)
-                .bind(tenant_id)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .context("reading a session")?;
-            row.as_ref().map(session_from_row).transpose().context("decoding a session")
+            $crate::sessions::by_tenant_and_id!(self, $conv, "sessions", SESSION_COLUMNS, session_from_row, tenant_id, id, "session")
         }
 
         async fn list_sessions(
@@ -563,17 +567,7 @@ macro_rules! session_store {
             tenant_id: &str,
             id: &str,
         ) -> Result<Option<switchyard_core::sessions::Message>, $crate::StoreError> {
-            use $crate::sessions::*;
-            let sql = $conv!(format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = ? AND id = ?"
-            ));
-            let row = sqlx::query(sql)
-                .bind(tenant_id)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .context("reading a message")?;
-            row.as_ref().map(message_from_row).transpose().context("decoding a message")
+            $crate::sessions::by_tenant_and_id!(self, $conv, "messages", MESSAGE_COLUMNS, message_from_row, tenant_id, id, "message")
         }
 
         async fn list_messages(

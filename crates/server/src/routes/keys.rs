@@ -63,6 +63,16 @@ async fn parse<T: serde::de::DeserializeOwned>(
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<T, Response> {
+    native_body(state, headers, body).await.map(|(t, _)| t)
+}
+
+/// Reads a native JSON body under the body limit and parses it, returning
+/// the bytes too (idempotency hashes them); refusals in the native shape.
+pub(crate) async fn native_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(T, Bytes), Response> {
     let bytes: Bytes = read_body(headers, body, state.inner.max_body_bytes)
         .await
         .map_err(|e| {
@@ -73,7 +83,8 @@ async fn parse<T: serde::de::DeserializeOwned>(
                 json!({}),
             )
         })?;
-    parse_json(&bytes)
+    let parsed = parse_json(&bytes)?;
+    Ok((parsed, bytes))
 }
 
 /// Parses JSON into `T`; a failure is a native 400 naming the field.

@@ -14,7 +14,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use switchyard_core::config::RetiredPath;
@@ -29,8 +28,7 @@ use switchyard_engine::sessions::{
 };
 
 use crate::error::ErrorDetail;
-use crate::extract::read_body;
-use crate::routes::keys::{native, NativeJson};
+use crate::routes::keys::{native, native_body, NativeJson};
 use crate::routes::openai::{meta, sse};
 use crate::AppState;
 
@@ -100,11 +98,13 @@ fn query_error(e: QueryRejection) -> Response {
     )
 }
 
+/// The query of a list route: `limit` (1 to 100, default 20), `cursor`
+/// and the session filters; refusals are native 400s.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Page {
-    #[serde(default)]
-    limit: Option<u32>,
+    #[serde(default = "default_page")]
+    limit: u32,
     #[serde(default)]
     cursor: Option<String>,
     #[serde(default)]
@@ -113,18 +113,29 @@ pub struct Page {
     bot_id: Option<String>,
 }
 
-impl Page {
-    fn limit(&self) -> Result<u32, Response> {
-        match self.limit {
-            None => Ok(DEFAULT_PAGE),
-            Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-            Some(_) => Err(native(
+fn default_page() -> u32 {
+    DEFAULT_PAGE
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Page {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        let Query(page) = Query::<Page>::from_request_parts(parts, state)
+            .await
+            .map_err(query_error)?;
+        if !(1..=MAX_PAGE).contains(&page.limit) {
+            return Err(native(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 &format!("`limit` must be between 1 and {MAX_PAGE}."),
                 json!({"field": "limit"}),
-            )),
+            ));
         }
+        Ok(page)
     }
 }
 
@@ -166,16 +177,9 @@ pub async fn create_bot(
 pub async fn list_bots(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    page: Result<Query<Page>, QueryRejection>,
+    page: Page,
 ) -> Response {
-    let Query(page) = match page {
-        Ok(p) => p,
-        Err(e) => return query_error(e),
-    };
-    let limit = match page.limit() {
-        Ok(l) => l,
-        Err(r) => return r,
-    };
+    let limit = page.limit;
     match state
         .sessions()
         .list_bots(&who, page.cursor.as_deref(), limit)
@@ -236,16 +240,9 @@ pub async fn create_session(
 pub async fn list_sessions(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    page: Result<Query<Page>, QueryRejection>,
+    page: Page,
 ) -> Response {
-    let Query(page) = match page {
-        Ok(p) => p,
-        Err(e) => return query_error(e),
-    };
-    let limit = match page.limit() {
-        Ok(l) => l,
-        Err(r) => return r,
-    };
+    let limit = page.limit;
     let q = SessionQuery {
         user_id: page.user_id,
         bot_id: page.bot_id,
@@ -284,16 +281,9 @@ pub async fn list_messages(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    page: Result<Query<Page>, QueryRejection>,
+    page: Page,
 ) -> Response {
-    let Query(page) = match page {
-        Ok(p) => p,
-        Err(e) => return query_error(e),
-    };
-    let limit = match page.limit() {
-        Ok(l) => l,
-        Err(r) => return r,
-    };
+    let limit = page.limit;
     match state
         .sessions()
         .list_messages(&who, &id, page.cursor.as_deref(), limit)
@@ -440,26 +430,6 @@ fn header_key(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or("\u{0}"))
-}
-
-/// Reads a native JSON body, returning the bytes too (for idempotency).
-async fn native_body<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(T, Bytes), Response> {
-    let bytes = read_body(headers, body, state.max_body_bytes())
-        .await
-        .map_err(|e| {
-            native(
-                e.status,
-                e.body.code.as_deref().unwrap_or("invalid_request"),
-                &e.body.message,
-                json!({}),
-            )
-        })?;
-    let parsed = crate::routes::keys::parse_json(&bytes)?;
-    Ok((parsed, bytes))
 }
 
 #[allow(clippy::too_many_arguments)]
