@@ -138,15 +138,40 @@ struct Ending {
 }
 
 impl Sessions {
-    /// Stores the user's message and starts the reply.
+    /// Stores the user's message and starts the reply. A refusal (nothing
+    /// stored) frees the idempotency key before it returns, so a corrected
+    /// retry with the same key is not refused as in flight.
     pub async fn send(
+        &self,
+        who: &Principal,
+        session_id: &str,
+        msg: SendMessage,
+        meta: RequestMeta,
+        mode: ReplyMode,
+        mut claim: Option<Claimed>,
+    ) -> Result<ReplyHandle, SessionError> {
+        match self
+            .start(who, session_id, msg, meta, mode, &mut claim)
+            .await
+        {
+            Ok(handle) => Ok(handle),
+            Err(e) => {
+                if let Some(c) = claim.take() {
+                    c.release().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
         &self,
         who: &Principal,
         session_id: &str,
         msg: SendMessage,
         mut meta: RequestMeta,
         mode: ReplyMode,
-        claim: Option<Claimed>,
+        claim: &mut Option<Claimed>,
     ) -> Result<ReplyHandle, SessionError> {
         let settings = &self.inner.settings;
         if msg.content.trim().is_empty() {
@@ -284,7 +309,7 @@ impl Sessions {
                 transcript,
                 assistant,
                 mode,
-                claim,
+                claim: claim.take(),
                 finished: finished_tx,
             },
         ));

@@ -805,6 +805,29 @@ async fn a_keyed_completion_that_failed_frees_its_key_before_answering() {
     assert_eq!(app.mock().calls(), 80);
 }
 
+#[tokio::test]
+async fn a_keyed_message_refused_before_anything_was_stored_does_not_hold_its_key() {
+    // A refusal stores nothing and frees the key before answering (the
+    // engine awaits the release), so repeating the request is refused the
+    // same way, never with 409. Freeing in the background instead left a
+    // window too small to reproduce here reliably; this checks the key is
+    // never kept.
+    let app = spawn().await;
+    let sid = new_session(&app).await;
+    let path = format!("/v1/sessions/{sid}/messages");
+    let blank = json!({"content": "   "}).to_string();
+    for i in 0..20 {
+        let key = format!("refused-{i}");
+        let refused = post_keyed(&app, None, &path, &key, &blank).await;
+        assert_native(refused, 400, "invalid_request").await;
+        // The same request again: refused the same way, not 409 in flight.
+        let again = post_keyed(&app, None, &path, &key, &blank).await;
+        assert_native(again, 400, "invalid_request").await;
+    }
+    assert_eq!(app.mock().calls(), 0);
+    assert!(messages(&app, &sid).await.is_empty());
+}
+
 const ADMIN: &str = "bootstrap-admin-key-0123456789abcdef0123456789";
 
 #[tokio::test]
