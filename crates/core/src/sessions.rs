@@ -162,6 +162,32 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
+/// The headers of every `text/event-stream` response (proxies must not
+/// buffer it); live and replayed streams send the same ones.
+pub const SSE_HEADERS: [(&str, &str); 3] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+];
+
+impl StoredResponse {
+    /// A stored `text/event-stream` response, naming the provider that served it.
+    pub fn sse(body: Vec<u8>, provider: Option<&str>) -> Self {
+        let mut headers: Vec<(String, String)> = SSE_HEADERS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        if let Some(p) = provider {
+            headers.push(("x-switchyard-provider".to_owned(), p.to_owned()));
+        }
+        Self {
+            status: 200,
+            headers,
+            body,
+        }
+    }
+}
+
 /// What claiming an idempotency key found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IdempotencyClaim {

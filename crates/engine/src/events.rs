@@ -60,6 +60,11 @@ impl TraceEvents {
         }
     }
 
+    /// Whether events are recorded at all (skip building payloads if not).
+    pub fn enabled(&self) -> bool {
+        self.inner.writer.enabled()
+    }
+
     /// Records one event; they are queued for writing together when the
     /// last handle drops (and dropped and counted if the writer is saturated).
     pub fn record(&self, kind: &str, payload: Value) {

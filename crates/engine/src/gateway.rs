@@ -376,27 +376,36 @@ pub struct PublicError {
     pub retryable: bool,
 }
 
+/// What a client is told when every deployment of `model` is failing.
+pub fn unavailable_message(model: &str) -> String {
+    format!("Every provider of `{model}` is failing; try again shortly.")
+}
+
+/// What a client is told of a provider failure (no internal detail).
+pub fn provider_message(p: &ProviderError) -> String {
+    match p {
+        ProviderError::Timeout(_) => "The provider did not answer in time.".to_owned(),
+        ProviderError::Connect(_) => "Could not connect to the provider.".to_owned(),
+        ProviderError::Status { status, .. } => {
+            format!("The provider failed with status {status}.")
+        }
+        ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {
+            "The provider's stream broke before it was complete.".to_owned()
+        }
+    }
+}
+
 /// How an engine failure is reported inside a stream or a stored reply.
 pub fn public_error(e: &EngineError) -> PublicError {
     let (status, code, message, retryable): (u16, &str, String, bool) = match e {
         EngineError::UnknownModel(_) => (404, "model_not_found", e.to_string(), false),
         EngineError::Invalid(i) => (400, i.code, i.message.clone(), false),
-        EngineError::Unavailable(model) => (
-            503,
-            "model_unavailable",
-            format!("Every provider of `{model}` is failing; try again shortly."),
-            true,
-        ),
+        EngineError::Unavailable(model) => {
+            (503, "model_unavailable", unavailable_message(model), true)
+        }
         EngineError::Provider(p) => {
             let status = status_for(p);
-            let message = match p {
-                ProviderError::Timeout(_) => "The provider did not answer in time.".to_owned(),
-                ProviderError::Connect(_) => "Could not connect to the provider.".to_owned(),
-                ProviderError::Status { status: s, .. } => {
-                    format!("The provider failed with status {s}.")
-                }
-                _ => "The provider's stream broke before it was complete.".to_owned(),
-            };
+            let message = provider_message(p);
             let retryable = !matches!(status, 400 | 404 | 409 | 413 | 422);
             (status, p.code(), message, retryable)
         }
@@ -445,10 +454,12 @@ impl Accounting {
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         let events = gw.trace_events(meta);
-        events.record(
-            "request.received",
-            serde_json::json!({"endpoint": endpoint, "model": alias, "stream": stream}),
-        );
+        if events.enabled() {
+            events.record(
+                "request.received",
+                serde_json::json!({"endpoint": endpoint, "model": alias, "stream": stream}),
+            );
+        }
         Self {
             writer: gw.usage.clone(),
             events,
@@ -529,23 +540,23 @@ impl Accounting {
         r.ttft_ms = first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
         let provider = r.provider.clone();
         let model = r.model_alias.clone();
-        let outcome = serde_json::json!({
-            "status": status,
-            "provider": provider,
-            "latency_ms": r.latency_ms,
-            "ttft_ms": r.ttft_ms,
-            "error": code,
-            "prompt_tokens": usage.map(|u| u.prompt_tokens),
-            "completion_tokens": usage.map(|u| u.completion_tokens),
-        });
-        self.events.record(
-            if status < 400 {
+        if self.events.enabled() {
+            let outcome = serde_json::json!({
+                "status": status,
+                "provider": provider,
+                "latency_ms": r.latency_ms,
+                "ttft_ms": r.ttft_ms,
+                "error": code,
+                "prompt_tokens": usage.map(|u| u.prompt_tokens),
+                "completion_tokens": usage.map(|u| u.completion_tokens),
+            });
+            let kind = if status < 400 {
                 "request.done"
             } else {
                 "request.error"
-            },
-            outcome,
-        );
+            };
+            self.events.record(kind, outcome);
+        }
         metrics::histogram!("switchyard_upstream_duration_seconds", "provider" => provider.clone(), "endpoint" => r.endpoint.clone())
             .record(r.latency_ms / 1000.0);
         if let Some(ttft) = r.ttft_ms {

@@ -6,7 +6,7 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use switchyard_core::openai::{ErrorEnvelope, ErrorObject, InvalidRequest};
-use switchyard_engine::gateway::status_for;
+use switchyard_engine::gateway::{provider_message, status_for, unavailable_message};
 use switchyard_engine::EngineError;
 use switchyard_engine::ProviderError;
 
@@ -87,7 +87,7 @@ impl From<EngineError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream_error",
                 "model_unavailable",
-                format!("Every provider of `{model}` is failing; try again shortly."),
+                unavailable_message(&model),
             ),
             e @ (EngineError::Store(_) | EngineError::Setup(_)) => Self::internal(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -127,29 +127,15 @@ fn from_provider(p: ProviderError) -> ApiError {
             err.retry_after = retry_after.map(|d| d.as_secs_f64().ceil() as u64);
             err
         }
-        ProviderError::Status {
-            status: upstream, ..
-        } => ApiError::internal(
-            status,
-            "upstream_error",
-            "upstream_status",
-            &format!("The provider failed with status {upstream}."),
-            detail,
-        ),
-        ProviderError::Timeout(_) => ApiError::internal(
-            status,
-            "upstream_error",
-            "upstream_timeout",
-            "The provider did not answer in time.",
-            detail,
-        ),
-        ProviderError::Connect(_) => ApiError::internal(
-            status,
-            "upstream_error",
-            "upstream_connect_error",
-            "Could not connect to the provider.",
-            detail,
-        ),
+        ProviderError::Status { .. } | ProviderError::Timeout(_) | ProviderError::Connect(_) => {
+            ApiError::internal(
+                status,
+                "upstream_error",
+                p.code(),
+                &provider_message(&p),
+                detail,
+            )
+        }
         ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {
             ApiError::internal(
                 status,

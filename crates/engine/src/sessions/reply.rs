@@ -500,21 +500,7 @@ async fn generate(inner: Arc<Inner>, job: Job) {
         }
     }
     let stored = match (mode, &ending.error) {
-        (ReplyMode::Sse, _) => {
-            let mut headers = vec![
-                ("content-type".to_owned(), "text/event-stream".to_owned()),
-                ("cache-control".to_owned(), "no-cache".to_owned()),
-                ("x-accel-buffering".to_owned(), "no".to_owned()),
-            ];
-            if let Some(p) = &ending.provider {
-                headers.push(("x-switchyard-provider".to_owned(), p.to_string()));
-            }
-            StoredResponse {
-                status: 200,
-                headers,
-                body: render_all(&frames),
-            }
-        }
+        (ReplyMode::Sse, _) => StoredResponse::sse(render_all(&frames), ending.provider.as_deref()),
         (ReplyMode::Json, None) => StoredResponse {
             status: 200,
             headers: vec![("content-type".to_owned(), "application/json".to_owned())],

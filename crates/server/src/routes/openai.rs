@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde_json::json;
 use switchyard_core::identity::Principal;
 use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, InvalidRequest};
-use switchyard_core::sessions::StoredResponse;
+use switchyard_core::sessions::{StoredResponse, SSE_HEADERS};
 use switchyard_core::trace::TraceContext;
 use switchyard_engine::idempotency::Claimed;
 use switchyard_engine::{ChatOutcome, ModelInfo, RequestMeta, StreamEvent};
@@ -71,13 +71,10 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return ApiError::invalid(e).into_response(),
     };
-    let key = headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
     let claim = match crate::routes::sessions::claim_key(
         &state,
         &principal,
-        key,
+        crate::routes::sessions::header_key(&headers),
         "/v1/chat/completions",
         &bytes,
         false,
@@ -97,7 +94,10 @@ pub async fn chat_completions(
                 claim
                     .complete(&StoredResponse {
                         status: 200,
-                        headers: stored_headers("application/json", &provider),
+                        headers: vec![
+                            ("content-type".to_owned(), "application/json".to_owned()),
+                            ("x-switchyard-provider".to_owned(), provider.to_string()),
+                        ],
                         body: body.to_vec(),
                     })
                     .await;
@@ -182,17 +182,6 @@ fn event_frame(ev: &StreamEvent) -> Bytes {
     }
 }
 
-/// The headers an idempotent replay sends again.
-fn stored_headers(content_type: &str, provider: &str) -> Vec<(String, String)> {
-    let mut h = vec![("content-type".to_owned(), content_type.to_owned())];
-    if content_type == "text/event-stream" {
-        h.push(("cache-control".to_owned(), "no-cache".to_owned()));
-        h.push(("x-accel-buffering".to_owned(), "no".to_owned()));
-    }
-    h.push(("x-switchyard-provider".to_owned(), provider.to_owned()));
-    h
-}
-
 /// [`sse_response`] that also keeps the stream for idempotent replays: a
 /// complete stream is stored before its `[DONE]` is sent (so a client that
 /// saw the end finds it stored); a failed one releases the key before its
@@ -202,10 +191,10 @@ fn sse_response_stored(
     claim: Claimed,
     provider: &str,
 ) -> Response {
-    let headers = stored_headers("text/event-stream", provider);
+    let provider = provider.to_owned();
     let frames = futures::stream::unfold(
-        (events, Some(claim), Vec::new(), headers),
-        |(mut events, mut claim, mut kept, headers)| async move {
+        (events, Some(claim), Vec::new(), provider),
+        |(mut events, mut claim, mut kept, provider)| async move {
             let ev = events.next().await?;
             let frame = event_frame(&ev);
             match ev {
@@ -214,12 +203,8 @@ fn sse_response_stored(
                     kept.extend_from_slice(&frame);
                     if let Some(c) = claim.take() {
                         let body = std::mem::take(&mut kept);
-                        c.complete(&StoredResponse {
-                            status: 200,
-                            headers: headers.clone(),
-                            body,
-                        })
-                        .await;
+                        c.complete(&StoredResponse::sse(body, Some(&provider)))
+                            .await;
                     }
                 }
                 StreamEvent::Error(_) => {
@@ -228,7 +213,7 @@ fn sse_response_stored(
                     }
                 }
             }
-            Some((Ok::<_, Infallible>(frame), (events, claim, kept, headers)))
+            Some((Ok::<_, Infallible>(frame), (events, claim, kept, provider)))
         },
     );
     sse(Body::from_stream(frames))
@@ -237,13 +222,10 @@ fn sse_response_stored(
 /// A `text/event-stream` response, unbuffered by proxies in between.
 pub(crate) fn sse(body: Body) -> Response {
     let mut resp = Response::new(body);
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    for (name, value) in SSE_HEADERS {
+        resp.headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
     resp
 }
 

@@ -426,7 +426,8 @@ pub(crate) async fn claim_key(
     }
 }
 
-fn header_key(headers: &HeaderMap) -> Option<&str> {
+/// The `Idempotency-Key` header; a value that is not text fails validation.
+pub(crate) fn header_key(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("idempotency-key")
         .map(|v| v.to_str().unwrap_or("\u{0}"))
