@@ -20,7 +20,8 @@ use switchyard_providers::router::{Deployment, Route, RouteEntry, RouteError, Ro
 use switchyard_providers::{ChatProvider, ChatReply, EmbeddingProvider, ProviderError};
 
 /// A provider's two faces.
-type Adapter = (Arc<dyn ChatProvider>, Arc<dyn EmbeddingProvider>);
+/// A provider's chat and embedding sides (one object may be both).
+pub type Adapter = (Arc<dyn ChatProvider>, Arc<dyn EmbeddingProvider>);
 use switchyard_store::{Store, StoreError};
 
 use crate::batch_writer::{EventWriter, UsageWriter};
@@ -111,11 +112,15 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// `in_process` holds the adapters of providers this crate cannot build
+    /// itself (the `local` kind, whose models live in a crate beside this
+    /// one), by provider name.
     pub fn new(
         config: &Config,
         store: Arc<dyn Store>,
         usage: UsageWriter,
         events: EventWriter,
+        mut in_process: HashMap<String, Adapter>,
     ) -> Result<Self, EngineError> {
         let mut providers: HashMap<&str, Adapter> = HashMap::new();
         for (name, p) in &config.providers {
@@ -129,6 +134,11 @@ impl Gateway {
                     let a = Arc::new(AnthropicProvider::new(name, p).map_err(setup)?);
                     (a.clone(), a)
                 }
+                ProviderKind::Local => in_process.remove(name).ok_or_else(|| {
+                    EngineError::Setup(format!(
+                        "providers.{name}: a local provider needs the `local` feature and its model files"
+                    ))
+                })?,
             };
             providers.insert(name, adapter);
         }
@@ -389,6 +399,9 @@ pub fn provider_message(p: &ProviderError) -> String {
         ProviderError::Status { status, .. } => {
             format!("The provider failed with status {status}.")
         }
+        ProviderError::Overloaded { .. } => {
+            "The model is busy with other requests; try again shortly.".to_owned()
+        }
         ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {
             "The provider's stream broke before it was complete.".to_owned()
         }
@@ -428,6 +441,7 @@ pub fn public_error(e: &EngineError) -> PublicError {
 pub fn status_for(e: &ProviderError) -> u16 {
     match e {
         ProviderError::Timeout(_) => 504,
+        ProviderError::Overloaded { .. } => 503,
         ProviderError::Status { status, .. }
             if matches!(status, 400 | 404 | 409 | 413 | 422 | 429) =>
         {

@@ -24,6 +24,11 @@ pub enum ProviderError {
     Broken(String),
     #[error("the provider's stream ended before it was complete")]
     Truncated,
+    /// The deployment refused the call for want of capacity (an in-process
+    /// model whose queue is full): not a fault, so no breaker counts it, and
+    /// the route moves to its next deployment at once instead of waiting.
+    #[error("the provider is at capacity")]
+    Overloaded { retry_after: Duration },
 }
 
 impl ProviderError {
@@ -36,6 +41,7 @@ impl ProviderError {
             ProviderError::Protocol(_) => "upstream_protocol_error",
             ProviderError::Broken(_) => "upstream_broken",
             ProviderError::Truncated => "upstream_truncated",
+            ProviderError::Overloaded { .. } => "upstream_overloaded",
         }
     }
 }

@@ -33,6 +33,7 @@ impl Default for RetryConfig {
 pub fn is_retryable(e: &ProviderError) -> bool {
     match e {
         ProviderError::Connect(_) | ProviderError::Timeout(_) => true,
+        ProviderError::Overloaded { .. } => true,
         ProviderError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504 | 529),
         // Before the first byte (the only time the router sees these).
         ProviderError::Broken(_) | ProviderError::Truncated | ProviderError::Protocol(_) => true,
@@ -70,7 +71,7 @@ pub fn next_step(
     error: &ProviderError,
     rng: &mut impl Rng,
 ) -> Next {
-    if attempt >= config.max_attempts {
+    if attempt >= config.max_attempts || matches!(error, ProviderError::Overloaded { .. }) {
         return Next::Fallback;
     }
     if let ProviderError::Status {

@@ -378,6 +378,14 @@ impl Router {
                             attempts,
                         });
                     }
+                    Err(e @ ProviderError::Overloaded { .. }) => {
+                        // At capacity, not broken: the breaker and the health
+                        // figures leave it out, and the next deployment serves.
+                        drop(permit);
+                        metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "overloaded").increment(1);
+                        last = Some((e, d.clone()));
+                        break;
+                    }
                     Err(e) if !is_retryable(&e) => {
                         // The request itself was refused: not the deployment's
                         // fault, and no other deployment will think otherwise.

@@ -136,6 +136,17 @@ fn from_provider(p: ProviderError) -> ApiError {
                 detail,
             )
         }
+        ProviderError::Overloaded { retry_after } => {
+            let mut err = ApiError::internal(
+                status,
+                "server_error",
+                p.code(),
+                &provider_message(&p),
+                detail,
+            );
+            err.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+            err
+        }
         ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {
             ApiError::internal(
                 status,
