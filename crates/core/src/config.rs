@@ -33,6 +33,8 @@ pub struct Config {
     pub jwt: crate::jwt::JwtConfig,
     pub rate_limits: crate::limits::RateLimitConfig,
     pub security: SecurityConfig,
+    /// The built-in local models (SmolLM2 chat, MiniLM embeddings).
+    pub local: crate::local::LocalConfig,
     /// Upstream providers by name.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Model aliases clients may name, by alias.
@@ -261,6 +263,8 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic's Messages API; `base_url` like `https://api.anthropic.com/v1`.
     Anthropic,
+    /// The built-in models of `[local]`, run in-process on the CPU; no `base_url`.
+    Local,
 }
 
 /// Who may call: API keys live in the store; this says how credentials are
@@ -304,7 +308,8 @@ pub struct SecurityConfig {
 pub struct ProviderConfig {
     pub kind: ProviderKind,
     /// Base URL including the version segment, e.g. `https://api.openai.com/v1`.
-    #[serde(serialize_with = "serialize_url_masked")]
+    /// Required for `openai` and `anthropic`; a `local` provider has none.
+    #[serde(default, serialize_with = "serialize_url_masked")]
     pub base_url: String,
     /// Sent as `Authorization: Bearer …`; never logged or returned.
     #[serde(default, serialize_with = "serialize_secret_masked")]
@@ -579,7 +584,17 @@ impl Config {
                 "expected queue_capacity and batch_size of at least 1",
             ));
         }
+        self.local.validate()?;
         for (name, p) in &self.providers {
+            if p.kind == ProviderKind::Local {
+                if !p.base_url.is_empty() {
+                    return Err(ConfigError::invalid(
+                        format!("providers.{name}.base_url"),
+                        "a local provider runs in-process and takes no base_url",
+                    ));
+                }
+                continue;
+            }
             if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
                 return Err(ConfigError::invalid(
                     format!("providers.{name}.base_url"),
@@ -743,6 +758,21 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("{path}.model"),
                     "expected a model name",
+                ));
+            }
+            let local = self.providers[&d.provider].kind == ProviderKind::Local;
+            if local
+                && d.model != crate::local::LOCAL_CHAT_MODEL
+                && d.model != crate::local::LOCAL_EMBEDDING_MODEL
+            {
+                return Err(ConfigError::invalid(
+                    format!("{path}.model"),
+                    format!(
+                        "the local provider serves `{}` (chat) and `{}` (embeddings), not `{}`",
+                        crate::local::LOCAL_CHAT_MODEL,
+                        crate::local::LOCAL_EMBEDDING_MODEL,
+                        d.model
+                    ),
                 ));
             }
             if d.weight == 0 {
@@ -990,6 +1020,7 @@ impl fmt::Display for ProviderKind {
         match self {
             ProviderKind::Openai => f.write_str("openai"),
             ProviderKind::Anthropic => f.write_str("anthropic"),
+            ProviderKind::Local => f.write_str("local"),
         }
     }
 }

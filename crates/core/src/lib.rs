@@ -8,6 +8,7 @@ pub mod health;
 pub mod identity;
 pub mod jwt;
 pub mod limits;
+pub mod local;
 pub mod openai;
 pub mod sessions;
 pub mod trace;

@@ -111,5 +111,9 @@ pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     let file = text.as_deref().map(|t| (origin.as_str(), t));
-    Ok(Config::load(file, &env)?)
+    #[allow(unused_mut, reason = "changed only with the local feature")]
+    let mut config = Config::load(file, &env)?;
+    #[cfg(feature = "local")]
+    crate::local::apply_defaults(&mut config);
+    Ok(config)
 }

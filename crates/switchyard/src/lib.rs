@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod keys;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod logwriter;
 pub mod telemetry;
 
@@ -50,8 +52,13 @@ impl Application {
         store.migrate().await.context("migrating the store")?;
         let (usage, usage_task) = UsageWriter::spawn(store.clone(), &config.usage);
         let (events, events_task) = EventWriter::spawn(store.clone(), &config.events);
+        #[cfg(feature = "local")]
+        let in_process = local::adapters(config).await?;
+        #[cfg(not(feature = "local"))]
+        let in_process = std::collections::HashMap::new();
         let gateway = Arc::new(
-            Gateway::new(config, store.clone(), usage, events).context("building the gateway")?,
+            Gateway::new(config, store.clone(), usage, events, in_process)
+                .context("building the gateway")?,
         );
         let health_task = gateway.spawn_health_task(&config.health);
         for m in gateway.models() {

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
             Command::Serve => {
                 if config.models.is_empty() {
                     tracing::warn!(
-                        "no model is configured: set CHAT_API_BASE and CHAT_API_KEY (or OPENAI_API_KEY), or add [providers] and [models] to switchyard.toml"
+                        "no model is configured: run scripts/fetch-models for the built-in local models, set CHAT_API_BASE and CHAT_API_KEY (or OPENAI_API_KEY), or add [providers] and [models] to switchyard.toml"
                     );
                 }
                 let app = Application::build(&config, telemetry::init_metrics()).await?;

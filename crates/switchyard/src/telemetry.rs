@@ -14,8 +14,15 @@ use crate::logwriter::{self, LogFlushGuard};
 /// guard until exit: dropping it flushes what is buffered.
 /// `to_stderr` is for one-shot commands whose stdout is their output.
 pub fn init_logging(config: &LogConfig, to_stderr: bool) -> LogFlushGuard {
+    // llama.cpp reports every tensor it loads at info level: keep its
+    // warnings and errors only, unless the level names it.
+    let level = if config.level.contains("llama") {
+        config.level.clone()
+    } else {
+        format!("{},llama-cpp-2=warn", config.level)
+    };
     let filter = EnvFilter::try_from_env("RUST_LOG")
-        .or_else(|_| EnvFilter::try_new(&config.level))
+        .or_else(|_| EnvFilter::try_new(&level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (sink, guard) = if to_stderr {
         logwriter::spawn(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>)

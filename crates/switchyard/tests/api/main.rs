@@ -4,6 +4,7 @@
 
 mod helpers;
 mod limits;
+mod local;
 
 mod anthropic;
 mod auth;

@@ -53,3 +53,47 @@ async fn the_official_openai_python_sdk_works_unchanged() {
     assert!(out.status.success(), "pytest failed:\n{report}");
     assert!(report.contains("14 passed"), "{report}");
 }
+
+#[tokio::test]
+async fn the_official_openai_python_sdk_works_against_the_local_models_offline() {
+    let python = match std::env::var("SWITCHYARD_PYTHON") {
+        Ok(p) if !p.is_empty() => p,
+        _ => {
+            assert_ne!(
+                std::env::var("SWITCHYARD_REQUIRE_PY").as_deref(),
+                Ok("1"),
+                "SWITCHYARD_PYTHON is required"
+            );
+            eprintln!("skipping: SWITCHYARD_PYTHON is not set");
+            return;
+        }
+    };
+    let Some(models) = crate::local::models_dir() else {
+        return;
+    };
+    // No mock and no provider: only the default local aliases exist.
+    let app = app()
+        .without_mock()
+        .config(&format!("[local]\nmodels_dir = \"{}\"\n", models.display()))
+        .env("SWITCHYARD_ADMIN_KEY", SDK_KEY)
+        .spawn()
+        .await;
+    let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python_local");
+
+    let out = tokio::process::Command::new(python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", tests])
+        .env("OPENAI_BASE_URL", app.url("/v1"))
+        .env("SWITCHYARD_TEST_KEY", SDK_KEY)
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .await
+        .unwrap();
+
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pytest failed:\n{report}");
+    assert!(report.contains("8 passed"), "{report}");
+}

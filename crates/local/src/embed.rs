@@ -1,0 +1,785 @@
+//! The sentence-embedding engine: all-MiniLM-L6-v2 (a 6-layer BERT, 384
+//! dimensions) on the CPU with candle, producing exactly what
+//! sentence-transformers produces for this model — the mean of the last
+//! hidden states over the attention mask, then L2 normalisation.
+//!
+//! The BERT forward pass is written here (a few dozen lines over
+//! `candle-nn`'s `Linear`, `LayerNorm` and `Embedding`) rather than pulled
+//! from `candle-transformers`. Tokenisation is the `tokenizers` crate reading
+//! the model's own `tokenizer.json` (pure Rust: `fancy-regex`, no Oniguruma,
+//! no download support), so ids match the Hugging Face tokenizer by
+//! construction; candle-core depends on that crate anyway.
+//!
+//! Inputs are sorted by token count, cut into batches of `batch_size`, and
+//! each batch is padded only to its own longest input; padded positions are
+//! masked out of attention and of the mean, so a text's vector does not
+//! depend on what it was batched with. Inputs longer than
+//! [`EmbedModel::max_tokens`] are truncated, as sentence-transformers does.
+//!
+//! Threads: candle's CPU matmul (the `gemm` crate) and its row-wise kernels
+//! (softmax, layer norm) run on whatever rayon pool is current. Each
+//! [`EmbedModel`] owns a dedicated rayon pool of `threads` workers and runs
+//! every forward pass inside [`rayon::ThreadPool::install`], so the engine
+//! never uses more than `threads` cores however many callers share it —
+//! concurrent [`EmbedModel::embed`] calls queue for the same workers. (candle
+//! still splits a large matmul into `RAYON_NUM_THREADS`-or-physical-cores
+//! pieces, but those pieces run on this pool's workers only.)
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::LocalError;
+
+/// The sentence-transformers `max_seq_length` of all-MiniLM-L6-v2, used when
+/// the model folder has no `sentence_bert_config.json` saying otherwise.
+const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// How the engine runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbedOptions {
+    /// CPU threads for one model, shared by all concurrent calls (at least 1).
+    pub threads: usize,
+    /// Texts per forward pass (at least 1); 64 by default.
+    pub batch_size: usize,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+            batch_size: 64,
+        }
+    }
+}
+
+/// The result of one [`EmbedModel::embed`] call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One unit-length vector of [`EmbedModel::dimensions`] floats per input,
+    /// in input order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the model read, after truncation, counting `[CLS]` and `[SEP]`.
+    pub prompt_tokens: u32,
+}
+
+/// The BERT hyper-parameters we read from `config.json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct BertConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "default_hidden_act")]
+    hidden_act: String,
+    #[serde(default)]
+    model_type: Option<String>,
+}
+
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_hidden_act() -> String {
+    "gelu".to_owned()
+}
+
+/// The optional sentence-transformers side file.
+#[derive(Debug, serde::Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+struct Embeddings0 {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+struct Bert {
+    embeddings: Embeddings0,
+    layers: Vec<Layer>,
+    heads: usize,
+    head_dim: usize,
+    hidden: usize,
+}
+
+impl Bert {
+    fn load(vb: VarBuilder<'_>, cfg: &BertConfig) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let ev = vb.pp("embeddings");
+        let embeddings = Embeddings0 {
+            word: candle_nn::embedding(cfg.vocab_size, h, ev.pp("word_embeddings"))?,
+            position: candle_nn::embedding(
+                cfg.max_position_embeddings,
+                h,
+                ev.pp("position_embeddings"),
+            )?,
+            token_type: candle_nn::embedding(
+                cfg.type_vocab_size,
+                h,
+                ev.pp("token_type_embeddings"),
+            )?,
+            norm: candle_nn::layer_norm(h, eps, ev.pp("LayerNorm"))?,
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let lv = vb.pp(format!("encoder.layer.{i}"));
+            let at = lv.pp("attention");
+            layers.push(Layer {
+                query: candle_nn::linear(h, h, at.pp("self.query"))?,
+                key: candle_nn::linear(h, h, at.pp("self.key"))?,
+                value: candle_nn::linear(h, h, at.pp("self.value"))?,
+                attn_out: candle_nn::linear(h, h, at.pp("output.dense"))?,
+                attn_norm: candle_nn::layer_norm(h, eps, at.pp("output.LayerNorm"))?,
+                intermediate: candle_nn::linear(
+                    h,
+                    cfg.intermediate_size,
+                    lv.pp("intermediate.dense"),
+                )?,
+                output: candle_nn::linear(cfg.intermediate_size, h, lv.pp("output.dense"))?,
+                out_norm: candle_nn::layer_norm(h, eps, lv.pp("output.LayerNorm"))?,
+            });
+        }
+        Ok(Self {
+            embeddings,
+            layers,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+            hidden: h,
+        })
+    }
+
+    /// `ids` and `mask` are `[batch, len]` (u32 and f32); returns the pooled,
+    /// normalised `[batch, hidden]` embeddings.
+    fn embed(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let dev = ids.device();
+        let (nh, hd, h) = (self.heads, self.head_dim, self.hidden);
+
+        // Embeddings: word + position + token type 0, then LayerNorm.
+        let flat_ids = ids.flatten_all()?;
+        let words = self
+            .embeddings
+            .word
+            .forward(&flat_ids)?
+            .reshape((b, l, h))?;
+        let positions = Tensor::arange(0u32, l as u32, dev)?;
+        let pos = self.embeddings.position.forward(&positions)?; // [l, h]
+        let types = self
+            .embeddings
+            .token_type
+            .forward(&Tensor::zeros(1, DType::U32, dev)?)?; // [1, h]
+        let x = words.broadcast_add(&pos)?.broadcast_add(&types)?;
+        let mut x = self.embeddings.norm.forward(&x)?.reshape((b * l, h))?;
+
+        // 0 where the key is a real token, a large negative where it is padding.
+        let bias = ((mask.ones_like()? - mask)? * -1e30)?
+            .reshape((b, 1, 1, l))?
+            .to_dtype(x.dtype())?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()
+        };
+
+        for layer in &self.layers {
+            let q = split(layer.query.forward(&x)?)?;
+            let k = split(layer.key.forward(&x)?)?;
+            let v = split(layer.value.forward(&x)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs
+                .matmul(&v)? // [b, nh, l, hd]
+                .transpose(1, 2)?
+                .reshape((b * l, h))?;
+            let attn = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+            let inter = layer.intermediate.forward(&attn)?.gelu_erf()?;
+            x = layer
+                .out_norm
+                .forward(&(layer.output.forward(&inter)? + &attn)?)?;
+        }
+
+        // Mean over real tokens, then L2 normalisation (as sentence-transformers).
+        let x = x.reshape((b, l, h))?;
+        let m = mask.to_dtype(x.dtype())?.unsqueeze(2)?; // [b, l, 1]
+        let summed = x.broadcast_mul(&m)?.sum(1)?; // [b, h]
+        let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?; // [b, 1]
+        let mean = summed.broadcast_div(&counts)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        mean.broadcast_div(&norm)
+    }
+}
+
+/// A loaded embedding model. `Send + Sync`: share it behind an `Arc` and call
+/// [`EmbedModel::embed`] from blocking threads.
+pub struct EmbedModel {
+    bert: Bert,
+    tokenizer: Tokenizer,
+    pool: rayon::ThreadPool,
+    device: Device,
+    name: String,
+    max_tokens: usize,
+    threads: usize,
+    batch_size: usize,
+    layers: usize,
+}
+
+impl std::fmt::Debug for EmbedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbedModel")
+            .field("name", &self.name)
+            .field("max_tokens", &self.max_tokens)
+            .field("threads", &self.threads)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn load_err(what: &'static str, detail: impl std::fmt::Display) -> LocalError {
+    LocalError::Load {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+fn infer_err(e: candle_core::Error) -> LocalError {
+    LocalError::Inference(e.to_string())
+}
+
+impl EmbedModel {
+    /// Loads `model.safetensors`, `config.json` and `tokenizer.json` from
+    /// `dir` (and `sentence_bert_config.json`, if present, for the maximum
+    /// sequence length).
+    pub fn load(dir: &Path, options: &EmbedOptions) -> Result<Self, LocalError> {
+        if options.threads == 0 {
+            return Err(LocalError::Invalid(
+                "embedding threads must be at least 1".into(),
+            ));
+        }
+        if options.batch_size == 0 {
+            return Err(LocalError::Invalid(
+                "embedding batch size must be at least 1".into(),
+            ));
+        }
+        let read = |file: &str, what: &'static str| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path)
+                .map_err(|e| load_err(what, format!("{}: {e}", path.display())))
+        };
+
+        let cfg: BertConfig = serde_json::from_str(&read("config.json", "embedding config")?)
+            .map_err(|e| load_err("embedding config", e))?;
+        if let Some(t) = cfg.model_type.as_deref() {
+            if t != "bert" {
+                return Err(load_err(
+                    "embedding config",
+                    format!("model_type {t:?} is not a BERT model"),
+                ));
+            }
+        }
+        if cfg.hidden_act != "gelu" {
+            return Err(load_err(
+                "embedding config",
+                format!(
+                    "hidden_act {:?} is not supported (only gelu)",
+                    cfg.hidden_act
+                ),
+            ));
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(load_err(
+                "embedding config",
+                "hidden_size is not a multiple of num_attention_heads",
+            ));
+        }
+
+        let st_path = dir.join("sentence_bert_config.json");
+        let max_tokens = match std::fs::read_to_string(&st_path) {
+            Ok(text) => serde_json::from_str::<SentenceBertConfig>(&text)
+                .map_err(|e| load_err("sentence-transformers config", e))?
+                .max_seq_length
+                .unwrap_or(DEFAULT_MAX_TOKENS),
+            Err(_) => DEFAULT_MAX_TOKENS,
+        }
+        .min(cfg.max_position_embeddings);
+
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
+            load_err(
+                "embedding tokenizer",
+                format!("{}: {e}", tokenizer_path.display()),
+            )
+        })?;
+        // The file asks for fixed padding to 128 and truncation at 128; we pad
+        // per batch ourselves and truncate where sentence-transformers does.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| load_err("embedding tokenizer", e))?;
+
+        let device = Device::Cpu;
+        let weights_path = dir.join("model.safetensors");
+        let tensors: HashMap<String, Tensor> =
+            candle_core::safetensors::load(&weights_path, &device).map_err(|e| {
+                load_err(
+                    "embedding weights",
+                    format!("{}: {e}", weights_path.display()),
+                )
+            })?;
+        // Some exports prefix every name with "bert.".
+        let prefixed = !tensors.contains_key("embeddings.word_embeddings.weight")
+            && tensors.contains_key("bert.embeddings.word_embeddings.weight");
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let vb = if prefixed { vb.pp("bert") } else { vb };
+        let bert = Bert::load(vb, &cfg).map_err(|e| load_err("embedding weights", e))?;
+
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads)
+            .thread_name(|i| format!("embed-{i}"))
+            .build()
+            .map_err(|e| load_err("embedding thread pool", e))?;
+
+        let name = dir.file_name().map_or_else(
+            || "embedding model".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+
+        Ok(Self {
+            bert,
+            tokenizer,
+            pool,
+            device,
+            name,
+            max_tokens,
+            threads: options.threads,
+            batch_size: options.batch_size,
+            layers: cfg.num_hidden_layers,
+        })
+    }
+
+    /// Length of every vector (384 for all-MiniLM-L6-v2).
+    pub fn dimensions(&self) -> usize {
+        self.bert.hidden
+    }
+
+    /// Inputs are truncated to this many tokens, `[CLS]` and `[SEP]` included
+    /// (256 for all-MiniLM-L6-v2, its sentence-transformers `max_seq_length`).
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The token ids the model reads for `text`: `[CLS] … [SEP]`, truncated
+    /// at [`EmbedModel::max_tokens`].
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, LocalError> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| LocalError::Inference(format!("tokenizing: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Embeds `texts`, returning one unit vector per text in input order.
+    /// Blocking; may be called from several threads at once (they share this
+    /// model's thread pool).
+    pub fn embed(&self, texts: &[&str]) -> Result<Embeddings, LocalError> {
+        if texts.is_empty() {
+            return Ok(Embeddings {
+                vectors: Vec::new(),
+                prompt_tokens: 0,
+            });
+        }
+        let encoded = texts
+            .iter()
+            .map(|t| self.token_ids(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt_tokens = encoded.iter().map(Vec::len).sum::<usize>();
+
+        // Longest first, so each batch pads to similar lengths.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
+
+        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for chunk in order.chunks(self.batch_size) {
+            let rows = self.pool.install(|| self.run_batch(chunk, &encoded))?;
+            for (&i, row) in chunk.iter().zip(rows) {
+                vectors[i] = row;
+            }
+        }
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+        })
+    }
+
+    fn run_batch(
+        &self,
+        chunk: &[usize],
+        encoded: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>, LocalError> {
+        let len = chunk
+            .iter()
+            .map(|&i| encoded[i].len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut ids = Vec::with_capacity(chunk.len() * len);
+        let mut mask = Vec::with_capacity(chunk.len() * len);
+        for &i in chunk {
+            let e = &encoded[i];
+            ids.extend_from_slice(e);
+            ids.resize(ids.len() + (len - e.len()), 0);
+            mask.extend(std::iter::repeat_n(1f32, e.len()));
+            mask.extend(std::iter::repeat_n(0f32, len - e.len()));
+        }
+        let ids = Tensor::from_vec(ids, (chunk.len(), len), &self.device).map_err(infer_err)?;
+        let mask = Tensor::from_vec(mask, (chunk.len(), len), &self.device).map_err(infer_err)?;
+        self.bert
+            .embed(&ids, &mask)
+            .and_then(|t| t.to_dtype(DType::F32)?.to_vec2::<f32>())
+            .map_err(infer_err)
+    }
+
+    /// One line for the startup log.
+    pub fn describe(&self) -> String {
+        let simd = if candle_core::utils::with_avx() {
+            "avx2"
+        } else if candle_core::utils::with_neon() {
+            "neon"
+        } else {
+            "no simd"
+        };
+        format!(
+            "{} (BERT, {} layers, {} dims, max {} tokens) on candle CPU f32 ({simd}), {} threads, batches of {}",
+            self.name,
+            self.layers,
+            self.dimensions(),
+            self.max_tokens,
+            self.threads,
+            self.batch_size,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn model_dir() -> Option<PathBuf> {
+        let base = std::env::var_os("SWITCHYARD_MODELS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
+        let dir = base.join("all-MiniLM-L6-v2");
+        if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+            Some(dir)
+        } else {
+            eprintln!("skipping: no all-MiniLM-L6-v2 under {}", base.display());
+            None
+        }
+    }
+
+    fn model(threads: usize) -> Option<EmbedModel> {
+        let dir = model_dir()?;
+        let opts = EmbedOptions {
+            threads,
+            batch_size: 64,
+        };
+        Some(EmbedModel::load(&dir, &opts).unwrap())
+    }
+
+    fn cos(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn model_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<EmbedModel>();
+    }
+
+    #[test]
+    fn vectors_are_unit_length_and_384_wide() {
+        let Some(m) = model(2) else { return };
+        assert_eq!(m.dimensions(), 384);
+        assert_eq!(m.max_tokens(), 256);
+        let out = m
+            .embed(&["Hello world.", "", "Ünïcödé and 中文 text!"])
+            .unwrap();
+        assert_eq!(out.vectors.len(), 3);
+        for v in &out.vectors {
+            assert_eq!(v.len(), 384);
+            let n: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-5, "norm {n}");
+        }
+        assert!(out.prompt_tokens >= 3 * 2);
+        eprintln!("{}", m.describe());
+    }
+
+    #[test]
+    fn similarity_ordering() {
+        let Some(m) = model(2) else { return };
+        let out = m
+            .embed(&[
+                "A man is eating food.",
+                "A man is eating a piece of bread.",
+                "The new movie is awesome.",
+            ])
+            .unwrap();
+        let close = cos(&out.vectors[0], &out.vectors[1]);
+        let far = cos(&out.vectors[0], &out.vectors[2]);
+        eprintln!("cos(food, bread) = {close}, cos(food, movie) = {far}");
+        assert!((close - 0.755).abs() < 0.01, "{close}");
+        assert!((far - -0.05).abs() < 0.03, "{far}");
+        assert!(close > far);
+    }
+
+    #[test]
+    fn batch_equals_one_at_a_time() {
+        let Some(m) = model(2) else { return };
+        let texts = [
+            "short",
+            "A somewhat longer sentence, with punctuation; and more words than the first.",
+            "The quick brown fox jumps over the lazy dog.",
+            "",
+            "Über naïve café résumé — déjà vu!",
+        ];
+        let batch = m.embed(&texts).unwrap();
+        let mut tokens = 0;
+        for (i, t) in texts.iter().enumerate() {
+            let one = m.embed(&[t]).unwrap();
+            tokens += one.prompt_tokens;
+            let d = max_abs_diff(&one.vectors[0], &batch.vectors[i]);
+            assert!(d < 1e-5, "text {i}: max diff {d}");
+        }
+        assert_eq!(tokens, batch.prompt_tokens);
+
+        // Several small batches give the same as one.
+        let dir = model_dir().unwrap();
+        let small = EmbedModel::load(
+            &dir,
+            &EmbedOptions {
+                threads: 1,
+                batch_size: 2,
+            },
+        )
+        .unwrap();
+        let again = small.embed(&texts).unwrap();
+        for (a, b) in again.vectors.iter().zip(&batch.vectors) {
+            assert!(max_abs_diff(a, b) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn long_input_is_truncated() {
+        let Some(m) = model(2) else { return };
+        let long = "word ".repeat(5000);
+        let ids = m.token_ids(&long).unwrap();
+        assert_eq!(ids.len(), 256);
+        assert_eq!(ids[0], 101);
+        assert_eq!(ids[255], 102);
+        let out = m.embed(&[&long, "short"]).unwrap();
+        assert_eq!(out.vectors.len(), 2);
+        assert_eq!(out.prompt_tokens, 256 + 3);
+        // Everything past the limit is ignored.
+        let longer = format!("{long} and then something else entirely");
+        let other = m.embed(&[&longer]).unwrap();
+        assert!(max_abs_diff(&other.vectors[0], &out.vectors[0]) < 1e-5);
+    }
+
+    #[test]
+    fn empty_input_gives_empty_result() {
+        let Some(m) = model(1) else { return };
+        let out = m.embed(&[]).unwrap();
+        assert!(out.vectors.is_empty());
+        assert_eq!(out.prompt_tokens, 0);
+    }
+
+    #[test]
+    fn zero_threads_or_batch_is_invalid() {
+        let Some(dir) = model_dir() else { return };
+        for (threads, batch_size) in [(0, 64), (1, 0)] {
+            let r = EmbedModel::load(
+                &dir,
+                &EmbedOptions {
+                    threads,
+                    batch_size,
+                },
+            );
+            assert!(matches!(r, Err(LocalError::Invalid(_))));
+        }
+        let r = EmbedModel::load(&dir.join("nope"), &EmbedOptions::default());
+        assert!(matches!(r, Err(LocalError::Load { .. })));
+    }
+
+    #[test]
+    fn concurrent_calls_agree() {
+        let Some(m) = model(2) else { return };
+        let want = m.embed(&["concurrency is fine"]).unwrap();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| m.embed(&["concurrency is fine"]).unwrap()))
+                .collect();
+            for h in handles {
+                let got = h.join().unwrap();
+                assert!(max_abs_diff(&got.vectors[0], &want.vectors[0]) < 1e-6);
+            }
+        });
+    }
+
+    /// Ids from the Hugging Face `tokenizers` Python package on the same
+    /// tokenizer.json (`Tokenizer.from_file(...).encode(s).ids`, with the
+    /// file's own padding disabled).
+    #[test]
+    fn token_ids_match_hugging_face() {
+        let Some(m) = model(1) else { return };
+        for (text, want) in HF_IDS {
+            assert_eq!(m.token_ids(text).unwrap(), *want, "{text:?}");
+        }
+    }
+
+    const HF_IDS: &[(&str, &[u32])] = &[
+        (
+            "\u{dc}ber na\u{ef}ve caf\u{e9} r\u{e9}sum\u{e9} \u{2014} d\u{e9}j\u{e0} vu!",
+            &[
+                101, 19169, 15743, 7668, 13746, 1517, 2139, 3900, 24728, 999, 102,
+            ],
+        ),
+        (
+            "Hello, world! It's 3.14 (approx.) \u{2014} isn't it?",
+            &[
+                101, 7592, 1010, 2088, 999, 2009, 1005, 1055, 1017, 1012, 2403, 1006, 22480, 1012,
+                1007, 1517, 3475, 1005, 1056, 2009, 1029, 102,
+            ],
+        ),
+        (
+            "\u{4e2d}\u{6587}\u{5b57}\u{7b26} and \u{e9}mojis \u{1f970}\u{1f680} tab\there\u{200b}zero-width",
+            &[
+                101, 1746, 1861, 100, 100, 1998, 7861, 29147, 2483, 100, 21628, 2182, 6290, 2080,
+                1011, 9381, 102,
+            ],
+        ),
+        (
+            "unaffable [MASK] tokenization\u{2122}",
+            &[101, 14477, 20961, 3468, 103, 19204, 3989, 30108, 102],
+        ),
+        (
+            "\u{c5}NGSTR\u{d6}M \u{ab}quoted\u{bb} \u{a3}5,000.00 e-mail@example.com",
+            &[
+                101, 17076, 15687, 1077, 9339, 1090, 27813, 1010, 2199, 1012, 4002, 1041, 1011,
+                5653, 1030, 2742, 1012, 4012, 102,
+            ],
+        ),
+    ];
+
+    #[test]
+    fn matches_sentence_transformers_reference() {
+        let Some(m) = model(2) else { return };
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/minilm_reference.json"
+        );
+        let Ok(text) = std::fs::read_to_string(path) else {
+            eprintln!("skipping: no {path}");
+            return;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let sentences: Vec<String> = serde_json::from_value(v["sentences"].clone()).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(v["embeddings"].clone()).unwrap();
+        assert_eq!(sentences.len(), want.len());
+        let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+        let got = m.embed(&refs).unwrap();
+        let mut worst = 0f32;
+        for (i, (g, w)) in got.vectors.iter().zip(&want).enumerate() {
+            assert_eq!(g.len(), w.len());
+            let d = max_abs_diff(g, w);
+            worst = worst.max(d);
+            assert!(d < 1e-4, "sentence {i} {:?}: max diff {d}", sentences[i]);
+        }
+        eprintln!(
+            "reference: {} sentences, worst diff {worst:e}",
+            sentences.len()
+        );
+    }
+
+    /// `cargo test --release -p switchyard-local embed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "throughput measurement; run in release"]
+    fn embed_throughput() {
+        let Some(dir) = model_dir() else { return };
+        let words = [
+            "the", "cat", "sat", "on", "a", "warm", "mat", "while", "rain", "fell", "outside",
+            "quietly", "today", "people", "walked", "home", "after", "work", "through", "park",
+        ];
+        let sentences: Vec<String> = (0..64)
+            .map(|i| {
+                (0..10)
+                    .map(|j| words[(i * 7 + j * 3) % words.len()])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + "."
+            })
+            .collect();
+        let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+        for threads in [1, 2] {
+            let m = EmbedModel::load(
+                &dir,
+                &EmbedOptions {
+                    threads,
+                    batch_size: 64,
+                },
+            )
+            .unwrap();
+            m.embed(&refs).unwrap(); // warm up
+            let rounds = 20;
+            let start = std::time::Instant::now();
+            let mut tokens = 0;
+            for _ in 0..rounds {
+                tokens += m.embed(&refs).unwrap().prompt_tokens;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "threads {threads}: {:.1} sentences/s, {:.0} tokens/s ({} tokens per batch of 64, {:.1} ms per batch)",
+                (rounds * 64) as f64 / secs,
+                f64::from(tokens) / secs,
+                tokens / rounds as u32,
+                secs * 1000.0 / rounds as f64,
+            );
+        }
+    }
+}
