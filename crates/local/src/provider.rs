@@ -165,17 +165,26 @@ struct Chunks {
 }
 
 impl Chunks {
+    /// One `chat.completion.chunk` with these choices (and usage, for the last).
+    fn frame(&self, choices: Value, usage: Option<Value>) -> Bytes {
+        let mut v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        Bytes::from(v.to_string())
+    }
+
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
-        Bytes::from(
-            json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "system_fingerprint": null,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            })
-            .to_string(),
+        self.frame(
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]),
+            None,
         )
     }
 
@@ -195,18 +204,7 @@ impl Chunks {
     fn end(&mut self, g: &Generation) -> Vec<Bytes> {
         let mut out = self.text("");
         out.push(self.chunk(json!({}), Some(finish_reason(&g.finish))));
-        out.push(Bytes::from(
-            json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "system_fingerprint": null,
-                "choices": [],
-                "usage": usage_json(g),
-            })
-            .to_string(),
-        ));
+        out.push(self.frame(json!([]), Some(usage_json(g))));
         out
     }
 }
