@@ -63,6 +63,8 @@ fn chat(a: &[String]) {
         top_p: 1.0,
         seed: None,
         stop: Vec::new(),
+        system_suffix: None,
+        grammar: None,
     };
     let mut text = String::new();
     let warm = model

@@ -114,6 +114,12 @@ pub struct GenerateRequest {
     /// Stop sequences: generation ends before the first one, which is not
     /// included in the output. Empty strings are ignored.
     pub stop: Vec<String>,
+    /// Appended to the system turn (the conversation's own, or the model's
+    /// default one), after a blank line: how tools are offered. Tokenised
+    /// as content, like the messages.
+    pub system_suffix: Option<String>,
+    /// A llama.cpp grammar (GBNF, rule `root`) the completion must follow.
+    pub grammar: Option<String>,
 }
 
 /// Why the generation ended.
@@ -335,6 +341,15 @@ impl ChatModel {
     /// message as `<|im_start|>{role}\n{content}<|im_end|>\n`, then
     /// `<|im_start|>assistant\n`.
     fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<LlamaToken>, LocalError> {
+        self.prompt_tokens_with(messages, None)
+    }
+
+    /// [`Self::prompt_tokens`], with `suffix` closing the system turn.
+    fn prompt_tokens_with(
+        &self,
+        messages: &[ChatMessage],
+        suffix: Option<&str>,
+    ) -> Result<Vec<LlamaToken>, LocalError> {
         let Some(first) = messages.first() else {
             return Err(LocalError::Invalid(
                 "a chat request needs at least one message".into(),
@@ -350,33 +365,49 @@ impl ChatModel {
             tokens.extend(self.tokenize_content(content));
             tokens.extend_from_slice(&end);
         };
-        if first.role != Role::System {
-            if let Some(system) = &self.default_system {
-                turn(Role::System, system, &mut tokens);
-            }
+        let with_suffix = |system: &str| match suffix {
+            Some(suffix) if system.is_empty() => suffix.to_owned(),
+            Some(suffix) => format!("{system}\n\n{suffix}"),
+            None => system.to_owned(),
+        };
+        let mut rest = messages;
+        if first.role == Role::System {
+            turn(Role::System, &with_suffix(&first.content), &mut tokens);
+            rest = &messages[1..];
+        } else if let Some(system) = &self.default_system {
+            turn(Role::System, &with_suffix(system), &mut tokens);
+        } else if suffix.is_some() {
+            turn(Role::System, &with_suffix(""), &mut tokens);
         }
-        for message in messages {
+        for message in rest {
             turn(message.role, &message.content, &mut tokens);
         }
         tokens.extend(self.tokenize_template(&format!("{IM_START}{}\n", Role::Assistant.as_str())));
         Ok(tokens)
     }
 
-    fn sampler(request: &GenerateRequest) -> LlamaSampler {
+    fn sampler(&self, request: &GenerateRequest) -> Result<LlamaSampler, LocalError> {
+        let mut chain = Vec::with_capacity(4);
+        if let Some(grammar) = &request.grammar {
+            let grammar = LlamaSampler::grammar(&self.model, grammar, "root").map_err(|e| {
+                LocalError::Invalid(format!("the reply's grammar does not parse: {e}"))
+            })?;
+            chain.push(grammar);
+        }
         if request.temperature <= 0.0 {
-            return LlamaSampler::greedy();
+            chain.push(LlamaSampler::greedy());
+            return Ok(LlamaSampler::chain_simple(chain));
         }
         let seed = match request.seed {
             Some(seed) => fold_seed(seed),
             None => fold_seed(random_seed()),
         };
-        let mut chain = Vec::with_capacity(3);
         if request.top_p < 1.0 {
             chain.push(LlamaSampler::top_p(request.top_p, 1));
         }
         chain.push(LlamaSampler::temp(request.temperature));
         chain.push(LlamaSampler::dist(seed));
-        LlamaSampler::chain_simple(chain)
+        Ok(LlamaSampler::chain_simple(chain))
     }
 
     /// Blocking: runs on the calling thread (the caller runs it on a
@@ -395,7 +426,8 @@ impl ChatModel {
     ) -> Result<Generation, LocalError> {
         let started = Instant::now();
         validate(request)?;
-        let prompt = self.prompt_tokens(&request.messages)?;
+        let prompt =
+            self.prompt_tokens_with(&request.messages, request.system_suffix.as_deref())?;
         let n_ctx = self.options.context_tokens;
         let prompt_len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         if u64::from(prompt_len) + u64::from(request.max_tokens) > u64::from(n_ctx) {
@@ -406,6 +438,8 @@ impl ChatModel {
             )));
         }
 
+        // Before the context: a grammar that does not parse costs nothing.
+        let mut sampler = self.sampler(request)?;
         let n_batch = n_ctx.min(512);
         // Flash attention (llama.cpp's default on CPU) accumulates in f16,
         // and that alone turns the answer to "What is the capital of
@@ -450,7 +484,6 @@ impl ChatModel {
         }
 
         let vocab = self.model.vocab();
-        let mut sampler = Self::sampler(request);
         let mut stream = TextStream::new(&request.stop);
         let mut completion_tokens: u32 = 0;
         let mut time_to_first_token = None;
@@ -904,6 +937,8 @@ mod tests {
             top_p: 1.0,
             seed: None,
             stop: Vec::new(),
+            system_suffix: None,
+            grammar: None,
         }
     }
 
@@ -916,6 +951,91 @@ mod tests {
             })
             .expect("generate");
         (pieces.concat(), pieces, generation)
+    }
+
+    fn tool_request(user: &str, tool_choice: serde_json::Value) -> GenerateRequest {
+        let body = serde_json::json!({
+            "tools": [{"type": "function", "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+            }}],
+            "tool_choice": tool_choice,
+        });
+        let set = crate::tools::from_body(body.as_object().expect("object"))
+            .expect("tools")
+            .expect("some tools");
+        GenerateRequest {
+            system_suffix: Some(set.system_text()),
+            grammar: Some(set.grammar().expect("grammar")),
+            ..request(user, 64)
+        }
+    }
+
+    #[test]
+    fn offered_a_tool_the_model_calls_it_with_arguments_of_its_schema() {
+        let Some(model) = model() else { return };
+        for (user, city) in [
+            ("Weather in Paris?", "Paris"),
+            ("Is it raining in Berlin?", "Berlin"),
+        ] {
+            let (text, _, g) = run(model, &tool_request(user, serde_json::json!("auto")));
+            let reply: serde_json::Value = serde_json::from_str(&text).expect("the grammar's JSON");
+            assert_eq!(reply["tool_call"]["name"], "get_weather", "{text}");
+            let location = reply["tool_call"]["arguments"]["location"]
+                .as_str()
+                .unwrap_or("");
+            assert!(location.contains(city), "{text}");
+            assert_eq!(
+                g.finish,
+                FinishReason::Stop,
+                "ends at the grammar's end: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn required_forces_a_call_and_a_json_schema_forces_its_shape() {
+        let Some(model) = model() else { return };
+        let (text, _, _) = run(
+            model,
+            &tool_request("Tell me a joke.", serde_json::json!("required")),
+        );
+        let reply: serde_json::Value = serde_json::from_str(&text).expect("the grammar's JSON");
+        assert_eq!(reply["tool_call"]["name"], "get_weather", "{text}");
+        assert!(
+            reply["tool_call"]["arguments"]["location"].is_string(),
+            "{text}"
+        );
+
+        let schema = serde_json::json!({"type": "object", "properties": {
+            "capital": {"type": "string"}, "population_millions": {"type": "number"}},
+            "required": ["capital", "population_millions"]});
+        let req = GenerateRequest {
+            grammar: Some(crate::grammar::for_schema(&schema).expect("grammar")),
+            ..request("What is the capital of France? Answer in JSON.", 48)
+        };
+        let (text, _, g) = run(model, &req);
+        let reply: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(
+            reply["capital"].is_string() && reply["population_millions"].is_number(),
+            "{text}"
+        );
+        assert_eq!(g.finish, FinishReason::Stop);
+    }
+
+    #[test]
+    fn a_grammar_that_does_not_parse_is_invalid() {
+        let Some(model) = model() else { return };
+        let req = GenerateRequest {
+            grammar: Some("root ::= (".into()),
+            ..request("hi", 4)
+        };
+        let err = model
+            .generate(&req, &mut |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert!(matches!(err, LocalError::Invalid(_)), "{err}");
     }
 
     #[test]
@@ -1097,6 +1217,8 @@ mod tests {
         let at = full.find("Berlin").expect("Berlin in the answer");
         let req = GenerateRequest {
             stop: vec!["Berlin".to_owned()],
+            system_suffix: None,
+            grammar: None,
             ..base
         };
         let (text, _, generation) = run(model, &req);
@@ -1226,6 +1348,8 @@ mod tests {
                 top_p: 1.0,
                 seed: None,
                 stop: Vec::new(),
+                system_suffix: None,
+                grammar: None,
             };
             // Warm-up (page in the weights), then three timed runs.
             let _ = run(

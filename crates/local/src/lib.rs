@@ -13,9 +13,11 @@ pub mod chat;
 pub mod convert;
 pub mod embed;
 mod error;
+pub mod grammar;
 mod pool;
 pub mod provider;
 mod request;
+pub mod tools;
 
 pub use error::LocalError;
 pub use provider::{LocalModels, LocalProvider};

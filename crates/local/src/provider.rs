@@ -24,6 +24,7 @@ use crate::chat::{ChatModel, FinishReason, Generation};
 use crate::embed::EmbedModel;
 use crate::pool::Pool;
 use crate::request::{generate_request, Refusal};
+use crate::tools::{ReplyEvent, ReplyParser};
 use crate::LocalError;
 
 /// How long a refused client is told to wait.
@@ -128,17 +129,61 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// `chatcmpl-…` ids unique within the process and across restarts.
-fn completion_id() -> String {
+/// Ids unique within the process and across restarts.
+fn unique_id(prefix: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     format!(
-        "chatcmpl-local{nanos:x}{:04x}",
+        "{prefix}{nanos:x}{:04x}",
         NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
     )
+}
+
+/// `chatcmpl-…`, as OpenAI names completions.
+fn completion_id() -> String {
+    unique_id("chatcmpl-local")
+}
+
+/// `call_…`, as OpenAI names tool calls.
+fn call_id() -> String {
+    unique_id("call_local")
+}
+
+/// How the generated text becomes the message: as it is, or read as the
+/// tool grammar's JSON (`crate::tools`).
+enum Shape {
+    Text,
+    Tools(ReplyParser),
+}
+
+impl Shape {
+    fn new(tools: bool) -> Self {
+        if tools {
+            Shape::Tools(ReplyParser::new())
+        } else {
+            Shape::Text
+        }
+    }
+
+    fn events(&mut self, piece: &str) -> Vec<ReplyEvent> {
+        match self {
+            Shape::Text => vec![ReplyEvent::Text(piece.to_owned())],
+            Shape::Tools(parser) => parser.push(piece),
+        }
+    }
+
+    /// OpenAI's finish reason: `tool_calls` when the reply is a whole call.
+    fn finish_reason(&self, g: &Generation) -> &'static str {
+        match self {
+            Shape::Tools(parser) if g.finish == FinishReason::Stop && parser.call_complete() => {
+                "tool_calls"
+            }
+            _ => finish_reason(&g.finish),
+        }
+    }
 }
 
 fn finish_reason(f: &FinishReason) -> &'static str {
@@ -201,11 +246,83 @@ impl Chunks {
         out
     }
 
-    fn end(&mut self, g: &Generation) -> Vec<Bytes> {
+    /// A tool call begins: id, name and empty arguments, as OpenAI's
+    /// first tool-call chunk (with the role, if no chunk had it yet).
+    fn call(&mut self, name: &str) -> Bytes {
+        let call = json!([{
+            "index": 0,
+            "id": call_id(),
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }]);
+        if self.sent_role {
+            return self.chunk(json!({"tool_calls": call}), None);
+        }
+        self.sent_role = true;
+        self.chunk(
+            json!({"role": "assistant", "content": null, "tool_calls": call}),
+            None,
+        )
+    }
+
+    fn arguments(&self, text: &str) -> Bytes {
+        self.chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": text}}]}),
+            None,
+        )
+    }
+
+    fn event(&mut self, event: &ReplyEvent) -> Vec<Bytes> {
+        match event {
+            ReplyEvent::Text(text) => self.text(text),
+            ReplyEvent::Call(name) => vec![self.call(name)],
+            ReplyEvent::Arguments(text) => vec![self.arguments(text)],
+        }
+    }
+
+    fn end(&mut self, g: &Generation, finish: &str) -> Vec<Bytes> {
         let mut out = self.text("");
-        out.push(self.chunk(json!({}), Some(finish_reason(&g.finish))));
+        out.push(self.chunk(json!({}), Some(finish)));
         out.push(self.frame(json!([]), Some(usage_json(g))));
         out
+    }
+}
+
+/// A whole (non-streamed) reply, gathered from its events.
+#[derive(Default)]
+struct Message {
+    text: String,
+    call: Option<(String, String)>,
+    finish: &'static str,
+}
+
+impl Message {
+    fn add(&mut self, event: ReplyEvent) {
+        match event {
+            ReplyEvent::Text(text) => self.text.push_str(&text),
+            ReplyEvent::Call(name) => self.call = Some((name, String::new())),
+            ReplyEvent::Arguments(text) => {
+                if let Some((_, arguments)) = &mut self.call {
+                    arguments.push_str(&text);
+                }
+            }
+        }
+    }
+
+    fn json(&self) -> Value {
+        match &self.call {
+            Some((name, arguments)) => json!({
+                "role": "assistant",
+                "content": null,
+                "tool_calls": [{
+                    "id": call_id(),
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }],
+                "refusal": null,
+            }),
+            None => json!({"role": "assistant", "content": self.text, "refusal": null}),
+        }
     }
 }
 
@@ -222,8 +339,9 @@ impl ChatProvider for LocalProvider {
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
         let model = self.chat_model(call.upstream_model)?;
-        let request =
-            generate_request(call.body, self.models.default_max_tokens).map_err(refusal)?;
+        let local = generate_request(call.body, self.models.default_max_tokens).map_err(refusal)?;
+        let request = local.generate;
+        let mut shape = Shape::new(local.tools);
         if call.stream {
             let (tx, rx) = mpsc::channel::<Result<Bytes, ProviderError>>(STREAM_BUFFER);
             let mut chunks = Chunks {
@@ -240,16 +358,19 @@ impl ChatProvider for LocalProvider {
                     }
                     let send = |b: Bytes| tx.blocking_send(Ok(b)).is_ok();
                     let mut on_text = |piece: &str| {
-                        for b in chunks.text(piece) {
-                            if !send(b) {
-                                return ControlFlow::Break(());
+                        for event in shape.events(piece) {
+                            for b in chunks.event(&event) {
+                                if !send(b) {
+                                    return ControlFlow::Break(());
+                                }
                             }
                         }
                         ControlFlow::Continue(())
                     };
                     match model.generate(&request, &mut on_text) {
                         Ok(g) => {
-                            for b in chunks.end(&g) {
+                            let finish = shape.finish_reason(&g);
+                            for b in chunks.end(&g, finish) {
                                 if !send(b) {
                                     break;
                                 }
@@ -266,16 +387,18 @@ impl ChatProvider for LocalProvider {
             });
             return Ok(ChatReply::Stream(Box::pin(stream)));
         }
-        let (tx, rx) = oneshot::channel::<Result<(String, Generation), LocalError>>();
+        let (tx, rx) = oneshot::channel::<Result<(Message, Generation), LocalError>>();
         self.models
             .chat_pool
             .submit(move || {
                 if tx.is_closed() {
                     return;
                 }
-                let mut text = String::new();
+                let mut message = Message::default();
                 let mut on_text = |piece: &str| {
-                    text.push_str(piece);
+                    for event in shape.events(piece) {
+                        message.add(event);
+                    }
                     // Stop working for a caller that has gone.
                     if tx.is_closed() {
                         ControlFlow::Break(())
@@ -283,11 +406,14 @@ impl ChatProvider for LocalProvider {
                         ControlFlow::Continue(())
                     }
                 };
-                let result = model.generate(&request, &mut on_text);
-                let _ = tx.send(result.map(|g| (text, g)));
+                let result = model.generate(&request, &mut on_text).map(|g| {
+                    message.finish = shape.finish_reason(&g);
+                    (message, g)
+                });
+                let _ = tx.send(result);
             })
             .map_err(engine_error)?;
-        let (text, g) = rx
+        let (message, g) = rx
             .await
             .map_err(|_| ProviderError::Broken("the local worker stopped".into()))?
             .map_err(engine_error)?;
@@ -299,9 +425,9 @@ impl ChatProvider for LocalProvider {
             "system_fingerprint": null,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null},
+                "message": message.json(),
                 "logprobs": null,
-                "finish_reason": finish_reason(&g.finish),
+                "finish_reason": message.finish,
             }],
             "usage": usage_json(&g),
         });

@@ -6,6 +6,17 @@
 use serde_json::{Map, Value};
 
 use crate::chat::{ChatMessage, GenerateRequest, Role};
+use crate::grammar;
+use crate::tools;
+
+/// A chat request as the local provider runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalRequest {
+    pub generate: GenerateRequest,
+    /// The reply is the tool grammar's JSON, to be read by
+    /// [`tools::ReplyParser`].
+    pub tools: bool,
+}
 
 /// A request the local model refuses: relayed to the client as a 400.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,7 +26,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             param: param.into(),
             message: message.into(),
@@ -29,7 +40,7 @@ const MAX_STOP: usize = 4;
 pub fn generate_request(
     body: &Map<String, Value>,
     default_max_tokens: u32,
-) -> Result<GenerateRequest, Refusal> {
+) -> Result<LocalRequest, Refusal> {
     let messages = messages(body)?;
     let max_tokens = match body
         .get("max_completion_tokens")
@@ -103,29 +114,23 @@ pub fn generate_request(
             "The local model generates one choice per request; set n to 1.",
         ));
     }
-    // Refused rather than ignored: an answer that silently skipped the
-    // tools or the format would look like the model's choice.
-    let tools = body
-        .get("tools")
-        .and_then(Value::as_array)
-        .is_some_and(|t| !t.is_empty());
-    let none_chosen = body.get("tool_choice").and_then(Value::as_str) == Some("none");
-    if tools && !none_chosen {
-        return Err(Refusal::new(
-            "tools",
-            "The local model does not call tools; send no tools, or tool_choice \"none\".",
-        ));
+    let tool_set = tools::from_body(body)?;
+    let mut grammar = None;
+    let mut system_suffix = None;
+    if let Some(set) = &tool_set {
+        grammar = Some(set.grammar()?);
+        system_suffix = Some(set.system_text());
     }
-    if let Some(kind) = body
-        .get("response_format")
-        .and_then(|f| f.get("type"))
-        .and_then(Value::as_str)
-    {
-        if kind != "text" {
+    if let Some(format) = body.get("response_format").filter(|f| !f.is_null()) {
+        let format_grammar = response_format(format)?;
+        if format_grammar.is_some() && tool_set.is_some() {
             return Err(Refusal::new(
                 "response_format",
-                format!("The local model answers in free text only, not `{kind}`."),
+                "The local model follows either tools or a JSON response_format, not both.",
             ));
+        }
+        if format_grammar.is_some() {
+            grammar = format_grammar;
         }
     }
     if body.get("logprobs").and_then(Value::as_bool) == Some(true) {
@@ -134,14 +139,52 @@ pub fn generate_request(
             "The local model does not return log probabilities.",
         ));
     }
-    Ok(GenerateRequest {
-        messages,
-        max_tokens,
-        temperature,
-        top_p,
-        seed,
-        stop,
+    Ok(LocalRequest {
+        generate: GenerateRequest {
+            messages,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            system_suffix,
+            grammar,
+        },
+        tools: tool_set.is_some(),
     })
+}
+
+/// The grammar a `response_format` asks for: none for `text`, any JSON
+/// object for `json_object`, the schema's values for `json_schema`.
+fn response_format(format: &Value) -> Result<Option<String>, Refusal> {
+    let kind = format.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => grammar::for_schema(&serde_json::json!({"type": "object"}))
+            .map(Some)
+            .map_err(|e| Refusal::new("response_format", e.0)),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|s| s.get("schema"))
+                .ok_or_else(|| {
+                    Refusal::new(
+                        "response_format.json_schema.schema",
+                        "Expected the JSON Schema the reply must follow.",
+                    )
+                })?;
+            grammar::for_schema(schema).map(Some).map_err(|e| {
+                Refusal::new(
+                    "response_format.json_schema.schema",
+                    format!("The local model cannot follow this schema: {e}."),
+                )
+            })
+        }
+        _ => Err(Refusal::new(
+            "response_format.type",
+            "Expected text, json_object or json_schema.",
+        )),
+    }
 }
 
 fn messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, Refusal> {
@@ -154,8 +197,8 @@ fn messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, Refusal> {
             Some("system" | "developer") => Role::System,
             Some("user") => Role::User,
             Some("assistant") => Role::Assistant,
-            // A tool's result reaches a model without tool support as what
-            // the user reports back.
+            // A tool's result reaches the model as what the user reports
+            // back (see `tools::result_text`).
             Some("tool" | "function") => Role::User,
             _ => {
                 return Err(Refusal::new(
@@ -164,13 +207,48 @@ fn messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, Refusal> {
                 ))
             }
         };
-        let content = text_of(m.get("content"), i)?;
+        let mut content = text_of(m.get("content"), i)?;
+        match m.get("role").and_then(Value::as_str) {
+            Some("assistant") => {
+                if let Some(Value::Array(calls)) = m.get("tool_calls") {
+                    let calls_text = tools::calls_text(calls, i)?;
+                    if !calls_text.is_empty() {
+                        if !content.is_empty() {
+                            content.push('\n');
+                        }
+                        content.push_str(&calls_text);
+                    }
+                }
+            }
+            Some("tool") => {
+                // Named after the call it answers, when that call is here.
+                let id = m.get("tool_call_id").and_then(Value::as_str);
+                let name = id.and_then(|id| called_name(&items[..i], id));
+                content = tools::result_text(name, &content);
+            }
+            Some("function") => {
+                let name = m.get("name").and_then(Value::as_str);
+                content = tools::result_text(name, &content);
+            }
+            _ => {}
+        }
         out.push(ChatMessage { role, content });
     }
     if out.is_empty() {
         return Err(Refusal::new("messages", "Expected at least one message."));
     }
     Ok(out)
+}
+
+/// The function an earlier assistant message called with this call id.
+fn called_name<'a>(earlier: &'a [Value], id: &str) -> Option<&'a str> {
+    earlier.iter().rev().find_map(|m| {
+        m.get("tool_calls")?.as_array()?.iter().find_map(|c| {
+            (c.get("id")?.as_str()? == id)
+                .then(|| c.get("function")?.get("name")?.as_str())
+                .flatten()
+        })
+    })
 }
 
 /// A message's text: a string, or the text parts of an array; an image or
@@ -209,6 +287,10 @@ mod tests {
     use serde_json::json;
 
     fn parse(v: Value) -> Result<GenerateRequest, Refusal> {
+        full(v).map(|r| r.generate)
+    }
+
+    fn full(v: Value) -> Result<LocalRequest, Refusal> {
         generate_request(v.as_object().unwrap(), 256)
     }
 
@@ -237,11 +319,63 @@ mod tests {
         let r =
             parse(json!({"messages": [{"role": "user", "content": "x"}], "stop": "END"})).unwrap();
         assert_eq!(r.stop, vec!["END".to_owned()]);
-        // Tools the caller told the model not to use, and plain text, are fine.
-        parse(json!({"messages": [{"role": "user", "content": "x"}],
+        // Tools the caller told the model not to use, and plain text: no
+        // grammar, nothing added to the prompt.
+        let r = full(json!({"messages": [{"role": "user", "content": "x"}],
             "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none",
             "response_format": {"type": "text"}}))
         .unwrap();
+        assert!(!r.tools);
+        assert_eq!((r.generate.grammar, r.generate.system_suffix), (None, None));
+    }
+
+    #[test]
+    fn tools_add_their_prompt_and_grammar() {
+        let r = full(json!({"messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather",
+                "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}]}))
+        .unwrap();
+        assert!(r.tools);
+        assert!(r.generate.system_suffix.unwrap().contains("get_weather"));
+        assert!(r.generate.grammar.unwrap().contains("tool_call"));
+    }
+
+    #[test]
+    fn a_json_response_format_is_a_grammar() {
+        let r = full(json!({"messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_object"}}))
+        .unwrap();
+        assert!(!r.tools);
+        assert!(r
+            .generate
+            .grammar
+            .unwrap()
+            .starts_with("root ::= json-object"));
+        let r = parse(json!({"messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a",
+                "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}}))
+        .unwrap();
+        assert!(r.grammar.unwrap().contains(r#""\"n\"" ": " json-int"#));
+    }
+
+    #[test]
+    fn tool_history_is_rendered_for_the_model() {
+        let r = parse(json!({"messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_9", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"location\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_9", "content": "22 C and sunny"},
+        ]}))
+        .unwrap();
+        assert_eq!(
+            r.messages[1].content,
+            r#"{"tool_call": {"name": "get_weather", "arguments": {"location": "Paris"}}}"#
+        );
+        assert!(matches!(r.messages[2].role, Role::User));
+        assert_eq!(
+            r.messages[2].content,
+            r#"{"tool_response": {"tool": "get_weather", "content": "22 C and sunny"}}"#
+        );
     }
 
     #[test]
@@ -263,16 +397,20 @@ mod tests {
             ),
             (json!({"messages": user, "n": 2}), "n"),
             (
-                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "f"}}]}),
-                "tools",
+                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]}),
+                "tools[0].function.parameters",
             ),
             (
-                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}),
-                "tools",
-            ),
-            (
-                json!({"messages": user, "response_format": {"type": "json_object"}}),
+                json!({"messages": user, "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}),
                 "response_format",
+            ),
+            (
+                json!({"messages": user, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+                "response_format.json_schema.schema",
+            ),
+            (
+                json!({"messages": user, "response_format": {"type": "yaml"}}),
+                "response_format.type",
             ),
             (json!({"messages": user, "logprobs": true}), "logprobs"),
             (

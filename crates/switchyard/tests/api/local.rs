@@ -296,6 +296,112 @@ async fn a_full_local_queue_answers_503_with_retry_after_at_once() {
     assert!(providers.to_string().contains("\"closed\""), "{providers}");
 }
 
+fn weather_tool() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}},
+                       "required": ["location"]},
+    }}])
+}
+
+#[tokio::test]
+async fn the_local_model_calls_a_tool_and_streams_its_arguments() {
+    let Some(app) = local_app("").await else {
+        return;
+    };
+    let mut body = ask("Weather in Paris?");
+    body["tools"] = weather_tool();
+    let resp = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let whole: Value = resp.json().await.unwrap();
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{whole}");
+    assert!(choice["message"]["content"].is_null(), "{whole}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"), "{call}");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let arguments = call["function"]["arguments"].as_str().unwrap();
+    let parsed: Value = serde_json::from_str(arguments).unwrap();
+    assert!(
+        parsed["location"].as_str().unwrap().contains("Paris"),
+        "{arguments}"
+    );
+
+    body["stream"] = json!(true);
+    let text = post(&app, "/v1/chat/completions", body)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    // The first names the call; the arguments follow in several pieces
+    // that add up to what the whole answer held.
+    assert_eq!(deltas[0]["function"]["name"], "get_weather", "{text}");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let pieces: Vec<&str> = deltas
+        .iter()
+        .filter_map(|d| d["function"]["arguments"].as_str())
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert!(pieces.len() >= 3, "{text}");
+    assert_eq!(pieces.concat(), arguments);
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, vec![&json!("tool_calls")]);
+}
+
+#[tokio::test]
+async fn a_tool_result_in_the_history_is_answered() {
+    let Some(app) = local_app("").await else {
+        return;
+    };
+    let body = json!({"model": "local-chat", "temperature": 0, "max_tokens": 48,
+    "tools": weather_tool(), "tool_choice": "none",
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"location\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "It is 22 degrees and sunny in Paris."},
+    ]});
+    let resp = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(resp.status(), 200);
+    let whole: Value = resp.json().await.unwrap();
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.is_empty(), "{whole}");
+    assert!(whole["choices"][0]["message"].get("tool_calls").is_none());
+}
+
+#[tokio::test]
+async fn a_json_schema_response_format_shapes_the_local_answer() {
+    let Some(app) = local_app("").await else {
+        return;
+    };
+    let mut body = ask("What is the capital of France?");
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "capital",
+        "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+    let resp = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(resp.status(), 200);
+    let whole: Value = resp.json().await.unwrap();
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let parsed: Value = serde_json::from_str(content).unwrap();
+    assert!(parsed["city"].is_string(), "{content}");
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+}
+
 #[tokio::test]
 async fn what_the_local_models_cannot_do_is_refused_naming_the_field() {
     let Some(app) = local_app("").await else {
@@ -317,8 +423,23 @@ async fn what_the_local_models_cannot_do_is_refused_naming_the_field() {
         (
             "/v1/chat/completions",
             json!({"model": "local-chat", "messages": user, "tools": [{"type": "function",
-                   "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}),
-            "tools",
+                   "function": {"name": "get_weather", "parameters": {"type": "object",
+                   "properties": {"a": {"not": {"type": "string"}}}}}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "local-chat", "messages": user, "tools": [{"type": "function",
+                   "function": {"name": "get_weather"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "local-chat", "messages": user,
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                   "schema": {"allOf": [{"type": "object"}, {"required": ["a"]}]}}}}),
+            "response_format.json_schema.schema",
         ),
         (
             "/v1/embeddings",

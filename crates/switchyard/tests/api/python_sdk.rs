@@ -78,5 +78,5 @@ async fn the_official_openai_python_sdk_works_against_the_local_models_offline()
         .spawn()
         .await;
     let report = pytest(&python, "python_local", &app).await;
-    assert!(report.contains("8 passed"), "{report}");
+    assert!(report.contains("9 passed"), "{report}");
 }

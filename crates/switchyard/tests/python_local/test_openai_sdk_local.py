@@ -62,9 +62,10 @@ def test_streaming_chat_chunk_by_chunk_with_usage_at_the_end(client):
     assert again.choices[0].message.content == text
 
 
-def test_chat_with_tools_is_refused_clearly(client):
-    # The model cannot call tools: a clear 400 naming the field, never an
-    # answer that silently ignored them.
+def test_chat_with_tools(client):
+    # The core test's calls, at temperature 0 so that the stream and the
+    # whole answer are the same call: the model picks the tool, a grammar
+    # holds its arguments to the tool's schema.
     tools = [{
         "type": "function",
         "function": {
@@ -73,10 +74,51 @@ def test_chat_with_tools_is_refused_clearly(client):
             "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
         },
     }]
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=CHAT_MODEL, messages=ask("Weather in Paris?"), tools=tools)
-    assert e.value.param == "tools"
-    assert "does not call tools" in e.value.message
+    resp = client.chat.completions.create(
+        model=CHAT_MODEL, messages=ask("Weather in Paris?"), tools=tools, temperature=0
+    )
+    call = resp.choices[0].message.tool_calls[0]
+    assert resp.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather"
+    assert '"Paris"' in call.function.arguments
+    assert json.loads(call.function.arguments) == {"location": "Paris"}
+
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL, messages=ask("Weather in Paris?"), tools=tools, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    args = "".join(d.function.arguments or "" for d in deltas)
+    assert args == call.function.arguments
+    assert len([d for d in deltas if d.function.arguments]) >= 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+    # The tool's result goes back; told not to call again, the model answers.
+    follow = client.chat.completions.create(
+        model=CHAT_MODEL,
+        temperature=0,
+        max_tokens=48,
+        tools=tools,
+        tool_choice="none",
+        messages=ask("Weather in Paris?") + [
+            resp.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "22 degrees and sunny"},
+        ],
+    )
+    assert follow.choices[0].message.content
+    assert follow.choices[0].message.tool_calls is None
+
+
+def test_a_json_response_format_is_followed(client):
+    resp = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=ask("Give the capital of France as JSON."),
+        temperature=0,
+        max_tokens=48,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
 
 
 def test_embeddings_float_and_base64(client):
