@@ -3,33 +3,36 @@
 //! sentence-transformers produces for this model — the mean of the last
 //! hidden states over the attention mask, then L2 normalisation.
 //!
-//! The BERT forward pass is written here (a few dozen lines over
-//! `candle-nn`'s `Linear`, `LayerNorm` and `Embedding`) rather than pulled
-//! from `candle-transformers`. Tokenisation is the `tokenizers` crate reading
-//! the model's own `tokenizer.json` (pure Rust: `fancy-regex`, no Oniguruma,
-//! no download support), so ids match the Hugging Face tokenizer by
-//! construction; candle-core depends on that crate anyway.
+//! The BERT forward pass is written here, over packed rows: the tokens of a
+//! batch one after another, with no padding at all, since only attention
+//! mixes tokens and it stays within each text. The matmuls (Q, K and V
+//! stacked into one) go to candle (`Tensor::matmul`, the `gemm` crate);
+//! bias, residual, layer norm, GELU, attention and pooling are plain Rust
+//! loops over the rows, split across the model's threads. Compared with
+//! running candle-nn's layers on a padded `[batch, len]` tensor, this does
+//! less work (no padded rows), fuses each bias into the pass that follows,
+//! and computes GELU's erf with a branch-free rational function instead of
+//! libm's (docs/local.md has the measurements). Tokenisation is the
+//! `tokenizers` crate reading the model's own `tokenizer.json` (pure Rust:
+//! `fancy-regex`, no Oniguruma, no download support), so ids match the
+//! Hugging Face tokenizer by construction.
 //!
-//! Inputs are sorted by token count, cut into batches of `batch_size`, and
-//! each batch is padded only to its own longest input; padded positions are
-//! masked out of attention and of the mean, so a text's vector does not
-//! depend on what it was batched with. Inputs longer than
-//! [`EmbedModel::max_tokens`] are truncated, as sentence-transformers does.
+//! Inputs are sorted by token count and cut into batches of `batch_size`;
+//! a text's vector does not depend on what it was batched with. Inputs
+//! longer than [`EmbedModel::max_tokens`] are truncated, as
+//! sentence-transformers does.
 //!
-//! Threads: candle's CPU matmul (the `gemm` crate) and its row-wise kernels
-//! (softmax, layer norm) run on whatever rayon pool is current. Each
-//! [`EmbedModel`] owns a dedicated rayon pool of `threads` workers and runs
-//! every forward pass inside [`rayon::ThreadPool::install`], so the engine
-//! never uses more than `threads` cores however many callers share it —
-//! concurrent [`EmbedModel::embed`] calls queue for the same workers. (candle
-//! still splits a large matmul into `RAYON_NUM_THREADS`-or-physical-cores
-//! pieces, but those pieces run on this pool's workers only.)
+//! Threads: each [`EmbedModel`] owns a dedicated rayon pool of `threads`
+//! workers and runs every forward pass inside [`rayon::ThreadPool::install`]:
+//! candle's matmul and our row loops run on those workers only, so the
+//! engine never uses more than `threads` cores however many callers share
+//! it; concurrent [`EmbedModel::embed`] calls queue for the same workers.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::LocalError;
@@ -101,30 +104,142 @@ struct SentenceBertConfig {
     max_seq_length: Option<usize>,
 }
 
-struct Embeddings0 {
-    word: Embedding,
-    position: Embedding,
-    token_type: Embedding,
-    norm: LayerNorm,
+/// A dense layer: `x · W^T + b`, with `W^T` stored contiguous `[in, out]`
+/// for the matmul and the bias kept apart, to be added in the pass that
+/// follows (with the residual, the activation or the attention).
+struct Dense {
+    weight_t: Tensor,
+    bias: Vec<f32>,
+}
+
+impl Dense {
+    fn load(vb: &VarBuilder<'_>, inputs: usize, outputs: usize) -> candle_core::Result<Self> {
+        Self::stacked(&[vb], inputs, outputs)
+    }
+
+    /// Several dense layers with the same input side by side (`[in, Σ out]`):
+    /// Q, K and V become one larger, more efficient matmul.
+    fn stacked(
+        vbs: &[&VarBuilder<'_>],
+        inputs: usize,
+        outputs: usize,
+    ) -> candle_core::Result<Self> {
+        let mut weights = Vec::with_capacity(vbs.len());
+        let mut bias = Vec::with_capacity(vbs.len() * outputs);
+        for vb in vbs {
+            weights.push(vb.get((outputs, inputs), "weight")?);
+            bias.extend(vb.get(outputs, "bias")?.to_vec1::<f32>()?);
+        }
+        let weight_t = Tensor::cat(&weights, 0)?.t()?.contiguous()?;
+        Ok(Self { weight_t, bias })
+    }
+
+    fn width(&self) -> usize {
+        self.bias.len()
+    }
+
+    /// `x · W^T` for `rows` rows of `x` (row-major), without the bias. The
+    /// matmul is candle's (the `gemm` crate), on the current rayon pool.
+    fn matmul(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        let inputs = x.len() / rows.max(1);
+        Tensor::from_slice(x, (rows, inputs), &Device::Cpu)?
+            .matmul(&self.weight_t)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    }
+}
+
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(vb: &VarBuilder<'_>, width: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            gamma: vb.get(width, "weight")?.to_vec1::<f32>()?,
+            beta: vb.get(width, "bias")?.to_vec1::<f32>()?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Layer normalisation of one row, in place.
+    fn apply(&self, row: &mut [f32]) {
+        let n = row.len() as f32;
+        let mean = row.iter().sum::<f32>() / n;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + self.eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    }
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    out_norm: LayerNorm,
+    qkv: Dense,
+    attn_out: Dense,
+    attn_norm: Norm,
+    intermediate: Dense,
+    output: Dense,
+    out_norm: Norm,
 }
 
+/// all-MiniLM's BERT, run on packed rows: the batch's tokens one after
+/// another with no padding, since only attention mixes tokens and it stays
+/// within each text. Matmuls go to candle; the rest (bias, residual, layer
+/// norm, GELU, attention) is plain Rust over the rows, split across the
+/// model's rayon pool.
 struct Bert {
-    embeddings: Embeddings0,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type0: Vec<f32>,
+    embed_norm: Norm,
     layers: Vec<Layer>,
+    vocab: usize,
+    max_positions: usize,
     heads: usize,
     head_dim: usize,
     hidden: usize,
+}
+
+/// BERT's exact GELU, `x/2 · (1 + erf(x/√2))`.
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// erf in single precision as Eigen (and XLA) compute it: a rational
+/// function of degree 13/8 on [-4, 4], where |erf| reaches 1 in f32. No
+/// branches or calls, so the GELU loop vectorises; within 1e-6 of libm's
+/// `erff` everywhere (tested), where libm's took a tenth of the forward pass.
+fn erf(x: f32) -> f32 {
+    const A: [f32; 7] = [
+        -1.609_603_3e-2,
+        -2.954_6e-3,
+        -7.349_906_3e-4,
+        -5.692_506_4e-5,
+        -2.101_024e-6,
+        2.770_681_4e-8,
+        -2.726_142_3e-10,
+    ];
+    const B: [f32; 5] = [
+        -1.426_473_9e-2,
+        -7.373_329e-3,
+        -1.682_827e-3,
+        -2.133_740_6e-4,
+        -1.456_607_2e-5,
+    ];
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = A[6];
+    for a in A[..6].iter().rev() {
+        p = p * x2 + a;
+    }
+    let mut q = B[4];
+    for b in B[..4].iter().rev() {
+        q = q * x2 + b;
+    }
+    x * p / q
 }
 
 impl Bert {
@@ -132,107 +247,199 @@ impl Bert {
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let ev = vb.pp("embeddings");
-        let embeddings = Embeddings0 {
-            word: candle_nn::embedding(cfg.vocab_size, h, ev.pp("word_embeddings"))?,
-            position: candle_nn::embedding(
-                cfg.max_position_embeddings,
-                h,
-                ev.pp("position_embeddings"),
-            )?,
-            token_type: candle_nn::embedding(
-                cfg.type_vocab_size,
-                h,
-                ev.pp("token_type_embeddings"),
-            )?,
-            norm: candle_nn::layer_norm(h, eps, ev.pp("LayerNorm"))?,
+        let table = |name: &str, rows: usize| -> candle_core::Result<Vec<f32>> {
+            ev.pp(name)
+                .get((rows, h), "weight")?
+                .flatten_all()?
+                .to_vec1::<f32>()
         };
+        let word = table("word_embeddings", cfg.vocab_size)?;
+        let position = table("position_embeddings", cfg.max_position_embeddings)?;
+        let types = table("token_type_embeddings", cfg.type_vocab_size)?;
+        let embed_norm = Norm::load(&ev.pp("LayerNorm"), h, eps)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let lv = vb.pp(format!("encoder.layer.{i}"));
             let at = lv.pp("attention");
+            let (q, k, v) = (at.pp("self.query"), at.pp("self.key"), at.pp("self.value"));
             layers.push(Layer {
-                query: candle_nn::linear(h, h, at.pp("self.query"))?,
-                key: candle_nn::linear(h, h, at.pp("self.key"))?,
-                value: candle_nn::linear(h, h, at.pp("self.value"))?,
-                attn_out: candle_nn::linear(h, h, at.pp("output.dense"))?,
-                attn_norm: candle_nn::layer_norm(h, eps, at.pp("output.LayerNorm"))?,
-                intermediate: candle_nn::linear(
-                    h,
-                    cfg.intermediate_size,
-                    lv.pp("intermediate.dense"),
-                )?,
-                output: candle_nn::linear(cfg.intermediate_size, h, lv.pp("output.dense"))?,
-                out_norm: candle_nn::layer_norm(h, eps, lv.pp("output.LayerNorm"))?,
+                qkv: Dense::stacked(&[&q, &k, &v], h, h)?,
+                attn_out: Dense::load(&at.pp("output.dense"), h, h)?,
+                attn_norm: Norm::load(&at.pp("output.LayerNorm"), h, eps)?,
+                intermediate: Dense::load(&lv.pp("intermediate.dense"), h, cfg.intermediate_size)?,
+                output: Dense::load(&lv.pp("output.dense"), cfg.intermediate_size, h)?,
+                out_norm: Norm::load(&lv.pp("output.LayerNorm"), h, eps)?,
             });
         }
         Ok(Self {
-            embeddings,
+            word,
+            position,
+            token_type0: types
+                .get(..h)
+                .map(<[f32]>::to_vec)
+                .unwrap_or_else(|| vec![0.0; h]),
+            embed_norm,
             layers,
+            vocab: cfg.vocab_size,
+            max_positions: cfg.max_position_embeddings,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
             hidden: h,
         })
     }
 
-    /// `ids` and `mask` are `[batch, len]` (u32 and f32); returns the pooled,
-    /// normalised `[batch, hidden]` embeddings.
-    fn embed(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, l) = ids.dims2()?;
-        let dev = ids.device();
-        let (nh, hd, h) = (self.heads, self.head_dim, self.hidden);
-
-        // Embeddings: word + position + token type 0, then LayerNorm.
-        let flat_ids = ids.flatten_all()?;
-        let words = self
-            .embeddings
-            .word
-            .forward(&flat_ids)?
-            .reshape((b, l, h))?;
-        let positions = Tensor::arange(0u32, l as u32, dev)?;
-        let pos = self.embeddings.position.forward(&positions)?; // [l, h]
-        let types = self
-            .embeddings
-            .token_type
-            .forward(&Tensor::zeros(1, DType::U32, dev)?)?; // [1, h]
-        let x = words.broadcast_add(&pos)?.broadcast_add(&types)?;
-        let mut x = self.embeddings.norm.forward(&x)?.reshape((b * l, h))?;
-
-        // 0 where the key is a real token, a large negative where it is padding.
-        let bias = ((mask.ones_like()? - mask)? * -1e30)?
-            .reshape((b, 1, 1, l))?
-            .to_dtype(x.dtype())?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()
-        };
-
-        for layer in &self.layers {
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs
-                .matmul(&v)? // [b, nh, l, hd]
-                .transpose(1, 2)?
-                .reshape((b * l, h))?;
-            let attn = layer
-                .attn_norm
-                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
-            let inter = layer.intermediate.forward(&attn)?.gelu_erf()?;
-            x = layer
-                .out_norm
-                .forward(&(layer.output.forward(&inter)? + &attn)?)?;
+    /// The pooled, normalised embedding of each text (token ids, truncated).
+    /// Runs on the current rayon pool.
+    fn embed(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+        use rayon::prelude::*;
+        let h = self.hidden;
+        let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
+        let rows: usize = lens.iter().sum();
+        if rows == 0 {
+            return Ok(vec![vec![0.0; h]; texts.len()]);
+        }
+        let mut starts = Vec::with_capacity(texts.len());
+        let mut at = 0;
+        for len in &lens {
+            starts.push(at);
+            at += len;
         }
 
-        // Mean over real tokens, then L2 normalisation (as sentence-transformers).
-        let x = x.reshape((b, l, h))?;
-        let m = mask.to_dtype(x.dtype())?.unsqueeze(2)?; // [b, l, 1]
-        let summed = x.broadcast_mul(&m)?.sum(1)?; // [b, h]
-        let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?; // [b, 1]
-        let mean = summed.broadcast_div(&counts)?;
-        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        mean.broadcast_div(&norm)
+        // Embeddings: word + position + token type 0, then layer norm.
+        let mut x = vec![0f32; rows * h];
+        let tokens: Vec<(u32, usize)> = texts
+            .iter()
+            .flat_map(|t| t.iter().enumerate().map(|(p, &id)| (id, p)))
+            .collect();
+        x.par_chunks_mut(h)
+            .zip(tokens.par_iter())
+            .for_each(|(row, &(id, p))| {
+                let id = (id as usize).min(self.vocab - 1);
+                let p = p.min(self.max_positions - 1);
+                let word = &self.word[id * h..(id + 1) * h];
+                let pos = &self.position[p * h..(p + 1) * h];
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = word[i] + pos[i] + self.token_type0[i];
+                }
+                self.embed_norm.apply(row);
+            });
+
+        for layer in &self.layers {
+            // Q, K, V in one matmul, then attention within each text.
+            let mut qkv = layer.qkv.matmul(&x, rows)?;
+            let bias = &layer.qkv.bias;
+            qkv.par_chunks_mut(layer.qkv.width()).for_each(|row| {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            });
+            let ctx = self.attention(&qkv, &lens, &starts);
+
+            // Output projection + residual, layer norm.
+            let mut attn = layer.attn_out.matmul(&ctx, rows)?;
+            let bias = &layer.attn_out.bias;
+            attn.par_chunks_mut(h)
+                .zip(x.par_chunks(h))
+                .for_each(|(row, res)| {
+                    for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
+                        *v += b + r;
+                    }
+                    layer.attn_norm.apply(row);
+                });
+
+            // Feed-forward: GELU (erf), projection + residual, layer norm.
+            let mut inter = layer.intermediate.matmul(&attn, rows)?;
+            let bias = &layer.intermediate.bias;
+            inter
+                .par_chunks_mut(layer.intermediate.width())
+                .for_each(|row| {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v = gelu_erf(*v + b);
+                    }
+                });
+            let mut out = layer.output.matmul(&inter, rows)?;
+            let bias = &layer.output.bias;
+            out.par_chunks_mut(h)
+                .zip(attn.par_chunks(h))
+                .for_each(|(row, res)| {
+                    for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
+                        *v += b + r;
+                    }
+                    layer.out_norm.apply(row);
+                });
+            x = out;
+        }
+
+        // Mean over each text's tokens, then L2 normalisation (as
+        // sentence-transformers).
+        Ok(lens
+            .par_iter()
+            .zip(starts.par_iter())
+            .map(|(&len, &start)| {
+                let mut mean = vec![0f32; h];
+                for row in x[start * h..(start + len) * h].chunks(h) {
+                    for (m, v) in mean.iter_mut().zip(row) {
+                        *m += v;
+                    }
+                }
+                let n = len.max(1) as f32;
+                mean.iter_mut().for_each(|m| *m /= n);
+                let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                mean.iter_mut().for_each(|m| *m /= norm);
+                mean
+            })
+            .collect())
+    }
+
+    /// Softmax attention of each text over its own tokens, every head;
+    /// `qkv` rows are `[q | k | v]`, biases added. Returns `[rows, hidden]`.
+    fn attention(&self, qkv: &[f32], lens: &[usize], starts: &[usize]) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (h, nh, hd) = (self.hidden, self.heads, self.head_dim);
+        let width = 3 * h;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut ctx = vec![0f32; qkv.len() / 3];
+        // One disjoint block of output rows per text.
+        let mut blocks = Vec::with_capacity(lens.len());
+        let mut rest = ctx.as_mut_slice();
+        for &len in lens {
+            let (block, tail) = rest.split_at_mut(len * h);
+            blocks.push(block);
+            rest = tail;
+        }
+        blocks
+            .into_par_iter()
+            .zip(lens.par_iter().zip(starts.par_iter()))
+            .for_each(|(block, (&len, &start))| {
+                let rows = &qkv[start * width..(start + len) * width];
+                let mut scores = vec![0f32; len];
+                for head in 0..nh {
+                    let (qo, ko, vo) = (head * hd, h + head * hd, 2 * h + head * hd);
+                    for i in 0..len {
+                        let q = &rows[i * width + qo..i * width + qo + hd];
+                        let mut max = f32::NEG_INFINITY;
+                        for (j, s) in scores.iter_mut().enumerate() {
+                            let k = &rows[j * width + ko..j * width + ko + hd];
+                            *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                            max = max.max(*s);
+                        }
+                        let mut total = 0.0;
+                        for s in scores.iter_mut() {
+                            *s = (*s - max).exp();
+                            total += *s;
+                        }
+                        let out = &mut block[i * h + head * hd..i * h + head * hd + hd];
+                        for (j, s) in scores.iter().enumerate() {
+                            let p = s / total;
+                            let v = &rows[j * width + vo..j * width + vo + hd];
+                            for (o, vv) in out.iter_mut().zip(v) {
+                                *o += p * vv;
+                            }
+                        }
+                    }
+                }
+            });
+        ctx
     }
 }
 
@@ -242,7 +449,6 @@ pub struct EmbedModel {
     bert: Bert,
     tokenizer: Tokenizer,
     pool: rayon::ThreadPool,
-    device: Device,
     name: String,
     max_tokens: usize,
     threads: usize,
@@ -336,8 +542,9 @@ impl EmbedModel {
                 format!("{}: {e}", tokenizer_path.display()),
             )
         })?;
-        // The file asks for fixed padding to 128 and truncation at 128; we pad
-        // per batch ourselves and truncate where sentence-transformers does.
+        // The file asks for fixed padding to 128 and truncation at 128; the
+        // forward pass packs rows unpadded, and truncation is where
+        // sentence-transformers truncates.
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -377,7 +584,6 @@ impl EmbedModel {
             bert,
             tokenizer,
             pool,
-            device,
             name,
             max_tokens,
             threads: options.threads,
@@ -423,7 +629,9 @@ impl EmbedModel {
             .collect::<Result<Vec<_>, _>>()?;
         let prompt_tokens = encoded.iter().map(Vec::len).sum::<usize>();
 
-        // Longest first, so each batch pads to similar lengths.
+        // Longest first, as sentence-transformers orders them: texts of
+        // similar length share a batch, which evens out the attention work
+        // across threads.
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
 
@@ -445,27 +653,8 @@ impl EmbedModel {
         chunk: &[usize],
         encoded: &[Vec<u32>],
     ) -> Result<Vec<Vec<f32>>, LocalError> {
-        let len = chunk
-            .iter()
-            .map(|&i| encoded[i].len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut ids = Vec::with_capacity(chunk.len() * len);
-        let mut mask = Vec::with_capacity(chunk.len() * len);
-        for &i in chunk {
-            let e = &encoded[i];
-            ids.extend_from_slice(e);
-            ids.resize(ids.len() + (len - e.len()), 0);
-            mask.extend(std::iter::repeat_n(1f32, e.len()));
-            mask.extend(std::iter::repeat_n(0f32, len - e.len()));
-        }
-        let ids = Tensor::from_vec(ids, (chunk.len(), len), &self.device).map_err(infer_err)?;
-        let mask = Tensor::from_vec(mask, (chunk.len(), len), &self.device).map_err(infer_err)?;
-        self.bert
-            .embed(&ids, &mask)
-            .and_then(|t| t.to_dtype(DType::F32)?.to_vec2::<f32>())
-            .map_err(infer_err)
+        let texts: Vec<&[u32]> = chunk.iter().map(|&i| encoded[i].as_slice()).collect();
+        self.bert.embed(&texts).map_err(infer_err)
     }
 
     /// One line for the startup log.
@@ -525,6 +714,19 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn the_fast_erf_matches_libm() {
+        let mut worst = 0f32;
+        for i in -600_000..=600_000 {
+            let x = i as f32 * 1e-5;
+            worst = worst.max((erf(x) - libm::erff(x)).abs());
+        }
+        for x in [-1e30f32, -10.0, 10.0, 1e30] {
+            worst = worst.max((erf(x) - libm::erff(x)).abs());
+        }
+        assert!(worst < 1e-6, "{worst}");
     }
 
     #[test]
