@@ -167,8 +167,8 @@ impl Norm {
     /// Layer normalisation of one row, in place.
     fn apply(&self, row: &mut [f32]) {
         let n = row.len() as f32;
-        let mean = row.iter().sum::<f32>() / n;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let mean = lanes(row, |v| v) / n;
+        let var = lanes(row, |v| (v - mean) * (v - mean)) / n;
         let inv = 1.0 / (var + self.eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
             *v = (*v - mean) * inv * g + b;
@@ -201,6 +201,38 @@ struct Bert {
     heads: usize,
     head_dim: usize,
     hidden: usize,
+}
+
+/// Σ f(v) with eight running sums, so that the loop vectorises (a single
+/// sum is a chain of dependent additions that no compiler may reorder).
+fn lanes(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// a · b, vectorised as [`lanes`] is.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// BERT's exact GELU, `x/2 · (1 + erf(x/√2))`.
@@ -384,7 +416,7 @@ impl Bert {
                 }
                 let n = len.max(1) as f32;
                 mean.iter_mut().for_each(|m| *m /= n);
-                let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                let norm = lanes(&mean, |v| v * v).sqrt().max(1e-12);
                 mean.iter_mut().for_each(|m| *m /= norm);
                 mean
             })
@@ -420,7 +452,7 @@ impl Bert {
                         let mut max = f32::NEG_INFINITY;
                         for (j, s) in scores.iter_mut().enumerate() {
                             let k = &rows[j * width + ko..j * width + ko + hd];
-                            *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                            *s = dot(q, k) * scale;
                             max = max.max(*s);
                         }
                         let mut total = 0.0;
