@@ -138,14 +138,42 @@ impl Dense {
         self.bias.len()
     }
 
-    /// `x · W^T` for `rows` rows of `x` (row-major), without the bias. The
-    /// matmul is candle's (the `gemm` crate), on the current rayon pool.
-    fn matmul(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+    /// `x · W^T + b` for the `rows` rows of `x` (row-major), each output row
+    /// then finished by `finish(row, i)` in place (residual, activation,
+    /// norm), on the current rayon pool. The product is candle's (the `gemm`
+    /// crate); the bias and `finish` read it straight from candle's buffer
+    /// into the result, so nothing is copied twice.
+    fn apply(
+        &self,
+        x: Vec<f32>,
+        rows: usize,
+        finish: impl Fn(&mut [f32], usize) + Sync,
+    ) -> candle_core::Result<Vec<f32>> {
+        use rayon::prelude::*;
         let inputs = x.len() / rows.max(1);
-        Tensor::from_slice(x, (rows, inputs), &Device::Cpu)?
-            .matmul(&self.weight_t)?
-            .flatten_all()?
-            .to_vec1::<f32>()
+        let product = Tensor::from_vec(x, (rows, inputs), &Device::Cpu)?.matmul(&self.weight_t)?;
+        let (storage, layout) = product.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(candle_core::Error::Msg(
+                "the embedding model runs on the CPU".into(),
+            ));
+        };
+        let width = self.width();
+        let product = cpu
+            .as_slice::<f32>()?
+            .get(layout.start_offset()..layout.start_offset() + rows * width)
+            .ok_or_else(|| candle_core::Error::Msg("a product of the wrong size".into()))?;
+        let mut out = vec![0f32; rows * width];
+        out.par_chunks_mut(width)
+            .zip(product.par_chunks(width))
+            .enumerate()
+            .for_each(|(i, (row, p))| {
+                for ((o, p), b) in row.iter_mut().zip(p).zip(&self.bias) {
+                    *o = p + b;
+                }
+                finish(row, i);
+            });
+        Ok(out)
     }
 }
 
@@ -358,47 +386,29 @@ impl Bert {
 
         for layer in &self.layers {
             // Q, K, V in one matmul, then attention within each text.
-            let mut qkv = layer.qkv.matmul(&x, rows)?;
-            let bias = &layer.qkv.bias;
-            qkv.par_chunks_mut(layer.qkv.width()).for_each(|row| {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            });
+            let qkv = layer.qkv.apply(x.clone(), rows, |_, _| {})?;
             let ctx = self.attention(&qkv, &lens, &starts);
 
             // Output projection + residual, layer norm.
-            let mut attn = layer.attn_out.matmul(&ctx, rows)?;
-            let bias = &layer.attn_out.bias;
-            attn.par_chunks_mut(h)
-                .zip(x.par_chunks(h))
-                .for_each(|(row, res)| {
-                    for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
-                        *v += b + r;
-                    }
-                    layer.attn_norm.apply(row);
-                });
+            let attn = layer.attn_out.apply(ctx, rows, |row, i| {
+                for (v, r) in row.iter_mut().zip(&x[i * h..(i + 1) * h]) {
+                    *v += r;
+                }
+                layer.attn_norm.apply(row);
+            })?;
 
             // Feed-forward: GELU (erf), projection + residual, layer norm.
-            let mut inter = layer.intermediate.matmul(&attn, rows)?;
-            let bias = &layer.intermediate.bias;
-            inter
-                .par_chunks_mut(layer.intermediate.width())
-                .for_each(|row| {
-                    for (v, b) in row.iter_mut().zip(bias) {
-                        *v = gelu_erf(*v + b);
-                    }
-                });
-            let mut out = layer.output.matmul(&inter, rows)?;
-            let bias = &layer.output.bias;
-            out.par_chunks_mut(h)
-                .zip(attn.par_chunks(h))
-                .for_each(|(row, res)| {
-                    for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
-                        *v += b + r;
-                    }
-                    layer.out_norm.apply(row);
-                });
+            let inter = layer.intermediate.apply(attn.clone(), rows, |row, _| {
+                for v in row.iter_mut() {
+                    *v = gelu_erf(*v);
+                }
+            })?;
+            let out = layer.output.apply(inter, rows, |row, i| {
+                for (v, r) in row.iter_mut().zip(&attn[i * h..(i + 1) * h]) {
+                    *v += r;
+                }
+                layer.out_norm.apply(row);
+            })?;
             x = out;
         }
 
