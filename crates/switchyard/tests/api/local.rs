@@ -53,6 +53,17 @@ async fn post(app: &switchyard_testkit::TestApp, path: &str, body: Value) -> req
         .unwrap()
 }
 
+/// The `chat.completion.chunk`s of a whole SSE answer, which must end with
+/// `data: [DONE]`.
+fn chunks_of(text: &str) -> Vec<Value> {
+    let data = sse_data(text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
 fn ask(question: &str) -> Value {
     json!({"model": "local-chat", "temperature": 0, "max_tokens": 48,
            "messages": [{"role": "user", "content": question}]})
@@ -141,12 +152,7 @@ async fn local_chat_streams_token_by_token_and_stops_at_max_tokens() {
         .unwrap()
         .starts_with("text/event-stream"));
     let text = resp.text().await.unwrap();
-    let data = sse_data(&text);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = chunks_of(&text);
     let content: Vec<&str> = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -335,12 +341,7 @@ async fn the_local_model_calls_a_tool_and_streams_its_arguments() {
         .text()
         .await
         .unwrap();
-    let data = sse_data(&text);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = chunks_of(&text);
     let deltas: Vec<&Value> = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
@@ -362,6 +363,36 @@ async fn the_local_model_calls_a_tool_and_streams_its_arguments() {
         .filter(|f| !f.is_null())
         .collect();
     assert_eq!(finish, vec![&json!("tool_calls")]);
+}
+
+#[tokio::test]
+async fn an_anthropic_client_gets_a_tool_use_block_from_the_local_model() {
+    let Some(app) = local_app("").await else {
+        return;
+    };
+    let body = json!({"model": "local-chat", "max_tokens": 64, "temperature": 0,
+        "tools": [{"name": "get_weather", "description": "Weather for a city",
+                   "input_schema": {"type": "object", "properties": {"location": {"type": "string"}},
+                                    "required": ["location"]}}],
+        "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+    let resp = post(&app, "/v1/messages", body).await;
+    assert_eq!(resp.status(), 200);
+    let message: Value = resp.json().await.unwrap();
+    assert_eq!(message["stop_reason"], "tool_use", "{message}");
+    let block = message["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .unwrap_or_else(|| panic!("{message}"));
+    assert_eq!(block["name"], "get_weather");
+    assert!(
+        block["input"]["location"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
