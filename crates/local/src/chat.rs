@@ -15,6 +15,7 @@
 //! Output is streamed as soon as it is safe: only complete UTF-8, and never a
 //! tail that could still become the start of a stop sequence.
 
+use std::cell::RefCell;
 use std::num::NonZeroU32;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -32,12 +34,21 @@ use llama_cpp_2::{send_logs_to_tracing, LogOptions};
 
 use crate::LocalError;
 
-/// What SmolLM2's chat template inserts when the conversation does not start
-/// with a system message; used only if the GGUF carries no template to read
-/// it from.
+thread_local! {
+    /// Contexts kept between generations on this thread, at most one per
+    /// model (keyed by its address): a new context costs ~30 ms and its first
+    /// use touches a fresh KV cache, which a kept one has done already. A
+    /// worker thread keeps its context (its KV cache, ~50 MB at 2048 tokens
+    /// for SmolLM2-135M) for as long as it lives.
+    static CONTEXTS: RefCell<Vec<(usize, LlamaContext<'static>)>> = const { RefCell::new(Vec::new()) };
+}
+
 /// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_DISABLED`.
 const FLASH_ATTENTION_DISABLED: i32 = 0;
 
+/// What SmolLM2's chat template inserts when the conversation does not start
+/// with a system message; used only if the GGUF carries no template to read
+/// it from.
 pub const DEFAULT_SYSTEM_PROMPT: &str =
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
@@ -148,7 +159,10 @@ pub struct Generation {
 /// A loaded GGUF chat model. `Send + Sync`: share it behind an `Arc`.
 pub struct ChatModel {
     backend: &'static LlamaBackend,
-    model: LlamaModel,
+    /// Leaked on purpose: contexts kept between generations
+    /// ([`CONTEXTS`]) borrow it for `'static`. A server loads its model
+    /// once, for its whole life.
+    model: &'static LlamaModel,
     /// llama.cpp's context creation may touch the model, so contexts are
     /// created one at a time (they are then used in parallel).
     context_lock: Mutex<()>,
@@ -279,7 +293,7 @@ impl ChatModel {
 
         Ok(Self {
             backend,
-            model,
+            model: Box::leak(Box::new(model)),
             context_lock: Mutex::new(()),
             options: options.clone(),
             threads,
@@ -389,7 +403,7 @@ impl ChatModel {
     fn sampler(&self, request: &GenerateRequest) -> Result<LlamaSampler, LocalError> {
         let mut chain = Vec::with_capacity(4);
         if let Some(grammar) = &request.grammar {
-            let grammar = LlamaSampler::grammar(&self.model, grammar, "root").map_err(|e| {
+            let grammar = LlamaSampler::grammar(self.model, grammar, "root").map_err(|e| {
                 LocalError::Invalid(format!("the reply's grammar does not parse: {e}"))
             })?;
             chain.push(grammar);
@@ -441,6 +455,44 @@ impl ChatModel {
         // Before the context: a grammar that does not parse costs nothing.
         let mut sampler = self.sampler(request)?;
         let n_batch = n_ctx.min(512);
+        let mut ctx = self.take_context(n_ctx, n_batch)?;
+        let result = self.run(
+            &mut ctx,
+            request,
+            &prompt,
+            n_batch,
+            started,
+            &mut sampler,
+            on_text,
+        );
+        if result.is_ok() {
+            // Only a context that finished cleanly is used again.
+            self.keep_context(ctx);
+        }
+        result
+    }
+
+    /// This model's key in [`CONTEXTS`].
+    fn key(&self) -> usize {
+        std::ptr::from_ref::<LlamaModel>(self.model) as usize
+    }
+
+    /// A context for one generation: this thread's kept one, emptied, or a
+    /// new one.
+    fn take_context(&self, n_ctx: u32, n_batch: u32) -> Result<LlamaContext<'static>, LocalError> {
+        let key = self.key();
+        let kept = CONTEXTS.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            let i = kept.iter().position(|(k, _)| *k == key)?;
+            Some(kept.swap_remove(i).1)
+        });
+        if let Some(mut ctx) = kept {
+            // Forget every cell (positions and sequence ids); the stale data
+            // left in them is masked out and overwritten as the prompt fills them.
+            ctx.clear_kv_cache_seq(None, None, None)
+                .map_err(|e| LocalError::Inference(format!("emptying a context: {e}")))?;
+            return Ok(ctx);
+        }
         // Flash attention (llama.cpp's default on CPU) accumulates in f16,
         // and that alone turns the answer to "What is the capital of
         // France?" from the reference's "… Paris." into a loop of French
@@ -453,16 +505,33 @@ impl ChatModel {
             .with_n_seq_max(1)
             .with_n_threads(self.threads)
             .with_n_threads_batch(self.threads);
-        let mut ctx = {
-            let _guard = self
-                .context_lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.model
-                .new_context(self.backend, params)
-                .map_err(|e| LocalError::Inference(format!("creating a context: {e}")))?
-        };
+        let _guard = self
+            .context_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.model
+            .new_context(self.backend, params)
+            .map_err(|e| LocalError::Inference(format!("creating a context: {e}")))
+    }
 
+    fn keep_context(&self, ctx: LlamaContext<'static>) {
+        let key = self.key();
+        CONTEXTS.with(|kept| kept.borrow_mut().push((key, ctx)));
+    }
+
+    /// Prompt evaluation and decoding on `ctx`, which holds no tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ctx: &mut LlamaContext<'static>,
+        request: &GenerateRequest,
+        prompt: &[LlamaToken],
+        n_batch: u32,
+        started: Instant,
+        sampler: &mut LlamaSampler,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, LocalError> {
+        let prompt_len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         let decode_err = |e: llama_cpp_2::DecodeError| LocalError::Inference(e.to_string());
         let batch_err = |e: llama_cpp_2::llama_batch::BatchAddError| {
             LocalError::Inference(format!("batch: {e}"))
@@ -489,7 +558,7 @@ impl ChatModel {
         let mut time_to_first_token = None;
         let mut piece = Vec::with_capacity(16);
         let finish = loop {
-            let token = sampler.sample(&ctx, -1);
+            let token = sampler.sample(ctx, -1);
             if time_to_first_token.is_none() {
                 time_to_first_token = Some(started.elapsed());
             }
@@ -1036,6 +1105,26 @@ mod tests {
             .generate(&req, &mut |_| ControlFlow::Continue(()))
             .unwrap_err();
         assert!(matches!(err, LocalError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn a_kept_context_answers_as_a_fresh_one_does() {
+        let Some(model) = model() else { return };
+        let before = CONTEXTS.with(|c| c.borrow().len());
+        let first = run(model, &request("What is the capital of France?", 24)).0;
+        // The context of that generation is kept on this thread...
+        assert_eq!(CONTEXTS.with(|c| c.borrow().len()), before + 1);
+        // ...used for a longer, different conversation...
+        let other = run(model, &request("Write a long story about a dragon.", 64)).0;
+        assert_ne!(other, first);
+        // ...and emptied: the first question gets the first answer again.
+        let again = run(model, &request("What is the capital of France?", 24)).0;
+        assert_eq!(again, first);
+        assert_eq!(
+            CONTEXTS.with(|c| c.borrow().len()),
+            before + 1,
+            "one per model and thread"
+        );
     }
 
     #[test]
