@@ -56,16 +56,10 @@ fn chat(a: &[String]) {
         },
     )
     .unwrap();
-    let req = GenerateRequest {
-        messages: vec![ChatMessage::new(Role::User, prompt.trim())],
+    let req = GenerateRequest::greedy(
+        vec![ChatMessage::new(Role::User, prompt.trim())],
         max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: None,
-        stop: Vec::new(),
-        system_suffix: None,
-        grammar: None,
-    };
+    );
     let mut text = String::new();
     let warm = model
         .generate(&req, &mut |t| {

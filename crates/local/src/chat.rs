@@ -133,6 +133,23 @@ pub struct GenerateRequest {
     pub grammar: Option<String>,
 }
 
+impl GenerateRequest {
+    /// A greedy (temperature 0) continuation of `messages`: no stop
+    /// sequences, tools or grammar.
+    pub fn greedy(messages: Vec<ChatMessage>, max_tokens: u32) -> Self {
+        Self {
+            messages,
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+            system_suffix: None,
+            grammar: None,
+        }
+    }
+}
+
 /// Why the generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -999,16 +1016,7 @@ mod tests {
     }
 
     fn request(user: &str, max_tokens: u32) -> GenerateRequest {
-        GenerateRequest {
-            messages: vec![ChatMessage::new(Role::User, user)],
-            max_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
-            stop: Vec::new(),
-            system_suffix: None,
-            grammar: None,
-        }
+        GenerateRequest::greedy(vec![ChatMessage::new(Role::User, user)], max_tokens)
     }
 
     fn run(model: &ChatModel, request: &GenerateRequest) -> (String, Vec<String>, Generation) {
@@ -1306,8 +1314,6 @@ mod tests {
         let at = full.find("Berlin").expect("Berlin in the answer");
         let req = GenerateRequest {
             stop: vec!["Berlin".to_owned()],
-            system_suffix: None,
-            grammar: None,
             ..base
         };
         let (text, _, generation) = run(model, &req);
@@ -1427,19 +1433,10 @@ mod tests {
         for threads in [1, 2] {
             let Some(model) = load(threads) else { return };
             eprintln!("{}", model.describe());
-            let req = GenerateRequest {
-                messages: vec![ChatMessage::new(
-                    Role::User,
-                    "Write a long, detailed story about a dragon who learns to bake bread.",
-                )],
-                max_tokens: 128,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: None,
-                stop: Vec::new(),
-                system_suffix: None,
-                grammar: None,
-            };
+            let req = request(
+                "Write a long, detailed story about a dragon who learns to bake bread.",
+                128,
+            );
             // Warm-up (page in the weights), then three timed runs.
             let _ = run(
                 &model,

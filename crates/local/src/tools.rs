@@ -404,6 +404,10 @@ impl ReplyParser {
             | (Some(ReplyEvent::Arguments(a)), ReplyEvent::Arguments(b)) => a.push_str(&b),
             (_, event) => out.push(event),
         };
+        let argument = |c: char, out: &mut Vec<ReplyEvent>| match out.last_mut() {
+            Some(ReplyEvent::Arguments(a)) => a.push(c),
+            _ => out.push(ReplyEvent::Arguments(c.into())),
+        };
         for c in piece.chars() {
             // The arguments' raw text, until their value ends at its depth.
             if let Some(base) = self.arguments_at {
@@ -411,7 +415,7 @@ impl ReplyParser {
                     self.arguments_at = None;
                     self.arguments_done = true;
                 } else {
-                    add(ReplyEvent::Arguments(c.to_string()), &mut out);
+                    argument(c, &mut out);
                 }
             }
             if self.string.is_some() {
@@ -427,7 +431,7 @@ impl ReplyParser {
                 && self.keys_are(&["tool_call", "arguments"])
             {
                 self.arguments_at = Some(self.stack.len());
-                add(ReplyEvent::Arguments(c.to_string()), &mut out);
+                argument(c, &mut out);
             }
             match c {
                 '{' => self.stack.push(Frame::Object {
