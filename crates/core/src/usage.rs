@@ -34,5 +34,29 @@ pub struct UsageRecord {
 
 /// A fresh time-ordered id.
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    // Encoded into a stack buffer: `to_string` goes through `fmt`, which
+    // cost a visible share of a request's CPU for the four ids it makes.
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_hyphenated_lowercase_v7_uuids_in_creation_order() {
+        let ids: Vec<String> = (0..1000).map(|_| new_id()).collect();
+        for id in &ids {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version_num(), 7, "{id}");
+            assert_eq!(id, &u.hyphenated().to_string());
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids, "time-ordered");
+    }
 }

@@ -26,6 +26,7 @@ use switchyard_store::{Store, StoreError};
 
 use crate::batch_writer::{EventWriter, UsageWriter};
 use crate::events::TraceEvents;
+use crate::handles::Handles;
 use crate::metered::{MeteredStream, StreamEvent};
 
 /// Who is asking and since when; carried from the HTTP layer.
@@ -98,8 +99,20 @@ pub enum ChatOutcome {
     },
 }
 
+/// The gateway's metric handles, by label values.
+#[derive(Default)]
+struct CallMetrics {
+    /// `switchyard_upstream_duration_seconds` by provider and endpoint.
+    duration: Handles<metrics::Histogram>,
+    /// `switchyard_upstream_ttft_seconds` by provider.
+    ttft: Handles<metrics::Histogram>,
+    /// `switchyard_tokens_total` (prompt, completion) by model and provider.
+    tokens: Handles<(metrics::Counter, metrics::Counter)>,
+}
+
 pub struct Gateway {
     routes: HashMap<String, Route>,
+    metrics: Arc<CallMetrics>,
     deployments: Vec<Arc<Deployment>>,
     pricing: HashMap<String, Pricing>,
     router: Router,
@@ -221,6 +234,7 @@ impl Gateway {
         );
         Ok(Self {
             routes,
+            metrics: Arc::default(),
             deployments,
             pricing,
             router,
@@ -297,7 +311,6 @@ impl Gateway {
             .ok_or_else(|| EngineError::UnknownModel(alias.to_owned()))
     }
 
-    #[tracing::instrument(skip_all, fields(gen_ai.request.model = %req.model, stream = req.stream))]
     /// Refuses a request asking for more completion tokens than allowed.
     fn check_max_tokens(&self, req: &ChatRequest) -> Result<(), EngineError> {
         let Some(cap) = self.max_tokens else {
@@ -317,6 +330,9 @@ impl Gateway {
         Ok(())
     }
 
+    // Debug level: the request span already carries the trace id, and the
+    // access line the model; a span per call costs CPU on every request.
+    #[tracing::instrument(level = "debug", skip_all, fields(gen_ai.request.model = %req.model, stream = req.stream))]
     pub async fn chat(
         &self,
         meta: &RequestMeta,
@@ -352,7 +368,7 @@ impl Gateway {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(gen_ai.request.model = %req.model))]
+    #[tracing::instrument(level = "debug", skip_all, fields(gen_ai.request.model = %req.model))]
     pub async fn embeddings(
         &self,
         meta: &RequestMeta,
@@ -454,6 +470,7 @@ pub fn status_for(e: &ProviderError) -> u16 {
 /// Everything needed to write one usage row, carried until the call ends.
 pub(crate) struct Accounting {
     writer: UsageWriter,
+    metrics: Arc<CallMetrics>,
     events: TraceEvents,
     tokens: Option<TokenMeter>,
     record: UsageRecord,
@@ -476,6 +493,7 @@ impl Accounting {
         }
         Self {
             writer: gw.usage.clone(),
+            metrics: gw.metrics.clone(),
             events,
             tokens: meta.tokens.clone(),
             pricing: None,
@@ -552,12 +570,10 @@ impl Accounting {
         r.error_code = code.map(str::to_owned);
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         r.ttft_ms = first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
-        let provider = r.provider.clone();
-        let model = r.model_alias.clone();
         if self.events.enabled() {
             let outcome = serde_json::json!({
                 "status": status,
-                "provider": provider,
+                "provider": r.provider,
                 "latency_ms": r.latency_ms,
                 "ttft_ms": r.ttft_ms,
                 "error": code,
@@ -571,10 +587,19 @@ impl Accounting {
             };
             self.events.record(kind, outcome);
         }
-        metrics::histogram!("switchyard_upstream_duration_seconds", "provider" => provider.clone(), "endpoint" => r.endpoint.clone())
+        let (provider, endpoint) = (&r.provider, &r.endpoint);
+        self.metrics
+            .duration
+            .get(&[provider, endpoint], || {
+                metrics::histogram!("switchyard_upstream_duration_seconds", "provider" => provider.clone(), "endpoint" => endpoint.clone())
+            })
             .record(r.latency_ms / 1000.0);
         if let Some(ttft) = r.ttft_ms {
-            metrics::histogram!("switchyard_upstream_ttft_seconds", "provider" => provider.clone())
+            self.metrics
+                .ttft
+                .get(&[provider], || {
+                    metrics::histogram!("switchyard_upstream_ttft_seconds", "provider" => provider.clone())
+                })
                 .record(ttft / 1000.0);
         }
         if let Some(u) = usage {
@@ -591,10 +616,15 @@ impl Accounting {
             r.cost_usd = self
                 .pricing
                 .map(|p| p.cost_usd(u.prompt_tokens, u.completion_tokens));
-            metrics::counter!("switchyard_tokens_total", "model" => model.clone(), "provider" => provider.clone(), "kind" => "prompt")
-                .increment(u.prompt_tokens);
-            metrics::counter!("switchyard_tokens_total", "model" => model, "provider" => provider, "kind" => "completion")
-                .increment(u.completion_tokens);
+            let model = &r.model_alias;
+            let (prompt, completion) = self.metrics.tokens.get(&[model, provider], || {
+                (
+                    metrics::counter!("switchyard_tokens_total", "model" => model.clone(), "provider" => provider.clone(), "kind" => "prompt"),
+                    metrics::counter!("switchyard_tokens_total", "model" => model.clone(), "provider" => provider.clone(), "kind" => "completion"),
+                )
+            });
+            prompt.increment(u.prompt_tokens);
+            completion.increment(u.completion_tokens);
         }
         self.writer.record(self.record);
     }

@@ -7,6 +7,7 @@ pub mod batch_writer;
 pub mod budget;
 pub mod events;
 pub mod gateway;
+pub mod handles;
 pub mod health;
 pub mod idempotency;
 pub mod identity;

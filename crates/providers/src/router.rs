@@ -278,7 +278,7 @@ impl Router {
         Self { retry, budget }
     }
 
-    #[tracing::instrument(skip_all, fields(stream))]
+    #[tracing::instrument(level = "debug", skip_all, fields(stream))]
     pub async fn chat(
         &self,
         route: &Route,

@@ -65,6 +65,8 @@ struct Inner {
     replay: switchyard_engine::signing::ReplayGuard,
     /// Failed authentications per client address (this instance's).
     auth_failures: switchyard_engine::limits::MemoryLimiter,
+    /// Request count and latency handles by route, model and status.
+    request_metrics: switchyard_engine::handles::Handles<(metrics::Counter, metrics::Histogram)>,
 }
 
 impl AppState {
@@ -91,6 +93,7 @@ impl AppState {
                 budgets: parts.budgets,
                 replay: parts.replay,
                 auth_failures: switchyard_engine::limits::MemoryLimiter::new(),
+                request_metrics: Default::default(),
             }),
         })
     }

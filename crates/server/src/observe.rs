@@ -36,10 +36,8 @@ pub async fn observe(
         .and_then(TraceContext::from_traceparent)
         .unwrap_or_else(TraceContext::new_root);
     let request_id = req.headers().get("x-request-id").cloned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = req.method().clone();
     let trace_id = ctx.trace_id();
     let span =
@@ -56,11 +54,22 @@ pub async fn observe(
         .get::<ModelLabel>()
         .map_or("", |m| m.0.as_str())
         .to_owned();
-    let status_label = status.to_string();
-    metrics::counter!("switchyard_http_requests_total", "route" => route.clone(), "model" => model.clone(), "status" => status_label.clone())
-        .increment(1);
-    metrics::histogram!("switchyard_http_request_duration_seconds", "route" => route, "model" => model.clone(), "status" => status_label)
-        .record(elapsed);
+    let (count, duration) = state
+        .inner
+        .request_metrics
+        .get(&[&route, &model, &status], || {
+            let labels = [
+                ("route", route.to_owned()),
+                ("model", model.clone()),
+                ("status", status.to_string()),
+            ];
+            (
+                metrics::counter!("switchyard_http_requests_total", &labels),
+                metrics::histogram!("switchyard_http_request_duration_seconds", &labels),
+            )
+        });
+    count.increment(1);
+    duration.record(elapsed);
 
     let provider = resp
         .extensions()

@@ -2,6 +2,7 @@
 //! the command line, loads configuration, sets up telemetry and calls this.
 
 pub mod cli;
+pub mod jsonlog;
 pub mod keys;
 #[cfg(feature = "local")]
 pub mod local;

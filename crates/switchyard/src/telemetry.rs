@@ -4,6 +4,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use switchyard_core::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+use crate::jsonlog::JsonLayer;
 use crate::logwriter::{self, LogFlushGuard};
 
 /// JSON (or text) logs to stdout; every line inside a request carries the
@@ -29,17 +30,18 @@ pub fn init_logging(config: &LogConfig, to_stderr: bool) -> LogFlushGuard {
     } else {
         logwriter::spawn(Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>)
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(move || sink.clone());
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match config.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
+        LogFormat::Json => registry.with(JsonLayer::new(sink)).try_init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(move || sink.clone()),
+            )
             .try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
     };
     guard
 }
