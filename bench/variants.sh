@@ -17,6 +17,10 @@ declare -A ENVS=(
   [logwarn]="RUST_LOG=warn"
   [nousage]="SWITCHYARD_USAGE__ENABLED=false"
   [logwarn+nousage]="RUST_LOG=warn SWITCHYARD_USAGE__ENABLED=false"
+  # no database writes on the request path at all: usage rows and trace events off
+  [nowrites]="SWITCHYARD_USAGE__ENABLED=false SWITCHYARD_EVENTS__ENABLED=false"
+  # the writers' old 100 ms batches (the default is 10 ms since 2026-12-02)
+  [flush100]="SWITCHYARD_USAGE__FLUSH_INTERVAL_MS=100 SWITCHYARD_EVENTS__FLUSH_INTERVAL_MS=100"
   [workers1]="TOKIO_WORKER_THREADS=1"
   [workers1+logwarn+nousage]="TOKIO_WORKER_THREADS=1 RUST_LOG=warn SWITCHYARD_USAGE__ENABLED=false"
   # usage ON, but every insert the same one-row statement (tests the prepared-statement-cache theory for RSS)

@@ -106,7 +106,10 @@ impl Default for UsageConfig {
             enabled: true,
             queue_capacity: 65_536,
             batch_size: 512,
-            flush_interval_ms: 100,
+            // Short: a batch is written by the database thread in one go,
+            // and on a busy CPU each request behind it waits for the whole
+            // batch; 100 ms batches made a 1–2 ms p99 (docs/BENCHMARKS.md).
+            flush_interval_ms: 10,
         }
     }
 }
