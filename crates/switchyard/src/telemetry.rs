@@ -88,6 +88,10 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
         "Usage rows dropped (queue full or database failing)"
     );
     metrics::describe_counter!("switchyard_usage_written_total", "Usage rows written");
+    metrics::describe_gauge!(
+        "switchyard_events_queue_depth",
+        "Trace events waiting to be written"
+    );
     metrics::describe_counter!(
         "switchyard_log_lines_dropped_total",
         "Log lines dropped because stdout did not keep up"

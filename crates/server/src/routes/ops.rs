@@ -38,6 +38,8 @@ fn not_ready(detail: String) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let usage = state.gateway().usage_writer();
     metrics::gauge!("switchyard_usage_queue_depth").set(usage.queue_depth() as f64);
+    let events = state.gateway().event_writer();
+    metrics::gauge!("switchyard_events_queue_depth").set(events.queue_depth() as f64);
     let Some(handle) = &state.inner.prometheus else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response();
     };

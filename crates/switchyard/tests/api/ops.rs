@@ -147,6 +147,7 @@ async fn metrics_expose_requests_latency_tokens_and_the_usage_queue() {
         r#"switchyard_upstream_duration_seconds_bucket{provider="mock",endpoint="chat",le="#,
         r#"switchyard_tokens_total{model="gpt-4o-mini",provider="mock",kind="completion"} 7"#,
         "switchyard_usage_queue_depth ",
+        "switchyard_events_queue_depth ",
         "switchyard_usage_dropped_total 0",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
