@@ -52,15 +52,14 @@ pub async fn observe(
     let model = resp
         .extensions()
         .get::<ModelLabel>()
-        .map_or("", |m| m.0.as_str())
-        .to_owned();
+        .map_or("", |m| m.0.as_str());
     let (count, duration) = state
         .inner
         .request_metrics
         .get(&[&route, &model, &status], || {
             let labels = [
                 ("route", route.to_owned()),
-                ("model", model.clone()),
+                ("model", model.to_owned()),
                 ("status", status.to_string()),
             ];
             (
@@ -74,7 +73,7 @@ pub async fn observe(
     let provider = resp
         .extensions()
         .get::<ProviderLabel>()
-        .map(|p| p.0.clone());
+        .map(|p| p.0.as_str());
     let latency_ms = elapsed * 1000.0;
     match resp.extensions().get::<ErrorDetail>() {
         Some(detail) if status >= 500 => {
