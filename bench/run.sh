@@ -82,8 +82,10 @@ fi
 
 mkdir -p "$OUT/runs" "$WORK/bin"
 # Run copies, so that a rebuild in the tree during the run cannot mix two versions.
-cp "$BIN/switchyard" "$BIN/switchyard-mock" "$WORK/bin/"
-BIN_SRC="$BIN"; BIN="$WORK/bin"
+# SY_BIN measures another build of the gateway (bench/variants.sh bins) against the same mock.
+SY_SRC="${SY_BIN:-$BIN/switchyard}"
+cp "$SY_SRC" "$WORK/bin/switchyard"; cp "$BIN/switchyard-mock" "$WORK/bin/"
+BIN="$WORK/bin"
 if [ "$SY_NODELAY_PRELOAD" = 1 ]; then
   command -v gcc >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; }
   gcc -O2 -shared -fPIC -o "$WORK/nodelay.so" "$HERE/tools/nodelay_preload.c" -ldl
@@ -97,7 +99,7 @@ meta date "$(date -Is)"
 meta host "$NCPU vCPU, $(uname -r), $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
 meta wrk "$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
 meta git "HEAD $(git -C "$ROOT" log -1 --format='%h %cI' 2>/dev/null || echo unknown) (changed files outside bench/: $(git -C "$ROOT" status --porcelain 2>/dev/null | grep -cv ' bench/' || true))"
-meta binary "built $(date -r "$BIN_SRC/switchyard" -Is), sha256 $(sha256sum "$BIN/switchyard" | cut -c1-12)"
+meta binary "$SY_SRC, built $(date -r "$SY_SRC" -Is), sha256 $(sha256sum "$BIN/switchyard" | cut -c1-12)"
 meta knobs "DURATION=${DURATION}s REPS=$REPS WARMUP=${WARMUP}s TTFB_N=$TTFB_N C_HIGH=$C_HIGH PIN_CPU=$PIN_CPU PRIO=$PRIO PHASES='$PHASES' SY_ENV='$SY_ENV' IDLE_MAX=$IDLE_MAX WAIT_IDLE=$WAIT_IDLE WAIT_TOTAL=$WAIT_TOTAL FOREIGN_MAX=$FOREIGN_MAX"
 
 # ---------------------------------------------------------------- process control

@@ -7,6 +7,8 @@
 #   VARIANTS="base logwarn" bench/variants.sh      # a subset
 #   VARIANTS="base batch1 batch32" bench/variants.sh   # usage rows one per statement / at most 32 per statement
 #   bench/variants.sh stream                       # the streaming experiment (TCP_NODELAY preload)
+#   bench/variants.sh bins thin=/tmp/a/switchyard fat=/tmp/b/switchyard   # two builds, same config;
+#                                                  # ROUNDS=2 runs them A B A B to see the drift
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 TS="$(date +%Y%m%d-%H%M%S)"
@@ -30,7 +32,17 @@ declare -A ENVS=(
 ORDER="base logwarn nousage logwarn+nousage workers1 workers1+logwarn+nousage"
 mkdir -p "$BASE"
 dirs=()
-if [ "${1:-}" = stream ]; then
+if [ "${1:-}" = bins ]; then
+  shift
+  for round in $(seq 1 "${ROUNDS:-1}"); do
+    for spec in "$@"; do
+      name="${spec%%=*}"; bin="${spec#*=}"
+      echo "== build $name (round $round): $bin" >&2
+      OUT_DIR="$BASE/$name-$round" PHASES="${PHASES:-pinned c64}" SY_BIN="$bin" "$HERE/run.sh" >"$BASE/$name-$round.log" 2>&1 || echo "build $name failed (see $BASE/$name-$round.log)"
+      dirs+=("$BASE/$name-$round")
+    done
+  done
+elif [ "${1:-}" = stream ]; then
   for v in ${VARIANTS:-base nodelay}; do
     nd=0; [ "$v" = nodelay ] && nd=1
     OUT_DIR="$BASE/$v" PHASES="ttfb stream64" SY_NODELAY_PRELOAD=$nd "$HERE/run.sh" >"$BASE/$v.log" 2>&1 || echo "variant $v failed (see $BASE/$v.log)"
