@@ -153,6 +153,65 @@ pub struct BusEvent {
     pub created_at_ms: i64,
 }
 
+/// The events of one trace recorded together, as stored in one `bus_events`
+/// row: the first event's id, sequence number and time, and every event as
+/// a JSON array of `{id, seq, kind, payload, created_at_ms}` objects.
+/// The gateway writes the array while the request runs, so writing the row
+/// costs no serialisation; [`EventsRow::pack`] builds rows from events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventsRow {
+    pub tenant_id: String,
+    pub trace_id: String,
+    pub session_id: Option<String>,
+    pub seq: i64,
+    pub id: String,
+    pub created_at_ms: i64,
+    pub events: String,
+}
+
+/// One event inside an [`EventsRow`]'s array.
+#[derive(Serialize)]
+struct PackedEvent<'a> {
+    id: &'a str,
+    seq: i64,
+    kind: &'a str,
+    payload: &'a Value,
+    created_at_ms: i64,
+}
+
+impl EventsRow {
+    /// Rows of consecutive events of one trace (same tenant and session).
+    pub fn pack(events: &[BusEvent]) -> Vec<EventsRow> {
+        let mut out = Vec::new();
+        for run in events.chunk_by(|a, b| {
+            a.trace_id == b.trace_id && a.tenant_id == b.tenant_id && a.session_id == b.session_id
+        }) {
+            let first = &run[0];
+            let packed: Vec<PackedEvent<'_>> = run
+                .iter()
+                .map(|e| PackedEvent {
+                    id: &e.id,
+                    seq: e.seq,
+                    kind: &e.kind,
+                    payload: &e.payload,
+                    created_at_ms: e.created_at_ms,
+                })
+                .collect();
+            out.push(EventsRow {
+                tenant_id: first.tenant_id.clone(),
+                trace_id: first.trace_id.clone(),
+                session_id: first.session_id.clone(),
+                seq: first.seq,
+                id: first.id.clone(),
+                created_at_ms: first.created_at_ms,
+                // A Value with string keys always serialises.
+                events: serde_json::to_string(&packed).unwrap_or_else(|_| "[]".into()),
+            });
+        }
+        out
+    }
+}
+
 /// A stored response, replayed for a repeated idempotency key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredResponse {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchyard_core::config::UsageConfig;
-use switchyard_core::sessions::BusEvent;
+use switchyard_core::sessions::EventsRow;
 use switchyard_core::usage::UsageRecord;
 use switchyard_store::{Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
@@ -41,7 +41,7 @@ impl Row for UsageRecord {
 }
 
 #[async_trait]
-impl Row for BusEvent {
+impl Row for EventsRow {
     const WHAT: &'static str = "trace events";
     const NAME: &'static str = "events";
     const WRITTEN_METRIC: &'static str = "switchyard_events_written_total";
@@ -56,7 +56,7 @@ pub type UsageWriter = BatchWriter<UsageRecord>;
 /// The usage writer's task.
 pub type UsageWriterTask = BatchWriterTask;
 /// The `bus_events` writer.
-pub type EventWriter = BatchWriter<BusEvent>;
+pub type EventWriter = BatchWriter<EventsRow>;
 
 /// The sending side, cheap to clone into every request.
 pub struct BatchWriter<T> {

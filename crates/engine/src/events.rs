@@ -1,15 +1,18 @@
 //! A request's lifecycle as trace events: received, each provider attempt,
 //! retries, fallbacks, breaker changes, and how it ended. A request's events
-//! are kept together and handed to the batched [`EventWriter`] when the
-//! request is done (the last handle drops), so they are stored as one row
-//! and recording never waits on the database; `GET /v1/traces/{trace_id}`
-//! reads them back in order.
+//! are written, as they happen, into the JSON array of one `bus_events` row
+//! ([`EventsRow`]), which is handed to the batched [`EventWriter`] when the
+//! request is done (the last handle drops). Recording never waits on the
+//! database, and no event is kept as a `Value` or serialised twice: the
+//! request path pays for one small JSON write per event. `GET
+//! /v1/traces/{trace_id}` reads them back in order.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
-use switchyard_core::sessions::BusEvent;
+use serde::Serialize;
+use serde_json::json;
+use switchyard_core::sessions::EventsRow;
 use switchyard_core::usage::new_id;
 use switchyard_providers::router::{RouteEvent, RouteObserver};
 
@@ -27,17 +30,39 @@ struct Inner {
     tenant_id: String,
     trace_id: String,
     session_id: Option<String>,
-    seq: AtomicI64,
-    /// Recorded, not yet handed to the writer.
-    pending: Mutex<Vec<BusEvent>>,
+    pending: Mutex<Pending>,
+}
+
+/// The row being written: its first event, and the array so far (`[` and
+/// the events, without the closing `]`).
+#[derive(Default)]
+struct Pending {
+    next_seq: i64,
+    first: Option<(String, i64, i64)>,
+    json: Vec<u8>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         let pending = std::mem::take(self.pending.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for e in pending {
-            self.writer.record(e);
-        }
+        let Some((id, seq, created_at_ms)) = pending.first else {
+            return;
+        };
+        let mut json = pending.json;
+        json.push(b']');
+        // Only `serde_json` and JSON string escaping wrote into it.
+        let Ok(events) = String::from_utf8(json) else {
+            return;
+        };
+        self.writer.record(EventsRow {
+            tenant_id: std::mem::take(&mut self.tenant_id),
+            trace_id: std::mem::take(&mut self.trace_id),
+            session_id: self.session_id.take(),
+            seq,
+            id,
+            created_at_ms,
+            events,
+        });
     }
 }
 
@@ -54,8 +79,7 @@ impl TraceEvents {
                 tenant_id: tenant_id.to_owned(),
                 trace_id: trace_id.to_owned(),
                 session_id: session_id.map(str::to_owned),
-                seq: AtomicI64::new(0),
-                pending: Mutex::new(Vec::with_capacity(4)),
+                pending: Mutex::new(Pending::default()),
             }),
         }
     }
@@ -65,27 +89,34 @@ impl TraceEvents {
         self.inner.writer.enabled()
     }
 
-    /// Records one event; they are queued for writing together when the
-    /// last handle drops (and dropped and counted if the writer is saturated).
-    pub fn record(&self, kind: &str, payload: Value) {
+    /// Records one event; the trace's events are queued for writing together
+    /// when the last handle drops (and dropped and counted if the writer is
+    /// saturated). A payload that cannot be serialised is stored as `null`.
+    pub fn record(&self, kind: &str, payload: &impl Serialize) {
         let i = &self.inner;
         if !i.writer.enabled() {
             return;
         }
-        let event = BusEvent {
-            id: new_id(),
-            tenant_id: i.tenant_id.clone(),
-            trace_id: i.trace_id.clone(),
-            seq: i.seq.fetch_add(1, Ordering::Relaxed),
-            kind: kind.to_owned(),
-            session_id: i.session_id.clone(),
-            payload,
-            created_at_ms: now_ms(),
-        };
-        i.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(event);
+        let id = new_id();
+        let at = now_ms();
+        let mut p = i.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = p.next_seq;
+        p.next_seq += 1;
+        let buf = &mut p.json;
+        buf.push(if buf.is_empty() { b'[' } else { b',' });
+        // Writes into a Vec do not fail; `id` is a UUID, `kind` is escaped.
+        let _ = write!(buf, "{{\"id\":\"{id}\",\"seq\":{seq},\"kind\":");
+        let _ = serde_json::to_writer(&mut *buf, kind);
+        buf.extend_from_slice(b",\"payload\":");
+        let mark = buf.len();
+        if serde_json::to_writer(&mut *buf, payload).is_err() {
+            buf.truncate(mark);
+            buf.extend_from_slice(b"null");
+        }
+        let _ = write!(buf, ",\"created_at_ms\":{at}}}");
+        if p.first.is_none() {
+            p.first = Some((id, seq, at));
+        }
     }
 }
 
@@ -95,10 +126,20 @@ impl RouteObserver for TraceEvents {
             RouteEvent::Attempt {
                 deployment,
                 attempt,
-            } => self.record(
-                "provider.attempt",
-                json!({"deployment": deployment, "attempt": attempt}),
-            ),
+            } => {
+                #[derive(Serialize)]
+                struct Attempt<'a> {
+                    deployment: &'a str,
+                    attempt: u32,
+                }
+                self.record(
+                    "provider.attempt",
+                    &Attempt {
+                        deployment,
+                        attempt,
+                    },
+                )
+            }
             RouteEvent::Retry {
                 deployment,
                 attempt,
@@ -106,7 +147,7 @@ impl RouteObserver for TraceEvents {
                 error,
             } => self.record(
                 "provider.retry",
-                json!({
+                &json!({
                     "deployment": deployment,
                     "attempt": attempt,
                     "wait_ms": wait.as_millis() as u64,
@@ -115,11 +156,11 @@ impl RouteObserver for TraceEvents {
             ),
             RouteEvent::Fallback { from, to, error } => self.record(
                 "provider.fallback",
-                json!({"from": from, "to": to, "error": error.code()}),
+                &json!({"from": from, "to": to, "error": error.code()}),
             ),
             RouteEvent::Skipped { deployment } => self.record(
                 "provider.skipped",
-                json!({"deployment": deployment, "reason": "circuit_open"}),
+                &json!({"deployment": deployment, "reason": "circuit_open"}),
             ),
             RouteEvent::Breaker {
                 deployment,
@@ -127,8 +168,80 @@ impl RouteObserver for TraceEvents {
                 to,
             } => self.record(
                 "breaker.changed",
-                json!({"deployment": deployment, "from": from.as_str(), "to": to.as_str()}),
+                &json!({"deployment": deployment, "from": from.as_str(), "to": to.as_str()}),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_core::config::{StoreConfig, UsageConfig};
+    use switchyard_store::{SqliteStore, Store};
+
+    #[tokio::test]
+    async fn a_traces_events_are_one_row_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(&StoreConfig {
+            url: format!("sqlite://{}/e.db", dir.path().display()),
+            ..StoreConfig::default()
+        })
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        let (writer, task) = EventWriter::spawn(store.clone(), &UsageConfig::default());
+        let trace = "0af7651916cd43dd8448eb211c80319c";
+        let events = TraceEvents::new(writer.clone(), "t1", trace, Some("s1"));
+        events.record(
+            "request.received",
+            &json!({"model": "m", "text": "é\n\"q\""}),
+        );
+        events.on_event(RouteEvent::Attempt {
+            deployment: "mock",
+            attempt: 1,
+        });
+        // A payload serde cannot write (a map with non-string keys) is stored as null.
+        let bad: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        events.record("request.done", &bad);
+        let clone = events.clone();
+        drop(events);
+        drop(clone);
+        task.shutdown().await;
+        assert_eq!(writer.written(), 1, "one row for the trace");
+
+        let back = store.list_trace_events("t1", trace).await.unwrap();
+        let kinds: Vec<_> = back.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["request.received", "provider.attempt", "request.done"]
+        );
+        assert_eq!(back.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(back[0].payload, json!({"model": "m", "text": "é\n\"q\""}));
+        assert_eq!(back[1].payload, json!({"deployment": "mock", "attempt": 1}));
+        assert_eq!(back[2].payload, serde_json::Value::Null);
+        assert!(back.iter().all(|e| e.session_id.as_deref() == Some("s1")));
+        assert!(store
+            .list_trace_events("t2", trace)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_trace_with_no_events_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(&StoreConfig {
+            url: format!("sqlite://{}/e.db", dir.path().display()),
+            ..StoreConfig::default()
+        })
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let (writer, task) = EventWriter::spawn(Arc::new(store), &UsageConfig::default());
+        drop(TraceEvents::new(writer.clone(), "t1", "trace", None));
+        task.shutdown().await;
+        assert_eq!(writer.written(), 0);
     }
 }

@@ -486,9 +486,19 @@ impl Accounting {
             .unwrap_or(0);
         let events = gw.trace_events(meta);
         if events.enabled() {
+            #[derive(serde::Serialize)]
+            struct Received<'a> {
+                endpoint: &'a str,
+                model: &'a str,
+                stream: bool,
+            }
             events.record(
                 "request.received",
-                serde_json::json!({"endpoint": endpoint, "model": alias, "stream": stream}),
+                &Received {
+                    endpoint,
+                    model: alias,
+                    stream,
+                },
             );
         }
         Self {
@@ -571,21 +581,33 @@ impl Accounting {
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         r.ttft_ms = first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
         if self.events.enabled() {
-            let outcome = serde_json::json!({
-                "status": status,
-                "provider": r.provider,
-                "latency_ms": r.latency_ms,
-                "ttft_ms": r.ttft_ms,
-                "error": code,
-                "prompt_tokens": usage.map(|u| u.prompt_tokens),
-                "completion_tokens": usage.map(|u| u.completion_tokens),
-            });
+            #[derive(serde::Serialize)]
+            struct Outcome<'a> {
+                status: u16,
+                provider: &'a str,
+                latency_ms: f64,
+                ttft_ms: Option<f64>,
+                error: Option<&'a str>,
+                prompt_tokens: Option<u64>,
+                completion_tokens: Option<u64>,
+            }
             let kind = if status < 400 {
                 "request.done"
             } else {
                 "request.error"
             };
-            self.events.record(kind, outcome);
+            self.events.record(
+                kind,
+                &Outcome {
+                    status,
+                    provider: &r.provider,
+                    latency_ms: r.latency_ms,
+                    ttft_ms: r.ttft_ms,
+                    error: code,
+                    prompt_tokens: usage.map(|u| u.prompt_tokens),
+                    completion_tokens: usage.map(|u| u.completion_tokens),
+                },
+            );
         }
         let (provider, endpoint) = (&r.provider, &r.endpoint);
         self.metrics

@@ -7,7 +7,7 @@
 use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, KeyLimits, Role, Tenant};
 use switchyard_core::sessions::{
-    Bot, BusEvent, Erased, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion,
+    Bot, BusEvent, Erased, EventsRow, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion,
     MessageStatus, Session, SessionQuery, StatePatch, StoredResponse,
 };
 use switchyard_core::usage::{new_id, UsageRecord};
@@ -1186,7 +1186,10 @@ pub async fn trace_events_are_ordered_and_scoped(store: &dyn Store) {
     other.id = new_id();
     other.tenant_id = "t-events-other".into();
     events.push(other.clone());
-    store.insert_events(&events).await.expect("insert");
+    store
+        .insert_events(&EventsRow::pack(&events))
+        .await
+        .expect("insert");
     store.insert_events(&[]).await.expect("empty insert");
     let back = store.list_trace_events(tenant, trace).await.expect("list");
     assert_eq!(back, expected, "{}", store.backend());
@@ -1575,7 +1578,7 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
             created_at_ms: 1,
         };
         store
-            .insert_events(std::slice::from_ref(&e))
+            .insert_events(&EventsRow::pack(std::slice::from_ref(&e)))
             .await
             .expect("event");
         sessions.push(s);

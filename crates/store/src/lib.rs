@@ -20,8 +20,8 @@ use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::identity::{ApiKeyRecord, AuditQuery, AuditRecord, Tenant};
 use switchyard_core::sessions::{
-    Bot, BusEvent, Erased, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion, Session,
-    SessionQuery, StatePatch, StoredResponse, UserData,
+    Bot, BusEvent, Erased, EventsRow, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion,
+    Session, SessionQuery, StatePatch, StoredResponse, UserData,
 };
 use switchyard_core::usage::UsageRecord;
 
@@ -273,7 +273,9 @@ pub trait SessionStore: Send + Sync {
         now_ms: i64,
     ) -> Result<u64, StoreError>;
 
-    async fn insert_events(&self, rows: &[BusEvent]) -> Result<(), StoreError>;
+    /// Stores rows of trace events (one per trace and batch); a row whose
+    /// first event is already stored is skipped, so a retried batch is safe.
+    async fn insert_events(&self, rows: &[EventsRow]) -> Result<(), StoreError>;
     /// A trace's events in the order they happened.
     async fn list_trace_events(
         &self,

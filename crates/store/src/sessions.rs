@@ -14,8 +14,7 @@ use switchyard_core::sessions::{
     Bot, BusEvent, IdempotencyClaim, Message, MessageStatus, Session, StoredResponse,
 };
 
-use crate::identity::{from_json, json_text, RowExt};
-use crate::StoreError;
+use crate::identity::{from_json, RowExt};
 
 pub(crate) const BOT_COLUMNS: &str = "id, tenant_id, name, model, system_prompt, temperature, \
      max_tokens, context_tokens, metadata, created_at_ms, updated_at_ms";
@@ -176,16 +175,6 @@ pub(crate) fn message_from_row(r: &impl RowExt) -> Result<Message, sqlx::Error> 
     })
 }
 
-/// One event inside a `bus_events` row.
-#[derive(serde::Serialize)]
-pub(crate) struct PackedEvent<'a> {
-    id: &'a str,
-    seq: i64,
-    kind: &'a str,
-    payload: &'a serde_json::Value,
-    created_at_ms: i64,
-}
-
 #[derive(serde::Deserialize)]
 struct UnpackedEvent {
     id: String,
@@ -193,37 +182,6 @@ struct UnpackedEvent {
     kind: String,
     payload: serde_json::Value,
     created_at_ms: i64,
-}
-
-/// Consecutive events of one trace (same tenant and session), with the
-/// JSON of their `events` column.
-pub(crate) fn pack_events(rows: &[BusEvent]) -> Result<Vec<(&BusEvent, String)>, StoreError> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < rows.len() {
-        let first = &rows[start];
-        let end = rows[start..]
-            .iter()
-            .position(|e| {
-                e.trace_id != first.trace_id
-                    || e.tenant_id != first.tenant_id
-                    || e.session_id != first.session_id
-            })
-            .map_or(rows.len(), |n| start + n);
-        let packed: Vec<PackedEvent<'_>> = rows[start..end]
-            .iter()
-            .map(|e| PackedEvent {
-                id: &e.id,
-                seq: e.seq,
-                kind: &e.kind,
-                payload: &e.payload,
-                created_at_ms: e.created_at_ms,
-            })
-            .collect();
-        out.push((first, json_text(&packed)?));
-        start = end;
-    }
-    Ok(out)
 }
 
 /// The events of one `bus_events` row.
@@ -697,7 +655,7 @@ macro_rules! session_store {
 
         async fn insert_events(
             &self,
-            rows: &[switchyard_core::sessions::BusEvent],
+            rows: &[switchyard_core::sessions::EventsRow],
         ) -> Result<(), $crate::StoreError> {
             use $crate::sessions::*;
             if rows.is_empty() {
@@ -709,10 +667,9 @@ macro_rules! session_store {
                 $conv!(insert_events_sql(EVENT_CHUNKS[2])),
                 $conv!(insert_events_sql(EVENT_CHUNKS[3])),
             ];
-            let packed = pack_events(rows)?;
             // At most WRITE_GROUP rows per transaction (see insert_usage);
             // `ON CONFLICT DO NOTHING` makes a retried batch safe.
-            for group in packed.chunks($crate::WRITE_GROUP) {
+            for group in rows.chunks($crate::WRITE_GROUP) {
                 let mut tx = self.writer.begin().await.context("starting the event transaction")?;
                 let mut rest = group;
                 for (size, sql) in EVENT_CHUNKS.iter().zip(sqls) {
@@ -720,7 +677,7 @@ macro_rules! session_store {
                         let (chunk, tail) = rest.split_at(*size);
                         rest = tail;
                         let mut q = sqlx::query(sql);
-                        for (e, events) in chunk {
+                        for e in chunk {
                             q = q
                                 .bind(&e.tenant_id)
                                 .bind(&e.trace_id)
@@ -728,7 +685,7 @@ macro_rules! session_store {
                                 .bind(&e.id)
                                 .bind(&e.session_id)
                                 .bind(e.created_at_ms)
-                                .bind(events);
+                                .bind(&e.events);
                         }
                         q.execute(&mut *tx).await.context("storing events")?;
                     }
