@@ -8,9 +8,8 @@
 //! (OpenAI's, Anthropic's or the native one), so every SDK raises its own
 //! authentication error.
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use switchyard_core::identity::{Principal, Role};
@@ -95,10 +94,13 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-pub async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Authenticates and authorises a request: `Ok` with the [`Principal`] in its
+/// extensions (public routes pass unchanged), or the refusal to send.
+/// Called by [`crate::observe::observe`], inside the request span.
+pub(crate) async fn admit(state: &AppState, req: Request) -> Result<Request, Response> {
     let path = req.uri().path();
     if is_public(path) {
-        return next.run(req).await;
+        return Ok(req);
     }
     let family = Family::of(path);
     let identity = state.identity();
@@ -113,26 +115,26 @@ pub async fn authenticate(State(state): State<AppState>, req: Request, next: Nex
                     .extensions()
                     .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                     .map(|ci| ci.0.ip());
-                if let Some(blocked) = ip.and_then(|ip| failures_blocked(&state, ip)) {
-                    return blocked_response(family, blocked);
+                if let Some(blocked) = ip.and_then(|ip| failures_blocked(state, ip)) {
+                    return Err(blocked_response(family, blocked));
                 }
                 match identity.authenticate(c).await {
                     Ok(p) => p,
                     Err(e) => {
                         if let (Some(ip), false) = (ip, e.is_unavailable()) {
-                            count_failure(&state, ip).await;
+                            count_failure(state, ip).await;
                         }
-                        return refuse(family, &e);
+                        return Err(refuse(family, &e));
                     }
                 }
             }
-            None => return refuse(family, &AuthError::Missing),
+            None => return Err(refuse(family, &AuthError::Missing)),
         }
     };
     if let Some(user) = req.headers().get(state.user_header()) {
         let user = user.to_str().map(str::trim).unwrap_or_default();
         if principal.role == Role::User {
-            return family_error(
+            return Err(family_error(
                 family,
                 StatusCode::FORBIDDEN,
                 Some("insufficient_permissions"),
@@ -140,10 +142,10 @@ pub async fn authenticate(State(state): State<AppState>, req: Request, next: Nex
                     "Only a service or admin key may act for a user (`{}`).",
                     state.user_header()
                 ),
-            );
+            ));
         }
         if user.is_empty() || user.len() > 256 {
-            return family_error(
+            return Err(family_error(
                 family,
                 StatusCode::BAD_REQUEST,
                 Some("invalid_user"),
@@ -151,30 +153,30 @@ pub async fn authenticate(State(state): State<AppState>, req: Request, next: Nex
                     "`{}` must name a user (1 to 256 characters).",
                     state.user_header()
                 ),
-            );
+            ));
         }
         principal.user_id = Some(user.to_owned());
     }
     if path.starts_with("/v1/admin/") && principal.role != Role::Admin {
-        return family_error(
+        return Err(family_error(
             family,
             StatusCode::FORBIDDEN,
             Some("insufficient_permissions"),
             "This route needs an admin key.",
-        );
+        ));
     }
     let require = principal.require_signature || req.headers().contains_key("x-signature");
     let mut req = req;
     if require {
         if let Some(key_id) = principal.key_id.clone() {
-            req = match check_signature(&state, family, &principal.tenant_id, &key_id, req).await {
+            req = match check_signature(state, family, &principal.tenant_id, &key_id, req).await {
                 Ok(r) => r,
-                Err(resp) => return resp,
+                Err(resp) => return Err(resp),
             };
         }
     }
     req.extensions_mut().insert(principal);
-    next.run(req).await
+    Ok(req)
 }
 
 /// Verifies `X-Timestamp`/`X-Signature` over the buffered body, then hands

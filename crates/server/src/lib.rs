@@ -211,14 +211,6 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::ops::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            limit::rate_limit,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
             observe::observe,
         ));
     let router = match cors_layer(&state.inner.security) {

@@ -14,7 +14,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -92,7 +92,9 @@ fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
     }
 }
 
-pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Counts the request against its limits and budgets, then runs the rest
+/// of the stack; called by [`crate::observe::observe`] after authentication.
+pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Response {
     let Some(who) = req.extensions().get::<Principal>() else {
         return next.run(req).await; // a public route
     };
@@ -144,7 +146,7 @@ pub async fn rate_limit(State(state): State<AppState>, req: Request, next: Next)
         }
     }
     if matches!(class_of(req.method(), path), Some("chat" | "embeddings")) {
-        if let Some(meter) = token_meter(&state, who) {
+        if let Some(meter) = token_meter(state, who) {
             // Cost 0: look, do not spend; the call's tokens are charged when
             // its usage is known.
             match meter.limiter.check(&meter.key, meter.rate, 0).await {
