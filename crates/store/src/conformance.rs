@@ -850,6 +850,35 @@ pub async fn messages_are_listed_in_order_and_completed_once(store: &dyn Store) 
             .len(),
         6
     );
+    // The session and its history in one read: the same as the two reads.
+    let (read, both) = store
+        .session_and_history(tenant, &session.id, 2)
+        .await
+        .expect("session and history")
+        .expect("the session exists");
+    assert_eq!(
+        Some(read),
+        store.get_session(tenant, &session.id).await.expect("get"),
+        "{}",
+        store.backend()
+    );
+    assert_eq!(both, history, "{}", store.backend());
+    assert_eq!(
+        store
+            .session_and_history(tenant, &session.id, 100)
+            .await
+            .expect("session and history")
+            .map(|(_, h)| h.len()),
+        Some(6)
+    );
+    assert_eq!(
+        store
+            .session_and_history("t-messages-other", &session.id, 100)
+            .await
+            .expect("session and history"),
+        None,
+        "another tenant's session"
+    );
 
     // Another tenant reads, completes and lists nothing.
     let other = "t-messages-other";

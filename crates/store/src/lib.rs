@@ -257,6 +257,16 @@ pub trait SessionStore: Send + Sync {
         session_id: &str,
         limit: u32,
     ) -> Result<Vec<(String, String)>, StoreError>;
+    /// The session and its [`history`](Self::history) in one statement: a
+    /// reply needs both before its first token, and one read is one trip to
+    /// the database instead of two. `None` if the session does not exist
+    /// for this tenant.
+    async fn session_and_history(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        limit: u32,
+    ) -> Result<Option<(Session, Vec<(String, String)>)>, StoreError>;
     /// Ends a `streaming` message; `false` if it is not streaming (already
     /// ended, or interrupted).
     async fn complete_message(&self, completion: &MessageCompletion) -> Result<bool, StoreError>;

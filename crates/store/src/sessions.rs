@@ -184,6 +184,23 @@ struct UnpackedEvent {
     created_at_ms: i64,
 }
 
+/// A history as the backends aggregate it (`[[id, role, content], ...]`, in
+/// no promised order) as `(role, content)`, newest first.
+pub(crate) fn history_from_text(
+    text: Option<String>,
+) -> Result<Vec<(String, String)>, crate::StoreError> {
+    let mut turns: Vec<(String, String, String)> = match text {
+        Some(t) => serde_json::from_str(&t)
+            .map_err(|e| crate::StoreError::Corrupt(format!("history: {e}")))?,
+        None => Vec::new(),
+    };
+    turns.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(turns
+        .into_iter()
+        .map(|(_, role, content)| (role, content))
+        .collect())
+}
+
 /// The events of one `bus_events` row.
 pub(crate) fn events_from_row(r: &impl RowExt) -> Result<Vec<BusEvent>, sqlx::Error> {
     let tenant_id = r.text("tenant_id")?;
@@ -568,14 +585,39 @@ macro_rules! session_store {
                 .fetch_one(&self.pool)
                 .await
                 .context("reading a session's history")?;
-            // `[[id, role, content], ...]`, in no promised order.
-            let mut turns: Vec<(String, String, String)> = match text {
-                Some(t) => serde_json::from_str(&t)
-                    .map_err(|e| $crate::StoreError::Corrupt(format!("history: {e}")))?,
-                None => Vec::new(),
-            };
-            turns.sort_by(|a, b| b.0.cmp(&a.0));
-            Ok(turns.into_iter().map(|(_, role, content)| (role, content)).collect())
+            $crate::sessions::history_from_text(text)
+        }
+
+        async fn session_and_history(
+            &self,
+            tenant_id: &str,
+            session_id: &str,
+            limit: u32,
+        ) -> Result<
+            Option<(switchyard_core::sessions::Session, Vec<(String, String)>)>,
+            $crate::StoreError,
+        > {
+            use $crate::sessions::*;
+            // The history is a scalar subquery in the select list, so its
+            // placeholders come first.
+            let sql = $conv!(format!(
+                "SELECT {SESSION_COLUMNS}, ({}) AS history FROM sessions WHERE tenant_id = ? AND id = ?",
+                $history
+            ));
+            let row = sqlx::query(sql)
+                .bind(tenant_id)
+                .bind(session_id)
+                .bind(i64::from(limit))
+                .bind(tenant_id)
+                .bind(session_id)
+                .fetch_optional(&self.pool)
+                .await
+                .context("reading a session and its history")?;
+            let Some(row) = row else { return Ok(None) };
+            let session = session_from_row(&row).context("decoding a session")?;
+            let text = $crate::identity::RowExt::opt_text(&row, "history")
+                .context("decoding a session's history")?;
+            Ok(Some((session, history_from_text(text)?)))
         }
 
         async fn complete_message(

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::transcript::{render_all, Frame, Transcript};
 use super::views::message_json;
-use super::{invalid, Inner, SessionError, Sessions};
+use super::{invalid, may_see, Inner, SessionError, Sessions};
 use crate::gateway::{public_error, ChatOutcome, PublicError, RequestMeta};
 use crate::idempotency::Claimed;
 use crate::identity::now_ms;
@@ -182,16 +182,16 @@ impl Sessions {
                 limit: settings.max_content_bytes,
             });
         }
-        // The session (with its access check) and its history in parallel:
-        // both are on the way to the first token.
-        let store = self.store();
-        let (session, history) = tokio::try_join!(self.get_session(who, session_id), async {
-            Ok::<_, SessionError>(
-                store
-                    .history(&who.tenant_id, session_id, HISTORY_WINDOW)
-                    .await?,
-            )
-        },)?;
+        // The session and its history in one read: both are on the way to
+        // the first token.
+        let (session, history) = match self
+            .store()
+            .session_and_history(&who.tenant_id, session_id, HISTORY_WINDOW)
+            .await?
+        {
+            Some((s, history)) if may_see(who, &s) => (s, history),
+            _ => return Err(SessionError::NotFound("session")),
+        };
         let bot = match &session.bot_id {
             Some(b) => Some(self.cached_bot(&who.tenant_id, b).await?.ok_or(
                 SessionError::Conflict {
