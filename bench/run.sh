@@ -10,6 +10,7 @@
 #                                        # with an API key (K, >= 32 chars) and rate limits on (bench/auth.sh for the per-check cost)
 #   LABEL=nodelay SY_NODELAY_PRELOAD=1 bench/run.sh    # experiment: TCP_NODELAY on accepted sockets
 #   REBUILD=1 bench/run.sh               # cargo build --release first (a no-op when up to date)
+#   SY_BIN=/path/to/switchyard bench/run.sh   # measure another build of the gateway (same mock)
 #
 # Phases (PHASES, any order is run in this order):
 #   pinned   c=1 non-streaming, wrk + Switchyard + mock all on CPU $PIN_CPU: p50/p90/p99, added p50/p99
