@@ -180,8 +180,7 @@ mod tests {
     use switchyard_core::config::{StoreConfig, UsageConfig};
     use switchyard_store::{SqliteStore, Store};
 
-    #[tokio::test]
-    async fn a_traces_events_are_one_row_read_back_in_order() {
+    async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::connect(&StoreConfig {
             url: format!("sqlite://{}/e.db", dir.path().display()),
@@ -190,7 +189,12 @@ mod tests {
         .await
         .unwrap();
         store.migrate().await.unwrap();
-        let store: Arc<dyn Store> = Arc::new(store);
+        (dir, Arc::new(store))
+    }
+
+    #[tokio::test]
+    async fn a_traces_events_are_one_row_read_back_in_order() {
+        let (_dir, store) = store().await;
         let (writer, task) = EventWriter::spawn(store.clone(), &UsageConfig::default());
         let trace = "0af7651916cd43dd8448eb211c80319c";
         let events = TraceEvents::new(writer.clone(), "t1", trace, Some("s1"));
@@ -231,15 +235,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_trace_with_no_events_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::connect(&StoreConfig {
-            url: format!("sqlite://{}/e.db", dir.path().display()),
-            ..StoreConfig::default()
-        })
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
-        let (writer, task) = EventWriter::spawn(Arc::new(store), &UsageConfig::default());
+        let (_dir, store) = store().await;
+        let (writer, task) = EventWriter::spawn(store, &UsageConfig::default());
         drop(TraceEvents::new(writer.clone(), "t1", "trace", None));
         task.shutdown().await;
         assert_eq!(writer.written(), 0);
