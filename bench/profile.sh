@@ -20,21 +20,7 @@ mkdir -p "$OUT"
 MOCK_PID=""; SY_PID=""
 cleanup() { for p in $SY_PID $MOCK_PID; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-sed -e "s/18091/$SY_PORT/; s/18090/$MOCK_PORT/; s#/tmp/sy-bench/switchyard.db#$OUT/sy.db#" >"$OUT/switchyard.toml" <<EOF
-[server]
-listen = "127.0.0.1:18091"
-[store]
-url = "sqlite:///tmp/sy-bench/switchyard.db"
-[log]
-level = "info"
-format = "json"
-[providers.mock]
-kind = "openai"
-base_url = "http://127.0.0.1:18090/v1"
-[models.gpt-4o-mini]
-provider = "mock"
-model = "gpt-4o-mini"
-EOF
+"$HERE/gateway-config" "$SY_PORT" "$MOCK_PORT" "$OUT/sy.db" >"$OUT/switchyard.toml"
 "$BIN/switchyard-mock" --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$OUT/mock.log" 2>&1 & MOCK_PID=$!
 # shellcheck disable=SC2086
 env $SY_ENV "$BIN/switchyard" --config "$OUT/switchyard.toml" serve >"$OUT/switchyard.log" 2>&1 & SY_PID=$!

@@ -253,21 +253,7 @@ NICE=(); [ "$PRIO" != 0 ] && NICE=(nice -n "$PRIO")
 "${NICE[@]}" "$BIN/switchyard-mock" --listen "127.0.0.1:$MOCK_PORT" --threads 1 >"$OUT/mock.log" 2>&1 &
 MOCK_PID=$!
 rm -f "$WORK"/switchyard.db "$WORK"/switchyard.db-wal "$WORK"/switchyard.db-shm
-cat >"$OUT/switchyard.toml" <<EOF
-[server]
-listen = "127.0.0.1:$SY_PORT"
-[store]
-url = "sqlite://$WORK/switchyard.db"
-[log]
-level = "info"
-format = "json"
-[providers.mock]
-kind = "openai"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-[models.gpt-4o-mini]
-provider = "mock"
-model = "gpt-4o-mini"
-EOF
+"$HERE/gateway-config" "$SY_PORT" "$MOCK_PORT" "$WORK/switchyard.db" >"$OUT/switchyard.toml"
 # shellcheck disable=SC2086  # SY_ENV is a list of NAME=value words
 env $SY_ENV "${NICE[@]}" "$BIN/switchyard" --config "$OUT/switchyard.toml" serve >"$OUT/switchyard.log" 2>"$OUT/switchyard.err" &
 SY_PID=$!

@@ -13,21 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 B="$ROOT/target/release"; C="${C:-1}"; MODES="${MODES:-normal idle nice normal idle nice}"
 DIR="$(mktemp -d)"
-cat >"$DIR/switchyard.toml" <<TOML
-[server]
-listen = "127.0.0.1:18091"
-[store]
-url = "sqlite://$DIR/sy.db"
-[log]
-level = "info"
-format = "json"
-[providers.mock]
-kind = "openai"
-base_url = "http://127.0.0.1:18090/v1"
-[models.gpt-4o-mini]
-provider = "mock"
-model = "gpt-4o-mini"
-TOML
+"$ROOT/bench/gateway-config" 18091 18090 "$DIR/sy.db" >"$DIR/switchyard.toml"
 "$B/switchyard-mock" --listen 127.0.0.1:18090 --threads 1 >/dev/null 2>&1 & M=$!
 "$B/switchyard" --config "$DIR/switchyard.toml" serve >"$DIR/sy.log" 2>&1 & S=$!
 trap 'kill $S $M 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
