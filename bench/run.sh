@@ -11,6 +11,8 @@
 #   LABEL=nodelay SY_NODELAY_PRELOAD=1 bench/run.sh    # experiment: TCP_NODELAY on accepted sockets
 #   REBUILD=1 bench/run.sh               # cargo build --release first (a no-op when up to date)
 #   SY_BIN=/path/to/switchyard bench/run.sh   # measure another build of the gateway (same mock)
+#   SY_CMD="PROG --listen 127.0.0.1:@SY_PORT@ --upstream 127.0.0.1:@MOCK_PORT@" bench/run.sh
+#                                        # measure another proxy in the gateway's place (bench/floor.sh)
 #
 # Phases (PHASES, any order is run in this order):
 #   pinned   c=1 non-streaming, wrk + Switchyard + mock all on CPU $PIN_CPU: p50/p90/p99, added p50/p99
@@ -255,7 +257,14 @@ MOCK_PID=$!
 rm -f "$WORK"/switchyard.db "$WORK"/switchyard.db-wal "$WORK"/switchyard.db-shm
 "$HERE/gateway-config" "$SY_PORT" "$MOCK_PORT" "$WORK/switchyard.db" >"$OUT/switchyard.toml"
 # shellcheck disable=SC2086  # SY_ENV is a list of NAME=value words
-env $SY_ENV "${NICE[@]}" "$BIN/switchyard" --config "$OUT/switchyard.toml" serve >"$OUT/switchyard.log" 2>"$OUT/switchyard.err" &
+if [ -n "${SY_CMD:-}" ]; then
+  SY_CMD="${SY_CMD//@SY_PORT@/$SY_PORT}"; SY_CMD="${SY_CMD//@MOCK_PORT@/$MOCK_PORT}"
+  meta sy_cmd "$SY_CMD"
+  # shellcheck disable=SC2086  # SY_CMD is a command line
+  env $SY_ENV "${NICE[@]}" $SY_CMD >"$OUT/switchyard.log" 2>"$OUT/switchyard.err" &
+else
+  env $SY_ENV "${NICE[@]}" "$BIN/switchyard" --config "$OUT/switchyard.toml" serve >"$OUT/switchyard.log" 2>"$OUT/switchyard.err" &
+fi
 SY_PID=$!
 wait_http "http://127.0.0.1:$MOCK_PORT/v1/models" 30 || die "mock did not come up (see $OUT/mock.log)"
 wait_http "http://127.0.0.1:$SY_PORT/health" 60 || die "switchyard did not come up (see $OUT/switchyard.log / .err)"
@@ -309,7 +318,7 @@ curl -s -m 2 "http://127.0.0.1:$SY_PORT/metrics" >"$OUT/metrics-end.txt" || true
 meta usage_metrics_at_end "$(grep -E '^switchyard_usage_(written|dropped)_total' "$OUT/metrics-end.txt" | tr '\n' ' ')"
 # graceful stop: flushes the usage writer, then count what was logged and written
 stop_pid "$SY_PID" switchyard; SY_PID=""
-python3 - "$OUT/switchyard.log" "$WORK/switchyard.db" >>"$META" <<'PY'
+[ -f "$WORK/switchyard.db" ] && python3 - "$OUT/switchyard.log" "$WORK/switchyard.db" >>"$META" <<'PY'
 import collections, json, sqlite3, sys
 st = collections.Counter(); other = 0
 for line in open(sys.argv[1], errors="replace"):
