@@ -57,6 +57,11 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             // An in-memory database exists once per connection.
             .max_connections(if in_memory { 1 } else { config.max_connections })
+            // sqlx pings a connection every time it is taken from the pool:
+            // for SQLite, a round trip to the connection's worker thread that
+            // can learn nothing (a file does not hang up), before every query
+            // of a session reply and every writer batch.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
             .connect_with(opts.clone())
             .await
@@ -66,6 +71,7 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new()
                 .max_connections(1)
+                .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
                 .connect_with(opts)
                 .await
