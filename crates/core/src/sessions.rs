@@ -275,6 +275,10 @@ pub struct IdempotencyKey {
     pub lease_ms: i64,
     /// How long a finished record is replayed.
     pub ttl_ms: i64,
+    /// Who claims: a fresh id per request. Completing or releasing names it,
+    /// so a request whose claim was taken over (its lease ended) cannot
+    /// overwrite or free the new holder's claim.
+    pub owner: String,
 }
 
 /// Everything stored about one user of a tenant.

@@ -78,12 +78,14 @@ impl Idempotency {
             now_ms: now_ms(),
             lease_ms: self.lease.as_millis() as i64,
             ttl_ms: self.ttl.as_millis() as i64,
+            owner: switchyard_core::usage::new_id(),
         };
         Ok(match self.store.claim_idempotency(&claim).await? {
             IdempotencyClaim::Acquired => Claim::Run(Claimed {
                 store: Some(self.store.clone()),
                 tenant_id: claim.tenant_id,
                 key: claim.key,
+                owner: claim.owner,
                 ttl: self.ttl,
             }),
             IdempotencyClaim::InFlight { same_request: true } => Claim::InFlight,
@@ -123,6 +125,9 @@ pub struct Claimed {
     store: Option<Arc<dyn Store>>,
     tenant_id: String,
     key: String,
+    /// This request's claim id: a claim taken over after its lease ended
+    /// is someone else's, and is neither completed nor released by this one.
+    owner: String,
     ttl: Duration,
 }
 
@@ -134,12 +139,12 @@ impl Claimed {
         };
         let expires = now_ms() + self.ttl.as_millis() as i64;
         if let Err(e) = store
-            .complete_idempotency(&self.tenant_id, &self.key, response, expires)
+            .complete_idempotency(&self.tenant_id, &self.key, &self.owner, response, expires)
             .await
         {
             // Without the record a repeat would run again: say so loudly.
             tracing::error!(error = %e, "could not store an idempotent response");
-            release(store, &self.tenant_id, &self.key);
+            release(store, &self.tenant_id, &self.key, &self.owner);
         }
     }
 
@@ -149,7 +154,10 @@ impl Claimed {
     /// the key in the background).
     pub async fn release(mut self) {
         if let Some(store) = self.store.take() {
-            if let Err(e) = store.release_idempotency(&self.tenant_id, &self.key).await {
+            if let Err(e) = store
+                .release_idempotency(&self.tenant_id, &self.key, &self.owner)
+                .await
+            {
                 tracing::warn!(error = %e, "could not release an idempotency key; it frees itself when its lease ends");
             }
         }
@@ -159,16 +167,16 @@ impl Claimed {
 impl Drop for Claimed {
     fn drop(&mut self) {
         if let Some(store) = self.store.take() {
-            release(store, &self.tenant_id, &self.key);
+            release(store, &self.tenant_id, &self.key, &self.owner);
         }
     }
 }
 
-fn release(store: Arc<dyn Store>, tenant_id: &str, key: &str) {
-    let (tenant_id, key) = (tenant_id.to_owned(), key.to_owned());
+fn release(store: Arc<dyn Store>, tenant_id: &str, key: &str, owner: &str) {
+    let (tenant_id, key, owner) = (tenant_id.to_owned(), key.to_owned(), owner.to_owned());
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
-            if let Err(e) = store.release_idempotency(&tenant_id, &key).await {
+            if let Err(e) = store.release_idempotency(&tenant_id, &key, &owner).await {
                 tracing::warn!(error = %e, "could not release an idempotency key; it frees itself when its lease ends");
             }
         });

@@ -61,6 +61,7 @@ pub async fn run_all(store: &dyn Store) {
     a_state_compare_and_set_race_has_one_winner(store).await;
     trace_events_are_ordered_and_scoped(store).await;
     idempotency_claims_have_one_winner_and_replay(store).await;
+    idempotency_a_taken_over_claim_is_not_the_old_owners(store).await;
     idempotency_records_are_purged_when_dead(store).await;
     streaming_messages_are_interrupted_by_instance_and_staleness(store).await;
     a_user_is_exported_and_erased_alone(store).await;
@@ -70,7 +71,7 @@ pub async fn run_all(store: &dyn Store) {
 pub async fn migrations_are_idempotent(store: &dyn Store) {
     store.migrate().await.expect("second migrate");
     let applied = store.applied_migrations().await.expect("applied");
-    assert_eq!(applied, vec![1, 2, 3, 4, 5], "{}", store.backend());
+    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6], "{}", store.backend());
 }
 
 pub async fn usage_rows_round_trip_exactly(store: &dyn Store) {
@@ -1245,6 +1246,7 @@ fn idem_key(tenant: &str, key: &str, hash: &str, now_ms: i64) -> IdempotencyKey 
         now_ms,
         lease_ms: 30_000,
         ttl_ms: 86_400_000,
+        owner: format!("owner-{now_ms}"),
     }
 }
 
@@ -1275,7 +1277,10 @@ pub async fn idempotency_claims_have_one_winner_and_replay(store: &dyn Store) {
     );
 
     // Another tenant's key of the same name is its own, and is left alone.
-    let foreign = idem_key("t-idem-other", "key-1", "hash-z", now);
+    let foreign = IdempotencyKey {
+        owner: "owner-foreign".into(),
+        ..idem_key("t-idem-other", "key-1", "hash-z", now)
+    };
     assert_eq!(
         store.claim_idempotency(&foreign).await.expect("claim"),
         IdempotencyClaim::Acquired
@@ -1291,7 +1296,7 @@ pub async fn idempotency_claims_have_one_winner_and_replay(store: &dyn Store) {
     };
     let expires = now + k.ttl_ms;
     store
-        .complete_idempotency(tenant, "key-1", &response, expires)
+        .complete_idempotency(tenant, "key-1", &k.owner, &response, expires)
         .await
         .expect("complete");
     assert_eq!(
@@ -1312,11 +1317,20 @@ pub async fn idempotency_claims_have_one_winner_and_replay(store: &dyn Store) {
     );
     // Releasing a finished record does nothing; neither does another tenant.
     store
-        .release_idempotency(tenant, "key-1")
+        .release_idempotency(tenant, "key-1", &k.owner)
         .await
         .expect("release");
     store
-        .release_idempotency("t-idem-other", "key-1")
+        .release_idempotency("t-idem-other", "key-1", &k.owner)
+        .await
+        .expect("release other");
+    assert_eq!(
+        store.claim_idempotency(&foreign).await.expect("claim"),
+        IdempotencyClaim::InFlight { same_request: true },
+        "another tenant's owner id does not free this tenant's claim"
+    );
+    store
+        .release_idempotency("t-idem-other", "key-1", &foreign.owner)
         .await
         .expect("release other");
     assert!(matches!(
@@ -1357,7 +1371,7 @@ pub async fn idempotency_claims_have_one_winner_and_replay(store: &dyn Store) {
     );
     // Released: free again.
     store
-        .release_idempotency(tenant, "key-1")
+        .release_idempotency(tenant, "key-1", &after_lease.owner)
         .await
         .expect("release");
     assert_eq!(
@@ -1365,13 +1379,79 @@ pub async fn idempotency_claims_have_one_winner_and_replay(store: &dyn Store) {
         IdempotencyClaim::Acquired
     );
     store
-        .release_idempotency(tenant, "key-1")
+        .release_idempotency(tenant, "key-1", &after_lease.owner)
         .await
         .expect("release");
     store
-        .release_idempotency("t-idem-other", "key-1")
+        .release_idempotency("t-idem-other", "key-1", &foreign.owner)
         .await
         .expect("release");
+}
+
+pub async fn idempotency_a_taken_over_claim_is_not_the_old_owners(store: &dyn Store) {
+    // A request outlives its lease; another takes the key over. The first
+    // request's end (a completion, or a release on failure) must leave the
+    // new holder's claim alone.
+    let tenant = "t-idem-takeover";
+    let first = IdempotencyKey {
+        lease_ms: 100,
+        ..idem_key(tenant, "slow", "h", 1_000)
+    };
+    let second = IdempotencyKey {
+        owner: "owner-second".into(),
+        ..idem_key(tenant, "slow", "h", 1_100)
+    };
+    assert_eq!(
+        store.claim_idempotency(&first).await.expect("claim"),
+        IdempotencyClaim::Acquired
+    );
+    assert_eq!(
+        store.claim_idempotency(&second).await.expect("claim"),
+        IdempotencyClaim::Acquired,
+        "{}: the lease is over at 1_100",
+        store.backend()
+    );
+    let stale = StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: b"first".to_vec(),
+    };
+    store
+        .complete_idempotency(tenant, "slow", &first.owner, &stale, 90_000)
+        .await
+        .expect("complete");
+    store
+        .release_idempotency(tenant, "slow", &first.owner)
+        .await
+        .expect("release");
+    let probe = IdempotencyKey {
+        owner: "owner-probe".into(),
+        ..idem_key(tenant, "slow", "h", 1_200)
+    };
+    assert_eq!(
+        store.claim_idempotency(&probe).await.expect("claim"),
+        IdempotencyClaim::InFlight { same_request: true },
+        "{}: the second request still holds the key",
+        store.backend()
+    );
+    let fresh = StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: b"second".to_vec(),
+    };
+    store
+        .complete_idempotency(tenant, "slow", &second.owner, &fresh, 90_000)
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.claim_idempotency(&probe).await.expect("claim"),
+        IdempotencyClaim::Done {
+            same_request: true,
+            response: fresh
+        },
+        "{}",
+        store.backend()
+    );
 }
 
 pub async fn idempotency_records_are_purged_when_dead(store: &dyn Store) {
@@ -1397,11 +1477,11 @@ pub async fn idempotency_records_are_purged_when_dead(store: &dyn Store) {
         );
     }
     store
-        .complete_idempotency(tenant, "expired", &response, 2_000)
+        .complete_idempotency(tenant, "expired", "owner-1000", &response, 2_000)
         .await
         .expect("complete");
     store
-        .complete_idempotency(tenant, "live", &response, 9_000)
+        .complete_idempotency(tenant, "live", "owner-1000", &response, 9_000)
         .await
         .expect("complete");
     // "stuck" stays in flight with its lease over at 1_100; "leased" is

@@ -297,16 +297,24 @@ pub trait SessionStore: Send + Sync {
     /// and in-flight claims past their lease are taken over.
     async fn claim_idempotency(&self, key: &IdempotencyKey)
         -> Result<IdempotencyClaim, StoreError>;
-    /// Stores the response of a claimed key, kept until `expires_at_ms`.
+    /// Stores the response of a key claimed by `owner`, kept until
+    /// `expires_at_ms`. Does nothing when the claim is no longer `owner`'s.
     async fn complete_idempotency(
         &self,
         tenant_id: &str,
         key: &str,
+        owner: &str,
         response: &StoredResponse,
         expires_at_ms: i64,
     ) -> Result<(), StoreError>;
-    /// Gives up an in-flight claim (the request failed in a way worth retrying).
-    async fn release_idempotency(&self, tenant_id: &str, key: &str) -> Result<(), StoreError>;
+    /// Gives up `owner`'s in-flight claim (the request failed in a way worth
+    /// retrying). Does nothing when the claim is no longer `owner`'s.
+    async fn release_idempotency(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        owner: &str,
+    ) -> Result<(), StoreError>;
     /// Deletes expired records; returns how many.
     async fn purge_idempotency(&self, now_ms: i64) -> Result<u64, StoreError>;
 

@@ -32,6 +32,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "sessions",
         sql: include_str!("../migrations/sqlite/0005_sessions.sql"),
     },
+    Migration {
+        version: 6,
+        name: "idempotency_owner",
+        sql: include_str!("../migrations/sqlite/0006_idempotency_owner.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -59,6 +64,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 5,
         name: "sessions",
         sql: include_str!("../migrations/postgres/0005_sessions.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "idempotency_owner",
+        sql: include_str!("../migrations/postgres/0006_idempotency_owner.sql"),
     },
 ];
 

@@ -75,7 +75,7 @@ pub(crate) fn patch_state_sql(merge: &str) -> String {
 
 pub(crate) fn claim_insert_sql() -> String {
     "INSERT INTO idempotency_keys (tenant_id, key, request_hash, user_id, status, created_at_ms, \
-     locked_until_ms, expires_at_ms) VALUES (?, ?, ?, ?, 'in_flight', ?, ?, ?) \
+     locked_until_ms, expires_at_ms, owner) VALUES (?, ?, ?, ?, 'in_flight', ?, ?, ?, ?) \
      ON CONFLICT (tenant_id, key) DO NOTHING"
         .to_owned()
 }
@@ -86,7 +86,7 @@ pub(crate) fn claim_insert_sql() -> String {
 pub(crate) fn claim_takeover_sql() -> String {
     "UPDATE idempotency_keys SET request_hash = ?, user_id = ?, status = 'in_flight', \
      response_status = NULL, response_headers = NULL, response_body = NULL, \
-     created_at_ms = ?, locked_until_ms = ?, expires_at_ms = ? \
+     created_at_ms = ?, locked_until_ms = ?, expires_at_ms = ?, owner = ? \
      WHERE tenant_id = ? AND key = ? \
      AND ((status = 'complete' AND expires_at_ms <= ?) OR (status = 'in_flight' AND locked_until_ms <= ?))"
         .to_owned()
@@ -780,6 +780,7 @@ macro_rules! session_store {
                     .bind(k.now_ms)
                     .bind(until)
                     .bind(until)
+                    .bind(&k.owner)
                     .execute(&self.writer)
                     .await
                     .context("claiming an idempotency key")?;
@@ -793,6 +794,7 @@ macro_rules! session_store {
                     .bind(k.now_ms)
                     .bind(until)
                     .bind(until)
+                    .bind(&k.owner)
                     .bind(&k.tenant_id)
                     .bind(&k.key)
                     .bind(k.now_ms)
@@ -828,12 +830,14 @@ macro_rules! session_store {
             &self,
             tenant_id: &str,
             key: &str,
+            owner: &str,
             response: &switchyard_core::sessions::StoredResponse,
             expires_at_ms: i64,
         ) -> Result<(), $crate::StoreError> {
             let sql = $conv!(
                 "UPDATE idempotency_keys SET status = 'complete', response_status = ?, response_headers = ?, \
-                 response_body = ?, expires_at_ms = ? WHERE tenant_id = ? AND key = ? AND status = 'in_flight'"
+                 response_body = ?, expires_at_ms = ? WHERE tenant_id = ? AND key = ? AND status = 'in_flight' \
+                 AND owner = ?"
             );
             sqlx::query(sql)
                 .bind(i64::from(response.status))
@@ -842,6 +846,7 @@ macro_rules! session_store {
                 .bind(expires_at_ms)
                 .bind(tenant_id)
                 .bind(key)
+                .bind(owner)
                 .execute(&self.writer)
                 .await
                 .context("completing an idempotency key")?;
@@ -852,13 +857,16 @@ macro_rules! session_store {
             &self,
             tenant_id: &str,
             key: &str,
+            owner: &str,
         ) -> Result<(), $crate::StoreError> {
             let sql = $conv!(
-                "DELETE FROM idempotency_keys WHERE tenant_id = ? AND key = ? AND status = 'in_flight'"
+                "DELETE FROM idempotency_keys WHERE tenant_id = ? AND key = ? AND status = 'in_flight' \
+                 AND owner = ?"
             );
             sqlx::query(sql)
                 .bind(tenant_id)
                 .bind(key)
+                .bind(owner)
                 .execute(&self.writer)
                 .await
                 .context("releasing an idempotency key")?;
