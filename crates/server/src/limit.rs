@@ -111,37 +111,44 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
         (Some(b), Some(_)) => b.tenant(&who.tenant_id).await.ok().flatten(),
         _ => None,
     };
-    for class in ["global"].into_iter().chain(class_of(method, path)) {
-        let Some(limits) = limits else { break };
-        let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) else {
-            continue;
-        };
-        let key = format!("{subject}:{class}");
-        match limits.limiter.check(&key, rate, 1).await {
-            Ok(d) if d.allowed => {
-                if tightest.is_none_or(|(t, _)| d.remaining < t.remaining) {
-                    tightest = Some((d, class));
-                }
+    if let Some(limits) = limits {
+        // The global limit and the route's class, checked together: a
+        // request refused by one takes nothing from the other.
+        let mut classes: Vec<(&'static str, Rate, String)> = Vec::with_capacity(2);
+        for class in ["global"].into_iter().chain(class_of(method, path)) {
+            if let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) {
+                classes.push((class, rate, format!("{subject}:{class}")));
             }
-            Ok(d) => {
-                let mut resp = family_error(
-                    family,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Some("rate_limit_exceeded"),
-                    &format!(
-                        "Rate limit reached for `{class}`: {rate}. Try again in {} s.",
-                        d.retry_after
-                            .map_or(1, |r| r.as_secs_f64().ceil() as u64)
-                            .max(1)
-                    ),
-                );
-                set_headers(&mut resp, &d, class);
-                metrics::counter!("switchyard_rate_limited_total", "class" => class).increment(1);
-                return resp;
+        }
+        let checks: Vec<(&str, Rate)> = classes.iter().map(|(_, r, k)| (k.as_str(), *r)).collect();
+        match limits.limiter.check_all(&checks, 1).await {
+            Ok(decisions) => {
+                let mut classes = classes.iter().zip(decisions);
+                if let Some(((class, rate, _), d)) = classes.clone().find(|(_, d)| !d.allowed) {
+                    let mut resp = family_error(
+                        family,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Some("rate_limit_exceeded"),
+                        &format!(
+                            "Rate limit reached for `{class}`: {rate}. Try again in {} s.",
+                            d.retry_after
+                                .map_or(1, |r| r.as_secs_f64().ceil() as u64)
+                                .max(1)
+                        ),
+                    );
+                    set_headers(&mut resp, &d, class);
+                    metrics::counter!("switchyard_rate_limited_total", "class" => *class)
+                        .increment(1);
+                    return resp;
+                }
+                tightest = classes
+                    .by_ref()
+                    .map(|((class, _, _), d)| (d, *class))
+                    .min_by_key(|(d, _)| d.remaining);
             }
             Err(e) => {
                 metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
-                tracing::warn!(error = %e, code = e.code(), class, "rate limit check failed; letting the request through");
+                tracing::warn!(error = %e, code = e.code(), "rate limit check failed; letting the request through");
             }
         }
     }

@@ -85,6 +85,9 @@ async fn postgres_migrations_serialize_across_concurrent_instances() {
     let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
     ra.unwrap();
     rb.unwrap();
-    assert_eq!(a.applied_migrations().await.unwrap(), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        a.applied_migrations().await.unwrap(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     a.drop_schema().await.unwrap();
 }

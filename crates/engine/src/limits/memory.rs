@@ -82,6 +82,46 @@ impl MemoryLimiter {
         Ok(decide(rate, cost, step.allowed, step.lead))
     }
 
+    /// [`RateLimiter::check_all`], without a future. The shards involved
+    /// are locked together (in index order, so two calls cannot deadlock).
+    pub fn check_all_now(
+        &self,
+        checks: &[(&str, Rate)],
+        cost: u32,
+    ) -> Result<Vec<Decision>, LimitError> {
+        let gcras = checks
+            .iter()
+            .map(|(_, rate)| Gcra::checked(*rate, cost))
+            .collect::<Result<Vec<_>, _>>()?;
+        let index: Vec<usize> = checks.iter().map(|(k, _)| self.shard_index(k)).collect();
+        let mut order = index.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, Shard>)> =
+            order.iter().map(|&i| (i, lock(&self.shards[i]))).collect();
+        let now = self.clock.now_us();
+        let mut steps = Vec::with_capacity(checks.len());
+        for (((key, _), i), gcra) in checks.iter().zip(&index).zip(&gcras) {
+            let shard = guard(&mut guards, *i);
+            steps.push(gcra.step(shard.tats.get(*key).copied(), now, cost));
+        }
+        if cost > 0 && steps.iter().all(|s| s.allowed) {
+            for (((key, _), i), step) in checks.iter().zip(&index).zip(&steps) {
+                let shard = guard(&mut guards, *i);
+                if let Some(tat) = shard.tats.get_mut(*key) {
+                    *tat = step.new_tat;
+                } else {
+                    shard.insert(key, step.new_tat, now);
+                }
+            }
+        }
+        Ok(checks
+            .iter()
+            .zip(&steps)
+            .map(|((_, rate), step)| decide(*rate, cost, step.allowed, step.lead))
+            .collect())
+    }
+
     /// Keys held, including expired ones not yet swept.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).tats.len()).sum()
@@ -92,9 +132,18 @@ impl MemoryLimiter {
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let i = usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0);
-        lock(&self.shards[i])
+        lock(&self.shards[self.shard_index(key)])
     }
+
+    fn shard_index(&self, key: &str) -> usize {
+        usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0)
+    }
+}
+
+/// The locked shard `i` among `guards` (which hold every shard asked for).
+fn guard<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], i: usize) -> &'g mut Shard {
+    let at = guards.iter().position(|(j, _)| *j == i).unwrap_or(0);
+    &mut guards[at].1
 }
 
 impl Shard {
@@ -117,6 +166,14 @@ fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 impl RateLimiter for MemoryLimiter {
     async fn check(&self, key: &str, rate: Rate, cost: u32) -> Result<Decision, LimitError> {
         self.check_now(key, rate, cost)
+    }
+
+    async fn check_all(
+        &self,
+        checks: &[(&str, Rate)],
+        cost: u32,
+    ) -> Result<Vec<Decision>, LimitError> {
+        self.check_all_now(checks, cost)
     }
 
     async fn charge(&self, key: &str, rate: Rate, cost: u64) -> Result<(), LimitError> {

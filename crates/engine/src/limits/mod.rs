@@ -84,6 +84,17 @@ pub trait RateLimiter: Send + Sync {
     /// request changes nothing; cost 0 only reports the current state.
     async fn check(&self, key: &str, rate: Rate, cost: u32) -> Result<Decision, LimitError>;
 
+    /// Counts `cost` against every key under its rate, all or nothing, in
+    /// one atomic step: when any key refuses, none is spent, so a request
+    /// refused by one limit takes nothing from the others. One decision per
+    /// key, in order; those of keys that would have allowed say what
+    /// spending would have left. The keys must differ.
+    async fn check_all(
+        &self,
+        checks: &[(&str, Rate)],
+        cost: u32,
+    ) -> Result<Vec<Decision>, LimitError>;
+
     /// Forgets every key that starts with `key_prefix` (`""` forgets all);
     /// returns how many were dropped.
     async fn reset(&self, key_prefix: &str) -> Result<u64, LimitError>;

@@ -68,6 +68,52 @@ return {0, base - now}
 
 static GCRA_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA_LUA));
 
+/// [`GCRA_LUA`] over several keys, all or nothing: each key is stepped;
+/// only when every one allows are their TATs stored.
+///
+/// KEYS: the keys. ARGV[1] cost, ARGV[2] `now_us` or '' (tests only, as in
+/// [`GCRA_LUA`]), then T µs and τ µs per key. Returns {allowed, lead} per key.
+const GCRA_ALL_LUA: &str = r"
+local cost = tonumber(ARGV[1])
+local now
+local slack_ms = 1
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+  slack_ms = 600000
+else
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+local out = {}
+local tats = {}
+local all = true
+for i = 1, #KEYS do
+  local t = tonumber(ARGV[1 + 2 * i])
+  local tol = tonumber(ARGV[2 + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '') or now
+  local base = math.max(tat, now)
+  local new_tat = base + cost * t
+  if new_tat - now <= tol then
+    out[2 * i - 1] = 1
+    out[2 * i] = new_tat - now
+    tats[i] = new_tat
+  else
+    out[2 * i - 1] = 0
+    out[2 * i] = base - now
+    all = false
+  end
+end
+if all and cost > 0 then
+  for i = 1, #KEYS do
+    local ttl_ms = math.ceil((tats[i] - now) / 1000) + slack_ms
+    redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', ttl_ms)
+  end
+end
+return out
+";
+
+static GCRA_ALL_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA_ALL_LUA));
+
 /// KEYS[1] the key. ARGV: T µs, cost. Moves the TAT forward unconditionally.
 const CHARGE_LUA: &str = r"
 local t = tonumber(ARGV[1])
@@ -149,6 +195,38 @@ impl RedisLimiter {
         Ok(decide(rate, cost, allowed == 1, lead))
     }
 
+    /// [`RateLimiter::check_all`], optionally at an explicit time (tests).
+    pub(crate) async fn run_all(
+        &self,
+        checks: &[(&str, Rate)],
+        cost: u32,
+        now_us: Option<u64>,
+    ) -> Result<Vec<Decision>, LimitError> {
+        let mut invocation = GCRA_ALL_SCRIPT.prepare_invoke();
+        invocation.arg(cost);
+        match now_us {
+            Some(now) => invocation.arg(now),
+            None => invocation.arg(""),
+        };
+        for (key, rate) in checks {
+            let gcra = Gcra::checked(*rate, cost)?;
+            invocation.key(self.full_key(key)).arg(gcra.t).arg(gcra.tol);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = bounded(invocation.invoke_async(&mut conn)).await?;
+        if out.len() != 2 * checks.len() {
+            return Err(LimitError::Backend(::redis::RedisError::from((
+                ::redis::ErrorKind::UnexpectedReturnType,
+                "the limit script answered with the wrong number of values",
+            ))));
+        }
+        Ok(checks
+            .iter()
+            .zip(out.chunks_exact(2))
+            .map(|((_, rate), v)| decide(*rate, cost, v[0] == 1, u64::try_from(v[1]).unwrap_or(0)))
+            .collect())
+    }
+
     fn full_key(&self, key: &str) -> String {
         let mut k = String::with_capacity(self.namespace.len() + key.len());
         k.push_str(&self.namespace);
@@ -161,6 +239,14 @@ impl RedisLimiter {
 impl RateLimiter for RedisLimiter {
     async fn check(&self, key: &str, rate: Rate, cost: u32) -> Result<Decision, LimitError> {
         self.run(key, rate, cost, None).await
+    }
+
+    async fn check_all(
+        &self,
+        checks: &[(&str, Rate)],
+        cost: u32,
+    ) -> Result<Vec<Decision>, LimitError> {
+        self.run_all(checks, cost, None).await
     }
 
     async fn charge(&self, key: &str, rate: Rate, cost: u64) -> Result<(), LimitError> {

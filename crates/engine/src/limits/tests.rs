@@ -178,6 +178,64 @@ fn keys_are_independent() {
     assert!(!l.check_now("key:a:chat", r, 1).unwrap().allowed);
 }
 
+#[test]
+fn check_all_spends_on_every_key_or_on_none() {
+    let (l, _clock) = limiter();
+    let (wide, narrow) = (rate("4/min"), rate("2/min"));
+    let both = [("s:global", wide), ("s:chat", narrow)];
+
+    for left in [(3, 1), (2, 0)] {
+        let d = l.check_all_now(&both, 1).unwrap();
+        assert!(d.iter().all(|d| d.allowed));
+        assert_eq!((d[0].remaining, d[1].remaining), left);
+    }
+    for _ in 0..5 {
+        let d = l.check_all_now(&both, 1).unwrap();
+        assert!(d[0].allowed && !d[1].allowed, "{d:?}");
+        assert_eq!(d[1].retry_after, Some(secs(30)));
+    }
+
+    // The refusals took nothing from the wide key.
+    assert_eq!(l.check_now("s:global", wide, 0).unwrap().remaining, 2);
+    // Nor does a refusal by the first key spend the second.
+    let d = l
+        .check_all_now(&[("s:chat", narrow), ("s:other", wide)], 1)
+        .unwrap();
+    assert!(!d[0].allowed && d[1].allowed);
+    assert_eq!(l.check_now("s:other", wide, 0).unwrap().remaining, 4);
+}
+
+#[tokio::test]
+async fn concurrent_check_alls_in_memory_admit_exactly_the_tighter_limit() {
+    let l = Arc::new(MemoryLimiter::new());
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let l = l.clone();
+            tokio::spawn(async move {
+                // Half the subjects' requests go to another class: they
+                // share only the global key.
+                let class = if i % 2 == 0 { "s:chat" } else { "s:bots" };
+                l.check_all(&[("s:global", rate("50/min")), (class, rate("20/min"))], 1)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|d| d.allowed)
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += u32::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 40, "20 per class, well within the global 50");
+    assert_eq!(
+        l.check_now("s:global", rate("50/min"), 0)
+            .unwrap()
+            .remaining,
+        10
+    );
+}
+
 #[tokio::test]
 async fn reset_forgets_exactly_the_keys_with_the_prefix() {
     let (l, _clock) = limiter();
@@ -415,6 +473,36 @@ async fn redis_allows_a_burst_then_refuses_with_the_exact_retry_after() {
     assert_eq!(refused.reset_after, secs(60));
     assert_eq!(early.retry_after, Some(Duration::from_micros(1)));
     assert!(on_time.allowed);
+}
+
+#[tokio::test]
+async fn redis_check_all_spends_on_every_key_or_on_none_like_memory() {
+    let Some(url) = redis_url() else { return };
+    let redis = redis_limiter(&url, &unique_namespace("check-all")).await;
+    let (memory, clock) = limiter();
+    let (wide, narrow) = (rate("4/min"), rate("2/min"));
+    let start = clock.now_us();
+    // Arrivals 1 s apart; the two backends must decide alike at every step.
+    for step in 0..12u64 {
+        let keys: [(&str, Rate); 2] = if step % 3 == 2 {
+            [("s:bots", narrow), ("s:global", wide)]
+        } else {
+            [("s:global", wide), ("s:chat", narrow)]
+        };
+        let m = memory.check_all_now(&keys, 1).unwrap();
+        let r = redis
+            .run_all(&keys, 1, Some(REPLAY_START_US + (clock.now_us() - start)))
+            .await
+            .unwrap();
+        assert_eq!(m, r, "step {step}");
+        clock.advance(secs(1));
+    }
+    let now = Some(REPLAY_START_US + (clock.now_us() - start));
+    let global = redis.run_all(&[("s:global", wide)], 0, now).await.unwrap();
+    assert_eq!(
+        global,
+        memory.check_all_now(&[("s:global", wide)], 0).unwrap()
+    );
 }
 
 #[tokio::test]

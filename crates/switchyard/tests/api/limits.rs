@@ -89,6 +89,77 @@ async fn a_key_limit_refuses_past_its_burst_with_429_and_the_ietf_headers() {
     );
 }
 
+#[tokio::test]
+async fn a_request_refused_by_its_class_takes_nothing_from_the_global_limit() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let created: Value = app
+        .client
+        .post(app.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "classy", "limits": {"rates": {"chat": "2/min", "global": "4/min"}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let resp = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            let body: Value = resp.json().await.unwrap();
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("`chat`"),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429, 429]);
+    // The five refusals spent none of the global 4/min: two requests are left.
+    for remaining in [1, 0] {
+        let resp = app
+            .client
+            .get(app.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"global\";q=4;w=60");
+        let rl = resp.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(
+            rl.starts_with(&format!("\"global\";r={remaining};")),
+            "{rl}"
+        );
+    }
+    let resp = app
+        .client
+        .get(app.url("/v1/models"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`global`"));
+}
+
 fn hs256(claims: Value, secret: &str) -> String {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
