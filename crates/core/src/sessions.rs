@@ -149,6 +149,8 @@ pub struct BusEvent {
     /// `provider.fallback`, `breaker.changed`, `request.done`, `request.error`.
     pub kind: String,
     pub session_id: Option<String>,
+    /// The user the request acted for, if any.
+    pub user_id: Option<String>,
     pub payload: Value,
     pub created_at_ms: i64,
 }
@@ -163,6 +165,7 @@ pub struct EventsRow {
     pub tenant_id: String,
     pub trace_id: String,
     pub session_id: Option<String>,
+    pub user_id: Option<String>,
     pub seq: i64,
     pub id: String,
     pub created_at_ms: i64,
@@ -180,11 +183,14 @@ struct PackedEvent<'a> {
 }
 
 impl EventsRow {
-    /// Rows of consecutive events of one trace (same tenant and session).
+    /// Rows of consecutive events of one trace (same tenant, session and user).
     pub fn pack(events: &[BusEvent]) -> Vec<EventsRow> {
         let mut out = Vec::new();
         for run in events.chunk_by(|a, b| {
-            a.trace_id == b.trace_id && a.tenant_id == b.tenant_id && a.session_id == b.session_id
+            a.trace_id == b.trace_id
+                && a.tenant_id == b.tenant_id
+                && a.session_id == b.session_id
+                && a.user_id == b.user_id
         }) {
             let first = &run[0];
             let packed: Vec<PackedEvent<'_>> = run
@@ -201,6 +207,7 @@ impl EventsRow {
                 tenant_id: first.tenant_id.clone(),
                 trace_id: first.trace_id.clone(),
                 session_id: first.session_id.clone(),
+                user_id: first.user_id.clone(),
                 seq: first.seq,
                 id: first.id.clone(),
                 created_at_ms: first.created_at_ms,

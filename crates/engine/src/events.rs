@@ -30,6 +30,7 @@ struct Inner {
     tenant_id: String,
     trace_id: String,
     session_id: Option<String>,
+    user_id: Option<String>,
     pending: Mutex<Pending>,
 }
 
@@ -58,6 +59,7 @@ impl Drop for Inner {
             tenant_id: std::mem::take(&mut self.tenant_id),
             trace_id: std::mem::take(&mut self.trace_id),
             session_id: self.session_id.take(),
+            user_id: self.user_id.take(),
             seq,
             id,
             created_at_ms,
@@ -72,6 +74,7 @@ impl TraceEvents {
         tenant_id: &str,
         trace_id: &str,
         session_id: Option<&str>,
+        user_id: Option<&str>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -79,6 +82,7 @@ impl TraceEvents {
                 tenant_id: tenant_id.to_owned(),
                 trace_id: trace_id.to_owned(),
                 session_id: session_id.map(str::to_owned),
+                user_id: user_id.map(str::to_owned),
                 pending: Mutex::new(Pending::default()),
             }),
         }
@@ -197,7 +201,7 @@ mod tests {
         let (_dir, store) = store().await;
         let (writer, task) = EventWriter::spawn(store.clone(), &UsageConfig::default());
         let trace = "0af7651916cd43dd8448eb211c80319c";
-        let events = TraceEvents::new(writer.clone(), "t1", trace, Some("s1"));
+        let events = TraceEvents::new(writer.clone(), "t1", trace, Some("s1"), Some("u1"));
         events.record(
             "request.received",
             &json!({"model": "m", "text": "é\n\"q\""}),
@@ -237,7 +241,7 @@ mod tests {
     async fn a_trace_with_no_events_writes_nothing() {
         let (_dir, store) = store().await;
         let (writer, task) = EventWriter::spawn(store, &UsageConfig::default());
-        drop(TraceEvents::new(writer.clone(), "t1", "trace", None));
+        drop(TraceEvents::new(writer.clone(), "t1", "trace", None, None));
         task.shutdown().await;
         assert_eq!(writer.written(), 0);
     }

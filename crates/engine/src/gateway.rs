@@ -297,6 +297,7 @@ impl Gateway {
             &meta.tenant_id,
             &meta.trace_id,
             meta.session_id.as_deref(),
+            meta.user_id.as_deref(),
         )
     }
 

@@ -71,7 +71,7 @@ pub async fn run_all(store: &dyn Store) {
 pub async fn migrations_are_idempotent(store: &dyn Store) {
     store.migrate().await.expect("second migrate");
     let applied = store.applied_migrations().await.expect("applied");
-    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6], "{}", store.backend());
+    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6, 7], "{}", store.backend());
 }
 
 pub async fn usage_rows_round_trip_exactly(store: &dyn Store) {
@@ -1205,6 +1205,7 @@ pub async fn trace_events_are_ordered_and_scoped(store: &dyn Store) {
             seq: n,
             kind: kinds[(n % 4) as usize].into(),
             session_id: (n % 2 == 0).then(|| "s-1".into()),
+            user_id: (n % 3 == 0).then(|| "u-1".into()),
             payload: serde_json::json!({"n": n, "nested": {"list": [1, "two", null, 3.5]}, "text": "é\n\"q\""}),
             created_at_ms: 1_760_000_000_000 + n / 17,
         })
@@ -1662,6 +1663,7 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
     let mut sessions = Vec::new();
     let mut messages = Vec::new();
     let mut events = Vec::new();
+    let mut direct = Vec::new();
     for (t, u) in [
         (tenant, gone),
         (tenant, kept),
@@ -1683,16 +1685,25 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
             seq: 0,
             kind: "request.done".into(),
             session_id: Some(s.id.clone()),
+            user_id: Some(u.into()),
             payload: serde_json::json!({"user": u}),
             created_at_ms: 1,
         };
+        // And a request of the same user outside any session.
+        let d = BusEvent {
+            id: new_id(),
+            trace_id: format!("trace-erase-direct-{}", s.id),
+            session_id: None,
+            ..e.clone()
+        };
         store
-            .insert_events(&EventsRow::pack(std::slice::from_ref(&e)))
+            .insert_events(&EventsRow::pack(&[e.clone(), d.clone()]))
             .await
             .expect("event");
         sessions.push(s);
         messages.push(vec![user, reply]);
         events.push(e);
+        direct.push(d);
     }
     // A session with no user is nobody's.
     let anonymous = sample_session(tenant, None, None);
@@ -1748,7 +1759,7 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
         Erased {
             sessions: 2,
             messages: 4,
-            events: 2,
+            events: 4,
             idempotency_records: 1,
             usage_anonymised: 2,
         },
@@ -1772,6 +1783,11 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
         }
         assert!(store
             .list_trace_events(tenant, &events[i].trace_id)
+            .await
+            .expect("events")
+            .is_empty());
+        assert!(store
+            .list_trace_events(tenant, &direct[i].trace_id)
             .await
             .expect("events")
             .is_empty());
@@ -1816,6 +1832,20 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
             .await
             .expect("events"),
         vec![events[1].clone()]
+    );
+    assert_eq!(
+        store
+            .list_trace_events(tenant, &direct[1].trace_id)
+            .await
+            .expect("events"),
+        vec![direct[1].clone()]
+    );
+    assert_eq!(
+        store
+            .list_trace_events("t-erase-other", &direct[3].trace_id)
+            .await
+            .expect("events"),
+        vec![direct[3].clone()]
     );
     let other = store
         .user_data("t-erase-other", gone)

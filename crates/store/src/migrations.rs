@@ -37,6 +37,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "idempotency_owner",
         sql: include_str!("../migrations/sqlite/0006_idempotency_owner.sql"),
     },
+    Migration {
+        version: 7,
+        name: "bus_events_user",
+        sql: include_str!("../migrations/sqlite/0007_bus_events_user.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -69,6 +74,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 6,
         name: "idempotency_owner",
         sql: include_str!("../migrations/postgres/0006_idempotency_owner.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "bus_events_user",
+        sql: include_str!("../migrations/postgres/0007_bus_events_user.sql"),
     },
 ];
 

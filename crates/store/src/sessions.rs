@@ -31,7 +31,7 @@ pub(crate) const MESSAGE_COLUMNS: &str =
 /// One row per request instead of one per event keeps tracing cheap enough
 /// for every request (see docs/sessions.md, "Traces").
 pub(crate) const EVENT_COLUMNS: &str =
-    "tenant_id, trace_id, seq, id, session_id, created_at_ms, events";
+    "tenant_id, trace_id, seq, id, session_id, created_at_ms, events, user_id";
 const IDEMPOTENCY_COLUMNS: &str = "request_hash, status, response_status, response_headers, \
      response_body, locked_until_ms, expires_at_ms";
 
@@ -206,6 +206,7 @@ pub(crate) fn events_from_row(r: &impl RowExt) -> Result<Vec<BusEvent>, sqlx::Er
     let tenant_id = r.text("tenant_id")?;
     let trace_id = r.text("trace_id")?;
     let session_id = r.opt_text("session_id")?;
+    let user_id = r.opt_text("user_id")?;
     let packed: Vec<UnpackedEvent> = from_json("events", &r.text("events")?)?;
     Ok(packed
         .into_iter()
@@ -216,6 +217,7 @@ pub(crate) fn events_from_row(r: &impl RowExt) -> Result<Vec<BusEvent>, sqlx::Er
             seq: e.seq,
             kind: e.kind,
             session_id: session_id.clone(),
+            user_id: user_id.clone(),
             payload: e.payload,
             created_at_ms: e.created_at_ms,
         })
@@ -727,7 +729,8 @@ macro_rules! session_store {
                                 .bind(&e.id)
                                 .bind(&e.session_id)
                                 .bind(e.created_at_ms)
-                                .bind(&e.events);
+                                .bind(&e.events)
+                                .bind(&e.user_id);
                         }
                         q.execute(&mut *tx).await.context("storing events")?;
                     }
@@ -938,10 +941,11 @@ macro_rules! session_store {
             let mut tx = self.writer.begin().await.context("starting a user erasure")?;
             // Children first: the sessions' ids are found through the sessions.
             let events = sqlx::query($conv!(
-                "DELETE FROM bus_events WHERE tenant_id = ? AND session_id IN \
-                 (SELECT id FROM sessions WHERE tenant_id = ? AND user_id = ?)"
+                "DELETE FROM bus_events WHERE tenant_id = ? AND (user_id = ? OR session_id IN \
+                 (SELECT id FROM sessions WHERE tenant_id = ? AND user_id = ?))"
             ))
             .bind(tenant_id)
+            .bind(user_id)
             .bind(tenant_id)
             .bind(user_id)
             .execute(&mut *tx)
@@ -1006,9 +1010,9 @@ mod tests {
     #[test]
     fn event_inserts_have_a_row_of_placeholders_per_packed_row() {
         let sql = super::insert_events_sql(2);
-        assert_eq!(sql.matches('?').count(), 14);
-        assert!(
-            sql.ends_with("(?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-        );
+        assert_eq!(sql.matches('?').count(), 16);
+        assert!(sql.ends_with(
+            "(?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        ));
     }
 }

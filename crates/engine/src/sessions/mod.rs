@@ -503,11 +503,17 @@ impl Sessions {
             .list_trace_events(&who.tenant_id, trace_id)
             .await?;
         let events = if who.role == Role::User {
-            // Only the events of the caller's own sessions.
+            // Only the events of the caller's own sessions, and of its own
+            // requests outside any session.
             let mut mine: HashMap<String, bool> = HashMap::new();
             let mut kept = Vec::new();
             for e in events {
-                let Some(sid) = &e.session_id else { continue };
+                let Some(sid) = &e.session_id else {
+                    if who.user_id.is_some() && e.user_id == who.user_id {
+                        kept.push(e);
+                    }
+                    continue;
+                };
                 let ok = match mine.get(sid) {
                     Some(ok) => *ok,
                     None => {

@@ -559,6 +559,7 @@ pub async fn trace(
                 "seq": e.seq,
                 "kind": e.kind,
                 "session_id": e.session_id,
+                "user_id": e.user_id,
                 "payload": e.payload,
                 "created_at": rfc3339(e.created_at_ms),
             })).collect::<Vec<_>>(),

@@ -1175,6 +1175,30 @@ async fn tenants_and_users_see_only_their_own() {
         .unwrap()
         .iter()
         .all(|e| e["session_id"] == id(&alices)));
+    // A user's own request outside any session: its trace is the user's too.
+    let resp = alice
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let direct = resp.headers()["traceparent"].to_str().unwrap()[3..35].to_owned();
+    let events = alice.finished_trace(&direct).await;
+    assert!(events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["session_id"].is_null() && e["user_id"] == "alice"));
+    assert_eq!(svc.finished_trace(&direct).await, events);
+    for caller in [&bob, &other] {
+        native_error(
+            caller.get(&format!("/v1/traces/{direct}")).await,
+            404,
+            "not_found",
+        )
+        .await;
+    }
     let message_events = format!(
         "/v1/sessions/{}/messages/{}/events",
         id(&alices),
