@@ -163,7 +163,7 @@ impl fmt::Display for Rate {
         if self.period.subsec_nanos() == 0 {
             let secs = self.period.as_secs();
             for (name, unit) in UNITS {
-                if secs % unit == 0 {
+                if secs.is_multiple_of(unit) {
                     let k = secs / unit;
                     return if k == 1 {
                         write!(f, "{}/{name}", self.count)

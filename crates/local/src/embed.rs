@@ -560,7 +560,8 @@ impl EmbedModel {
                 ),
             ));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(load_err(
                 "embedding config",
                 "hidden_size is not a multiple of num_attention_heads",

@@ -26,7 +26,7 @@ pub fn sample_usage(tenant: &str, n: u32) -> UsageRecord {
         model_alias: "gpt-4o-mini".into(),
         provider: "openai".into(),
         upstream_model: "gpt-4o-mini-2024-07-18".into(),
-        stream: n % 2 == 0,
+        stream: n.is_multiple_of(2),
         prompt_tokens: Some(10 + u64::from(n)),
         completion_tokens: Some(20),
         cost_usd: Some(0.000_123_5),
@@ -193,12 +193,12 @@ fn sample_key(tenant: &str, n: u32) -> ApiKeyRecord {
         prefix: format!("sy_{n:06}"),
         key_hash: format!("{tenant}-hash-{n}"),
         limits,
-        signing_secrets: if n % 2 == 0 {
+        signing_secrets: if n.is_multiple_of(2) {
             vec!["s1".into(), "s2".into()]
         } else {
             vec![]
         },
-        require_signature: n % 2 == 0,
+        require_signature: n.is_multiple_of(2),
         expires_at_ms: (n % 4 == 3).then_some(1_900_000_000_000),
         revoked_at_ms: None,
         created_at_ms: 1_760_000_000_000 + i64::from(n),
