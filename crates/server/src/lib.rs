@@ -151,7 +151,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/traces/{trace_id}", get(s::trace))
         .route("/v1/users/{id}/export", get(s::export_user))
         .route("/v1/users/{id}", delete(s::erase_user))
-        .route("/functions/v1/chat", post(s::function_chat));
+        .route("/functions/v1/chat", post(s::function_chat))
+        .route("/functions/v1/embed", post(s::function_embed));
     for retired in &state.inner.retired_paths {
         let retired = Arc::new(retired.clone());
         router = router.route(

@@ -35,11 +35,11 @@ pub struct Limits {
 /// The class a route is counted in, besides `global`.
 fn class_of(method: &axum::http::Method, path: &str) -> Option<&'static str> {
     let session_reply = method == axum::http::Method::POST
-        && (path.starts_with("/functions/")
+        && ((path.starts_with("/functions/") && path != "/functions/v1/embed")
             || (path.starts_with("/v1/sessions/") && path.ends_with("/messages")));
     if path == "/v1/chat/completions" || path == "/v1/messages" || session_reply {
         Some("chat")
-    } else if path == "/v1/embeddings" {
+    } else if path == "/v1/embeddings" || path == "/functions/v1/embed" {
         Some("embeddings")
     } else if path.starts_with("/v1/admin/") {
         Some("admin")

@@ -691,6 +691,111 @@ pub async fn function_chat(
     .await
 }
 
+/// The body of the `embed` Edge Function this replaces (Supabase's
+/// `{input}` → `{embedding}`), with an optional model alias.
+#[derive(Debug, Deserialize)]
+pub struct FunctionEmbed {
+    input: String,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// The alias the embed function uses when the body names none.
+const DEFAULT_EMBEDDING_ALIAS: &str = "default-embedding";
+
+/// `POST /functions/v1/embed`: one text in, `{"embedding": [...]}` out,
+/// through the same gateway path (routing, usage row, limits) as
+/// `/v1/embeddings`; errors in the native shape, as on the chat function.
+pub async fn function_embed(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(started): Extension<Instant>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (req, _) = match native_body::<FunctionEmbed>(&state, &headers, body).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    if req.input.is_empty() {
+        return native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`input` must not be empty.",
+            json!({"field": "input"}),
+        );
+    }
+    let model = req
+        .model
+        .unwrap_or_else(|| DEFAULT_EMBEDDING_ALIAS.to_owned());
+    let openai = json!({"model": model, "input": req.input, "encoding_format": "float"});
+    let parsed =
+        match switchyard_core::openai::EmbeddingsRequest::parse(openai.to_string().as_bytes()) {
+            Ok(p) => p,
+            Err(e) => {
+                return native(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    &e.message,
+                    json!({"field": e.param}),
+                )
+            }
+        };
+    let outcome = state
+        .gateway()
+        .embeddings(&meta(&state, &ctx, started, &who), &parsed)
+        .await;
+    let (mut resp, provider) = match outcome {
+        Ok((body, provider)) => {
+            let embedding = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|mut v| v.pointer_mut("/data/0/embedding").map(Value::take));
+            match embedding {
+                Some(e) => (
+                    Json(json!({"embedding": e})).into_response(),
+                    Some(provider),
+                ),
+                None => (
+                    native(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        "The provider's answer had no embedding.",
+                        json!({}),
+                    ),
+                    Some(provider),
+                ),
+            }
+        }
+        Err(e) => (api_error_native(crate::error::ApiError::from(e)), None),
+    };
+    crate::routes::openai::label(&state, &mut resp, &model, provider.as_deref());
+    resp
+}
+
+/// An error of the OpenAI-shaped paths, in the native shape: same status,
+/// code, message, `Retry-After` and log detail.
+fn api_error_native(e: crate::error::ApiError) -> Response {
+    let details = match &e.body.param {
+        Some(p) => json!({"field": p}),
+        None => json!({}),
+    };
+    let mut resp = native(
+        e.status,
+        e.body.code.as_deref().unwrap_or("error"),
+        &e.body.message,
+        details,
+    );
+    if let Some(secs) = e.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if let Some(detail) = e.internal {
+        resp.extensions_mut().insert(ErrorDetail(detail));
+    }
+    resp
+}
+
 /// A retired path: the chat function with deprecation headers until its
 /// sunset, `410 Gone` with a hint after it.
 pub async fn retired(

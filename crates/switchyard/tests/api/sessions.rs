@@ -1657,6 +1657,159 @@ fn frames(body: &str) -> Vec<(u64, String, Value)> {
 }
 
 #[tokio::test]
+async fn the_embed_function_path_answers_one_embedding() {
+    let config =
+        "[models.default-embedding]\nprovider = \"mock\"\nmodel = \"embed-default-upstream\"\n";
+    let app = app()
+        .config(config)
+        .env("SWITCHYARD_SERVER__MAX_BODY_BYTES", "2048")
+        .spawn()
+        .await;
+    let api = Api::open(&app);
+    let as_f32 = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+
+    // Supabase's shape: {input} in, {embedding} out, with the default alias.
+    let e = ok(
+        api.post("/functions/v1/embed", &json!({"input": "hello"}))
+            .await,
+        200,
+    )
+    .await;
+    assert_eq!(e.as_object().unwrap().len(), 1, "{e}");
+    assert_eq!(
+        as_f32(&e["embedding"]),
+        switchyard_testkit::mock::mock_embedding("hello", 8)
+    );
+    let upstream = app.mock().last_request().unwrap();
+    assert_eq!(upstream.body["model"], "embed-default-upstream");
+    assert_eq!(upstream.body["input"], "hello");
+    assert_eq!(upstream.body["encoding_format"], "float");
+
+    // A model of its own.
+    let e = ok(
+        api.post(
+            "/functions/v1/embed",
+            &json!({"input": "other text", "model": "text-embedding-3-small"}),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(
+        as_f32(&e["embedding"]),
+        switchyard_testkit::mock::mock_embedding("other text", 8)
+    );
+    assert_eq!(
+        app.mock().last_request().unwrap().body["model"],
+        "embed-upstream"
+    );
+
+    // Bad input: native errors, and no provider call.
+    let calls = app.mock().calls();
+    invalid(
+        api.post("/functions/v1/embed", &json!({"input": ""})).await,
+        "input",
+    )
+    .await;
+    invalid(
+        api.post(
+            "/functions/v1/embed",
+            &json!({"model": "text-embedding-3-small"}),
+        )
+        .await,
+        "input",
+    )
+    .await;
+    invalid(
+        api.post("/functions/v1/embed", &json!({"input": ["a", "b"]}))
+            .await,
+        "input",
+    )
+    .await;
+    invalid(
+        api.post("/functions/v1/embed", &json!({"input": "x", "model": 7}))
+            .await,
+        "model",
+    )
+    .await;
+    let err = native_error(
+        api.req(Method::POST, "/functions/v1/embed")
+            .header("content-type", "application/json")
+            .body("{\"input\": ")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(err["message"].as_str().unwrap().contains("JSON"), "{err}");
+    let err = native_error(
+        api.post(
+            "/functions/v1/embed",
+            &json!({"input": "x", "model": "nope"}),
+        )
+        .await,
+        404,
+        "model_not_found",
+    )
+    .await;
+    assert_eq!(err["details"]["field"], "model");
+    native_error(
+        api.post("/functions/v1/embed", &json!({"input": "x".repeat(4096)}))
+            .await,
+        413,
+        "request_too_large",
+    )
+    .await;
+    assert_eq!(app.mock().calls(), calls);
+
+    // Both calls have their usage rows, like any embeddings call.
+    let store = app_store(&app).await;
+    let mut rows = Vec::new();
+    for _ in 0..250 {
+        rows = store.list_usage("default", 10).await.unwrap();
+        if rows.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut aliases: Vec<&str> = rows.iter().map(|r| r.model_alias.as_str()).collect();
+    aliases.sort_unstable();
+    assert_eq!(aliases, ["default-embedding", "text-embedding-3-small"]);
+    assert!(rows
+        .iter()
+        .all(|r| r.endpoint == "embeddings" && r.status == 200));
+
+    // Once keys exist, a credential is needed, as on every other route.
+    let locked = crate::helpers::app()
+        .env(
+            "SWITCHYARD_ADMIN_KEY",
+            "embed-admin-key-0123456789abcdef0123456789",
+        )
+        .spawn()
+        .await;
+    native_error(
+        locked
+            .client
+            .post(locked.url("/functions/v1/embed"))
+            .json(&json!({"input": "hello"}))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "missing_credentials",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn the_chat_function_path_streams_or_answers_json() {
     let app = app().config(OTHER_MODEL).spawn().await;
     let api = Api::open(&app);
