@@ -866,6 +866,59 @@ async fn the_history_keeps_the_newest_turns_that_fit_the_bots_context_budget() {
 }
 
 #[tokio::test]
+async fn a_session_deleted_by_another_instance_takes_no_more_messages() {
+    // This instance has read the session for a reply; another one (here:
+    // the store directly) deletes it. The next reply finds it gone: 404, no
+    // provider call, and no message left behind (a cache of sessions would
+    // have to keep this true; one was measured, see docs/BENCHMARKS.md).
+    let app = spawn().await;
+    let api = Api::open(&app);
+    let (_, session) = setup(&api).await;
+    let sid = id(&session);
+    api.reply(&sid, "first").await;
+    let store = app_store(&app).await;
+    assert!(store.delete_session("default", &sid).await.unwrap());
+    let messages_before = store
+        .list_messages("default", &sid, None, 100)
+        .await
+        .unwrap();
+    let calls = app.mock().calls();
+
+    let err = native_error(
+        api.req(Method::POST, &format!("/v1/sessions/{sid}/messages"))
+            .header("accept", "application/json")
+            .json(&json!({"content": "are you there?"}))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(err["details"]["resource"], "session");
+    assert_eq!(app.mock().calls(), calls);
+    assert_eq!(
+        store
+            .list_messages("default", &sid, None, 100)
+            .await
+            .unwrap(),
+        messages_before,
+        "the refused reply stored nothing"
+    );
+    // And again: the same answer.
+    native_error(
+        api.post(
+            &format!("/v1/sessions/{sid}/messages"),
+            &json!({"content": "hello?"}),
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_session_without_a_bot_needs_a_model() {
     let app = spawn().await;
     let api = Api::open(&app);
