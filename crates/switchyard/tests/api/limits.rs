@@ -92,17 +92,11 @@ async fn a_key_limit_refuses_past_its_burst_with_429_and_the_ietf_headers() {
 #[tokio::test]
 async fn a_request_refused_by_its_class_takes_nothing_from_the_global_limit() {
     let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
-    let created: Value = app
-        .client
-        .post(app.url("/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "classy", "limits": {"rates": {"chat": "2/min", "global": "4/min"}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = post_key(
+        &app,
+        json!({"name": "classy", "limits": {"rates": {"chat": "2/min", "global": "4/min"}}}),
+    )
+    .await;
     let key = created["key"].as_str().unwrap();
     let mut statuses = Vec::new();
     for _ in 0..7 {
@@ -128,14 +122,14 @@ async fn a_request_refused_by_its_class_takes_nothing_from_the_global_limit() {
     }
     assert_eq!(statuses, [200, 200, 429, 429, 429, 429, 429]);
     // The five refusals spent none of the global 4/min: two requests are left.
-    for remaining in [1, 0] {
-        let resp = app
-            .client
+    let models = || {
+        app.client
             .get(app.url("/v1/models"))
             .bearer_auth(key)
             .send()
-            .await
-            .unwrap();
+    };
+    for remaining in [1, 0] {
+        let resp = models().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["ratelimit-policy"], "\"global\";q=4;w=60");
         let rl = resp.headers()["ratelimit"].to_str().unwrap().to_owned();
@@ -144,13 +138,7 @@ async fn a_request_refused_by_its_class_takes_nothing_from_the_global_limit() {
             "{rl}"
         );
     }
-    let resp = app
-        .client
-        .get(app.url("/v1/models"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
+    let resp = models().await.unwrap();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
