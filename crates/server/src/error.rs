@@ -159,6 +159,17 @@ fn from_provider(p: ProviderError) -> ApiError {
     }
 }
 
+impl ApiError {
+    /// This error's status, headers (`Retry-After`) and logged detail, with
+    /// the body another API family gives it.
+    pub fn reshaped(self, body: impl FnOnce(StatusCode, &ErrorObject) -> Response) -> Response {
+        let reshaped = body(self.status, &self.body);
+        let mut resp = self.into_response();
+        *resp.body_mut() = reshaped.into_body();
+        resp
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&ErrorEnvelope { error: self.body }).unwrap_or_default();

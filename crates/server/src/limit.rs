@@ -123,8 +123,8 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
         let checks: Vec<(&str, Rate)> = classes.iter().map(|(_, r, k)| (k.as_str(), *r)).collect();
         match limits.limiter.check_all(&checks, 1).await {
             Ok(decisions) => {
-                let mut classes = classes.iter().zip(decisions);
-                if let Some(((class, rate, _), d)) = classes.clone().find(|(_, d)| !d.allowed) {
+                let results = classes.iter().zip(decisions);
+                if let Some(((class, rate, _), d)) = results.clone().find(|(_, d)| !d.allowed) {
                     let mut resp = family_error(
                         family,
                         StatusCode::TOO_MANY_REQUESTS,
@@ -141,8 +141,7 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
                         .increment(1);
                     return resp;
                 }
-                tightest = classes
-                    .by_ref()
+                tightest = results
                     .map(|((class, _, _), d)| (d, *class))
                     .min_by_key(|(d, _)| d.remaining);
             }

@@ -35,12 +35,7 @@ fn anthropic_error(status: StatusCode, message: &str) -> Response {
 /// Re-shapes an OpenAI-style error response, keeping status, headers and the
 /// logged detail.
 fn to_anthropic(e: ApiError) -> Response {
-    let status = e.status;
-    let message = e.body.message.clone();
-    let mut resp = e.into_response();
-    let reshaped = anthropic_error(status, &message);
-    *resp.body_mut() = reshaped.into_body();
-    resp
+    e.reshaped(|status, body| anthropic_error(status, &body.message))
 }
 
 fn invalid(message: &str) -> Response {

@@ -773,27 +773,20 @@ pub async fn function_embed(
     resp
 }
 
-/// An error of the OpenAI-shaped paths, in the native shape: same status,
-/// code, message, `Retry-After` and log detail.
+/// An error of the OpenAI-shaped paths, in the native shape.
 fn api_error_native(e: crate::error::ApiError) -> Response {
-    let details = match &e.body.param {
-        Some(p) => json!({"field": p}),
-        None => json!({}),
-    };
-    let mut resp = native(
-        e.status,
-        e.body.code.as_deref().unwrap_or("error"),
-        &e.body.message,
-        details,
-    );
-    if let Some(secs) = e.retry_after {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    if let Some(detail) = e.internal {
-        resp.extensions_mut().insert(ErrorDetail(detail));
-    }
-    resp
+    e.reshaped(|status, body| {
+        let details = match &body.param {
+            Some(p) => json!({"field": p}),
+            None => json!({}),
+        };
+        native(
+            status,
+            body.code.as_deref().unwrap_or("error"),
+            &body.message,
+            details,
+        )
+    })
 }
 
 /// A retired path: the chat function with deprecation headers until its
