@@ -10,6 +10,8 @@
 #   switchyard  the release build, its benchmark config (usage rows, trace events, logs on)
 #   hyper       axum server + hyper-util pooled client, 2 tokio workers, nothing else
 #   hyper-ct    the same on one current_thread runtime
+#   hyper-rawclient  axum server + an upstream client with no HTTP library (pooled
+#               connections owned by one request at a time), 2 tokio workers
 #   raw-ct      no HTTP library: head and body relayed over one upstream connection per
 #               client connection, current_thread
 set -euo pipefail
@@ -29,6 +31,7 @@ declare -A CMDS=(
   [switchyard]=""
   [hyper]="$BASE/floor-proxy --mode hyper --threads 2"
   [hyper-ct]="$BASE/floor-proxy --mode hyper --threads 0"
+  [hyper-rawclient]="$BASE/floor-proxy --mode hyper-raw-client --threads 2"
   [raw-ct]="$BASE/floor-proxy --mode raw --threads 0"
 )
 dirs=()
