@@ -6,6 +6,7 @@ pub mod anthropic;
 pub mod breaker;
 mod connect;
 pub mod error;
+mod h1;
 pub mod health;
 pub mod openai;
 pub mod retry;

@@ -3,9 +3,12 @@
 //! scrubbed of the key, one deadline for the whole exchange (body included),
 //! and transport errors mapped to [`ProviderError`] without the request URL.
 //!
-//! Built on hyper's pooled client directly rather than reqwest: reqwest
-//! re-parsed the request URL with the `url` crate on every response (its
-//! redirect layer), which alone was ~4 % of the gateway's CPU under load.
+//! A plain `http://` provider reached directly goes through [`crate::h1`],
+//! a client of our own with no connection tasks. Everything else (`https://`,
+//! proxies) goes through hyper's pooled client, used directly rather than
+//! through reqwest: reqwest re-parsed the request URL with the `url` crate on
+//! every response (its redirect layer), which alone was ~4 % of the
+//! gateway's CPU under load.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -24,14 +27,18 @@ use switchyard_core::config::ProviderConfig;
 use tokio::time::Sleep;
 
 use crate::connect::{Connector, Route};
-use crate::ProviderError;
+use crate::{h1, ProviderError};
 
 /// Largest upstream error body kept for relaying to the client.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 pub(crate) struct Upstream {
     client: Client<Connector, Full<Bytes>>,
+    /// For a plain `http://` provider with no proxy in between.
+    direct_h1: Option<h1::Pool>,
     headers: HeaderMap,
+    /// `headers` and `Content-Type: application/json`.
+    post_headers: HeaderMap,
     /// Kept only to scrub it from anything the provider echoes back.
     key: Option<SecretString>,
 }
@@ -63,9 +70,37 @@ pub(crate) fn secret_header(value: &str) -> Result<HeaderValue, ProviderError> {
 pub(crate) struct UpstreamResponse {
     status: StatusCode,
     headers: HeaderMap,
-    body: Incoming,
+    body: ResponseBody,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
+}
+
+enum ResponseBody {
+    Hyper(Incoming),
+    H1(h1::Body),
+}
+
+impl ResponseBody {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, ProviderError>> {
+        match self {
+            ResponseBody::H1(body) => body.poll_chunk(cx).map_err(|e| {
+                ProviderError::Broken(format!("error reading a body from connection: {e}"))
+            }),
+            ResponseBody::Hyper(body) => loop {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if !data.is_empty() => return Poll::Ready(Ok(Some(data))),
+                        _ => continue, // trailers or an empty frame
+                    },
+                    Poll::Ready(Some(Err(e))) => {
+                        return Poll::Ready(Err(ProviderError::Broken(describe(&e))))
+                    }
+                    Poll::Ready(None) => return Poll::Ready(Ok(None)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            },
+        }
+    }
 }
 
 impl UpstreamResponse {
@@ -75,23 +110,14 @@ impl UpstreamResponse {
     }
 
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, ProviderError>> {
-        loop {
-            match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if !data.is_empty() => return Poll::Ready(Ok(Some(data))),
-                    _ => continue, // trailers or an empty frame
-                },
-                Poll::Ready(Some(Err(e))) => {
-                    return Poll::Ready(Err(ProviderError::Broken(describe(&e))))
+        match self.body.poll_chunk(cx) {
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(ProviderError::Timeout(self.timeout)));
                 }
-                Poll::Ready(None) => return Poll::Ready(Ok(None)),
-                Poll::Pending => {
-                    if self.deadline.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Err(ProviderError::Timeout(self.timeout)));
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending
             }
+            ready => ready,
         }
     }
 
@@ -119,7 +145,12 @@ impl Upstream {
         mut headers: HeaderMap,
     ) -> Result<Self, ProviderError> {
         let dst = parse_url(&config.base_url)?;
-        let route = Route::for_destination(&dst, Duration::from_millis(config.connect_timeout_ms))?;
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let route = Route::for_destination(&dst, connect_timeout)?;
+        let direct_h1 = match route.connector {
+            Connector::Direct(_) => h1::Pool::new(&dst, connect_timeout),
+            _ => None,
+        };
         if let Some(via) = &route.via {
             tracing::info!(host = dst.host().unwrap_or_default(), proxy = %via, "provider calls go through a proxy");
         }
@@ -130,9 +161,13 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .build(route.connector);
+        let mut post_headers = headers.clone();
+        post_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(Self {
             client,
+            direct_h1,
             headers,
+            post_headers,
             key: config.api_key.clone(),
         })
     }
@@ -146,22 +181,20 @@ impl Upstream {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<UpstreamResponse, ProviderError> {
-        let mut headers = self.headers.clone();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        self.send(Method::POST, uri, headers, Bytes::from(body), timeout)
-            .await
+        self.send(
+            Method::POST,
+            uri,
+            &self.post_headers,
+            Bytes::from(body),
+            timeout,
+        )
+        .await
     }
 
     /// GETs `uri`, reading and discarding the body; for probes.
     pub(crate) async fn get(&self, uri: &Uri, timeout: Duration) -> Result<(), ProviderError> {
         let resp = self
-            .send(
-                Method::GET,
-                uri,
-                self.headers.clone(),
-                Bytes::new(),
-                timeout,
-            )
+            .send(Method::GET, uri, &self.headers, Bytes::new(), timeout)
             .await?;
         resp.bytes().await?;
         Ok(())
@@ -171,27 +204,45 @@ impl Upstream {
         &self,
         method: Method,
         uri: &Uri,
-        headers: HeaderMap,
+        headers: &HeaderMap,
         body: Bytes,
         timeout: Duration,
     ) -> Result<UpstreamResponse, ProviderError> {
-        let mut req = http::Request::new(Full::new(body));
-        *req.method_mut() = method;
-        *req.uri_mut() = uri.clone();
-        *req.headers_mut() = headers;
         let mut deadline = Box::pin(tokio::time::sleep(timeout));
-        let resp = tokio::select! {
-            biased;
-            r = self.client.request(req) => r.map_err(|e| ProviderError::Connect(describe(&e)))?,
-            () = deadline.as_mut() => return Err(ProviderError::Timeout(timeout)),
-        };
-        let (parts, body) = resp.into_parts();
-        let mut resp = UpstreamResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-            deadline,
-            timeout,
+        let mut resp = if let Some(pool) = &self.direct_h1 {
+            let r = tokio::select! {
+                biased;
+                r = pool.send(&method, uri, headers, &body) => r.map_err(|e| match e {
+                    h1::Error::Connect(m) => ProviderError::Connect(m),
+                    h1::Error::Protocol(m) => ProviderError::Protocol(m),
+                })?,
+                () = deadline.as_mut() => return Err(ProviderError::Timeout(timeout)),
+            };
+            UpstreamResponse {
+                status: r.status,
+                headers: r.headers,
+                body: ResponseBody::H1(r.body),
+                deadline,
+                timeout,
+            }
+        } else {
+            let mut req = http::Request::new(Full::new(body));
+            *req.method_mut() = method;
+            *req.uri_mut() = uri.clone();
+            *req.headers_mut() = headers.clone();
+            let resp = tokio::select! {
+                biased;
+                r = self.client.request(req) => r.map_err(|e| ProviderError::Connect(describe(&e)))?,
+                () = deadline.as_mut() => return Err(ProviderError::Timeout(timeout)),
+            };
+            let (parts, body) = resp.into_parts();
+            UpstreamResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body: ResponseBody::Hyper(body),
+                deadline,
+                timeout,
+            }
         };
         if resp.status.is_success() {
             return Ok(resp);
