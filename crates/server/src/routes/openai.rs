@@ -219,9 +219,67 @@ fn sse_response_stored(
     sse(Body::from_stream(frames))
 }
 
+/// An event stream body that lets the first event of every burst go out on
+/// its own. hyper writes body frames that are ready together, when the body
+/// has nothing more; so when events arrive faster than they are relayed (an
+/// upstream answer read in one piece, a provider that sends in bursts), the
+/// first token of a burst would wait for the burst's last. After that first
+/// frame the body answers "not ready" once (and wakes itself), which makes
+/// hyper write it; the rest of the burst is then written together.
+struct FirstOfBurst {
+    inner: Body,
+    /// The last poll found nothing ready (or nothing has been polled yet).
+    after_idle: bool,
+    /// The next poll answers `Pending` so that what is buffered is written.
+    yielding: bool,
+}
+
+impl http_body::Body for FirstOfBurst {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.yielding {
+            this.yielding = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if std::mem::take(&mut this.after_idle) {
+                    this.yielding = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                this.after_idle = true;
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.yielding && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A `text/event-stream` response, unbuffered by proxies in between.
 pub(crate) fn sse(body: Body) -> Response {
-    let mut resp = Response::new(body);
+    let mut resp = Response::new(Body::new(FirstOfBurst {
+        inner: body,
+        after_idle: true,
+        yielding: false,
+    }));
     for (name, value) in SSE_HEADERS {
         resp.headers_mut()
             .insert(name, HeaderValue::from_static(value));
@@ -259,5 +317,65 @@ pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>)
             e.body.param = Some("model".into());
             e.into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use http_body::Body as _;
+
+    use super::*;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// What polling gives, as text: a frame's bytes, `-` for Pending, `.` at the end.
+    fn poll(body: &mut FirstOfBurst, cx: &mut Context<'_>) -> String {
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => String::from_utf8(f.into_data().unwrap().to_vec()).unwrap(),
+            Poll::Ready(None) => ".".into(),
+            Poll::Ready(Some(Err(e))) => panic!("{e}"),
+            Poll::Pending => "-".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_frame_of_each_burst_is_followed_by_one_self_waking_pending() {
+        // a, b, c are ready together; then the source has nothing (Pending)
+        // until d and e, ready together.
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, Infallible>>();
+        for x in ["a", "b", "c"] {
+            tx.unbounded_send(Ok(Bytes::from(x))).unwrap();
+        }
+        let mut body = FirstOfBurst {
+            inner: Body::from_stream(rx),
+            after_idle: true,
+            yielding: false,
+        };
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.push(poll(&mut body, &mut cx));
+        }
+        assert_eq!(seen, ["a", "-", "b", "c", "-"]);
+        // Only the yield woke the task: the real Pending waits for the source.
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        for x in ["d", "e"] {
+            tx.unbounded_send(Ok(Bytes::from(x))).unwrap();
+        }
+        drop(tx);
+        let seen: Vec<_> = (0..4).map(|_| poll(&mut body, &mut cx)).collect();
+        assert_eq!(seen, ["d", "-", "e", "."]);
     }
 }
