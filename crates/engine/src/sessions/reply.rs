@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use switchyard_core::config::Pricing;
@@ -571,7 +571,21 @@ async fn run(
     };
     end.provider = Some(provider);
     end.pricing = pricing;
-    while let Some(ev) = events.next().await {
+    // The first delta of every burst is handed to the client before the
+    // rest of the burst is worked through: when the provider's events are
+    // already buffered (read in one piece), this task would otherwise run
+    // through all of them, and the task writing the SSE frames, woken by the
+    // first, would wait for the last.
+    let mut after_wait = true;
+    loop {
+        let ev = match events.next().now_or_never() {
+            Some(ev) => ev,
+            None => {
+                after_wait = true;
+                events.next().await
+            }
+        };
+        let Some(ev) = ev else { break };
         match ev {
             StreamEvent::Chunk(bytes) => {
                 let Ok(chunk) = serde_json::from_slice::<Chunk>(&bytes) else {
@@ -580,17 +594,23 @@ async fn run(
                 if chunk.usage.is_some() {
                     end.usage = chunk.usage;
                 }
+                let mut pushed = false;
                 for choice in chunk.choices {
                     if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
                         transcript.push("chat.delta", json!({"delta": text}).to_string());
                         end.content.push_str(&text);
+                        pushed = true;
                     }
                     for call in choice.delta.tool_calls.unwrap_or_default() {
                         transcript.push("chat.delta", json!({"tool_call": call}).to_string());
+                        pushed = true;
                     }
                     if choice.finish_reason.is_some() {
                         end.finish_reason = choice.finish_reason;
                     }
+                }
+                if pushed && std::mem::take(&mut after_wait) {
+                    tokio::task::yield_now().await;
                 }
             }
             StreamEvent::Done => break,
