@@ -681,6 +681,13 @@ mod tests {
         Ok(out)
     }
 
+    /// POSTs `body` with [`headers`]; the exchange must succeed.
+    async fn post(pool: &Pool, uri: &Uri, body: &[u8]) -> Response {
+        pool.send(&Method::POST, uri, &headers(), body)
+            .await
+            .unwrap()
+    }
+
     fn headers() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer k"));
@@ -699,17 +706,11 @@ mod tests {
         for piece in [1, 7, 4096] {
             let (uri, seen) = server(answers.clone(), piece, false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2)).unwrap();
-            let mut r = pool
-                .send(&Method::POST, &uri, &headers(), b"{\"a\":1}")
-                .await
-                .unwrap();
+            let mut r = post(&pool, &uri, b"{\"a\":1}").await;
             assert_eq!(r.status, 200);
             assert_eq!(r.headers["x-a"], "1");
             assert_eq!(read_all(&mut r.body).await.unwrap(), b"hello");
-            let mut r = pool
-                .send(&Method::POST, &uri, &headers(), b"{}")
-                .await
-                .unwrap();
+            let mut r = post(&pool, &uri, b"{}").await;
             assert_eq!(r.status, 201);
             assert_eq!(read_all(&mut r.body).await.unwrap(), b"abc0123456789abcdef");
             let mut r = pool
@@ -718,10 +719,7 @@ mod tests {
                 .unwrap();
             assert_eq!(r.status, 204);
             assert!(read_all(&mut r.body).await.unwrap().is_empty());
-            let mut r = pool
-                .send(&Method::POST, &uri, &headers(), b"x")
-                .await
-                .unwrap();
+            let mut r = post(&pool, &uri, b"x").await;
             assert_eq!(r.status, 429);
             assert_eq!(r.headers["retry-after"], "2");
             assert_eq!(read_all(&mut r.body).await.unwrap(), b"{}");
@@ -757,28 +755,16 @@ mod tests {
         ];
         let (uri, seen) = server(answers, 4096, true).await;
         let pool = Pool::new(&uri, Duration::from_secs(2)).unwrap();
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"1")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"1").await;
         assert_eq!(read_all(&mut r.body).await.unwrap(), b"a");
         // The first connection went back to the pool and the server closed
         // it: let the close arrive, then the next request must not use it.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"2")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"2").await;
         assert_eq!(read_all(&mut r.body).await.unwrap(), b"b");
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"3")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"3").await;
         assert_eq!(read_all(&mut r.body).await.unwrap(), b"until the end");
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"4")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"4").await;
         assert_eq!(read_all(&mut r.body).await.unwrap(), b"d");
         assert_eq!(seen.lock().unwrap().0, 4);
         assert!(pool.inner.idle.lock().unwrap().len() <= 1);
@@ -834,35 +820,23 @@ mod tests {
         ];
         let (uri, seen) = server(answers, 4096, false).await;
         let pool = Pool::new(&uri, Duration::from_secs(2)).unwrap();
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"{}")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"{}").await;
         let first = poll_fn(|cx| r.body.poll_chunk(cx)).await.unwrap();
         assert_eq!(first.as_deref(), Some(&b"a"[..]));
         drop(r);
         assert!(pool.inner.idle.lock().unwrap().is_empty());
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"{}")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"{}").await;
         assert_eq!(read_all(&mut r.body).await.unwrap(), b"b");
         assert_eq!(seen.lock().unwrap().0, 2);
         // Dropped after its last data, with only the terminating chunk left
         // (already read, in one piece with the rest): the body is finished
         // from the buffer and the connection reused.
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"{}")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"{}").await;
         let first = poll_fn(|cx| r.body.poll_chunk(cx)).await.unwrap();
         assert_eq!(first.as_deref(), Some(&b"c"[..]));
         drop(r);
         assert_eq!(pool.inner.idle.lock().unwrap().len(), 1);
-        let mut r = pool
-            .send(&Method::POST, &uri, &headers(), b"{}")
-            .await
-            .unwrap();
+        let mut r = post(&pool, &uri, b"{}").await;
         assert_eq!(read_all(&mut r.body).await.unwrap(), b"d");
         assert_eq!(seen.lock().unwrap().0, 2);
     }

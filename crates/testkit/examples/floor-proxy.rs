@@ -85,6 +85,11 @@ async fn hyper_mode(listener: TcpListener, upstream: SocketAddr) {
         .route("/health", get(|| async { "ok" }))
         .fallback(forward)
         .with_state(state);
+    serve_axum(listener, app).await;
+}
+
+/// axum's server on `listener`, with `TCP_NODELAY` on accepted sockets.
+async fn serve_axum(listener: TcpListener, app: Router) {
     use axum::serve::ListenerExt as _;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -127,11 +132,7 @@ async fn hyper_raw_client_mode(listener: TcpListener, upstream: SocketAddr) {
         .route("/health", get(|| async { "ok" }))
         .fallback(forward_raw)
         .with_state(state);
-    use axum::serve::ListenerExt as _;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app).await.unwrap();
+    serve_axum(listener, app).await;
 }
 
 async fn forward_raw(State(s): State<Arc<RawClient>>, req: Request) -> Response {
