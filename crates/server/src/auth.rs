@@ -115,8 +115,10 @@ pub(crate) async fn admit(state: &AppState, req: Request) -> Result<Request, Res
                     .extensions()
                     .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                     .map(|ci| ci.0.ip());
-                if let Some(blocked) = ip.and_then(|ip| failures_blocked(state, ip)) {
-                    return Err(blocked_response(family, blocked));
+                if let Some(ip) = ip {
+                    if let Some(blocked) = failures_blocked(state, ip, c).await {
+                        return Err(blocked_response(family, blocked));
+                    }
                 }
                 match identity.authenticate(c).await {
                     Ok(p) => p,
@@ -291,33 +293,75 @@ fn failure_key(ip: std::net::IpAddr) -> String {
 }
 
 /// `Some(wait)` while an address has used up its failed authentications.
-fn failures_blocked(state: &AppState, ip: std::net::IpAddr) -> Option<std::time::Duration> {
-    let config = &state.inner.limits.as_ref()?.config;
-    if !config.enabled {
+///
+/// Without Redis the count is this process's. With Redis it is shared by
+/// every instance, so that spreading guesses over instances gains nothing:
+/// a credential this instance has not verified recently (any guess) is let
+/// through to the real check only if the shared count allows it. A cached
+/// credential asks only the local copy, which holds every refusal this
+/// instance has seen from Redis: the cache hit on the path of every
+/// ordinary request stays free of a round trip.
+async fn failures_blocked(
+    state: &AppState,
+    ip: std::net::IpAddr,
+    credential: &str,
+) -> Option<std::time::Duration> {
+    let limits = state.inner.limits.as_ref().filter(|l| l.config.enabled)?;
+    let rate = limits.config.auth_failures;
+    let key = failure_key(ip);
+    let wait = std::time::Duration::from_micros(rate.emission_interval_us());
+    let local = &state.inner.auth_failures;
+    if local.check_now(&key, rate, 0).ok()?.remaining == 0 {
+        return Some(wait);
+    }
+    if limits.config.redis_url.is_none() || state.identity().is_cached(credential) {
         return None;
     }
-    let rate = config.auth_failures;
-    let d = state
-        .inner
-        .auth_failures
-        .check_now(&failure_key(ip), rate, 0)
-        .ok()?;
-    (d.remaining == 0).then(|| std::time::Duration::from_micros(rate.emission_interval_us()))
+    match limits.limiter.check(&key, rate, 0).await {
+        Ok(d) if d.remaining == 0 => {
+            local.hold(&key, d.reset_after);
+            Some(wait)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            shared_failure_error(&e);
+            None
+        }
+    }
 }
 
 /// Counts a failed authentication; the one that uses up the allowance is
 /// written to the audit log (one event per burst, not one per failure).
+/// With Redis the failure is counted there (the local count when Redis
+/// fails), and a used-up allowance is copied to the local limiter.
 async fn count_failure(state: &AppState, ip: std::net::IpAddr) {
     let Some(limits) = state.inner.limits.as_ref().filter(|l| l.config.enabled) else {
         return;
     };
     let rate = limits.config.auth_failures;
-    let Ok(d) = state
-        .inner
-        .auth_failures
-        .check_now(&failure_key(ip), rate, 1)
-    else {
-        return;
+    let key = failure_key(ip);
+    let local = &state.inner.auth_failures;
+    let shared = match limits.config.redis_url {
+        Some(_) => match limits.limiter.check(&key, rate, 1).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                shared_failure_error(&e);
+                None
+            }
+        },
+        None => None,
+    };
+    let d = match shared {
+        Some(d) => {
+            if d.remaining == 0 {
+                local.hold(&key, d.reset_after);
+            }
+            d
+        }
+        None => match local.check_now(&key, rate, 1) {
+            Ok(d) => d,
+            Err(_) => return,
+        },
     };
     metrics::counter!("switchyard_auth_failures_total").increment(1);
     if d.allowed && d.remaining == 0 {
@@ -338,6 +382,13 @@ async fn count_failure(state: &AppState, ip: std::net::IpAddr) {
             )
             .await;
     }
+}
+
+/// Redis did not answer a check of the failure count: the request goes on
+/// (as for every limit, see [`crate::limit`]) and the outage is counted.
+fn shared_failure_error(e: &switchyard_engine::limits::LimitError) {
+    metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
+    tracing::warn!(error = %e, code = e.code(), "could not check the shared count of failed authentications");
 }
 
 fn blocked_response(family: Family, wait: std::time::Duration) -> Response {

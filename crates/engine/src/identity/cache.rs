@@ -43,6 +43,12 @@ impl CredentialCache {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether a live entry exists; not counted as a hit or a miss.
+    pub fn contains(&self, digest: &[u8; 32]) -> bool {
+        let now = Instant::now();
+        self.lock().get(digest).is_some_and(|e| e.until > now)
+    }
+
     pub fn get(&self, digest: &[u8; 32]) -> Option<Principal> {
         let now = Instant::now();
         let mut map = self.lock();

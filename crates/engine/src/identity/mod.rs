@@ -275,6 +275,12 @@ impl Identity {
         self.inner.open_dev.load(Ordering::Acquire)
     }
 
+    /// Whether `credential` was verified recently and is still in the
+    /// cache: authenticating it again costs no lookup and proves nothing new.
+    pub fn is_cached(&self, credential: &str) -> bool {
+        self.inner.cache.contains(&keys::digest(credential))
+    }
+
     /// The principal a credential stands for.
     pub async fn authenticate(&self, credential: &str) -> Result<Principal, AuthError> {
         let digest = keys::digest(credential);

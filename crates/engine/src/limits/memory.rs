@@ -122,6 +122,21 @@ impl MemoryLimiter {
             .collect())
     }
 
+    /// Moves `key`'s TAT to at least `lead` ahead of now, as another
+    /// limiter (a shared one) reported it: a local copy of a remote state,
+    /// so that later checks here answer without asking the remote one.
+    pub fn hold(&self, key: &str, lead: std::time::Duration) {
+        let lead = u64::try_from(lead.as_micros()).unwrap_or(u64::MAX);
+        let mut shard = self.shard(key);
+        let now = self.clock.now_us();
+        let tat = now.saturating_add(lead);
+        if let Some(t) = shard.tats.get_mut(key) {
+            *t = (*t).max(tat);
+        } else {
+            shard.insert(key, tat, now);
+        }
+    }
+
     /// Keys held, including expired ones not yet swept.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).tats.len()).sum()

@@ -27,6 +27,24 @@ fn limiter() -> (MemoryLimiter, ManualClock) {
 // ---- exact GCRA behaviour, in memory ------------------------------------
 
 #[test]
+fn a_held_key_refuses_until_the_copied_lead_has_passed() {
+    let (l, clock) = limiter();
+    let r = rate("3/hour");
+    l.check_now("k", r, 1).unwrap();
+    // A shared limiter reported the key used up: a full tolerance ahead.
+    l.hold("k", secs(3600));
+    assert_eq!(l.check_now("k", r, 0).unwrap().remaining, 0);
+    assert!(!l.check_now("k", r, 1).unwrap().allowed);
+    // Holding never moves a TAT back.
+    l.hold("k", secs(1));
+    assert_eq!(l.check_now("k", r, 0).unwrap().remaining, 0);
+    clock.advance(secs(1200));
+    assert_eq!(l.check_now("k", r, 0).unwrap().remaining, 1);
+    l.hold("fresh", secs(1200));
+    assert_eq!(l.check_now("fresh", r, 0).unwrap().remaining, 2);
+}
+
+#[test]
 fn fresh_key_allows_a_burst_of_count_then_refuses_for_exactly_one_interval() {
     let (l, _clock) = limiter();
     let r = rate("20/min");

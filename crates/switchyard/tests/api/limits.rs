@@ -231,6 +231,114 @@ async fn two_instances_sharing_redis_never_admit_more_than_the_limit() {
     assert_eq!(a.mock().calls() + b.mock().calls(), 30);
 }
 
+/// Guesses spread over two instances that share Redis count against one
+/// allowance: three failures in all, then both instances refuse the
+/// address, and the audit event is written once, by the instance whose
+/// failure used the allowance up.
+#[tokio::test]
+async fn failed_authentications_are_counted_across_instances_sharing_redis() {
+    let Ok(redis) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
+        assert_ne!(
+            std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
+            Ok("1"),
+            "SWITCHYARD_TEST_REDIS_URL is required"
+        );
+        eprintln!("skipping: SWITCHYARD_TEST_REDIS_URL is not set");
+        return;
+    };
+    let spawn = || {
+        app()
+            .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
+            .config("[rate_limits]\nauth_failures = \"3/hour\"\n")
+            .spawn()
+    };
+    let (a, b) = tokio::join!(spawn(), spawn());
+    // The count is per address and Redis outlives a test run: a loopback
+    // address of this run's own (all of 127/8 reaches the server).
+    let n = rand_suffix();
+    let source = std::net::Ipv4Addr::new(
+        127,
+        1 + (n % 250) as u8,
+        (n >> 8) as u8,
+        1 + ((n >> 16) % 250) as u8,
+    );
+    let client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::V4(source))
+        .build()
+        .unwrap();
+    let bad = "sy_0000000000000000000000000000000000000000000";
+    let send = |app: &switchyard_testkit::TestApp, key: &'static str| {
+        client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    // The admin key works from this address on both, and is then cached.
+    assert_eq!(send(&a, ADMIN).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(send(&b, ADMIN).await.unwrap().status(), StatusCode::OK);
+    for app in [&a, &a, &b] {
+        assert_eq!(
+            send(app, bad).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    for app in [&b, &a] {
+        let resp = send(app, bad).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            app.url("/")
+        );
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "too_many_auth_failures");
+    }
+    // A has seen the refusal from Redis: even the key it has cached is
+    // refused from this address now.
+    assert_eq!(
+        send(&a, ADMIN).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another address is not affected.
+    let other = app_client_status(&a, ADMIN).await;
+    assert_eq!(other, StatusCode::OK);
+
+    let audits = |app| async move {
+        let store = crate::helpers::app_store(app).await;
+        store
+            .list_audit(
+                "default",
+                &switchyard_core::identity::AuditQuery {
+                    action: Some("auth.failures".into()),
+                    limit: 10,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+    };
+    assert_eq!(audits(&a).await.len(), 0);
+    let events = audits(&b).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        events[0].target.as_deref(),
+        Some(format!("ip:{source}").as_str())
+    );
+}
+
+async fn app_client_status(app: &switchyard_testkit::TestApp, key: &str) -> StatusCode {
+    app.client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
