@@ -886,12 +886,7 @@ async fn no_secret_appears_in_the_logs() {
 /// working on the other (which had it cached) within a few seconds.
 #[tokio::test]
 async fn a_revocation_reaches_every_instance_through_redis() {
-    let Ok(redis) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
-        assert_ne!(
-            std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
-            Ok("1"),
-            "SWITCHYARD_TEST_REDIS_URL is required"
-        );
+    let Some(redis) = crate::helpers::test_redis_url() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

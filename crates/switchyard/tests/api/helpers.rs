@@ -97,3 +97,18 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> V
     assert!(err.as_object().unwrap().contains_key("param"), "{body}");
     body
 }
+
+/// The test Redis, or `None` (the test skips) when it is not set up; with
+/// `SWITCHYARD_REQUIRE_REDIS=1` (CI) a missing Redis fails the test instead.
+pub fn test_redis_url() -> Option<String> {
+    let url = std::env::var("SWITCHYARD_TEST_REDIS_URL").ok();
+    if url.is_none() {
+        assert_ne!(
+            std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
+            Ok("1"),
+            "SWITCHYARD_TEST_REDIS_URL is required"
+        );
+        eprintln!("skipping: SWITCHYARD_TEST_REDIS_URL is not set");
+    }
+    url
+}

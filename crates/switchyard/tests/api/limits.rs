@@ -169,13 +169,7 @@ fn hs256(claims: Value, secret: &str) -> String {
 /// concurrent requests against a limit of 30 admit exactly 30.
 #[tokio::test]
 async fn two_instances_sharing_redis_never_admit_more_than_the_limit() {
-    let Ok(redis) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
-        assert_ne!(
-            std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
-            Ok("1"),
-            "SWITCHYARD_TEST_REDIS_URL is required"
-        );
-        eprintln!("skipping: SWITCHYARD_TEST_REDIS_URL is not set");
+    let Some(redis) = crate::helpers::test_redis_url() else {
         return;
     };
     let secret = "shared-jwt-secret-for-two-instances-0123456789";
@@ -237,13 +231,7 @@ async fn two_instances_sharing_redis_never_admit_more_than_the_limit() {
 /// failure used the allowance up.
 #[tokio::test]
 async fn failed_authentications_are_counted_across_instances_sharing_redis() {
-    let Ok(redis) = std::env::var("SWITCHYARD_TEST_REDIS_URL") else {
-        assert_ne!(
-            std::env::var("SWITCHYARD_REQUIRE_REDIS").as_deref(),
-            Ok("1"),
-            "SWITCHYARD_TEST_REDIS_URL is required"
-        );
-        eprintln!("skipping: SWITCHYARD_TEST_REDIS_URL is not set");
+    let Some(redis) = crate::helpers::test_redis_url() else {
         return;
     };
     let spawn = || {
@@ -302,8 +290,15 @@ async fn failed_authentications_are_counted_across_instances_sharing_redis() {
         StatusCode::TOO_MANY_REQUESTS
     );
     // Another address is not affected.
-    let other = app_client_status(&a, ADMIN).await;
-    assert_eq!(other, StatusCode::OK);
+    let other = a
+        .client
+        .post(a.url("/v1/chat/completions"))
+        .bearer_auth(ADMIN)
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
 
     let audits = |app| async move {
         let store = crate::helpers::app_store(app).await;
@@ -326,17 +321,6 @@ async fn failed_authentications_are_counted_across_instances_sharing_redis() {
         events[0].target.as_deref(),
         Some(format!("ip:{source}").as_str())
     );
-}
-
-async fn app_client_status(app: &switchyard_testkit::TestApp, key: &str) -> StatusCode {
-    app.client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&chat_body("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap()
-        .status()
 }
 
 fn rand_suffix() -> u64 {
