@@ -9,8 +9,10 @@
 ensure_build_deps() {
     local missing=()
     command -v cmake >/dev/null 2>&1 || missing+=(cmake)
-    if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 \
-        && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+    # libclang itself (libclang.so.N, libclang-N.so.M), not libclang-cpp,
+    # which other packages bring and bindgen cannot use.
+    if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 \
+        && ! ls /usr/lib/x86_64-linux-gnu/libclang.so* /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
         missing+=(libclang-dev)
     fi
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
