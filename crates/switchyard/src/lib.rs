@@ -105,6 +105,14 @@ impl Application {
             .instance_id
             .clone()
             .unwrap_or_else(|| format!("{}:{}", host_name(), config.server.listen));
+        let relay = match &config.rate_limits.redis_url {
+            Some(url) => Some(
+                switchyard_engine::sessions::relay::Relay::connect(url)
+                    .await
+                    .context("connecting to Redis for following replies across instances")?,
+            ),
+            None => None,
+        };
         let sessions = Sessions::new(
             store.clone(),
             gateway.clone(),
@@ -113,6 +121,7 @@ impl Application {
                 keepalive: Duration::from_secs(sc.keepalive_secs),
                 default_context_tokens: sc.default_context_tokens,
                 instance_id: instance_id.clone(),
+                relay,
             },
         );
         // Replies this instance was generating when it last stopped

@@ -3,6 +3,7 @@
 //! client that goes away changes nothing: the reply completes, is stored,
 //! and can be followed again from any frame id.
 
+pub mod relay;
 mod reply;
 pub mod transcript;
 mod views;
@@ -70,6 +71,9 @@ pub struct SessionSettings {
     pub keepalive: Duration,
     pub default_context_tokens: u32,
     pub instance_id: String,
+    /// With Redis: replies are mirrored there, so that any instance can
+    /// follow a reply another one is generating, live.
+    pub relay: Option<relay::Relay>,
 }
 
 #[derive(Clone)]

@@ -281,7 +281,10 @@ impl Sessions {
             .insert_messages(&[user_message.clone(), assistant.clone()])
             .await?;
 
-        let transcript = Arc::new(Transcript::default());
+        let transcript = Arc::new(match &settings.relay {
+            Some(relay) => Transcript::mirrored(relay.mirror(&assistant.id)),
+            None => Transcript::default(),
+        });
         transcript.push(
             "ready",
             json!({"session_id": session_id, "message_id": assistant.id, "trace_id": meta.trace_id})
@@ -341,75 +344,172 @@ impl Sessions {
             Some(t) => t,
             None => {
                 let t = Arc::new(Transcript::default());
-                let store = self.inner.store.clone();
-                let (tenant, id) = (who.tenant_id.clone(), message.id.clone());
                 let filler = t.clone();
-                let mut current = Some(message);
+                let store = self.inner.store.clone();
+                let relay = self.inner.settings.relay.clone();
+                let tenant = who.tenant_id.clone();
                 tokio::spawn(async move {
-                    // Another instance (or one that died) has it: wait until
-                    // it is no longer streaming, then replay what was stored.
-                    let poll = Duration::from_millis(200);
-                    let ended = loop {
-                        if Arc::strong_count(&filler) == 1 {
-                            return; // the follower went away
-                        }
-                        match current.take() {
-                            Some(m) if m.status != MessageStatus::Streaming => break Some(m),
-                            Some(_) => tokio::time::sleep(poll).await,
-                            None => tokio::time::sleep(poll).await,
-                        }
-                        match store.get_message(&tenant, &id).await {
-                            Ok(Some(m)) => current = Some(m),
-                            Ok(None) => break None,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "reading a message to resume failed");
+                    // Another instance (or one that died) has it: follow its
+                    // mirror in Redis if there is one, and finish from what
+                    // was stored.
+                    let mut current = Some(message);
+                    if let Some(relay) = relay {
+                        if current
+                            .as_ref()
+                            .is_some_and(|m| m.status == MessageStatus::Streaming)
+                        {
+                            current =
+                                follow_mirror(&relay, &filler, &store, &tenant, current).await;
+                            if filler.is_ended() {
+                                return;
                             }
                         }
-                    };
-                    let frames = match &ended {
-                        Some(_) => store
-                            .message_frames(&tenant, &id)
-                            .await
-                            .ok()
-                            .flatten()
-                            .and_then(|f| serde_json::from_str::<Vec<Frame>>(&f).ok()),
-                        None => None,
-                    };
-                    match frames {
-                        Some(frames) => filler.replay(frames),
-                        None => {
-                            let e = match &ended {
-                                Some(m) => PublicError {
-                                    status: 502,
-                                    code: m
-                                        .error_code
-                                        .clone()
-                                        .unwrap_or_else(|| "interrupted".into()),
-                                    message: m.error_message.clone().unwrap_or_else(|| {
-                                        "The reply ended without being stored.".into()
-                                    }),
-                                    retryable: true,
-                                },
-                                None => PublicError {
-                                    status: 404,
-                                    code: "not_found".into(),
-                                    message: "The message was deleted.".into(),
-                                    retryable: false,
-                                },
-                            };
-                            filler.replay(vec![Frame {
-                                id: after_id + 1,
-                                event: "error".into(),
-                                data: e.frame_json(),
-                            }]);
-                        }
                     }
+                    finish_from_store(&filler, &store, &tenant, current, after_id).await;
                 });
                 t
             }
         };
         Ok(transcript.follow(after_id, keepalive))
     }
+}
+
+/// Follows the Redis mirror of a reply into `filler` until its end (then
+/// ends `filler`), or until the mirror cannot be trusted: Redis is away, a
+/// frame is missing, or the reply ended without the mirror saying so. Then
+/// it returns the message as last read, for [`finish_from_store`].
+async fn follow_mirror(
+    relay: &super::relay::Relay,
+    filler: &Arc<Transcript>,
+    store: &Arc<dyn switchyard_store::Store>,
+    tenant: &str,
+    mut current: Option<Message>,
+) -> Option<Message> {
+    let id = current.as_ref()?.id.clone();
+    let mut reader = match relay.reader(&id).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "following a reply through Redis failed; waiting for it to be stored");
+            return current;
+        }
+    };
+    let mut last = 0u64;
+    loop {
+        if Arc::strong_count(filler) == 1 {
+            return current; // the follower went away
+        }
+        let read = match reader.next().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "following a reply through Redis failed; waiting for it to be stored");
+                return current;
+            }
+        };
+        let mut frames = Vec::with_capacity(read.frames.len());
+        for f in read.frames {
+            if f.id != last + 1 {
+                filler.extend(frames);
+                tracing::warn!(message = %id, after = last, got = f.id, "a frame is missing from the Redis mirror; finishing from the store");
+                return current;
+            }
+            last = f.id;
+            frames.push(f);
+        }
+        let got = !frames.is_empty();
+        filler.extend(frames);
+        if read.ended {
+            filler.end();
+            return current;
+        }
+        if !got {
+            // Quiet for a while: has the reply ended without its mirror?
+            match store.get_message(tenant, &id).await {
+                Ok(Some(m)) if m.status != MessageStatus::Streaming => return Some(m),
+                Ok(Some(m)) => current = Some(m),
+                Ok(None) => return None,
+                Err(e) => tracing::warn!(error = %e, "reading a message to resume failed"),
+            }
+        }
+    }
+}
+
+/// Waits until a reply is no longer streaming, then appends its stored
+/// frames after those `filler` already has (or an `error` frame if there are
+/// none) and ends `filler`.
+async fn finish_from_store(
+    filler: &Arc<Transcript>,
+    store: &Arc<dyn switchyard_store::Store>,
+    tenant: &str,
+    mut current: Option<Message>,
+    after_id: u64,
+) {
+    let Some(id) = current.as_ref().map(|m| m.id.clone()) else {
+        return end_with_deleted(filler, after_id);
+    };
+    let poll = Duration::from_millis(200);
+    let ended = loop {
+        if Arc::strong_count(filler) == 1 {
+            return; // the follower went away
+        }
+        match current.take() {
+            Some(m) if m.status != MessageStatus::Streaming => break Some(m),
+            _ => tokio::time::sleep(poll).await,
+        }
+        match store.get_message(tenant, &id).await {
+            Ok(Some(m)) => current = Some(m),
+            Ok(None) => break None,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a message to resume failed");
+            }
+        }
+    };
+    let Some(ended) = ended else {
+        return end_with_deleted(filler, after_id);
+    };
+    let frames = store
+        .message_frames(tenant, &id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|f| serde_json::from_str::<Vec<Frame>>(&f).ok());
+    let have = filler.next_id().saturating_sub(1).max(after_id);
+    match frames {
+        Some(frames) => filler.replay(frames.into_iter().filter(|f| f.id > have).collect()),
+        None => {
+            let e = PublicError {
+                status: 502,
+                code: ended
+                    .error_code
+                    .clone()
+                    .unwrap_or_else(|| "interrupted".into()),
+                message: ended
+                    .error_message
+                    .clone()
+                    .unwrap_or_else(|| "The reply ended without being stored.".into()),
+                retryable: true,
+            };
+            filler.replay(vec![Frame {
+                id: have + 1,
+                event: "error".into(),
+                data: e.frame_json(),
+            }]);
+        }
+    }
+}
+
+fn end_with_deleted(filler: &Transcript, after_id: u64) {
+    let e = PublicError {
+        status: 404,
+        code: "not_found".into(),
+        message: "The message was deleted.".into(),
+        retryable: false,
+    };
+    let have = filler.next_id().saturating_sub(1).max(after_id);
+    filler.replay(vec![Frame {
+        id: have + 1,
+        event: "error".into(),
+        data: e.frame_json(),
+    }]);
 }
 
 impl PublicError {

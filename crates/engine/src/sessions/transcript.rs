@@ -12,6 +12,8 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::relay::{MirrorSender, Mirrored};
+
 /// One SSE frame: `id:`, `event:` and one line of JSON `data:`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Frame {
@@ -54,6 +56,8 @@ pub struct Transcript {
     frames: Mutex<Vec<Arc<Frame>>>,
     /// (frames published, ended).
     state: watch::Sender<(usize, bool)>,
+    /// Where each frame is copied for followers on other instances.
+    mirror: Option<MirrorSender>,
 }
 
 impl Default for Transcript {
@@ -61,11 +65,20 @@ impl Default for Transcript {
         Self {
             frames: Mutex::new(Vec::new()),
             state: watch::Sender::new((0, false)),
+            mirror: None,
         }
     }
 }
 
 impl Transcript {
+    /// A transcript whose frames, and end, are also sent to `mirror`.
+    pub(crate) fn mirrored(mirror: MirrorSender) -> Self {
+        Self {
+            mirror: Some(mirror),
+            ..Self::default()
+        }
+    }
+
     /// Appends a frame with the next id; returns it.
     pub fn push(&self, event: &str, data: String) -> Arc<Frame> {
         let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
@@ -76,6 +89,10 @@ impl Transcript {
         });
         frames.push(frame.clone());
         let n = frames.len();
+        if let Some(m) = &self.mirror {
+            // Under the lock, so the mirror gets the frames in id order.
+            let _ = m.send(Mirrored::Frame(frame.clone()));
+        }
         drop(frames);
         self.state.send_modify(|s| s.0 = n);
         frame
@@ -83,7 +100,27 @@ impl Transcript {
 
     /// Marks the stream ended: followers stop after the last frame.
     pub fn end(&self) {
+        if let Some(m) = &self.mirror {
+            let _ = m.send(Mirrored::End);
+        }
         self.state.send_modify(|s| s.1 = true);
+    }
+
+    /// Appends frames read elsewhere (ids kept) without ending the stream.
+    pub(crate) fn extend(&self, more: Vec<Frame>) {
+        if more.is_empty() {
+            return;
+        }
+        let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        frames.extend(more.into_iter().map(Arc::new));
+        let n = frames.len();
+        drop(frames);
+        self.state.send_modify(|s| s.0 = n);
+    }
+
+    /// Whether the stream has ended.
+    pub fn is_ended(&self) -> bool {
+        self.state.borrow().1
     }
 
     /// The id the next frame will get.
