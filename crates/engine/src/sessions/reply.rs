@@ -444,7 +444,7 @@ async fn finish_from_store(
     after_id: u64,
 ) {
     let Some(id) = current.as_ref().map(|m| m.id.clone()) else {
-        return end_with_deleted(filler, after_id);
+        return end_with_error(filler, after_id, deleted());
     };
     let poll = Duration::from_millis(200);
     let ended = loop {
@@ -464,7 +464,7 @@ async fn finish_from_store(
         }
     };
     let Some(ended) = ended else {
-        return end_with_deleted(filler, after_id);
+        return end_with_error(filler, after_id, deleted());
     };
     let frames = store
         .message_frames(tenant, &id)
@@ -488,22 +488,22 @@ async fn finish_from_store(
                     .unwrap_or_else(|| "The reply ended without being stored.".into()),
                 retryable: true,
             };
-            filler.replay(vec![Frame {
-                id: have + 1,
-                event: "error".into(),
-                data: e.frame_json(),
-            }]);
+            end_with_error(filler, after_id, e);
         }
     }
 }
 
-fn end_with_deleted(filler: &Transcript, after_id: u64) {
-    let e = PublicError {
+fn deleted() -> PublicError {
+    PublicError {
         status: 404,
         code: "not_found".into(),
         message: "The message was deleted.".into(),
         retryable: false,
-    };
+    }
+}
+
+/// Ends `filler` with one `error` frame after the frames it has.
+fn end_with_error(filler: &Transcript, after_id: u64, e: PublicError) {
     let have = filler.next_id().saturating_sub(1).max(after_id);
     filler.replay(vec![Frame {
         id: have + 1,

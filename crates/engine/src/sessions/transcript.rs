@@ -247,6 +247,51 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_mirrored_transcript_copies_its_frames_in_order_then_its_end() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let t = Transcript::mirrored(tx);
+        t.push("ready", "{}".into());
+        t.push("chat.delta", r#"{"delta":"a"}"#.into());
+        t.end();
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            got.push(match m {
+                Mirrored::Frame(f) => format!("{} {}", f.id, f.event),
+                Mirrored::End => "end".to_owned(),
+            });
+        }
+        assert_eq!(got, ["1 ready", "2 chat.delta", "end"]);
+    }
+
+    #[tokio::test]
+    async fn extended_frames_keep_their_ids_and_reach_followers_live() {
+        let t = Arc::new(Transcript::default());
+        let follower = tokio::spawn(
+            t.clone()
+                .follow(2, Duration::from_secs(60))
+                .collect::<Vec<_>>(),
+        );
+        tokio::task::yield_now().await;
+        t.extend(vec![Frame {
+            id: 3,
+            event: "chat.delta".into(),
+            data: "{}".into(),
+        }]);
+        assert!(!t.is_ended());
+        assert_eq!(t.next_id(), 4);
+        t.replay(vec![Frame {
+            id: 4,
+            event: "chat.done".into(),
+            data: "{}".into(),
+        }]);
+        let got = follower.await.unwrap();
+        assert_eq!(
+            text(&got),
+            "id: 3\nevent: chat.delta\ndata: {}\n\nid: 4\nevent: chat.done\ndata: {}\n\n"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn silence_sends_keepalives_with_the_last_id() {
         let t = Arc::new(Transcript::default());

@@ -1162,26 +1162,33 @@ async fn resuming_refuses_bad_ids_and_other_sessions_messages() {
     .await;
 }
 
-/// With Redis, an instance that is not generating a reply follows it live
-/// (the generating one mirrors its frames there): a client that reconnects
-/// to any instance of a deployment sees the deltas as they are made, not
-/// only once the reply is stored.
-#[tokio::test]
-async fn a_client_that_reconnects_to_another_instance_follows_the_reply_live() {
-    let Some(redis) = test_redis_url() else {
-        return;
-    };
-    let a = app()
-        .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
-        .config("[sessions]\ninstance_id = \"a\"\n")
-        .spawn()
-        .await;
+/// Instances `a` and `b` on one SQLite file; `b` with Redis, `a` too when
+/// `a_mirrors`. `None` when no test Redis is configured.
+async fn two_instances(a_mirrors: bool) -> Option<(TestApp, TestApp)> {
+    let redis = test_redis_url()?;
+    let mut a = app().config("[sessions]\ninstance_id = \"a\"\n");
+    if a_mirrors {
+        a = a.env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis);
+    }
+    let a = a.spawn().await;
     let b = app()
         .store_url(&a.store_url)
         .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
         .config("[sessions]\ninstance_id = \"b\"\n")
         .spawn()
         .await;
+    Some((a, b))
+}
+
+/// With Redis, an instance that is not generating a reply follows it live
+/// (the generating one mirrors its frames there): a client that reconnects
+/// to any instance of a deployment sees the deltas as they are made, not
+/// only once the reply is stored.
+#[tokio::test]
+async fn a_client_that_reconnects_to_another_instance_follows_the_reply_live() {
+    let Some((a, b)) = two_instances(true).await else {
+        return;
+    };
     let sid = new_session(&a).await;
     let words = "one two three four five six seven eight nine ten";
     a.mock().update(|m| {
@@ -1214,19 +1221,9 @@ async fn a_client_that_reconnects_to_another_instance_follows_the_reply_live() {
 /// from the stored frames once the reply ends: nothing missed or repeated.
 #[tokio::test]
 async fn a_follower_finds_no_mirror_and_finishes_from_the_store() {
-    let Some(redis) = test_redis_url() else {
+    let Some((a, b)) = two_instances(false).await else {
         return;
     };
-    let a = app()
-        .config("[sessions]\ninstance_id = \"a\"\n")
-        .spawn()
-        .await;
-    let b = app()
-        .store_url(&a.store_url)
-        .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
-        .config("[sessions]\ninstance_id = \"b\"\n")
-        .spawn()
-        .await;
     let sid = new_session(&a).await;
     a.mock().update(|m| {
         m.reply = "one two three four five six".into();
