@@ -82,26 +82,19 @@ impl Relay {
                 let mut pipe = redis::pipe();
                 let mut ended = false;
                 for m in batch.drain(..) {
-                    match m {
-                        Mirrored::Frame(f) => {
-                            let json = serde_json::to_string(&*f).unwrap_or_default();
-                            pipe.cmd("XADD")
-                                .arg(&key)
-                                .arg("*")
-                                .arg("f")
-                                .arg(json)
-                                .ignore();
-                        }
+                    let (field, value) = match m {
+                        Mirrored::Frame(f) => ("f", serde_json::to_string(&*f).unwrap_or_default()),
                         Mirrored::End => {
-                            pipe.cmd("XADD")
-                                .arg(&key)
-                                .arg("*")
-                                .arg("end")
-                                .arg("1")
-                                .ignore();
                             ended = true;
+                            ("end", "1".to_owned())
                         }
-                    }
+                    };
+                    pipe.cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg(field)
+                        .arg(value)
+                        .ignore();
                 }
                 let ttl = if ended { ENDED_TTL } else { LIVE_TTL };
                 pipe.cmd("EXPIRE").arg(&key).arg(ttl.as_secs()).ignore();

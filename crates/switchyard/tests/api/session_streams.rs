@@ -1180,6 +1180,16 @@ async fn two_instances(a_mirrors: bool) -> Option<(TestApp, TestApp)> {
     Some((a, b))
 }
 
+/// Sends a message to `app`, reads `ready` and the first delta, and goes
+/// away; returns those frames and the assistant message's id.
+async fn ready_and_a_delta_then_gone(app: &TestApp, sid: &str) -> (Vec<Frame>, String) {
+    let mut first = Frames::new(send_message(app, sid, "Count").await);
+    let seen = vec![first.next().await.unwrap(), first.next().await.unwrap()];
+    assert_eq!(seen[1].event, "chat.delta");
+    let mid = seen[0].json()["message_id"].as_str().unwrap().to_owned();
+    (seen, mid)
+}
+
 /// With Redis, an instance that is not generating a reply follows it live
 /// (the generating one mirrors its frames there): a client that reconnects
 /// to any instance of a deployment sees the deltas as they are made, not
@@ -1196,12 +1206,7 @@ async fn a_client_that_reconnects_to_another_instance_follows_the_reply_live() {
         m.chunk_delay = Duration::from_millis(200);
     });
 
-    let mut first = Frames::new(send_message(&a, &sid, "Count").await);
-    let mut seen = vec![first.next().await.unwrap()];
-    seen.push(first.next().await.unwrap());
-    assert_eq!(seen[1].event, "chat.delta");
-    drop(first);
-    let mid = seen[0].json()["message_id"].as_str().unwrap().to_owned();
+    let (seen, mid) = ready_and_a_delta_then_gone(&a, &sid).await;
 
     let mut second = Frames::new(follow(&b, &sid, &mid, "2").await);
     let next = second.next().await.unwrap();
@@ -1229,10 +1234,7 @@ async fn a_follower_finds_no_mirror_and_finishes_from_the_store() {
         m.reply = "one two three four five six".into();
         m.chunk_delay = Duration::from_millis(300);
     });
-    let mut first = Frames::new(send_message(&a, &sid, "Count").await);
-    let seen = vec![first.next().await.unwrap(), first.next().await.unwrap()];
-    drop(first);
-    let mid = seen[0].json()["message_id"].as_str().unwrap().to_owned();
+    let (seen, mid) = ready_and_a_delta_then_gone(&a, &sid).await;
 
     let rest = Frames::new(follow(&b, &sid, &mid, "2").await).rest().await;
     assert_eq!(rest[0].id, 3);
