@@ -507,7 +507,7 @@ fn sample_bot(tenant: &str, n: u32) -> Bot {
     }
 }
 
-fn sample_session(tenant: &str, user: Option<&str>, bot: Option<&str>) -> Session {
+pub fn sample_session(tenant: &str, user: Option<&str>, bot: Option<&str>) -> Session {
     let mut metadata = serde_json::Map::new();
     metadata.insert("channel".into(), "web".into());
     let mut state = serde_json::Map::new();
@@ -524,7 +524,7 @@ fn sample_session(tenant: &str, user: Option<&str>, bot: Option<&str>) -> Sessio
     }
 }
 
-fn sample_message(tenant: &str, session: &str, role: &str, status: MessageStatus) -> Message {
+pub fn sample_message(tenant: &str, session: &str, role: &str, status: MessageStatus) -> Message {
     let assistant = role == "assistant";
     Message {
         id: new_id(),

@@ -11,6 +11,7 @@ mod migrations;
 mod postgres;
 mod sessions;
 mod sqlite;
+mod sqlite_inline;
 
 use std::sync::Arc;
 

@@ -141,6 +141,35 @@ crate::sessions::session_store!(
      AND (role = 'user' OR status = 'complete') AND content <> '' ORDER BY id DESC LIMIT ?) AS h"
 );
 
+/// `session_store!`'s fast paths: none for PostgreSQL, a server reached
+/// over a socket either way.
+impl PostgresStore {
+    fn fast_session_and_history(
+        &self,
+        _sql: &str,
+        _tenant_id: &str,
+        _session_id: &str,
+        _limit: u32,
+    ) -> crate::sqlite_inline::Attempt<Option<crate::sqlite_inline::WithHistory>> {
+        None
+    }
+
+    fn fast_insert_messages(
+        &self,
+        _rows: &[switchyard_core::sessions::Message],
+    ) -> crate::sqlite_inline::Attempt<()> {
+        None
+    }
+
+    fn fast_complete_message(
+        &self,
+        _sql: &str,
+        _c: &switchyard_core::sessions::MessageCompletion,
+    ) -> crate::sqlite_inline::Attempt<bool> {
+        None
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {

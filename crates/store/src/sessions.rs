@@ -54,6 +54,14 @@ pub(crate) fn insert_sql(table: &str, columns: &str) -> String {
     format!("INSERT INTO {table} ({columns}) VALUES {}", values(columns))
 }
 
+/// The session with its history (`history`: the backend's aggregate of
+/// the newest turns, a scalar subquery, so its placeholders come first).
+pub(crate) fn session_and_history_sql(history: &str) -> String {
+    format!(
+        "SELECT {SESSION_COLUMNS}, ({history}) AS history FROM sessions WHERE tenant_id = ? AND id = ?"
+    )
+}
+
 /// A multi-row `bus_events` INSERT of `rows` rows.
 pub(crate) fn insert_events_sql(rows: usize) -> String {
     format!(
@@ -507,6 +515,9 @@ macro_rules! session_store {
             if rows.is_empty() {
                 return Ok(());
             }
+            if let Some(r) = self.fast_insert_messages(rows) {
+                return r;
+            }
             // One multi-row statement: atomic without a transaction, and one
             // round trip on the way to a reply's first token.
             let mut qb = sqlx::QueryBuilder::new(format!(
@@ -600,12 +611,10 @@ macro_rules! session_store {
             $crate::StoreError,
         > {
             use $crate::sessions::*;
-            // The history is a scalar subquery in the select list, so its
-            // placeholders come first.
-            let sql = $conv!(format!(
-                "SELECT {SESSION_COLUMNS}, ({}) AS history FROM sessions WHERE tenant_id = ? AND id = ?",
-                $history
-            ));
+            let sql = $conv!(session_and_history_sql($history));
+            if let Some(r) = self.fast_session_and_history(sql, tenant_id, session_id, limit) {
+                return r;
+            }
             let row = sqlx::query(sql)
                 .bind(tenant_id)
                 .bind(session_id)
@@ -632,6 +641,9 @@ macro_rules! session_store {
                  error_message = ?, prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, latency_ms = ?, \
                  frames = ?, updated_at_ms = ? WHERE tenant_id = ? AND id = ? AND status = 'streaming'"
             );
+            if let Some(r) = self.fast_complete_message(sql, c) {
+                return r;
+            }
             let r = sqlx::query(sql)
                 .bind(c.status.as_str())
                 .bind(&c.content)

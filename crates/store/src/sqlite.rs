@@ -11,10 +11,12 @@ use sqlx::sqlite::{
 use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
+use switchyard_core::sessions::{Message, MessageCompletion};
 use switchyard_core::usage::UsageRecord;
 
 use crate::identity::lite_once;
 use crate::migrations::{Migration, SQLITE};
+use crate::sqlite_inline::{Attempt, Inline, WithHistory};
 use crate::{
     health_from_row, health_upsert_clause, push_health_row, Context, Store, StoreError,
     HEALTH_COLUMNS,
@@ -28,6 +30,10 @@ pub struct SqliteStore {
     /// sleeps 1, 2, 5, 10… ms between tries and would put those sleeps on
     /// the path of a reply's first token.
     writer: SqlitePool,
+    /// A reply's read and write without the worker-thread round trips
+    /// (see `sqlite_inline`); `None` for an in-memory database, which
+    /// exists once per connection.
+    inline: Option<Inline>,
 }
 
 impl SqliteStore {
@@ -45,7 +51,7 @@ impl SqliteStore {
             // Checkpoints run from a background task (see `spawn_checkpoints`),
             // never inside a request's commit.
             .pragma("wal_autocheckpoint", "0");
-        let path = opts.get_filename();
+        let path = opts.get_filename().to_path_buf();
         let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
         if !in_memory {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -80,7 +86,12 @@ impl SqliteStore {
         if !in_memory {
             Self::spawn_checkpoints(pool.clone());
         }
-        Ok(Self { pool, writer })
+        let inline = (!in_memory).then(|| Inline::new(&path, config.max_connections as usize));
+        Ok(Self {
+            pool,
+            writer,
+            inline,
+        })
     }
 
     /// Copies the WAL into the database now and then, off the request path:
@@ -253,6 +264,36 @@ crate::sessions::session_store!(
      AND (role = 'user' OR status = 'complete') AND content <> '' ORDER BY id DESC LIMIT ?)"
 );
 
+/// The fast paths `session_store!` tries first (`None`: take the sqlx path).
+impl SqliteStore {
+    fn fast_session_and_history(
+        &self,
+        sql: &str,
+        tenant_id: &str,
+        session_id: &str,
+        limit: u32,
+    ) -> Attempt<Option<WithHistory>> {
+        self.inline
+            .as_ref()?
+            .session_and_history(sql, tenant_id, session_id, limit)
+    }
+
+    fn fast_insert_messages(&self, rows: &[Message]) -> Attempt<()> {
+        self.inline.as_ref()?.insert_messages(&self.writer, rows)
+    }
+
+    fn fast_complete_message(&self, sql: &str, c: &MessageCompletion) -> Attempt<bool> {
+        self.inline.as_ref()?.complete_message(&self.writer, sql, c)
+    }
+
+    /// How many statements took the inline path and how many were handed
+    /// back to sqlx (for tests).
+    #[doc(hidden)]
+    pub fn inline_counts(&self) -> (u64, u64) {
+        self.inline.as_ref().map_or((0, 0), Inline::counts)
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -415,6 +456,14 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        if let Some(inline) = &self.inline {
+            let (inline, pool) = inline.counts();
+            tracing::info!(
+                inline,
+                pool,
+                "SQLite reply statements run inline / through the pool"
+            );
+        }
         self.writer.close().await;
         self.pool.close().await;
     }

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use switchyard_core::config::StoreConfig;
-use switchyard_store::{conformance, PostgresStore, SqliteStore, Store};
+use switchyard_store::{conformance, PostgresStore, SessionStore, SqliteStore, Store};
 
 #[tokio::test]
 async fn sqlite_passes_the_conformance_suite() {
@@ -16,6 +16,119 @@ async fn sqlite_passes_the_conformance_suite() {
     let store = SqliteStore::connect(&config).await.unwrap();
     store.migrate().await.unwrap();
     conformance::run_all(&store).await;
+    assert!(
+        store.inline_counts().0 > 0,
+        "the suite covers the inline path"
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_locked() {
+    use switchyard_core::sessions::{MessageCompletion, MessageStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let config = StoreConfig {
+        url: url.clone(),
+        ..StoreConfig::default()
+    };
+    let store = std::sync::Arc::new(SqliteStore::connect(&config).await.unwrap());
+    store.migrate().await.unwrap();
+    let session = conformance::sample_session("t", Some("u"), None);
+    store.insert_session(&session).await.unwrap();
+    let turn = |content: &str| {
+        let mut user =
+            conformance::sample_message("t", &session.id, "user", MessageStatus::Complete);
+        user.content = content.into();
+        let reply =
+            conformance::sample_message("t", &session.id, "assistant", MessageStatus::Streaming);
+        [user, reply]
+    };
+
+    // The writer connection a write went through is back in its pool once
+    // sqlx has pinged it, a moment after the write; until then a write is
+    // handed to the pool (which waits for it). A reply's writes are far
+    // enough apart (a provider call lies between them); here we wait.
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
+    settle().await;
+    let before = store.inline_counts();
+    let first = turn("first");
+    store.insert_messages(&first).await.unwrap();
+    let done = MessageCompletion {
+        tenant_id: "t".into(),
+        id: first[1].id.clone(),
+        status: MessageStatus::Complete,
+        content: "hello".into(),
+        finish_reason: Some("stop".into()),
+        error_code: None,
+        error_message: None,
+        prompt_tokens: Some(3),
+        completion_tokens: Some(1),
+        cost_usd: Some(0.5),
+        latency_ms: Some(1.25),
+        frames: Some("[]".into()),
+        at_ms: 1,
+    };
+    settle().await;
+    assert!(store.complete_message(&done).await.unwrap());
+    settle().await;
+    assert!(
+        !store.complete_message(&done).await.unwrap(),
+        "completed once"
+    );
+    let (_, history) = store
+        .session_and_history("t", &session.id, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        history,
+        [
+            ("assistant".to_owned(), "hello".to_owned()),
+            ("user".to_owned(), "first".to_owned())
+        ],
+        "newest first"
+    );
+    assert!(store
+        .session_and_history("another tenant", &session.id, 10)
+        .await
+        .unwrap()
+        .is_none());
+    let after = store.inline_counts();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (5, 0),
+        "one insert, two completions and two reads, all inline"
+    );
+
+    // Another process holds the write lock: the inline write does not wait
+    // on this thread, the statement goes to the pool, which waits its turn.
+    let other = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mut lock = other.acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let second = turn("second");
+    let write = tokio::spawn({
+        let store = store.clone();
+        let second = second.clone();
+        async move { store.insert_messages(&second).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the write waits for the lock");
+    assert_eq!(store.inline_counts().1, after.1 + 1, "handed to the pool");
+    sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+    write.await.unwrap().unwrap();
+    let all = store
+        .list_messages("t", &session.id, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 4, "each message stored once");
+    assert_eq!(all[2], second[0]);
+    assert_eq!(all[3], second[1]);
+    drop(lock);
+    other.close().await;
     store.close().await;
 }
 
