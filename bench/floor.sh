@@ -21,7 +21,7 @@ TS="$(date +%Y%m%d-%H%M%S)"
 BASE="$HERE/results/floor-$TS"
 export REPS="${REPS:-2}"
 FLOORS="${FLOORS:-switchyard hyper hyper-ct raw-ct}"
-FLOOR_BIN="${FLOOR_BIN:-$ROOT/target/release/examples/floor-proxy}"
+FLOOR_BIN="${FLOOR_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/floor-proxy}"
 if [ ! -x "$FLOOR_BIN" ]; then
   echo "building $FLOOR_BIN" >&2
   (cd "$ROOT" && cargo build --release -p switchyard-testkit --example floor-proxy)

@@ -21,7 +21,7 @@ PRIO="${PRIO:--15}"
 SY_PORT=18095
 SY_DIR=/tmp/sy-bench/peers
 SY_PIDFILE="$SY_DIR/switchyard.pid"
-BIN="$ROOT/target/release"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 TS="$(date +%Y%m%d-%H%M%S)"
 OUT="${OUT_DIR:-$HERE/results/peers-$TS}"
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }

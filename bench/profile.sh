@@ -13,7 +13,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 C="${C:-64}"; SECS="${SECS:-6}"; PIN="${PIN:-}"; SY_ENV="${SY_ENV:-}"
 MOCK_PORT="${MOCK_PORT:-18190}"; SY_PORT="${SY_PORT:-18191}"
 OUT="$HERE/results/profile-$(date +%Y%m%d-%H%M%S)"
-BIN="${BIN:-$ROOT/target/release}"   # BIN=dir profiles another build (switchyard and switchyard-mock in it)
+BIN="${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}"   # BIN=dir profiles another build (switchyard and switchyard-mock in it)
 command -v perf >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
 command -v wrk >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 mkdir -p "$OUT"

@@ -11,7 +11,7 @@
 # Release binaries from target/release; a SQLite database in a temp dir.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-B="$ROOT/target/release"; C="${C:-1}"; MODES="${MODES:-normal idle nice normal idle nice}"
+B="${CARGO_TARGET_DIR:-$ROOT/target}/release"; C="${C:-1}"; MODES="${MODES:-normal idle nice normal idle nice}"
 DIR="$(mktemp -d)"
 "$ROOT/bench/gateway-config" 18091 18090 "$DIR/sy.db" >"$DIR/switchyard.toml"
 "$B/switchyard-mock" --listen 127.0.0.1:18090 --threads 1 >/dev/null 2>&1 & M=$!
