@@ -168,6 +168,13 @@ impl PostgresStore {
     ) -> crate::sqlite_inline::Attempt<bool> {
         None
     }
+
+    async fn fast_insert_events(
+        &self,
+        _rows: &[switchyard_core::sessions::EventsRow],
+    ) -> crate::sqlite_inline::Attempt<()> {
+        None
+    }
 }
 
 #[async_trait]

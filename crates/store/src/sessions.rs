@@ -726,6 +726,10 @@ macro_rules! session_store {
             // At most WRITE_GROUP rows per transaction (see insert_usage);
             // `ON CONFLICT DO NOTHING` makes a retried batch safe.
             for group in rows.chunks($crate::WRITE_GROUP) {
+                if let Some(done) = self.fast_insert_events(group).await {
+                    done?;
+                    continue;
+                }
                 let mut tx = self.writer.begin().await.context("starting the event transaction")?;
                 let mut rest = group;
                 for (size, sql) in EVENT_CHUNKS.iter().zip(sqls) {

@@ -11,7 +11,7 @@ use sqlx::sqlite::{
 use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
-use switchyard_core::sessions::{Message, MessageCompletion};
+use switchyard_core::sessions::{EventsRow, Message, MessageCompletion};
 use switchyard_core::usage::UsageRecord;
 
 use crate::identity::lite_once;
@@ -286,6 +286,20 @@ impl SqliteStore {
         self.inline.as_ref()?.complete_message(&self.writer, sql, c)
     }
 
+    async fn fast_insert_events(&self, rows: &[EventsRow]) -> Attempt<()> {
+        self.inline_batch(|i| i.insert_events(rows)).await
+    }
+
+    /// A writer batch's group, inline, in the sqlx writer's turn: a
+    /// background batch waits for it like the sqlx path would (a reply's
+    /// statement does not, see `Inline::write`).
+    async fn inline_batch(&self, f: impl FnOnce(&Inline) -> Attempt<()>) -> Attempt<()> {
+        let inline = self.inline.as_ref()?;
+        // An error here is the sqlx path's to report.
+        let _turn = self.writer.acquire().await.ok()?;
+        f(inline)
+    }
+
     /// How many statements took the inline path and how many were handed
     /// back to sqlx (for tests).
     #[doc(hidden)]
@@ -339,7 +353,12 @@ impl Store for SqliteStore {
         // At most WRITE_GROUP rows per transaction: few commits under load,
         // and a reply storing its messages waits for one group at most, not
         // the whole batch. `ON CONFLICT DO NOTHING` makes a retried batch safe.
+        // A group goes inline when the writer is free (see `sqlite_inline`).
         for group in rows.chunks(crate::WRITE_GROUP) {
+            if let Some(done) = self.inline_batch(|i| i.insert_usage(group)).await {
+                done?;
+                continue;
+            }
             let mut tx = self
                 .writer
                 .begin()
@@ -461,7 +480,7 @@ impl Store for SqliteStore {
             tracing::info!(
                 inline,
                 pool,
-                "SQLite reply statements run inline / through the pool"
+                "SQLite statements (replies) and transactions (writer batches) run inline / through the pool"
             );
         }
         self.writer.close().await;

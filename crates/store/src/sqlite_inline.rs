@@ -21,17 +21,27 @@
 //! queues, waits and reports errors as before. A statement that fails has
 //! changed nothing (each is one autocommit statement), so running it again
 //! there is safe.
+//!
+//! The usage and trace-event writers' batches take the same writer, one
+//! transaction per group of rows, row by row through one prepared statement,
+//! without the sqlx worker's round trip per statement and its copies of
+//! every bound value. A batch is background work, so unlike a reply's
+//! statement it waits for the sqlx writer's connection (its caller holds
+//! it). A group that fails is rolled back and written by the sqlx path.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use sqlx::SqlitePool;
-use switchyard_core::sessions::{Message, MessageCompletion, Session};
+use switchyard_core::sessions::{EventsRow, Message, MessageCompletion, Session};
+use switchyard_core::usage::UsageRecord;
 
 use crate::identity::RowExt;
-use crate::sessions::{db_int, history_from_text, session_from_row, MESSAGE_COLUMNS};
+use crate::sessions::{
+    db_int, history_from_text, insert_events_sql, session_from_row, MESSAGE_COLUMNS,
+};
 use crate::StoreError;
 
 /// The per-connection pragmas the sqlx connections are opened with.
@@ -144,6 +154,15 @@ impl Inline {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
             return None;
         };
+        self.write_in_turn(what, f)
+    }
+
+    /// [`Self::write`] for a caller that holds the sqlx writer's connection.
+    fn write_in_turn<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Option<T> {
         let Ok(mut slot) = self.writer.try_lock() else {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -269,6 +288,86 @@ impl Inline {
         })
         .map(Ok)
     }
+}
+
+impl Inline {
+    /// One group of [`crate::Store::insert_usage`]'s rows in one
+    /// transaction, inline. A writer batch is no request: the caller waits
+    /// for the sqlx writer's connection and holds it while this runs.
+    pub(crate) fn insert_usage(&self, rows: &[UsageRecord]) -> Attempt<()> {
+        self.in_transaction(|c| {
+            let mut stmt = c.prepare_cached(usage_insert_one())?;
+            for r in rows {
+                stmt.execute(rusqlite::params![
+                    r.id,
+                    r.tenant_id,
+                    r.key_id,
+                    r.user_id,
+                    r.trace_id,
+                    r.endpoint,
+                    r.model_alias,
+                    r.provider,
+                    r.upstream_model,
+                    r.stream,
+                    db_int(r.prompt_tokens),
+                    db_int(r.completion_tokens),
+                    r.cost_usd,
+                    r.latency_ms,
+                    r.ttft_ms,
+                    i64::from(r.status),
+                    r.error_code,
+                    r.created_at_ms,
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// One group of [`crate::SessionStore::insert_events`]'s rows in one
+    /// transaction, inline, the caller holding the writer's connection.
+    pub(crate) fn insert_events(&self, rows: &[EventsRow]) -> Attempt<()> {
+        self.in_transaction(|c| {
+            let mut stmt = c.prepare_cached(events_insert_one())?;
+            for e in rows {
+                stmt.execute(rusqlite::params![
+                    e.tenant_id,
+                    e.trace_id,
+                    e.seq,
+                    e.id,
+                    e.session_id,
+                    e.created_at_ms,
+                    e.events,
+                    e.user_id,
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// `f` between `BEGIN IMMEDIATE` and `COMMIT` on the inline writer; a
+    /// failure rolls back, so the sqlx path can write the same rows again.
+    fn in_transaction(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<()>) -> Attempt<()> {
+        self.write_in_turn("batch", |c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
+            f(&tx)?;
+            tx.commit()
+        })
+        .map(Ok)
+    }
+}
+
+/// The writers' one-row statements: without round trips to a worker thread,
+/// a prepared statement run once per row costs no more than multi-row ones.
+fn usage_insert_one() -> &'static str {
+    "INSERT INTO usage_logs (id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, \
+     provider, upstream_model, stream, prompt_tokens, completion_tokens, cost_usd, latency_ms, \
+     ttft_ms, status, error_code, created_at_ms) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+}
+
+fn events_insert_one() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| insert_events_sql(1))
 }
 
 fn insert_messages_sql(rows: usize) -> String {

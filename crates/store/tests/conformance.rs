@@ -133,6 +133,96 @@ async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_lock
 }
 
 #[tokio::test]
+async fn sqlite_writes_writer_batches_inline_and_queues_them_when_the_file_is_locked() {
+    use switchyard_core::sessions::{BusEvent, EventsRow};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let config = StoreConfig {
+        url: url.clone(),
+        ..StoreConfig::default()
+    };
+    let store = std::sync::Arc::new(SqliteStore::connect(&config).await.unwrap());
+    store.migrate().await.unwrap();
+    let event = |n: i64| BusEvent {
+        id: switchyard_core::usage::new_id(),
+        tenant_id: "t".into(),
+        trace_id: format!("{n:032x}"),
+        seq: 0,
+        kind: "request.done".into(),
+        session_id: None,
+        user_id: Some("u".into()),
+        payload: serde_json::json!({"n": n}),
+        created_at_ms: 1_760_000_000_000 + n,
+    };
+    // See the test above: the writer connection is pinged back into its pool.
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
+
+    // 300 rows: two groups of at most 256, each one inline transaction.
+    let usage: Vec<_> = (0..300)
+        .map(|n| conformance::sample_usage("t", n))
+        .collect();
+    settle().await;
+    let before = store.inline_counts();
+    store.insert_usage(&usage).await.unwrap();
+    settle().await;
+    let events: Vec<BusEvent> = (0..3).map(event).collect();
+    store
+        .insert_events(&EventsRow::pack(&events))
+        .await
+        .unwrap();
+    let after = store.inline_counts();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (3, 0),
+        "two usage groups and one event group, inline"
+    );
+    let mut back = store.list_usage("t", 1000).await.unwrap();
+    back.reverse();
+    assert_eq!(back, usage, "every usage row, exactly");
+    for e in &events {
+        assert_eq!(
+            store.list_trace_events("t", &e.trace_id).await.unwrap(),
+            std::slice::from_ref(e)
+        );
+    }
+    settle().await;
+    store.insert_usage(&usage[..5]).await.unwrap();
+    assert_eq!(
+        store.count_usage("t").await.unwrap(),
+        300,
+        "a retried group adds nothing"
+    );
+
+    // Another process holds the write lock: the batch waits in the pool,
+    // and is written once when the lock is free.
+    let other = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mut lock = other.acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    settle().await;
+    let fallbacks = store.inline_counts().1;
+    let more: Vec<_> = (300..310)
+        .map(|n| conformance::sample_usage("t", n))
+        .collect();
+    let write = tokio::spawn({
+        let store = store.clone();
+        let more = more.clone();
+        async move { store.insert_usage(&more).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the batch waits for the lock");
+    assert_eq!(store.inline_counts().1, fallbacks + 1, "handed to the pool");
+    sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+    write.await.unwrap().unwrap();
+    assert_eq!(store.count_usage("t").await.unwrap(), 310);
+    drop(lock);
+    other.close().await;
+    store.close().await;
+}
+
+#[tokio::test]
 async fn sqlite_uses_wal_mode() {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
