@@ -23,10 +23,8 @@ async fn sqlite_passes_the_conformance_suite() {
     store.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_locked() {
-    use switchyard_core::sessions::{MessageCompletion, MessageStatus};
-    let dir = tempfile::tempdir().unwrap();
+/// A file-backed SQLite store (so with its inline path) in `dir`, and its URL.
+async fn file_store(dir: &tempfile::TempDir) -> (std::sync::Arc<SqliteStore>, String) {
     let url = format!("sqlite://{}/db.sqlite", dir.path().display());
     let config = StoreConfig {
         url: url.clone(),
@@ -34,6 +32,35 @@ async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_lock
     };
     let store = std::sync::Arc::new(SqliteStore::connect(&config).await.unwrap());
     store.migrate().await.unwrap();
+    (store, url)
+}
+
+/// The writer connection a write went through is back in its pool once
+/// sqlx has pinged it, a moment after the write; until then a reply's write
+/// is handed to the pool (which waits for it). A reply's writes are far
+/// enough apart (a provider call lies between them); the tests wait.
+async fn settle() {
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// Another process's open write transaction on the file at `url`.
+async fn hold_write_lock(
+    url: &str,
+) -> (sqlx::SqlitePool, sqlx::pool::PoolConnection<sqlx::Sqlite>) {
+    let other = sqlx::SqlitePool::connect(url).await.unwrap();
+    let mut lock = other.acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    (other, lock)
+}
+
+#[tokio::test]
+async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_locked() {
+    use switchyard_core::sessions::{MessageCompletion, MessageStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let (store, url) = file_store(&dir).await;
     let session = conformance::sample_session("t", Some("u"), None);
     store.insert_session(&session).await.unwrap();
     let turn = |content: &str| {
@@ -45,11 +72,6 @@ async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_lock
         [user, reply]
     };
 
-    // The writer connection a write went through is back in its pool once
-    // sqlx has pinged it, a moment after the write; until then a write is
-    // handed to the pool (which waits for it). A reply's writes are far
-    // enough apart (a provider call lies between them); here we wait.
-    let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
     settle().await;
     let before = store.inline_counts();
     let first = turn("first");
@@ -103,12 +125,7 @@ async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_lock
 
     // Another process holds the write lock: the inline write does not wait
     // on this thread, the statement goes to the pool, which waits its turn.
-    let other = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let mut lock = other.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let (other, mut lock) = hold_write_lock(&url).await;
     let second = turn("second");
     let write = tokio::spawn({
         let store = store.clone();
@@ -136,13 +153,7 @@ async fn sqlite_reads_and_writes_a_reply_inline_and_queues_when_the_file_is_lock
 async fn sqlite_writes_writer_batches_inline_and_queues_them_when_the_file_is_locked() {
     use switchyard_core::sessions::{BusEvent, EventsRow};
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/db.sqlite", dir.path().display());
-    let config = StoreConfig {
-        url: url.clone(),
-        ..StoreConfig::default()
-    };
-    let store = std::sync::Arc::new(SqliteStore::connect(&config).await.unwrap());
-    store.migrate().await.unwrap();
+    let (store, url) = file_store(&dir).await;
     let event = |n: i64| BusEvent {
         id: switchyard_core::usage::new_id(),
         tenant_id: "t".into(),
@@ -154,8 +165,6 @@ async fn sqlite_writes_writer_batches_inline_and_queues_them_when_the_file_is_lo
         payload: serde_json::json!({"n": n}),
         created_at_ms: 1_760_000_000_000 + n,
     };
-    // See the test above: the writer connection is pinged back into its pool.
-    let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
 
     // 300 rows: two groups of at most 256, each one inline transaction.
     let usage: Vec<_> = (0..300)
@@ -195,12 +204,7 @@ async fn sqlite_writes_writer_batches_inline_and_queues_them_when_the_file_is_lo
 
     // Another process holds the write lock: the batch waits in the pool,
     // and is written once when the lock is free.
-    let other = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let mut lock = other.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let (other, mut lock) = hold_write_lock(&url).await;
     settle().await;
     let fallbacks = store.inline_counts().1;
     let more: Vec<_> = (300..310)
