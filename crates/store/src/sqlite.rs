@@ -191,6 +191,14 @@ fn usage_insert_sql() -> &'static [String; 4] {
     })
 }
 
+/// The one-row usage INSERT (the last of the chunk sizes), for the
+/// inline writer.
+pub(crate) fn usage_insert_one() -> &'static str {
+    const LAST: usize = USAGE_CHUNKS.len() - 1;
+    const _: () = assert!(USAGE_CHUNKS[LAST] == 1);
+    usage_insert_sql()[LAST].as_str()
+}
+
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

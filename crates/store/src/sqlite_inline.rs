@@ -288,15 +288,13 @@ impl Inline {
         })
         .map(Ok)
     }
-}
 
-impl Inline {
     /// One group of [`crate::Store::insert_usage`]'s rows in one
     /// transaction, inline. A writer batch is no request: the caller waits
     /// for the sqlx writer's connection and holds it while this runs.
     pub(crate) fn insert_usage(&self, rows: &[UsageRecord]) -> Attempt<()> {
         self.in_transaction(|c| {
-            let mut stmt = c.prepare_cached(usage_insert_one())?;
+            let mut stmt = c.prepare_cached(crate::sqlite::usage_insert_one())?;
             for r in rows {
                 stmt.execute(rusqlite::params![
                     r.id,
@@ -356,15 +354,10 @@ impl Inline {
     }
 }
 
-/// The writers' one-row statements: without round trips to a worker thread,
-/// a prepared statement run once per row costs no more than multi-row ones.
-fn usage_insert_one() -> &'static str {
-    "INSERT INTO usage_logs (id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, \
-     provider, upstream_model, stream, prompt_tokens, completion_tokens, cost_usd, latency_ms, \
-     ttft_ms, status, error_code, created_at_ms) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
-}
-
+/// The trace-event writer's one-row statement (the usage writer's is
+/// `crate::sqlite::usage_insert_one`): without round trips to a worker
+/// thread, a prepared statement run once per row costs no more than
+/// multi-row ones.
 fn events_insert_one() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| insert_events_sql(1))
