@@ -74,6 +74,12 @@ pub struct StoreConfig {
     pub schema: Option<String>,
     pub max_connections: u32,
     pub connect_timeout_secs: u64,
+    /// SQLite only: how often the WAL is copied into the database.
+    pub sqlite_checkpoint_interval_ms: u64,
+    /// SQLite only: past this size the checkpointer takes the writer's turn
+    /// to finish its copy, so that the WAL starts again from its beginning,
+    /// and the WAL file is truncated back to it.
+    pub sqlite_wal_limit_mb: u64,
 }
 
 impl Default for StoreConfig {
@@ -83,6 +89,8 @@ impl Default for StoreConfig {
             schema: None,
             max_connections: 8,
             connect_timeout_secs: 5,
+            sqlite_checkpoint_interval_ms: 500,
+            sqlite_wal_limit_mb: 64,
         }
     }
 }
@@ -560,6 +568,18 @@ impl Config {
             return Err(ConfigError::invalid(
                 "store.url",
                 "expected a URL starting with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+        if !(1..=86_400_000).contains(&self.store.sqlite_checkpoint_interval_ms) {
+            return Err(ConfigError::invalid(
+                "store.sqlite_checkpoint_interval_ms",
+                "expected 1 to 86400000 (one day)",
+            ));
+        }
+        if self.store.sqlite_wal_limit_mb == 0 {
+            return Err(ConfigError::invalid(
+                "store.sqlite_wal_limit_mb",
+                "expected at least 1",
             ));
         }
         if self.store.max_connections == 0 {
@@ -1149,6 +1169,26 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("expected"), "{err}");
+        for (key, value, expected) in [
+            (
+                "SQLITE_CHECKPOINT_INTERVAL_MS",
+                "0",
+                "expected 1 to 86400000 (one day)",
+            ),
+            (
+                "SQLITE_CHECKPOINT_INTERVAL_MS",
+                "86400001",
+                "expected 1 to 86400000 (one day)",
+            ),
+            ("SQLITE_WAL_LIMIT_MB", "0", "expected at least 1"),
+        ] {
+            let var = format!("SWITCHYARD_STORE__{key}");
+            let err = Config::load(None, &env(&[(var.as_str(), value)])).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("store.{}: {expected}", key.to_lowercase()),
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub async fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let wal_limit = config.sqlite_wal_limit_mb.saturating_mul(1 << 20);
         let opts = SqliteConnectOptions::from_str(&config.url)
             .map_err(|e| StoreError::Config(format!("store.url: {e}")))?
             .create_if_missing(true)
@@ -50,7 +51,10 @@ impl SqliteStore {
             .pragma("temp_store", "memory")
             // Checkpoints run from a background task (see `spawn_checkpoints`),
             // never inside a request's commit.
-            .pragma("wal_autocheckpoint", "0");
+            .pragma("wal_autocheckpoint", "0")
+            // When the WAL starts again from its beginning, its file is cut
+            // back to this size.
+            .pragma("journal_size_limit", wal_limit.to_string());
         let path = opts.get_filename().to_path_buf();
         let in_memory = path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:");
         if !in_memory {
@@ -84,9 +88,15 @@ impl SqliteStore {
                 .context("opening the SQLite database for writing")?
         };
         if !in_memory {
-            Self::spawn_checkpoints(pool.clone());
+            Self::spawn_checkpoints(
+                pool.clone(),
+                writer.clone(),
+                Duration::from_millis(config.sqlite_checkpoint_interval_ms.max(1)),
+                wal_limit,
+            );
         }
-        let inline = (!in_memory).then(|| Inline::new(&path, config.max_connections as usize));
+        let inline =
+            (!in_memory).then(|| Inline::new(&path, config.max_connections as usize, wal_limit));
         Ok(Self {
             pool,
             writer,
@@ -97,23 +107,20 @@ impl SqliteStore {
     /// Copies the WAL into the database now and then, off the request path:
     /// with automatic checkpoints, the commit that crosses the threshold
     /// (often a reply storing its messages) would do it and wait for it.
-    fn spawn_checkpoints(pool: SqlitePool) {
+    fn spawn_checkpoints(pool: SqlitePool, writer: SqlitePool, every: Duration, wal_limit: u64) {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if pool.is_closed() {
+                if pool.is_closed() || writer.is_closed() {
                     return;
                 }
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&pool)
-                    .await
-                {
-                    if pool.is_closed() {
+                if let Err(e) = checkpoint_round(&pool, &writer, wal_limit).await {
+                    if pool.is_closed() || writer.is_closed() {
                         return;
                     }
                     tracing::warn!(error = %e, "SQLite checkpoint failed");
@@ -197,6 +204,75 @@ pub(crate) fn usage_insert_one() -> &'static str {
     const LAST: usize = USAGE_CHUNKS.len() - 1;
     const _: () = assert!(USAGE_CHUNKS[LAST] == 1);
     usage_insert_sql()[LAST].as_str()
+}
+
+/// What one checkpoint round found and did, in WAL frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointRound {
+    /// Frames in the WAL, and how many of them are in the database now.
+    pub frames: i64,
+    pub copied: i64,
+    /// The same after the second checkpoint, in the writer's turn, when the
+    /// WAL had grown past its limit.
+    pub in_turn: Option<(i64, i64)>,
+}
+
+/// One checkpoint round. A PASSIVE checkpoint copies the WAL while writes go
+/// on, and a write may start the WAL again from its beginning only once
+/// every frame is in the database. Under steady load a commit always lands
+/// while the copy runs, so that moment never comes and the WAL grows without
+/// end (~10 MB a second with one client, `docs/BENCHMARKS.md`). So when the
+/// WAL is past `wal_limit` bytes, a second checkpoint runs holding the
+/// writer's one connection, through which every write of this process goes:
+/// it copies only what came during the first, nothing can land meanwhile,
+/// and the next commit starts the WAL again (its file cut back to the limit
+/// by `journal_size_limit`). The bound is best-effort: a read that is still
+/// open keeps the frames after its snapshot (and the restart) for the next
+/// round, and another process's writes do not take this turn.
+pub(crate) async fn checkpoint_round(
+    pool: &SqlitePool,
+    writer: &SqlitePool,
+    wal_limit: u64,
+) -> Result<CheckpointRound, sqlx::Error> {
+    const CHECKPOINT: &str = "PRAGMA wal_checkpoint(PASSIVE)";
+    let (_, frames, copied): (i64, i64, i64) = sqlx::query_as(CHECKPOINT).fetch_one(pool).await?;
+    let mut round = CheckpointRound {
+        frames,
+        copied,
+        in_turn: None,
+    };
+    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(pool)
+        .await?;
+    // A frame is a page and its 24-byte header.
+    let limit_frames = i64::try_from(wal_limit).unwrap_or(i64::MAX) / (page_size.max(512) + 24);
+    if frames > limit_frames {
+        let started = std::time::Instant::now();
+        let mut turn = writer.acquire().await?;
+        let waited = started.elapsed();
+        let (_, frames, copied): (i64, i64, i64) =
+            sqlx::query_as(CHECKPOINT).fetch_one(&mut *turn).await?;
+        drop(turn);
+        round.in_turn = Some((frames, copied));
+        tracing::debug!(
+            frames,
+            copied,
+            waited_us = waited.as_micros() as u64,
+            held_us = (started.elapsed() - waited).as_micros() as u64,
+            "SQLite checkpoint finished in the writer's turn"
+        );
+    }
+    Ok(round)
+}
+
+impl SqliteStore {
+    /// One checkpoint round now, as the background task runs it (for tests).
+    #[doc(hidden)]
+    pub async fn checkpoint_now(&self, wal_limit: u64) -> Result<CheckpointRound, StoreError> {
+        checkpoint_round(&self.pool, &self.writer, wal_limit)
+            .await
+            .context("checkpointing the WAL")
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {

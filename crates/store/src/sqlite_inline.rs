@@ -45,11 +45,17 @@ use crate::sessions::{
 use crate::StoreError;
 
 /// The per-connection pragmas the sqlx connections are opened with.
-const PRAGMAS: &str = "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
-     PRAGMA wal_autocheckpoint = 0; PRAGMA temp_store = memory;";
+fn pragmas(wal_limit: u64) -> String {
+    format!(
+        "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
+         PRAGMA wal_autocheckpoint = 0; PRAGMA temp_store = memory; \
+         PRAGMA journal_size_limit = {wal_limit};"
+    )
+}
 
 pub(crate) struct Inline {
     path: PathBuf,
+    pragmas: String,
     /// Idle reader connections; at most `max_readers` exist.
     readers: Mutex<Vec<Connection>>,
     max_readers: usize,
@@ -67,9 +73,10 @@ pub(crate) type Attempt<T> = Option<Result<T, StoreError>>;
 pub(crate) type WithHistory = (Session, Vec<(String, String)>);
 
 impl Inline {
-    pub(crate) fn new(path: &Path, max_readers: usize) -> Self {
+    pub(crate) fn new(path: &Path, max_readers: usize, wal_limit: u64) -> Self {
         Self {
             path: path.to_path_buf(),
+            pragmas: pragmas(wal_limit),
             readers: Mutex::new(Vec::new()),
             max_readers: max_readers.max(1),
             opened_readers: AtomicU64::new(0),
@@ -98,7 +105,7 @@ impl Inline {
         // No busy handler: a lock that is not free sends the statement to
         // the sqlx path instead of sleeping on this thread.
         conn.busy_timeout(std::time::Duration::ZERO)?;
-        conn.execute_batch(PRAGMAS)?;
+        conn.execute_batch(&self.pragmas)?;
         Ok(conn)
     }
 

@@ -248,6 +248,89 @@ async fn sqlite_uses_wal_mode() {
     assert_eq!(mode, "wal");
 }
 
+/// Under steady writes a checkpoint beside the writers never finds every
+/// frame copied, so the WAL would never start again from its beginning; past
+/// `sqlite_wal_limit_mb` the checkpointer finishes its copy in the writer's
+/// turn, and the WAL file stays near the limit however much is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_wal_stays_bounded_under_continuous_writes() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    const LIMIT: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        url: format!("sqlite://{}/db.sqlite", dir.path().display()),
+        // The test runs the rounds itself.
+        sqlite_checkpoint_interval_ms: 86_400_000,
+        sqlite_wal_limit_mb: 1,
+        ..StoreConfig::default()
+    };
+    let store = Arc::new(SqliteStore::connect(&config).await.unwrap());
+    store.migrate().await.unwrap();
+    let wal = dir.path().join("db.sqlite-wal");
+    // Two writers committing back to back, like the usage and trace-event
+    // writers under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rows = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (store, stop, rows) = (store.clone(), stop.clone(), rows.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let batch: Vec<_> = (0..64)
+                        .map(|i| {
+                            n += 1;
+                            conformance::sample_usage(&format!("t{w}"), n * 64 + i)
+                        })
+                        .collect();
+                    store.insert_usage(&batch).await.unwrap();
+                    rows.fetch_add(64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Rounds until some 24 MB of WAL frames have been written in all.
+    let (mut written, mut last, mut restarts, mut in_turn, mut max_file) = (0i64, 0i64, 0, 0, 0u64);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while written + last < 6_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writers wrote too little in 90 s: {written} frames"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let round = store.checkpoint_now(LIMIT).await.unwrap();
+        if round.frames < 0 {
+            continue; // busy: another checkpoint was running
+        }
+        if round.frames < last {
+            written += last;
+            restarts += 1;
+        }
+        last = round.frames;
+        if let Some((frames, copied)) = round.in_turn {
+            in_turn += 1;
+            // Nothing was written while it ran: every frame is copied.
+            assert_eq!(frames, copied, "{round:?}");
+        }
+        max_file = max_file.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(rows.load(Ordering::Relaxed) > 0);
+    assert!(
+        max_file <= 4 * LIMIT,
+        "the WAL file reached {max_file} bytes with a limit of {LIMIT}"
+    );
+    assert!(
+        in_turn > 0 && restarts > 0,
+        "in turn {in_turn}, restarts {restarts}"
+    );
+    store.close().await;
+}
+
 pub fn pg_url() -> Option<String> {
     match std::env::var("SWITCHYARD_TEST_PG_URL") {
         Ok(url) if !url.is_empty() => Some(url),
