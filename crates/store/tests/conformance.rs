@@ -290,10 +290,10 @@ async fn sqlite_wal_stays_bounded_under_continuous_writes() {
             })
         })
         .collect();
-    // Rounds until some 24 MB of WAL frames have been written in all.
+    // Rounds until some 49 MB of WAL frames have been written in all.
     let (mut written, mut last, mut restarts, mut in_turn, mut max_file) = (0i64, 0i64, 0, 0, 0u64);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    while written + last < 6_000 {
+    while written + last < 12_000 {
         assert!(
             std::time::Instant::now() < deadline,
             "the writers wrote too little in 90 s: {written} frames"
@@ -320,12 +320,15 @@ async fn sqlite_wal_stays_bounded_under_continuous_writes() {
         w.await.unwrap();
     }
     assert!(rows.load(Ordering::Relaxed) > 0);
+    // The file may pass the limit by what the writers add during a round
+    // (more on a loaded machine), but not grow with what was written.
+    let total = (written + last) as u64 * (4096 + 24);
     assert!(
-        max_file <= 4 * LIMIT,
-        "the WAL file reached {max_file} bytes with a limit of {LIMIT}"
+        max_file <= total / 4,
+        "the WAL file reached {max_file} bytes with a limit of {LIMIT}, {total} bytes written"
     );
     assert!(
-        in_turn > 0 && restarts > 0,
+        in_turn > 0 && restarts > 1,
         "in turn {in_turn}, restarts {restarts}"
     );
     store.close().await;
