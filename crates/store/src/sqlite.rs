@@ -124,12 +124,21 @@ impl SqliteStore {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut limit = None;
             loop {
                 tick.tick().await;
                 if pool.is_closed() || writer.is_closed() {
                     return;
                 }
-                if let Err(e) = checkpoint_round(&pool, &writer, &db_path, wal_limit).await {
+                let result = async {
+                    let l = match limit {
+                        Some(l) => l,
+                        None => *limit.insert(limit_frames(&pool, wal_limit).await?),
+                    };
+                    checkpoint_round(&pool, &writer, &db_path, l).await
+                }
+                .await;
+                if let Err(e) = result {
                     if pool.is_closed() || writer.is_closed() {
                         return;
                     }
@@ -243,7 +252,7 @@ pub(crate) async fn checkpoint_round(
     pool: &SqlitePool,
     writer: &SqlitePool,
     db_path: &std::path::Path,
-    wal_limit: u64,
+    limit_frames: i64,
 ) -> Result<CheckpointRound, sqlx::Error> {
     let (frames, copied) = checkpoint(pool).await?;
     let mut round = CheckpointRound {
@@ -251,11 +260,6 @@ pub(crate) async fn checkpoint_round(
         copied,
         in_turn: None,
     };
-    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
-        .fetch_one(pool)
-        .await?;
-    // A frame is a page and its 24-byte header.
-    let limit_frames = i64::try_from(wal_limit).unwrap_or(i64::MAX) / (page_size.max(512) + 24);
     if frames <= limit_frames {
         return Ok(round);
     }
@@ -285,6 +289,15 @@ pub(crate) async fn checkpoint_round(
     Ok(round)
 }
 
+/// How many WAL frames make `wal_limit` bytes: a frame is a page and its
+/// 24-byte header (the page size is the file's, read once).
+async fn limit_frames(pool: &SqlitePool, wal_limit: u64) -> Result<i64, sqlx::Error> {
+    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(pool)
+        .await?;
+    Ok(i64::try_from(wal_limit).unwrap_or(i64::MAX) / (page_size.max(512) + 24))
+}
+
 /// `PRAGMA wal_checkpoint(PASSIVE)`: (frames in the WAL, frames copied).
 async fn checkpoint<'c>(
     conn: impl sqlx::Executor<'c, Database = sqlx::Sqlite>,
@@ -308,9 +321,12 @@ impl SqliteStore {
     /// One checkpoint round now, as the background task runs it (for tests).
     #[doc(hidden)]
     pub async fn checkpoint_now(&self, wal_limit: u64) -> Result<CheckpointRound, StoreError> {
-        checkpoint_round(&self.pool, &self.writer, &self.db_path, wal_limit)
-            .await
-            .context("checkpointing the WAL")
+        async {
+            let limit = limit_frames(&self.pool, wal_limit).await?;
+            checkpoint_round(&self.pool, &self.writer, &self.db_path, limit).await
+        }
+        .await
+        .context("checkpointing the WAL")
     }
 }
 
