@@ -301,7 +301,8 @@ pub struct UserData {
 pub struct Erased {
     pub sessions: u64,
     pub messages: u64,
-    /// Trace event rows (one per request, its events packed together).
+    /// Trace event rows (one per request, its events packed together),
+    /// counting the usage rows whose plain trace was erased.
     pub events: u64,
     pub idempotency_records: u64,
     /// Usage rows kept with the user removed.

@@ -30,6 +30,124 @@ pub struct UsageRecord {
     pub error_code: Option<String>,
     /// Unix time in milliseconds.
     pub created_at_ms: i64,
+    /// A plain request's trace, kept in its usage row instead of a
+    /// `bus_events` row (see [`PlainTrace`]); not part of the usage API.
+    #[serde(skip)]
+    pub trace: Option<PlainTrace>,
+}
+
+/// The trace of a plain request: `request.received`, one
+/// `provider.attempt` (attempt 1, the deployment that served it) and
+/// `request.done` or `request.error`, outside any session. Everything those
+/// three events say is in the usage row but their times, so the row keeps
+/// only those (column `trace_ms`) and the events are rebuilt when the trace
+/// is read ([`UsageRecord::plain_trace_events`]). That writes ~250 bytes per
+/// request instead of ~1,150 (a `bus_events` row with its JSON array and
+/// index entry), which is most of what the SQLite writer spends per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainTrace {
+    pub received_at_ms: i64,
+    pub attempt_at_ms: i64,
+    pub done_at_ms: i64,
+}
+
+impl PlainTrace {
+    /// `received,attempt-received,done-received`, e.g. `1796347727669,0,3`.
+    pub fn encode(&self) -> String {
+        format!(
+            "{},{},{}",
+            self.received_at_ms,
+            self.attempt_at_ms - self.received_at_ms,
+            self.done_at_ms - self.received_at_ms
+        )
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let mut parts = s.split(',').map(|p| p.parse::<i64>().ok());
+        let (Some(Some(r)), Some(Some(a)), Some(Some(d)), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some(Self {
+            received_at_ms: r,
+            attempt_at_ms: r.checked_add(a)?,
+            done_at_ms: r.checked_add(d)?,
+        })
+    }
+}
+
+/// The id of the `seq`th event of a trace kept in a usage row: the row's id
+/// with its last hex digit replaced by `seq` (0, 1 or 2), so the three ids
+/// are stable, distinct, and still UUIDs.
+fn plain_event_id(usage_id: &str, seq: i64) -> String {
+    let mut id = usage_id.to_owned();
+    id.pop();
+    id.push(char::from(b'0' + seq.clamp(0, 9) as u8));
+    id
+}
+
+impl UsageRecord {
+    /// The three events of a [`PlainTrace`], as the gateway would have
+    /// written them into a `bus_events` row (same kinds, payloads, order
+    /// and times); empty when the row keeps no trace.
+    pub fn plain_trace_events(&self) -> Vec<crate::sessions::BusEvent> {
+        let Some(t) = self.trace else {
+            return Vec::new();
+        };
+        let event =
+            |seq: i64, kind: &str, payload: serde_json::Value, at: i64| crate::sessions::BusEvent {
+                id: plain_event_id(&self.id, seq),
+                tenant_id: self.tenant_id.clone(),
+                trace_id: self.trace_id.clone(),
+                seq,
+                kind: kind.to_owned(),
+                session_id: None,
+                user_id: self.user_id.clone(),
+                payload,
+                created_at_ms: at,
+            };
+        let done = if self.status < 400 {
+            "request.done"
+        } else {
+            "request.error"
+        };
+        vec![
+            event(
+                0,
+                "request.received",
+                serde_json::json!({
+                    "endpoint": self.endpoint,
+                    "model": self.model_alias,
+                    "stream": self.stream,
+                }),
+                t.received_at_ms,
+            ),
+            event(
+                1,
+                "provider.attempt",
+                serde_json::json!({
+                    "deployment": format!("{}/{}", self.provider, self.upstream_model),
+                    "attempt": 1,
+                }),
+                t.attempt_at_ms,
+            ),
+            event(
+                2,
+                done,
+                serde_json::json!({
+                    "status": self.status,
+                    "provider": self.provider,
+                    "latency_ms": self.latency_ms,
+                    "ttft_ms": self.ttft_ms,
+                    "error": self.error_code,
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens,
+                }),
+                t.done_at_ms,
+            ),
+        ]
+    }
 }
 
 /// A fresh time-ordered id.
@@ -46,6 +164,32 @@ pub fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_traces_round_trip_and_reject_garbage() {
+        let t = PlainTrace {
+            received_at_ms: 1_796_347_727_669,
+            attempt_at_ms: 1_796_347_727_670,
+            done_at_ms: 1_796_347_727_703,
+        };
+        assert_eq!(t.encode(), "1796347727669,1,34");
+        assert_eq!(PlainTrace::decode(&t.encode()), Some(t));
+        let overflow = format!("{},0,1", i64::MAX);
+        for bad in ["", "1,2", "1,2,3,4", "a,1,2", "1,,2", &overflow] {
+            assert_eq!(PlainTrace::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn plain_event_ids_are_distinct_uuids() {
+        let id = new_id();
+        let ids: Vec<String> = (0..3).map(|s| plain_event_id(&id, s)).collect();
+        for (s, e) in ids.iter().enumerate() {
+            assert!(uuid::Uuid::parse_str(e).is_ok(), "{e}");
+            assert!(e.ends_with(&s.to_string()), "{e}");
+        }
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+    }
 
     #[test]
     fn ids_are_hyphenated_lowercase_v7_uuids_in_creation_order() {

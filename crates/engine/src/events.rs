@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde_json::json;
 use switchyard_core::sessions::EventsRow;
-use switchyard_core::usage::new_id;
+use switchyard_core::usage::{new_id, PlainTrace};
 use switchyard_providers::router::{RouteEvent, RouteObserver};
 
 use crate::batch_writer::EventWriter;
@@ -41,6 +41,23 @@ struct Pending {
     next_seq: i64,
     first: Option<(String, i64, i64)>,
     json: Vec<u8>,
+    shape: Shape,
+    /// The deployment of attempt 1, while the shape is `Attempted`.
+    attempted: String,
+}
+
+/// How far the events so far follow a plain request's trace
+/// ([`TraceEvents::take_plain`]).
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    #[default]
+    Empty,
+    /// `request.received`, at this time.
+    Received(i64),
+    /// And attempt 1 of a deployment.
+    Attempted(i64, i64),
+    /// Anything else: written as events.
+    Other,
 }
 
 impl Drop for Inner {
@@ -97,6 +114,56 @@ impl TraceEvents {
     /// when the last handle drops (and dropped and counted if the writer is
     /// saturated). A payload that cannot be serialised is stored as `null`.
     pub fn record(&self, kind: &str, payload: &impl Serialize) {
+        self.record_as(kind, payload, |p, at| {
+            p.shape = match p.shape {
+                Shape::Empty if kind == "request.received" => Shape::Received(at),
+                _ => Shape::Other,
+            }
+        });
+    }
+
+    /// Hands over a plain request's trace instead of writing its last event:
+    /// when the events so far are exactly `request.received` and attempt 1
+    /// of `provider`/`upstream_model`, outside any session, they are taken
+    /// out of the row (nothing of them is written) and their times are
+    /// returned with `done_at_ms`, to be kept in the request's usage row
+    /// ([`PlainTrace`]). Otherwise nothing changes and `None` is returned;
+    /// the caller records its last event as usual.
+    pub fn take_plain(&self, provider: &str, upstream_model: &str) -> Option<PlainTrace> {
+        let i = &self.inner;
+        if !i.writer.enabled() || i.session_id.is_some() {
+            return None;
+        }
+        let mut p = i.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Shape::Attempted(received_at_ms, attempt_at_ms) = p.shape else {
+            return None;
+        };
+        let served = p
+            .attempted
+            .strip_prefix(provider)
+            .and_then(|rest| rest.strip_prefix('/'))
+            == Some(upstream_model);
+        if !served {
+            return None;
+        }
+        // Later events (if any) start a row of their own after these three.
+        p.json.clear();
+        p.first = None;
+        p.shape = Shape::Other;
+        p.next_seq = 3;
+        Some(PlainTrace {
+            received_at_ms,
+            attempt_at_ms,
+            done_at_ms: now_ms(),
+        })
+    }
+
+    fn record_as(
+        &self,
+        kind: &str,
+        payload: &impl Serialize,
+        shape: impl FnOnce(&mut Pending, i64),
+    ) {
         let i = &self.inner;
         if !i.writer.enabled() {
             return;
@@ -121,6 +188,7 @@ impl TraceEvents {
         if p.first.is_none() {
             p.first = Some((id, seq, at));
         }
+        shape(&mut p, at);
     }
 }
 
@@ -136,11 +204,21 @@ impl RouteObserver for TraceEvents {
                     deployment: &'a str,
                     attempt: u32,
                 }
-                self.record(
+                self.record_as(
                     "provider.attempt",
                     &Attempt {
                         deployment,
                         attempt,
+                    },
+                    |p, at| {
+                        p.shape = match p.shape {
+                            Shape::Received(r) if attempt == 1 => {
+                                p.attempted.clear();
+                                p.attempted.push_str(deployment);
+                                Shape::Attempted(r, at)
+                            }
+                            _ => Shape::Other,
+                        }
                     },
                 )
             }
@@ -235,6 +313,72 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    /// Records `received`, then `attempts` of `mock/m` (attempt numbers),
+    /// then tries to hand the trace over as a plain one served by `served`.
+    fn plain_attempt(
+        writer: &EventWriter,
+        session: Option<&str>,
+        attempts: &[u32],
+        served: (&str, &str),
+    ) -> (TraceEvents, Option<PlainTrace>) {
+        let events = TraceEvents::new(writer.clone(), "t1", &new_id(), session, Some("u1"));
+        events.record("request.received", &json!({"model": "m"}));
+        for &attempt in attempts {
+            events.on_event(RouteEvent::Attempt {
+                deployment: "mock/m",
+                attempt,
+            });
+        }
+        let plain = events.take_plain(served.0, served.1);
+        (events, plain)
+    }
+
+    #[tokio::test]
+    async fn only_a_plain_trace_is_handed_over_and_then_nothing_is_written() {
+        let (_dir, store) = store().await;
+        let (writer, task) = EventWriter::spawn(store.clone(), &UsageConfig::default());
+        let before = now_ms();
+        let (events, plain) = plain_attempt(&writer, None, &[1], ("mock", "m"));
+        let t = plain.expect("received and one attempt of the serving deployment");
+        assert!(before <= t.received_at_ms && t.received_at_ms <= t.attempt_at_ms);
+        assert!(t.attempt_at_ms <= t.done_at_ms && t.done_at_ms <= now_ms());
+        assert!(events.take_plain("mock", "m").is_none(), "handed over once");
+        drop(events);
+        // Not plain: a session, a second attempt, another deployment, no attempt.
+        for (session, attempts, served) in [
+            (Some("s1"), &[1][..], ("mock", "m")),
+            (None, &[1, 2][..], ("mock", "m")),
+            (None, &[2][..], ("mock", "m")),
+            (None, &[1][..], ("mock", "m2")),
+            (None, &[1][..], ("moc", "k/m")),
+            (None, &[][..], ("mock", "m")),
+        ] {
+            let (events, plain) = plain_attempt(&writer, session, attempts, served);
+            assert!(plain.is_none(), "{session:?} {attempts:?} {served:?}");
+            drop(events);
+        }
+        // An event after the hand-over starts a row of its own, at seq 3.
+        let trace = new_id();
+        let events = TraceEvents::new(writer.clone(), "t1", &trace, None, None);
+        events.record("request.received", &json!({}));
+        events.on_event(RouteEvent::Attempt {
+            deployment: "mock/m",
+            attempt: 1,
+        });
+        assert!(events.take_plain("mock", "m").is_some());
+        events.record("late", &json!({}));
+        drop(events);
+        task.shutdown().await;
+        assert_eq!(
+            writer.written(),
+            7,
+            "six traces that are not plain, one late event"
+        );
+        let late = store.list_trace_events("t1", &trace).await.unwrap();
+        assert_eq!(late.len(), 1);
+        assert_eq!((late[0].kind.as_str(), late[0].seq), ("late", 3));
     }
 
     #[tokio::test]

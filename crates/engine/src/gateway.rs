@@ -528,6 +528,7 @@ impl Accounting {
                 status: 200,
                 error_code: None,
                 created_at_ms,
+                trace: None,
             },
         }
     }
@@ -581,7 +582,12 @@ impl Accounting {
         r.error_code = code.map(str::to_owned);
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         r.ttft_ms = first_chunk.map(|t| t.duration_since(self.started).as_secs_f64() * 1000.0);
-        if self.events.enabled() {
+        // A plain request's trace goes into its usage row (rebuilt when read:
+        // `UsageRecord::plain_trace_events`) instead of a `bus_events` row.
+        if self.writer.enabled() {
+            r.trace = self.events.take_plain(&r.provider, &r.upstream_model);
+        }
+        if r.trace.is_none() && self.events.enabled() {
             #[derive(serde::Serialize)]
             struct Outcome<'a> {
                 status: u16,

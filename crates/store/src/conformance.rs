@@ -10,7 +10,7 @@ use switchyard_core::sessions::{
     Bot, BusEvent, Erased, EventsRow, IdempotencyClaim, IdempotencyKey, Message, MessageCompletion,
     MessageStatus, Session, SessionQuery, StatePatch, StoredResponse,
 };
-use switchyard_core::usage::{new_id, UsageRecord};
+use switchyard_core::usage::{new_id, PlainTrace, UsageRecord};
 
 use crate::Store;
 
@@ -35,6 +35,11 @@ pub fn sample_usage(tenant: &str, n: u32) -> UsageRecord {
         status: 200,
         error_code: None,
         created_at_ms: 1_760_000_000_000 + i64::from(n),
+        trace: Some(PlainTrace {
+            received_at_ms: 1_760_000_000_000 + i64::from(n),
+            attempt_at_ms: 1_760_000_000_001 + i64::from(n),
+            done_at_ms: 1_760_000_000_013 + i64::from(n),
+        }),
     }
 }
 
@@ -60,6 +65,7 @@ pub async fn run_all(store: &dyn Store) {
     concurrent_state_patches_lose_nothing(store).await;
     a_state_compare_and_set_race_has_one_winner(store).await;
     trace_events_are_ordered_and_scoped(store).await;
+    plain_traces_in_usage_rows_read_back_as_events(store).await;
     idempotency_claims_have_one_winner_and_replay(store).await;
     idempotency_a_taken_over_claim_is_not_the_old_owners(store).await;
     idempotency_records_are_purged_when_dead(store).await;
@@ -71,7 +77,7 @@ pub async fn run_all(store: &dyn Store) {
 pub async fn migrations_are_idempotent(store: &dyn Store) {
     store.migrate().await.expect("second migrate");
     let applied = store.applied_migrations().await.expect("applied");
-    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6, 7], "{}", store.backend());
+    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6, 7, 8], "{}", store.backend());
 }
 
 pub async fn usage_rows_round_trip_exactly(store: &dyn Store) {
@@ -91,6 +97,7 @@ pub async fn usage_rows_with_no_optional_fields_round_trip(store: &dyn Store) {
     row.completion_tokens = None;
     row.cost_usd = None;
     row.ttft_ms = None;
+    row.trace = None;
     row.status = 502;
     row.error_code = Some("upstream_status".into());
     store
@@ -1187,6 +1194,103 @@ pub async fn a_state_compare_and_set_race_has_one_winner(store: &dyn Store) {
     assert!(stored.state.contains_key("winner") && stored.state.contains_key("seed"));
 }
 
+/// A plain request's trace kept in its usage row reads back as the three
+/// events the gateway would have written, merged in order with the trace's
+/// `bus_events` rows, and only for its tenant.
+pub async fn plain_traces_in_usage_rows_read_back_as_events(store: &dyn Store) {
+    let tenant = "t-plain-trace";
+    let trace = "019ae8c1f3a27b4c8d9e0f1a2b3c4d5e";
+    let mut ok = sample_usage(tenant, 7);
+    ok.trace_id = trace.into();
+    // All 17 digits of a double must come back.
+    ok.latency_ms = 33.0 + 1.0 / 3.0;
+    let mut failed = sample_usage(tenant, 8);
+    failed.trace_id = trace.into();
+    failed.status = 502;
+    failed.error_code = Some("upstream_error".into());
+    failed.prompt_tokens = None;
+    failed.completion_tokens = None;
+    failed.ttft_ms = None;
+    failed.trace = Some(PlainTrace {
+        received_at_ms: 1_760_000_000_030,
+        attempt_at_ms: 1_760_000_000_030,
+        done_at_ms: 1_760_000_000_090,
+    });
+    let mut untraced = sample_usage(tenant, 9);
+    untraced.trace_id = trace.into();
+    untraced.trace = None;
+    let mut elsewhere = ok.clone();
+    elsewhere.id = new_id();
+    elsewhere.tenant_id = "t-plain-trace-other".into();
+    store
+        .insert_usage(&[ok.clone(), failed.clone(), untraced, elsewhere.clone()])
+        .await
+        .expect("usage");
+    // An event of the same trace written as a row, between the two requests.
+    let between = BusEvent {
+        id: new_id(),
+        tenant_id: tenant.into(),
+        trace_id: trace.into(),
+        seq: 0,
+        kind: "breaker.changed".into(),
+        session_id: None,
+        user_id: None,
+        payload: serde_json::json!({"deployment": "openai/gpt-4o-mini-2024-07-18", "from": "closed", "to": "open"}),
+        created_at_ms: 1_760_000_000_025,
+    };
+    store
+        .insert_events(&EventsRow::pack(std::slice::from_ref(&between)))
+        .await
+        .expect("event");
+
+    let back = store.list_trace_events(tenant, trace).await.expect("list");
+    let mut expected = ok.plain_trace_events();
+    expected.push(between);
+    expected.extend(failed.plain_trace_events());
+    assert_eq!(back, expected, "{}", store.backend());
+    let kinds: Vec<&str> = back.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "request.received",
+            "provider.attempt",
+            "request.done",
+            "breaker.changed",
+            "request.received",
+            "provider.attempt",
+            "request.error"
+        ]
+    );
+    assert_eq!(
+        back[2].payload,
+        serde_json::json!({
+            "status": 200, "provider": "openai", "latency_ms": ok.latency_ms,
+            "ttft_ms": 3.5, "error": null, "prompt_tokens": 17, "completion_tokens": 20,
+        })
+    );
+    assert_eq!(
+        back[5].payload,
+        serde_json::json!({"deployment": "openai/gpt-4o-mini-2024-07-18", "attempt": 1})
+    );
+    assert_eq!(
+        (back[4].created_at_ms, back[6].created_at_ms),
+        (1_760_000_000_030, 1_760_000_000_090)
+    );
+    assert_eq!(back[0].user_id.as_deref(), Some("user-7"));
+    assert_eq!(
+        store
+            .list_trace_events("t-plain-trace-other", trace)
+            .await
+            .expect("list"),
+        elsewhere.plain_trace_events()
+    );
+    assert!(store
+        .list_trace_events("t-plain-trace-none", trace)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
 pub async fn trace_events_are_ordered_and_scoped(store: &dyn Store) {
     let tenant = "t-events";
     let trace = "0af7651916cd43dd8448eb211c80319c";
@@ -1753,13 +1857,25 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
     let nobody = store.user_data(tenant, "u-nobody").await.expect("export");
     assert_eq!(nobody, Default::default());
 
+    // The usage rows keep their requests' plain traces.
+    for r in &usage[..3] {
+        assert_eq!(
+            store
+                .list_trace_events(tenant, &r.trace_id)
+                .await
+                .expect("events")
+                .len(),
+            3
+        );
+    }
     let erased = store.erase_user(tenant, gone).await.expect("erase");
     assert_eq!(
         erased,
         Erased {
             sessions: 2,
             messages: 4,
-            events: 4,
+            // Two bus_events rows per session, and two usage rows' traces.
+            events: 6,
             idempotency_records: 1,
             usage_anonymised: 2,
         },
@@ -1770,6 +1886,13 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
         store.user_data(tenant, gone).await.expect("export"),
         Default::default()
     );
+    for (i, expect) in [(0, 0), (1, 3), (2, 0)] {
+        let left = store
+            .list_trace_events(tenant, &usage[i].trace_id)
+            .await
+            .expect("events");
+        assert_eq!(left.len(), expect, "usage row {i}: {left:?}");
+    }
     for i in [0, 2] {
         assert_eq!(
             store

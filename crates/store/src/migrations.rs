@@ -42,6 +42,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "bus_events_user",
         sql: include_str!("../migrations/sqlite/0007_bus_events_user.sql"),
     },
+    Migration {
+        version: 8,
+        name: "usage_trace",
+        sql: include_str!("../migrations/sqlite/0008_usage_trace.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -79,6 +84,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 7,
         name: "bus_events_user",
         sql: include_str!("../migrations/postgres/0007_bus_events_user.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "usage_trace",
+        sql: include_str!("../migrations/postgres/0008_usage_trace.sql"),
     },
 ];
 

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Executor, PgPool, QueryBuilder, Row};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
-use switchyard_core::usage::UsageRecord;
+use switchyard_core::usage::{PlainTrace, UsageRecord};
 
 use crate::identity::pg_once;
 use crate::migrations::POSTGRES;
@@ -84,7 +84,7 @@ const SPEND_SQL: &str = "SELECT SUM(cost_usd)::float8 FROM usage_logs WHERE tena
 /// The `usage_logs` columns of a [`UsageRecord`], for SELECT.
 const USAGE_SELECT: &str = "id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
      prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, \
-     (extract(epoch FROM created_at) * 1000)::float8 AS created_at_ms";
+     (extract(epoch FROM created_at) * 1000)::float8 AS created_at_ms, trace_ms";
 
 fn usage_from_row(r: &PgRow) -> Result<UsageRecord, sqlx::Error> {
     Ok(UsageRecord {
@@ -106,6 +106,10 @@ fn usage_from_row(r: &PgRow) -> Result<UsageRecord, sqlx::Error> {
         status: u16::try_from(r.try_get::<i32, _>("status")?).unwrap_or(0),
         error_code: r.try_get("error_code")?,
         created_at_ms: r.try_get::<f64, _>("created_at_ms")?.round() as i64,
+        trace: r
+            .try_get::<Option<String>, _>("trace_ms")?
+            .as_deref()
+            .and_then(PlainTrace::decode),
     })
 }
 
@@ -124,6 +128,27 @@ impl PostgresStore {
         .fetch_all(&self.pool)
         .await
         .context("reading a user's usage rows")?;
+        rows.iter()
+            .map(usage_from_row)
+            .collect::<Result<_, sqlx::Error>>()
+            .context("reading usage rows")
+    }
+
+    /// The usage rows of one trace that keep its events ([`PlainTrace`]),
+    /// for [`crate::SessionStore::list_trace_events`].
+    async fn trace_usage(
+        &self,
+        tenant_id: &str,
+        trace_id: &str,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(pg_once!(format!(
+            "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND trace_id = ? AND trace_ms IS NOT NULL"
+        )))
+        .bind(tenant_id)
+        .bind(trace_id)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading a trace's usage rows")?;
         rows.iter()
             .map(usage_from_row)
             .collect::<Result<_, sqlx::Error>>()
@@ -263,14 +288,14 @@ impl Store for PostgresStore {
         let col = |f: fn(&UsageRecord) -> String| rows.iter().map(f).collect::<Vec<String>>();
         sqlx::query(
             "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at, key_id, user_id) \
+             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at, key_id, user_id, trace_ms) \
              SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
-             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, to_timestamp(created_at_ms / 1000.0), key_id, user_id \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, to_timestamp(created_at_ms / 1000.0), key_id, user_id, trace_ms \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], \
              $9::int8[], $10::int8[], $11::float8[], $12::float8[], $13::float8[], $14::int4[], $15::text[], $16::int8[], \
-             $17::text[], $18::text[]) \
+             $17::text[], $18::text[], $19::text[]) \
              AS t(id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
-             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, key_id, user_id)",
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, key_id, user_id, trace_ms)",
         )
         .bind(ids)
         .bind(col(|r| r.tenant_id.clone()))
@@ -290,6 +315,7 @@ impl Store for PostgresStore {
         .bind(rows.iter().map(|r| r.created_at_ms).collect::<Vec<i64>>())
         .bind(rows.iter().map(|r| r.key_id.clone()).collect::<Vec<Option<String>>>())
         .bind(rows.iter().map(|r| r.user_id.clone()).collect::<Vec<Option<String>>>())
+        .bind(rows.iter().map(|r| r.trace.map(|t| t.encode())).collect::<Vec<Option<String>>>())
         .execute(&self.writer)
         .await
         .context("inserting usage rows")?;

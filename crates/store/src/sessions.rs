@@ -775,6 +775,9 @@ macro_rules! session_store {
             for r in &rows {
                 events.extend(events_from_row(r).context("decoding events")?);
             }
+            for u in self.trace_usage(tenant_id, trace_id).await? {
+                events.extend(u.plain_trace_events());
+            }
             events.sort_by(|a, b| {
                 (a.created_at_ms, a.seq, &a.id).cmp(&(b.created_at_ms, b.seq, &b.id))
             });
@@ -999,6 +1002,16 @@ macro_rules! session_store {
                 .execute(&mut *tx)
                 .await
                 .context("erasing a user")?;
+            // A plain request's events live in its usage row (`trace_ms`).
+            let usage_traces = sqlx::query($conv!(
+                "UPDATE usage_logs SET trace_ms = NULL \
+                 WHERE tenant_id = ? AND user_id = ? AND trace_ms IS NOT NULL"
+            ))
+            .bind(tenant_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .context("erasing the events of a user's requests")?;
             let usage = sqlx::query($conv!(
                 "UPDATE usage_logs SET user_id = NULL WHERE tenant_id = ? AND user_id = ?"
             ))
@@ -1011,7 +1024,7 @@ macro_rules! session_store {
             Ok(switchyard_core::sessions::Erased {
                 sessions: sessions.rows_affected(),
                 messages: messages.rows_affected(),
-                events: events.rows_affected(),
+                events: events.rows_affected() + usage_traces.rows_affected(),
                 idempotency_records: idempotency.rows_affected(),
                 usage_anonymised: usage.rows_affected(),
             })

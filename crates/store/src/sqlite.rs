@@ -12,7 +12,7 @@ use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::sessions::{EventsRow, Message, MessageCompletion};
-use switchyard_core::usage::UsageRecord;
+use switchyard_core::usage::{PlainTrace, UsageRecord};
 
 use crate::identity::lite_once;
 use crate::migrations::{Migration, SQLITE};
@@ -206,10 +206,10 @@ fn usage_insert_sql() -> &'static [String; 4] {
     static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         USAGE_CHUNKS.map(|n| {
-            let row = format!("({})", vec!["?"; 18].join(", "));
+            let row = format!("({})", vec!["?"; 19].join(", "));
             format!(
                 "INSERT INTO usage_logs (id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms) VALUES {} \
+                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, trace_ms) VALUES {} \
                  ON CONFLICT (id) DO NOTHING",
                 vec![row; n].join(", ")
             )
@@ -346,7 +346,7 @@ const SPEND_SQL: &str = "SELECT SUM(cost_usd) FROM usage_logs WHERE tenant_id = 
 
 /// The `usage_logs` columns of a [`UsageRecord`], for SELECT.
 const USAGE_SELECT: &str = "id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-     prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms";
+     prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, trace_ms";
 
 fn usage_from_row(r: &SqliteRow) -> Result<UsageRecord, sqlx::Error> {
     Ok(UsageRecord {
@@ -368,6 +368,10 @@ fn usage_from_row(r: &SqliteRow) -> Result<UsageRecord, sqlx::Error> {
         status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(0),
         error_code: r.try_get("error_code")?,
         created_at_ms: r.try_get("created_at_ms")?,
+        trace: r
+            .try_get::<Option<String>, _>("trace_ms")?
+            .as_deref()
+            .and_then(PlainTrace::decode),
     })
 }
 
@@ -386,6 +390,27 @@ impl SqliteStore {
         .fetch_all(&self.pool)
         .await
         .context("reading a user's usage rows")?;
+        rows.iter()
+            .map(usage_from_row)
+            .collect::<Result<_, sqlx::Error>>()
+            .context("reading usage rows")
+    }
+
+    /// The usage rows of one trace that keep its events ([`PlainTrace`]),
+    /// for [`crate::SessionStore::list_trace_events`].
+    async fn trace_usage(
+        &self,
+        tenant_id: &str,
+        trace_id: &str,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(lite_once!(format!(
+            "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND trace_id = ? AND trace_ms IS NOT NULL"
+        )))
+        .bind(tenant_id)
+        .bind(trace_id)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading a trace's usage rows")?;
         rows.iter()
             .map(usage_from_row)
             .collect::<Result<_, sqlx::Error>>()
@@ -528,7 +553,8 @@ impl Store for SqliteStore {
                             .bind(r.ttft_ms)
                             .bind(i64::from(r.status))
                             .bind(&r.error_code)
-                            .bind(r.created_at_ms);
+                            .bind(r.created_at_ms)
+                            .bind(r.trace.map(|t| t.encode()));
                     }
                     q.execute(&mut *tx).await.context("inserting usage rows")?;
                 }

@@ -322,6 +322,7 @@ impl Inline {
                     i64::from(r.status),
                     r.error_code,
                     r.created_at_ms,
+                    r.trace.map(|t| t.encode()),
                 ])?;
             }
             Ok(())

@@ -380,7 +380,7 @@ async fn postgres_migrations_serialize_across_concurrent_instances() {
     rb.unwrap();
     assert_eq!(
         a.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     a.drop_schema().await.unwrap();
 }

@@ -87,9 +87,8 @@ fn migrate_creates_the_database_and_is_idempotent() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(second.status.success());
-    assert!(
-        String::from_utf8_lossy(&second.stdout).contains("applied versions: [1, 2, 3, 4, 5, 6, 7]")
-    );
+    assert!(String::from_utf8_lossy(&second.stdout)
+        .contains("applied versions: [1, 2, 3, 4, 5, 6, 7, 8]"));
     assert!(dir.path().join("data/sy.db").exists());
 }
 

@@ -14,6 +14,24 @@ pub async fn spawn() -> TestApp {
     app().spawn().await
 }
 
+/// The value of the first `/metrics` line that starts with `prefix` (0 if none).
+pub async fn metric(app: &TestApp, prefix: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn chat_body(model: &str) -> Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
 }

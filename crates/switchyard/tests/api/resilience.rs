@@ -27,23 +27,6 @@ async fn two_deployments(resilience: &str) -> (TestApp, MockUpstream, MockUpstre
     (app, primary, fallback)
 }
 
-async fn metric(app: &TestApp, prefix: &str) -> f64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_primary_failing_30_percent_costs_the_client_nothing() {
     // A threshold the 30 % cannot reach, so the breaker stays closed and

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use switchyard_testkit::mock::Fault;
 use switchyard_testkit::TestApp;
 
-use crate::helpers::{app, app_store, chat_body, spawn, BIN};
+use crate::helpers::{app, app_store, chat_body, metric, spawn, BIN};
 
 const ADMIN: &str = "sessions-bootstrap-admin-key-0123456789abcdef01";
 const REPLY: &str = "Hello! How can I help you today?";
@@ -1530,6 +1530,8 @@ async fn a_trace_lists_the_request_lifecycle_in_order() {
     );
 
     // A plain chat completion has a trace too, under the id of its traceparent.
+    // It is kept in the request's usage row, not as a bus_events row.
+    let rows_before = metric(&app, "switchyard_events_written_total").await;
     let resp = app
         .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
         .await;
@@ -1540,12 +1542,47 @@ async fn a_trace_lists_the_request_lifecycle_in_order() {
         kinds(&trace),
         ["request.received", "provider.attempt", "request.done"]
     );
-    assert!(trace["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|e| e["session_id"].is_null()));
-    assert_eq!(trace["data"][0]["payload"]["stream"], false);
+    let events = trace["data"].as_array().unwrap();
+    assert!(events.iter().all(|e| e["session_id"].is_null()));
+    assert_eq!(
+        events[0]["payload"],
+        json!({"endpoint": "chat", "model": "gpt-4o-mini", "stream": false})
+    );
+    assert_eq!(
+        events[1]["payload"],
+        json!({"deployment": "mock/gpt-4o-mini-upstream", "attempt": 1})
+    );
+    let done = &events[2]["payload"];
+    assert_eq!(
+        (done["status"].as_u64(), done["provider"].as_str()),
+        (Some(200), Some("mock"))
+    );
+    assert!(done["latency_ms"].as_f64().unwrap() > 0.0, "{done}");
+    assert!(
+        done["ttft_ms"].is_null() && done["error"].is_null(),
+        "{done}"
+    );
+    assert!(done["prompt_tokens"].as_u64().unwrap() > 0, "{done}");
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    let mut ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "distinct event ids: {ids:?}");
+    // A reply (in a session) after it is written as a row: once its trace is
+    // visible, the writer (first in, first out) has written everything before.
+    let m = api.reply(&sid, "after").await;
+    api.finished_trace(m["trace_id"].as_str().unwrap()).await;
+    assert_eq!(
+        metric(&app, "switchyard_events_written_total").await - rows_before,
+        1.0,
+        "only the reply's events are a bus_events row"
+    );
 
     let err = native_error(
         api.get("/v1/traces/0123456789abcdef0123456789abcdef").await,
