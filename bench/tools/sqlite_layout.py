@@ -4,9 +4,11 @@ other layouts of the two rows each request writes (its usage row and its
 trace-event row), with Python's sqlite3 (the same SQLite file format; times
 are Python's, not Switchyard's, so only the byte counts mean much).
 
-Layouts: the shipped one (rowid tables, `id TEXT PRIMARY KEY`, the unique
-trace index); both tables WITHOUT ROWID (no separate key B-trees); and the
-shipped tables with a shorter events array (no per-event id or timestamp).
+Layouts: an events row per request (rowid tables, `id TEXT PRIMARY KEY`, the
+unique trace index; shipped until 2026-12-04); both tables WITHOUT ROWID (no
+separate key B-trees); the same tables with a shorter events array (no
+per-event id or timestamp); and no events row, the plain trace's times in the
+usage row (`trace_ms` and its partial index, shipped since migration 0008).
 Rows go in transactions of 200, like the writers' 10 ms batches at c=1.
 
     bench/tools/sqlite_layout.py [ROWS]      # default 60000, ~1 min
@@ -60,6 +62,8 @@ def schema(c, without_rowid):
         f"CREATE TABLE usage_logs ({USAGE_COLUMNS}){w};"
         "CREATE INDEX usage_logs_tenant_time ON usage_logs (tenant_id, created_at_ms);"
         "CREATE INDEX usage_logs_key_time ON usage_logs (key_id, created_at_ms) WHERE key_id IS NOT NULL;"
+        "ALTER TABLE usage_logs ADD COLUMN trace_ms TEXT;"
+        "CREATE INDEX usage_logs_trace ON usage_logs (tenant_id, trace_id) WHERE trace_ms IS NOT NULL;"
     )
     if without_rowid:
         c.execute(f"CREATE TABLE bus_events ({EVENT_COLUMNS}, PRIMARY KEY (tenant_id, trace_id, seq, id)) WITHOUT ROWID")
@@ -87,11 +91,14 @@ def run(name, without_rowid, events, n, batch=200):
         now = int(time.time() * 1000)
         c.execute("BEGIN IMMEDIATE")
         for i, t in group:
+            trace = None if events else f"{now},0,3"
             c.execute(
-                "INSERT INTO usage_logs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                (i, "default", t, "chat", "gpt-4o-mini", "mock", "gpt-4o-mini", 0, 4, 7, None, 3.4, None, 200, None, now, None, None),
+                "INSERT INTO usage_logs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (i, "default", t, "chat", "gpt-4o-mini", "mock", "gpt-4o-mini", 0, 4, 7, None, 3.4, None, 200, None, now, None, None, trace),
             )
         c.execute("COMMIT")
+        if not events:
+            continue
         c.execute("BEGIN IMMEDIATE")
         for i, t in group:
             c.execute(
@@ -112,12 +119,13 @@ def run(name, without_rowid, events, n, batch=200):
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 60000
-    print("| layout | WAL bytes per request | database bytes per request | Python µs per request (both rows) |")
+    print("| layout | WAL bytes per request | database bytes per request | Python µs per request (its rows) |")
     print("|---|---|---|---|")
     for _ in range(2):
-        run("shipped", False, EVENTS, n)
+        run("an events row per request (before)", False, EVENTS, n)
         run("WITHOUT ROWID", True, EVENTS, n)
         run("shorter events array", False, SHORT_EVENTS, n)
+        run("plain trace in the usage row (now)", False, None, n)
 
 
 if __name__ == "__main__":
