@@ -2,10 +2,12 @@
 //! retries, fallbacks, breaker changes, and how it ended. A request's events
 //! are written, as they happen, into the JSON array of one `bus_events` row
 //! ([`EventsRow`]), which is handed to the batched [`EventWriter`] when the
-//! request is done (the last handle drops). Recording never waits on the
-//! database, and no event is kept as a `Value` or serialised twice: the
-//! request path pays for one small JSON write per event. `GET
-//! /v1/traces/{trace_id}` reads them back in order.
+//! request is done (the last handle drops). A plain request's events
+//! (received, attempt 1, done or error, no session) are handed over to its
+//! usage row instead ([`TraceEvents::take_plain`]), which keeps only their
+//! times. Recording never waits on the database, and no event is kept as a
+//! `Value` or serialised twice: the request path pays for one small JSON
+//! write per event. `GET /v1/traces/{trace_id}` reads them back in order.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};

@@ -1886,9 +1886,9 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
         store.user_data(tenant, gone).await.expect("export"),
         Default::default()
     );
-    for (i, expect) in [(0, 0), (1, 3), (2, 0)] {
+    for (i, expect) in [(0, 0), (1, 3), (2, 0), (3, 3)] {
         let left = store
-            .list_trace_events(tenant, &usage[i].trace_id)
+            .list_trace_events(&usage[i].tenant_id, &usage[i].trace_id)
             .await
             .expect("events");
         assert_eq!(left.len(), expect, "usage row {i}: {left:?}");

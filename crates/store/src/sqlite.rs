@@ -382,18 +382,11 @@ impl SqliteStore {
         tenant_id: &str,
         user_id: &str,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        let rows = sqlx::query(lite_once!(format!(
+        let sql = lite_once!(format!(
             "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND user_id = ? ORDER BY created_at_ms, id"
-        )))
-        .bind(tenant_id)
-        .bind(user_id)
-        .fetch_all(&self.pool)
-        .await
-        .context("reading a user's usage rows")?;
-        rows.iter()
-            .map(usage_from_row)
-            .collect::<Result<_, sqlx::Error>>()
-            .context("reading usage rows")
+        ));
+        self.usage_rows(sql, tenant_id, user_id, "reading a user's usage rows")
+            .await
     }
 
     /// The usage rows of one trace that keep its events ([`PlainTrace`]),
@@ -403,14 +396,27 @@ impl SqliteStore {
         tenant_id: &str,
         trace_id: &str,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        let rows = sqlx::query(lite_once!(format!(
+        let sql = lite_once!(format!(
             "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND trace_id = ? AND trace_ms IS NOT NULL"
-        )))
-        .bind(tenant_id)
-        .bind(trace_id)
-        .fetch_all(&self.pool)
-        .await
-        .context("reading a trace's usage rows")?;
+        ));
+        self.usage_rows(sql, tenant_id, trace_id, "reading a trace's usage rows")
+            .await
+    }
+
+    /// Usage rows selected by a statement with two text parameters.
+    async fn usage_rows(
+        &self,
+        sql: &'static str,
+        a: &str,
+        b: &str,
+        what: &'static str,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(sql)
+            .bind(a)
+            .bind(b)
+            .fetch_all(&self.pool)
+            .await
+            .context(what)?;
         rows.iter()
             .map(usage_from_row)
             .collect::<Result<_, sqlx::Error>>()

@@ -1593,6 +1593,73 @@ async fn a_trace_lists_the_request_lifecycle_in_order() {
     assert_eq!(err["details"]["resource"], "trace");
 }
 
+/// A plain request's events as rebuilt from its usage row, and as written
+/// in a `bus_events` row when usage rows are off: the same but for the ids
+/// and the measured times.
+#[tokio::test]
+async fn a_plain_trace_reads_back_as_the_events_it_would_have_written() {
+    let kept = app().config(FAST_EVENTS).spawn().await;
+    let rows = app()
+        .config(FAST_EVENTS)
+        .env("SWITCHYARD_USAGE__ENABLED", "false")
+        .spawn()
+        .await;
+    // What differs between two runs of one request: ids, times, latencies.
+    let comparable = |trace: &Value| -> Vec<Value> {
+        trace["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                let o = e.as_object_mut().unwrap();
+                assert!(o.remove("id").unwrap().is_string());
+                assert!(o.remove("created_at").unwrap().is_string());
+                if let Some(p) = o.get_mut("payload").and_then(Value::as_object_mut) {
+                    for k in ["latency_ms", "ttft_ms"] {
+                        if let Some(v) = p.get_mut(k) {
+                            *v = json!(if v.is_null() { "null" } else { "number" });
+                        }
+                    }
+                }
+                e
+            })
+            .collect()
+    };
+    for stream in [false, true] {
+        let mut body = chat_body("gpt-4o-mini");
+        body["stream"] = json!(stream);
+        let mut traces = Vec::new();
+        for app in [&kept, &rows] {
+            let resp = app.post_json("/v1/chat/completions", &body).await;
+            assert_eq!(resp.status(), 200);
+            let trace_id = trace_id_of(&resp);
+            resp.bytes().await.unwrap();
+            traces.push(comparable(&Api::open(app).finished_trace(&trace_id).await));
+        }
+        assert_eq!(traces[0].len(), 3, "{:?}", traces[0]);
+        assert_eq!(traces[0], traces[1], "stream: {stream}");
+        let ttft = &traces[0][2]["payload"]["ttft_ms"];
+        assert_eq!(ttft, &json!(if stream { "number" } else { "null" }));
+    }
+    // A failed first attempt is plain too: request.error, the same either way.
+    let mut traces = Vec::new();
+    for app in [&kept, &rows] {
+        app.mock().push_fault(Fault::Status(400));
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+            .await;
+        assert_eq!(resp.status(), 400);
+        let trace_id = trace_id_of(&resp);
+        traces.push(comparable(&Api::open(app).finished_trace(&trace_id).await));
+    }
+    assert_eq!(traces[0][2]["kind"], "request.error");
+    assert_eq!(traces[0], traces[1]);
+    // Only the app without usage rows wrote bus_events rows.
+    assert_eq!(metric(&kept, "switchyard_events_written_total").await, 0.0);
+    assert_eq!(metric(&rows, "switchyard_events_written_total").await, 3.0);
+}
+
 // ---- data rights ----
 
 #[tokio::test]
