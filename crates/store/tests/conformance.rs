@@ -321,10 +321,12 @@ async fn sqlite_wal_stays_bounded_under_continuous_writes() {
     }
     assert!(rows.load(Ordering::Relaxed) > 0);
     // The file may pass the limit by what the writers add during a round
-    // (more on a loaded machine), but not grow with what was written.
+    // (more on a loaded machine: 13.5 of 50 MB once in CI, with its syncs
+    // slowed by the other tests), but not grow with what was written, as it
+    // did before the bound (the file then held all of it).
     let total = (written + last) as u64 * (4096 + 24);
     assert!(
-        max_file <= total / 4,
+        max_file <= total / 2,
         "the WAL file reached {max_file} bytes with a limit of {LIMIT}, {total} bytes written"
     );
     assert!(
