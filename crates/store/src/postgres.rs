@@ -113,54 +113,7 @@ fn usage_from_row(r: &PgRow) -> Result<UsageRecord, sqlx::Error> {
     })
 }
 
-impl PostgresStore {
-    /// A user's usage rows, oldest first (for [`crate::SessionStore::user_data`]).
-    async fn user_usage(
-        &self,
-        tenant_id: &str,
-        user_id: &str,
-    ) -> Result<Vec<UsageRecord>, StoreError> {
-        let sql = pg_once!(format!(
-            "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND user_id = ? ORDER BY created_at, id"
-        ));
-        self.usage_rows(sql, tenant_id, user_id, "reading a user's usage rows")
-            .await
-    }
-
-    /// The usage rows of one trace that keep its events ([`PlainTrace`]),
-    /// for [`crate::SessionStore::list_trace_events`].
-    async fn trace_usage(
-        &self,
-        tenant_id: &str,
-        trace_id: &str,
-    ) -> Result<Vec<UsageRecord>, StoreError> {
-        let sql = pg_once!(format!(
-            "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND trace_id = ? AND trace_ms IS NOT NULL"
-        ));
-        self.usage_rows(sql, tenant_id, trace_id, "reading a trace's usage rows")
-            .await
-    }
-
-    /// Usage rows selected by a statement with two text parameters.
-    async fn usage_rows(
-        &self,
-        sql: &'static str,
-        a: &str,
-        b: &str,
-        what: &'static str,
-    ) -> Result<Vec<UsageRecord>, StoreError> {
-        let rows = sqlx::query(sql)
-            .bind(a)
-            .bind(b)
-            .fetch_all(&self.pool)
-            .await
-            .context(what)?;
-        rows.iter()
-            .map(usage_from_row)
-            .collect::<Result<_, sqlx::Error>>()
-            .context("reading usage rows")
-    }
-}
+crate::sessions::usage_reads!(PostgresStore, pg_once, "created_at");
 
 crate::identity::identity_store!(PostgresStore, pg_once);
 crate::sessions::session_store!(

@@ -294,6 +294,64 @@ macro_rules! by_tenant_and_id {
 }
 pub(crate) use by_tenant_and_id;
 
+/// A backend's reads of usage rows for the session store: a user's rows,
+/// oldest first (for [`crate::SessionStore::user_data`]), and the rows of one trace
+/// that keep its events ([`switchyard_core::usage::PlainTrace`], for
+/// [`crate::SessionStore::list_trace_events`]). Expanded in the backend's module,
+/// with its placeholder style, time column, `USAGE_SELECT` and
+/// `usage_from_row`.
+macro_rules! usage_reads {
+    ($store:ty, $conv:ident, $time:literal) => {
+        impl $store {
+            async fn user_usage(
+                &self,
+                tenant_id: &str,
+                user_id: &str,
+            ) -> Result<Vec<UsageRecord>, StoreError> {
+                let sql = $conv!(format!(
+                    "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND user_id = ? ORDER BY {}, id",
+                    $time
+                ));
+                self.usage_rows(sql, tenant_id, user_id, "reading a user's usage rows")
+                    .await
+            }
+
+            async fn trace_usage(
+                &self,
+                tenant_id: &str,
+                trace_id: &str,
+            ) -> Result<Vec<UsageRecord>, StoreError> {
+                let sql = $conv!(format!(
+                    "SELECT {USAGE_SELECT} FROM usage_logs WHERE tenant_id = ? AND trace_id = ? AND trace_ms IS NOT NULL"
+                ));
+                self.usage_rows(sql, tenant_id, trace_id, "reading a trace's usage rows")
+                    .await
+            }
+
+            /// Usage rows selected by a statement with two text parameters.
+            async fn usage_rows(
+                &self,
+                sql: &'static str,
+                a: &str,
+                b: &str,
+                what: &'static str,
+            ) -> Result<Vec<UsageRecord>, StoreError> {
+                let rows = sqlx::query(sql)
+                    .bind(a)
+                    .bind(b)
+                    .fetch_all(&self.pool)
+                    .await
+                    .context(what)?;
+                rows.iter()
+                    .map(usage_from_row)
+                    .collect::<Result<_, sqlx::Error>>()
+                    .context("reading usage rows")
+            }
+        }
+    };
+}
+pub(crate) use usage_reads;
+
 macro_rules! session_store {
     ($store:ty, $conv:ident, $merge:expr, $history:expr) => {
     #[async_trait::async_trait]
