@@ -76,6 +76,9 @@ if ((${#need_apt[@]})); then
 fi
 if [ "${REBUILD:-0}" = 1 ] || [ ! -x "$BIN/switchyard" ] || [ ! -x "$BIN/switchyard-mock" ]; then
   log "building release binaries (several minutes on 2 cores when anything changed)"
+  # shellcheck source=../scripts/build-deps.sh
+  source "$ROOT/scripts/build-deps.sh"
+  ensure_build_deps || die "the build's dependencies (cmake, libclang, g++) are missing"
   (cd "$ROOT" && cargo build --release --bin switchyard --bin switchyard-mock)
 fi
 head_time=$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)
