@@ -291,7 +291,7 @@ async fn sqlite_wal_stays_bounded_under_continuous_writes() {
         })
         .collect();
     // Rounds until some 49 MB of WAL frames have been written in all.
-    let (mut written, mut last, mut restarts, mut in_turn, mut max_file) = (0i64, 0i64, 0, 0, 0u64);
+    let (mut written, mut last, mut restarts, mut in_turn) = (0i64, 0i64, 0, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     while written + last < 12_000 {
         assert!(
@@ -313,25 +313,35 @@ async fn sqlite_wal_stays_bounded_under_continuous_writes() {
             // Nothing was written while it ran: every frame is copied.
             assert_eq!(frames, copied, "{round:?}");
         }
-        max_file = max_file.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
     }
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
     }
     assert!(rows.load(Ordering::Relaxed) > 0);
-    // The file may pass the limit by what the writers add during a round
-    // (more on a loaded machine: 13.5 of 50 MB once in CI, with its syncs
-    // slowed by the other tests), but not grow with what was written, as it
-    // did before the bound (the file then held all of it).
-    let total = (written + last) as u64 * (4096 + 24);
-    assert!(
-        max_file <= total / 2,
-        "the WAL file reached {max_file} bytes with a limit of {LIMIT}, {total} bytes written"
-    );
+    // The bound works while the writers never stop: the WAL started again
+    // from its beginning, again and again. Before the bound it never did,
+    // and the file held all that was written.
     assert!(
         in_turn > 0 && restarts > 1,
         "in turn {in_turn}, restarts {restarts}"
+    );
+    // How far past the limit the file grows meanwhile depends on how long a
+    // round's syncs take beside the writers, not on the bound (on loaded
+    // machines it reached 27 % and 63 % of what was written, and once 96 MB
+    // in under a second while one sync ran). What must hold is that once a
+    // round has run, the next commit starts the WAL again and cuts the file
+    // back to the limit (`journal_size_limit`).
+    let round = store.checkpoint_now(LIMIT).await.unwrap();
+    assert_eq!(round.frames, round.copied, "{round:?}");
+    store
+        .insert_usage(&[conformance::sample_usage("t-last", 1)])
+        .await
+        .unwrap();
+    let after = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert!(
+        after <= LIMIT,
+        "the WAL file is {after} bytes after a round and a commit, limit {LIMIT}"
     );
     store.close().await;
 }
