@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long a graceful shutdown waits for in-flight requests, in seconds.
     pub shutdown_grace_secs: u64,
+    /// Terminate TLS here (HTTPS, HTTP/2 by ALPN); unset = plain HTTP.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -60,8 +62,26 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace_secs: 30,
+            tls: None,
         }
     }
+}
+
+/// The server's certificate and key, as PEM files read at startup.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (PEM).
+    pub cert_file: std::path::PathBuf,
+    /// The private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC), PEM.
+    pub key_file: std::path::PathBuf,
+    /// Longest a client may take to finish its TLS handshake, in seconds.
+    #[serde(default = "default_tls_handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+}
+
+fn default_tls_handshake_timeout_secs() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -306,8 +326,9 @@ impl Default for AuthConfig {
 pub struct SecurityConfig {
     /// Origins allowed to call from a browser (CORS); empty = none. `"*"` allows any.
     pub cors_origins: Vec<String>,
-    /// Send `Strict-Transport-Security`: set it when clients reach this server
-    /// over TLS (terminated here or by the proxy in front of it).
+    /// Send `Strict-Transport-Security` although `server.tls` is unset: for a
+    /// server whose clients reach it over TLS terminated in front of it. With
+    /// `server.tls` set, it is always sent.
     pub hsts: bool,
     /// Largest `max_tokens` / `max_completion_tokens` a request may ask for;
     /// unset = no cap.
@@ -555,6 +576,22 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.jwt.validate("jwt")?;
         self.validate_sessions()?;
+        if let Some(tls) = &self.server.tls {
+            for (key, path) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if path.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid(
+                        format!("server.tls.{key}"),
+                        "expected the path of a PEM file",
+                    ));
+                }
+            }
+            if tls.handshake_timeout_secs == 0 {
+                return Err(ConfigError::invalid(
+                    "server.tls.handshake_timeout_secs",
+                    "expected at least 1",
+                ));
+            }
+        }
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",

@@ -8,8 +8,9 @@ pub mod keys;
 pub mod local;
 pub mod logwriter;
 pub mod telemetry;
+pub mod tls;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,8 @@ pub struct Application {
     prometheus: Option<PrometheusHandle>,
     /// Tasks that live as long as the server (the revocation listener).
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// TLS termination, with the handshake timeout (`server.tls`).
+    tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
 }
 
 impl Application {
@@ -47,6 +50,14 @@ impl Application {
         config: &Config,
         prometheus: Option<PrometheusHandle>,
     ) -> anyhow::Result<Self> {
+        // A certificate that cannot be used stops startup before anything else.
+        let tls = match &config.server.tls {
+            Some(t) => Some((
+                tls::acceptor(t)?,
+                Duration::from_secs(t.handshake_timeout_secs),
+            )),
+            None => None,
+        };
         let store = switchyard_store::connect(&config.store)
             .await
             .context("opening the store")?;
@@ -165,7 +176,11 @@ impl Application {
             prometheus: prometheus.clone(),
             max_body_bytes: config.server.max_body_bytes,
             user_header: config.auth.user_header.clone(),
-            security: config.security.clone(),
+            security: switchyard_core::config::SecurityConfig {
+                // Clients of a server that terminates TLS reach it over TLS.
+                hsts: config.security.hsts || tls.is_some(),
+                ..config.security.clone()
+            },
             limits: Some(limits(config).await?),
         })
         .map_err(anyhow::Error::msg)?;
@@ -184,6 +199,7 @@ impl Application {
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             prometheus,
             background,
+            tls,
         })
     }
 
@@ -203,7 +219,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
-        tracing::info!(addr = %addr, store = self.store.backend(), "listening");
+        tracing::info!(addr = %addr, store = self.store.backend(), tls = self.tls.is_some(), "listening");
         let upkeep = self.prometheus.clone().map(|handle| {
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -215,19 +231,47 @@ impl Application {
         });
         let stopping = Arc::new(tokio::sync::Notify::new());
         let notify = stopping.clone();
-        // Small SSE frames must leave at once: Nagle's algorithm would hold
-        // each one until the client's delayed ACK (~40 ms).
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let app = self
-            .router
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections; waiting for requests in flight");
             notify.notify_one();
-        });
+        };
+        let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+            match self.tls {
+                Some((acceptor, handshake)) => {
+                    let listener = tls::TlsListener::new(self.listener, acceptor, handshake)?;
+                    let router = self.router;
+                    // What `into_make_service_with_connect_info` gives a TCP
+                    // listener: the peer's address in every request.
+                    let app = tower::service_fn(
+                        move |conn: axum::serve::IncomingStream<'_, tls::TlsListener>| {
+                            let peer = axum::extract::ConnectInfo(*conn.remote_addr());
+                            let svc = tower::Layer::layer(&axum::Extension(peer), router.clone());
+                            std::future::ready(Ok::<_, std::convert::Infallible>(svc))
+                        },
+                    );
+                    Box::pin(
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(signal)
+                            .into_future(),
+                    )
+                }
+                None => {
+                    // Small SSE frames must leave at once: Nagle's algorithm
+                    // would hold each one until the client's delayed ACK (~40 ms).
+                    let listener = self.listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    let app = self
+                        .router
+                        .into_make_service_with_connect_info::<SocketAddr>();
+                    Box::pin(
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(signal)
+                            .into_future(),
+                    )
+                }
+            };
         let grace = self.grace;
         tokio::select! {
             r = serve => r.context("serving")?,

@@ -18,4 +18,5 @@ mod resilience;
 mod session_streams;
 mod sessions;
 mod streaming;
+mod tls;
 mod usage;
