@@ -78,6 +78,9 @@ pub enum Fault {
 /// One request the mock received.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// When the request reached the mock (its own clock, for ordering and
+    /// gaps between requests, e.g. that a retry waited for `Retry-After`).
+    pub at: std::time::Instant,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
@@ -256,6 +259,7 @@ fn begin(
     };
     if shared.record {
         lock(&shared.requests).push(Recorded {
+            at: std::time::Instant::now(),
             path: path.to_owned(),
             headers: headers.clone(),
             body: parsed.clone(),
