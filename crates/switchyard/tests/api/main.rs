@@ -8,6 +8,7 @@ mod local;
 
 mod anthropic;
 mod auth;
+mod breaker;
 mod chat;
 mod cli;
 mod embeddings;
