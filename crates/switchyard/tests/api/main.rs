@@ -19,4 +19,5 @@ mod resilience;
 mod session_streams;
 mod sessions;
 mod streaming;
+mod timeouts;
 mod usage;
