@@ -16,6 +16,7 @@ mod errors;
 mod ops;
 mod python_sdk;
 mod resilience;
+mod routes;
 mod session_streams;
 mod sessions;
 mod streaming;
