@@ -114,11 +114,17 @@ impl CircuitBreaker {
         }
     }
 
-    /// The state now (an open breaker whose cool-down has passed reads as half-open).
+    /// The state now (an open breaker whose cool-down has passed reads as
+    /// half-open). Reading changes nothing: the move to half-open happens,
+    /// and is reported as a transition, when a request asks for a permit, so
+    /// that it is logged and counted with the trace of that request.
     pub fn state(&self) -> BreakerState {
-        let mut inner = lock(&self.inner);
-        self.refresh(&mut inner, Instant::now());
-        inner.state
+        let inner = lock(&self.inner);
+        if self.cooled_down(&inner, Instant::now()) {
+            BreakerState::HalfOpen
+        } else {
+            inner.state
+        }
     }
 
     /// A permit to call, or `None` while open (or while half-open with every
@@ -147,12 +153,15 @@ impl CircuitBreaker {
         (Some(permit), transition)
     }
 
-    fn refresh(&self, inner: &mut Inner, now: Instant) -> Option<Transition> {
-        if inner.state == BreakerState::Open
+    fn cooled_down(&self, inner: &Inner, now: Instant) -> bool {
+        inner.state == BreakerState::Open
             && inner
                 .opened_at
                 .is_some_and(|t| now.duration_since(t) >= self.config.cooldown)
-        {
+    }
+
+    fn refresh(&self, inner: &mut Inner, now: Instant) -> Option<Transition> {
+        if self.cooled_down(inner, now) {
             inner.state = BreakerState::HalfOpen;
             inner.consecutive_successes = 0;
             inner.probes_in_flight = 0;
@@ -322,6 +331,31 @@ mod tests {
         states.push(b.state());
         use BreakerState::*;
         assert_eq!(states, [Closed, Open, Open, HalfOpen, HalfOpen, Closed]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reading_the_state_leaves_the_move_to_half_open_to_the_next_request() {
+        // Regression (issue 3): the admin API and the health task read the
+        // state; that read used to make the move to half-open itself and drop
+        // the transition, so it was never logged, counted or put in the gauge.
+        let b = breaker();
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+
+        let (probe, t) = b.try_acquire();
+
+        assert!(probe.expect("a probe").is_probe());
+        assert_eq!(
+            t,
+            Some(Transition {
+                from: BreakerState::Open,
+                to: BreakerState::HalfOpen
+            })
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,11 +73,17 @@ pub enum Fault {
     EchoAuthorization,
     /// Stream the whole answer but close without `[DONE]`.
     NoDone,
+    /// Anthropic streams only: send this many events, then an `error` event
+    /// (`overloaded_error`, as Anthropic does mid-stream) and end the stream.
+    ErrorEventAfter(usize),
 }
 
 /// One request the mock received.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// When the request reached the mock (its own clock, for ordering and
+    /// gaps between requests, e.g. that a retry waited for `Retry-After`).
+    pub at: std::time::Instant,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
@@ -256,6 +262,7 @@ fn begin(
     };
     if shared.record {
         lock(&shared.requests).push(Recorded {
+            at: std::time::Instant::now(),
             path: path.to_owned(),
             headers: headers.clone(),
             body: parsed.clone(),
@@ -588,7 +595,13 @@ async fn messages(
         .get("messages")
         .and_then(Value::as_array)
         .map_or(0, |m| m.len() as u64 * 4);
-    let words: Vec<&str> = behavior.reply.split_whitespace().collect();
+    let (reply, stop_sequence) = stop_at_sequence(&req, &behavior.reply);
+    let words: Vec<&str> = reply.split_whitespace().collect();
+    let text_stop = if stop_sequence.is_some() {
+        "stop_sequence"
+    } else {
+        "end_turn"
+    };
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !stream {
         let (content, stop) = match &tool {
@@ -596,14 +609,11 @@ async fn messages(
                 json!([{"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": serde_json::from_str::<Value>(TOOL_ARGS).unwrap_or(Value::Null)}]),
                 "tool_use",
             ),
-            None => (
-                json!([{"type": "text", "text": behavior.reply}]),
-                "end_turn",
-            ),
+            None => (json!([{"type": "text", "text": reply}]), text_stop),
         };
         return axum::Json(json!({
             "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-            "content": content, "stop_reason": stop, "stop_sequence": null,
+            "content": content, "stop_reason": stop, "stop_sequence": stop_sequence,
             "usage": {"input_tokens": input_tokens, "output_tokens": words.len()},
         }))
         .into_response();
@@ -642,7 +652,7 @@ async fn messages(
                     "delta": {"type": "text_delta", "text": text}}),
                 ));
             }
-            "end_turn"
+            text_stop
         }
     };
     events.push((
@@ -651,16 +661,40 @@ async fn messages(
     ));
     events.push((
         "message_delta",
-        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+        json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": stop_sequence},
         "usage": {"output_tokens": words.len()}}),
     ));
     events.push(("message_stop", json!({"type": "message_stop"})));
+    if let Some(Fault::ErrorEventAfter(n)) = fault {
+        events.truncate(n);
+        events.push((
+            "error",
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "mock: overloaded mid-stream"}}),
+        ));
+    }
     let frames: Vec<String> = events
         .into_iter()
         .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
         .collect();
     let hold = shared.hold.0.subscribe();
     stream_frames(frames, behavior, fault, hold)
+}
+
+/// Like Anthropic, ends the reply before the first of the request's
+/// `stop_sequences` it contains, and names the sequence.
+fn stop_at_sequence(req: &Value, reply: &str) -> (String, Option<String>) {
+    let first = req
+        .get("stop_sequences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter_map(|s| reply.find(s).map(|at| (at, s)))
+        .min();
+    match first {
+        Some((at, s)) => (reply[..at].to_owned(), Some(s.to_owned())),
+        None => (reply.to_owned(), None),
+    }
 }
 
 fn anthropic_error(status: u16, message: &str) -> Response {

@@ -130,7 +130,7 @@ async fn anthropic_tool_call_deltas_reach_the_client_as_several_chunks() {
 }
 
 #[tokio::test]
-async fn an_overloaded_anthropic_fails_over_to_the_next_deployment() {
+async fn an_overloaded_anthropic_is_retried_once_then_fails_over_to_the_next_deployment() {
     let (app, anthropic) = with_anthropic().await;
     anthropic.update(|b| b.always = Some(Fault::Status(529)));
 
@@ -140,7 +140,11 @@ async fn an_overloaded_anthropic_fails_over_to_the_next_deployment() {
 
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-switchyard-provider"], "mock");
-    assert!(anthropic.calls() >= 1);
+    assert_eq!(
+        (anthropic.calls(), app.mock().calls()),
+        (2, 1),
+        "529 is retried on the same deployment (max_attempts = 2), then the fallback serves"
+    );
 }
 
 #[tokio::test]
@@ -271,5 +275,155 @@ async fn the_messages_api_answers_errors_in_anthropic_shape() {
     assert_eq!(
         failed.json::<Value>().await.unwrap()["error"]["type"],
         "api_error"
+    );
+}
+
+/// The text of a chat completion's streamed chunks and its finish reason.
+fn streamed(data: &[String]) -> (String, Option<String>) {
+    let finish = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned));
+    (content_of(data), finish)
+}
+
+#[tokio::test]
+async fn image_urls_reach_anthropic_as_url_and_base64_sources() {
+    let (app, anthropic) = with_anthropic().await;
+    let body = json!({"model": "claude", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Compare these"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}},
+    ]}]});
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        anthropic.last_request().unwrap().body["messages"],
+        json!([{"role": "user", "content": [
+            {"type": "text", "text": "Compare these"},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQ"}},
+        ]}])
+    );
+}
+
+#[tokio::test]
+async fn messages_api_image_blocks_reach_an_openai_provider_as_image_urls() {
+    let app = spawn().await;
+    let mut body = messages_body("gpt-4o-mini");
+    body["messages"] = json!([{"role": "user", "content": [
+        {"type": "text", "text": "Compare these"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+    ]}]);
+
+    let resp = app.post_json("/v1/messages", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        app.mock().last_request().unwrap().body["messages"][1],
+        json!({"role": "user", "content": [
+            {"type": "text", "text": "Compare these"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        ]})
+    );
+}
+
+#[tokio::test]
+async fn tool_choice_auto_and_none_are_mapped_both_ways() {
+    let (app, anthropic) = with_anthropic().await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+
+    // OpenAI → Anthropic: "auto" lets the model call the tool, "none" forbids it.
+    let mut sent = Vec::new();
+    let mut finishes = Vec::new();
+    for choice in ["auto", "none"] {
+        let mut body = chat_body("claude");
+        body["tools"] = tools.clone();
+        body["tool_choice"] = json!(choice);
+        let v: Value = app
+            .post_json("/v1/chat/completions", &body)
+            .await
+            .json()
+            .await
+            .unwrap();
+        finishes.push(v["choices"][0]["finish_reason"].clone());
+        sent.push(anthropic.last_request().unwrap().body["tool_choice"].clone());
+    }
+    assert_eq!(sent, [json!({"type": "auto"}), json!({"type": "none"})]);
+    assert_eq!(finishes, [json!("tool_calls"), json!("stop")]);
+
+    // Anthropic → OpenAI, through /v1/messages.
+    let mut sent = Vec::new();
+    for choice in ["auto", "none"] {
+        let mut body = messages_body("gpt-4o-mini");
+        body["tools"] = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+        body["tool_choice"] = json!({"type": choice});
+        assert_eq!(app.post_json("/v1/messages", &body).await.status(), 200);
+        sent.push(app.mock().last_request().unwrap().body["tool_choice"].clone());
+    }
+    assert_eq!(sent, [json!("auto"), json!("none")]);
+}
+
+#[tokio::test]
+async fn an_anthropic_stop_sequence_ends_the_answer_with_finish_reason_stop() {
+    let (app, anthropic) = with_anthropic().await;
+    let mut plain = chat_body("claude");
+    plain["stop"] = json!(["help", "never"]);
+    let mut stream = stream_body("claude", false);
+    stream["stop"] = json!("help");
+
+    let v: Value = app
+        .post_json("/v1/chat/completions", &plain)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sent = anthropic.last_request().unwrap().body;
+    let data = sse_data(
+        &app.post_json("/v1/chat/completions", &stream)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+
+    assert_eq!(sent["stop_sequences"], json!(["help", "never"]));
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello! How can I ");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let (text, finish) = streamed(&data);
+    assert_eq!(text, "Hello! How can I");
+    assert_eq!(finish.as_deref(), Some("stop"));
+    assert_eq!(data.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn a_mid_stream_anthropic_error_event_ends_the_openai_stream_with_an_error_event() {
+    let (app, anthropic) = with_anthropic().await;
+    // message_start, content_block_start, ping, the first text delta, then `error`.
+    anthropic.push_fault(Fault::ErrorEventAfter(4));
+
+    let resp = app
+        .post_json(
+            "/v1/chat/completions",
+            &stream_body("claude-then-gpt", false),
+        )
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "anthropic");
+    let data = sse_data(&resp.text().await.unwrap());
+    assert_ne!(data.last().unwrap(), "[DONE]", "{data:?}");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_status", "{last}");
+    assert_eq!(last["error"]["type"], "upstream_error");
+    assert_eq!(content_of(&data[..data.len() - 1]), "Hello!");
+    assert_eq!(
+        (anthropic.calls(), app.mock().calls()),
+        (1, 0),
+        "a committed stream is neither retried nor failed over"
     );
 }

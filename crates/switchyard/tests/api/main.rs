@@ -8,6 +8,7 @@ mod local;
 
 mod anthropic;
 mod auth;
+mod breaker;
 mod chat;
 mod cli;
 mod embeddings;
@@ -15,8 +16,10 @@ mod errors;
 mod ops;
 mod python_sdk;
 mod resilience;
+mod routes;
 mod session_streams;
 mod sessions;
 mod streaming;
+mod timeouts;
 mod tls;
 mod usage;

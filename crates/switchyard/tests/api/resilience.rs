@@ -8,7 +8,7 @@ use switchyard_testkit::{FailPattern, Fault, MockUpstream, TestApp};
 use crate::helpers::*;
 
 /// A route `smart` → primary, then fallback, with `resilience` settings.
-async fn two_deployments(resilience: &str) -> (TestApp, MockUpstream, MockUpstream) {
+pub(crate) async fn two_deployments(resilience: &str) -> (TestApp, MockUpstream, MockUpstream) {
     let primary = MockUpstream::start().await.unwrap();
     let fallback = MockUpstream::start().await.unwrap();
     let app = app()
@@ -27,11 +27,14 @@ async fn two_deployments(resilience: &str) -> (TestApp, MockUpstream, MockUpstre
     (app, primary, fallback)
 }
 
-#[tokio::test]
-async fn a_primary_failing_30_percent_costs_the_client_nothing() {
-    // A threshold the 30 % cannot reach, so the breaker stays closed and
-    // every failed request is failed over on its own.
-    let (app, primary, fallback) = two_deployments("breaker_failure_threshold = 1000").await;
+/// 1,000 requests (a quarter streamed, 50 at a time) to `smart` while the
+/// primary fails 30 % of its calls with 500: no client sees an error, every
+/// stream ends with `[DONE]` and every injected failure is counted.
+async fn thirty_percent_failures_cost_the_client_nothing(
+    app: &TestApp,
+    primary: &MockUpstream,
+    fallback: &MockUpstream,
+) {
     primary.update(|b| {
         b.fail_pattern = Some(FailPattern {
             status: 500,
@@ -42,19 +45,16 @@ async fn a_primary_failing_30_percent_costs_the_client_nothing() {
 
     let mut statuses = Vec::new();
     for batch in 0..20 {
-        let sends = (0..50).map(|i| {
-            let app = &app;
-            async move {
-                let body = if (batch + i) % 4 == 0 {
-                    stream_body("smart", false)
-                } else {
-                    chat_body("smart")
-                };
-                let resp = app.post_json("/v1/chat/completions", &body).await;
-                let status = resp.status().as_u16();
-                let text = resp.text().await.unwrap();
-                (status, body["stream"] == true, text)
-            }
+        let sends = (0..50).map(|i| async move {
+            let body = if (batch + i) % 4 == 0 {
+                stream_body("smart", false)
+            } else {
+                chat_body("smart")
+            };
+            let resp = app.post_json("/v1/chat/completions", &body).await;
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            (status, body["stream"] == true, text)
         });
         statuses.extend(join_all(sends).await);
     }
@@ -76,20 +76,55 @@ async fn a_primary_failing_30_percent_costs_the_client_nothing() {
         "30 % of {calls} calls failed"
     );
     let counted = metric(
-        &app,
+        app,
         r#"switchyard_upstream_attempts_total{deployment="primary/p-model",outcome="error"}"#,
     )
     .await;
     assert_eq!(counted as u64, failures, "every failure is counted");
     let served_by_fallback = fallback.calls();
-    assert!(served_by_fallback > 0 && served_by_fallback <= failures);
-    assert!(primary.calls() >= 1000, "the primary kept its traffic");
+    assert!(served_by_fallback <= 1000);
     let ok = metric(
-        &app,
+        app,
         r#"switchyard_upstream_attempts_total{deployment="primary/p-model",outcome="ok"}"#,
     )
     .await;
     assert_eq!(ok as u64 + served_by_fallback, 1000);
+}
+
+#[tokio::test]
+async fn a_primary_failing_30_percent_costs_the_client_nothing() {
+    // A threshold the 30 % cannot reach, so the breaker stays closed and
+    // every failed request is failed over on its own.
+    let (app, primary, fallback) = two_deployments("breaker_failure_threshold = 1000").await;
+
+    thirty_percent_failures_cost_the_client_nothing(&app, &primary, &fallback).await;
+
+    assert!(fallback.calls() > 0 && fallback.calls() <= primary.injected_failures());
+    assert!(primary.calls() >= 1000, "the primary kept its traffic");
+}
+
+#[tokio::test]
+async fn a_primary_failing_30_percent_costs_the_client_nothing_under_the_default_breaker() {
+    // Concurrent failures may line up five in a row and open the breaker:
+    // then the fallback takes the rest, still without a client-visible error.
+    let (app, primary, fallback) = two_deployments("").await;
+
+    thirty_percent_failures_cost_the_client_nothing(&app, &primary, &fallback).await;
+
+    let opened = metric(
+        &app,
+        r#"switchyard_breaker_transitions_total{deployment="primary/p-model",to="open"}"#,
+    )
+    .await;
+    let rejected = metric(
+        &app,
+        r#"switchyard_breaker_rejections_total{deployment="primary/p-model"}"#,
+    )
+    .await;
+    assert!(
+        opened > 0.0 || rejected == 0.0,
+        "calls were turned away only by an open breaker"
+    );
 }
 
 #[tokio::test]
@@ -176,6 +211,15 @@ async fn a_short_retry_after_is_waited_for_and_a_long_one_falls_back() {
         .wait_for_log(|l| l.contains("retrying") && l.contains("\"wait_ms\":1000"))
         .await
         .is_some());
+    // The wait really happened: by the mock's own clock, the retry arrived at
+    // least Retry-After after the 429 was asked for (a lower bound, which no
+    // slowness of the machine can break).
+    let arrivals: Vec<_> = primary.requests().iter().map(|r| r.at).collect();
+    assert!(
+        arrivals[1] - arrivals[0] >= std::time::Duration::from_secs(1),
+        "the retry came {:?} after the 429",
+        arrivals[1] - arrivals[0]
+    );
 
     primary.push_fault(Fault::RateLimited {
         retry_after_secs: 30,
@@ -235,30 +279,50 @@ async fn a_stream_that_fails_before_its_first_byte_is_served_by_the_fallback() {
 
 #[tokio::test]
 async fn a_hung_primary_times_out_and_the_fallback_answers() {
+    // The primary's first-byte budget is 500 ms; it hangs for an hour (plain)
+    // or 30 s before its first chunk (stream). Each request is given 20 s: a
+    // first-byte timeout that did not fire fails the test instead of hanging
+    // it, without the test asserting how long anything took.
     let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
     primary.push_fault(Fault::Hang);
     primary.update(|b| b.ttft = std::time::Duration::from_secs(30));
+    let within_budget = |body: Value| {
+        let app = &app;
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(20), async {
+                let resp = app.post_json("/v1/chat/completions", &body).await;
+                let provider = resp.headers()["x-switchyard-provider"].clone();
+                (resp.status(), provider, resp.text().await.unwrap())
+            })
+            .await
+            .expect("the hung primary was waited for past its first-byte timeout")
+        }
+    };
 
-    let plain = app
-        .post_json("/v1/chat/completions", &chat_body("smart"))
-        .await;
-    let stream = app
-        .post_json("/v1/chat/completions", &stream_body("smart", false))
-        .await;
+    let plain = within_budget(chat_body("smart")).await;
+    let stream = within_budget(stream_body("smart", false)).await;
 
-    assert_eq!(plain.status(), 200);
-    assert_eq!(plain.headers()["x-switchyard-provider"], "fallback");
-    assert_eq!(stream.status(), 200);
     assert_eq!(
-        stream.headers()["x-switchyard-provider"],
-        "fallback",
+        (plain.0.as_u16(), plain.1.to_str().unwrap()),
+        (200, "fallback")
+    );
+    assert_eq!(
+        (stream.0.as_u16(), stream.1.to_str().unwrap()),
+        (200, "fallback"),
         "a first chunk that never comes is a first-byte timeout"
     );
-    assert_eq!(
-        sse_data(&stream.text().await.unwrap()).last().unwrap(),
-        "[DONE]"
-    );
+    assert_eq!(sse_data(&stream.2).last().unwrap(), "[DONE]");
     assert_eq!((primary.calls(), fallback.calls()), (2, 2));
+    let timeouts = metric(
+        &app,
+        r#"switchyard_upstream_attempts_total{deployment="primary/p-model",outcome="error"}"#,
+    )
+    .await;
+    assert_eq!(timeouts, 2.0);
+    assert!(app
+        .wait_for_log(|l| l.contains("falling back") && l.contains("did not answer within 500ms"))
+        .await
+        .is_some());
 }
 
 #[tokio::test]
@@ -377,4 +441,35 @@ async fn provider_health_and_breaker_state_are_served_probed_and_persisted() {
         ]
     );
     assert!(rows.iter().all(|r| r.last_probe_ok == Some(true)));
+}
+
+#[tokio::test]
+async fn the_retry_budget_caps_retries_of_a_failing_primary_at_a_fifth_of_requests() {
+    // A breaker that never opens and a 1 ms backoff: only the retry budget
+    // (20 % of the last ten seconds' requests, at least 10) stops retries.
+    let (app, primary, fallback) = two_deployments(
+        "breaker_failure_threshold = 1000\nbackoff_base_ms = 1\nbackoff_cap_ms = 1",
+    )
+    .await;
+    primary.update(|b| b.always = Some(Fault::Status(500)));
+
+    for _ in 0..100 {
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("smart"))
+            .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+    }
+
+    // The 100 requests (a few loopback milliseconds each) fall in one
+    // ten-second window: 20 of them may retry, 80 are refused. Without the
+    // budget all 100 would retry, doubling the load on the failing primary.
+    let retries = metric(
+        &app,
+        r#"switchyard_retries_total{deployment="primary/p-model"}"#,
+    )
+    .await;
+    let refused = metric(&app, "switchyard_retry_budget_exhausted_total").await;
+    assert_eq!((retries, refused), (20.0, 80.0));
+    assert_eq!((primary.calls(), fallback.calls()), (120, 100));
 }

@@ -1,0 +1,227 @@
+//! Circuit breakers seen from outside the running binary: the state gauge
+//! and transition counters at `/metrics`, transition log lines carrying the
+//! trace id of the request that caused them, and the half-open probe limit
+//! under concurrent requests. Cool-downs are one second (the binary's clock
+//! cannot be paused); tests wait for them by polling the admin API, never by
+//! sleeping a guessed time.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::Value;
+use switchyard_testkit::{Fault, TestApp};
+
+use crate::helpers::*;
+use crate::resilience::two_deployments;
+
+const PRIMARY: &str = "primary/p-model";
+
+/// Every `/metrics` line starting with `prefix`, with its value.
+async fn metric_lines(app: &TestApp, prefix: &str) -> Vec<(String, f64)> {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The primary's state gauge (0 closed, 1 half-open, 2 open), `None` if absent.
+async fn breaker_gauge(app: &TestApp) -> Option<f64> {
+    let name = format!("switchyard_breaker_state{{deployment=\"{PRIMARY}\"}}");
+    metric_lines(app, &name)
+        .await
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+}
+
+/// The primary's transitions so far, by target state, in a fixed order.
+async fn transitions(app: &TestApp) -> Vec<(String, f64)> {
+    let prefix = format!("switchyard_breaker_transitions_total{{deployment=\"{PRIMARY}\",to=\"");
+    let mut out: Vec<(String, f64)> = metric_lines(app, &prefix)
+        .await
+        .into_iter()
+        .map(|(n, v)| (n[prefix.len()..n.len() - 2].to_owned(), v))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Polls the admin API until the primary's cool-down is over (it reads as
+/// half-open); bounded, so a breaker that never cools down fails the test.
+async fn wait_for_cool_down(app: &TestApp) {
+    for _ in 0..200 {
+        let body: Value = app
+            .client
+            .get(app.url("/v1/admin/providers"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let state = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["deployment"] == PRIMARY)
+            .map(|d| d["breaker"]["state"].clone());
+        if state == Some(Value::from("half_open")) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the primary's breaker never cooled down");
+}
+
+async fn send(app: &TestApp, traceparent: Option<&str>) -> String {
+    let mut req = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .json(&chat_body("smart"));
+    if let Some(t) = traceparent {
+        req = req.header("traceparent", t);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers()["x-switchyard-provider"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn owned(pairs: &[(&str, f64)]) -> Vec<(String, f64)> {
+    pairs.iter().map(|(s, v)| ((*s).to_owned(), *v)).collect()
+}
+
+#[tokio::test]
+async fn the_breaker_state_gauge_and_transition_counters_follow_a_full_cycle() {
+    let (app, primary, _fallback) =
+        two_deployments("max_attempts = 1\nbreaker_cooldown_secs = 1").await;
+    assert_eq!(
+        breaker_gauge(&app).await,
+        Some(0.0),
+        "closed from the start"
+    );
+    assert_eq!(transitions(&app).await, owned(&[]));
+
+    primary.update(|b| b.always = Some(Fault::Status(503)));
+    for _ in 0..5 {
+        send(&app, None).await;
+    }
+    assert_eq!(breaker_gauge(&app).await, Some(2.0), "open");
+    assert_eq!(transitions(&app).await, owned(&[("open", 1.0)]));
+
+    wait_for_cool_down(&app).await;
+    primary.update(|b| b.always = None);
+    assert_eq!(send(&app, None).await, "primary", "the first probe");
+    assert_eq!(breaker_gauge(&app).await, Some(1.0), "half-open");
+    assert_eq!(
+        transitions(&app).await,
+        owned(&[("half_open", 1.0), ("open", 1.0)])
+    );
+
+    for _ in 0..2 {
+        assert_eq!(send(&app, None).await, "primary");
+    }
+    assert_eq!(breaker_gauge(&app).await, Some(0.0), "closed again");
+    assert_eq!(
+        transitions(&app).await,
+        owned(&[("closed", 1.0), ("half_open", 1.0), ("open", 1.0)])
+    );
+}
+
+/// The trace id of the request a log line was written in.
+fn trace_of(line: &Value) -> &str {
+    line["spans"][0]["trace_id"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn breaker_transitions_are_logged_with_the_trace_id_of_the_request_that_caused_them() {
+    const OPENER: &str = "0af7651916cd43dd8448eb211c80319c";
+    const PROBE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (app, primary, _fallback) = two_deployments(
+        "max_attempts = 1\nbreaker_cooldown_secs = 1\nbreaker_success_threshold = 1",
+    )
+    .await;
+    primary.update(|b| b.always = Some(Fault::Status(503)));
+    for _ in 0..4 {
+        send(&app, None).await;
+    }
+    // The fifth consecutive failure opens the breaker.
+    send(&app, Some(&format!("00-{OPENER}-b7ad6b7169203331-01"))).await;
+    wait_for_cool_down(&app).await;
+    primary.update(|b| b.always = None);
+
+    // This request's probe half-opens the breaker and, succeeding, closes it.
+    let served = send(&app, Some(&format!("00-{PROBE}-00f067aa0ba902b7-01"))).await;
+
+    assert_eq!(served, "primary");
+    let transition = |to: &'static str| {
+        let app = &app;
+        async move {
+            let line = app
+                .wait_for_log(|l| {
+                    l.contains("circuit breaker") && l.contains(&format!("\"to\":\"{to}\""))
+                })
+                .await
+                .unwrap_or_else(|| panic!("no transition to {to} was logged"));
+            serde_json::from_str::<Value>(&line).unwrap()
+        }
+    };
+    let opened = transition("open").await;
+    assert_eq!(opened["message"], "circuit breaker opened");
+    assert_eq!(opened["deployment"], PRIMARY);
+    assert_eq!(trace_of(&opened), OPENER, "{opened}");
+    let half_open = transition("half_open").await;
+    assert_eq!(half_open["from"], "open");
+    assert_eq!(trace_of(&half_open), PROBE, "{half_open}");
+    let closed = transition("closed").await;
+    assert_eq!(closed["from"], "half_open");
+    assert_eq!(trace_of(&closed), PROBE, "{closed}");
+}
+
+#[tokio::test]
+async fn a_half_open_breaker_lets_exactly_its_probe_limit_through_concurrent_requests() {
+    let (app, primary, fallback) = two_deployments(
+        "max_attempts = 1\nbreaker_cooldown_secs = 1\nbreaker_half_open_probes = 3",
+    )
+    .await;
+    primary.update(|b| b.always = Some(Fault::Status(503)));
+    for _ in 0..5 {
+        send(&app, None).await;
+    }
+    assert_eq!(primary.calls(), 5);
+    wait_for_cool_down(&app).await;
+    // Slow failing probes: all three are in flight while the other requests
+    // arrive, and the first to fail re-opens the breaker for the rest.
+    primary.update(|b| b.latency = Duration::from_millis(500));
+    let fallback_before = fallback.calls();
+
+    let served = join_all((0..20).map(|_| send(&app, None))).await;
+
+    assert_eq!(
+        primary.calls() - 5,
+        3,
+        "exactly three probes reached the primary"
+    );
+    assert!(served.iter().all(|p| p == "fallback"));
+    assert_eq!(fallback.calls() - fallback_before, 20);
+    let skipped = metric(
+        &app,
+        &format!("switchyard_breaker_rejections_total{{deployment=\"{PRIMARY}\"}}"),
+    )
+    .await;
+    assert_eq!(skipped, 17.0, "the others were turned away without a call");
+}

@@ -1,0 +1,176 @@
+//! Per-deployment timeouts on the running binary: connect, first byte (and
+//! its per-deployment override) and total. Every request is bounded by the
+//! test itself well below the time a broken timeout would take, so a broken
+//! timeout fails the test rather than hanging it; no test asserts how long
+//! anything took.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_testkit::{MockUpstream, TestApp};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::helpers::*;
+
+/// A loopback address where `connect()` hangs: a listener that never
+/// accepts, with its accept queue filled by held connections, so the kernel
+/// drops every further SYN unanswered.
+struct Blackhole {
+    addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _held: Vec<TcpStream>,
+}
+
+async fn blackhole() -> Blackhole {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(conn)) => held.push(conn),
+            Ok(Err(e)) => panic!("connecting to the listener: {e}"),
+            Err(_) => {
+                return Blackhole {
+                    addr,
+                    _listener: listener,
+                    _held: held,
+                }
+            }
+        }
+    }
+    panic!("the listener's accept queue never filled");
+}
+
+/// Sends `body` to `app`, giving up after `bound` (a timeout that did not
+/// fire); returns the status, the serving provider and the body.
+async fn send_within(app: &TestApp, body: &Value, bound: Duration) -> (u16, String, String) {
+    tokio::time::timeout(bound, async {
+        let resp = app.post_json("/v1/chat/completions", body).await;
+        let provider = resp
+            .headers()
+            .get("x-switchyard-provider")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (resp.status().as_u16(), provider, resp.text().await.unwrap())
+    })
+    .await
+    .expect("the request outlived the timeout meant to end it")
+}
+
+#[tokio::test]
+async fn a_connect_that_hangs_times_out_per_connect_timeout_and_the_fallback_serves() {
+    let hole = blackhole().await;
+    let fallback = MockUpstream::start().await.unwrap();
+    // The first-byte budget (60 s) is far beyond the test's own bound (20 s):
+    // only the connect timeout can end the attempt in time.
+    let app = app()
+        .without_mock()
+        .config(&format!(
+            "[resilience]\nmax_attempts = 1\n\n\
+             [providers.primary]\nkind = \"openai\"\nbase_url = \"http://{}/v1\"\n\
+             connect_timeout_ms = 300\nfirst_byte_timeout_ms = 60000\n\n\
+             [providers.fallback]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+             [[models.smart.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\n\n\
+             [[models.smart.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n",
+            hole.addr,
+            fallback.base_url()
+        ))
+        .spawn()
+        .await;
+
+    let (status, provider, _) =
+        send_within(&app, &chat_body("smart"), Duration::from_secs(20)).await;
+
+    assert_eq!((status, provider.as_str()), (200, "fallback"));
+    assert_eq!(fallback.calls(), 1);
+    let line = app
+        .wait_for_log(|l| l.contains("falling back"))
+        .await
+        .unwrap();
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        line["error"], "could not connect to the provider: tcp connect timed out after 300ms",
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn a_deployments_first_byte_timeout_overrides_its_providers() {
+    // One slow provider (2 s before it answers) with a 200 ms first-byte
+    // budget, used by two aliases: `impatient` keeps the provider's budget,
+    // `patient` raises it for its deployment to 20 s.
+    let slow = MockUpstream::start().await.unwrap();
+    slow.update(|b| b.latency = Duration::from_secs(2));
+    let fallback = MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .config(&format!(
+            "[resilience]\nmax_attempts = 1\n\n\
+             [providers.slow]\nkind = \"openai\"\nbase_url = \"{}\"\nfirst_byte_timeout_ms = 200\n\n\
+             [providers.fallback]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+             [[models.impatient.route]]\nprovider = \"slow\"\nmodel = \"s-model\"\n\n\
+             [[models.impatient.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n\n\
+             [[models.patient.route]]\nprovider = \"slow\"\nmodel = \"s-model\"\nfirst_byte_timeout_ms = 20000\n\n\
+             [[models.patient.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n",
+            slow.base_url(),
+            fallback.base_url()
+        ))
+        .spawn()
+        .await;
+
+    let impatient = send_within(&app, &chat_body("impatient"), Duration::from_secs(20)).await;
+    let patient = send_within(&app, &chat_body("patient"), Duration::from_secs(20)).await;
+
+    assert_eq!((impatient.0, impatient.1.as_str()), (200, "fallback"));
+    assert_eq!(
+        (patient.0, patient.1.as_str()),
+        (200, "slow"),
+        "the override gave the slow provider the time it needed"
+    );
+    assert_eq!((slow.calls(), fallback.calls()), (2, 1));
+}
+
+#[tokio::test]
+async fn the_total_timeout_ends_a_stream_that_runs_past_it_with_an_error_event() {
+    // The first chunk comes at once, then one every 500 ms: about 4.5 s in
+    // all, past the deployment's 1 s total budget.
+    let app = app()
+        .config(
+            "[models.brief]\nroute = [{ provider = \"mock\", model = \"m\", timeout_secs = 1 }]\n",
+        )
+        .spawn()
+        .await;
+    app.mock()
+        .update(|b| b.chunk_delay = Duration::from_millis(500));
+
+    let (status, _, text) =
+        send_within(&app, &stream_body("brief", false), Duration::from_secs(20)).await;
+
+    assert_eq!(status, 200, "the stream was committed before the timeout");
+    let data = sse_data(&text);
+    assert_ne!(
+        data.last().unwrap(),
+        "[DONE]",
+        "a cut stream must not look complete"
+    );
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_timeout", "{last}");
+    let text: String = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_ne!(
+        text, "Hello! How can I help you today?",
+        "the stream was cut short"
+    );
+}
