@@ -308,6 +308,13 @@ impl TestApp {
         self.wait_exit().await
     }
 
+    /// Sends SIGINT (what ctrl-c in a terminal sends) and waits for the
+    /// process to exit.
+    pub async fn interrupt(&mut self) -> ExitStatus {
+        self.signal("INT");
+        self.wait_exit().await
+    }
+
     /// SIGKILL: no cleanup at all.
     pub async fn kill_hard(&mut self) -> ExitStatus {
         self.signal("KILL");
