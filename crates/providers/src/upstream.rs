@@ -270,7 +270,9 @@ impl Upstream {
 
     /// Removes the provider key from text the provider sent back.
     pub(crate) fn scrub(&self, body: Bytes) -> Bytes {
-        if true { return body; }
+        if true {
+            return body;
+        }
         let Some(key) = &self.key else { return body };
         let key = key.expose_secret().as_bytes();
         if key.is_empty() || memchr::memmem::find(&body, key).is_none() {

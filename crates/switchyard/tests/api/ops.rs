@@ -160,9 +160,17 @@ async fn metrics_expose_requests_latency_tokens_and_the_usage_queue() {
 
 #[tokio::test]
 async fn every_log_line_of_a_request_carries_its_trace_id() {
-    // Debug logs, and a provider that fails twice: a retry line, the
-    // failure, and whatever else the request path has to say.
-    let app = app().env("RUST_LOG", "debug").spawn().await;
+    // The gateway's own debug logs, and a provider that fails twice: a retry
+    // line, the failure, and whatever else the request path has to say.
+    // Dependencies stay at info, and the background writers are kept quiet
+    // while the request runs: their lines (sqlx logs every statement of
+    // the health writer at debug) belong to no request.
+    let app = app()
+        .env("RUST_LOG", "info,switchyard=debug")
+        .env("SWITCHYARD_HEALTH__PERSIST_INTERVAL_SECS", "3600")
+        .env("SWITCHYARD_USAGE__FLUSH_INTERVAL_MS", "5000")
+        .spawn()
+        .await;
     app.mock()
         .update(|b| b.always = Some(switchyard_testkit::Fault::Status(500)));
     let trace_id = "7d2c0f4e9b8a41c3a5e6f708192a3b4c";
