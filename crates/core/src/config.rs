@@ -1284,6 +1284,100 @@ mod tests {
     }
 
     #[test]
+    fn embedding_variables_win_over_the_chat_ones_for_embeddings_only() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("CHAT_API_BASE", "http://127.0.0.1:9/chat/v1"),
+                ("CHAT_API_KEY", "sk-chat"),
+                ("EMBEDDING_API_BASE", "http://127.0.0.1:9/embed/v1"),
+                ("EMBEDDING_API_KEY", "sk-embed"),
+            ]),
+        )
+        .unwrap();
+
+        let embedding = &c.providers["embedding"];
+        assert_eq!(embedding.base_url, "http://127.0.0.1:9/embed/v1");
+        assert_eq!(embedding.api_key.as_ref().map(expose), Some("sk-embed"));
+        let chat = &c.providers["chat"];
+        assert_eq!(chat.base_url, "http://127.0.0.1:9/chat/v1");
+        assert_eq!(chat.api_key.as_ref().map(expose), Some("sk-chat"));
+        assert_eq!(
+            c.models["default-embedding"],
+            ModelConfig::single("embedding", DEFAULT_EMBEDDING_MODEL)
+        );
+    }
+
+    #[test]
+    fn embeddings_fall_back_to_the_chat_base_and_key() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("CHAT_API_BASE", "http://127.0.0.1:9/chat/v1"),
+                ("CHAT_API_KEY", "sk-chat"),
+            ]),
+        )
+        .unwrap();
+
+        let embedding = &c.providers["embedding"];
+        assert_eq!(embedding.base_url, "http://127.0.0.1:9/chat/v1");
+        assert_eq!(embedding.api_key.as_ref().map(expose), Some("sk-chat"));
+    }
+
+    #[test]
+    fn each_embedding_variable_falls_back_on_its_own() {
+        // Only the base: the key still comes from the chat variables.
+        let c = Config::load(
+            None,
+            &env(&[
+                ("OPENAI_API_KEY", "sk-openai"),
+                ("EMBEDDING_API_BASE", "http://127.0.0.1:9/embed/v1"),
+            ]),
+        )
+        .unwrap();
+        let embedding = &c.providers["embedding"];
+        assert_eq!(embedding.base_url, "http://127.0.0.1:9/embed/v1");
+        assert_eq!(embedding.api_key.as_ref().map(expose), Some("sk-openai"));
+        assert_eq!(c.providers["chat"].base_url, DEFAULT_CHAT_BASE);
+
+        // Only the key: the base still comes from CHAT_API_BASE.
+        let c = Config::load(
+            None,
+            &env(&[
+                ("CHAT_API_BASE", "http://127.0.0.1:9/chat/v1"),
+                ("CHAT_API_KEY", "sk-chat"),
+                ("EMBEDDING_API_KEY", "sk-embed"),
+            ]),
+        )
+        .unwrap();
+        let embedding = &c.providers["embedding"];
+        assert_eq!(embedding.base_url, "http://127.0.0.1:9/chat/v1");
+        assert_eq!(embedding.api_key.as_ref().map(expose), Some("sk-embed"));
+        assert_eq!(
+            c.providers["chat"].api_key.as_ref().map(expose),
+            Some("sk-chat")
+        );
+    }
+
+    #[test]
+    fn embedding_variables_alone_define_no_chat_provider() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("EMBEDDING_API_BASE", "http://127.0.0.1:9/embed/v1"),
+                ("EMBEDDING_API_KEY", "sk-embed"),
+            ]),
+        )
+        .unwrap();
+
+        assert!(!c.providers.contains_key("chat"));
+        assert_eq!(
+            c.providers["embedding"].base_url,
+            "http://127.0.0.1:9/embed/v1"
+        );
+    }
+
+    #[test]
     fn shortcuts_do_not_replace_aliases_from_the_file() {
         let file = "[providers.p]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\n[models.default]\nprovider = \"p\"\nmodel = \"mine\"\n";
         let c = Config::load(Some(("f.toml", file)), &env(&[("CHAT_API_KEY", "sk-1")])).unwrap();

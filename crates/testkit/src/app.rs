@@ -172,10 +172,13 @@ impl AppBuilder {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = listening_addr(&line) {
+                // Kept before the address is reported, so that once spawn()
+                // returns, logs() holds every line up to `listening`.
+                let addr = listening_addr(&line);
+                sink.lock().unwrap().push(line);
+                if let Some(addr) = addr {
                     let _ = tx.send(addr);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let stderr = child.stderr.take().expect("stderr");
@@ -305,6 +308,13 @@ impl TestApp {
     /// Sends SIGTERM and waits for the process to exit.
     pub async fn stop_gracefully(&mut self) -> ExitStatus {
         self.signal("TERM");
+        self.wait_exit().await
+    }
+
+    /// Sends SIGINT (what ctrl-c in a terminal sends) and waits for the
+    /// process to exit.
+    pub async fn interrupt(&mut self) -> ExitStatus {
+        self.signal("INT");
         self.wait_exit().await
     }
 

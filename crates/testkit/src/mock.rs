@@ -788,3 +788,167 @@ pub fn mock_embedding(text: &str, dims: usize) -> Vec<f32> {
     v.iter_mut().for_each(|x| *x /= norm);
     v
 }
+
+#[cfg(test)]
+mod tests {
+    //! The faults as a client sees them. Time is paused: the mock's sleeps
+    //! end as soon as nothing else can run, and the times measured are the
+    //! paused clock's, so no test waits or depends on the machine's speed.
+
+    use super::*;
+    use tokio::time::Instant;
+
+    async fn mock(behavior: Behavior) -> MockUpstream {
+        MockUpstream::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), behavior, true)
+            .await
+            .unwrap()
+    }
+
+    async fn post(mock: &MockUpstream, body: Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/chat/completions", mock.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    fn chat(stream: bool) -> Value {
+        json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    /// Reads a body to its end, or to the error that cut it.
+    async fn read_all(mut resp: reqwest::Response) -> (String, Result<(), reqwest::Error>) {
+        let mut body = String::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(b)) => body.push_str(&String::from_utf8_lossy(&b)),
+                Ok(None) => return (body, Ok(())),
+                Err(e) => return (body, Err(e)),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_delays_the_response() {
+        let m = mock(Behavior {
+            latency: Duration::from_millis(300),
+            ..Behavior::default()
+        })
+        .await;
+        let start = Instant::now();
+
+        let resp = post(&m, chat(false)).await;
+
+        assert_eq!(resp.status(), 200);
+        assert!(start.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ttft_delays_the_first_chunk_but_not_the_headers() {
+        let m = mock(Behavior {
+            ttft: Duration::from_secs(2),
+            ..Behavior::default()
+        })
+        .await;
+        let start = Instant::now();
+
+        let mut resp = post(&m, chat(true)).await;
+        let headers_at = start.elapsed();
+        let first = resp.chunk().await.unwrap().unwrap();
+        let first_at = start.elapsed();
+
+        assert_eq!(resp.status(), 200);
+        assert!(headers_at < Duration::from_secs(2), "{headers_at:?}");
+        assert!(first_at >= Duration::from_secs(2), "{first_at:?}");
+        assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn chunk_delay_spaces_every_chunk_after_the_first() {
+        let m = mock(Behavior {
+            chunk_delay: Duration::from_millis(100),
+            reply: "one two three".into(),
+            ..Behavior::default()
+        })
+        .await;
+        let start = Instant::now();
+
+        let (body, end) = read_all(post(&m, chat(true)).await).await;
+
+        end.unwrap();
+        // The role chunk, three words, the stop chunk and [DONE]: five gaps.
+        assert_eq!(body.matches("data: ").count(), 6, "{body}");
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        assert!(body.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_mid_stream_truncates_the_body() {
+        let m = mock(Behavior::default()).await;
+        m.push_fault(Fault::ResetAfterChunks(2));
+
+        let resp = post(&m, chat(true)).await;
+        assert_eq!(resp.status(), 200);
+        let (body, end) = read_all(resp).await;
+
+        assert!(end.is_err(), "the body ended cleanly: {body}");
+        assert_eq!(body.matches("data: ").count(), 2, "{body}");
+        assert!(!body.contains("[DONE]"));
+        // The fault applied once: the next stream is whole.
+        let (body, end) = read_all(post(&m, chat(true)).await).await;
+        end.unwrap();
+        assert!(body.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_done_ends_the_stream_cleanly_without_the_marker() {
+        let m = mock(Behavior::default()).await;
+        m.push_fault(Fault::NoDone);
+
+        let (body, end) = read_all(post(&m, chat(true)).await).await;
+
+        end.unwrap();
+        assert!(body.contains("\"finish_reason\":\"stop\""), "{body}");
+        assert!(!body.contains("[DONE]"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hang_never_answers() {
+        let m = mock(Behavior {
+            always: Some(Fault::Hang),
+            ..Behavior::default()
+        })
+        .await;
+
+        let answer = tokio::time::timeout(Duration::from_secs(600), post(&m, chat(false))).await;
+
+        assert!(answer.is_err(), "the mock answered");
+        assert_eq!(m.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_faults_apply_once_each_in_order_before_the_standing_one() {
+        let m = mock(Behavior {
+            always: Some(Fault::Status(500)),
+            ..Behavior::default()
+        })
+        .await;
+        m.push_fault(Fault::Status(400));
+        m.push_fault(Fault::RateLimited {
+            retry_after_secs: 7,
+        });
+
+        let first = post(&m, chat(false)).await;
+        let second = post(&m, chat(false)).await;
+        let third = post(&m, chat(false)).await;
+
+        assert_eq!(first.status(), 400);
+        assert_eq!(second.status(), 429);
+        assert_eq!(second.headers()["retry-after"], "7");
+        assert_eq!(third.status(), 500);
+        let body: Value = third.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "server_error");
+        assert_eq!(m.injected_failures(), 3);
+    }
+}

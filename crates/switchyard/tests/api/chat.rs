@@ -139,3 +139,49 @@ async fn shortcut_variables_configure_a_working_provider() {
     assert_eq!(upstream.body["model"], "llama-3-8b");
     assert_eq!(upstream.headers["authorization"], "Bearer sk-shortcut-key");
 }
+
+#[tokio::test]
+async fn embedding_variables_send_embeddings_to_their_own_provider() {
+    let chat_mock = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let embed_mock = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .env("CHAT_API_BASE", &chat_mock.base_url())
+        .env("CHAT_API_KEY", "sk-chat-shortcut")
+        .env("EMBEDDING_API_BASE", &embed_mock.base_url())
+        .env("EMBEDDING_API_KEY", "sk-embed-shortcut")
+        .spawn()
+        .await;
+
+    let chat = app
+        .post_json("/v1/chat/completions", &chat_body("default"))
+        .await;
+    let embed = app
+        .post_json(
+            "/v1/embeddings",
+            &serde_json::json!({"model": "default-embedding", "input": "hello"}),
+        )
+        .await;
+
+    assert_eq!(chat.status(), 200);
+    assert_eq!(embed.status(), 200);
+    let to_chat = chat_mock.requests();
+    let to_embed = embed_mock.requests();
+    assert_eq!(to_chat.len(), 1, "the chat mock got only the chat");
+    assert_eq!(
+        to_embed.len(),
+        1,
+        "the embedding mock got only the embeddings"
+    );
+    assert_eq!(to_chat[0].path, "/v1/chat/completions");
+    assert_eq!(
+        to_chat[0].headers["authorization"],
+        "Bearer sk-chat-shortcut"
+    );
+    assert_eq!(to_embed[0].path, "/v1/embeddings");
+    assert_eq!(to_embed[0].body["model"], "text-embedding-3-small");
+    assert_eq!(
+        to_embed[0].headers["authorization"],
+        "Bearer sk-embed-shortcut"
+    );
+}

@@ -33,9 +33,10 @@ async fn an_unknown_model_is_404_naming_the_model() {
 }
 
 #[tokio::test]
-async fn malformed_json_is_400() {
+async fn malformed_json_is_400_saying_what_is_wrong_and_where() {
     let app = spawn().await;
 
+    let mut bodies = Vec::new();
     for path in ["/v1/chat/completions", "/v1/embeddings"] {
         let resp = app
             .client
@@ -45,10 +46,48 @@ async fn malformed_json_is_400() {
             .send()
             .await
             .unwrap();
-        let body = assert_error(resp, 400, "invalid_json").await;
-        assert_eq!(body["error"]["param"], Value::Null);
-        assert_eq!(body["error"]["type"], "invalid_request_error");
+        bodies.push(assert_error(resp, 400, "invalid_json").await);
     }
+
+    // OpenAI's message starts the same way (its `code` is null; ours is a
+    // stable code, and the message says what is wrong and where).
+    insta::assert_json_snapshot!(bodies[0], @r#"
+    {
+      "error": {
+        "message": "We could not parse the JSON body of your request: EOF while parsing a value at line 1 column 24.",
+        "type": "invalid_request_error",
+        "param": null,
+        "code": "invalid_json"
+      }
+    }
+    "#);
+    assert_eq!(bodies[1], bodies[0]);
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{\"model\": \"gpt-4o-mini\",\n \"messages\": [}")
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(resp, 400, "invalid_json").await;
+    assert_eq!(
+        body["error"]["message"],
+        "We could not parse the JSON body of your request: expected value at line 2 column 15."
+    );
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("[1]")
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(resp, 400, "invalid_json").await;
+    assert_eq!(
+        body["error"]["message"],
+        "The request body must be a JSON object, but got an array."
+    );
     assert_eq!(app.mock().calls(), 0);
 }
 
@@ -214,7 +253,16 @@ async fn a_provider_that_hangs_is_504() {
         .await;
 
     let body = assert_error(resp, 504, "upstream_timeout").await;
-    assert_eq!(body["error"]["type"], "upstream_error");
+    insta::assert_json_snapshot!(body, @r#"
+    {
+      "error": {
+        "message": "The provider did not answer in time.",
+        "type": "upstream_error",
+        "param": null,
+        "code": "upstream_timeout"
+      }
+    }
+    "#);
 }
 
 #[tokio::test]
@@ -267,18 +315,26 @@ async fn a_provider_rejection_of_the_request_is_relayed_with_its_status() {
 }
 
 #[tokio::test]
-async fn the_provider_key_never_appears_in_a_response_or_a_log_line() {
-    let app = spawn().await;
+async fn the_provider_key_never_appears_in_a_response_a_log_line_an_event_or_a_usage_row() {
+    // Debug logs everywhere: the lines most likely to carry a header or an
+    // upstream body.
+    let mut app = app().env("RUST_LOG", "debug").spawn().await;
     app.mock()
         .update(|b| b.always = Some(Fault::EchoAuthorization));
+    let trace_id = "5c1e7e0b2f3a4d6e8f9a0b1c2d3e4f50";
 
     let first = app
-        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
-        .await;
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
     let status = first.status();
     let text = first.text().await.unwrap();
     let second = app
-        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", true))
         .await
         .text()
         .await
@@ -289,21 +345,63 @@ async fn the_provider_key_never_appears_in_a_response_or_a_log_line() {
         "a rejected provider key is the gateway's problem, not the client's"
     );
     assert!(!text.contains(MOCK_PROVIDER_KEY), "{text}");
-    assert!(!second.contains(MOCK_PROVIDER_KEY));
+    assert!(!second.contains(MOCK_PROVIDER_KEY), "{second}");
     // The mock really did echo it: the gateway scrubbed it.
     assert!(app.mock().requests()[0].headers["authorization"]
         .to_str()
         .unwrap()
         .contains(MOCK_PROVIDER_KEY));
+    let events = trace_events(&app, trace_id).await;
+    assert!(
+        events.contains("request.error"),
+        "the trace has its events: {events}"
+    );
+    assert!(!events.contains(MOCK_PROVIDER_KEY), "{events}");
     assert!(app
         .wait_for_log(|l| l.contains("request") && l.contains("502"))
         .await
         .is_some());
+    app.stop_gracefully().await;
     let logs = app.logs();
     assert!(
-        logs.iter().all(|l| !l.contains(MOCK_PROVIDER_KEY)),
-        "a log line leaked the key"
+        logs.iter().any(|l| l.contains("\"level\":\"DEBUG\"")),
+        "debug lines were logged"
     );
+    let leaked: Vec<_> = logs
+        .iter()
+        .filter(|l| l.contains(MOCK_PROVIDER_KEY))
+        .collect();
+    assert!(leaked.is_empty(), "log lines leaked the key: {leaked:#?}");
+    let rows = app_store(&app)
+        .await
+        .list_usage("default", 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let row = format!("{row:?}");
+        assert!(!row.contains(MOCK_PROVIDER_KEY), "{row}");
+    }
+}
+
+/// The body of `GET /v1/traces/{id}` once it lists the request's end (the
+/// events are written by a batched writer).
+async fn trace_events(app: &switchyard_testkit::TestApp, trace_id: &str) -> String {
+    for _ in 0..250 {
+        let resp = app
+            .client
+            .get(app.url(&format!("/v1/traces/{trace_id}")))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        if status == 200 && text.contains("request.error") {
+            return text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the trace {trace_id} never finished");
 }
 
 #[tokio::test]

@@ -157,3 +157,63 @@ async fn metrics_expose_requests_latency_tokens_and_the_usage_queue() {
         "client-chosen names must not become labels"
     );
 }
+
+#[tokio::test]
+async fn every_log_line_of_a_request_carries_its_trace_id() {
+    // The gateway's own debug logs, and a provider that fails twice: a retry
+    // line, the failure, and whatever else the request path has to say.
+    // Dependencies stay at info, and the background writers are kept quiet
+    // while the request runs: their lines (sqlx logs every statement of
+    // the health writer at debug) belong to no request.
+    let app = app()
+        .env("RUST_LOG", "info,switchyard=debug")
+        .env("SWITCHYARD_HEALTH__PERSIST_INTERVAL_SECS", "3600")
+        .env("SWITCHYARD_USAGE__FLUSH_INTERVAL_MS", "5000")
+        .spawn()
+        .await;
+    app.mock()
+        .update(|b| b.always = Some(switchyard_testkit::Fault::Status(500)));
+    let trace_id = "7d2c0f4e9b8a41c3a5e6f708192a3b4c";
+    let before = app.logs().len();
+
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    resp.text().await.unwrap();
+
+    // The request's last line is its summary, written as it answers.
+    app.wait_for_log(|l| l.contains("\"message\":\"request failed\""))
+        .await
+        .expect("the request's summary line");
+    let logs = app.logs();
+    let end = before
+        + logs[before..]
+            .iter()
+            .position(|l| l.contains("\"message\":\"request failed\""))
+            .unwrap();
+    let lines: Vec<Value> = logs[before..=end]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let messages: Vec<&str> = lines
+        .iter()
+        .map(|v| v["message"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        messages.contains(&"retrying") && lines.len() >= 2,
+        "the request logged several lines: {messages:?}"
+    );
+    for v in &lines {
+        // docs/configuration.md: every line logged inside a request lists
+        // its spans, the first being `request` with `trace_id`.
+        let root = &v["spans"][0];
+        assert_eq!(root["name"], "request", "{v}");
+        assert_eq!(root["trace_id"], trace_id, "{v}");
+    }
+}

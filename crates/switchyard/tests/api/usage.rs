@@ -29,11 +29,25 @@ async fn load(app: &TestApp, n: usize) -> u64 {
     join_all(futures).await.into_iter().sum()
 }
 
-async fn graceful_shutdown_keeps_exactly_one_row_per_completed_request(mut app: TestApp) {
+/// How the server is asked to stop.
+#[derive(Clone, Copy)]
+enum Stop {
+    Term,
+    /// ctrl-c in a terminal.
+    Int,
+}
+
+async fn graceful_shutdown_keeps_exactly_one_row_per_completed_request(
+    mut app: TestApp,
+    stop: Stop,
+) {
     let completed = load(&app, 300).await;
     assert_eq!(completed, 270);
 
-    let status = app.stop_gracefully().await;
+    let status = match stop {
+        Stop::Term => app.stop_gracefully().await,
+        Stop::Int => app.interrupt().await,
+    };
 
     assert!(
         status.success(),
@@ -61,7 +75,16 @@ async fn sqlite_graceful_shutdown_keeps_exactly_one_row_per_completed_request() 
         .env("SWITCHYARD_USAGE__FLUSH_INTERVAL_MS", "5000")
         .spawn()
         .await;
-    graceful_shutdown_keeps_exactly_one_row_per_completed_request(app).await;
+    graceful_shutdown_keeps_exactly_one_row_per_completed_request(app, Stop::Term).await;
+}
+
+#[tokio::test]
+async fn sqlite_ctrl_c_keeps_exactly_one_row_per_completed_request() {
+    let app = app()
+        .env("SWITCHYARD_USAGE__FLUSH_INTERVAL_MS", "5000")
+        .spawn()
+        .await;
+    graceful_shutdown_keeps_exactly_one_row_per_completed_request(app, Stop::Int).await;
 }
 
 #[tokio::test]
@@ -72,7 +95,7 @@ async fn postgres_graceful_shutdown_keeps_exactly_one_row_per_completed_request(
         .env("SWITCHYARD_USAGE__FLUSH_INTERVAL_MS", "5000")
         .spawn()
         .await;
-    graceful_shutdown_keeps_exactly_one_row_per_completed_request(app).await;
+    graceful_shutdown_keeps_exactly_one_row_per_completed_request(app, Stop::Term).await;
 }
 
 #[tokio::test]
@@ -188,5 +211,115 @@ async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
     assert_eq!(
         outcomes,
         [(499, Some("client_closed")), (502, Some("upstream_status"))]
+    );
+}
+
+/// The write lock of a SQLite file, held by another connection (as another
+/// process would) until dropped. In WAL mode readers still read.
+struct WriteLock(rusqlite::Connection);
+
+impl WriteLock {
+    fn take(db: &std::path::Path) -> Self {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        Self(conn)
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
+    }
+}
+
+/// A chat request that must answer 200 without waiting for the store: the
+/// bound is far above a request's time and far below the store's busy
+/// timeout (5 s), so a request that waited on the stalled store fails here.
+async fn chat_without_waiting(app: &TestApp) {
+    let resp = tokio::time::timeout(
+        Duration::from_secs(4),
+        app.post_json("/v1/chat/completions", &chat_body("gpt-4o-mini")),
+    )
+    .await
+    .expect("a chat request waited on the stalled store");
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap();
+}
+
+/// The `key=value` field of the JSON log line `message`.
+fn log_field(app: &TestApp, message: &str, field: &str) -> u64 {
+    let line = app
+        .logs()
+        .into_iter()
+        .find(|l| l.contains(message))
+        .unwrap_or_else(|| panic!("no log line {message:?}"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {line}"))
+}
+
+#[tokio::test]
+async fn a_stalled_store_delays_no_request_and_drops_only_what_the_queue_cannot_hold() {
+    // The writer takes one row at a time; two more fit in the queue.
+    let mut app = app()
+        .env("SWITCHYARD_USAGE__QUEUE_CAPACITY", "2")
+        .env("SWITCHYARD_USAGE__BATCH_SIZE", "1")
+        .spawn()
+        .await;
+    chat_without_waiting(&app).await;
+    let store = app_store(&app).await;
+    for _ in 0..250 {
+        if store.count_usage("default").await.unwrap() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.count_usage("default").await.unwrap(), 1);
+    assert_eq!(metric(&app, "switchyard_usage_queue_depth ").await, 0.0);
+    let lock = WriteLock::take(&app.dir.path().join("switchyard.db"));
+
+    // The writer blocks on the first row; the queue fills; then rows drop.
+    let mut completed = 1;
+    while metric(&app, "switchyard_usage_dropped_total").await == 0.0 {
+        assert!(completed < 50, "no row dropped after {completed} requests");
+        chat_without_waiting(&app).await;
+        completed += 1;
+    }
+    for _ in 0..5 {
+        chat_without_waiting(&app).await;
+        completed += 1;
+    }
+
+    assert_eq!(
+        metric(&app, "switchyard_usage_queue_depth ").await,
+        2.0,
+        "the queue is full while the store is stalled"
+    );
+    let dropped = metric(&app, "switchyard_usage_dropped_total").await as u64;
+    assert!(dropped >= 5, "dropped {dropped}");
+    drop(lock);
+    // The rows the writer held or queued are written once the lock is gone.
+    for _ in 0..500 {
+        if store.count_usage("default").await.unwrap() + dropped == completed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.count_usage("default").await.unwrap(),
+        completed - dropped
+    );
+    assert_eq!(
+        metric(&app, "switchyard_usage_dropped_total").await as u64,
+        dropped
+    );
+    assert_eq!(metric(&app, "switchyard_usage_queue_depth ").await, 0.0);
+    assert!(app.stop_gracefully().await.success());
+    assert_eq!(log_field(&app, "usage writer flushed", "dropped"), dropped);
+    assert_eq!(
+        log_field(&app, "usage writer flushed", "written"),
+        completed - dropped
     );
 }
