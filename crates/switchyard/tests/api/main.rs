@@ -5,6 +5,7 @@
 mod helpers;
 mod limits;
 mod local;
+mod matrix;
 
 mod anthropic;
 mod auth;
