@@ -8,6 +8,7 @@ mod local;
 mod matrix;
 
 mod anthropic;
+mod audit;
 mod auth;
 mod chat;
 mod cli;
