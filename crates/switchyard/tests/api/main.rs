@@ -12,6 +12,7 @@ mod audit;
 mod auth;
 mod chat;
 mod cli;
+mod cors;
 mod embeddings;
 mod errors;
 mod ops;
