@@ -739,7 +739,11 @@ impl Config {
             let served = r.path.starts_with("/v1/")
                 || matches!(
                     r.path.as_str(),
-                    "/functions/v1/chat" | "/health" | "/ready" | "/metrics"
+                    "/functions/v1/chat"
+                        | "/functions/v1/embed"
+                        | "/health"
+                        | "/ready"
+                        | "/metrics"
                 );
             if served || s.retired_paths[..i].iter().any(|o| o.path == r.path) {
                 return Err(ConfigError::invalid(
@@ -1118,6 +1122,11 @@ mod tests {
             ),
             (
                 "path = \"/functions/v1/chat\"\nsunset = \"2027-01-01\"",
+                "sessions.retired_paths[0].path",
+            ),
+            // Served already: the server used to panic at startup over it.
+            (
+                "path = \"/functions/v1/embed\"\nsunset = \"2027-01-01\"",
                 "sessions.retired_paths[0].path",
             ),
             (

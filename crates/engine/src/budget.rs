@@ -187,7 +187,144 @@ impl Budgets {
 
 #[cfg(test)]
 mod tests {
-    use super::month_start_ms;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use switchyard_core::config::StoreConfig;
+    use switchyard_core::identity::{
+        AuditQuery, AuditRecord, CredentialKind, KeyLimits, Principal, Role, Tenant,
+    };
+    use switchyard_store::{SqliteStore, Store};
+
+    use super::{month_start_ms, Budgets, SPEND_TTL};
+    use crate::identity::{now_ms, Identity};
+
+    async fn budgets() -> (tempfile::TempDir, Arc<dyn Store>, Budgets) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            url: format!("sqlite://{}/b.db", dir.path().display()),
+            ..StoreConfig::default()
+        };
+        let store = SqliteStore::connect(&config).await.unwrap();
+        store.migrate().await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        let identity = Identity::start(store.clone(), false, None, None)
+            .await
+            .unwrap();
+        (dir, store.clone(), Budgets::new(store, identity))
+    }
+
+    fn caller(tenant: &str, key_budget: Option<f64>) -> Principal {
+        Principal {
+            tenant_id: tenant.into(),
+            user_id: None,
+            role: Role::User,
+            kind: CredentialKind::ApiKey,
+            key_id: Some("k1".into()),
+            expires_at: None,
+            limits: KeyLimits {
+                monthly_budget_usd: key_budget,
+                ..KeyLimits::default()
+            },
+            require_signature: false,
+        }
+    }
+
+    async fn spend(store: &dyn Store, tenant: &str, key: &str, usd: f64) {
+        let mut row = switchyard_store::conformance::sample_usage(tenant, 1);
+        row.key_id = Some(key.into());
+        row.cost_usd = Some(usd);
+        row.created_at_ms = now_ms();
+        store.insert_usage(&[row]).await.unwrap();
+    }
+
+    async fn alerts(store: &dyn Store, tenant: &str) -> Vec<AuditRecord> {
+        let q = AuditQuery {
+            action: Some("budget.alert".into()),
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        store.list_audit(tenant, &q).await.unwrap()
+    }
+
+    /// Moves the clock the spend cache reads past its lifetime, so the next
+    /// check reads the spend again. Paused only for the jump: the store's
+    /// own timeouts run on real time.
+    async fn let_the_spend_cache_expire() {
+        tokio::time::pause();
+        tokio::time::advance(SPEND_TTL + Duration::from_millis(1)).await;
+        tokio::time::resume();
+    }
+
+    /// Spend at 79 % of the budget, checked again and again, records
+    /// nothing; crossing 80 % records one alert, however many requests see
+    /// it; more spend in the month records no other (issue 4, item 7).
+    async fn the_alert_is_written_once_when_spend_crosses_80_percent(
+        scope: &str,
+        tenant_budget: Option<f64>,
+        key_budget: Option<f64>,
+    ) {
+        let (_dir, store, budgets) = budgets().await;
+        let tenant = Tenant {
+            id: "t".into(),
+            name: "t".into(),
+            monthly_budget_usd: tenant_budget,
+            limits: Default::default(),
+            created_at_ms: now_ms(),
+        };
+        store.create_tenant(&tenant).await.unwrap();
+        let who = caller("t", key_budget);
+        let budget = tenant_budget.or(key_budget).unwrap();
+
+        spend(&*store, "t", "k1", 0.79 * budget).await;
+        for _ in 0..3 {
+            budgets.check(&who, now_ms()).await.unwrap();
+            let_the_spend_cache_expire().await;
+        }
+        assert!(
+            alerts(&*store, "t").await.is_empty(),
+            "{scope}: 79 % is under"
+        );
+
+        spend(&*store, "t", "k1", 0.02 * budget).await;
+        let_the_spend_cache_expire().await;
+        for _ in 0..3 {
+            budgets.check(&who, now_ms()).await.unwrap();
+        }
+        spend(&*store, "t", "k1", 0.1 * budget).await;
+        let_the_spend_cache_expire().await;
+        budgets.check(&who, now_ms()).await.unwrap();
+
+        let written = alerts(&*store, "t").await;
+        assert_eq!(written.len(), 1, "{scope}: {written:?}");
+        assert_eq!(written[0].detail["scope"], scope);
+        assert_eq!(written[0].detail["threshold"], 0.8);
+        let spent = written[0].detail["spent_usd"].as_f64().unwrap();
+        assert!((spent - 0.81 * budget).abs() < 1e-9, "{scope}: {spent}");
+        let target = if scope == "key" { "key:k1" } else { "tenant:t" };
+        assert_eq!(written[0].target.as_deref(), Some(target));
+    }
+
+    #[tokio::test]
+    async fn a_key_budget_alerts_once_when_spend_crosses_80_percent() {
+        the_alert_is_written_once_when_spend_crosses_80_percent("key", None, Some(2.0)).await;
+    }
+
+    #[tokio::test]
+    async fn a_tenant_budget_alerts_once_when_spend_crosses_80_percent() {
+        the_alert_is_written_once_when_spend_crosses_80_percent("tenant", Some(5.0), None).await;
+    }
+
+    #[tokio::test]
+    async fn spend_of_exactly_80_percent_alerts() {
+        let (_dir, store, budgets) = budgets().await;
+        let who = caller("default", Some(1.0));
+        spend(&*store, "default", "k1", 0.8).await;
+
+        budgets.check(&who, now_ms()).await.unwrap();
+
+        assert_eq!(alerts(&*store, "default").await.len(), 1);
+    }
 
     #[test]
     fn the_month_starts_on_the_first_at_midnight_utc() {

@@ -11,6 +11,8 @@ use switchyard_core::limits::Rate;
 
 use super::*;
 
+mod check_all;
+
 fn rate(s: &str) -> Rate {
     s.parse().unwrap()
 }

@@ -3,6 +3,7 @@
 //! the CLI (they are enforced in the engine). Errors use the native shape
 //! `{"error":{"code","message","details"}}`.
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -421,45 +422,94 @@ pub async fn invalidate_auth_cache(
     }
 }
 
+/// The audit listing's query. Numbers are read as text and parsed here, so
+/// a malformed one is a native 400 naming it rather than axum's plain-text
+/// rejection.
 #[derive(Deserialize)]
 pub struct AuditParams {
     tenant_id: Option<String>,
     action: Option<String>,
     actor: Option<String>,
     /// Unix seconds, inclusive.
-    since: Option<i64>,
+    since: Option<String>,
     /// Unix seconds, exclusive.
-    until: Option<i64>,
+    until: Option<String>,
     cursor: Option<String>,
-    limit: Option<u32>,
+    limit: Option<String>,
+}
+
+const MAX_AUDIT_PAGE: u32 = 500;
+
+/// `field` parsed as a `T`, or a 400 naming it and saying what it must be.
+#[allow(clippy::result_large_err)] // the error is the finished response, on the cold path
+fn query_number<T: std::str::FromStr>(
+    field: &str,
+    value: Option<&str>,
+    what: &str,
+) -> Result<Option<T>, Response> {
+    value
+        .map(|v| {
+            v.trim().parse::<T>().map_err(|_| {
+                native(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    &format!("`{field}` must be {what}."),
+                    json!({"field": field}),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The tenant asked for and the store query, or the 400 to answer.
+#[allow(clippy::result_large_err)] // the error is the finished response, on the cold path
+fn audit_query(p: AuditParams) -> Result<(Option<String>, AuditQuery), Response> {
+    let limit_rule = format!("a whole number between 1 and {MAX_AUDIT_PAGE}");
+    let limit = query_number::<u32>("limit", p.limit.as_deref(), &limit_rule)?.unwrap_or(50);
+    if !(1..=MAX_AUDIT_PAGE).contains(&limit) {
+        return Err(native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("`limit` must be {limit_rule}."),
+            json!({"field": "limit"}),
+        ));
+    }
+    let since = query_number::<i64>("since", p.since.as_deref(), "unix seconds")?;
+    let until = query_number::<i64>("until", p.until.as_deref(), "unix seconds")?;
+    let query = AuditQuery {
+        action: p.action,
+        actor: p.actor,
+        since_ms: since.map(|s| s.saturating_mul(1000)),
+        until_ms: until.map(|s| s.saturating_mul(1000)),
+        before_id: p.cursor,
+        limit,
+    };
+    Ok((p.tenant_id, query))
 }
 
 pub async fn audit(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    Query(p): Query<AuditParams>,
+    params: Result<Query<AuditParams>, QueryRejection>,
 ) -> Response {
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return native(
+    let parsed = match params {
+        Ok(Query(p)) => audit_query(p),
+        Err(e) => Err(native(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "limit must be between 1 and 500",
-            json!({"field": "limit"}),
-        );
-    }
-    let query = AuditQuery {
-        action: p.action,
-        actor: p.actor,
-        since_ms: p.since.map(|s| s.saturating_mul(1000)),
-        until_ms: p.until.map(|s| s.saturating_mul(1000)),
-        before_id: p.cursor,
-        limit,
+            &format!("Invalid query string: {}", e.body_text()),
+            json!({}),
+        )),
     };
+    let (tenant, query) = match parsed {
+        Ok(q) => q,
+        Err(resp) => return resp,
+    };
+    let limit = query.limit;
     match state
         .identity()
-        .list_audit(&actor(&who, &ctx), p.tenant_id.as_deref(), &query)
+        .list_audit(&actor(&who, &ctx), tenant.as_deref(), &query)
         .await
     {
         Ok(rows) => {

@@ -449,6 +449,79 @@ async fn a_spent_monthly_budget_refuses_model_calls_and_80_percent_is_audited() 
     assert_eq!(models.status(), StatusCode::OK);
 }
 
+/// Over HTTP, for a key budget and a tenant budget: spend at 79 % never
+/// alerts, however many requests see it; spend past 80 % alerts once, not
+/// once per request. (Crossing on one subject, which needs the spend cache
+/// to expire, is in the engine's budget tests on a controlled clock.)
+#[tokio::test]
+async fn a_budget_alert_is_audited_once_past_80_percent_and_never_below() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let audit = |tenant: &'static str| {
+        let req = app
+            .client
+            .get(app.url(&format!(
+                "/v1/admin/audit?action=budget.alert&tenant_id={tenant}"
+            )))
+            .bearer_auth(ADMIN);
+        async move {
+            let v: Value = req.send().await.unwrap().json().await.unwrap();
+            v["data"].as_array().unwrap().clone()
+        }
+    };
+    let chat = |key: String| {
+        let req = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"));
+        async move { req.send().await.unwrap().status() }
+    };
+    for (tenant, budget) in [("under", 10.0), ("over", 10.0)] {
+        let t = app
+            .client
+            .post(app.url("/v1/admin/tenants"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"id": tenant, "monthly_budget_usd": budget}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(t.status(), StatusCode::CREATED);
+    }
+    let key = |name: &str, tenant: &str, budget: Option<f64>| json!({"name": name, "tenant_id": tenant, "limits": {"monthly_budget_usd": budget}});
+    // Key budgets of $1 in tenant `default` (no tenant budget).
+    let key_under = post_key(&app, key("79 %", "default", Some(1.0))).await;
+    let key_over = post_key(&app, key("81 %", "default", Some(1.0))).await;
+    spend(&app, "default", key_under["id"].as_str(), 0.79).await;
+    spend(&app, "default", key_over["id"].as_str(), 0.81).await;
+    // Tenant budgets of $10, spent by another key of the tenant.
+    let in_under = post_key(&app, key("in under", "under", None)).await;
+    let in_over = post_key(&app, key("in over", "over", None)).await;
+    spend(&app, "under", Some("earlier-key"), 7.9).await;
+    spend(&app, "over", Some("earlier-key"), 8.1).await;
+
+    for k in [&key_under, &key_over, &in_under, &in_over] {
+        for _ in 0..4 {
+            assert_eq!(
+                chat(k["key"].as_str().unwrap().to_owned()).await,
+                StatusCode::OK
+            );
+        }
+    }
+
+    let alerts = audit("default").await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(
+        alerts[0]["target"],
+        format!("key:{}", key_over["id"].as_str().unwrap())
+    );
+    assert_eq!(alerts[0]["detail"]["scope"], "key");
+    assert!(audit("under").await.is_empty());
+    let alerts = audit("over").await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["target"], "tenant:over");
+    assert_eq!(alerts[0]["detail"]["spent_usd"], 8.1);
+}
+
 #[tokio::test]
 async fn repeated_authentication_failures_from_one_address_are_limited_and_audited() {
     let app = app()

@@ -5,12 +5,15 @@
 mod helpers;
 mod limits;
 mod local;
+mod matrix;
 
 mod anthropic;
+mod audit;
 mod auth;
 mod breaker;
 mod chat;
 mod cli;
+mod cors;
 mod embeddings;
 mod errors;
 mod ops;
