@@ -89,7 +89,10 @@ pub(crate) async fn native_body<T: serde::de::DeserializeOwned>(
 }
 
 /// Parses JSON into `T`; a failure is a native 400 naming the field.
-#[allow(clippy::result_large_err)] // the error is the finished response, on the cold path
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the finished response, on the cold path"
+)]
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -441,7 +444,10 @@ pub struct AuditParams {
 const MAX_AUDIT_PAGE: u32 = 500;
 
 /// `field` parsed as a `T`, or a 400 naming it and saying what it must be.
-#[allow(clippy::result_large_err)] // the error is the finished response, on the cold path
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the finished response, on the cold path"
+)]
 fn query_number<T: std::str::FromStr>(
     field: &str,
     value: Option<&str>,
@@ -462,7 +468,10 @@ fn query_number<T: std::str::FromStr>(
 }
 
 /// The tenant asked for and the store query, or the 400 to answer.
-#[allow(clippy::result_large_err)] // the error is the finished response, on the cold path
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the finished response, on the cold path"
+)]
 fn audit_query(p: AuditParams) -> Result<(Option<String>, AuditQuery), Response> {
     let limit_rule = format!("a whole number between 1 and {MAX_AUDIT_PAGE}");
     let limit = query_number::<u32>("limit", p.limit.as_deref(), &limit_rule)?.unwrap_or(50);
