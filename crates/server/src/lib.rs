@@ -215,7 +215,18 @@ pub fn router(state: AppState) -> Router {
             observe::observe,
         ));
     let router = match cors_layer(&state.inner.security) {
-        Some(cors) => router.layer(cors),
+        // The CORS layer answers preflights itself, before `observe` (whose
+        // authentication a preflight, which carries no credentials, would
+        // fail), so their security headers are added around it.
+        Some(cors) => {
+            let hsts = state.inner.security.hsts;
+            router.layer(cors).layer(axum::middleware::map_response(
+                move |mut resp: axum::response::Response| async move {
+                    observe::security_headers(resp.headers_mut(), hsts);
+                    resp
+                },
+            ))
+        }
         None => router,
     };
     router.with_state(state)

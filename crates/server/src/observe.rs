@@ -108,7 +108,7 @@ pub async fn observe(
 }
 
 /// The security headers every response carries.
-fn security_headers(headers: &mut axum::http::HeaderMap, hsts: bool) {
+pub(crate) fn security_headers(headers: &mut axum::http::HeaderMap, hsts: bool) {
     use axum::http::header;
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,

@@ -76,6 +76,8 @@ async fn a_configured_origin_is_allowed_and_another_is_not_on_preflights_and_ref
     let pre = preflight(&app, "https://app.example").await;
     assert!(pre.status().is_success(), "{}", pre.status());
     assert_eq!(allows(&pre), Some("https://app.example"));
+    // Answered by the CORS layer itself, it still carries them.
+    assert_security_headers(&pre, "preflight");
     let methods = pre.headers()["access-control-allow-methods"]
         .to_str()
         .unwrap();
