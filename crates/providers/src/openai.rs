@@ -17,7 +17,7 @@ use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::{EncodingFormat, Usage};
 
 use crate::sse::SseParser;
-use crate::upstream::{parse_url, secret_header, Upstream, UpstreamResponse};
+use crate::upstream::{parse_url, secret_header, Scrubber, Upstream, UpstreamResponse};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
@@ -130,21 +130,26 @@ impl ChatProvider for OpenAiProvider {
             .upstream
             .post(&self.chat_url, body, call.timeout)
             .await?;
-        Ok(ChatReply::Stream(chunk_stream(resp)))
+        Ok(ChatReply::Stream(chunk_stream(
+            resp,
+            self.upstream.scrubber(),
+        )))
     }
 }
 
 struct StreamState {
     resp: UpstreamResponse,
     parser: SseParser,
+    scrubber: Scrubber,
     eof: bool,
     finished: bool,
 }
 
-fn chunk_stream(resp: UpstreamResponse) -> ChunkStream {
+fn chunk_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
     let state = StreamState {
         resp,
         parser: SseParser::new(),
+        scrubber,
         eof: false,
         finished: false,
     };
@@ -165,6 +170,12 @@ fn chunk_stream(resp: UpstreamResponse) -> ChunkStream {
                 if ev.data.is_empty() {
                     continue;
                 }
+                if let Some(e) = in_band_error(&ev.data, &st.scrubber) {
+                    // Whatever follows (often `[DONE]`) would make the
+                    // failed stream look complete.
+                    st.finished = true;
+                    return Some((Err(e), st));
+                }
                 return Some((Ok(ev.data), st));
             }
             if st.eof {
@@ -181,6 +192,79 @@ fn chunk_stream(resp: UpstreamResponse) -> ChunkStream {
             }
         }
     }))
+}
+
+/// An error that an OpenAI-compatible server sends inside a stream it has
+/// already answered 200 (vLLM's `data: {"error":{…}}` before `[DONE]`,
+/// OpenRouter's chunk with an `error` beside `finish_reason: "error"`): the
+/// stream has failed, as if the server had answered the error's status. So
+/// one that comes before the first chunk fails over like any other failure,
+/// and one that comes later ends the client's stream with an error event
+/// instead of being relayed as a chunk and followed by `[DONE]`.
+///
+/// A chunk is only parsed when `"error"` appears in it unescaped, which in
+/// valid JSON means a key or the string `"error"` (a text delta that says
+/// "error" escapes its quotes).
+fn in_band_error(data: &Bytes, scrubber: &Scrubber) -> Option<ProviderError> {
+    static NEEDLE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
+    NEEDLE.find(data)?;
+    #[derive(Deserialize)]
+    struct Probe {
+        error: Option<Value>,
+    }
+    let error = serde_json::from_slice::<Probe>(data).ok()?.error?;
+    let status = in_band_status(&error)?;
+    let error = match error {
+        Value::Object(_) => error,
+        // Some servers send only a message.
+        other => {
+            serde_json::json!({"message": other, "type": "server_error", "param": null, "code": null})
+        }
+    };
+    let body = serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
+    Some(ProviderError::Status {
+        status,
+        body: scrubber.scrub(Bytes::from(body)),
+        retry_after: None,
+    })
+}
+
+/// The status an in-band error stands for: its numeric `code` when that is
+/// an HTTP error status, else what its `type` or `code` names; `None` when
+/// `error` is empty (`null`, `false`, `{}`), which is no error.
+fn in_band_status(error: &Value) -> Option<u16> {
+    match error {
+        Value::Null | Value::Bool(false) => None,
+        Value::Object(o) if o.is_empty() => None,
+        Value::Object(o) => {
+            let numeric = o.get("code").and_then(|c| {
+                c.as_u64()
+                    .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
+            });
+            if let Some(code) = numeric.and_then(|c| u16::try_from(c).ok()) {
+                if (400..600).contains(&code) {
+                    return Some(code);
+                }
+            }
+            let names = ["type", "code"]
+                .iter()
+                .filter_map(|k| o.get(*k).and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let status = if names.contains("rate_limit") {
+                429
+            } else if names.contains("overloaded") {
+                503
+            } else if names.contains("invalid_request") || names.contains("context_length") {
+                400
+            } else {
+                500
+            };
+            Some(status)
+        }
+        _ => Some(500),
+    }
 }
 
 #[async_trait]
@@ -295,6 +379,90 @@ mod tests {
         assert_eq!(
             raw,
             [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat()
+        );
+    }
+
+    fn in_band(chunk: &str) -> Option<(u16, Value)> {
+        let scrubber = Scrubber::default();
+        match in_band_error(&Bytes::from(chunk.to_owned()), &scrubber)? {
+            ProviderError::Status { status, body, .. } => {
+                Some((status, serde_json::from_slice(&body).unwrap()))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ordinary_chunks_are_no_error_even_when_their_text_says_error() {
+        for chunk in [
+            r#"{"choices":[{"index":0,"delta":{"content":"an error"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"\"error\": 1"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"error\":true}"}}]}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1},"error":null}"#,
+            r#"{"choices":[],"error":{}}"#,
+        ] {
+            assert_eq!(in_band(chunk), None, "{chunk}");
+        }
+    }
+
+    #[test]
+    fn in_band_errors_carry_the_status_they_stand_for() {
+        // vLLM: the status in `code`.
+        let (status, body) = in_band(
+            r#"{"error":{"object":"error","message":"too long","type":"BadRequestError","param":null,"code":400}}"#,
+        )
+        .unwrap();
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["message"], "too long");
+        // OpenRouter: beside the chunk's choices, the status as a number.
+        let (status, _) = in_band(
+            r#"{"id":"x","object":"chat.completion.chunk","error":{"code":502,"message":"Provider disconnected"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(status, 502);
+        // OpenAI's own shape, by type or code name.
+        for (error, want) in [
+            (
+                r#"{"message":"m","type":"server_error","param":null,"code":null}"#,
+                500,
+            ),
+            (
+                r#"{"message":"m","type":"requests","code":"rate_limit_exceeded"}"#,
+                429,
+            ),
+            (r#"{"message":"m","type":"overloaded_error"}"#, 503),
+            (
+                r#"{"message":"m","type":"invalid_request_error","code":"context_length_exceeded"}"#,
+                400,
+            ),
+            (r#"{"message":"m","code":"529"}"#, 529),
+        ] {
+            let (status, _) = in_band(&format!(r#"{{"error":{error}}}"#)).unwrap();
+            assert_eq!(status, want, "{error}");
+        }
+        // Only a message: still an error, in OpenAI's shape.
+        let (status, body) = in_band(r#"{"error":"the model crashed"}"#).unwrap();
+        assert_eq!(status, 500);
+        assert_eq!(body["error"]["message"], "the model crashed");
+        assert_eq!(body["error"]["type"], "server_error");
+    }
+
+    #[test]
+    fn an_in_band_error_is_scrubbed_of_the_key() {
+        let scrubber = Scrubber::for_key("sk-secret-123");
+        let e = in_band_error(
+            &Bytes::from_static(br#"{"error":{"message":"bad key sk-secret-123","code":401}}"#),
+            &scrubber,
+        )
+        .unwrap();
+        let ProviderError::Status { status, body, .. } = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(status, 401);
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            !text.contains("sk-secret-123") && text.contains("[redacted]"),
+            "{text}"
         );
     }
 }

@@ -40,7 +40,38 @@ pub(crate) struct Upstream {
     /// `headers` and `Content-Type: application/json`.
     post_headers: HeaderMap,
     /// Kept only to scrub it from anything the provider echoes back.
-    key: Option<SecretString>,
+    key: Scrubber,
+}
+
+/// Removes the provider key from text the provider sent back; cheap to
+/// clone into a stream.
+#[derive(Clone, Default)]
+pub(crate) struct Scrubber(Option<std::sync::Arc<SecretString>>);
+
+impl Scrubber {
+    #[cfg(test)]
+    pub(crate) fn for_key(key: &str) -> Self {
+        Self(Some(std::sync::Arc::new(SecretString::from(
+            key.to_owned(),
+        ))))
+    }
+
+    pub(crate) fn scrub(&self, body: Bytes) -> Bytes {
+        let Some(key) = &self.0 else { return body };
+        let key = key.expose_secret().as_bytes();
+        if key.is_empty() || memchr::memmem::find(&body, key).is_none() {
+            return body;
+        }
+        let mut out = Vec::with_capacity(body.len());
+        let mut rest = &body[..];
+        while let Some(i) = memchr::memmem::find(rest, key) {
+            out.extend_from_slice(&rest[..i]);
+            out.extend_from_slice(b"[redacted]");
+            rest = &rest[i + key.len()..];
+        }
+        out.extend_from_slice(rest);
+        Bytes::from(out)
+    }
 }
 
 /// Parsed once at startup, `http` or `https` with a host.
@@ -168,7 +199,7 @@ impl Upstream {
             direct_h1,
             headers,
             post_headers,
-            key: config.api_key.clone(),
+            key: Scrubber(config.api_key.clone().map(std::sync::Arc::new)),
         })
     }
 
@@ -270,20 +301,12 @@ impl Upstream {
 
     /// Removes the provider key from text the provider sent back.
     pub(crate) fn scrub(&self, body: Bytes) -> Bytes {
-        let Some(key) = &self.key else { return body };
-        let key = key.expose_secret().as_bytes();
-        if key.is_empty() || memchr::memmem::find(&body, key).is_none() {
-            return body;
-        }
-        let mut out = Vec::with_capacity(body.len());
-        let mut rest = &body[..];
-        while let Some(i) = memchr::memmem::find(rest, key) {
-            out.extend_from_slice(&rest[..i]);
-            out.extend_from_slice(b"[redacted]");
-            rest = &rest[i + key.len()..];
-        }
-        out.extend_from_slice(rest);
-        Bytes::from(out)
+        self.key.scrub(body)
+    }
+
+    /// The same, for a stream that outlives this borrow.
+    pub(crate) fn scrubber(&self) -> Scrubber {
+        self.key.clone()
     }
 }
 

@@ -73,8 +73,10 @@ pub enum Fault {
     EchoAuthorization,
     /// Stream the whole answer but close without `[DONE]`.
     NoDone,
-    /// Anthropic streams only: send this many events, then an `error` event
-    /// (`overloaded_error`, as Anthropic does mid-stream) and end the stream.
+    /// Send this many events of a stream, then an error in the stream:
+    /// Anthropic's `error` event (`overloaded_error`), or for OpenAI's shape
+    /// a `data:` line holding an `{"error":{…}}` object followed by
+    /// `[DONE]`, as vLLM and other OpenAI-compatible servers send.
     ErrorEventAfter(usize),
 }
 
@@ -486,6 +488,13 @@ fn stream_response(
     hold: tokio::sync::watch::Receiver<bool>,
 ) -> Response {
     let mut frames: Vec<String> = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+    if let Some(Fault::ErrorEventAfter(n)) = fault {
+        frames.truncate(n);
+        frames.push(format!(
+            "data: {}\n\n",
+            json!({"error": {"message": "mock: the server is overloaded mid-stream", "type": "server_error", "param": null, "code": 503}})
+        ));
+    }
     frames.push("data: [DONE]\n\n".to_owned());
     stream_frames(frames, behavior, fault, hold)
 }

@@ -249,6 +249,64 @@ async fn a_stream_cut_after_its_first_chunk_ends_with_an_error_event_and_no_fail
     assert_eq!(primary.calls(), 1);
 }
 
+/// vLLM and other OpenAI-compatible servers report a failure inside a
+/// stream they already answered 200: `data: {"error":{…}}`, then `[DONE]`.
+#[tokio::test]
+async fn an_error_inside_a_stream_before_its_first_chunk_fails_over() {
+    let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
+    primary.push_fault(Fault::ErrorEventAfter(0));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("smart", false))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+    let data = sse_data(&resp.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    assert!(
+        data.iter().all(|d| !d.contains("\"error\"")),
+        "the primary's error reached the client: {data:?}"
+    );
+    assert_eq!((primary.calls(), fallback.calls()), (1, 1));
+}
+
+#[tokio::test]
+async fn an_error_inside_a_stream_after_its_first_chunk_ends_it_with_an_error_event_not_done() {
+    let (mut app, primary, fallback) = two_deployments("").await;
+    primary.push_fault(Fault::ErrorEventAfter(2));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("smart", false))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    let data = sse_data(&resp.text().await.unwrap());
+    // Two chunks, then Switchyard's error event: not the provider's error
+    // relayed as a chunk, and no `[DONE]` after it.
+    assert_eq!(data.len(), 3, "{data:?}");
+    for chunk in &data[..2] {
+        let c: Value = serde_json::from_str(chunk).unwrap();
+        assert_eq!(c["object"], "chat.completion.chunk", "{chunk}");
+    }
+    let last: Value = serde_json::from_str(&data[2]).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_status", "{last}");
+    assert_eq!(last["error"]["type"], "upstream_error", "{last}");
+    assert_eq!(fallback.calls(), 0, "a committed stream is never retried");
+    app.stop_gracefully().await;
+    let rows = app_store(&app)
+        .await
+        .list_usage("default", 10)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].status, rows[0].error_code.as_deref()),
+        (502, Some("upstream_status")),
+        "the usage row records the failure"
+    );
+}
+
 #[tokio::test]
 async fn a_stream_that_fails_before_its_first_byte_is_served_by_the_fallback() {
     let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
