@@ -21,6 +21,8 @@ declare -A ENVS=(
   [logwarn+nousage]="RUST_LOG=warn SWITCHYARD_USAGE__ENABLED=false"
   # no database writes on the request path at all: usage rows and trace events off
   [nowrites]="SWITCHYARD_USAGE__ENABLED=false SWITCHYARD_EVENTS__ENABLED=false"
+  # no background work at all: no database writes and no per-request log line
+  [quiet]="RUST_LOG=warn SWITCHYARD_USAGE__ENABLED=false SWITCHYARD_EVENTS__ENABLED=false"
   # the writers' old 100 ms batches (the default is 10 ms since 2026-12-02)
   [flush100]="SWITCHYARD_USAGE__FLUSH_INTERVAL_MS=100 SWITCHYARD_EVENTS__FLUSH_INTERVAL_MS=100"
   [workers1]="TOKIO_WORKER_THREADS=1"
@@ -28,6 +30,11 @@ declare -A ENVS=(
   # usage ON, but every insert the same one-row statement (tests the prepared-statement-cache theory for RSS)
   [batch1]="SWITCHYARD_USAGE__BATCH_SIZE=1"
   [batch32]="SWITCHYARD_USAGE__BATCH_SIZE=32"
+  # small groups committed often, and checkpoints often (each piece short)
+  [b8f1]="SWITCHYARD_USAGE__BATCH_SIZE=8 SWITCHYARD_USAGE__FLUSH_INTERVAL_MS=1"
+  [b8f1c5]="SWITCHYARD_USAGE__BATCH_SIZE=8 SWITCHYARD_USAGE__FLUSH_INTERVAL_MS=1 SWITCHYARD_STORE__SQLITE_CHECKPOINT_INTERVAL_MS=5"
+  [b16f2c10]="SWITCHYARD_USAGE__BATCH_SIZE=16 SWITCHYARD_USAGE__FLUSH_INTERVAL_MS=2 SWITCHYARD_STORE__SQLITE_CHECKPOINT_INTERVAL_MS=10"
+  [c5]="SWITCHYARD_STORE__SQLITE_CHECKPOINT_INTERVAL_MS=5"
 )
 ORDER="base logwarn nousage logwarn+nousage workers1 workers1+logwarn+nousage"
 mkdir -p "$BASE"
