@@ -544,7 +544,21 @@ impl Identity {
         }
     }
 
-    pub fn cache_stats(&self) -> CacheStats {
+    /// The cache's figures. They cover every tenant's credentials on this
+    /// instance, so only an operator reads them.
+    pub fn cache_stats(&self, actor: &Actor) -> Result<CacheStats, IdentityError> {
+        actor.require_admin()?;
+        if !actor.is_operator() {
+            return Err(IdentityError::Forbidden(
+                "the credential cache's figures cover every tenant: only an operator (an admin of tenant `default`) reads them",
+            ));
+        }
+        Ok(self.inner.cache.stats())
+    }
+
+    /// [`Self::cache_stats`] without the check, for tests.
+    #[cfg(test)]
+    pub(crate) fn cache_stats_unchecked(&self) -> CacheStats {
         self.inner.cache.stats()
     }
 

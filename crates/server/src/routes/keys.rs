@@ -385,8 +385,15 @@ pub async fn list_tenants(
     }
 }
 
-pub async fn auth_cache(State(state): State<AppState>) -> Response {
-    Json(json!(state.identity().cache_stats())).into_response()
+pub async fn auth_cache(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+) -> Response {
+    match state.identity().cache_stats(&actor(&who, &ctx)) {
+        Ok(stats) => Json(json!(stats)).into_response(),
+        Err(e) => identity_error(e),
+    }
 }
 
 #[derive(Deserialize)]

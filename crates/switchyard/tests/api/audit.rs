@@ -71,7 +71,8 @@ fn stats(size: u64, hits: u64, misses: u64) -> Value {
 // ---- the credential cache ------------------------------------------------
 
 #[tokio::test]
-async fn the_credential_cache_reports_its_size_and_hit_rate_and_only_the_operator_empties_it() {
+async fn the_credential_cache_reports_its_size_and_hit_rate_and_only_the_operator_reads_or_empties_it(
+) {
     let app = spawn().await;
 
     // Each request authenticates once: the first use of a credential is a
@@ -120,6 +121,10 @@ async fn the_credential_cache_reports_its_size_and_hit_rate_and_only_the_operato
     .await;
     assert_eq!(s, 403, "{refused}");
     assert_eq!(refused["error"]["code"], "forbidden");
+    // Nor read figures that count every tenant's credentials (a hit).
+    let (s, refused, _) = send(&app, Method::GET, "/v1/admin/auth-cache", &acme, None).await;
+    assert_eq!(s, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "forbidden");
     assert_eq!(
         get(&app, "/v1/admin/auth-cache", OPERATOR).await["size"],
         3,
@@ -140,7 +145,7 @@ async fn the_credential_cache_reports_its_size_and_hit_rate_and_only_the_operato
     // a miss.
     assert_eq!(
         get(&app, "/v1/admin/auth-cache", OPERATOR).await,
-        stats(1, 8, 5)
+        stats(1, 9, 5)
     );
     assert_eq!(
         chat(&app, &user).await,
