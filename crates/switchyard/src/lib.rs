@@ -236,42 +236,7 @@ impl Application {
             tracing::info!("shutting down: no new connections; waiting for requests in flight");
             notify.notify_one();
         };
-        let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
-            match self.tls {
-                Some((acceptor, handshake)) => {
-                    let listener = tls::TlsListener::new(self.listener, acceptor, handshake)?;
-                    let router = self.router;
-                    // What `into_make_service_with_connect_info` gives a TCP
-                    // listener: the peer's address in every request.
-                    let app = tower::service_fn(
-                        move |conn: axum::serve::IncomingStream<'_, tls::TlsListener>| {
-                            let peer = axum::extract::ConnectInfo(*conn.remote_addr());
-                            let svc = tower::Layer::layer(&axum::Extension(peer), router.clone());
-                            std::future::ready(Ok::<_, std::convert::Infallible>(svc))
-                        },
-                    );
-                    Box::pin(
-                        axum::serve(listener, app)
-                            .with_graceful_shutdown(signal)
-                            .into_future(),
-                    )
-                }
-                None => {
-                    // Small SSE frames must leave at once: Nagle's algorithm
-                    // would hold each one until the client's delayed ACK (~40 ms).
-                    let listener = self.listener.tap_io(|tcp| {
-                        let _ = tcp.set_nodelay(true);
-                    });
-                    let app = self
-                        .router
-                        .into_make_service_with_connect_info::<SocketAddr>();
-                    Box::pin(
-                        axum::serve(listener, app)
-                            .with_graceful_shutdown(signal)
-                            .into_future(),
-                    )
-                }
-            };
+        let serve = serve(self.listener, self.router, self.tls, signal)?;
         let grace = self.grace;
         tokio::select! {
             r = serve => r.context("serving")?,
@@ -294,6 +259,48 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// `axum::serve` over plain TCP, or over TLS when `server.tls` is set, until
+/// `signal` resolves and the requests in flight have finished.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>> {
+    Ok(match tls {
+        Some((acceptor, handshake)) => {
+            let listener = tls::TlsListener::new(listener, acceptor, handshake)?;
+            // What `into_make_service_with_connect_info` gives a TCP
+            // listener: the peer's address in every request.
+            let app = tower::service_fn(
+                move |conn: axum::serve::IncomingStream<'_, tls::TlsListener>| {
+                    let peer = axum::extract::ConnectInfo(*conn.remote_addr());
+                    let svc = tower::Layer::layer(&axum::Extension(peer), router.clone());
+                    std::future::ready(Ok::<_, std::convert::Infallible>(svc))
+                },
+            );
+            Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .into_future(),
+            )
+        }
+        None => {
+            // Small SSE frames must leave at once: Nagle's algorithm would
+            // hold each one until the client's delayed ACK (~40 ms).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(signal)
+                    .into_future(),
+            )
+        }
+    })
 }
 
 /// This machine's name, for the default instance id.
