@@ -48,6 +48,16 @@ impl MockProcess {
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+
+    /// Posts a chat request, streamed or not.
+    async fn chat(&self, stream: bool) -> reqwest::Response {
+        client()
+            .post(self.url("/v1/chat/completions"))
+            .json(&chat(stream))
+            .send()
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for MockProcess {
@@ -73,26 +83,12 @@ async fn the_binary_serves_chat_streams_and_embeddings_on_the_address_it_is_give
     let mock = MockProcess::start(&["--reply", "Hi there friend"]);
     assert!(mock.addr.ip().is_loopback());
     assert_ne!(mock.addr.port(), 0);
-    let http = client();
 
-    let plain: Value = http
-        .post(mock.url("/v1/chat/completions"))
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let stream = http
-        .post(mock.url("/v1/chat/completions"))
-        .json(&chat(true))
-        .send()
-        .await
-        .unwrap();
+    let plain: Value = mock.chat(false).await.json().await.unwrap();
+    let stream = mock.chat(true).await;
     let stream_type = stream.headers()["content-type"].clone();
     let stream = stream.text().await.unwrap();
-    let embeddings: Value = http
+    let embeddings: Value = client()
         .post(mock.url("/v1/embeddings"))
         .json(&json!({"model": "e", "input": ["a", "b"]}))
         .send()
@@ -129,12 +125,7 @@ async fn the_binary_serves_chat_streams_and_embeddings_on_the_address_it_is_give
 async fn the_binary_answers_every_request_with_the_status_it_is_given() {
     let mock = MockProcess::start(&["--status", "503"]);
 
-    let resp = client()
-        .post(mock.url("/v1/chat/completions"))
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = mock.chat(false).await;
 
     assert_eq!(resp.status(), 503);
     let body: Value = resp.json().await.unwrap();
@@ -146,12 +137,7 @@ async fn the_binary_answers_every_request_with_the_status_it_is_given() {
 async fn the_binary_cuts_streams_after_the_chunks_it_is_given() {
     let mock = MockProcess::start(&["--reset-after-chunks", "2"]);
 
-    let resp = client()
-        .post(mock.url("/v1/chat/completions"))
-        .json(&chat(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = mock.chat(true).await;
 
     assert_eq!(resp.status(), 200);
     let mut resp = resp;

@@ -25,17 +25,6 @@ async fn with_anthropic() -> (TestApp, MockUpstream) {
     (app, anthropic)
 }
 
-fn content_of(data: &[String]) -> String {
-    data.iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn an_anthropic_backed_alias_answers_in_openai_shape() {
     let (app, anthropic) = with_anthropic().await;
@@ -79,7 +68,7 @@ async fn an_anthropic_stream_becomes_openai_chunks_with_usage() {
 
     let data = sse_data(&resp.text().await.unwrap());
     assert_eq!(data.last().unwrap(), "[DONE]");
-    assert_eq!(content_of(&data), "Hello! How can I help you today?");
+    assert_eq!(streamed_text(&data), "Hello! How can I help you today?");
     let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 7);
     let finish: Value = serde_json::from_str(&data[data.len() - 3]).unwrap();
@@ -284,7 +273,7 @@ fn streamed(data: &[String]) -> (String, Option<String>) {
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned));
-    (content_of(data), finish)
+    (streamed_text(data), finish)
 }
 
 #[tokio::test]
@@ -420,7 +409,7 @@ async fn a_mid_stream_anthropic_error_event_ends_the_openai_stream_with_an_error
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_status", "{last}");
     assert_eq!(last["error"]["type"], "upstream_error");
-    assert_eq!(content_of(&data[..data.len() - 1]), "Hello!");
+    assert_eq!(streamed_text(&data[..data.len() - 1]), "Hello!");
     assert_eq!(
         (anthropic.calls(), app.mock().calls()),
         (1, 0),

@@ -379,14 +379,6 @@ async fn audit_query_numbers_out_of_range_or_malformed_are_refused_naming_them()
         );
     }
     for query in ["limit=1", "limit=500", "since=-5&until=99999999999999999"] {
-        let (status, body, _) = send(
-            &app,
-            Method::GET,
-            &format!("/v1/admin/audit?{query}"),
-            OPERATOR,
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{query}: {body}");
+        get(&app, &format!("/v1/admin/audit?{query}"), OPERATOR).await;
     }
 }

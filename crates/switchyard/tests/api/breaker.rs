@@ -12,22 +12,14 @@ use serde_json::Value;
 use switchyard_testkit::{Fault, TestApp};
 
 use crate::helpers::*;
-use crate::resilience::two_deployments;
 
 const PRIMARY: &str = "primary/p-model";
 
 /// Every `/metrics` line starting with `prefix`, with its value.
 async fn metric_lines(app: &TestApp, prefix: &str) -> Vec<(String, f64)> {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
+    get_text(app, "/metrics")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
@@ -62,21 +54,8 @@ async fn transitions(app: &TestApp) -> Vec<(String, f64)> {
 /// half-open); bounded, so a breaker that never cools down fails the test.
 async fn wait_for_cool_down(app: &TestApp) {
     for _ in 0..200 {
-        let body: Value = app
-            .client
-            .get(app.url("/v1/admin/providers"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let state = body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["deployment"] == PRIMARY)
-            .map(|d| d["breaker"]["state"].clone());
+        let body = get_json(app, "/v1/admin/providers").await;
+        let state = deployment(&body, PRIMARY).map(|d| d["breaker"]["state"].clone());
         if state == Some(Value::from("half_open")) {
             return;
         }
@@ -142,11 +121,6 @@ async fn the_breaker_state_gauge_and_transition_counters_follow_a_full_cycle() {
     );
 }
 
-/// The trace id of the request a log line was written in.
-fn trace_of(line: &Value) -> &str {
-    line["spans"][0]["trace_id"].as_str().unwrap_or_default()
-}
-
 #[tokio::test]
 async fn breaker_transitions_are_logged_with_the_trace_id_of_the_request_that_caused_them() {
     const OPENER: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -171,25 +145,23 @@ async fn breaker_transitions_are_logged_with_the_trace_id_of_the_request_that_ca
     let transition = |to: &'static str| {
         let app = &app;
         async move {
-            let line = app
-                .wait_for_log(|l| {
-                    l.contains("circuit breaker") && l.contains(&format!("\"to\":\"{to}\""))
-                })
-                .await
-                .unwrap_or_else(|| panic!("no transition to {to} was logged"));
-            serde_json::from_str::<Value>(&line).unwrap()
+            wait_for_log_json(app, |l| {
+                l.contains("circuit breaker") && l.contains(&format!("\"to\":\"{to}\""))
+            })
+            .await
+            .unwrap_or_else(|| panic!("no transition to {to} was logged"))
         }
     };
     let opened = transition("open").await;
     assert_eq!(opened["message"], "circuit breaker opened");
     assert_eq!(opened["deployment"], PRIMARY);
-    assert_eq!(trace_of(&opened), OPENER, "{opened}");
+    assert_eq!(log_trace_id(&opened), OPENER, "{opened}");
     let half_open = transition("half_open").await;
     assert_eq!(half_open["from"], "open");
-    assert_eq!(trace_of(&half_open), PROBE, "{half_open}");
+    assert_eq!(log_trace_id(&half_open), PROBE, "{half_open}");
     let closed = transition("closed").await;
     assert_eq!(closed["from"], "half_open");
-    assert_eq!(trace_of(&closed), PROBE, "{closed}");
+    assert_eq!(log_trace_id(&closed), PROBE, "{closed}");
 }
 
 #[tokio::test]

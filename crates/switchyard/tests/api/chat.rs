@@ -100,15 +100,7 @@ async fn the_model_list_shows_the_configured_aliases() {
     assert_eq!(ids, ["gpt-4o-mini", "text-embedding-3-small"]);
     assert_eq!(body["data"][0]["object"], "model");
     assert_eq!(body["data"][0]["owned_by"], "mock");
-    let one: Value = app
-        .client
-        .get(app.url("/v1/models/gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = get_json(&app, "/v1/models/gpt-4o-mini").await;
     assert_eq!(one["id"], "gpt-4o-mini");
     let missing = app
         .client

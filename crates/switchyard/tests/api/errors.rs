@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 use switchyard_testkit::app::MOCK_PROVIDER_KEY;
-use switchyard_testkit::Fault;
+use switchyard_testkit::{Fault, TestApp};
 
 use crate::helpers::*;
 
@@ -32,20 +32,24 @@ async fn an_unknown_model_is_404_naming_the_model() {
     assert_error(resp, 404, "model_not_found").await;
 }
 
+/// Posts `body` to `path` as it is, labelled JSON.
+async fn post_raw_json(app: &TestApp, path: &str, body: &'static str) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn malformed_json_is_400_saying_what_is_wrong_and_where() {
     let app = spawn().await;
 
     let mut bodies = Vec::new();
     for path in ["/v1/chat/completions", "/v1/embeddings"] {
-        let resp = app
-            .client
-            .post(app.url(path))
-            .header("content-type", "application/json")
-            .body("{\"model\": \"gpt-4o-mini\",")
-            .send()
-            .await
-            .unwrap();
+        let resp = post_raw_json(&app, path, "{\"model\": \"gpt-4o-mini\",").await;
         bodies.push(assert_error(resp, 400, "invalid_json").await);
     }
 
@@ -62,27 +66,18 @@ async fn malformed_json_is_400_saying_what_is_wrong_and_where() {
     }
     "#);
     assert_eq!(bodies[1], bodies[0]);
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body("{\"model\": \"gpt-4o-mini\",\n \"messages\": [}")
-        .send()
-        .await
-        .unwrap();
+    let resp = post_raw_json(
+        &app,
+        "/v1/chat/completions",
+        "{\"model\": \"gpt-4o-mini\",\n \"messages\": [}",
+    )
+    .await;
     let body = assert_error(resp, 400, "invalid_json").await;
     assert_eq!(
         body["error"]["message"],
         "We could not parse the JSON body of your request: expected value at line 2 column 15."
     );
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body("[1]")
-        .send()
-        .await
-        .unwrap();
+    let resp = post_raw_json(&app, "/v1/chat/completions", "[1]").await;
     let body = assert_error(resp, 400, "invalid_json").await;
     assert_eq!(
         body["error"]["message"],
@@ -323,14 +318,12 @@ async fn the_provider_key_never_appears_in_a_response_a_log_line_an_event_or_a_u
         .update(|b| b.always = Some(Fault::EchoAuthorization));
     let trace_id = "5c1e7e0b2f3a4d6e8f9a0b1c2d3e4f50";
 
-    let first = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-        .json(&chat_body("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap();
+    let first = chat_with_traceparent(
+        &app,
+        &chat_body("gpt-4o-mini"),
+        &format!("00-{trace_id}-00f067aa0ba902b7-01"),
+    )
+    .await;
     let status = first.status();
     let text = first.text().await.unwrap();
     let second = app
@@ -351,7 +344,7 @@ async fn the_provider_key_never_appears_in_a_response_a_log_line_an_event_or_a_u
         .to_str()
         .unwrap()
         .contains(MOCK_PROVIDER_KEY));
-    let events = trace_events(&app, trace_id).await;
+    let events = finished_trace(&app, trace_id).await.to_string();
     assert!(
         events.contains("request.error"),
         "the trace has its events: {events}"
@@ -372,36 +365,12 @@ async fn the_provider_key_never_appears_in_a_response_a_log_line_an_event_or_a_u
         .filter(|l| l.contains(MOCK_PROVIDER_KEY))
         .collect();
     assert!(leaked.is_empty(), "log lines leaked the key: {leaked:#?}");
-    let rows = app_store(&app)
-        .await
-        .list_usage("default", 10)
-        .await
-        .unwrap();
+    let rows = usage_rows(&app).await;
     assert_eq!(rows.len(), 2);
     for row in rows {
         let row = format!("{row:?}");
         assert!(!row.contains(MOCK_PROVIDER_KEY), "{row}");
     }
-}
-
-/// The body of `GET /v1/traces/{id}` once it lists the request's end (the
-/// events are written by a batched writer).
-async fn trace_events(app: &switchyard_testkit::TestApp, trace_id: &str) -> String {
-    for _ in 0..250 {
-        let resp = app
-            .client
-            .get(app.url(&format!("/v1/traces/{trace_id}")))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        if status == 200 && text.contains("request.error") {
-            return text;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("the trace {trace_id} never finished");
 }
 
 #[tokio::test]

@@ -1,8 +1,13 @@
-//! Shared helpers: spawning the app and reading SSE bodies.
+//! Shared helpers: spawning the app (alone or in front of a primary and a
+//! fallback upstream), reading SSE bodies, `/metrics`, JSON log lines,
+//! traces and the usage rows the app stored.
+
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use switchyard_testkit::{AppBuilder, TestApp};
+use switchyard_core::usage::UsageRecord;
+use switchyard_testkit::{AppBuilder, MockUpstream, TestApp};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
@@ -14,18 +19,110 @@ pub async fn spawn() -> TestApp {
     app().spawn().await
 }
 
-/// The value of the first `/metrics` line that starts with `prefix` (0 if none).
-pub async fn metric(app: &TestApp, prefix: &str) -> f64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
+/// A config routing `smart` to `primary` (at `primary_url`, with its
+/// `primary_settings`), then to `fallback`, with `resilience` settings.
+pub fn primary_then_fallback(
+    resilience: &str,
+    primary_url: &str,
+    primary_settings: &str,
+    fallback_url: &str,
+) -> String {
+    format!(
+        "[resilience]\n{resilience}\n\n\
+         [providers.primary]\nkind = \"openai\"\nbase_url = \"{primary_url}\"\n{primary_settings}\n\n\
+         [providers.fallback]\nkind = \"openai\"\nbase_url = \"{fallback_url}\"\n\n\
+         [[models.smart.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\n\n\
+         [[models.smart.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n"
+    )
+}
+
+/// A route `smart` → primary, then fallback, two real mock upstreams, with
+/// `resilience` settings; the primary's first-byte budget is 500 ms.
+pub async fn two_deployments(resilience: &str) -> (TestApp, MockUpstream, MockUpstream) {
+    let primary = MockUpstream::start().await.unwrap();
+    let fallback = MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .config(&primary_then_fallback(
+            resilience,
+            &primary.base_url(),
+            "first_byte_timeout_ms = 500",
+            &fallback.base_url(),
+        ))
+        .spawn()
+        .await;
+    (app, primary, fallback)
+}
+
+/// The body of an unauthenticated `GET path`, as text.
+pub async fn get_text(app: &TestApp, path: &str) -> String {
+    app.client
+        .get(app.url(path))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// The body of an unauthenticated `GET path`, as JSON.
+pub async fn get_json(app: &TestApp, path: &str) -> Value {
+    app.client
+        .get(app.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The entry of deployment `id` in a `/v1/admin/providers` body.
+pub fn deployment<'a>(providers: &'a Value, id: &str) -> Option<&'a Value> {
+    providers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["deployment"] == id)
+}
+
+/// Posts `body` to `/v1/chat/completions` with this `traceparent` header.
+pub async fn chat_with_traceparent(
+    app: &TestApp,
+    body: &Value,
+    traceparent: &str,
+) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/chat/completions"))
+        .header("traceparent", traceparent)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Sends `body` to `app`, giving up after `bound` (a timeout that did not
+/// fire); returns the status, the serving provider and the body.
+pub async fn send_within(app: &TestApp, body: &Value, bound: Duration) -> (u16, String, String) {
+    tokio::time::timeout(bound, async {
+        let resp = app.post_json("/v1/chat/completions", body).await;
+        let provider = resp
+            .headers()
+            .get("x-switchyard-provider")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (resp.status().as_u16(), provider, resp.text().await.unwrap())
+    })
+    .await
+    .expect("the request outlived the timeout meant to end it")
+}
+
+/// The value of the first `/metrics` line that starts with `prefix` (0 if none).
+pub async fn metric(app: &TestApp, prefix: &str) -> f64 {
+    get_text(app, "/metrics")
+        .await
+        .lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
@@ -45,6 +142,39 @@ pub fn stream_body(model: &str, include_usage: bool) -> Value {
     b
 }
 
+/// The first log line matching `pred` (waiting for it, bounded), as JSON.
+pub async fn wait_for_log_json(app: &TestApp, pred: impl Fn(&str) -> bool) -> Option<Value> {
+    let line = app.wait_for_log(pred).await?;
+    Some(serde_json::from_str(&line).unwrap())
+}
+
+/// The trace id of the request a JSON log line was written in.
+pub fn log_trace_id(line: &Value) -> &str {
+    line["spans"][0]["trace_id"].as_str().unwrap_or_default()
+}
+
+/// `GET /v1/traces/{trace_id}` once its last event is the request's end
+/// (events are written in batches).
+pub async fn finished_trace(app: &TestApp, trace_id: &str) -> Value {
+    for _ in 0..250 {
+        let resp = app
+            .client
+            .get(app.url(&format!("/v1/traces/{trace_id}")))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            let t: Value = resp.json().await.unwrap();
+            let last = &t["data"].as_array().unwrap().last().unwrap()["kind"];
+            if last == "request.done" || last == "request.error" {
+                return t;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the trace {trace_id} never finished");
+}
+
 /// The `data:` payloads of a whole SSE body, in order.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
@@ -52,6 +182,19 @@ pub fn sse_data(body: &str) -> Vec<String> {
             event
                 .lines()
                 .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The text of a chat stream: its chunks' `delta.content`, joined (payloads
+/// that are not JSON, such as `[DONE]`, are passed over).
+pub fn streamed_text(data: &[String]) -> String {
+    data.iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
                 .map(str::to_owned)
         })
         .collect()
@@ -98,6 +241,16 @@ pub async fn app_store(app: &TestApp) -> std::sync::Arc<dyn switchyard_store::St
         ..Default::default()
     };
     switchyard_store::connect(&config).await.unwrap()
+}
+
+/// The default tenant's newest usage rows (ten at most), read from the
+/// app's store.
+pub async fn usage_rows(app: &TestApp) -> Vec<UsageRecord> {
+    app_store(app)
+        .await
+        .list_usage("default", 10)
+        .await
+        .unwrap()
 }
 
 /// Asserts an OpenAI-shaped error body and returns it.

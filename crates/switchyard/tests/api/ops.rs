@@ -109,11 +109,9 @@ async fn a_traceparent_is_continued_and_the_request_id_echoed() {
     let tp2 = fresh.headers()["traceparent"].to_str().unwrap();
     assert_eq!(tp2.len(), 55);
     assert!(!tp2.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
-    let line = app
-        .wait_for_log(|l| l.contains("\"route\":\"/v1/chat/completions\""))
+    let v = wait_for_log_json(&app, |l| l.contains("\"route\":\"/v1/chat/completions\""))
         .await
         .expect("a request log line");
-    let v: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(v["status"], 200);
     assert_eq!(v["model"], "gpt-4o-mini");
@@ -176,14 +174,12 @@ async fn every_log_line_of_a_request_carries_its_trace_id() {
     let trace_id = "7d2c0f4e9b8a41c3a5e6f708192a3b4c";
     let before = app.logs().len();
 
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-        .json(&chat_body("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with_traceparent(
+        &app,
+        &chat_body("gpt-4o-mini"),
+        &format!("00-{trace_id}-00f067aa0ba902b7-01"),
+    )
+    .await;
     assert_eq!(resp.status(), 502);
     resp.text().await.unwrap();
 

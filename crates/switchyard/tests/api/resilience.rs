@@ -7,26 +7,6 @@ use switchyard_testkit::{FailPattern, Fault, MockUpstream, TestApp};
 
 use crate::helpers::*;
 
-/// A route `smart` → primary, then fallback, with `resilience` settings.
-pub(crate) async fn two_deployments(resilience: &str) -> (TestApp, MockUpstream, MockUpstream) {
-    let primary = MockUpstream::start().await.unwrap();
-    let fallback = MockUpstream::start().await.unwrap();
-    let app = app()
-        .without_mock()
-        .config(&format!(
-            "[resilience]\n{resilience}\n\n\
-             [providers.primary]\nkind = \"openai\"\nbase_url = \"{}\"\nfirst_byte_timeout_ms = 500\n\n\
-             [providers.fallback]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
-             [[models.smart.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\n\n\
-             [[models.smart.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n",
-            primary.base_url(),
-            fallback.base_url()
-        ))
-        .spawn()
-        .await;
-    (app, primary, fallback)
-}
-
 /// 1,000 requests (a quarter streamed, 50 at a time) to `smart` while the
 /// primary fails 30 % of its calls with 500: no client sees an error, every
 /// stream ends with `[DONE]` and every injected failure is counted.
@@ -176,14 +156,11 @@ async fn a_dead_primary_gets_no_calls_while_its_breaker_is_open_then_exactly_the
         16,
         "probes closed the breaker and traffic returned"
     );
-    let opened = app
-        .wait_for_log(|l| l.contains("circuit breaker opened"))
+    let opened = wait_for_log_json(&app, |l| l.contains("circuit breaker opened"))
         .await
         .unwrap();
-    let opened: Value = serde_json::from_str(&opened).unwrap();
-    let trace_id = opened["spans"][0]["trace_id"].as_str().unwrap_or_default();
     assert_eq!(
-        trace_id.len(),
+        log_trace_id(&opened).len(),
         32,
         "the transition is logged with the causing request's trace id: {opened}"
     );
@@ -294,11 +271,7 @@ async fn an_error_inside_a_stream_after_its_first_chunk_ends_it_with_an_error_ev
     assert_eq!(last["error"]["type"], "upstream_error", "{last}");
     assert_eq!(fallback.calls(), 0, "a committed stream is never retried");
     app.stop_gracefully().await;
-    let rows = app_store(&app)
-        .await
-        .list_usage("default", 10)
-        .await
-        .unwrap();
+    let rows = usage_rows(&app).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(
         (rows[0].status, rows[0].error_code.as_deref()),
@@ -321,16 +294,7 @@ async fn a_stream_that_fails_before_its_first_byte_is_served_by_the_fallback() {
         assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
         let data = sse_data(&resp.text().await.unwrap());
         assert_eq!(data.last().unwrap(), "[DONE]");
-        let text: String = data[..data.len() - 1]
-            .iter()
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|c| {
-                c["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect();
-        assert_eq!(text, "Hello! How can I help you today?");
+        assert_eq!(streamed_text(&data), "Hello! How can I help you today?");
     }
     assert_eq!((primary.calls(), fallback.calls()), (2, 2));
 }
@@ -344,28 +308,14 @@ async fn a_hung_primary_times_out_and_the_fallback_answers() {
     let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
     primary.push_fault(Fault::Hang);
     primary.update(|b| b.ttft = std::time::Duration::from_secs(30));
-    let within_budget = |body: Value| {
-        let app = &app;
-        async move {
-            tokio::time::timeout(std::time::Duration::from_secs(20), async {
-                let resp = app.post_json("/v1/chat/completions", &body).await;
-                let provider = resp.headers()["x-switchyard-provider"].clone();
-                (resp.status(), provider, resp.text().await.unwrap())
-            })
-            .await
-            .expect("the hung primary was waited for past its first-byte timeout")
-        }
-    };
+    let budget = std::time::Duration::from_secs(20);
 
-    let plain = within_budget(chat_body("smart")).await;
-    let stream = within_budget(stream_body("smart", false)).await;
+    let plain = send_within(&app, &chat_body("smart"), budget).await;
+    let stream = send_within(&app, &stream_body("smart", false), budget).await;
 
+    assert_eq!((plain.0, plain.1.as_str()), (200, "fallback"));
     assert_eq!(
-        (plain.0.as_u16(), plain.1.to_str().unwrap()),
-        (200, "fallback")
-    );
-    assert_eq!(
-        (stream.0.as_u16(), stream.1.to_str().unwrap()),
+        (stream.0, stream.1.as_str()),
         (200, "fallback"),
         "a first chunk that never comes is a first-byte timeout"
     );
@@ -436,15 +386,7 @@ async fn provider_health_and_breaker_state_are_served_probed_and_persisted() {
     // Probes run once a second: wait (bounded) until both deployments have one.
     let mut body = Value::Null;
     for _ in 0..50 {
-        body = app
-            .client
-            .get(app.url("/v1/admin/providers"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        body = get_json(&app, "/v1/admin/providers").await;
         if body["data"]
             .as_array()
             .unwrap()
@@ -456,16 +398,7 @@ async fn provider_health_and_breaker_state_are_served_probed_and_persisted() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
-    let find = |id: &str| {
-        body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["deployment"] == id)
-            .cloned()
-            .unwrap()
-    };
-    let p = find("primary/p-model");
+    let p = deployment(&body, "primary/p-model").unwrap();
     assert_eq!(p["breaker"]["state"], "open");
     assert_eq!(p["health"]["total_errors"], 5);
     assert_eq!(p["health"]["error_rate"], 1.0);
@@ -474,7 +407,7 @@ async fn provider_health_and_breaker_state_are_served_probed_and_persisted() {
         p["probe"]["ok"], true,
         "listing models still works: the probe says the host is up"
     );
-    let f = find("fallback/f-model");
+    let f = deployment(&body, "fallback/f-model").unwrap();
     assert_eq!(f["breaker"]["state"], "closed");
     assert_eq!(f["health"]["total_calls"], 6);
     assert!(f["health"]["p50_ms"].as_f64().unwrap() > 0.0);

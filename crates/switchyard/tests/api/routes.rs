@@ -3,14 +3,11 @@
 //! connection, and what a failed-over request leaves behind (its usage row
 //! names the deployment that served it; its trace shows the failed attempt).
 
-use std::time::Duration;
-
 use futures::future::join_all;
 use serde_json::{json, Value};
-use switchyard_testkit::{Fault, MockUpstream, TestApp};
+use switchyard_testkit::{Fault, MockUpstream};
 
 use crate::helpers::*;
-use crate::resilience::two_deployments;
 
 #[tokio::test]
 async fn equal_priority_deployments_share_requests_by_weight() {
@@ -97,12 +94,11 @@ async fn a_refused_connection_is_retried_then_the_fallback_serves() {
     let fallback = MockUpstream::start().await.unwrap();
     let app = app()
         .without_mock()
-        .config(&format!(
-            "[providers.primary]\nkind = \"openai\"\nbase_url = \"http://{closed}/v1\"\n\n\
-             [providers.fallback]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
-             [[models.smart.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\n\n\
-             [[models.smart.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n",
-            fallback.base_url()
+        .config(&primary_then_fallback(
+            "",
+            &format!("http://{closed}/v1"),
+            "",
+            &fallback.base_url(),
         ))
         .spawn()
         .await;
@@ -123,11 +119,9 @@ async fn a_refused_connection_is_retried_then_the_fallback_serves() {
         failed, 2.0,
         "a connection error is retried (max_attempts = 2)"
     );
-    let line = app
-        .wait_for_log(|l| l.contains("falling back"))
+    let line = wait_for_log_json(&app, |l| l.contains("falling back"))
         .await
         .unwrap();
-    let line: Value = serde_json::from_str(&line).unwrap();
     assert!(
         line["error"]
             .as_str()
@@ -137,27 +131,6 @@ async fn a_refused_connection_is_retried_then_the_fallback_serves() {
     );
 }
 
-/// The trace once its last event is stored (events are written in batches).
-async fn finished_trace(app: &TestApp, trace_id: &str) -> Value {
-    for _ in 0..250 {
-        let resp = app
-            .client
-            .get(app.url(&format!("/v1/traces/{trace_id}")))
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == 200 {
-            let t: Value = resp.json().await.unwrap();
-            let last = &t["data"].as_array().unwrap().last().unwrap()["kind"];
-            if last == "request.done" || last == "request.error" {
-                return t;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the trace {trace_id} never finished");
-}
-
 #[tokio::test]
 async fn a_failed_over_request_is_recorded_under_the_fallback_with_the_failure_in_its_trace() {
     const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -165,14 +138,12 @@ async fn a_failed_over_request_is_recorded_under_the_fallback_with_the_failure_i
         two_deployments("max_attempts = 1\n\n[events]\nflush_interval_ms = 20").await;
     primary.push_fault(Fault::Status(500));
 
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .header("traceparent", format!("00-{TRACE}-b7ad6b7169203331-01"))
-        .json(&chat_body("smart"))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with_traceparent(
+        &app,
+        &chat_body("smart"),
+        &format!("00-{TRACE}-b7ad6b7169203331-01"),
+    )
+    .await;
 
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
@@ -204,11 +175,7 @@ async fn a_failed_over_request_is_recorded_under_the_fallback_with_the_failure_i
     assert_eq!(events[4].1["provider"], "fallback");
 
     app.stop_gracefully().await;
-    let rows = app_store(&app)
-        .await
-        .list_usage("default", 10)
-        .await
-        .unwrap();
+    let rows = usage_rows(&app).await;
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
     assert_eq!(r.trace_id, TRACE);

@@ -970,15 +970,7 @@ async fn concurrent_patches_lose_nothing_and_one_compare_and_set_wins(app: TestA
     }
     assert_eq!((winners.len(), losers), (1, 19));
     assert_eq!(winners[0]["version"], 201);
-    let got: Value = app
-        .client
-        .get(app.url(&format!("/v1/sessions/{sid}/state")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got = get_json(&app, &format!("/v1/sessions/{sid}/state")).await;
     assert_eq!(got["version"], 201);
     assert_eq!(got["state"]["winner"], winners[0]["state"]["winner"]);
     assert_eq!(got["state"].as_object().unwrap().len(), 201);
@@ -1094,25 +1086,13 @@ async fn a_finished_reply_is_replayed_from_the_store_from_any_id() {
     assert_eq!(after_three, frames[3..]);
     assert_continues(&app, &sid, &frames[..3], &after_three).await;
     // Without the header, from the start; the query parameter works too.
-    let plain = app
-        .client
-        .get(app.url(&events_path(&sid, &mid)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let plain = get_text(&app, &events_path(&sid, &mid)).await;
     assert_eq!(plain, whole);
-    let by_query = app
-        .client
-        .get(app.url(&format!("{}?last_event_id=8", events_path(&sid, &mid))))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let by_query = get_text(
+        &app,
+        &format!("{}?last_event_id=8", events_path(&sid, &mid)),
+    )
+    .await;
     assert_eq!(parse_frames(&by_query), frames[8..]);
     // After the last frame there is nothing more.
     let last = frames.last().unwrap().id.to_string();

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_testkit::{MockUpstream, TestApp};
+use switchyard_testkit::MockUpstream;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helpers::*;
@@ -44,22 +44,6 @@ async fn blackhole() -> Blackhole {
     panic!("the listener's accept queue never filled");
 }
 
-/// Sends `body` to `app`, giving up after `bound` (a timeout that did not
-/// fire); returns the status, the serving provider and the body.
-async fn send_within(app: &TestApp, body: &Value, bound: Duration) -> (u16, String, String) {
-    tokio::time::timeout(bound, async {
-        let resp = app.post_json("/v1/chat/completions", body).await;
-        let provider = resp
-            .headers()
-            .get("x-switchyard-provider")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        (resp.status().as_u16(), provider, resp.text().await.unwrap())
-    })
-    .await
-    .expect("the request outlived the timeout meant to end it")
-}
-
 #[tokio::test]
 async fn a_connect_that_hangs_times_out_per_connect_timeout_and_the_fallback_serves() {
     let hole = blackhole().await;
@@ -68,15 +52,11 @@ async fn a_connect_that_hangs_times_out_per_connect_timeout_and_the_fallback_ser
     // only the connect timeout can end the attempt in time.
     let app = app()
         .without_mock()
-        .config(&format!(
-            "[resilience]\nmax_attempts = 1\n\n\
-             [providers.primary]\nkind = \"openai\"\nbase_url = \"http://{}/v1\"\n\
-             connect_timeout_ms = 300\nfirst_byte_timeout_ms = 60000\n\n\
-             [providers.fallback]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
-             [[models.smart.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\n\n\
-             [[models.smart.route]]\nprovider = \"fallback\"\nmodel = \"f-model\"\n",
-            hole.addr,
-            fallback.base_url()
+        .config(&primary_then_fallback(
+            "max_attempts = 1",
+            &format!("http://{}/v1", hole.addr),
+            "connect_timeout_ms = 300\nfirst_byte_timeout_ms = 60000",
+            &fallback.base_url(),
         ))
         .spawn()
         .await;
@@ -86,11 +66,9 @@ async fn a_connect_that_hangs_times_out_per_connect_timeout_and_the_fallback_ser
 
     assert_eq!((status, provider.as_str()), (200, "fallback"));
     assert_eq!(fallback.calls(), 1);
-    let line = app
-        .wait_for_log(|l| l.contains("falling back"))
+    let line = wait_for_log_json(&app, |l| l.contains("falling back"))
         .await
         .unwrap();
-    let line: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(
         line["error"], "could not connect to the provider: tcp connect timed out after 300ms",
         "{line}"
@@ -160,17 +138,9 @@ async fn the_total_timeout_ends_a_stream_that_runs_past_it_with_an_error_event()
     assert_eq!(first["object"], "chat.completion.chunk");
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "upstream_timeout", "{last}");
-    let text: String = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
     assert_ne!(
-        text, "Hello! How can I help you today?",
+        streamed_text(&data),
+        "Hello! How can I help you today?",
         "the stream was cut short"
     );
 }

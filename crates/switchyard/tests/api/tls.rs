@@ -52,6 +52,11 @@ fn https(app: &TestApp, path: &str) -> String {
     format!("https://localhost:{}{path}", app.addr.port())
 }
 
+/// `GET path` over HTTP/1.1 and TLS.
+async fn get_https(app: &TestApp, path: &str) -> reqwest::Response {
+    client(false).get(https(app, path)).send().await.unwrap()
+}
+
 #[tokio::test]
 async fn chat_over_https_works_on_http1_and_http2_with_hsts() {
     let app = tls_app().await;
@@ -76,11 +81,7 @@ async fn chat_over_https_works_on_http1_and_http2_with_hsts() {
         assert_eq!(v["object"], "chat.completion", "{v}");
     }
     // Errors carry it too.
-    let resp = client(false)
-        .get(https(&app, "/v1/models/no-such-model"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get_https(&app, "/v1/models/no-such-model").await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert!(resp.headers().contains_key("strict-transport-security"));
 }
@@ -115,11 +116,7 @@ async fn plain_http_to_the_tls_port_gets_no_answer() {
     let err = plain.expect_err("plain HTTP must not be served");
     assert!(!err.is_timeout(), "{err}");
     // The server is still serving HTTPS.
-    let resp = client(false)
-        .get(https(&app, "/health"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get_https(&app, "/health").await;
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
@@ -132,11 +129,7 @@ async fn a_stalled_handshake_holds_up_no_one_and_is_closed() {
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
 
-    let resp = client(false)
-        .get(https(&app, "/health"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get_https(&app, "/health").await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     // Past `handshake_timeout_secs` (2 s) the server closes them: a read

@@ -138,25 +138,16 @@ async fn a_stream_in_flight_at_shutdown_completes_and_is_recorded() {
 async fn a_usage_row_records_tokens_cost_latency_and_ttft() {
     let mut app = spawn().await;
 
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .header(
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
-        .json(&stream_body("gpt-4o-mini", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = chat_with_traceparent(
+        &app,
+        &stream_body("gpt-4o-mini", false),
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+    .await;
     resp.text().await.unwrap();
     app.stop_gracefully().await;
 
-    let rows = app_store(&app)
-        .await
-        .list_usage("default", 10)
-        .await
-        .unwrap();
+    let rows = usage_rows(&app).await;
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
     assert_eq!(r.trace_id, "0af7651916cd43dd8448eb211c80319c");
@@ -198,11 +189,7 @@ async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
 
     app.stop_gracefully().await;
 
-    let mut rows = app_store(&app)
-        .await
-        .list_usage("default", 10)
-        .await
-        .unwrap();
+    let mut rows = usage_rows(&app).await;
     rows.sort_by_key(|r| r.status);
     let outcomes: Vec<(u16, Option<&str>)> = rows
         .iter()
