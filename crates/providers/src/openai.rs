@@ -87,6 +87,9 @@ fn overlay(base: &Map<String, Value>, set: &[(&str, Value)]) -> Result<Vec<u8>, 
 struct UsageOnly {
     #[serde(default)]
     usage: Option<Usage>,
+    /// Set when a server answers 200 with an error object as the body.
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[async_trait]
@@ -110,6 +113,14 @@ impl ChatProvider for OpenAiProvider {
             let bytes = resp.bytes().await?;
             let parsed: UsageOnly = serde_json::from_slice(&bytes)
                 .map_err(|e| ProviderError::Protocol(format!("the completion is not JSON: {e}")))?;
+            // A 200 whose body is an error (some OpenAI-compatible servers
+            // and proxies answer so) is that error, not a completion.
+            if let Some(e) = parsed
+                .error
+                .and_then(|e| error_object(e, &self.upstream.scrubber()))
+            {
+                return Err(e);
+            }
             return Ok(ChatReply::Complete(Completion {
                 body: bytes,
                 usage: parsed.usage,
@@ -214,6 +225,12 @@ fn in_band_error(data: &Bytes, scrubber: &Scrubber) -> Option<ProviderError> {
         error: Option<Value>,
     }
     let error = serde_json::from_slice::<Probe>(data).ok()?.error?;
+    error_object(error, scrubber)
+}
+
+/// The failure an `error` member stands for (see [`in_band_error`]), with an
+/// OpenAI-shaped body scrubbed of the key; `None` for an empty one.
+fn error_object(error: Value, scrubber: &Scrubber) -> Option<ProviderError> {
     let status = in_band_status(&error)?;
     let error = match error {
         Value::Object(_) => error,

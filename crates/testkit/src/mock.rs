@@ -76,7 +76,8 @@ pub enum Fault {
     /// Send this many events of a stream, then an error in the stream:
     /// Anthropic's `error` event (`overloaded_error`), or for OpenAI's shape
     /// a `data:` line holding an `{"error":{…}}` object followed by
-    /// `[DONE]`, as vLLM and other OpenAI-compatible servers send.
+    /// `[DONE]`, as vLLM and other OpenAI-compatible servers send. A chat
+    /// that is not streamed gets status 200 with that error object as body.
     ErrorEventAfter(usize),
 }
 
@@ -354,6 +355,9 @@ async fn chat(
     let tool = first_tool(&req);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !stream {
+        if let Some(Fault::ErrorEventAfter(_)) = fault {
+            return axum::Json(in_band_error()).into_response();
+        }
         return completion(&model, &behavior.reply, tool.as_deref(), prompt_tokens);
     }
     let include_usage = req
@@ -481,6 +485,11 @@ fn stream_chunks(
     out.into_iter().map(|c| c.to_string()).collect()
 }
 
+/// The error object an OpenAI-compatible server sends with a 200.
+fn in_band_error() -> Value {
+    json!({"error": {"message": "mock: the server is overloaded", "type": "server_error", "param": null, "code": 503}})
+}
+
 fn stream_response(
     chunks: Vec<String>,
     behavior: Behavior,
@@ -490,10 +499,7 @@ fn stream_response(
     let mut frames: Vec<String> = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
     if let Some(Fault::ErrorEventAfter(n)) = fault {
         frames.truncate(n);
-        frames.push(format!(
-            "data: {}\n\n",
-            json!({"error": {"message": "mock: the server is overloaded mid-stream", "type": "server_error", "param": null, "code": 503}})
-        ));
+        frames.push(format!("data: {}\n\n", in_band_error()));
     }
     frames.push("data: [DONE]\n\n".to_owned());
     stream_frames(frames, behavior, fault, hold)

@@ -249,6 +249,22 @@ async fn an_error_inside_a_stream_before_its_first_chunk_fails_over() {
 }
 
 #[tokio::test]
+async fn a_200_whose_body_is_an_error_fails_over_like_the_error_it_is() {
+    let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
+    primary.push_fault(Fault::ErrorEventAfter(0));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("smart"))
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert_eq!((primary.calls(), fallback.calls()), (1, 1));
+}
+
+#[tokio::test]
 async fn an_error_inside_a_stream_after_its_first_chunk_ends_it_with_an_error_event_not_done() {
     let (mut app, primary, fallback) = two_deployments("").await;
     primary.push_fault(Fault::ErrorEventAfter(2));
