@@ -1,7 +1,9 @@
 //! The behaviour every [`Store`] backend must show. Each backend's tests call
 //! [`run_all`] on a fresh, migrated store, so the backends cannot drift apart.
-//! It is test code shipped in the library so every backend test can reach it:
-//! a failed check panics, as a test should.
+//! It is test code in the library, behind the `conformance` feature that only
+//! the workspace's dev-dependencies turn on, so every backend test can reach
+//! it and no production build contains it: a failed check panics, as a test
+//! should.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use switchyard_core::health::ProviderHealthRow;

@@ -5,6 +5,7 @@
 //!
 //! Every table carries `tenant_id` and every query filters by it.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod identity;
 mod migrations;
