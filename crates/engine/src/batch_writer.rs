@@ -4,6 +4,13 @@
 //! dropped and counted, so a slow database shows up in a metric instead of
 //! in request latency. On shutdown the task drains the channel before the
 //! process exits.
+//!
+//! On a multi-threaded runtime the task runs on a thread of its own
+//! (`sy-usage-writer`, `sy-event-writer`), not on a runtime worker: a
+//! SQLite group is a synchronous stretch of up to a few milliseconds (see
+//! `switchyard_store::sqlite_inline`), and on a worker it would hold up
+//! every task queued behind it. The thread's name also lets an operator or
+//! a benchmark give it a CPU of its own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +31,8 @@ pub trait Row: Send + Sync + 'static + Sized {
     const WHAT: &'static str;
     /// The writer's name in log lines: `usage`, `events`.
     const NAME: &'static str;
+    /// The writer thread's name (at most 15 bytes, Linux's limit).
+    const THREAD: &'static str;
     const WRITTEN_METRIC: &'static str;
     const DROPPED_METRIC: &'static str;
     async fn write(store: &dyn Store, rows: &[Self]) -> Result<(), StoreError>;
@@ -33,6 +42,7 @@ pub trait Row: Send + Sync + 'static + Sized {
 impl Row for UsageRecord {
     const WHAT: &'static str = "usage rows";
     const NAME: &'static str = "usage";
+    const THREAD: &'static str = "sy-usage-writer";
     const WRITTEN_METRIC: &'static str = "switchyard_usage_written_total";
     const DROPPED_METRIC: &'static str = "switchyard_usage_dropped_total";
     async fn write(store: &dyn Store, rows: &[Self]) -> Result<(), StoreError> {
@@ -44,6 +54,7 @@ impl Row for UsageRecord {
 impl Row for EventsRow {
     const WHAT: &'static str = "trace events";
     const NAME: &'static str = "events";
+    const THREAD: &'static str = "sy-event-writer";
     const WRITTEN_METRIC: &'static str = "switchyard_events_written_total";
     const DROPPED_METRIC: &'static str = "switchyard_events_dropped_total";
     async fn write(store: &dyn Store, rows: &[Self]) -> Result<(), StoreError> {
@@ -82,7 +93,46 @@ struct Stats {
 /// The writing task; [`BatchWriterTask::shutdown`] flushes what is queued.
 pub struct BatchWriterTask {
     stop: Option<oneshot::Sender<()>>,
-    join: Option<JoinHandle<()>>,
+    join: Option<Running>,
+}
+
+/// Where the writing loop runs.
+enum Running {
+    Task(JoinHandle<()>),
+    /// On a thread of its own; the receiver resolves when the loop ends
+    /// (and fails if the thread panicked).
+    Thread(oneshot::Receiver<()>),
+}
+
+/// Runs `fut` on a thread named `name` when the current runtime is
+/// multi-threaded (the thread drives it with the runtime's handle, so its
+/// timers and sockets are the runtime's), else as a task.
+fn start(name: &str, fut: impl std::future::Future<Output = ()> + Send + 'static) -> Running {
+    let handle = tokio::runtime::Handle::current();
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return Running::Task(tokio::spawn(fut));
+    }
+    let (done_tx, done_rx) = oneshot::channel();
+    // The future moves into the thread only if the thread starts; if it
+    // cannot, the slot still holds it and it runs as a task instead.
+    let slot = Arc::new(std::sync::Mutex::new(Some(fut)));
+    let theirs = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let fut = theirs.lock().ok().and_then(|mut f| f.take());
+            if let Some(fut) = fut {
+                handle.block_on(fut);
+                let _ = done_tx.send(());
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start a writer thread; writing on the runtime");
+        if let Some(fut) = slot.lock().ok().and_then(|mut f| f.take()) {
+            return Running::Task(tokio::spawn(fut));
+        }
+    }
+    Running::Thread(done_rx)
 }
 
 const WRITE_ATTEMPTS: u32 = 3;
@@ -103,14 +153,17 @@ impl<T: Row> BatchWriter<T> {
         }
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let join = tokio::spawn(run(
-            store,
-            rx,
-            stop_rx,
-            config.batch_size,
-            Duration::from_millis(config.flush_interval_ms),
-            stats.clone(),
-        ));
+        let join = start(
+            T::THREAD,
+            run(
+                store,
+                rx,
+                stop_rx,
+                config.batch_size,
+                Duration::from_millis(config.flush_interval_ms),
+                stats.clone(),
+            ),
+        );
         (
             Self {
                 tx: Some(tx),
@@ -159,10 +212,19 @@ impl BatchWriterTask {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(join) = self.join.take() {
-            if let Err(e) = join.await {
-                tracing::error!(error = %e, "a batch writer task failed");
+        match self.join.take() {
+            Some(Running::Task(join)) => {
+                if let Err(e) = join.await {
+                    tracing::error!(error = %e, "a batch writer task failed");
+                }
             }
+            Some(Running::Thread(done)) => {
+                // The sender is dropped unsent only if the thread panicked.
+                if let Err(e) = done.await {
+                    tracing::error!(error = %e, "a batch writer thread failed");
+                }
+            }
+            None => {}
         }
     }
 }
@@ -302,6 +364,65 @@ mod tests {
         assert!(writer.dropped() >= 6 - 1, "dropped {}", writer.dropped());
         task.shutdown().await;
         assert_eq!(store.count_usage("t").await.unwrap() + writer.dropped(), 10);
+    }
+
+    /// Names of this process's threads.
+    #[cfg(target_os = "linux")]
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_multi_threaded_runtime_the_writer_has_a_thread_of_its_own() {
+        let (_dir, store) = store().await;
+        let config = UsageConfig {
+            flush_interval_ms: 1,
+            ..UsageConfig::default()
+        };
+        let (writer, task) = UsageWriter::spawn(store.clone(), &config);
+        for n in 0..300 {
+            writer.record(sample_usage("t", n));
+        }
+        let named = |names: Vec<String>| names.iter().filter(|n| *n == "sy-usage-writer").count();
+        // A new thread takes its name once it runs (until then it has its parent's).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while named(thread_names()) == 0 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", thread_names());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(named(thread_names()), 1, "{:?}", thread_names());
+        // It writes while it runs, not only at shutdown.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while writer.written() < 300 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "written {}",
+                writer.written()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writer.record(sample_usage("t", 300));
+        task.shutdown().await;
+        assert_eq!(store.count_usage("t").await.unwrap(), 301);
+        // The thread ends with the writer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while named(thread_names()) > 0 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", thread_names());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn thread_names_fit_linux_limit_so_tools_see_them_whole() {
+        for name in [UsageRecord::THREAD, EventsRow::THREAD] {
+            assert!(name.len() <= 15, "{name}");
+        }
+        assert_ne!(UsageRecord::THREAD, EventsRow::THREAD);
     }
 
     #[tokio::test]
