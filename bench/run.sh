@@ -9,6 +9,8 @@
 #   WRK_API_KEY=K LABEL=auth SY_ENV="SWITCHYARD_ADMIN_KEY=K SWITCHYARD_RATE_LIMITS__CLASSES__CHAT=10000000/min SWITCHYARD_RATE_LIMITS__CLASSES__GLOBAL=10000000/min" PHASES="pinned c64" bench/run.sh
 #                                        # with an API key (K, >= 32 chars) and rate limits on (bench/auth.sh for the per-check cost)
 #   LABEL=nodelay SY_NODELAY_PRELOAD=1 bench/run.sh    # experiment: TCP_NODELAY on accepted sockets
+#   WRITER_CPU=1 PHASES=pinned bench/run.sh   # NOT the issue's setup: the database threads (usage and
+#                                        # events writers, sqlx's SQLite workers) moved to CPU 1 in the pinned phases
 #   REBUILD=1 bench/run.sh               # cargo build --release first (a no-op when up to date)
 #   SY_BIN=/path/to/switchyard bench/run.sh   # measure another build of the gateway (same mock)
 #   SY_CMD="PROG --listen 127.0.0.1:@SY_PORT@ --upstream 127.0.0.1:@MOCK_PORT@" bench/run.sh
@@ -106,7 +108,7 @@ meta host "$NCPU vCPU, $(uname -r), $(awk -F': ' '/model name/{print $2; exit}' 
 meta wrk "$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
 meta git "HEAD $(git -C "$ROOT" log -1 --format='%h %cI' 2>/dev/null || echo unknown) (changed files outside bench/: $(git -C "$ROOT" status --porcelain 2>/dev/null | grep -cv ' bench/' || true))"
 meta binary "$SY_SRC, built $(date -r "$SY_SRC" -Is), sha256 $(sha256sum "$BIN/switchyard" | cut -c1-12)"
-meta knobs "DURATION=${DURATION}s REPS=$REPS WARMUP=${WARMUP}s TTFB_N=$TTFB_N C_HIGH=$C_HIGH PIN_CPU=$PIN_CPU PRIO=$PRIO PHASES='$PHASES' SY_ENV='$SY_ENV' IDLE_MAX=$IDLE_MAX WAIT_IDLE=$WAIT_IDLE WAIT_TOTAL=$WAIT_TOTAL FOREIGN_MAX=$FOREIGN_MAX"
+meta knobs "WRITER_CPU='$WRITER_CPU' DURATION=${DURATION}s REPS=$REPS WARMUP=${WARMUP}s TTFB_N=$TTFB_N C_HIGH=$C_HIGH PIN_CPU=$PIN_CPU PRIO=$PRIO PHASES='$PHASES' SY_ENV='$SY_ENV' IDLE_MAX=$IDLE_MAX WAIT_IDLE=$WAIT_IDLE WAIT_TOTAL=$WAIT_TOTAL FOREIGN_MAX=$FOREIGN_MAX"
 
 # ---------------------------------------------------------------- process control
 MOCK_PID=""; SY_PID=""; SAMPLER_PID=""
@@ -138,7 +140,17 @@ status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 # lands there and is not charged to any process, so it is not "foreign" load.
 sys_busy_steal() { awk '/^cpu /{print $2+$3+$4+$7, $8, $9}' /proc/stat; }
 self_child_ms() { awk -v hz="$HZ" '{sub(/^.*\) /, ""); printf "%d\n", ($14 + $15) * 1000 / hz}' "/proc/$$/stat"; }
-pin() { taskset -a -pc "$1" "$MOCK_PID" >/dev/null; taskset -a -pc "$1" "$SY_PID" >/dev/null; }
+WRITER_CPU="${WRITER_CPU:-}"       # set: the database threads go to this CPU after each pinning (see the header)
+pin() {
+  taskset -a -pc "$1" "$MOCK_PID" >/dev/null; taskset -a -pc "$1" "$SY_PID" >/dev/null
+  [ -n "$WRITER_CPU" ] && [ "$1" = "$PIN_CPU" ] || return 0   # only while the pinned phases run
+  local t n moved=""
+  for t in /proc/"$SY_PID"/task/*; do
+    read -r n <"$t/comm" 2>/dev/null || continue
+    case $n in sy-*-writer|sqlx-sqlite-wor*) taskset -pc "$WRITER_CPU" "${t##*/}" >/dev/null; moved+=" $n";; esac
+  done
+  log "  database threads on CPU $WRITER_CPU:${moved:- none found}"
+}
 
 WAITED=0
 wait_quiet() {  # sets PRE_BUSY (% of one core over 2 s); waits (bounded: WAIT_IDLE per run, WAIT_TOTAL in all)

@@ -9,6 +9,8 @@
 #   bench/variants.sh stream                       # the streaming experiment (TCP_NODELAY preload)
 #   bench/variants.sh bins thin=/tmp/a/switchyard fat=/tmp/b/switchyard   # two builds, same config;
 #                                                  # ROUNDS=2 runs them A B A B to see the drift
+#   bench/variants.sh bins main=/tmp/a/switchyard 'cpu1@1=/tmp/a/switchyard'   # NAME@N: that build with its
+#                                                  # database threads on CPU N (run.sh's WRITER_CPU; not the issue's setup)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 TS="$(date +%Y%m%d-%H%M%S)"
@@ -47,9 +49,10 @@ if [ "${1:-}" = bins ]; then
   shift
   for round in $(seq 1 "${ROUNDS:-1}"); do
     for spec in "$@"; do
-      name="${spec%%=*}"; bin="${spec#*=}"
-      echo "== build $name (round $round): $bin" >&2
-      OUT_DIR="$BASE/$name-$round" PHASES="${PHASES:-pinned c64}" SY_BIN="$bin" "$HERE/run.sh" >"$BASE/$name-$round.log" 2>&1 || echo "build $name failed (see $BASE/$name-$round.log)"
+      name="${spec%%=*}"; bin="${spec#*=}"; wcpu=""
+      [[ "$name" == *@* ]] && wcpu="${name##*@}"
+      echo "== build $name (round $round): $bin${wcpu:+, database threads on CPU $wcpu}" >&2
+      OUT_DIR="$BASE/$name-$round" PHASES="${PHASES:-pinned c64}" SY_BIN="$bin" WRITER_CPU="$wcpu" "$HERE/run.sh" >"$BASE/$name-$round.log" 2>&1 || echo "build $name failed (see $BASE/$name-$round.log)"
       dirs+=("$BASE/$name-$round")
     done
   done
