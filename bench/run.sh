@@ -42,6 +42,7 @@ PRIO="${PRIO:--15}"               # niceness of wrk, mock and Switchyard (0 = le
 MOCK_PORT="${MOCK_PORT:-18090}"
 SY_PORT="${SY_PORT:-18091}"
 PHASES="${PHASES:-pinned ttfb c64 stream64}"
+WRITER_CPU="${WRITER_CPU:-}"      # set: the database threads go to this CPU in the pinned phases (see above)
 SY_ENV="${SY_ENV:-}"              # extra environment for Switchyard, e.g. "RUST_LOG=warn"
 SY_NODELAY_PRELOAD="${SY_NODELAY_PRELOAD:-0}"  # 1 = experiment: LD_PRELOAD bench/tools/nodelay_preload.c
 LABEL="${LABEL:-}"
@@ -140,7 +141,6 @@ status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 # lands there and is not charged to any process, so it is not "foreign" load.
 sys_busy_steal() { awk '/^cpu /{print $2+$3+$4+$7, $8, $9}' /proc/stat; }
 self_child_ms() { awk -v hz="$HZ" '{sub(/^.*\) /, ""); printf "%d\n", ($14 + $15) * 1000 / hz}' "/proc/$$/stat"; }
-WRITER_CPU="${WRITER_CPU:-}"       # set: the database threads go to this CPU after each pinning (see the header)
 pin() {
   taskset -a -pc "$1" "$MOCK_PID" >/dev/null; taskset -a -pc "$1" "$SY_PID" >/dev/null
   [ -n "$WRITER_CPU" ] && [ "$1" = "$PIN_CPU" ] || return 0   # only while the pinned phases run
