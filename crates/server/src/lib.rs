@@ -222,7 +222,13 @@ pub fn router(state: AppState) -> Router {
             let hsts = state.inner.security.hsts;
             router.layer(cors).layer(axum::middleware::map_response(
                 move |mut resp: axum::response::Response| async move {
-                    observe::security_headers(resp.headers_mut(), hsts);
+                    // `observe` has added them to every response but a preflight.
+                    if !resp
+                        .headers()
+                        .contains_key(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+                    {
+                        observe::security_headers(resp.headers_mut(), hsts);
+                    }
                     resp
                 },
             ))
