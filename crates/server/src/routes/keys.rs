@@ -29,6 +29,16 @@ pub(crate) fn native(status: StatusCode, code: &str, message: &str, details: Val
         .into_response()
 }
 
+/// A query string that does not parse: a native 400 with axum's reason.
+pub(crate) fn query_error(e: QueryRejection) -> Response {
+    native(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &format!("Invalid query string: {}", e.body_text()),
+        json!({}),
+    )
+}
+
 fn identity_error(e: IdentityError) -> Response {
     match e {
         IdentityError::Invalid { field, message } => native(
@@ -511,12 +521,7 @@ pub async fn audit(
 ) -> Response {
     let parsed = match params {
         Ok(Query(p)) => audit_query(p),
-        Err(e) => Err(native(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            &format!("Invalid query string: {}", e.body_text()),
-            json!({}),
-        )),
+        Err(e) => Err(query_error(e)),
     };
     let (tenant, query) = match parsed {
         Ok(q) => q,

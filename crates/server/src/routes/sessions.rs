@@ -28,7 +28,7 @@ use switchyard_engine::sessions::{
 };
 
 use crate::error::ErrorDetail;
-use crate::routes::keys::{native, native_body, NativeJson};
+use crate::routes::keys::{native, native_body, query_error, NativeJson};
 use crate::routes::openai::{meta, sse};
 use crate::AppState;
 
@@ -87,15 +87,6 @@ fn internal(detail: String) -> Response {
     );
     r.extensions_mut().insert(ErrorDetail(detail));
     r
-}
-
-fn query_error(e: QueryRejection) -> Response {
-    native(
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
-        &format!("Invalid query string: {}", e.body_text()),
-        json!({}),
-    )
 }
 
 /// The query of a list route: `limit` (1 to 100, default 20), `cursor`
