@@ -118,7 +118,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        // Small SSE frames must leave at once (see `run_until`).
+        // Small SSE frames must leave at once (as in `serve`, lib.rs).
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let ready = ready.clone();
