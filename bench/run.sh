@@ -11,6 +11,8 @@
 #   LABEL=nodelay SY_NODELAY_PRELOAD=1 bench/run.sh    # experiment: TCP_NODELAY on accepted sockets
 #   WRITER_CPU=1 PHASES=pinned bench/run.sh   # NOT the issue's setup: the database threads (usage and
 #                                        # events writers, sqlx's SQLite workers) moved to CPU 1 in the pinned phases
+#   WRITER_SLICE_US=20000 PHASES=pinned bench/run.sh   # experiment: the same threads given a 20 ms EEVDF
+#                                        # slice (tools/slice.py) in the pinned phases, the default slice elsewhere
 #   REBUILD=1 bench/run.sh               # cargo build --release first (a no-op when up to date)
 #   SY_BIN=/path/to/switchyard bench/run.sh   # measure another build of the gateway (same mock)
 #   SY_CMD="PROG --listen 127.0.0.1:@SY_PORT@ --upstream 127.0.0.1:@MOCK_PORT@" bench/run.sh
@@ -43,6 +45,7 @@ MOCK_PORT="${MOCK_PORT:-18090}"
 SY_PORT="${SY_PORT:-18091}"
 PHASES="${PHASES:-pinned ttfb c64 stream64}"
 WRITER_CPU="${WRITER_CPU:-}"      # set: the database threads go to this CPU in the pinned phases (see above)
+WRITER_SLICE_US="${WRITER_SLICE_US:-}"  # set: the database threads' EEVDF slice (sched_setattr), pinned phases only
 SY_ENV="${SY_ENV:-}"              # extra environment for Switchyard, e.g. "RUST_LOG=warn"
 SY_NODELAY_PRELOAD="${SY_NODELAY_PRELOAD:-0}"  # 1 = experiment: LD_PRELOAD bench/tools/nodelay_preload.c
 LABEL="${LABEL:-}"
@@ -109,7 +112,7 @@ meta host "$NCPU vCPU, $(uname -r), $(awk -F': ' '/model name/{print $2; exit}' 
 meta wrk "$(wrk -v 2>&1 | head -1 | awk '{print $2}')"
 meta git "HEAD $(git -C "$ROOT" log -1 --format='%h %cI' 2>/dev/null || echo unknown) (changed files outside bench/: $(git -C "$ROOT" status --porcelain 2>/dev/null | grep -cv ' bench/' || true))"
 meta binary "$SY_SRC, built $(date -r "$SY_SRC" -Is), sha256 $(sha256sum "$BIN/switchyard" | cut -c1-12)"
-meta knobs "WRITER_CPU='$WRITER_CPU' DURATION=${DURATION}s REPS=$REPS WARMUP=${WARMUP}s TTFB_N=$TTFB_N C_HIGH=$C_HIGH PIN_CPU=$PIN_CPU PRIO=$PRIO PHASES='$PHASES' SY_ENV='$SY_ENV' IDLE_MAX=$IDLE_MAX WAIT_IDLE=$WAIT_IDLE WAIT_TOTAL=$WAIT_TOTAL FOREIGN_MAX=$FOREIGN_MAX"
+meta knobs "WRITER_CPU='$WRITER_CPU' WRITER_SLICE_US='$WRITER_SLICE_US' DURATION=${DURATION}s REPS=$REPS WARMUP=${WARMUP}s TTFB_N=$TTFB_N C_HIGH=$C_HIGH PIN_CPU=$PIN_CPU PRIO=$PRIO PHASES='$PHASES' SY_ENV='$SY_ENV' IDLE_MAX=$IDLE_MAX WAIT_IDLE=$WAIT_IDLE WAIT_TOTAL=$WAIT_TOTAL FOREIGN_MAX=$FOREIGN_MAX"
 
 # ---------------------------------------------------------------- process control
 MOCK_PID=""; SY_PID=""; SAMPLER_PID=""
@@ -143,13 +146,21 @@ sys_busy_steal() { awk '/^cpu /{print $2+$3+$4+$7, $8, $9}' /proc/stat; }
 self_child_ms() { awk -v hz="$HZ" '{sub(/^.*\) /, ""); printf "%d\n", ($14 + $15) * 1000 / hz}' "/proc/$$/stat"; }
 pin() {
   taskset -a -pc "$1" "$MOCK_PID" >/dev/null; taskset -a -pc "$1" "$SY_PID" >/dev/null
-  [ -n "$WRITER_CPU" ] && [ "$1" = "$PIN_CPU" ] || return 0   # only while the pinned phases run
-  local t n moved=""
+  [ -n "$WRITER_CPU$WRITER_SLICE_US" ] || return 0
+  local t n moved="" tids=() slice=$WRITER_SLICE_US
+  [ "$1" = "$PIN_CPU" ] || { [ -n "$WRITER_SLICE_US" ] || return 0; slice=0; }   # only while the pinned phases run
   for t in /proc/"$SY_PID"/task/*; do
     read -r n <"$t/comm" 2>/dev/null || continue
-    case $n in sy-*-writer|sqlx-sqlite-wor*) taskset -pc "$WRITER_CPU" "${t##*/}" >/dev/null; moved+=" $n";; esac
+    case $n in sy-*-writer|sqlx-sqlite-wor*) tids+=("${t##*/}"); moved+=" $n";; esac
   done
-  log "  database threads on CPU $WRITER_CPU:${moved:- none found}"
+  if [ -n "$WRITER_CPU" ] && [ "$1" = "$PIN_CPU" ]; then
+    for t in "${tids[@]}"; do taskset -pc "$WRITER_CPU" "$t" >/dev/null; done
+    log "  database threads on CPU $WRITER_CPU:${moved:- none found}"
+  fi
+  if [ -n "$WRITER_SLICE_US" ] && [ "${#tids[@]}" -gt 0 ]; then
+    python3 "$HERE/tools/slice.py" "$slice" "${tids[@]}" >/dev/null
+    log "  database threads' scheduler slice ${slice} µs (0: the default):$moved"
+  fi
 }
 
 WAITED=0
