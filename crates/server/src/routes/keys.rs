@@ -39,6 +39,26 @@ pub(crate) fn query_error(e: QueryRejection) -> Response {
     )
 }
 
+/// A query string read like axum's `Query`, but refused with the native
+/// 400 ([`query_error`]) instead of axum's plain-text one.
+pub struct NativeQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for NativeQuery<T>
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| NativeQuery(q))
+            .map_err(query_error)
+    }
+}
+
 fn identity_error(e: IdentityError) -> Response {
     match e {
         IdentityError::Invalid { field, message } => native(
@@ -247,6 +267,7 @@ pub async fn create_key(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TenantParam {
     tenant_id: Option<String>,
 }
@@ -255,7 +276,7 @@ pub async fn list_keys(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    Query(q): Query<TenantParam>,
+    NativeQuery(q): NativeQuery<TenantParam>,
 ) -> Response {
     match state
         .identity()
@@ -287,7 +308,7 @@ pub async fn update_key(
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    Query(q): Query<TenantParam>,
+    NativeQuery(q): NativeQuery<TenantParam>,
     NativeJson(req): NativeJson<UpdateKey>,
 ) -> Response {
     if let Some(l) = &req.limits {
@@ -315,7 +336,7 @@ pub async fn revoke_key(
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    Query(q): Query<TenantParam>,
+    NativeQuery(q): NativeQuery<TenantParam>,
 ) -> Response {
     match state
         .identity()
@@ -517,13 +538,9 @@ pub async fn audit(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    params: Result<Query<AuditParams>, QueryRejection>,
+    NativeQuery(params): NativeQuery<AuditParams>,
 ) -> Response {
-    let parsed = match params {
-        Ok(Query(p)) => audit_query(p),
-        Err(e) => Err(query_error(e)),
-    };
-    let (tenant, query) = match parsed {
+    let (tenant, query) = match audit_query(params) {
         Ok(q) => q,
         Err(resp) => return resp,
     };

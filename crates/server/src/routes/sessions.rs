@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -28,7 +27,7 @@ use switchyard_engine::sessions::{
 };
 
 use crate::error::ErrorDetail;
-use crate::routes::keys::{native, native_body, query_error, NativeJson};
+use crate::routes::keys::{native, native_body, NativeJson, NativeQuery};
 use crate::routes::openai::{meta, sse};
 use crate::AppState;
 
@@ -115,9 +114,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Page {
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, Response> {
-        let Query(page) = Query::<Page>::from_request_parts(parts, state)
-            .await
-            .map_err(query_error)?;
+        let NativeQuery(page) = NativeQuery::<Page>::from_request_parts(parts, state).await?;
         if !(1..=MAX_PAGE).contains(&page.limit) {
             return Err(native(
                 StatusCode::BAD_REQUEST,
@@ -502,12 +499,8 @@ pub async fn message_events(
     Extension(who): Extension<Principal>,
     Path((session_id, message_id)): Path<(String, String)>,
     headers: HeaderMap,
-    resume: Result<Query<Resume>, QueryRejection>,
+    NativeQuery(resume): NativeQuery<Resume>,
 ) -> Response {
-    let Query(resume) = match resume {
-        Ok(r) => r,
-        Err(e) => return query_error(e),
-    };
     let after = match headers.get("last-event-id") {
         Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
             Some(n) => n,

@@ -10,6 +10,7 @@ mod matrix;
 mod anthropic;
 mod audit;
 mod auth;
+mod bad_input;
 mod breaker;
 mod chat;
 mod cli;

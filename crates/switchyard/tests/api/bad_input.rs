@@ -1,0 +1,725 @@
+//! Bad input on the routes whose refusals other modules check by status
+//! only: each case asserts the status and the whole error body (code,
+//! message, details), in the native shape `{"error":{"code","message",
+//! "details"}}` or in the shape of the API the route imitates.
+use reqwest::{Method, Response};
+use serde_json::{json, Value};
+use switchyard_testkit::TestApp;
+
+use crate::helpers::{app, chat_body};
+
+const ADMIN: &str = "bad-input-admin-key-0123456789abcdef0123456789";
+const LIMIT: usize = 2048;
+
+async fn spawn() -> TestApp {
+    app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .env("SWITCHYARD_SERVER__MAX_BODY_BYTES", &LIMIT.to_string())
+        .spawn()
+        .await
+}
+
+async fn send(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> Response {
+    let mut r = app.client.request(method, app.url(path));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        r = r.json(b);
+    }
+    r.send().await.unwrap()
+}
+
+/// Asserts a native error with this status, code and message (or message
+/// prefix ending in `…`); returns `details`.
+async fn native(resp: Response, status: u16, code: &str, message: &str) -> Value {
+    let s = resp.status().as_u16();
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    let text = resp.text().await.unwrap();
+    assert_eq!(s, status, "{text}");
+    assert_eq!(ct, "application/json", "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let err = v["error"].as_object().unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(err.len(), 3, "code, message and details only: {text}");
+    assert_eq!(err["code"], code, "{text}");
+    let m = err["message"].as_str().unwrap();
+    match message.strip_suffix('…') {
+        Some(prefix) => assert!(m.starts_with(prefix), "{text}"),
+        None => assert_eq!(m, message, "{text}"),
+    }
+    err["details"].clone()
+}
+
+/// A key of the default tenant with this role; returns (id, key).
+async fn key(app: &TestApp, role: &str) -> (String, String) {
+    let resp = send(
+        app,
+        Method::POST,
+        "/v1/admin/keys",
+        Some(ADMIN),
+        Some(&json!({"name": role, "role": role})),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let v: Value = resp.json().await.unwrap();
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_admin_routes_refuse_other_roles_with_the_native_403() {
+    let app = spawn().await;
+    let (_, user) = key(&app, "user").await;
+    let (_, service) = key(&app, "service").await;
+    for k in [&user, &service] {
+        for (method, path, body) in [
+            (Method::GET, "/v1/admin/keys", None),
+            (Method::GET, "/v1/admin/providers", None),
+            (Method::GET, "/v1/admin/audit", None),
+            (
+                Method::POST,
+                "/v1/admin/auth-cache/invalidate",
+                Some(json!({"all": true})),
+            ),
+            (
+                Method::POST,
+                "/v1/admin/rate-limits/reset",
+                Some(json!({"user_id": "u"})),
+            ),
+        ] {
+            let d = native(
+                send(&app, method, path, Some(k), body.as_ref()).await,
+                403,
+                "insufficient_permissions",
+                "This route needs an admin key.",
+            )
+            .await;
+            assert_eq!(d, json!({}), "{path}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn admin_key_routes_answer_a_bad_query_string_in_the_native_shape() {
+    let app = spawn().await;
+    let (id, _) = key(&app, "user").await;
+    let dup = "tenant_id=default&tenant_id=other";
+    let cases = [
+        (Method::GET, format!("/v1/admin/keys?{dup}"), None),
+        (
+            Method::PATCH,
+            format!("/v1/admin/keys/{id}?{dup}"),
+            Some(json!({"name": "n"})),
+        ),
+        (Method::DELETE, format!("/v1/admin/keys/{id}?{dup}"), None),
+        // A misspelt parameter is refused, not ignored (which would act on
+        // the caller's own tenant).
+        (Method::GET, "/v1/admin/keys?tenant=other".to_owned(), None),
+        (
+            Method::DELETE,
+            format!("/v1/admin/keys/{id}?tenantid=other"),
+            None,
+        ),
+    ];
+    for (method, path, body) in cases {
+        native(
+            send(&app, method, &path, Some(ADMIN), body.as_ref()).await,
+            400,
+            "invalid_request",
+            "Invalid query string: …",
+        )
+        .await;
+    }
+    // Nothing was revoked by the refused DELETEs.
+    let list: Value = send(&app, Method::GET, "/v1/admin/keys", Some(ADMIN), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let k = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(k["active"], true, "{k}");
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_the_native_413_on_every_native_body_route() {
+    let app = spawn().await;
+    let (id, _) = key(&app, "user").await;
+    let bot: Value = send(
+        &app,
+        Method::POST,
+        "/v1/bots",
+        Some(ADMIN),
+        Some(&json!({"name": "b", "model": "gpt-4o-mini"})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let bot_id = bot["id"].as_str().unwrap();
+    let session: Value = send(
+        &app,
+        Method::POST,
+        "/v1/sessions",
+        Some(ADMIN),
+        Some(&json!({"bot_id": bot_id, "user_id": "u1"})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let sid = session["id"].as_str().unwrap();
+    let big = "x".repeat(LIMIT * 2);
+    let cases = [
+        (
+            Method::PATCH,
+            format!("/v1/bots/{bot_id}"),
+            json!({"name": big}),
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/sessions/{sid}/state"),
+            json!({"state": {"k": big}}),
+        ),
+        (
+            Method::POST,
+            "/functions/v1/chat".to_owned(),
+            json!({"session_id": sid, "content": big}),
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/admin/keys/{id}"),
+            json!({"name": big}),
+        ),
+        (
+            Method::POST,
+            "/v1/admin/tenants".to_owned(),
+            json!({"id": "t", "name": big}),
+        ),
+        (
+            Method::POST,
+            "/v1/admin/auth-cache/invalidate".to_owned(),
+            json!({"credential": big}),
+        ),
+        (
+            Method::POST,
+            "/v1/admin/rate-limits/reset".to_owned(),
+            json!({"user_id": big}),
+        ),
+    ];
+    for (method, path, body) in cases {
+        let d = native(
+            send(&app, method, &path, Some(ADMIN), Some(&body)).await,
+            413,
+            "request_too_large",
+            &format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
+        )
+        .await;
+        assert_eq!(d, json!({}), "{path}");
+    }
+    // Nothing of the refused bodies landed.
+    let b: Value = send(
+        &app,
+        Method::GET,
+        &format!("/v1/bots/{bot_id}"),
+        Some(ADMIN),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(b["name"], "b");
+    let t = send(&app, Method::GET, "/v1/admin/tenants", Some(ADMIN), None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!t.contains("\"t\""), "{t}");
+}
+
+#[tokio::test]
+async fn the_messages_api_refuses_an_oversized_body_in_anthropic_shape() {
+    let app = spawn().await;
+    let body = json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "x".repeat(LIMIT * 2)}],
+    });
+    let resp = send(&app, Method::POST, "/v1/messages", Some(ADMIN), Some(&body)).await;
+    assert_eq!(resp.status(), 413);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
+        }})
+    );
+}
+
+#[tokio::test]
+async fn invalidate_and_reset_bodies_are_checked_whole() {
+    let app = spawn().await;
+    let (id, _) = key(&app, "user").await;
+    let post = |path: &'static str, body: Value| {
+        let app = &app;
+        async move { send(app, Method::POST, path, Some(ADMIN), Some(&body)).await }
+    };
+    let one_of = "Give exactly one of `all: true`, `key_id` or `credential`.";
+    for body in [json!({}), json!({"all": true, "key_id": "x"})] {
+        let d = native(
+            post("/v1/admin/auth-cache/invalidate", body).await,
+            400,
+            "invalid_request",
+            one_of,
+        )
+        .await;
+        assert_eq!(d, json!({}));
+    }
+    let d = native(
+        post(
+            "/v1/admin/auth-cache/invalidate",
+            json!({"everything": true}),
+        )
+        .await,
+        400,
+        "invalid_request",
+        "…",
+    )
+    .await;
+    assert_eq!(d["field"], "everything");
+
+    let d = native(
+        post(
+            "/v1/admin/rate-limits/reset",
+            json!({"key_id": id, "user_id": "u"}),
+        )
+        .await,
+        400,
+        "invalid_request",
+        "give exactly one of `key_id` or `user_id`",
+    )
+    .await;
+    assert_eq!(d["field"], "key_id");
+    let d = native(
+        post("/v1/admin/rate-limits/reset", json!({"key_id": "nope"})).await,
+        404,
+        "not_found",
+        "No such key.",
+    )
+    .await;
+    assert_eq!(d, json!({}));
+}
+
+#[tokio::test]
+async fn tenant_and_key_edits_name_the_bad_field_and_the_missing_thing() {
+    let app = spawn().await;
+    let tenants = |body: Value| {
+        let app = &app;
+        async move {
+            send(
+                app,
+                Method::POST,
+                "/v1/admin/tenants",
+                Some(ADMIN),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let d = native(
+        tenants(json!({"id": "bad id!"})).await,
+        400,
+        "invalid_request",
+        "a tenant id is 1 to 64 letters, digits, `-` or `_`",
+    )
+    .await;
+    assert_eq!(d["field"], "id");
+    let d = native(
+        tenants(json!({"id": "t", "monthly_budget_usd": -1})).await,
+        400,
+        "invalid_request",
+        "…",
+    )
+    .await;
+    assert_eq!(d["field"], "monthly_budget_usd");
+    let resp = app
+        .client
+        .post(app.url("/v1/admin/tenants"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body("{\"id\":")
+        .send()
+        .await
+        .unwrap();
+    native(resp, 400, "invalid_request", "The body is not valid JSON…").await;
+
+    let d = native(
+        send(
+            &app,
+            Method::PATCH,
+            "/v1/admin/keys/nope",
+            Some(ADMIN),
+            Some(&json!({"name": "n"})),
+        )
+        .await,
+        404,
+        "not_found",
+        "No such key.",
+    )
+    .await;
+    assert_eq!(d, json!({}));
+    let (id, _) = key(&app, "user").await;
+    let d = native(
+        send(
+            &app,
+            Method::PATCH,
+            &format!("/v1/admin/keys/{id}"),
+            Some(ADMIN),
+            Some(&json!({"role": "owner"})),
+        )
+        .await,
+        400,
+        "invalid_request",
+        "…",
+    )
+    .await;
+    assert_eq!(d["field"], "role");
+    let d = native(
+        send(
+            &app,
+            Method::DELETE,
+            &format!("/v1/admin/keys/{id}?tenant_id=no-such-tenant"),
+            Some(ADMIN),
+            None,
+        )
+        .await,
+        404,
+        "not_found",
+        "No such key.",
+    )
+    .await;
+    assert_eq!(d, json!({}));
+}
+
+#[tokio::test]
+async fn a_bad_acting_user_header_is_refused_in_each_apis_shape() {
+    let app = spawn().await;
+    let long = "u".repeat(257);
+    for user in ["", long.as_str()] {
+        let resp = app
+            .client
+            .post(app.url("/v1/sessions"))
+            .bearer_auth(ADMIN)
+            .header("x-switchyard-user", user)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let d = native(
+            resp,
+            400,
+            "invalid_user",
+            "`x-switchyard-user` must name a user (1 to 256 characters).",
+        )
+        .await;
+        assert_eq!(d, json!({}));
+        let resp = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(ADMIN)
+            .header("x-switchyard-user", user)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_user", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(v["error"].as_object().unwrap().contains_key("param"), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn a_user_key_acting_for_someone_else_is_refused_in_anthropic_shape() {
+    let app = spawn().await;
+    let (_, user) = key(&app, "user").await;
+    let resp = app
+        .client
+        .post(app.url("/v1/messages"))
+        .bearer_auth(&user)
+        .header("x-switchyard-user", "bob")
+        .json(&json!({
+            "model": "gpt-4o-mini",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "error", "error": {
+            "type": "permission_error",
+            "message": "Only a service or admin key may act for a user (`x-switchyard-user`).",
+        }})
+    );
+}
+
+#[tokio::test]
+async fn a_missing_or_unknown_key_gets_the_401_body_of_each_api() {
+    let app = spawn().await;
+    let bad = format!("sy_{}", "0".repeat(43));
+    for path in ["/v1/embeddings", "/v1/models"] {
+        let method = if path == "/v1/models" {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        let body = json!({"model": "text-embedding-3-small", "input": "x"});
+        let resp = send(&app, method.clone(), path, None, Some(&body)).await;
+        assert_eq!(resp.status(), 401, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("You didn't provide an API key"),
+            "{v}"
+        );
+    }
+    for (method, path, body) in [
+        (Method::DELETE, "/v1/users/u", None),
+        (
+            Method::POST,
+            "/functions/v1/chat",
+            Some(json!({"session_id": "s", "content": "hi"})),
+        ),
+        (Method::POST, "/v1/admin/tenants", Some(json!({"id": "t"}))),
+    ] {
+        let d = native(
+            send(&app, method, path, Some(&bad), body.as_ref()).await,
+            401,
+            "invalid_api_key",
+            "Incorrect API key provided. It may be mistyped, revoked or expired.",
+        )
+        .await;
+        assert_eq!(d, json!({}), "{path}");
+    }
+}
+
+/// A bot and a session of the default tenant; returns (bot id, session id).
+async fn bot_and_session(app: &TestApp) -> (String, String) {
+    let bot: Value = send(
+        app,
+        Method::POST,
+        "/v1/bots",
+        Some(ADMIN),
+        Some(&json!({"name": "b", "model": "gpt-4o-mini"})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let session: Value = send(
+        app,
+        Method::POST,
+        "/v1/sessions",
+        Some(ADMIN),
+        Some(&json!({"bot_id": bot["id"], "user_id": "u1"})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    (
+        bot["id"].as_str().unwrap().to_owned(),
+        session["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `POST path` asking for the reply as JSON.
+async fn say(app: &TestApp, path: &str, body: &Value) -> Response {
+    app.client
+        .post(app.url(path))
+        .bearer_auth(ADMIN)
+        .header("accept", "application/json")
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_chat_function_path_refuses_a_reused_key_and_a_deleted_bot() {
+    let app = spawn().await;
+    let (bot, sid) = bot_and_session(&app).await;
+    let first = say(
+        &app,
+        "/functions/v1/chat",
+        &json!({"session_id": sid, "content": "a", "idempotency_key": "k-1"}),
+    )
+    .await;
+    assert_eq!(first.status(), 200);
+    let d = native(
+        say(
+            &app,
+            "/functions/v1/chat",
+            &json!({"session_id": sid, "content": "b", "idempotency_key": "k-1"}),
+        )
+        .await,
+        422,
+        "idempotency_key_reused",
+        "This Idempotency-Key was used with a different request body.",
+    )
+    .await;
+    assert_eq!(d, json!({"header": "idempotency-key"}));
+
+    let gone = send(
+        &app,
+        Method::DELETE,
+        &format!("/v1/bots/{bot}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(gone.status(), 200);
+    let d = native(
+        say(
+            &app,
+            "/functions/v1/chat",
+            &json!({"session_id": sid, "content": "c"}),
+        )
+        .await,
+        409,
+        "bot_deleted",
+        "The session's bot was deleted; start a new session.",
+    )
+    .await;
+    assert_eq!(d, json!({}));
+    // Only the first message and its reply were stored.
+    let list: Value = send(
+        &app,
+        Method::GET,
+        &format!("/v1/sessions/{sid}/messages"),
+        Some(ADMIN),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let contents: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents, ["a"], "{list}");
+}
+
+#[tokio::test]
+async fn a_retired_path_refuses_bad_input_with_its_deprecation_headers() {
+    let app = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .env("SWITCHYARD_SERVER__MAX_BODY_BYTES", &LIMIT.to_string())
+        .config(
+            "[[sessions.retired_paths]]\npath = \"/functions/v1/chatting\"\nsunset = \"2999-01-01\"\n",
+        )
+        .spawn()
+        .await;
+    let (_, sid) = bot_and_session(&app).await;
+    let path = "/functions/v1/chatting";
+    let check = |resp: &Response| {
+        assert_eq!(resp.headers()["sunset"], "Tue, 01 Jan 2999 00:00:00 GMT");
+        assert_eq!(
+            resp.headers()["link"],
+            "</functions/v1/chat>; rel=\"successor-version\""
+        );
+    };
+    let resp = say(&app, path, &json!({"content": "hi"})).await;
+    check(&resp);
+    let d = native(resp, 400, "invalid_request", "…").await;
+    assert_eq!(d["field"], "session_id");
+
+    let resp = say(
+        &app,
+        path,
+        &json!({"session_id": sid, "content": "x".repeat(LIMIT * 2)}),
+    )
+    .await;
+    check(&resp);
+    native(
+        resp,
+        413,
+        "request_too_large",
+        &format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
+    )
+    .await;
+
+    let first = say(
+        &app,
+        path,
+        &json!({"session_id": sid, "content": "a", "idempotency_key": "k-2"}),
+    )
+    .await;
+    assert_eq!(first.status(), 200);
+    let resp = say(
+        &app,
+        path,
+        &json!({"session_id": sid, "content": "b", "idempotency_key": "k-2"}),
+    )
+    .await;
+    check(&resp);
+    native(resp, 422, "idempotency_key_reused", "…").await;
+}
+
+#[tokio::test]
+async fn resuming_events_refuses_a_bad_query_string_natively() {
+    let app = spawn().await;
+    let (_, sid) = bot_and_session(&app).await;
+    let m: Value = say(
+        &app,
+        &format!("/v1/sessions/{sid}/messages"),
+        &json!({"content": "hi"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let mid = m["id"].as_str().unwrap();
+    for q in ["last_event_id=abc", "foo=1"] {
+        native(
+            send(
+                &app,
+                Method::GET,
+                &format!("/v1/sessions/{sid}/messages/{mid}/events?{q}"),
+                Some(ADMIN),
+                None,
+            )
+            .await,
+            400,
+            "invalid_request",
+            "Invalid query string: …",
+        )
+        .await;
+    }
+}
