@@ -56,6 +56,19 @@ async fn native(resp: Response, status: u16, code: &str, message: &str) -> Value
     err["details"].clone()
 }
 
+/// `GET path` as the admin, as JSON.
+async fn admin_get(app: &TestApp, path: &str) -> Value {
+    let resp = send(app, Method::GET, path, Some(ADMIN), None).await;
+    assert_eq!(resp.status(), 200, "{path}");
+    resp.json().await.unwrap()
+}
+
+/// [`native`], with empty `details`.
+async fn native_empty(resp: Response, status: u16, code: &str, message: &str) {
+    let d = native(resp, status, code, message).await;
+    assert_eq!(d, json!({}), "{code}");
+}
+
 /// A key of the default tenant with this role; returns (id, key).
 async fn key(app: &TestApp, role: &str) -> (String, String) {
     let resp = send(
@@ -95,14 +108,13 @@ async fn the_admin_routes_refuse_other_roles_with_the_native_403() {
                 Some(json!({"user_id": "u"})),
             ),
         ] {
-            let d = native(
+            native_empty(
                 send(&app, method, path, Some(k), body.as_ref()).await,
                 403,
                 "insufficient_permissions",
                 "This route needs an admin key.",
             )
             .await;
-            assert_eq!(d, json!({}), "{path}");
         }
     }
 }
@@ -139,11 +151,7 @@ async fn admin_key_routes_answer_a_bad_query_string_in_the_native_shape() {
         .await;
     }
     // Nothing was revoked by the refused DELETEs.
-    let list: Value = send(&app, Method::GET, "/v1/admin/keys", Some(ADMIN), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = admin_get(&app, "/v1/admin/keys").await;
     let k = list["data"]
         .as_array()
         .unwrap()
@@ -157,30 +165,7 @@ async fn admin_key_routes_answer_a_bad_query_string_in_the_native_shape() {
 async fn oversized_bodies_get_the_native_413_on_every_native_body_route() {
     let app = spawn().await;
     let (id, _) = key(&app, "user").await;
-    let bot: Value = send(
-        &app,
-        Method::POST,
-        "/v1/bots",
-        Some(ADMIN),
-        Some(&json!({"name": "b", "model": "gpt-4o-mini"})),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let bot_id = bot["id"].as_str().unwrap();
-    let session: Value = send(
-        &app,
-        Method::POST,
-        "/v1/sessions",
-        Some(ADMIN),
-        Some(&json!({"bot_id": bot_id, "user_id": "u1"})),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let sid = session["id"].as_str().unwrap();
+    let (bot_id, sid) = bot_and_session(&app).await;
     let big = "x".repeat(LIMIT * 2);
     let cases = [
         (
@@ -220,27 +205,16 @@ async fn oversized_bodies_get_the_native_413_on_every_native_body_route() {
         ),
     ];
     for (method, path, body) in cases {
-        let d = native(
+        native_empty(
             send(&app, method, &path, Some(ADMIN), Some(&body)).await,
             413,
             "request_too_large",
             &format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
         )
         .await;
-        assert_eq!(d, json!({}), "{path}");
     }
     // Nothing of the refused bodies landed.
-    let b: Value = send(
-        &app,
-        Method::GET,
-        &format!("/v1/bots/{bot_id}"),
-        Some(ADMIN),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let b: Value = admin_get(&app, &format!("/v1/bots/{bot_id}")).await;
     assert_eq!(b["name"], "b");
     let t = send(&app, Method::GET, "/v1/admin/tenants", Some(ADMIN), None)
         .await
@@ -280,14 +254,13 @@ async fn invalidate_and_reset_bodies_are_checked_whole() {
     };
     let one_of = "Give exactly one of `all: true`, `key_id` or `credential`.";
     for body in [json!({}), json!({"all": true, "key_id": "x"})] {
-        let d = native(
+        native_empty(
             post("/v1/admin/auth-cache/invalidate", body).await,
             400,
             "invalid_request",
             one_of,
         )
         .await;
-        assert_eq!(d, json!({}));
     }
     let d = native(
         post(
@@ -314,14 +287,13 @@ async fn invalidate_and_reset_bodies_are_checked_whole() {
     )
     .await;
     assert_eq!(d["field"], "key_id");
-    let d = native(
+    native_empty(
         post("/v1/admin/rate-limits/reset", json!({"key_id": "nope"})).await,
         404,
         "not_found",
         "No such key.",
     )
     .await;
-    assert_eq!(d, json!({}));
 }
 
 #[tokio::test]
@@ -367,7 +339,7 @@ async fn tenant_and_key_edits_name_the_bad_field_and_the_missing_thing() {
         .unwrap();
     native(resp, 400, "invalid_request", "The body is not valid JSON…").await;
 
-    let d = native(
+    native_empty(
         send(
             &app,
             Method::PATCH,
@@ -381,7 +353,6 @@ async fn tenant_and_key_edits_name_the_bad_field_and_the_missing_thing() {
         "No such key.",
     )
     .await;
-    assert_eq!(d, json!({}));
     let (id, _) = key(&app, "user").await;
     let d = native(
         send(
@@ -398,7 +369,7 @@ async fn tenant_and_key_edits_name_the_bad_field_and_the_missing_thing() {
     )
     .await;
     assert_eq!(d["field"], "role");
-    let d = native(
+    native_empty(
         send(
             &app,
             Method::DELETE,
@@ -412,7 +383,6 @@ async fn tenant_and_key_edits_name_the_bad_field_and_the_missing_thing() {
         "No such key.",
     )
     .await;
-    assert_eq!(d, json!({}));
 }
 
 #[tokio::test]
@@ -429,14 +399,13 @@ async fn a_bad_acting_user_header_is_refused_in_each_apis_shape() {
             .send()
             .await
             .unwrap();
-        let d = native(
+        native_empty(
             resp,
             400,
             "invalid_user",
             "`x-switchyard-user` must name a user (1 to 256 characters).",
         )
         .await;
-        assert_eq!(d, json!({}));
         let resp = app
             .client
             .post(app.url("/v1/chat/completions"))
@@ -514,14 +483,13 @@ async fn a_missing_or_unknown_key_gets_the_401_body_of_each_api() {
         ),
         (Method::POST, "/v1/admin/tenants", Some(json!({"id": "t"}))),
     ] {
-        let d = native(
+        native_empty(
             send(&app, method, path, Some(&bad), body.as_ref()).await,
             401,
             "invalid_api_key",
             "Incorrect API key provided. It may be mistyped, revoked or expired.",
         )
         .await;
-        assert_eq!(d, json!({}), "{path}");
     }
 }
 
@@ -601,7 +569,7 @@ async fn the_chat_function_path_refuses_a_reused_key_and_a_deleted_bot() {
     )
     .await;
     assert_eq!(gone.status(), 200);
-    let d = native(
+    native_empty(
         say(
             &app,
             "/functions/v1/chat",
@@ -613,19 +581,8 @@ async fn the_chat_function_path_refuses_a_reused_key_and_a_deleted_bot() {
         "The session's bot was deleted; start a new session.",
     )
     .await;
-    assert_eq!(d, json!({}));
     // Only the first message and its reply were stored.
-    let list: Value = send(
-        &app,
-        Method::GET,
-        &format!("/v1/sessions/{sid}/messages"),
-        Some(ADMIN),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let list: Value = admin_get(&app, &format!("/v1/sessions/{sid}/messages")).await;
     let contents: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
