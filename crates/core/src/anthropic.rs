@@ -912,14 +912,16 @@ impl OpenAiToAnthropicStream {
     }
 }
 
-/// Anthropic's error `type` for an HTTP status.
+/// Anthropic's error `type` for an HTTP status, as its API documents them
+/// (other 4xx are `invalid_request_error`, as Anthropic's are).
 pub fn error_type_for_status(status: u16) -> &'static str {
     match status {
-        400 | 413 | 422 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",
+        413 => "request_too_large",
         429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
         503 | 529 => "overloaded_error",
         _ => "api_error",
     }
@@ -928,6 +930,28 @@ pub fn error_type_for_status(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_types_follow_anthropics_table() {
+        for (status, ty) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (405, "invalid_request_error"),
+            (409, "invalid_request_error"),
+            (413, "request_too_large"),
+            (422, "invalid_request_error"),
+            (429, "rate_limit_error"),
+            (500, "api_error"),
+            (502, "api_error"),
+            (503, "overloaded_error"),
+            (504, "api_error"),
+            (529, "overloaded_error"),
+        ] {
+            assert_eq!(error_type_for_status(status), ty, "{status}");
+        }
+    }
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap()

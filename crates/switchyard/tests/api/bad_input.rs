@@ -238,7 +238,7 @@ async fn the_messages_api_refuses_an_oversized_body_in_anthropic_shape() {
     assert_eq!(
         v,
         json!({"type": "error", "error": {
-            "type": "invalid_request_error",
+            "type": "request_too_large",
             "message": format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
         }})
     );
