@@ -481,6 +481,12 @@ impl EmbeddingsRequest {
         let model = required_string(&body, "model")?;
         let input_count = match body.get("input") {
             None | Some(Value::Null) => return Err(InvalidRequest::missing("input")),
+            Some(Value::String(s)) if s.is_empty() => {
+                return Err(InvalidRequest::invalid_value(
+                    "input",
+                    "Invalid 'input': empty string. Expected a non-empty string.",
+                ))
+            }
             Some(Value::String(_)) => 1,
             Some(Value::Array(items)) => validate_embedding_array(items)?,
             Some(v) => {
@@ -522,16 +528,18 @@ fn validate_embedding_array(items: &[Value]) -> Result<usize, InvalidRequest> {
             "Invalid 'input': empty array. Expected an array with minimum length 1, but got an empty array instead.",
         ));
     }
+    // One array of token ids is one input, however long (OpenAI's cookbook
+    // sends 8191 tokens so); its length is the model's context to judge.
+    let is_token_id = |v: &Value| v.as_u64().is_some();
+    if items.iter().all(is_token_id) {
+        return Ok(1);
+    }
     if items.len() > MAX_EMBEDDING_INPUTS {
         return Err(InvalidRequest::new(
             "input",
             "array_above_max_length",
             format!("Invalid 'input': array too long. Expected an array with maximum length {MAX_EMBEDDING_INPUTS}, but got an array with length {} instead.", items.len()),
         ));
-    }
-    let is_token_id = |v: &Value| v.as_u64().is_some();
-    if items.iter().all(is_token_id) {
-        return Ok(1);
     }
     for (i, item) in items.iter().enumerate() {
         match item {
@@ -752,5 +760,17 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code, "array_above_max_length");
+        // One long array of token ids is one input.
+        let tokens: Vec<u64> = (0..8191).collect();
+        let r = EmbeddingsRequest::parse(
+            json!({"model": "e", "input": tokens})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.input_count, 1);
+        let e = EmbeddingsRequest::parse(br#"{"model": "e", "input": ""}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("input"));
+        assert_eq!(e.code, "invalid_value");
     }
 }
