@@ -198,6 +198,12 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
                         over.scope, over.budget_usd, over.spent_usd
                     ),
                 );
+                // The OpenAI and Anthropic SDKs retry a 429 unless told
+                // not to; retrying a spent budget only multiplies refusals.
+                resp.headers_mut().insert(
+                    HeaderName::from_static("x-should-retry"),
+                    HeaderValue::from_static("false"),
+                );
                 if let Some((d, class)) = tightest {
                     set_headers(&mut resp, &d, class);
                 }

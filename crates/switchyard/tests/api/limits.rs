@@ -386,6 +386,10 @@ async fn a_spent_monthly_budget_refuses_model_calls_and_80_percent_is_audited() 
     );
     let resp = chat(over["key"].as_str().unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Retrying cannot help until the month turns: the SDKs' retry loops
+    // stop on this header.
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    assert!(resp.headers().get("retry-after").is_none());
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("key"));
