@@ -564,12 +564,36 @@ impl MessagesRequest {
                 openai.insert(key.into(), v.clone());
             }
         }
-        if let Some(stops) = body.get("stop_sequences").and_then(Value::as_array) {
-            if !stops.is_empty() {
-                openai.insert("stop".into(), Value::Array(stops.clone()));
+        match body.get("stop_sequences") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(stops)) if stops.iter().all(Value::is_string) => {
+                // Passed on as OpenAI's `stop`, which takes at most four: say
+                // so here rather than let that check name a field the client
+                // never sent.
+                if stops.len() > MAX_STOP_SEQUENCES {
+                    return Err(bad(
+                        "stop_sequences",
+                        format!("stop_sequences: at most {MAX_STOP_SEQUENCES} are supported"),
+                    ));
+                }
+                if !stops.is_empty() {
+                    openai.insert("stop".into(), Value::Array(stops.clone()));
+                }
+            }
+            Some(_) => {
+                return Err(bad(
+                    "stop_sequences",
+                    "stop_sequences: Input should be a valid list of strings",
+                ))
             }
         }
-        if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        // An empty `tools` list means no tools (OpenAI refuses an empty
+        // one), and without tools a `tool_choice` has nothing to choose.
+        let tools = body
+            .get("tools")
+            .and_then(Value::as_array)
+            .filter(|t| !t.is_empty());
+        if let Some(tools) = tools {
             let tools: Vec<Value> = tools
                 .iter()
                 .map(|t| {
@@ -582,7 +606,7 @@ impl MessagesRequest {
                 .collect();
             openai.insert("tools".into(), Value::Array(tools));
         }
-        if let Some(choice) = body.get("tool_choice") {
+        if let Some(choice) = body.get("tool_choice").filter(|_| tools.is_some()) {
             let (mapped, parallel_off) = match choice.get("type").and_then(Value::as_str) {
                 Some("any") => (json!("required"), choice.get("disable_parallel_tool_use")),
                 Some("none") => (json!("none"), None),
@@ -735,11 +759,12 @@ pub fn response_to_anthropic(resp: &Value, model: &str) -> Value {
         let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
         content.push(json!({
             "type": "tool_use",
-            "id": call.get("id").cloned().unwrap_or(Value::Null),
+            "id": tool_use_id(call),
             "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null),
             "input": input,
         }));
     }
+    let called = content.iter().any(|b| b["type"] == "tool_use");
     let id = resp.get("id").and_then(Value::as_str).unwrap_or("");
     json!({
         "id": anthropic_id(id),
@@ -747,12 +772,53 @@ pub fn response_to_anthropic(resp: &Value, model: &str) -> Value {
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(choice.get("finish_reason").and_then(Value::as_str)),
+        "stop_reason": final_stop_reason(choice.get("finish_reason").and_then(Value::as_str), called),
         "stop_sequence": null,
-        "usage": {
-            "input_tokens": resp.pointer("/usage/prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
-            "output_tokens": resp.pointer("/usage/completion_tokens").and_then(Value::as_u64).unwrap_or(0),
-        },
+        "usage": anthropic_usage(resp.get("usage")),
+    })
+}
+
+/// OpenAI's `stop` takes at most four sequences.
+const MAX_STOP_SEQUENCES: usize = 4;
+
+/// The stop reason of an answer: `tool_use` whenever it calls a tool (some
+/// OpenAI-compatible servers say `stop` beside tool calls, and agent loops
+/// run on `stop_reason == "tool_use"`), unless it was cut at `max_tokens`.
+fn final_stop_reason(finish_reason: Option<&str>, called_a_tool: bool) -> &'static str {
+    match stop_reason(finish_reason) {
+        "max_tokens" => "max_tokens",
+        _ if called_a_tool => "tool_use",
+        other => other,
+    }
+}
+
+/// A tool call's id, or a fresh `toolu_` one when the provider gave none
+/// (the client's `tool_result` must name it).
+fn tool_use_id(call: &Value) -> Value {
+    match call.get("id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => json!(id),
+        _ => {
+            let mut bytes = [0u8; 12];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            json!(format!("toolu_{hex}"))
+        }
+    }
+}
+
+/// OpenAI usage as Anthropic's: cached prompt tokens are reported apart
+/// (`cache_read_input_tokens`), not inside `input_tokens`.
+fn anthropic_usage(usage: Option<&Value>) -> Value {
+    let get = |p: &str| usage.and_then(|u| u.pointer(p)).and_then(Value::as_u64);
+    let prompt = get("/prompt_tokens").unwrap_or(0);
+    let cached = get("/prompt_tokens_details/cached_tokens")
+        .unwrap_or(0)
+        .min(prompt);
+    json!({
+        "input_tokens": prompt - cached,
+        "output_tokens": get("/completion_tokens").unwrap_or(0),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     })
 }
 
@@ -774,8 +840,10 @@ pub struct OpenAiToAnthropicStream {
     open: Option<(u64, OpenBlock)>,
     next_block: u64,
     stop_reason: Option<&'static str>,
-    input_tokens: u64,
-    output_tokens: u64,
+    /// Whether a tool_use block was opened (the stop reason is then `tool_use`).
+    called: bool,
+    /// The last OpenAI `usage` seen.
+    usage: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -794,8 +862,8 @@ impl OpenAiToAnthropicStream {
             open: None,
             next_block: 0,
             stop_reason: None,
-            input_tokens: 0,
-            output_tokens: 0,
+            called: false,
+            usage: None,
         }
     }
 
@@ -843,14 +911,7 @@ impl OpenAiToAnthropicStream {
             &mut out,
         );
         if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
-            self.input_tokens = u
-                .get("prompt_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(self.input_tokens);
-            self.output_tokens = u
-                .get("completion_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(self.output_tokens);
+            self.usage = Some(u.clone());
         }
         let Some(choice) = chunk.pointer("/choices/0") else {
             return out;
@@ -878,12 +939,15 @@ impl OpenAiToAnthropicStream {
             let tool = call.get("index").and_then(Value::as_u64).unwrap_or(0);
             let index = match self.open {
                 Some((i, OpenBlock::Tool(t))) if t == tool => i,
-                _ => self.open(
-                    OpenBlock::Tool(tool),
-                    json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or(Value::Null),
-                           "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null), "input": {}}),
-                    &mut out,
-                ),
+                _ => {
+                    self.called = true;
+                    self.open(
+                        OpenBlock::Tool(tool),
+                        json!({"type": "tool_use", "id": tool_use_id(call),
+                               "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null), "input": {}}),
+                        &mut out,
+                    )
+                }
             };
             if let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str) {
                 if !args.is_empty() {
@@ -892,7 +956,7 @@ impl OpenAiToAnthropicStream {
             }
         }
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            self.stop_reason = Some(stop_reason(Some(reason)));
+            self.stop_reason = Some(final_stop_reason(Some(reason), self.called));
         }
         out
     }
@@ -902,11 +966,18 @@ impl OpenAiToAnthropicStream {
         let mut out = Vec::new();
         self.start("", &mut out);
         self.close(&mut out);
-        out.push(("message_delta", json!({
-            "type": "message_delta",
-            "delta": {"stop_reason": self.stop_reason.unwrap_or("end_turn"), "stop_sequence": null},
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
-        })));
+        let stop = match self.stop_reason {
+            Some(r) => r,
+            None => final_stop_reason(None, self.called),
+        };
+        out.push((
+            "message_delta",
+            json!({
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": null},
+                "usage": anthropic_usage(self.usage.as_ref()),
+            }),
+        ));
         out.push(("message_stop", json!({"type": "message_stop"})));
         out
     }
@@ -1214,8 +1285,89 @@ mod tests {
                 "id": "msg_9", "type": "message", "role": "assistant", "model": "alias",
                 "content": [{"type": "text", "text": "Hello"}],
                 "stop_reason": "max_tokens", "stop_sequence": null,
-                "usage": {"input_tokens": 1, "output_tokens": 2},
+                "usage": {"input_tokens": 1, "output_tokens": 2,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
             })
         );
+    }
+
+    #[test]
+    fn a_tool_call_answer_stops_for_tool_use_with_an_id_and_cached_tokens_apart() {
+        // A server that says `stop` beside its tool call, gives it no id and
+        // served part of the prompt from its cache.
+        let resp = json!({"id": "chatcmpl-9", "choices": [{"message": {"role": "assistant", "content": null,
+            "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{\"c\":1}"}}]},
+            "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 8}}});
+        let m = response_to_anthropic(&resp, "alias");
+        assert_eq!(m["stop_reason"], "tool_use", "{m}");
+        let id = m["content"][0]["id"].as_str().unwrap();
+        assert!(id.starts_with("toolu_") && id.len() == 30, "{id}");
+        assert_eq!(m["content"][0]["input"], json!({"c": 1}));
+        assert_eq!(
+            m["usage"],
+            json!({"input_tokens": 2, "output_tokens": 2,
+                   "cache_creation_input_tokens": 0, "cache_read_input_tokens": 8})
+        );
+        // Cut at max_tokens stays max_tokens.
+        let mut cut = resp.clone();
+        cut["choices"][0]["finish_reason"] = json!("length");
+        assert_eq!(
+            response_to_anthropic(&cut, "alias")["stop_reason"],
+            "max_tokens"
+        );
+    }
+
+    #[test]
+    fn a_streamed_tool_call_without_id_or_tool_calls_reason_still_stops_for_tool_use() {
+        let mut s = OpenAiToAnthropicStream::new("alias");
+        let mut events = Vec::new();
+        for c in [
+            json!({"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "w", "arguments": "{}"}}]}}]}),
+            json!({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            json!({"id": "x", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 3}}}),
+        ] {
+            events.extend(s.chunk(&c));
+        }
+        events.extend(s.finish());
+        let start = events
+            .iter()
+            .find(|(n, _)| *n == "content_block_start")
+            .unwrap();
+        assert!(start.1["content_block"]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("toolu_"));
+        let delta = events.iter().find(|(n, _)| *n == "message_delta").unwrap();
+        assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
+        assert_eq!(delta.1["usage"]["input_tokens"], 2);
+        assert_eq!(delta.1["usage"]["cache_read_input_tokens"], 3);
+    }
+
+    #[test]
+    fn empty_tools_mean_none_and_stop_sequences_are_checked() {
+        let base =
+            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+        let with = |k: &str, v: Value| {
+            let mut b = obj(base.clone());
+            b.insert(k.into(), v);
+            b
+        };
+        let mut b = with("tools", json!([]));
+        b.insert("tool_choice".into(), json!({"type": "auto"}));
+        let r = MessagesRequest::parse(&b).unwrap();
+        assert!(!r.openai_body.contains_key("tools"), "{:?}", r.openai_body);
+        assert!(!r.openai_body.contains_key("tool_choice"));
+        let r = MessagesRequest::parse(&with("tool_choice", json!({"type": "any"}))).unwrap();
+        assert!(!r.openai_body.contains_key("tool_choice"));
+
+        for bad in [json!("STOP"), json!([1]), json!(["a", "b", "c", "d", "e"])] {
+            let e = MessagesRequest::parse(&with("stop_sequences", bad.clone())).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("stop_sequences"), "{bad}");
+            assert!(e.message.starts_with("stop_sequences: "), "{}", e.message);
+        }
+        let r =
+            MessagesRequest::parse(&with("stop_sequences", json!(["a", "b", "c", "d"]))).unwrap();
+        assert_eq!(r.openai_body["stop"], json!(["a", "b", "c", "d"]));
     }
 }

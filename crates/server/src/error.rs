@@ -100,6 +100,43 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// A provider's 4xx body as an OpenAI error object, read leniently:
+/// OpenAI-compatible servers differ in the details (vLLM sends `code` as a
+/// number and, in older versions, the fields at the top level; some send
+/// `"error": "message"` or a null `type`). `None` when there is no message
+/// to relay.
+fn relayed_error(body: &[u8]) -> Option<ErrorObject> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let obj = match v.get("error") {
+        Some(serde_json::Value::String(m)) => {
+            return Some(ErrorObject {
+                message: m.clone(),
+                kind: "invalid_request_error".into(),
+                param: None,
+                code: None,
+            })
+        }
+        Some(e @ serde_json::Value::Object(_)) => e,
+        _ => &v,
+    };
+    let text = |k: &str| obj.get(k).and_then(serde_json::Value::as_str);
+    let message = text("message").filter(|m| !m.is_empty())?.to_owned();
+    let code = match obj.get("code") {
+        Some(serde_json::Value::String(c)) => Some(c.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    Some(ErrorObject {
+        message,
+        kind: text("type")
+            .filter(|t| !t.is_empty())
+            .unwrap_or("invalid_request_error")
+            .to_owned(),
+        param: text("param").map(str::to_owned),
+        code,
+    })
+}
+
 fn from_provider(p: ProviderError) -> ApiError {
     let status = StatusCode::from_u16(status_for(&p)).unwrap_or(StatusCode::BAD_GATEWAY);
     let detail = p.to_string();
@@ -110,9 +147,7 @@ fn from_provider(p: ProviderError) -> ApiError {
             retry_after,
         } if status.is_client_error() => {
             // The provider judged the request itself: relay its words.
-            let relayed = serde_json::from_slice::<ErrorEnvelope>(&body)
-                .ok()
-                .map(|env| env.error);
+            let relayed = relayed_error(&body);
             let mut err = ApiError {
                 status,
                 body: relayed.unwrap_or_else(|| ErrorObject {
@@ -211,4 +246,57 @@ pub fn stream_error_json(e: &ProviderError) -> Vec<u8> {
         },
     })
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_errors_are_relayed_whatever_their_dialect() {
+        let cases = [
+            (
+                r#"{"error":{"message":"bad","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+                (
+                    "bad",
+                    "invalid_request_error",
+                    Some("messages"),
+                    Some("context_length_exceeded"),
+                ),
+            ),
+            // vLLM: numeric code, fields at the top level.
+            (
+                r#"{"object":"error","message":"too long","type":"BadRequestError","param":null,"code":400}"#,
+                ("too long", "BadRequestError", None, Some("400")),
+            ),
+            (
+                r#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter"}}"#,
+                (
+                    "filtered",
+                    "invalid_request_error",
+                    Some("prompt"),
+                    Some("content_filter"),
+                ),
+            ),
+            (
+                r#"{"error":"model is required"}"#,
+                ("model is required", "invalid_request_error", None, None),
+            ),
+        ];
+        for (body, (message, kind, param, code)) in cases {
+            let e = relayed_error(body.as_bytes()).unwrap();
+            assert_eq!(e.message, message, "{body}");
+            assert_eq!(e.kind, kind, "{body}");
+            assert_eq!(e.param.as_deref(), param, "{body}");
+            assert_eq!(e.code.as_deref(), code, "{body}");
+        }
+        for body in [
+            "",
+            "<html>502</html>",
+            r#"{"error":{}}"#,
+            r#"{"detail":"x"}"#,
+        ] {
+            assert!(relayed_error(body.as_bytes()).is_none(), "{body}");
+        }
+    }
 }

@@ -7,8 +7,9 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::auth::{family_error, Family};
 use crate::error::ErrorDetail;
-use crate::{ApiError, AppState};
+use crate::AppState;
 
 pub async fn health() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
@@ -53,22 +54,22 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// An unknown path, answered in the shape of the API its prefix belongs to
+/// (`/v1/messages/…` Anthropic's, the native routes' native, else OpenAI's).
 pub async fn not_found(method: Method, uri: Uri) -> Response {
-    ApiError::new(
+    family_error(
+        Family::of(uri.path()),
         StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "unknown_url",
-        format!("Unknown request URL: {method} {}.", uri.path()),
+        Some("unknown_url"),
+        &format!("Unknown request URL: {method} {}.", uri.path()),
     )
-    .into_response()
 }
 
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    ApiError::new(
+    family_error(
+        Family::of(uri.path()),
         StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request_error",
-        "method_not_allowed",
-        format!("Method {method} is not allowed for {}.", uri.path()),
+        Some("method_not_allowed"),
+        &format!("Method {method} is not allowed for {}.", uri.path()),
     )
-    .into_response()
 }

@@ -211,6 +211,51 @@ async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
         .await
         .unwrap();
     assert_error(resp, 405, "method_not_allowed").await;
+
+    // Under /v1/messages, Anthropic's shape (an Anthropic SDK reads it; e.g.
+    // `count_tokens`, which Switchyard does not serve).
+    for (method, path, status, ty) in [
+        (
+            reqwest::Method::POST,
+            "/v1/messages/count_tokens",
+            404,
+            "not_found_error",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/messages",
+            405,
+            "invalid_request_error",
+        ),
+    ] {
+        let resp = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], ty, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(path),
+            "{v}"
+        );
+    }
+    // Under the native prefixes, the native shape.
+    let resp = app
+        .client
+        .get(app.url("/v1/admin/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"error": {"code": "unknown_url", "message": "Unknown request URL: GET /v1/admin/nope.", "details": {}}})
+    );
 }
 
 #[tokio::test]
