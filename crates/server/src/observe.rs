@@ -14,6 +14,7 @@ use axum::response::Response;
 use switchyard_core::trace::TraceContext;
 use tracing::Instrument;
 
+use crate::auth::Family;
 use crate::error::ErrorDetail;
 
 /// The model alias a handler served, for metric labels. Only configured
@@ -38,6 +39,7 @@ pub async fn observe(
         .and_then(TraceContext::from_traceparent)
         .unwrap_or_else(TraceContext::new_root);
     let request_id = req.headers().get("x-request-id").cloned();
+    let anthropic = Family::of(req.uri().path()) == Family::Anthropic;
     let matched = req.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = req.method().clone();
@@ -101,7 +103,14 @@ pub async fn observe(
     if let Ok(v) = HeaderValue::from_str(&ctx.traceparent()) {
         headers.insert("traceparent", v);
     }
-    if let Some(id) = request_id {
+    // The client's request id, else one naming the trace: the SDKs expose it
+    // (`_request_id`) for support requests and logs. Anthropic's read
+    // `request-id`.
+    let id = request_id.or_else(|| HeaderValue::from_str(&format!("req_{trace_id}")).ok());
+    if let Some(id) = id {
+        if anthropic {
+            headers.insert("request-id", id.clone());
+        }
         headers.insert("x-request-id", id);
     }
     resp

@@ -105,10 +105,31 @@ async fn a_traceparent_is_continued_and_the_request_id_echoed() {
         "{tp}"
     );
     assert_eq!(resp.headers()["x-request-id"], "req-123");
+    assert!(resp.headers().get("request-id").is_none());
     let fresh = app.client.get(app.url("/health")).send().await.unwrap();
     let tp2 = fresh.headers()["traceparent"].to_str().unwrap();
     assert_eq!(tp2.len(), 55);
     assert!(!tp2.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    // Without one, the request id names the trace.
+    assert_eq!(
+        fresh.headers()["x-request-id"].to_str().unwrap(),
+        format!("req_{}", &tp2[3..35])
+    );
+    // Anthropic's SDK reads `request-id`.
+    let m = app
+        .client
+        .post(app.url("/v1/messages"))
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(m.status(), 200);
+    assert_eq!(m.headers()["request-id"], m.headers()["x-request-id"]);
+    assert!(m.headers()["request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req_"));
     let v = wait_for_log_json(&app, |l| l.contains("\"route\":\"/v1/chat/completions\""))
         .await
         .expect("a request log line");
