@@ -227,6 +227,16 @@ impl IntoResponse for ApiError {
 
 /// The JSON of an error frame for a stream that fails after it started.
 pub fn stream_error_json(e: &ProviderError) -> Vec<u8> {
+    // An error the provider put in its stream that judges the request (a
+    // 4xx, e.g. the context is too long) is relayed like one before the
+    // stream (its body is scrubbed of the key); others stay generic.
+    if let ProviderError::Status { status, body, .. } = e {
+        if (400..500).contains(status) {
+            if let Some(error) = relayed_error(body) {
+                return serde_json::to_vec(&ErrorEnvelope { error }).unwrap_or_default();
+            }
+        }
+    }
     let (kind, message) = match e {
         ProviderError::Timeout(_) => (
             "upstream_error",
@@ -298,5 +308,29 @@ mod tests {
         ] {
             assert!(relayed_error(body.as_bytes()).is_none(), "{body}");
         }
+    }
+
+    #[test]
+    fn a_streams_error_relays_the_providers_words_only_for_a_4xx() {
+        let failed = |status: u16| {
+            ProviderError::Status {
+            status,
+            body: bytes::Bytes::from_static(
+                br#"{"error":{"message":"prompt too long","type":"invalid_request_error","param":null,"code":"context_length_exceeded"}}"#,
+            ),
+            retry_after: None,
+        }
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&stream_error_json(&failed(400))).unwrap();
+        assert_eq!(v["error"]["message"], "prompt too long");
+        assert_eq!(v["error"]["code"], "context_length_exceeded");
+        let v: serde_json::Value =
+            serde_json::from_slice(&stream_error_json(&failed(500))).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "The provider's stream broke before it was complete."
+        );
+        assert_eq!(v["error"]["type"], "upstream_error");
     }
 }

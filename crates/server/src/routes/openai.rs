@@ -287,11 +287,23 @@ pub(crate) fn sse(body: Body) -> Response {
     resp
 }
 
+/// One SSE event carrying `json`: a `data:` line per line of it (a provider
+/// may spread its JSON over several `data:` lines, which its parser joined
+/// with newlines; one `data:` prefix would leave the later lines bare).
 fn frame(json: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(json.len() + 8);
-    b.put_slice(b"data: ");
-    b.put_slice(json);
-    b.put_slice(b"\n\n");
+    if !json.contains(&b'\n') {
+        b.put_slice(b"data: ");
+        b.put_slice(json);
+        b.put_slice(b"\n\n");
+        return b.freeze();
+    }
+    for line in json.split(|&c| c == b'\n') {
+        b.put_slice(b"data: ");
+        b.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        b.put_slice(b"\n");
+    }
+    b.put_slice(b"\n");
     b.freeze()
 }
 
@@ -330,6 +342,15 @@ mod tests {
     use http_body::Body as _;
 
     use super::*;
+
+    #[test]
+    fn a_frame_gives_every_line_of_its_data_a_prefix() {
+        assert_eq!(&frame(br#"{"a":1}"#)[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(
+            &frame(b"{\n\"a\": 1\r\n}")[..],
+            b"data: {\ndata: \"a\": 1\ndata: }\n\n"
+        );
+    }
 
     struct Count(AtomicUsize);
     impl Wake for Count {
