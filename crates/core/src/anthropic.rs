@@ -29,12 +29,44 @@ fn bad(param: &str, message: impl Into<String>) -> TranslateError {
 // OpenAI request → Anthropic request (the `anthropic` provider)
 // ---------------------------------------------------------------------------
 
+/// OpenAI parameters the Messages API has no way to honour: refused by name
+/// rather than dropped, so that a caller asking for three choices, a JSON
+/// answer or log probabilities does not get one prose answer instead. Their
+/// neutral values (`n: 1`, `response_format: {"type": "text"}`,
+/// `logprobs: false`) pass.
+fn refuse_what_anthropic_cannot_do(body: &Map<String, Value>) -> Result<(), TranslateError> {
+    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+        return Err(bad(
+            "n",
+            "This model's provider (Anthropic) generates one choice per request; set n to 1.",
+        ));
+    }
+    if let Some(format) = body.get("response_format").filter(|f| !f.is_null()) {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(bad(
+                "response_format",
+                "This model's provider (Anthropic) has no JSON response_format; ask for JSON in the prompt or use a tool.",
+            ));
+        }
+    }
+    if body.get("logprobs").and_then(Value::as_bool) == Some(true)
+        || body.get("top_logprobs").is_some_and(|v| !v.is_null())
+    {
+        return Err(bad(
+            "logprobs",
+            "This model's provider (Anthropic) does not return log probabilities.",
+        ));
+    }
+    Ok(())
+}
+
 /// Builds an Anthropic Messages request from an OpenAI chat request.
 pub fn request_to_anthropic(
     body: &Map<String, Value>,
     model: &str,
     stream: bool,
 ) -> Result<Value, TranslateError> {
+    refuse_what_anthropic_cannot_do(body)?;
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -1073,6 +1105,45 @@ mod tests {
                 "stream": true,
             })
         );
+    }
+
+    #[test]
+    fn what_anthropic_cannot_honour_is_refused_by_name_and_neutral_values_pass() {
+        let base = json!({"model": "alias", "messages": [{"role": "user", "content": "hi"}]});
+        let with = |k: &str, v: Value| {
+            let mut b = obj(base.clone());
+            b.insert(k.into(), v);
+            b
+        };
+        for (key, value, param) in [
+            ("n", json!(3), "n"),
+            (
+                "response_format",
+                json!({"type": "json_object"}),
+                "response_format",
+            ),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+                "response_format",
+            ),
+            ("logprobs", json!(true), "logprobs"),
+            ("top_logprobs", json!(2), "logprobs"),
+        ] {
+            let e = request_to_anthropic(&with(key, value.clone()), "m", false).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{key}: {value}");
+        }
+        for (key, value) in [
+            ("n", json!(1)),
+            ("response_format", json!({"type": "text"})),
+            ("logprobs", json!(false)),
+            ("seed", json!(7)),
+        ] {
+            assert!(
+                request_to_anthropic(&with(key, value.clone()), "m", false).is_ok(),
+                "{key}"
+            );
+        }
     }
 
     #[test]
