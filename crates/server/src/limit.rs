@@ -85,7 +85,7 @@ pub(crate) fn token_meter(state: &AppState, who: &Principal) -> Option<TokenMete
 }
 
 fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
-    for (name, value) in d.headers(policy) {
+    for (name, value) in d.headers(policy).into_iter().chain(d.openai_headers()) {
         if let Ok(v) = HeaderValue::from_str(&value) {
             resp.headers_mut().insert(HeaderName::from_static(name), v);
         }

@@ -216,6 +216,40 @@ impl Decision {
     }
 }
 
+impl Decision {
+    /// The same decision in the headers OpenAI sends, which OpenAI-ecosystem
+    /// clients and routers read: `x-ratelimit-limit-requests`,
+    /// `x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests` (time
+    /// until the quota is full again, as OpenAI writes it: `1s`, `6m0s`,
+    /// `20ms`).
+    pub fn openai_headers(&self) -> [(&'static str, String); 3] {
+        [
+            ("x-ratelimit-limit-requests", self.limit.to_string()),
+            ("x-ratelimit-remaining-requests", self.remaining.to_string()),
+            ("x-ratelimit-reset-requests", go_duration(self.reset_after)),
+        ]
+    }
+}
+
+/// A duration as Go prints one, the way OpenAI's reset headers read:
+/// milliseconds below a second (rounded up), else whole seconds (rounded
+/// up) with minutes and hours in front when there are any.
+fn go_duration(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".into();
+    }
+    if d < Duration::from_secs(1) {
+        return format!("{}ms", d.as_micros().div_ceil(1000));
+    }
+    let s = ceil_secs(d);
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
 fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }

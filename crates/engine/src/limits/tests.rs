@@ -370,6 +370,32 @@ fn retry_after_is_never_zero_and_rounds_partial_seconds_up() {
 }
 
 #[test]
+fn the_openai_headers_say_the_same_with_go_style_reset_times() {
+    let d = |remaining, reset_after| Decision {
+        allowed: true,
+        limit: 20,
+        period: secs(3600),
+        remaining,
+        reset_after,
+        retry_after: None,
+    };
+    assert_eq!(
+        d(17, Duration::from_millis(9_000)).openai_headers(),
+        [
+            ("x-ratelimit-limit-requests", "20".to_owned()),
+            ("x-ratelimit-remaining-requests", "17".to_owned()),
+            ("x-ratelimit-reset-requests", "9s".to_owned()),
+        ]
+    );
+    let reset = |t| d(0, t).openai_headers()[2].1.clone();
+    assert_eq!(reset(Duration::ZERO), "0s");
+    assert_eq!(reset(Duration::from_micros(19_001)), "20ms");
+    assert_eq!(reset(Duration::from_millis(1_500)), "2s");
+    assert_eq!(reset(secs(360)), "6m0s");
+    assert_eq!(reset(secs(3_725)), "1h2m5s");
+}
+
+#[test]
 fn policy_names_are_written_as_escaped_structured_field_strings() {
     let d = Decision {
         allowed: true,

@@ -39,6 +39,16 @@ async fn a_key_limit_refuses_past_its_burst_with_429_and_the_ietf_headers() {
             rl.starts_with(&format!("\"chat\";r={remaining};t=")),
             "{rl}"
         );
+        // The same in OpenAI's headers.
+        assert_eq!(resp.headers()["x-ratelimit-limit-requests"], "3");
+        assert_eq!(
+            resp.headers()["x-ratelimit-remaining-requests"],
+            remaining.to_string().as_str()
+        );
+        assert!(resp.headers()["x-ratelimit-reset-requests"]
+            .to_str()
+            .unwrap()
+            .ends_with('s'));
     }
     let resp = chat().await.unwrap();
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
