@@ -360,7 +360,15 @@ impl Gateway {
                     }
                     ChatReply::Stream(s) => Ok(ChatOutcome::Stream {
                         pricing: acc.pricing,
-                        events: Box::new(MeteredStream::new(s, req.include_usage, acc)),
+                        events: Box::new(MeteredStream::new(
+                            s,
+                            req.include_usage,
+                            req.body
+                                .get("n")
+                                .and_then(serde_json::Value::as_u64)
+                                .unwrap_or(1),
+                            acc,
+                        )),
                         provider,
                     }),
                 }

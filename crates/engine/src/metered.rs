@@ -29,6 +29,12 @@ pub(crate) struct MeteredStream {
     inner: ChunkStream,
     /// Whether the client asked for the usage chunk (it is always requested upstream).
     include_usage: bool,
+    /// Choices asked for (`n`); the answer is complete once each has a
+    /// finish reason.
+    choices: u64,
+    /// With `n` above 1, the indexes that have finished (bit per index;
+    /// `n` is at most 128).
+    finished: u128,
     saw_finish: bool,
     ended: bool,
     first_chunk_at: Option<Instant>,
@@ -37,16 +43,31 @@ pub(crate) struct MeteredStream {
 }
 
 impl MeteredStream {
-    pub(crate) fn new(inner: ChunkStream, include_usage: bool, accounting: Accounting) -> Self {
+    pub(crate) fn new(
+        inner: ChunkStream,
+        include_usage: bool,
+        choices: u64,
+        accounting: Accounting,
+    ) -> Self {
         Self {
             inner,
             include_usage,
+            choices: choices.clamp(1, 128),
+            finished: 0,
             saw_finish: false,
             ended: false,
             first_chunk_at: None,
             usage: None,
             accounting: Some(accounting),
         }
+    }
+
+    /// A chunk with a finish reason: with one choice the answer is complete;
+    /// with several, only once every index has finished (a stream cut after
+    /// the first of three is not a complete answer).
+    fn note_finish(&mut self, chunk: &[u8]) {
+        self.saw_finish =
+            self.choices == 1 || all_finished(chunk, self.choices, &mut self.finished);
     }
 
     fn finish(&mut self, status: u16, error: Option<&ProviderError>) {
@@ -66,6 +87,30 @@ struct UsageChunk {
     usage: Option<Usage>,
     #[serde(default)]
     choices: Option<Vec<IgnoredAny>>,
+}
+
+/// Marks in `finished` (a bit per index) the choices of `chunk` that carry
+/// a finish reason; true once all `choices` have one.
+fn all_finished(chunk: &[u8], choices: u64, finished: &mut u128) -> bool {
+    #[derive(Deserialize)]
+    struct Finishing {
+        #[serde(default)]
+        choices: Vec<Choice>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        index: u32,
+        finish_reason: Option<IgnoredAny>,
+    }
+    if let Ok(f) = serde_json::from_slice::<Finishing>(chunk) {
+        for c in f.choices {
+            if c.finish_reason.is_some() && u64::from(c.index) < choices.min(128) {
+                *finished |= 1 << c.index;
+            }
+        }
+    }
+    u64::from(finished.count_ones()) >= choices
 }
 
 /// Finds `"usage"` followed by an object (not `null`) without parsing the chunk.
@@ -111,7 +156,7 @@ impl Stream for MeteredStream {
                         this.first_chunk_at = Some(Instant::now());
                     }
                     if !this.saw_finish && has_finish_reason(&chunk) {
-                        this.saw_finish = true;
+                        this.note_finish(&chunk);
                     }
                     if has_usage_object(&chunk) {
                         if let Ok(parsed) = serde_json::from_slice::<UsageChunk>(&chunk) {
@@ -178,6 +223,34 @@ mod tests {
         assert!(!has_usage_object(
             br#"{"choices":[{"delta":{"content":"x"}}]}"#
         ));
+    }
+
+    #[test]
+    fn with_several_choices_the_answer_ends_when_each_has_finished() {
+        let chunk = |i: u32, reason: &str| {
+            format!(r#"{{"choices":[{{"index":{i},"delta":{{}},"finish_reason":{reason}}}]}}"#)
+        };
+        let mut done = 0u128;
+        assert!(!all_finished(chunk(0, "\"stop\"").as_bytes(), 3, &mut done));
+        assert!(
+            !all_finished(chunk(0, "\"stop\"").as_bytes(), 3, &mut done),
+            "counted once"
+        );
+        assert!(!all_finished(chunk(1, "null").as_bytes(), 3, &mut done));
+        assert!(
+            !all_finished(chunk(7, "\"stop\"").as_bytes(), 3, &mut done),
+            "out of range"
+        );
+        assert!(!all_finished(
+            chunk(2, "\"length\"").as_bytes(),
+            3,
+            &mut done
+        ));
+        assert!(all_finished(chunk(1, "\"stop\"").as_bytes(), 3, &mut done));
+        // Two choices finishing in one chunk.
+        let mut done = 0u128;
+        let both = r#"{"choices":[{"index":0,"finish_reason":"stop"},{"index":1,"finish_reason":"stop"}]}"#;
+        assert!(all_finished(both.as_bytes(), 2, &mut done));
     }
 
     #[test]
