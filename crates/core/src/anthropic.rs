@@ -832,8 +832,7 @@ fn tool_use_id(call: &Value) -> Value {
         _ => {
             let mut bytes = [0u8; 12];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            json!(format!("toolu_{hex}"))
+            json!(format!("toolu_{}", crate::trace::encode_hex(&bytes)))
         }
     }
 }

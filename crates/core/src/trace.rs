@@ -110,7 +110,8 @@ fn hex_val(c: u8) -> Option<u8> {
     }
 }
 
-fn encode_hex(bytes: &[u8]) -> String {
+/// Lower-case hex, as trace ids are written (also used for other ids).
+pub(crate) fn encode_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

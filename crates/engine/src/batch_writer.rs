@@ -388,32 +388,31 @@ mod tests {
         for n in 0..300 {
             writer.record(sample_usage("t", n));
         }
-        let named = |names: Vec<String>| names.iter().filter(|n| *n == "sy-usage-writer").count();
+        let named = || {
+            thread_names()
+                .iter()
+                .filter(|n| *n == "sy-usage-writer")
+                .count()
+        };
         // A new thread takes its name once it runs (until then it has its parent's).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while named(thread_names()) == 0 {
-            assert!(std::time::Instant::now() < deadline, "{:?}", thread_names());
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(named(thread_names()), 1, "{:?}", thread_names());
+        until("the writer thread is named", || named() > 0).await;
+        assert_eq!(named(), 1, "{:?}", thread_names());
         // It writes while it runs, not only at shutdown.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while writer.written() < 300 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "written {}",
-                writer.written()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until("300 rows are written", || writer.written() >= 300).await;
         writer.record(sample_usage("t", 300));
         task.shutdown().await;
         assert_eq!(store.count_usage("t").await.unwrap(), 301);
         // The thread ends with the writer.
+        until("the writer thread has ended", || named() == 0).await;
+    }
+
+    /// Waits until `done()` holds, failing after 10 s.
+    #[cfg(target_os = "linux")]
+    async fn until(what: &str, done: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while named(thread_names()) > 0 {
-            assert!(std::time::Instant::now() < deadline, "{:?}", thread_names());
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 

@@ -11,6 +11,11 @@ use crate::helpers::{app, chat_body};
 const ADMIN: &str = "bad-input-admin-key-0123456789abcdef0123456789";
 const LIMIT: usize = 2048;
 
+/// The message of a 413 at [`LIMIT`].
+fn too_large() -> String {
+    format!("The request body is larger than this server accepts ({LIMIT} bytes).")
+}
+
 async fn spawn() -> TestApp {
     app()
         .env("SWITCHYARD_ADMIN_KEY", ADMIN)
@@ -209,7 +214,7 @@ async fn oversized_bodies_get_the_native_413_on_every_native_body_route() {
             send(&app, method, &path, Some(ADMIN), Some(&body)).await,
             413,
             "request_too_large",
-            &format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
+            &too_large(),
         )
         .await;
     }
@@ -239,7 +244,7 @@ async fn the_messages_api_refuses_an_oversized_body_in_anthropic_shape() {
         v,
         json!({"type": "error", "error": {
             "type": "request_too_large",
-            "message": format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
+            "message": too_large(),
         }})
     );
 }
@@ -624,13 +629,7 @@ async fn a_retired_path_refuses_bad_input_with_its_deprecation_headers() {
     )
     .await;
     check(&resp);
-    native(
-        resp,
-        413,
-        "request_too_large",
-        &format!("The request body is larger than this server accepts ({LIMIT} bytes)."),
-    )
-    .await;
+    native(resp, 413, "request_too_large", &too_large()).await;
 
     let first = say(
         &app,

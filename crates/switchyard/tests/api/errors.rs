@@ -191,11 +191,10 @@ async fn a_body_over_the_limit_is_413() {
 #[tokio::test]
 async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
     let app = spawn().await;
+    let call =
+        |method: reqwest::Method, path: &str| app.client.request(method, app.url(path)).send();
 
-    let resp = app
-        .client
-        .post(app.url("/v1/completions-nope"))
-        .send()
+    let resp = call(reqwest::Method::POST, "/v1/completions-nope")
         .await
         .unwrap();
     let body = assert_error(resp, 404, "unknown_url").await;
@@ -204,10 +203,7 @@ async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
         "Unknown request URL: POST /v1/completions-nope."
     );
 
-    let resp = app
-        .client
-        .get(app.url("/v1/chat/completions"))
-        .send()
+    let resp = call(reqwest::Method::GET, "/v1/chat/completions")
         .await
         .unwrap();
     assert_error(resp, 405, "method_not_allowed").await;
@@ -228,12 +224,7 @@ async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
             "invalid_request_error",
         ),
     ] {
-        let resp = app
-            .client
-            .request(method.clone(), app.url(path))
-            .send()
-            .await
-            .unwrap();
+        let resp = call(method, path).await.unwrap();
         assert_eq!(resp.status(), status, "{path}");
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["type"], "error", "{v}");
@@ -244,12 +235,7 @@ async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
         );
     }
     // Under the native prefixes, the native shape.
-    let resp = app
-        .client
-        .get(app.url("/v1/admin/nope"))
-        .send()
-        .await
-        .unwrap();
+    let resp = call(reqwest::Method::GET, "/v1/admin/nope").await.unwrap();
     assert_eq!(resp.status(), 404);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(
