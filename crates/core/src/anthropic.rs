@@ -79,11 +79,11 @@ pub fn request_to_anthropic(
             "system" | "developer" => system.push(text_of(m.get("content"))),
             "user" => push_blocks(&mut out, "user", user_blocks(m.get("content"), i)?),
             "assistant" => {
-                let mut blocks = Vec::new();
-                let text = text_of(m.get("content"));
-                if !text.is_empty() {
-                    blocks.push(json!({"type": "text", "text": text}));
-                }
+                let mut blocks: Vec<Value> = texts_of(m.get("content"))
+                    .into_iter()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| json!({"type": "text", "text": t}))
+                    .collect();
                 for call in m
                     .get("tool_calls")
                     .and_then(Value::as_array)
@@ -221,17 +221,21 @@ fn push_blocks(out: &mut Vec<(String, Vec<Value>)>, role: &str, blocks: Vec<Valu
     }
 }
 
-/// The text of an OpenAI `content` (a string, or text parts joined).
-fn text_of(content: Option<&Value>) -> String {
+/// The texts of an OpenAI `content`: a string, or each text part's.
+fn texts_of(content: Option<&Value>) -> Vec<&str> {
     match content {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => vec![s.as_str()],
         Some(Value::Array(parts)) => parts
             .iter()
             .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
+            .collect(),
+        _ => Vec::new(),
     }
+}
+
+/// The text of an OpenAI `content` (a string, or text parts joined).
+fn text_of(content: Option<&Value>) -> String {
+    texts_of(content).join("\n")
 }
 
 fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, TranslateError> {
@@ -299,16 +303,63 @@ pub fn stop_reason(finish_reason: Option<&str>) -> &'static str {
     }
 }
 
-fn usage_from_anthropic(u: Option<&Value>) -> (u64, u64) {
-    let get = |k: &str| {
-        u.and_then(|u| u.get(k))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    (
-        get("input_tokens") + get("cache_read_input_tokens") + get("cache_creation_input_tokens"),
-        get("output_tokens"),
-    )
+/// An Anthropic `usage`: its four counts, which a stream's `message_delta`
+/// may repeat (cumulatively) after `message_start`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Tokens {
+    /// Prompt tokens neither read from nor written to the cache.
+    input: u64,
+    cache_read: u64,
+    cache_creation: u64,
+    output: u64,
+}
+
+impl Tokens {
+    fn from_anthropic(u: Option<&Value>) -> Self {
+        let mut t = Self::default();
+        if let Some(u) = u {
+            t.update(u);
+        }
+        t
+    }
+
+    /// Takes the counts `u` carries and keeps the others.
+    fn update(&mut self, u: &Value) {
+        for (key, field) in [
+            ("input_tokens", &mut self.input),
+            ("cache_read_input_tokens", &mut self.cache_read),
+            ("cache_creation_input_tokens", &mut self.cache_creation),
+            ("output_tokens", &mut self.output),
+        ] {
+            if let Some(n) = u.get(key).and_then(Value::as_u64) {
+                *field = n;
+            }
+        }
+    }
+
+    /// OpenAI's `usage`: every prompt token in `prompt_tokens`, those read
+    /// from the cache also in `prompt_tokens_details.cached_tokens` (only
+    /// when there are some).
+    fn openai(&self) -> Value {
+        let prompt = self.input + self.cache_read + self.cache_creation;
+        let mut usage = json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": self.output,
+            "total_tokens": prompt + self.output,
+        });
+        if self.cache_read > 0 {
+            usage["prompt_tokens_details"] = json!({"cached_tokens": self.cache_read});
+        }
+        usage
+    }
+}
+
+/// The sequence an Anthropic answer stopped at, when it stopped at one.
+fn matched_stop_sequence<'a>(stop_reason: Option<&str>, holder: &'a Value) -> Option<&'a str> {
+    holder
+        .get("stop_sequence")
+        .and_then(Value::as_str)
+        .filter(|_| stop_reason == Some("stop_sequence"))
 }
 
 /// Turns an Anthropic message into an OpenAI `chat.completion`.
@@ -338,19 +389,25 @@ pub fn response_from_anthropic(msg: &Value, created: u64) -> Value {
     if !tool_calls.is_empty() {
         message["tool_calls"] = Value::Array(tool_calls);
     }
-    let (prompt, completion) = usage_from_anthropic(msg.get("usage"));
+    let stop = msg.get("stop_reason").and_then(Value::as_str);
+    let mut choice = json!({
+        "index": 0,
+        "message": message,
+        "logprobs": null,
+        "finish_reason": finish_reason(stop),
+    });
+    // The sequence that ended the answer, where vLLM puts it: OpenAI's shape
+    // has no place for it, and a client of `POST /v1/messages` reads it back.
+    if let Some(seq) = matched_stop_sequence(stop, msg) {
+        choice["stop_reason"] = json!(seq);
+    }
     json!({
         "id": msg.get("id").cloned().unwrap_or(Value::Null),
         "object": "chat.completion",
         "created": created,
         "model": msg.get("model").cloned().unwrap_or(Value::Null),
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": null,
-            "finish_reason": finish_reason(msg.get("stop_reason").and_then(Value::as_str)),
-        }],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        "choices": [choice],
+        "usage": Tokens::from_anthropic(msg.get("usage")).openai(),
     })
 }
 
@@ -373,8 +430,7 @@ pub struct AnthropicToOpenAiStream {
     id: String,
     model: String,
     created: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+    tokens: Tokens,
     /// Anthropic content-block index → OpenAI tool-call index.
     tool_index: Vec<(u64, u64)>,
     next_tool: u64,
@@ -411,9 +467,7 @@ impl AnthropicToOpenAiStream {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_owned();
-                let (p, c) = usage_from_anthropic(msg.get("usage"));
-                self.prompt_tokens = p;
-                self.completion_tokens = c;
+                self.tokens = Tokens::from_anthropic(msg.get("usage"));
                 StreamStep::Chunks(vec![
                     self.chunk(json!({"role": "assistant", "content": ""}), None)
                 ])
@@ -465,30 +519,27 @@ impl AnthropicToOpenAiStream {
                 }
             }
             "message_delta" => {
-                if let Some(out) = data.pointer("/usage/output_tokens").and_then(Value::as_u64) {
-                    self.completion_tokens = out;
-                }
-                if let Some(inp) = data.pointer("/usage/input_tokens").and_then(Value::as_u64) {
-                    self.prompt_tokens = inp;
+                if let Some(u) = data.get("usage") {
+                    self.tokens.update(u);
                 }
                 let reason = data.pointer("/delta/stop_reason").and_then(Value::as_str);
                 match reason {
                     Some(r) => {
-                        StreamStep::Chunks(
-                            vec![self.chunk(json!({}), Some(finish_reason(Some(r))))],
-                        )
+                        let mut chunk = self.chunk(json!({}), Some(finish_reason(Some(r))));
+                        let delta = data.get("delta").unwrap_or(&Value::Null);
+                        if let Some(seq) = matched_stop_sequence(reason, delta) {
+                            chunk["choices"][0]["stop_reason"] = json!(seq);
+                        }
+                        StreamStep::Chunks(vec![chunk])
                     }
                     None => StreamStep::Chunks(Vec::new()),
                 }
             }
-            "message_stop" => {
-                let (p, c) = (self.prompt_tokens, self.completion_tokens);
-                StreamStep::Done(json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [],
-                    "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
-                }))
-            }
+            "message_stop" => StreamStep::Done(json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [],
+                "usage": self.tokens.openai(),
+            })),
             "error" => StreamStep::Error {
                 kind: data
                     .pointer("/error/type")
@@ -626,16 +677,11 @@ impl MessagesRequest {
             .and_then(Value::as_array)
             .filter(|t| !t.is_empty());
         if let Some(tools) = tools {
-            let tools: Vec<Value> = tools
+            let tools = tools
                 .iter()
-                .map(|t| {
-                    json!({"type": "function", "function": {
-                        "name": t.get("name").cloned().unwrap_or(Value::Null),
-                        "description": t.get("description").cloned().unwrap_or(json!("")),
-                        "parameters": t.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
-                    }})
-                })
-                .collect();
+                .enumerate()
+                .map(|(i, t)| custom_tool(i, t))
+                .collect::<Result<Vec<_>, _>>()?;
             openai.insert("tools".into(), Value::Array(tools));
         }
         if let Some(choice) = body.get("tool_choice").filter(|_| tools.is_some()) {
@@ -666,6 +712,60 @@ impl MessagesRequest {
             openai_body: openai,
         })
     }
+}
+
+/// A client tool as an OpenAI function. Anthropic's own tools (`web_search`,
+/// `bash`, `computer`, … — they have a versioned `type`) are run by
+/// Anthropic or need its trained schemas; another provider cannot honour
+/// them, so they are refused by name rather than sent without a schema.
+fn custom_tool(i: usize, tool: &Value) -> Result<Value, TranslateError> {
+    let Some(t) = tool.as_object() else {
+        return Err(bad(
+            &format!("tools.{i}"),
+            format!("tools.{i}: Input should be a valid dictionary"),
+        ));
+    };
+    match t.get("type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(kind)) if kind == "custom" => {}
+        Some(kind) => {
+            let kind = kind
+                .as_str()
+                .map_or_else(|| kind.to_string(), str::to_owned);
+            return Err(bad(
+                &format!("tools.{i}.type"),
+                format!(
+                    "tools.{i}.type: {kind} is one of Anthropic's own tools, which only Anthropic can run; \
+                     through Switchyard, declare a custom tool (name, description, input_schema) instead"
+                ),
+            ));
+        }
+    }
+    let name = match t.get("name") {
+        Some(Value::String(n)) if !n.is_empty() => n,
+        Some(_) => {
+            return Err(bad(
+                &format!("tools.{i}.name"),
+                format!("tools.{i}.name: Input should be a non-empty string"),
+            ))
+        }
+        None => return Err(a_missing(&format!("tools.{i}.name"))),
+    };
+    let schema = match t.get("input_schema") {
+        Some(s @ Value::Object(_)) => s,
+        Some(_) => {
+            return Err(bad(
+                &format!("tools.{i}.input_schema"),
+                format!("tools.{i}.input_schema: Input should be a valid dictionary"),
+            ))
+        }
+        None => return Err(a_missing(&format!("tools.{i}.input_schema"))),
+    };
+    let mut function = json!({"name": name, "parameters": schema});
+    if let Some(d) = t.get("description").filter(|d| !d.is_null()) {
+        function["description"] = d.clone();
+    }
+    Ok(json!({"type": "function", "function": function}))
 }
 
 fn translate_blocks(
@@ -738,17 +838,12 @@ fn translate_blocks(
     }
     // Tool results answer the previous assistant turn, so they come first.
     out.extend(tool_results);
-    let only_text = parts.iter().all(|p| p["type"] == "text");
-    let content = if parts.is_empty() {
-        Value::Null
-    } else if only_text {
-        json!(parts
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join(""))
-    } else {
-        Value::Array(parts)
+    // One text block is a string; several stay apart as text parts (joined,
+    // "Hi" and "there" would run together).
+    let content = match parts.as_slice() {
+        [] => Value::Null,
+        [one] if one["type"] == "text" => one["text"].clone(),
+        _ => Value::Array(parts),
     };
     if role == "assistant" {
         let mut msg = json!({"role": "assistant", "content": content});
@@ -798,16 +893,40 @@ pub fn response_to_anthropic(resp: &Value, model: &str) -> Value {
     }
     let called = content.iter().any(|b| b["type"] == "tool_use");
     let id = resp.get("id").and_then(Value::as_str).unwrap_or("");
+    let (stop_reason, stop_sequence) = final_stop(
+        choice.get("finish_reason").and_then(Value::as_str),
+        &choice,
+        called,
+    );
     json!({
         "id": anthropic_id(id),
         "type": "message",
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": final_stop_reason(choice.get("finish_reason").and_then(Value::as_str), called),
-        "stop_sequence": null,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
         "usage": anthropic_usage(resp.get("usage")),
     })
+}
+
+/// The stop reason and sequence of an answer from its OpenAI choice: a
+/// `stop` with the sequence named in the choice's `stop_reason` (vLLM's
+/// field, and what the `anthropic` provider sets) is Anthropic's
+/// `stop_sequence`; OpenAI itself does not say, so its answers end with
+/// `end_turn`.
+fn final_stop(
+    finish_reason: Option<&str>,
+    choice: &Value,
+    called_a_tool: bool,
+) -> (&'static str, Value) {
+    let reason = final_stop_reason(finish_reason, called_a_tool);
+    match choice.get("stop_reason").and_then(Value::as_str) {
+        Some(seq) if reason == "end_turn" && finish_reason == Some("stop") => {
+            ("stop_sequence", json!(seq))
+        }
+        _ => (reason, Value::Null),
+    }
 }
 
 /// OpenAI's `stop` takes at most four sequences.
@@ -871,6 +990,8 @@ pub struct OpenAiToAnthropicStream {
     open: Option<(u64, OpenBlock)>,
     next_block: u64,
     stop_reason: Option<&'static str>,
+    /// The stop sequence the provider named, when it stopped at one.
+    stop_sequence: Value,
     /// Whether a tool_use block was opened (the stop reason is then `tool_use`).
     called: bool,
     /// The last OpenAI `usage` seen.
@@ -893,6 +1014,7 @@ impl OpenAiToAnthropicStream {
             open: None,
             next_block: 0,
             stop_reason: None,
+            stop_sequence: Value::Null,
             called: false,
             usage: None,
         }
@@ -987,7 +1109,9 @@ impl OpenAiToAnthropicStream {
             }
         }
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            self.stop_reason = Some(final_stop_reason(Some(reason), self.called));
+            let (stop, seq) = final_stop(Some(reason), choice, self.called);
+            self.stop_reason = Some(stop);
+            self.stop_sequence = seq;
         }
         out
     }
@@ -1005,7 +1129,7 @@ impl OpenAiToAnthropicStream {
             "message_delta",
             json!({
                 "type": "message_delta",
-                "delta": {"stop_reason": stop, "stop_sequence": null},
+                "delta": {"stop_reason": stop, "stop_sequence": self.stop_sequence},
                 "usage": anthropic_usage(self.usage.as_ref()),
             }),
         ));
@@ -1172,8 +1296,209 @@ mod tests {
         );
         assert_eq!(
             r["usage"],
-            json!({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17})
+            json!({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
+                   "prompt_tokens_details": {"cached_tokens": 2}})
         );
+        // Back through the other translation, the cached tokens are apart again.
+        assert_eq!(
+            response_to_anthropic(&r, "alias")["usage"],
+            json!({"input_tokens": 10, "output_tokens": 5,
+                   "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2})
+        );
+    }
+
+    #[test]
+    fn a_stop_sequence_survives_both_translations() {
+        let msg = json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [{"type": "text", "text": "One, two, "}],
+            "stop_reason": "stop_sequence", "stop_sequence": "three",
+            "usage": {"input_tokens": 3, "output_tokens": 4},
+        });
+        let r = response_from_anthropic(&msg, 7);
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+        assert_eq!(r["choices"][0]["stop_reason"], "three");
+        assert!(r
+            .get("usage")
+            .unwrap()
+            .get("prompt_tokens_details")
+            .is_none());
+        let back = response_to_anthropic(&r, "alias");
+        assert_eq!(back["stop_reason"], "stop_sequence");
+        assert_eq!(back["stop_sequence"], "three");
+
+        // A natural end names no sequence, in either direction.
+        let mut natural = msg.clone();
+        natural["stop_reason"] = json!("end_turn");
+        let r = response_from_anthropic(&natural, 7);
+        assert!(r["choices"][0].get("stop_reason").is_none(), "{r}");
+        let back = response_to_anthropic(&r, "alias");
+        assert_eq!(
+            (&back["stop_reason"], &back["stop_sequence"]),
+            (&json!("end_turn"), &Value::Null)
+        );
+        // vLLM's numeric stop_reason (a stop token id) is no sequence.
+        let mut token = r.clone();
+        token["choices"][0]["stop_reason"] = json!(128009);
+        assert_eq!(
+            response_to_anthropic(&token, "a")["stop_reason"],
+            "end_turn"
+        );
+
+        // Streamed: message_delta → the finish chunk → message_delta.
+        let mut up = AnthropicToOpenAiStream::new(1);
+        let mut down = OpenAiToAnthropicStream::new("alias");
+        let mut events = Vec::new();
+        for (name, data) in [
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_1", "model": "c",
+                "usage": {"input_tokens": 3, "cache_read_input_tokens": 100, "output_tokens": 1}}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "One"}}),
+            ),
+            (
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "two"},
+                "usage": {"output_tokens": 2}}),
+            ),
+            ("message_stop", json!({"type": "message_stop"})),
+        ] {
+            let chunks = match up.step(name, &data) {
+                StreamStep::Chunks(c) => c,
+                StreamStep::Done(u) => {
+                    assert_eq!(
+                        u["usage"],
+                        json!({"prompt_tokens": 103, "completion_tokens": 2, "total_tokens": 105,
+                               "prompt_tokens_details": {"cached_tokens": 100}})
+                    );
+                    vec![u]
+                }
+                other => panic!("{other:?}"),
+            };
+            for c in &chunks {
+                events.extend(down.chunk(c));
+            }
+        }
+        events.extend(down.finish());
+        let delta = events.iter().find(|(n, _)| *n == "message_delta").unwrap();
+        assert_eq!(
+            delta.1["delta"],
+            json!({"stop_reason": "stop_sequence", "stop_sequence": "two"})
+        );
+        assert_eq!(delta.1["usage"]["input_tokens"], 3);
+        assert_eq!(delta.1["usage"]["cache_read_input_tokens"], 100);
+    }
+
+    #[test]
+    fn a_later_message_delta_usage_replaces_only_the_counts_it_carries() {
+        let mut s = AnthropicToOpenAiStream::new(1);
+        s.step(
+            "message_start",
+            &json!({"type": "message_start", "message": {"id": "m", "model": "c",
+                "usage": {"input_tokens": 5, "cache_creation_input_tokens": 7, "output_tokens": 1}}}),
+        );
+        s.step(
+            "message_delta",
+            &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                "usage": {"input_tokens": 6, "cache_read_input_tokens": 2, "output_tokens": 9}}),
+        );
+        match s.step("message_stop", &json!({"type": "message_stop"})) {
+            StreamStep::Done(u) => assert_eq!(
+                u["usage"],
+                json!({"prompt_tokens": 15, "completion_tokens": 9, "total_tokens": 24,
+                       "prompt_tokens_details": {"cached_tokens": 2}})
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn several_text_blocks_stay_apart_both_ways() {
+        let body = obj(json!({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<context>x</context>"}, {"type": "text", "text": "Fix it."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Done."}, {"type": "text", "text": "Anything else?"}]},
+            {"role": "user", "content": [{"type": "text", "text": "No."}]},
+        ]}));
+        let r = MessagesRequest::parse(&body).unwrap();
+        assert_eq!(
+            r.openai_body["messages"],
+            json!([
+                {"role": "user", "content": [{"type": "text", "text": "<context>x</context>"}, {"type": "text", "text": "Fix it."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Done."}, {"type": "text", "text": "Anything else?"}]},
+                {"role": "user", "content": "No."},
+            ])
+        );
+        // And on to Anthropic, block for block.
+        let req = request_to_anthropic(&r.openai_body, "claude-x", false).unwrap();
+        assert_eq!(
+            req["messages"],
+            json!([
+                {"role": "user", "content": [{"type": "text", "text": "<context>x</context>"}, {"type": "text", "text": "Fix it."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Done."}, {"type": "text", "text": "Anything else?"}]},
+                {"role": "user", "content": [{"type": "text", "text": "No."}]},
+            ])
+        );
+    }
+
+    #[test]
+    fn only_custom_tools_are_taken_and_their_fields_are_checked() {
+        let with_tool = |tool: Value| {
+            obj(json!({"model": "m", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}], "tools": [
+                {"name": "ok", "input_schema": {"type": "object"}}, tool]}))
+        };
+        let r = MessagesRequest::parse(&with_tool(
+            json!({"type": "custom", "name": "w", "description": null, "input_schema": {"type": "object"}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            r.openai_body["tools"][1],
+            json!({"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}})
+        );
+        for (tool, param, says) in [
+            (
+                json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 5}),
+                "tools.1.type",
+                "web_search_20250305 is one of Anthropic's own tools",
+            ),
+            (
+                json!({"type": "bash_20250124", "name": "bash"}),
+                "tools.1.type",
+                "bash_20250124",
+            ),
+            (
+                json!({"input_schema": {"type": "object"}}),
+                "tools.1.name",
+                "Field required",
+            ),
+            (
+                json!({"name": "", "input_schema": {}}),
+                "tools.1.name",
+                "non-empty string",
+            ),
+            (
+                json!({"name": "w"}),
+                "tools.1.input_schema",
+                "Field required",
+            ),
+            (
+                json!({"name": "w", "input_schema": "object"}),
+                "tools.1.input_schema",
+                "valid dictionary",
+            ),
+            (json!("w"), "tools.1", "valid dictionary"),
+        ] {
+            let e = MessagesRequest::parse(&with_tool(tool.clone())).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{tool}");
+            assert!(
+                e.message.starts_with(&format!("{param}: ")) && e.message.contains(says),
+                "{tool}: {}",
+                e.message
+            );
+        }
     }
 
     #[test]

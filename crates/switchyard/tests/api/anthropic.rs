@@ -151,6 +151,22 @@ async fn an_anthropic_rejection_is_relayed_in_openai_shape() {
     assert_eq!(v["error"]["type"], "invalid_request_error");
 }
 
+/// An Anthropic event stream as (event name, data) pairs.
+fn anthropic_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let name = e
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap()
+                .to_owned();
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            (name, serde_json::from_str(data).unwrap())
+        })
+        .collect()
+}
+
 fn messages_body(model: &str) -> Value {
     json!({"model": model, "max_tokens": 256, "system": "Be brief.", "messages": [{"role": "user", "content": "Say hello"}]})
 }
@@ -191,20 +207,7 @@ async fn the_messages_api_streams_anthropic_events() {
     let resp = app.post_json("/v1/messages", &body).await;
 
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let text = resp.text().await.unwrap();
-    let events: Vec<(String, Value)> = text
-        .split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            let name = e
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap()
-                .to_owned();
-            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
-            (name, serde_json::from_str(data).unwrap())
-        })
-        .collect();
+    let events = anthropic_events(&resp.text().await.unwrap());
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.first(), Some(&"message_start"));
     assert_eq!(&names[names.len() - 2..], ["message_delta", "message_stop"]);
@@ -415,4 +418,78 @@ async fn a_mid_stream_anthropic_error_event_ends_the_openai_stream_with_an_error
         (1, 0),
         "a committed stream is neither retried nor failed over"
     );
+}
+
+#[tokio::test]
+async fn a_messages_client_on_an_anthropic_backed_alias_learns_the_stop_sequence() {
+    let (app, anthropic) = with_anthropic().await;
+    let mut body = messages_body("claude");
+    body["stop_sequences"] = json!(["never", "help"]);
+
+    let plain: Value = app
+        .post_json("/v1/messages", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    body["stream"] = json!(true);
+    let events = anthropic_events(
+        &app.post_json("/v1/messages", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+
+    assert_eq!(
+        anthropic.last_request().unwrap().body["stop_sequences"],
+        json!(["never", "help"])
+    );
+    assert_eq!(plain["content"][0]["text"], "Hello! How can I ");
+    assert_eq!(
+        (&plain["stop_reason"], &plain["stop_sequence"]),
+        (&json!("stop_sequence"), &json!("help")),
+        "{plain}"
+    );
+    let (_, delta) = events.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(
+        delta["delta"],
+        json!({"stop_reason": "stop_sequence", "stop_sequence": "help"})
+    );
+    // Without a sequence in the answer, the turn simply ends.
+    body["stream"] = json!(false);
+    body["stop_sequences"] = json!(["never"]);
+    let v: Value = app
+        .post_json("/v1/messages", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&v["stop_reason"], &v["stop_sequence"]),
+        (&json!("end_turn"), &Value::Null)
+    );
+}
+
+#[tokio::test]
+async fn anthropics_own_tools_are_refused_by_name_before_any_provider_call() {
+    let app = spawn().await;
+    let mut body = messages_body("gpt-4o-mini");
+    body["tools"] = json!([
+        {"name": "lookup", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+    ]);
+
+    let resp = app.post_json("/v1/messages", &body).await;
+
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("tools.1.type: web_search_20250305 is one of Anthropic's own tools"),
+        "{message}"
+    );
+    assert_eq!(app.mock().calls(), 0);
 }

@@ -104,6 +104,19 @@ def test_openai_sdk_against_an_anthropic_backed_alias():
     assert "".join(args) == '{"location": "Paris", "unit": "celsius"}'
 
 
+def test_a_stop_sequence_reaches_the_client_through_an_anthropic_backed_alias(client):
+    msg = client.messages.create(
+        model="claude", max_tokens=64, stop_sequences=["help"], messages=[{"role": "user", "content": "Say hello"}]
+    )
+    assert msg.content[0].text == "Hello! How can I "
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "help")
+    with client.messages.stream(
+        model="claude", max_tokens=64, stop_sequences=["help"], messages=[{"role": "user", "content": "Say hello"}]
+    ) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "help")
+
+
 def test_a_wrong_key_raises_authentication_error():
     bad = anthropic.Anthropic(base_url=os.environ["ANTHROPIC_BASE_URL"], api_key="sy_wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as e:
