@@ -768,6 +768,27 @@ fn custom_tool(i: usize, tool: &Value) -> Result<Value, TranslateError> {
     Ok(json!({"type": "function", "function": function}))
 }
 
+/// An Anthropic image block as an OpenAI `image_url` part (a base64 source
+/// as a data URL).
+fn image_url_part(block: &Value) -> Value {
+    let src = block.get("source").unwrap_or(&Value::Null);
+    let url = match src.get("type").and_then(Value::as_str) {
+        Some("base64") => format!(
+            "data:{};base64,{}",
+            src.get("media_type")
+                .and_then(Value::as_str)
+                .unwrap_or("image/png"),
+            src.get("data").and_then(Value::as_str).unwrap_or("")
+        ),
+        _ => src
+            .get("url")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+    };
+    json!({"type": "image_url", "image_url": {"url": url}})
+}
+
 fn translate_blocks(
     role: &str,
     blocks: &[Value],
@@ -777,28 +798,12 @@ fn translate_blocks(
     let mut parts: Vec<Value> = Vec::new();
     let mut tool_calls: Vec<Value> = Vec::new();
     let mut tool_results: Vec<Value> = Vec::new();
+    let mut result_images: Vec<Value> = Vec::new();
     for (j, b) in blocks.iter().enumerate() {
         match b.get("type").and_then(Value::as_str) {
             Some("text") => parts
                 .push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))})),
-            Some("image") => {
-                let src = b.get("source").cloned().unwrap_or(Value::Null);
-                let url = match src.get("type").and_then(Value::as_str) {
-                    Some("base64") => format!(
-                        "data:{};base64,{}",
-                        src.get("media_type")
-                            .and_then(Value::as_str)
-                            .unwrap_or("image/png"),
-                        src.get("data").and_then(Value::as_str).unwrap_or("")
-                    ),
-                    _ => src
-                        .get("url")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned(),
-                };
-                parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
-            }
+            Some("image") => parts.push(image_url_part(b)),
             Some("tool_use") => tool_calls.push(json!({
                 "id": b.get("id").cloned().unwrap_or(Value::Null),
                 "type": "function",
@@ -810,11 +815,20 @@ fn translate_blocks(
             Some("tool_result") => {
                 let content = match b.get("content") {
                     Some(Value::String(s)) => s.clone(),
-                    Some(Value::Array(c)) => c
-                        .iter()
-                        .filter_map(|x| x.get("text").and_then(Value::as_str))
-                        .collect::<Vec<_>>()
-                        .join("\n"),
+                    Some(Value::Array(c)) => {
+                        // OpenAI's tool messages hold text only: a result's
+                        // images (a screenshot, a file read) go in the user
+                        // message that follows, so the model still sees them.
+                        result_images.extend(
+                            c.iter()
+                                .filter(|x| x.get("type").and_then(Value::as_str) == Some("image"))
+                                .map(image_url_part),
+                        );
+                        c.iter()
+                            .filter_map(|x| x.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    }
                     _ => String::new(),
                 };
                 tool_results.push(json!({
@@ -838,6 +852,10 @@ fn translate_blocks(
     }
     // Tool results answer the previous assistant turn, so they come first.
     out.extend(tool_results);
+    if !result_images.is_empty() {
+        result_images.append(&mut parts);
+        parts = result_images;
+    }
     // One text block is a string; several stay apart as text parts (joined,
     // "Hi" and "there" would run together).
     let content = match parts.as_slice() {
@@ -1440,6 +1458,39 @@ mod tests {
                 {"role": "assistant", "content": [{"type": "text", "text": "Done."}, {"type": "text", "text": "Anything else?"}]},
                 {"role": "user", "content": [{"type": "text", "text": "No."}]},
             ])
+        );
+    }
+
+    #[test]
+    fn images_in_a_tool_result_reach_the_model_in_the_user_turn_after_it() {
+        let shot = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}});
+        let body = obj(json!({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "Look at the screen."},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "Taken."}, shot]},
+                {"type": "text", "text": "What do you see?"},
+            ]},
+        ]}));
+        let r = MessagesRequest::parse(&body).unwrap();
+        assert_eq!(
+            r.openai_body["messages"].as_array().unwrap()[2..],
+            [
+                json!({"role": "tool", "tool_call_id": "toolu_1", "content": "Taken."}),
+                json!({"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                    {"type": "text", "text": "What do you see?"},
+                ]}),
+            ]
+        );
+        // A result with only an image still gets its user turn.
+        let mut only = body.clone();
+        only["messages"][2]["content"] =
+            json!([{"type": "tool_result", "tool_use_id": "toolu_1", "content": [shot]}]);
+        let r = MessagesRequest::parse(&only).unwrap();
+        assert_eq!(
+            r.openai_body["messages"][3],
+            json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]})
         );
     }
 

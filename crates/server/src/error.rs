@@ -227,35 +227,44 @@ impl IntoResponse for ApiError {
 
 /// The JSON of an error frame for a stream that fails after it started.
 pub fn stream_error_json(e: &ProviderError) -> Vec<u8> {
-    // An error the provider put in its stream that judges the request (a
-    // 4xx, e.g. the context is too long) is relayed like one before the
-    // stream (its body is scrubbed of the key); others stay generic.
-    if let ProviderError::Status { status, body, .. } = e {
-        if (400..500).contains(status) {
-            if let Some(error) = relayed_error(body) {
-                return serde_json::to_vec(&ErrorEnvelope { error }).unwrap_or_default();
-            }
-        }
-    }
-    let (kind, message) = match e {
-        ProviderError::Timeout(_) => (
-            "upstream_error",
-            "The provider stopped answering before the stream was complete.",
-        ),
-        _ => (
-            "upstream_error",
-            "The provider's stream broke before it was complete.",
-        ),
-    };
     serde_json::to_vec(&ErrorEnvelope {
-        error: ErrorObject {
+        error: stream_failure(e).1,
+    })
+    .unwrap_or_default()
+}
+
+/// What a client is told when a stream breaks after its first byte, with
+/// the status the failure stands for. An error the provider put in its
+/// stream that judges the request (a 4xx, e.g. the context is too long) is
+/// relayed like one before the stream (its body is scrubbed of the key);
+/// others stay generic.
+pub fn stream_failure(e: &ProviderError) -> (u16, ErrorObject) {
+    let status = match e {
+        ProviderError::Status { status, body, .. } => {
+            if (400..500).contains(status) {
+                if let Some(error) = relayed_error(body) {
+                    return (*status, error);
+                }
+            }
+            *status
+        }
+        ProviderError::Timeout(_) => 504,
+        _ => 502,
+    };
+    let message = if matches!(e, ProviderError::Timeout(_)) {
+        "The provider stopped answering before the stream was complete."
+    } else {
+        "The provider's stream broke before it was complete."
+    };
+    (
+        status,
+        ErrorObject {
             message: message.into(),
-            kind: kind.into(),
+            kind: "upstream_error".into(),
             param: None,
             code: Some(e.code().into()),
         },
-    })
-    .unwrap_or_default()
+    )
 }
 
 #[cfg(test)]

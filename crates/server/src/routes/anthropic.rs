@@ -22,7 +22,7 @@ use switchyard_core::trace::TraceContext;
 use switchyard_engine::{ChatOutcome, StreamEvent};
 
 use super::openai::{label, meta};
-use crate::error::ApiError;
+use crate::error::{stream_failure, ApiError};
 use crate::extract::read_body;
 use crate::AppState;
 
@@ -127,7 +127,14 @@ fn event_stream(
                 }
             }
             StreamEvent::Error(e) => {
-                let data = json!({"type": "error", "error": {"type": "api_error", "message": format!("The provider's stream broke before it was complete ({}).", e.code())}});
+                // Typed by what the failure stands for, as Anthropic's own
+                // stream would: an overloaded provider is `overloaded_error`,
+                // a request it judged is `invalid_request_error` with its message.
+                let (status, error) = stream_failure(&e);
+                let data = json!({"type": "error", "error": {
+                    "type": error_type_for_status(status),
+                    "message": error.message,
+                }});
                 frame(&mut out, &("error", data));
             }
         }

@@ -493,3 +493,43 @@ async fn anthropics_own_tools_are_refused_by_name_before_any_provider_call() {
     );
     assert_eq!(app.mock().calls(), 0);
 }
+
+#[tokio::test]
+async fn a_messages_stream_that_breaks_midway_ends_with_an_error_event_typed_by_its_cause() {
+    let app = spawn().await;
+    let mut body = messages_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+    let mut last_event = Vec::new();
+    // An overloaded server's in-stream error object (status 503), then a
+    // connection cut after the first chunks.
+    for fault in [Fault::ErrorEventAfter(3), Fault::ResetAfterChunks(3)] {
+        app.mock().push_fault(fault);
+        let text = app
+            .post_json("/v1/messages", &body)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let events = anthropic_events(&text);
+        assert!(
+            events.iter().any(|(n, _)| n == "content_block_delta"),
+            "the stream had begun: {text}"
+        );
+        assert!(
+            !events.iter().any(|(n, _)| n == "message_stop"),
+            "a broken stream must not look complete: {text}"
+        );
+        last_event.push(events.last().unwrap().clone());
+    }
+
+    assert_eq!(
+        last_event[0],
+        (
+            "error".to_owned(),
+            json!({"type": "error", "error": {"type": "overloaded_error",
+                "message": "The provider's stream broke before it was complete."}})
+        )
+    );
+    assert_eq!(last_event[1].0, "error");
+    assert_eq!(last_event[1].1["error"]["type"], "api_error");
+}
