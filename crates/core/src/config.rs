@@ -377,6 +377,19 @@ impl ProviderConfig {
     pub fn is_deepinfra(&self) -> bool {
         self.base_url.contains("deepinfra.com")
     }
+
+    /// OpenAI's own API (or Azure OpenAI's), whose current models want
+    /// `max_completion_tokens` rather than the deprecated `max_tokens`.
+    pub fn is_openai(&self) -> bool {
+        let host = self
+            .base_url
+            .split_once("://")
+            .map_or(self.base_url.as_str(), |(_, rest)| rest)
+            .split(['/', ':'])
+            .next()
+            .unwrap_or("");
+        host == "api.openai.com" || host.ends_with(".openai.azure.com")
+    }
 }
 
 /// A model alias: one deployment (`provider` + `model`) or a `route` of
@@ -1103,6 +1116,31 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn openai_itself_is_recognised_by_the_host_of_its_base_url() {
+        let is_openai = |url: &str| {
+            toml::from_str::<ProviderConfig>(&format!("kind = \"openai\"\nbase_url = \"{url}\""))
+                .unwrap()
+                .is_openai()
+        };
+        for yes in [
+            "https://api.openai.com/v1",
+            "http://api.openai.com/v1/",
+            "https://api.openai.com:443/v1",
+            "https://my-team.openai.azure.com/openai/deployments/x",
+        ] {
+            assert!(is_openai(yes), "{yes}");
+        }
+        for no in [
+            "http://127.0.0.1:8000/v1",
+            "https://api.openai.com.example.net/v1",
+            "https://proxy.example.net/api.openai.com/v1",
+            "https://api.deepinfra.com/v1/openai",
+        ] {
+            assert!(!is_openai(no), "{no}");
+        }
     }
 
     #[test]

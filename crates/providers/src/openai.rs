@@ -30,6 +30,9 @@ pub struct OpenAiProvider {
     models_url: http::Uri,
     upstream: Upstream,
     deepinfra: bool,
+    /// OpenAI's own API, where a request's `max_tokens` travels as
+    /// `max_completion_tokens` (see [`ProviderConfig::is_openai`]).
+    openai: bool,
 }
 
 impl OpenAiProvider {
@@ -49,24 +52,30 @@ impl OpenAiProvider {
             models_url: parse_url(&format!("{base}/models"))?,
             upstream: Upstream::new(config, headers)?,
             deepinfra: config.is_deepinfra(),
+            openai: config.is_openai(),
         })
     }
 }
 
-/// A JSON object written as `base` with some keys replaced or added,
-/// without copying `base`.
+/// A JSON object written as `base` with some keys replaced or added, and
+/// at most one renamed, without copying `base`.
 struct Overlay<'a> {
     base: &'a Map<String, Value>,
     set: &'a [(&'a str, Value)],
+    rename: Option<(&'a str, &'a str)>,
 }
 
 impl Serialize for Overlay<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
         for (k, v) in self.base {
+            let key = match self.rename {
+                Some((from, to)) if from == k => to,
+                _ => k.as_str(),
+            };
             match self.set.iter().find(|(sk, _)| sk == k) {
-                Some((_, nv)) => map.serialize_entry(k, nv)?,
-                None => map.serialize_entry(k, v)?,
+                Some((_, nv)) => map.serialize_entry(key, nv)?,
+                None => map.serialize_entry(key, v)?,
             }
         }
         for (k, v) in self.set {
@@ -78,9 +87,30 @@ impl Serialize for Overlay<'_> {
     }
 }
 
-fn overlay(base: &Map<String, Value>, set: &[(&str, Value)]) -> Result<Vec<u8>, ProviderError> {
-    serde_json::to_vec(&Overlay { base, set })
+fn overlay(
+    base: &Map<String, Value>,
+    set: &[(&str, Value)],
+    rename: Option<(&str, &str)>,
+) -> Result<Vec<u8>, ProviderError> {
+    serde_json::to_vec(&Overlay { base, set, rename })
         .map_err(|e| ProviderError::Protocol(format!("encoding the request: {e}")))
+}
+
+impl OpenAiProvider {
+    /// OpenAI deprecated `max_tokens` for `max_completion_tokens`, which
+    /// every current model takes and its reasoning models (o-series, GPT-5)
+    /// require: there a request's `max_tokens` (a `/v1/messages` client's
+    /// always has one) travels under the new name. Other OpenAI-compatible
+    /// servers get the body as sent, since not all of them know the new name.
+    fn renamed_max_tokens(
+        &self,
+        body: &Map<String, Value>,
+    ) -> Option<(&'static str, &'static str)> {
+        (self.openai
+            && body.contains_key("max_tokens")
+            && !body.contains_key("max_completion_tokens"))
+        .then_some(("max_tokens", "max_completion_tokens"))
+    }
 }
 
 #[derive(Deserialize)]
@@ -105,7 +135,11 @@ impl ChatProvider for OpenAiProvider {
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
         let model = Value::String(call.upstream_model.to_owned());
         if !call.stream {
-            let body = overlay(call.body, &[("model", model)])?;
+            let body = overlay(
+                call.body,
+                &[("model", model)],
+                self.renamed_max_tokens(call.body),
+            )?;
             let resp = self
                 .upstream
                 .post(&self.chat_url, body, call.timeout)
@@ -136,6 +170,7 @@ impl ChatProvider for OpenAiProvider {
         let body = overlay(
             call.body,
             &[("model", model), ("stream_options", Value::Object(options))],
+            self.renamed_max_tokens(call.body),
         )?;
         let resp = self
             .upstream
@@ -301,9 +336,10 @@ impl EmbeddingProvider for OpenAiProvider {
                     ("model", model),
                     ("encoding_format", Value::String("float".into())),
                 ],
+                None,
             )?
         } else {
-            overlay(call.body, &[("model", model)])?
+            overlay(call.body, &[("model", model)], None)?
         };
         let resp = self
             .upstream
@@ -377,11 +413,24 @@ mod tests {
                 ("model", json!("up")),
                 ("stream_options", json!({"include_usage": true})),
             ],
+            None,
         )
         .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"model":"up","tools":[{"x":1}],"z":null,"stream_options":{"include_usage":true}}"#
+        );
+        let base: Map<String, Value> =
+            serde_json::from_str(r#"{"model":"alias","max_tokens":9,"n":2}"#).unwrap();
+        let out = overlay(
+            &base,
+            &[("model", json!("up"))],
+            Some(("max_tokens", "max_completion_tokens")),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"model":"up","max_completion_tokens":9,"n":2}"#
         );
     }
 

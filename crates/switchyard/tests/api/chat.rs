@@ -177,3 +177,55 @@ async fn embedding_variables_send_embeddings_to_their_own_provider() {
         "Bearer sk-embed-shortcut"
     );
 }
+
+/// OpenAI's current models refuse `max_tokens`; on OpenAI's own API (here
+/// reached through an HTTP proxy, the mock, since no real host is
+/// reachable) it travels as `max_completion_tokens`, from both APIs.
+#[tokio::test]
+async fn max_tokens_reaches_openai_itself_as_max_completion_tokens() {
+    let mock = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .env("HTTP_PROXY", &format!("http://{}", mock.addr()))
+        .config(
+            "[providers.openai]\nkind = \"openai\"\nbase_url = \"http://api.openai.com/v1\"\napi_key = \"sk-test\"\n\n\
+             [models.gpt-5]\nprovider = \"openai\"\nmodel = \"gpt-5\"\n",
+        )
+        .spawn()
+        .await;
+    let mut chat = chat_body("gpt-5");
+    chat["max_tokens"] = json!(50);
+    let mut stream = stream_body("gpt-5", false);
+    stream["max_tokens"] = json!(60);
+    let mut newer = chat_body("gpt-5");
+    newer["max_completion_tokens"] = json!(70);
+    let messages = json!({"model": "gpt-5", "max_tokens": 80, "messages": [{"role": "user", "content": "hi"}]});
+
+    let mut sent = Vec::new();
+    for (path, body) in [
+        ("/v1/chat/completions", &chat),
+        ("/v1/chat/completions", &stream),
+        ("/v1/chat/completions", &newer),
+        ("/v1/messages", &messages),
+    ] {
+        let resp = app.post_json(path, body).await;
+        assert_eq!(resp.status(), 200, "{path}: {}", resp.text().await.unwrap());
+        resp.bytes().await.unwrap();
+        let b = mock.last_request().unwrap().body;
+        sent.push((
+            b.get("max_tokens").cloned(),
+            b["max_completion_tokens"].clone(),
+        ));
+    }
+
+    assert_eq!(
+        sent,
+        [
+            (None, json!(50)),
+            (None, json!(60)),
+            (None, json!(70)),
+            (None, json!(80)),
+        ]
+    );
+    assert_eq!(mock.last_request().unwrap().path, "/v1/chat/completions");
+}
