@@ -571,6 +571,66 @@ pub struct MessagesRequest {
     pub openai_body: Map<String, Value>,
 }
 
+/// What a Messages body is parsed for: `count_tokens` takes no `max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Generate,
+    Count,
+}
+
+/// An estimate of the input tokens of a Messages body, for
+/// `POST /v1/messages/count_tokens` and a stream's `message_start` (the
+/// exact count is known only when the provider reports its usage, at the
+/// end). Providers' tokenizers differ and Switchyard carries none of them,
+/// so it counts what every tokenizer must encode: the text of the system
+/// prompt, the messages (tool inputs and results included) and the tool
+/// definitions, at 3.5 bytes of UTF-8 a token (English prose runs at about
+/// 4, code and other scripts denser; leaning high keeps a client's context
+/// management on the safe side), plus 3 tokens a message, and 1,600 an image
+/// or document (Anthropic's cost of a ~1.15-megapixel image).
+pub fn estimate_input_tokens(body: &Map<String, Value>) -> u64 {
+    const PER_MESSAGE: u64 = 3;
+    const PER_ATTACHMENT: u64 = 1_600;
+    fn weigh(v: &Value, bytes: &mut u64, fixed: &mut u64) {
+        match v {
+            Value::String(s) => *bytes += s.len() as u64,
+            Value::Number(_) | Value::Bool(_) => *bytes += 2,
+            Value::Null => {}
+            Value::Array(items) => items.iter().for_each(|x| weigh(x, bytes, fixed)),
+            Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+                Some("image" | "document") => *fixed += PER_ATTACHMENT,
+                _ => {
+                    for (k, x) in o {
+                        match k.as_str() {
+                            // Block markup and ids are not text the model reads.
+                            "type" | "id" | "tool_use_id" | "cache_control" => {}
+                            // A tool call's input reaches it as JSON, keys and all.
+                            "input" => *bytes += x.to_string().len() as u64,
+                            _ => weigh(x, bytes, fixed),
+                        }
+                    }
+                }
+            },
+        }
+    }
+    let (mut bytes, mut fixed) = (0, 0);
+    if let Some(system) = body.get("system") {
+        weigh(system, &mut bytes, &mut fixed);
+    }
+    let messages = body.get("messages").and_then(Value::as_array);
+    for m in messages.into_iter().flatten() {
+        fixed += PER_MESSAGE;
+        if let Some(content) = m.get("content") {
+            weigh(content, &mut bytes, &mut fixed);
+        }
+    }
+    if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
+        // Definitions reach the model as JSON, keys and all.
+        bytes += tools.to_string().len() as u64;
+    }
+    (bytes * 2).div_ceil(7) + fixed
+}
+
 fn a_missing(param: &str) -> TranslateError {
     bad(param, format!("{param}: Field required"))
 }
@@ -578,19 +638,30 @@ fn a_missing(param: &str) -> TranslateError {
 impl MessagesRequest {
     /// Validates an Anthropic Messages body and translates it.
     pub fn parse(body: &Map<String, Value>) -> Result<Self, TranslateError> {
+        Self::parse_for(body, Purpose::Generate)
+    }
+
+    /// Validates a `POST /v1/messages/count_tokens` body (a Messages body
+    /// without `max_tokens`) and translates it, for its model and checks.
+    pub fn parse_count(body: &Map<String, Value>) -> Result<Self, TranslateError> {
+        Self::parse_for(body, Purpose::Count)
+    }
+
+    fn parse_for(body: &Map<String, Value>, purpose: Purpose) -> Result<Self, TranslateError> {
         let model = match body.get("model") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(_) => return Err(bad("model", "model: Input should be a valid string")),
             None => return Err(a_missing("model")),
         };
         let max_tokens = match body.get("max_tokens") {
-            Some(v) if v.as_u64().is_some_and(|n| n >= 1) => v.clone(),
+            Some(v) if v.as_u64().is_some_and(|n| n >= 1) => Some(v.clone()),
             Some(_) => {
                 return Err(bad(
                     "max_tokens",
                     "max_tokens: Input should be a positive integer",
                 ))
             }
+            None if purpose == Purpose::Count => None,
             None => return Err(a_missing("max_tokens")),
         };
         let messages = match body.get("messages") {
@@ -641,7 +712,9 @@ impl MessagesRequest {
         let mut openai = Map::new();
         openai.insert("model".into(), json!(model));
         openai.insert("messages".into(), Value::Array(out));
-        openai.insert("max_tokens".into(), max_tokens);
+        if let Some(max_tokens) = max_tokens {
+            openai.insert("max_tokens".into(), max_tokens);
+        }
         for key in ["temperature", "top_p", "top_k"] {
             if let Some(v) = body.get(key) {
                 openai.insert(key.into(), v.clone());
@@ -1014,6 +1087,9 @@ pub struct OpenAiToAnthropicStream {
     called: bool,
     /// The last OpenAI `usage` seen.
     usage: Option<Value>,
+    /// `message_start`'s input tokens: an estimate, since OpenAI-shaped
+    /// streams report usage only at their end (`message_delta` has the count).
+    input_estimate: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1025,8 +1101,11 @@ enum OpenBlock {
 pub type Event = (&'static str, Value);
 
 impl OpenAiToAnthropicStream {
-    pub fn new(model: &str) -> Self {
+    /// `input_estimate` is reported in `message_start` (see
+    /// [`estimate_input_tokens`]); the provider's count follows at the end.
+    pub fn new(model: &str, input_estimate: u64) -> Self {
         Self {
+            input_estimate,
             model: model.to_owned(),
             started: false,
             open: None,
@@ -1048,7 +1127,7 @@ impl OpenAiToAnthropicStream {
             "message": {
                 "id": anthropic_id(id), "type": "message", "role": "assistant", "model": self.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": 0, "output_tokens": 0},
+                "usage": {"input_tokens": self.input_estimate, "output_tokens": 0},
             },
         })));
     }
@@ -1365,7 +1444,7 @@ mod tests {
 
         // Streamed: message_delta → the finish chunk → message_delta.
         let mut up = AnthropicToOpenAiStream::new(1);
-        let mut down = OpenAiToAnthropicStream::new("alias");
+        let mut down = OpenAiToAnthropicStream::new("alias", 0);
         let mut events = Vec::new();
         for (name, data) in [
             (
@@ -1492,6 +1571,27 @@ mod tests {
             r.openai_body["messages"][3],
             json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]})
         );
+    }
+
+    #[test]
+    fn the_estimate_counts_what_the_model_reads() {
+        let body = |messages: Value| obj(json!({"model": "m", "messages": messages}));
+        // 7 bytes → 2 tokens, and one message.
+        assert_eq!(
+            estimate_input_tokens(&body(json!([{"role": "user", "content": "1234567"}]))),
+            2 + 3
+        );
+        // Block types, ids and cache markers are not text; a tool's input
+        // and an image inside a tool result are.
+        let blocks = body(json!([
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_0123456789", "name": "abc",
+                "input": {"q": "defg"}, "cache_control": {"type": "ephemeral"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0123456789",
+                "content": [{"type": "text", "text": "1234567"}, {"type": "image", "source": {"data": "x"}}]}]},
+        ]));
+        // "abc" + `{"q":"defg"}` + "1234567" = 22 bytes → 7 tokens; two
+        // messages; one image.
+        assert_eq!(estimate_input_tokens(&blocks), 7 + 6 + 1_600);
     }
 
     #[test]
@@ -1688,7 +1788,7 @@ mod tests {
 
     #[test]
     fn openai_chunks_become_anthropic_events() {
-        let mut s = OpenAiToAnthropicStream::new("alias");
+        let mut s = OpenAiToAnthropicStream::new("alias", 0);
         let chunks = [
             json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
             json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
@@ -1766,7 +1866,7 @@ mod tests {
 
     #[test]
     fn a_streamed_tool_call_without_id_or_tool_calls_reason_still_stops_for_tool_use() {
-        let mut s = OpenAiToAnthropicStream::new("alias");
+        let mut s = OpenAiToAnthropicStream::new("alias", 0);
         let mut events = Vec::new();
         for c in [
             json!({"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "w", "arguments": "{}"}}]}}]}),

@@ -180,6 +180,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/embeddings", post(routes::openai::embeddings))
         .route("/v1/messages", post(routes::anthropic::messages))
+        .route(
+            "/v1/messages/count_tokens",
+            post(routes::anthropic::count_tokens),
+        )
         .route("/v1/models", get(routes::openai::list_models))
         .route("/v1/models/{*model}", get(routes::openai::get_model))
         .route("/v1/admin/providers", get(routes::admin::providers))

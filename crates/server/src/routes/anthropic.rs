@@ -14,12 +14,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use switchyard_core::anthropic::{
-    error_type_for_status, response_to_anthropic, Event, MessagesRequest, OpenAiToAnthropicStream,
+    error_type_for_status, estimate_input_tokens, response_to_anthropic, Event, MessagesRequest,
+    OpenAiToAnthropicStream,
 };
 use switchyard_core::identity::Principal;
 use switchyard_core::openai::{parse_object, ChatRequest};
 use switchyard_core::trace::TraceContext;
-use switchyard_engine::{ChatOutcome, StreamEvent};
+use switchyard_engine::{ChatOutcome, EngineError, StreamEvent};
 
 use super::openai::{label, meta};
 use crate::error::{stream_failure, ApiError};
@@ -89,10 +90,51 @@ pub async fn messages(
         }
         Ok(ChatOutcome::Stream {
             events, provider, ..
-        }) => (event_stream(events, alias.clone()), Some(provider)),
+        }) => (
+            event_stream(events, alias.clone(), estimate_input_tokens(&object)),
+            Some(provider),
+        ),
         Err(e) => (to_anthropic(ApiError::from(e)), None),
     };
     label(&state, &mut resp, &alias, provider.as_deref());
+    resp
+}
+
+/// `POST /v1/messages/count_tokens`: the input tokens of a Messages body,
+/// checked as `/v1/messages` checks it, for an alias that exists. Claude
+/// Code asks before every turn to manage its context window. Switchyard
+/// carries no provider's tokenizer, so the count is an estimate
+/// ([`estimate_input_tokens`]), said so in `x-switchyard-token-count`; no
+/// provider is called and nothing is metered.
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return to_anthropic(e),
+    };
+    let object = match parse_object(&bytes) {
+        Ok(o) => o,
+        Err(e) => return invalid(&e.message),
+    };
+    let msg = match MessagesRequest::parse_count(&object) {
+        Ok(m) => m,
+        Err(e) => return invalid(&e.message),
+    };
+    if let Err(e) = ChatRequest::from_object(msg.openai_body) {
+        return invalid(&e.message);
+    }
+    if !state.gateway().models().iter().any(|m| m.id == msg.model) {
+        return to_anthropic(ApiError::from(EngineError::UnknownModel(msg.model)));
+    }
+    let mut resp =
+        axum::Json(json!({"input_tokens": estimate_input_tokens(&object)})).into_response();
+    resp.headers_mut().insert(
+        "x-switchyard-token-count",
+        axum::http::HeaderValue::from_static("estimate"),
+    );
     resp
 }
 
@@ -109,8 +151,9 @@ fn frame(out: &mut BytesMut, (name, data): &Event) {
 fn event_stream(
     events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>,
     model: String,
+    input_estimate: u64,
 ) -> Response {
-    let mut translator = OpenAiToAnthropicStream::new(&model);
+    let mut translator = OpenAiToAnthropicStream::new(&model, input_estimate);
     let frames = events.map(move |ev| {
         let mut out = BytesMut::new();
         match ev {

@@ -533,3 +533,95 @@ async fn a_messages_stream_that_breaks_midway_ends_with_an_error_event_typed_by_
     assert_eq!(last_event[1].0, "error");
     assert_eq!(last_event[1].1["error"]["type"], "api_error");
 }
+
+#[tokio::test]
+async fn count_tokens_estimates_without_calling_a_provider_and_checks_like_messages() {
+    let app = spawn().await;
+    let short =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]});
+    let mut long = short.clone();
+    long["system"] = json!("You are a careful assistant. ".repeat(40));
+    long["tools"] =
+        json!([{"name": "w", "description": "weather", "input_schema": {"type": "object"}}]);
+    let mut with_image = short.clone();
+    with_image["messages"][0]["content"] = json!([
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A".repeat(100_000)}},
+        {"type": "text", "text": "What is this?"},
+    ]);
+
+    let mut counts = Vec::new();
+    for body in [&short, &long, &with_image] {
+        let resp = app
+            .post_json("/v1/messages/count_tokens?beta=true", body)
+            .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-switchyard-token-count"], "estimate");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+        counts.push(v["input_tokens"].as_u64().unwrap());
+    }
+
+    // "Say hello" (9 bytes) and one message's overhead.
+    assert_eq!(counts[0], 3 + 3);
+    // 1,120 bytes of system prompt alone are 320 tokens.
+    assert!(counts[1] > counts[0] + 320, "{counts:?}");
+    // An image counts as one image, not as 100,000 bytes of base64.
+    assert_eq!(counts[2], 1_600 + 4 + 3, "{counts:?}");
+    assert_eq!(app.mock().calls(), 0);
+
+    // Checked like /v1/messages: unknown model, bad blocks, no messages.
+    for (body, status, says) in [
+        (
+            json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+            404,
+            "nope",
+        ),
+        (
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": "video"}]}]}),
+            400,
+            "messages.0.content.0",
+        ),
+        (json!({"model": "gpt-4o-mini"}), 400, "messages"),
+        (
+            json!({"model": "gpt-4o-mini", "messages": [], "tools": [{"type": "bash_20250124", "name": "bash"}]}),
+            400,
+            "tools.0.type",
+        ),
+    ] {
+        let resp = app.post_json("/v1/messages/count_tokens", &body).await;
+        assert_eq!(resp.status(), status, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_messages_stream_starts_with_an_input_estimate_and_ends_with_the_count() {
+    let app = spawn().await;
+    let mut body = messages_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+
+    // Claude Code's SDK adds `?beta=true`.
+    let events = anthropic_events(
+        &app.post_json("/v1/messages?beta=true", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+
+    let start = &events[0].1["message"]["usage"]["input_tokens"];
+    // "Be brief." and "Say hello": 18 bytes, one message.
+    assert_eq!(start, &json!(6 + 3));
+    let (_, delta) = events.iter().find(|(n, _)| n == "message_delta").unwrap();
+    let counted = app.mock().last_request().unwrap();
+    assert!(counted.body["stream_options"]["include_usage"] == json!(true));
+    assert!(
+        delta["usage"]["input_tokens"].as_u64().unwrap() > 0,
+        "{delta}"
+    );
+}

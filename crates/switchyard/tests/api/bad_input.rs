@@ -237,16 +237,55 @@ async fn the_messages_api_refuses_an_oversized_body_in_anthropic_shape() {
         "max_tokens": 16,
         "messages": [{"role": "user", "content": "x".repeat(LIMIT * 2)}],
     });
-    let resp = send(&app, Method::POST, "/v1/messages", Some(ADMIN), Some(&body)).await;
-    assert_eq!(resp.status(), 413);
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(
-        v,
-        json!({"type": "error", "error": {
-            "type": "request_too_large",
-            "message": too_large(),
-        }})
-    );
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let resp = send(&app, Method::POST, path, Some(ADMIN), Some(&body)).await;
+        assert_eq!(resp.status(), 413, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "error", "error": {
+                "type": "request_too_large",
+                "message": too_large(),
+            }}),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn count_tokens_refuses_malformed_and_ill_typed_bodies_in_anthropic_shape() {
+    let app = spawn().await;
+    let malformed = app
+        .client
+        .post(app.url("/v1/messages/count_tokens"))
+        .bearer_auth(ADMIN)
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    let ill_typed = send(
+        &app,
+        Method::POST,
+        "/v1/messages/count_tokens",
+        Some(ADMIN),
+        Some(&json!({"model": "gpt-4o-mini", "messages": "hi"})),
+    )
+    .await;
+
+    for (resp, says) in [
+        (malformed, "JSON"),
+        (ill_typed, "messages: Input should be a valid list"),
+    ] {
+        assert_eq!(resp.status(), 400);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+    assert_eq!(app.mock().calls(), 0);
 }
 
 #[tokio::test]

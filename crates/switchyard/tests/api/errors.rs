@@ -209,13 +209,19 @@ async fn an_unknown_route_is_404_and_a_wrong_method_is_405() {
     assert_error(resp, 405, "method_not_allowed").await;
 
     // Under /v1/messages, Anthropic's shape (an Anthropic SDK reads it; e.g.
-    // `count_tokens`, which Switchyard does not serve).
+    // message batches, which Switchyard does not serve).
     for (method, path, status, ty) in [
         (
             reqwest::Method::POST,
-            "/v1/messages/count_tokens",
+            "/v1/messages/batches",
             404,
             "not_found_error",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/messages/count_tokens",
+            405,
+            "invalid_request_error",
         ),
         (
             reqwest::Method::GET,

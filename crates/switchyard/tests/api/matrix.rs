@@ -341,6 +341,13 @@ fn rows() -> Vec<Row> {
                         "messages": [{"role": "user", "content": "hi"}]})),
             ANY,
         ),
+        row(
+            M::POST,
+            "/v1/messages/count_tokens",
+            Some(json!({"model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": "hi"}]})),
+            ANY,
+        ),
         row(M::GET, "/v1/models", None, ANY),
         row(M::GET, "/v1/models/gpt-4o-mini", None, ANY),
         // ---- administration

@@ -44,6 +44,8 @@ def test_messages_stream(client):
     assert "".join(pieces) == "Hello! How can I help you today?"
     assert final.stop_reason == "end_turn"
     assert final.usage.output_tokens == 7
+    # Known only at the end of the provider's stream; message_delta carries it.
+    assert final.usage.input_tokens > 0
 
 
 def test_messages_with_tools(client):
@@ -115,6 +117,16 @@ def test_a_stop_sequence_reaches_the_client_through_an_anthropic_backed_alias(cl
     ) as stream:
         final = stream.get_final_message()
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "help")
+
+
+def test_count_tokens(client):
+    short = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "Say hello"}])
+    longer = client.messages.count_tokens(
+        model=MODEL, system="Be brief. " * 50, tools=[WEATHER], messages=[{"role": "user", "content": "Say hello"}]
+    )
+    assert 0 < short.input_tokens < longer.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
 def test_a_wrong_key_raises_authentication_error():
