@@ -85,7 +85,14 @@ pub(crate) fn token_meter(state: &AppState, who: &Principal) -> Option<TokenMete
 }
 
 fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
-    for (name, value) in d.headers(policy).into_iter().chain(d.openai_headers()) {
+    insert_headers(
+        resp,
+        d.headers(policy).into_iter().chain(d.openai_headers()),
+    );
+}
+
+fn insert_headers(resp: &mut Response, headers: impl IntoIterator<Item = (&'static str, String)>) {
+    for (name, value) in headers {
         if let Ok(v) = HeaderValue::from_str(&value) {
             resp.headers_mut().insert(HeaderName::from_static(name), v);
         }
@@ -151,6 +158,8 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
             }
         }
     }
+    // The token quota, as OpenAI's `x-ratelimit-*-tokens` headers.
+    let mut tokens: Option<Decision> = None;
     if matches!(class_of(req.method(), path), Some("chat" | "embeddings")) {
         if let Some(meter) = token_meter(state, who) {
             // Cost 0: look, do not spend; the call's tokens are charged when
@@ -175,9 +184,10 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
                     }
                     metrics::counter!("switchyard_rate_limited_total", "class" => "tokens")
                         .increment(1);
+                    insert_headers(&mut resp, d.openai_token_headers());
                     return resp;
                 }
-                Ok(_) => {}
+                Ok(d) => tokens = Some(d),
                 Err(e) => {
                     metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
                     tracing::warn!(error = %e, "token limit check failed; letting the request through");
@@ -214,6 +224,9 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
     let mut resp = next.run(req).await;
     if let Some((d, class)) = tightest {
         set_headers(&mut resp, &d, class);
+    }
+    if let Some(d) = tokens {
+        insert_headers(&mut resp, d.openai_token_headers());
     }
     resp
 }

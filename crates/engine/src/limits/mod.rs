@@ -223,10 +223,31 @@ impl Decision {
     /// until the quota is full again, as OpenAI writes it: `1s`, `6m0s`,
     /// `20ms`).
     pub fn openai_headers(&self) -> [(&'static str, String); 3] {
+        self.openai_headers_named([
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ])
+    }
+
+    /// A token-per-minute decision as OpenAI's `x-ratelimit-limit-tokens`,
+    /// `x-ratelimit-remaining-tokens` and `x-ratelimit-reset-tokens`.
+    pub fn openai_token_headers(&self) -> [(&'static str, String); 3] {
+        self.openai_headers_named([
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ])
+    }
+
+    fn openai_headers_named(
+        &self,
+        [limit, remaining, reset]: [&'static str; 3],
+    ) -> [(&'static str, String); 3] {
         [
-            ("x-ratelimit-limit-requests", self.limit.to_string()),
-            ("x-ratelimit-remaining-requests", self.remaining.to_string()),
-            ("x-ratelimit-reset-requests", go_duration(self.reset_after)),
+            (limit, self.limit.to_string()),
+            (remaining, self.remaining.to_string()),
+            (reset, go_duration(self.reset_after)),
         ]
     }
 }

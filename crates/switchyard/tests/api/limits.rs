@@ -721,6 +721,11 @@ async fn a_token_per_minute_limit_counts_the_tokens_calls_used() {
     };
     let first = chat().await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
+    // OpenAI's token headers: the quota before this call's tokens are known.
+    let header = |r: &reqwest::Response, n: &str| r.headers()[n].to_str().unwrap().to_owned();
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "5");
+    assert_eq!(header(&first, "x-ratelimit-remaining-tokens"), "5");
+    assert_eq!(header(&first, "x-ratelimit-reset-tokens"), "0s");
     let used: Value = first.json().await.unwrap();
     let tokens = used["usage"]["total_tokens"].as_u64().unwrap();
     assert!(
@@ -746,6 +751,9 @@ async fn a_token_per_minute_limit_counts_the_tokens_calls_used() {
         .unwrap()
         .parse()
         .unwrap();
+    assert_eq!(header(&refused, "x-ratelimit-limit-tokens"), "5");
+    assert_eq!(header(&refused, "x-ratelimit-remaining-tokens"), "0");
+    assert_ne!(header(&refused, "x-ratelimit-reset-tokens"), "0s");
     // At most the time the tokens of the admitted calls take to drain.
     assert!(
         retry >= 1 && retry <= 60 * tokens * admitted / 5,
