@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use switchyard_core::anthropic::{
     error_type_for_status, estimate_input_tokens, response_to_anthropic, Event, MessagesRequest,
@@ -19,8 +20,9 @@ use switchyard_core::anthropic::{
 };
 use switchyard_core::identity::Principal;
 use switchyard_core::openai::{parse_object, ChatRequest};
+use switchyard_core::sessions::rfc3339;
 use switchyard_core::trace::TraceContext;
-use switchyard_engine::{ChatOutcome, EngineError, StreamEvent};
+use switchyard_engine::{ChatOutcome, EngineError, ModelInfo, StreamEvent};
 
 use super::openai::{label, meta};
 use crate::error::{stream_failure, ApiError};
@@ -136,6 +138,79 @@ pub async fn count_tokens(
         axum::http::HeaderValue::from_static("estimate"),
     );
     resp
+}
+
+/// Whether a request comes from an Anthropic client: Anthropic's SDKs send
+/// `anthropic-version` with every request. `GET /v1/models` answers them in
+/// Anthropic's shape, so that `client.models.list()` works against the same
+/// base URL as `client.messages`.
+pub(crate) fn is_anthropic_client(headers: &HeaderMap) -> bool {
+    headers.contains_key("anthropic-version")
+}
+
+fn model_object(m: &ModelInfo) -> Value {
+    json!({
+        "type": "model",
+        "id": m.id,
+        "display_name": m.id,
+        "created_at": rfc3339(i64::try_from(m.created).unwrap_or(0).saturating_mul(1000)),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelPage {
+    limit: Option<usize>,
+    after_id: Option<String>,
+    before_id: Option<String>,
+}
+
+/// `GET /v1/models` in Anthropic's shape, with its paging (`limit` 1–1000,
+/// default 20; `after_id` or `before_id`), in the configured order.
+pub(crate) fn list_models(state: &AppState, uri: &axum::http::Uri) -> Response {
+    let page = match axum::extract::Query::<ModelPage>::try_from_uri(uri) {
+        Ok(q) => q.0,
+        Err(e) => return invalid(&format!("Invalid query parameters: {}", e.body_text())),
+    };
+    let limit = page.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return invalid("limit: Input should be between 1 and 1000");
+    }
+    let models = state.gateway().models();
+    let cursor = match (&page.after_id, &page.before_id) {
+        (Some(_), Some(_)) => return invalid("Give after_id or before_id, not both."),
+        (Some(id), None) => Some(("after_id", id)),
+        (None, Some(id)) => Some(("before_id", id)),
+        (None, None) => None,
+    };
+    let (start, end) = match cursor {
+        None => (0, limit.min(models.len())),
+        Some((param, id)) => match models.iter().position(|m| &m.id == id) {
+            None => return invalid(&format!("{param}: no model `{id}`")),
+            Some(i) if param == "after_id" => (i + 1, (i + 1 + limit).min(models.len())),
+            Some(i) => (i.saturating_sub(limit), i),
+        },
+    };
+    let data = &models[start..end];
+    let has_more = if page.before_id.is_some() {
+        start > 0
+    } else {
+        end < models.len()
+    };
+    axum::Json(json!({
+        "data": data.iter().map(model_object).collect::<Vec<_>>(),
+        "has_more": has_more,
+        "first_id": data.first().map(|m| m.id.as_str()),
+        "last_id": data.last().map(|m| m.id.as_str()),
+    }))
+    .into_response()
+}
+
+/// `GET /v1/models/{id}` in Anthropic's shape.
+pub(crate) fn get_model(state: &AppState, id: &str) -> Response {
+    match state.gateway().models().iter().find(|m| m.id == id) {
+        Some(m) => axum::Json(model_object(m)).into_response(),
+        None => to_anthropic(ApiError::from(EngineError::UnknownModel(id.to_owned()))),
+    }
 }
 
 fn frame(out: &mut BytesMut, (name, data): &Event) {

@@ -311,12 +311,26 @@ fn model_json(m: &ModelInfo) -> serde_json::Value {
     json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by})
 }
 
-pub async fn list_models(State(state): State<AppState>) -> Response {
+pub async fn list_models(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if super::anthropic::is_anthropic_client(&headers) {
+        return super::anthropic::list_models(&state, &uri);
+    }
     let data: Vec<_> = state.gateway().models().iter().map(model_json).collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Response {
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if super::anthropic::is_anthropic_client(&headers) {
+        return super::anthropic::get_model(&state, &model);
+    }
     match state.gateway().models().iter().find(|m| m.id == model) {
         Some(m) => axum::Json(model_json(m)).into_response(),
         None => {

@@ -625,3 +625,98 @@ async fn a_messages_stream_starts_with_an_input_estimate_and_ends_with_the_count
         "{delta}"
     );
 }
+
+#[tokio::test]
+async fn anthropic_clients_get_the_model_list_in_anthropics_shape_with_its_paging() {
+    let (app, _anthropic) = with_anthropic().await;
+    let get = |path: &str| {
+        app.client
+            .get(app.url(path))
+            .header("anthropic-version", "2023-06-01")
+            .send()
+    };
+    let openai = get_json(&app, "/v1/models").await;
+    let ids: Vec<String> = openai["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.len() >= 3, "{ids:?}");
+    let page = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let all: Value = get("/v1/models").await.unwrap().json().await.unwrap();
+    assert_eq!(page(&all), ids);
+    assert_eq!(all["has_more"], false);
+    assert_eq!(all["first_id"], json!(ids[0]));
+    assert_eq!(all["last_id"], json!(ids[ids.len() - 1]));
+    let m = &all["data"][0];
+    assert_eq!(m["type"], "model");
+    assert_eq!(m["display_name"], json!(ids[0]));
+    assert!(m["created_at"].as_str().unwrap().ends_with('Z'), "{m}");
+
+    let first: Value = get("/v1/models?limit=2")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (page(&first), &first["has_more"]),
+        (ids[..2].to_vec(), &json!(true))
+    );
+    let next: Value = get(&format!("/v1/models?limit=2&after_id={}", ids[1]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page(&next), ids[2..ids.len().min(4)].to_vec());
+    assert_eq!(next["has_more"], json!(ids.len() > 4));
+    let back: Value = get(&format!("/v1/models?limit=1&before_id={}", ids[2]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (page(&back), &back["has_more"]),
+        (vec![ids[1].clone()], &json!(true))
+    );
+
+    let one: Value = get(&format!("/v1/models/{}", ids[0]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(&one, m);
+
+    for (path, status, says) in [
+        ("/v1/models/nope", 404, "nope"),
+        ("/v1/models?limit=0", 400, "limit"),
+        ("/v1/models?limit=many", 400, "limit"),
+        ("/v1/models?after_id=nope", 400, "after_id"),
+        (
+            &*format!("/v1/models?after_id={0}&before_id={0}", ids[0]),
+            400,
+            "not both",
+        ),
+    ] {
+        let resp = get(path).await.unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "error", "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{path}: {v}"
+        );
+    }
+}

@@ -129,6 +129,19 @@ def test_count_tokens(client):
         client.messages.count_tokens(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
+def test_models_list_and_retrieve(client):
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids and "claude" in ids
+    first = client.models.list(limit=1)
+    assert len(first.data) == 1 and first.has_more
+    # The SDK's auto-paging walks every page.
+    assert [m.id for m in client.models.list(limit=1)] == ids
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.type) == (MODEL, "model")
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("nope")
+
+
 def test_a_wrong_key_raises_authentication_error():
     bad = anthropic.Anthropic(base_url=os.environ["ANTHROPIC_BASE_URL"], api_key="sy_wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as e:
