@@ -567,6 +567,10 @@ impl AnthropicToOpenAiStream {
 pub struct MessagesRequest {
     pub model: String,
     pub stream: bool,
+    /// Whether the client asked for extended thinking (`thinking.type`
+    /// `enabled` or `adaptive`): a provider's reasoning text (DeepSeek's
+    /// and vLLM's `reasoning_content`) then comes back as `thinking` blocks.
+    pub thinking: bool,
     /// The equivalent OpenAI chat-completions body.
     pub openai_body: Map<String, Value>,
 }
@@ -673,6 +677,25 @@ impl MessagesRequest {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(bad("stream", "stream: Input should be a valid boolean")),
+        };
+        let thinking = match body.get("thinking") {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(t)) => match t.get("type").and_then(Value::as_str) {
+                Some("enabled" | "adaptive") => true,
+                Some("disabled") => false,
+                _ => {
+                    return Err(bad(
+                        "thinking.type",
+                        "thinking.type: Input should be 'enabled', 'adaptive' or 'disabled'",
+                    ))
+                }
+            },
+            Some(_) => {
+                return Err(bad(
+                    "thinking",
+                    "thinking: Input should be a valid dictionary",
+                ))
+            }
         };
         let mut out: Vec<Value> = Vec::new();
         match body.get("system") {
@@ -782,6 +805,7 @@ impl MessagesRequest {
         Ok(Self {
             model,
             stream,
+            thinking,
             openai_body: openai,
         })
     }
@@ -954,11 +978,26 @@ fn translate_blocks(
 // OpenAI response → Anthropic response (inbound POST /v1/messages)
 // ---------------------------------------------------------------------------
 
-/// Turns an OpenAI `chat.completion` into an Anthropic message.
-pub fn response_to_anthropic(resp: &Value, model: &str) -> Value {
+/// The reasoning text of an OpenAI message or delta: `reasoning_content`
+/// (DeepSeek, vLLM, llama.cpp) or `reasoning` (vLLM's newer name, OpenRouter).
+fn reasoning_of(m: &Value) -> Option<&str> {
+    ["reasoning_content", "reasoning"]
+        .iter()
+        .find_map(|k| m.get(*k).and_then(Value::as_str))
+        .filter(|r| !r.is_empty())
+}
+
+/// Turns an OpenAI `chat.completion` into an Anthropic message; with
+/// `thinking`, the provider's reasoning becomes a leading `thinking` block
+/// (with an empty `signature`: only Anthropic can sign, and Switchyard does
+/// not send thinking blocks back to providers).
+pub fn response_to_anthropic(resp: &Value, model: &str, thinking: bool) -> Value {
     let choice = resp.pointer("/choices/0").cloned().unwrap_or(Value::Null);
     let msg = choice.get("message").cloned().unwrap_or(Value::Null);
     let mut content = Vec::new();
+    if let Some(reasoning) = reasoning_of(&msg).filter(|_| thinking) {
+        content.push(json!({"type": "thinking", "thinking": reasoning, "signature": ""}));
+    }
     if let Some(text) = msg.get("content").and_then(Value::as_str) {
         if !text.is_empty() {
             content.push(json!({"type": "text", "text": text}));
@@ -1090,10 +1129,14 @@ pub struct OpenAiToAnthropicStream {
     /// `message_start`'s input tokens: an estimate, since OpenAI-shaped
     /// streams report usage only at their end (`message_delta` has the count).
     input_estimate: u64,
+    /// Whether reasoning deltas become a `thinking` block (see
+    /// [`MessagesRequest::thinking`]).
+    thinking: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum OpenBlock {
+    Thinking,
     Text,
     Tool(u64),
 }
@@ -1103,9 +1146,10 @@ pub type Event = (&'static str, Value);
 impl OpenAiToAnthropicStream {
     /// `input_estimate` is reported in `message_start` (see
     /// [`estimate_input_tokens`]); the provider's count follows at the end.
-    pub fn new(model: &str, input_estimate: u64) -> Self {
+    pub fn new(model: &str, input_estimate: u64, thinking: bool) -> Self {
         Self {
             input_estimate,
+            thinking,
             model: model.to_owned(),
             started: false,
             open: None,
@@ -1167,6 +1211,17 @@ impl OpenAiToAnthropicStream {
             return out;
         };
         let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
+        if let Some(reasoning) = reasoning_of(&delta).filter(|_| self.thinking) {
+            let index = match self.open {
+                Some((i, OpenBlock::Thinking)) => i,
+                _ => self.open(
+                    OpenBlock::Thinking,
+                    json!({"type": "thinking", "thinking": "", "signature": ""}),
+                    &mut out,
+                ),
+            };
+            out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": reasoning}})));
+        }
         if let Some(text) = delta.get("content").and_then(Value::as_str) {
             if !text.is_empty() {
                 let index = match self.open {
@@ -1398,7 +1453,7 @@ mod tests {
         );
         // Back through the other translation, the cached tokens are apart again.
         assert_eq!(
-            response_to_anthropic(&r, "alias")["usage"],
+            response_to_anthropic(&r, "alias", false)["usage"],
             json!({"input_tokens": 10, "output_tokens": 5,
                    "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2})
         );
@@ -1420,7 +1475,7 @@ mod tests {
             .unwrap()
             .get("prompt_tokens_details")
             .is_none());
-        let back = response_to_anthropic(&r, "alias");
+        let back = response_to_anthropic(&r, "alias", false);
         assert_eq!(back["stop_reason"], "stop_sequence");
         assert_eq!(back["stop_sequence"], "three");
 
@@ -1429,7 +1484,7 @@ mod tests {
         natural["stop_reason"] = json!("end_turn");
         let r = response_from_anthropic(&natural, 7);
         assert!(r["choices"][0].get("stop_reason").is_none(), "{r}");
-        let back = response_to_anthropic(&r, "alias");
+        let back = response_to_anthropic(&r, "alias", false);
         assert_eq!(
             (&back["stop_reason"], &back["stop_sequence"]),
             (&json!("end_turn"), &Value::Null)
@@ -1438,13 +1493,13 @@ mod tests {
         let mut token = r.clone();
         token["choices"][0]["stop_reason"] = json!(128009);
         assert_eq!(
-            response_to_anthropic(&token, "a")["stop_reason"],
+            response_to_anthropic(&token, "a", false)["stop_reason"],
             "end_turn"
         );
 
         // Streamed: message_delta → the finish chunk → message_delta.
         let mut up = AnthropicToOpenAiStream::new(1);
-        let mut down = OpenAiToAnthropicStream::new("alias", 0);
+        let mut down = OpenAiToAnthropicStream::new("alias", 0, false);
         let mut events = Vec::new();
         for (name, data) in [
             (
@@ -1571,6 +1626,106 @@ mod tests {
             r.openai_body["messages"][3],
             json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]})
         );
+    }
+
+    #[test]
+    fn reasoning_becomes_thinking_only_when_the_client_asked_for_it() {
+        let resp = json!({"id": "chatcmpl-1", "choices": [{"message": {"role": "assistant",
+            "reasoning_content": "Greet back.", "content": "Hello"}, "finish_reason": "stop"}]});
+        assert_eq!(
+            response_to_anthropic(&resp, "a", true)["content"],
+            json!([
+                {"type": "thinking", "thinking": "Greet back.", "signature": ""},
+                {"type": "text", "text": "Hello"},
+            ])
+        );
+        assert_eq!(
+            response_to_anthropic(&resp, "a", false)["content"],
+            json!([{"type": "text", "text": "Hello"}])
+        );
+
+        let chunks = [
+            json!({"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            json!({"id": "x", "choices": [{"index": 0, "delta": {"reasoning_content": "Greet"}}]}),
+            json!({"id": "x", "choices": [{"index": 0, "delta": {"reasoning": " back."}}]}),
+            json!({"id": "x", "choices": [{"index": 0, "delta": {"content": "Hello"}}]}),
+            json!({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ];
+        let run = |thinking: bool| {
+            let mut s = OpenAiToAnthropicStream::new("a", 0, thinking);
+            let mut events = Vec::new();
+            for c in &chunks {
+                events.extend(s.chunk(c));
+            }
+            events.extend(s.finish());
+            events
+        };
+        let events = run(true);
+        let blocks: Vec<(&str, Value)> = events
+            .iter()
+            .filter(|(n, _)| n.starts_with("content_block"))
+            .map(|(n, d)| {
+                (
+                    *n,
+                    d.get("content_block")
+                        .or(d.get("delta"))
+                        .cloned()
+                        .unwrap_or(json!(d["index"])),
+                )
+            })
+            .collect();
+        assert_eq!(
+            blocks,
+            vec![
+                (
+                    "content_block_start",
+                    json!({"type": "thinking", "thinking": "", "signature": ""})
+                ),
+                (
+                    "content_block_delta",
+                    json!({"type": "thinking_delta", "thinking": "Greet"})
+                ),
+                (
+                    "content_block_delta",
+                    json!({"type": "thinking_delta", "thinking": " back."})
+                ),
+                ("content_block_stop", json!(0)),
+                ("content_block_start", json!({"type": "text", "text": ""})),
+                (
+                    "content_block_delta",
+                    json!({"type": "text_delta", "text": "Hello"})
+                ),
+                ("content_block_stop", json!(1)),
+            ]
+        );
+        assert!(!run(false)
+            .iter()
+            .any(|(_, d)| d.to_string().contains("thinking")));
+
+        // The request's `thinking` is read and checked.
+        let with = |t: Value| {
+            MessagesRequest::parse(&obj(json!({"model": "m", "max_tokens": 5, "thinking": t,
+                "messages": [{"role": "user", "content": "hi"}]})))
+        };
+        assert!(
+            with(json!({"type": "enabled", "budget_tokens": 2048}))
+                .unwrap()
+                .thinking
+        );
+        assert!(!with(json!({"type": "disabled"})).unwrap().thinking);
+        assert_eq!(
+            with(json!({"type": "on"})).unwrap_err().param.as_deref(),
+            Some("thinking.type")
+        );
+        assert_eq!(
+            with(json!(true)).unwrap_err().param.as_deref(),
+            Some("thinking")
+        );
+        // Nothing of it reaches the provider: no OpenAI field means the same.
+        assert!(!with(json!({"type": "enabled", "budget_tokens": 2048}))
+            .unwrap()
+            .openai_body
+            .contains_key("thinking"));
     }
 
     #[test]
@@ -1788,7 +1943,7 @@ mod tests {
 
     #[test]
     fn openai_chunks_become_anthropic_events() {
-        let mut s = OpenAiToAnthropicStream::new("alias", 0);
+        let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
         let chunks = [
             json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
             json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
@@ -1824,7 +1979,7 @@ mod tests {
     #[test]
     fn an_openai_answer_becomes_an_anthropic_message() {
         let resp = json!({"id": "chatcmpl-9", "choices": [{"message": {"role": "assistant", "content": "Hello"}, "finish_reason": "length"}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}});
-        let m = response_to_anthropic(&resp, "alias");
+        let m = response_to_anthropic(&resp, "alias", false);
         assert_eq!(
             m,
             json!({
@@ -1845,7 +2000,7 @@ mod tests {
             "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{\"c\":1}"}}]},
             "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 8}}});
-        let m = response_to_anthropic(&resp, "alias");
+        let m = response_to_anthropic(&resp, "alias", false);
         assert_eq!(m["stop_reason"], "tool_use", "{m}");
         let id = m["content"][0]["id"].as_str().unwrap();
         assert!(id.starts_with("toolu_") && id.len() == 30, "{id}");
@@ -1859,14 +2014,14 @@ mod tests {
         let mut cut = resp.clone();
         cut["choices"][0]["finish_reason"] = json!("length");
         assert_eq!(
-            response_to_anthropic(&cut, "alias")["stop_reason"],
+            response_to_anthropic(&cut, "alias", false)["stop_reason"],
             "max_tokens"
         );
     }
 
     #[test]
     fn a_streamed_tool_call_without_id_or_tool_calls_reason_still_stops_for_tool_use() {
-        let mut s = OpenAiToAnthropicStream::new("alias", 0);
+        let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
         let mut events = Vec::new();
         for c in [
             json!({"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "w", "arguments": "{}"}}]}}]}),

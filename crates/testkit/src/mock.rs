@@ -36,6 +36,10 @@ pub struct Behavior {
     /// Deterministic partial failure: of every `of` requests, the first
     /// `fail` answer with `status` (e.g. 3 of 10 → 30 %).
     pub fail_pattern: Option<FailPattern>,
+    /// Chat answers (not tool calls) carry this reasoning first, as
+    /// DeepSeek's and vLLM's reasoning models do: `reasoning_content` in the
+    /// message, or streamed one word per chunk before the reply.
+    pub reasoning: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,7 @@ impl Default for Behavior {
             reply: "Hello! How can I help you today?".into(),
             always: None,
             fail_pattern: None,
+            reasoning: None,
         }
     }
 }
@@ -358,7 +363,13 @@ async fn chat(
         if let Some(Fault::ErrorEventAfter(_)) = fault {
             return axum::Json(in_band_error()).into_response();
         }
-        return completion(&model, &behavior.reply, tool.as_deref(), prompt_tokens);
+        return completion(
+            &model,
+            &behavior.reply,
+            behavior.reasoning.as_deref(),
+            tool.as_deref(),
+            prompt_tokens,
+        );
     }
     let include_usage = req
         .pointer("/stream_options/include_usage")
@@ -367,6 +378,7 @@ async fn chat(
     let chunks = stream_chunks(
         &model,
         &behavior.reply,
+        behavior.reasoning.as_deref(),
         tool.as_deref(),
         prompt_tokens,
         include_usage,
@@ -404,14 +416,26 @@ fn first_tool(req: &Value) -> Option<String> {
 
 const TOOL_ARGS: &str = r#"{"location": "Paris", "unit": "celsius"}"#;
 
-fn completion(model: &str, reply: &str, tool: Option<&str>, prompt_tokens: u64) -> Response {
+fn completion(
+    model: &str,
+    reply: &str,
+    reasoning: Option<&str>,
+    tool: Option<&str>,
+    prompt_tokens: u64,
+) -> Response {
     let completion_tokens = reply.split_whitespace().count() as u64;
     let (message, finish) = match tool {
         Some(name) => (
             json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_mock_1", "type": "function", "function": {"name": name, "arguments": TOOL_ARGS}}]}),
             "tool_calls",
         ),
-        None => (json!({"role": "assistant", "content": reply}), "stop"),
+        None => {
+            let mut message = json!({"role": "assistant", "content": reply});
+            if let Some(r) = reasoning {
+                message["reasoning_content"] = json!(r);
+            }
+            (message, "stop")
+        }
     };
     axum::Json(json!({
         "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": model,
@@ -437,6 +461,7 @@ fn chunk(model: &str, delta: Value, finish: Option<&str>, usage_null: bool) -> V
 fn stream_chunks(
     model: &str,
     reply: &str,
+    reasoning: Option<&str>,
     tool: Option<&str>,
     prompt_tokens: u64,
     include_usage: bool,
@@ -464,6 +489,19 @@ fn stream_chunks(
                 None,
                 include_usage,
             ));
+            for (i, w) in reasoning.unwrap_or("").split_whitespace().enumerate() {
+                let text = if i == 0 {
+                    w.to_owned()
+                } else {
+                    format!(" {w}")
+                };
+                out.push(chunk(
+                    model,
+                    json!({"reasoning_content": text}),
+                    None,
+                    include_usage,
+                ));
+            }
             for (i, w) in words.iter().enumerate() {
                 let text = if i == 0 {
                     (*w).to_owned()

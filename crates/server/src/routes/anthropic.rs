@@ -70,6 +70,7 @@ pub async fn messages(
         Err(e) => return invalid(&e.message),
     };
     let alias = msg.model.clone();
+    let thinking = msg.thinking;
     let (mut resp, provider) = match state
         .gateway()
         .chat(&meta(&state, &ctx, started, &principal), &req)
@@ -78,7 +79,7 @@ pub async fn messages(
         Ok(ChatOutcome::Complete { body, provider }) => {
             match serde_json::from_slice::<Value>(&body) {
                 Ok(v) => (
-                    axum::Json(response_to_anthropic(&v, &alias)).into_response(),
+                    axum::Json(response_to_anthropic(&v, &alias, thinking)).into_response(),
                     Some(provider),
                 ),
                 Err(_) => (
@@ -93,7 +94,10 @@ pub async fn messages(
         Ok(ChatOutcome::Stream {
             events, provider, ..
         }) => (
-            event_stream(events, alias.clone(), estimate_input_tokens(&object)),
+            event_stream(
+                events,
+                OpenAiToAnthropicStream::new(&alias, estimate_input_tokens(&object), thinking),
+            ),
             Some(provider),
         ),
         Err(e) => (to_anthropic(ApiError::from(e)), None),
@@ -225,10 +229,8 @@ fn frame(out: &mut BytesMut, (name, data): &Event) {
 /// with an `error` event, as Anthropic's own API does.
 fn event_stream(
     events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>,
-    model: String,
-    input_estimate: u64,
+    mut translator: OpenAiToAnthropicStream,
 ) -> Response {
-    let mut translator = OpenAiToAnthropicStream::new(&model, input_estimate);
     let frames = events.map(move |ev| {
         let mut out = BytesMut::new();
         match ev {

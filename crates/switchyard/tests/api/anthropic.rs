@@ -720,3 +720,55 @@ async fn anthropic_clients_get_the_model_list_in_anthropics_shape_with_its_pagin
         );
     }
 }
+
+#[tokio::test]
+async fn a_reasoning_models_thoughts_reach_a_client_that_asked_for_thinking() {
+    let app = spawn().await;
+    app.mock()
+        .update(|b| b.reasoning = Some("The user greets; greet back.".into()));
+    let mut body = messages_body("gpt-4o-mini");
+    body["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
+
+    let plain: Value = app
+        .post_json("/v1/messages", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    body["stream"] = json!(true);
+    let events = anthropic_events(
+        &app.post_json("/v1/messages", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    body["thinking"] = json!({"type": "disabled"});
+    let without: Value = {
+        body["stream"] = json!(false);
+        app.post_json("/v1/messages", &body)
+            .await
+            .json()
+            .await
+            .unwrap()
+    };
+
+    assert_eq!(
+        plain["content"][0],
+        json!({"type": "thinking", "thinking": "The user greets; greet back.", "signature": ""})
+    );
+    assert_eq!(plain["content"][1]["type"], "text");
+    let thought: String = events
+        .iter()
+        .filter_map(|(_, d)| d.pointer("/delta/thinking").and_then(Value::as_str))
+        .collect();
+    assert_eq!(thought, "The user greets; greet back.");
+    assert_eq!(
+        events[1].1["content_block"]["type"], "thinking",
+        "the thinking block comes first"
+    );
+    assert_eq!(
+        without["content"],
+        json!([{"type": "text", "text": "Hello! How can I help you today?"}])
+    );
+}
