@@ -575,6 +575,19 @@ pub struct MessagesRequest {
     pub openai_body: Map<String, Value>,
 }
 
+/// OpenAI's `user` for an Anthropic `metadata.user_id`. OpenAI refuses a
+/// `user` over 64 characters (OpenRouter over 128), and Claude Code's ids
+/// run to ~150: a longer id travels as the hex SHA-256 of itself, as stable
+/// an end-user id as the original for the provider's abuse tracking.
+fn openai_user(user_id: &str) -> String {
+    const MAX: usize = 64;
+    if user_id.len() <= MAX {
+        return user_id.to_owned();
+    }
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(user_id.as_bytes());
+    crate::trace::encode_hex(&digest)
+}
+
 /// What a Messages body is parsed for: `count_tokens` takes no `max_tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
@@ -591,7 +604,8 @@ enum Purpose {
 /// definitions, at 3.5 bytes of UTF-8 a token (English prose runs at about
 /// 4, code and other scripts denser; leaning high keeps a client's context
 /// management on the safe side), plus 3 tokens a message, and 1,600 an image
-/// or document (Anthropic's cost of a ~1.15-megapixel image).
+/// (Anthropic's cost of a ~1.15-megapixel image). Thinking blocks from
+/// earlier turns count nothing: they are not sent on.
 pub fn estimate_input_tokens(body: &Map<String, Value>) -> u64 {
     const PER_MESSAGE: u64 = 3;
     const PER_ATTACHMENT: u64 = 1_600;
@@ -603,6 +617,8 @@ pub fn estimate_input_tokens(body: &Map<String, Value>) -> u64 {
             Value::Array(items) => items.iter().for_each(|x| weigh(x, bytes, fixed)),
             Value::Object(o) => match o.get("type").and_then(Value::as_str) {
                 Some("image" | "document") => *fixed += PER_ATTACHMENT,
+                // Earlier turns' reasoning is not sent on (nor counted by Anthropic).
+                Some("thinking" | "redacted_thinking") => {}
                 _ => {
                     for (k, x) in o {
                         match k.as_str() {
@@ -795,8 +811,18 @@ impl MessagesRequest {
                 openai.insert("parallel_tool_calls".into(), json!(false));
             }
         }
-        if let Some(user) = body.get("metadata").and_then(|m| m.get("user_id")) {
-            openai.insert("user".into(), user.clone());
+        match body.get("metadata").and_then(|m| m.get("user_id")) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(user)) if user.is_empty() => {}
+            Some(Value::String(user)) => {
+                openai.insert("user".into(), json!(openai_user(user)));
+            }
+            Some(_) => {
+                return Err(bad(
+                    "metadata.user_id",
+                    "metadata.user_id: Input should be a valid string",
+                ))
+            }
         }
         if stream {
             openai.insert("stream".into(), json!(true));
@@ -1277,12 +1303,18 @@ impl OpenAiToAnthropicStream {
             Some(r) => r,
             None => final_stop_reason(None, self.called),
         };
+        // A provider that reported no usage leaves the input count at
+        // `message_start`'s estimate (SDKs take the counts a delta carries).
+        let usage = match &self.usage {
+            Some(u) => anthropic_usage(Some(u)),
+            None => json!({"output_tokens": 0}),
+        };
         out.push((
             "message_delta",
             json!({
                 "type": "message_delta",
                 "delta": {"stop_reason": stop, "stop_sequence": self.stop_sequence},
-                "usage": anthropic_usage(self.usage.as_ref()),
+                "usage": usage,
             }),
         ));
         out.push(("message_stop", json!({"type": "message_stop"})));
@@ -1729,6 +1761,34 @@ mod tests {
     }
 
     #[test]
+    fn a_long_user_id_reaches_openai_as_its_digest() {
+        let with = |id: &str| {
+            MessagesRequest::parse(&obj(
+                json!({"model": "m", "max_tokens": 5, "metadata": {"user_id": id},
+                "messages": [{"role": "user", "content": "hi"}]}),
+            ))
+            .unwrap()
+            .openai_body
+        };
+        assert_eq!(with("u-42")["user"], "u-42");
+        let claude_code = format!(
+            "user_{}_account__session_{}",
+            "a".repeat(64),
+            "b".repeat(36)
+        );
+        let user = with(&claude_code)["user"].as_str().unwrap().to_owned();
+        assert_eq!(user.len(), 64);
+        assert!(user.bytes().all(|b| b.is_ascii_hexdigit()), "{user}");
+        assert_eq!(with(&claude_code)["user"], user, "stable");
+        assert_ne!(with(&format!("{claude_code}x"))["user"], user);
+        assert!(!with("").contains_key("user"));
+        let e = MessagesRequest::parse(&obj(json!({"model": "m", "max_tokens": 5,
+            "metadata": {"user_id": 42}, "messages": [{"role": "user", "content": "hi"}]})))
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("metadata.user_id"));
+    }
+
+    #[test]
     fn the_estimate_counts_what_the_model_reads() {
         let body = |messages: Value| obj(json!({"model": "m", "messages": messages}));
         // 7 bytes → 2 tokens, and one message.
@@ -1747,6 +1807,13 @@ mod tests {
         // "abc" + `{"q":"defg"}` + "1234567" = 22 bytes → 7 tokens; two
         // messages; one image.
         assert_eq!(estimate_input_tokens(&blocks), 7 + 6 + 1_600);
+        // An earlier turn's thinking is not sent on, so it counts nothing.
+        let mut thought = blocks.clone();
+        thought["messages"][0]["content"]
+            .as_array_mut()
+            .unwrap()
+            .insert(0, json!({"type": "thinking", "thinking": "x".repeat(700), "signature": "s".repeat(300)}));
+        assert_eq!(estimate_input_tokens(&thought), 7 + 6 + 1_600);
     }
 
     #[test]

@@ -387,7 +387,8 @@ impl ProviderConfig {
             .map_or(self.base_url.as_str(), |(_, rest)| rest)
             .split(['/', ':'])
             .next()
-            .unwrap_or("");
+            .unwrap_or("")
+            .to_ascii_lowercase();
         host == "api.openai.com" || host.ends_with(".openai.azure.com")
     }
 }
@@ -1130,6 +1131,7 @@ mod tests {
             "http://api.openai.com/v1/",
             "https://api.openai.com:443/v1",
             "https://my-team.openai.azure.com/openai/deployments/x",
+            "https://API.OpenAI.com/v1",
         ] {
             assert!(is_openai(yes), "{yes}");
         }

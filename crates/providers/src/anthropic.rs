@@ -105,10 +105,16 @@ fn translate_status(e: ProviderError) -> ProviderError {
 /// An `error` event in a stream: retryable kinds keep a retryable status so
 /// that one arriving before the first chunk fails over.
 fn stream_error(kind: &str, message: &str) -> ProviderError {
+    // Anthropic's error types by the status they stand for (its own table).
     let status = match kind {
-        "overloaded_error" => 529,
+        "invalid_request_error" => 400,
+        "authentication_error" => 401,
+        "permission_error" => 403,
+        "not_found_error" => 404,
+        "request_too_large" => 413,
         "rate_limit_error" => 429,
         "api_error" => 500,
+        "overloaded_error" => 529,
         _ => return ProviderError::Broken(format!("{kind}: {message}")),
     };
     ProviderError::Status {
@@ -277,8 +283,20 @@ mod tests {
             "overloaded_error",
             "Overloaded"
         )));
+        // A request Anthropic judged in its stream is that 4xx, returned at
+        // once like one before the stream (its message relayed).
+        let judged = stream_error("invalid_request_error", "prompt is too long");
+        assert!(!crate::retry::is_retryable(&judged));
+        let ProviderError::Status {
+            status: 400, body, ..
+        } = judged
+        else {
+            panic!("{judged:?}")
+        };
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], "prompt is too long");
         assert!(matches!(
-            stream_error("invalid_request_error", "x"),
+            stream_error("mystery_error", "x"),
             ProviderError::Broken(_)
         ));
     }

@@ -58,11 +58,11 @@ impl OpenAiProvider {
 }
 
 /// A JSON object written as `base` with some keys replaced or added, and
-/// at most one renamed, without copying `base`.
+/// at most one renamed (to nothing: left out), without copying `base`.
 struct Overlay<'a> {
     base: &'a Map<String, Value>,
     set: &'a [(&'a str, Value)],
-    rename: Option<(&'a str, &'a str)>,
+    rename: Option<(&'a str, Option<&'a str>)>,
 }
 
 impl Serialize for Overlay<'_> {
@@ -70,7 +70,8 @@ impl Serialize for Overlay<'_> {
         let mut map = s.serialize_map(None)?;
         for (k, v) in self.base {
             let key = match self.rename {
-                Some((from, to)) if from == k => to,
+                Some((from, Some(to))) if from == k => to,
+                Some((from, None)) if from == k => continue,
                 _ => k.as_str(),
             };
             match self.set.iter().find(|(sk, _)| sk == k) {
@@ -90,7 +91,7 @@ impl Serialize for Overlay<'_> {
 fn overlay(
     base: &Map<String, Value>,
     set: &[(&str, Value)],
-    rename: Option<(&str, &str)>,
+    rename: Option<(&str, Option<&str>)>,
 ) -> Result<Vec<u8>, ProviderError> {
     serde_json::to_vec(&Overlay { base, set, rename })
         .map_err(|e| ProviderError::Protocol(format!("encoding the request: {e}")))
@@ -100,16 +101,19 @@ impl OpenAiProvider {
     /// OpenAI deprecated `max_tokens` for `max_completion_tokens`, which
     /// every current model takes and its reasoning models (o-series, GPT-5)
     /// require: there a request's `max_tokens` (a `/v1/messages` client's
-    /// always has one) travels under the new name. Other OpenAI-compatible
-    /// servers get the body as sent, since not all of them know the new name.
+    /// always has one) travels under the new name, or is left out beside a
+    /// `max_completion_tokens` (those models refuse it outright). Other
+    /// OpenAI-compatible servers get the body as sent, since not all of them
+    /// know the new name.
     fn renamed_max_tokens(
         &self,
         body: &Map<String, Value>,
-    ) -> Option<(&'static str, &'static str)> {
-        (self.openai
-            && body.contains_key("max_tokens")
-            && !body.contains_key("max_completion_tokens"))
-        .then_some(("max_tokens", "max_completion_tokens"))
+    ) -> Option<(&'static str, Option<&'static str>)> {
+        if !self.openai || !body.contains_key("max_tokens") {
+            return None;
+        }
+        let to = (!body.contains_key("max_completion_tokens")).then_some("max_completion_tokens");
+        Some(("max_tokens", to))
     }
 }
 
@@ -425,12 +429,17 @@ mod tests {
         let out = overlay(
             &base,
             &[("model", json!("up"))],
-            Some(("max_tokens", "max_completion_tokens")),
+            Some(("max_tokens", Some("max_completion_tokens"))),
         )
         .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"model":"up","max_completion_tokens":9,"n":2}"#
+        );
+        let out = overlay(&base, &[], Some(("max_tokens", None))).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"model":"alias","n":2}"#
         );
     }
 

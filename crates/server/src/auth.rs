@@ -27,6 +27,16 @@ pub(crate) enum Family {
 }
 
 impl Family {
+    /// The family of a request: by its path, and for the model list, which
+    /// both APIs share, by whether the client is Anthropic's (it sends
+    /// `anthropic-version`).
+    pub(crate) fn of_request(path: &str, headers: &axum::http::HeaderMap) -> Self {
+        if path.starts_with("/v1/models") && headers.contains_key("anthropic-version") {
+            return Family::Anthropic;
+        }
+        Self::of(path)
+    }
+
     pub(crate) fn of(path: &str) -> Self {
         if path == "/v1/messages" || path.starts_with("/v1/messages/") {
             Family::Anthropic
@@ -102,7 +112,7 @@ pub(crate) async fn admit(state: &AppState, req: Request) -> Result<Request, Res
     if is_public(path) {
         return Ok(req);
     }
-    let family = Family::of(path);
+    let family = Family::of_request(path, req.headers());
     let identity = state.identity();
     // In open development mode no key exists, so no presented credential
     // could be valid: the placeholder an SDK insists on ("unused") is ignored.

@@ -239,18 +239,22 @@ pub fn stream_error_json(e: &ProviderError) -> Vec<u8> {
 /// relayed like one before the stream (its body is scrubbed of the key);
 /// others stay generic.
 pub fn stream_failure(e: &ProviderError) -> (u16, ErrorObject) {
+    // The statuses of a failure before the stream (`status_for`: a 401 or
+    // 403 is the gateway's key, not the client's fault), except that an
+    // overloaded provider stays overloaded, as Anthropic's own stream says.
     let status = match e {
-        ProviderError::Status { status, body, .. } => {
-            if (400..500).contains(status) {
-                if let Some(error) = relayed_error(body) {
-                    return (*status, error);
-                }
-            }
-            *status
-        }
-        ProviderError::Timeout(_) => 504,
-        _ => 502,
+        ProviderError::Status {
+            status: 503 | 529, ..
+        } => 503,
+        other => status_for(other),
     };
+    if let ProviderError::Status { body, .. } = e {
+        if (400..500).contains(&status) {
+            if let Some(error) = relayed_error(body) {
+                return (status, error);
+            }
+        }
+    }
     let message = if matches!(e, ProviderError::Timeout(_)) {
         "The provider stopped answering before the stream was complete."
     } else {

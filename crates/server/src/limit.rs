@@ -111,7 +111,7 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
     let limits = state.inner.limits.as_ref().filter(|l| l.config.enabled);
     let path = req.uri().path();
     let method = req.method();
-    let family = Family::of(path);
+    let family = Family::of_request(path, req.headers());
     let subject = who.subject();
     let mut tightest: Option<(Decision, &'static str)> = None;
     let tenant = match (&state.inner.budgets, limits) {

@@ -149,7 +149,7 @@ pub async fn count_tokens(
 /// Anthropic's shape, so that `client.models.list()` works against the same
 /// base URL as `client.messages`.
 pub(crate) fn is_anthropic_client(headers: &HeaderMap) -> bool {
-    headers.contains_key("anthropic-version")
+    crate::auth::Family::of_request("/v1/models", headers) == crate::auth::Family::Anthropic
 }
 
 fn model_object(m: &ModelInfo) -> Value {

@@ -618,12 +618,8 @@ async fn a_messages_stream_starts_with_an_input_estimate_and_ends_with_the_count
     // "Be brief." and "Say hello": 18 bytes, one message.
     assert_eq!(start, &json!(6 + 3));
     let (_, delta) = events.iter().find(|(n, _)| n == "message_delta").unwrap();
-    let counted = app.mock().last_request().unwrap();
-    assert!(counted.body["stream_options"]["include_usage"] == json!(true));
-    assert!(
-        delta["usage"]["input_tokens"].as_u64().unwrap() > 0,
-        "{delta}"
-    );
+    // The mock counts 3 a message and a word a token: two messages, four words.
+    assert_eq!(delta["usage"]["input_tokens"], 10, "{delta}");
 }
 
 #[tokio::test]
@@ -771,4 +767,41 @@ async fn a_reasoning_models_thoughts_reach_a_client_that_asked_for_thinking() {
         without["content"],
         json!([{"type": "text", "text": "Hello! How can I help you today?"}])
     );
+}
+
+#[tokio::test]
+async fn a_refused_anthropic_client_gets_the_model_lists_refusal_in_anthropics_envelope() {
+    let app = app()
+        .env(
+            "SWITCHYARD_ADMIN_KEY",
+            "models-admin-key-0123456789abcdef0123",
+        )
+        .spawn()
+        .await;
+    let get = |anthropic: bool| {
+        let mut req = app
+            .client
+            .get(app.url("/v1/models"))
+            .header("x-api-key", "sk-ant-not-a-key");
+        if anthropic {
+            req = req.header("anthropic-version", "2023-06-01");
+        }
+        req.send()
+    };
+
+    let anthropic = get(true).await.unwrap();
+    let openai = get(false).await.unwrap();
+
+    assert_eq!(
+        (anthropic.status().as_u16(), openai.status().as_u16()),
+        (401, 401)
+    );
+    let v: Value = anthropic.json().await.unwrap();
+    assert_eq!(
+        (&v["type"], &v["error"]["type"]),
+        (&json!("error"), &json!("authentication_error")),
+        "{v}"
+    );
+    let v: Value = openai.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
 }

@@ -197,15 +197,16 @@ async fn max_tokens_reaches_openai_itself_as_max_completion_tokens() {
     chat["max_tokens"] = json!(50);
     let mut stream = stream_body("gpt-5", false);
     stream["max_tokens"] = json!(60);
-    let mut newer = chat_body("gpt-5");
-    newer["max_completion_tokens"] = json!(70);
+    let mut both = chat_body("gpt-5");
+    both["max_completion_tokens"] = json!(70);
+    both["max_tokens"] = json!(7);
     let messages = json!({"model": "gpt-5", "max_tokens": 80, "messages": [{"role": "user", "content": "hi"}]});
 
     let mut sent = Vec::new();
     for (path, body) in [
         ("/v1/chat/completions", &chat),
         ("/v1/chat/completions", &stream),
-        ("/v1/chat/completions", &newer),
+        ("/v1/chat/completions", &both),
         ("/v1/messages", &messages),
     ] {
         let resp = app.post_json(path, body).await;
