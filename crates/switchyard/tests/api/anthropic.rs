@@ -805,3 +805,88 @@ async fn a_refused_anthropic_client_gets_the_model_lists_refusal_in_anthropics_e
     let v: Value = openai.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
 }
+
+/// A request shaped as Claude Code sends one (system and message blocks
+/// with cache markers, JSON-Schema tools, a long user id, thinking, beta
+/// query, fields Switchyard does not read) reaches an OpenAI-compatible
+/// provider as a request it takes, and streams back.
+#[tokio::test]
+async fn a_claude_code_shaped_request_reaches_an_openai_compatible_provider() {
+    let app = spawn().await;
+    let schema = json!({"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+        "properties": {"file_path": {"type": "string"}}, "required": ["file_path"], "additionalProperties": false});
+    let body = json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": 32000,
+        "stream": true,
+        "temperature": 1,
+        "metadata": {"user_id": format!("user_{}_account_{}_session_{}", "f".repeat(64), "e".repeat(36), "d".repeat(36))},
+        "system": [
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Be concise."},
+        ],
+        "tools": [{"name": "Read", "description": "Reads a file", "input_schema": schema}],
+        "tool_choice": {"type": "auto"},
+        "thinking": {"type": "enabled", "budget_tokens": 4096},
+        "context_management": {"edits": []},
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                {"type": "text", "text": "Read main.rs", "cache_control": {"type": "ephemeral"}},
+            ]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "I should read it.", "signature": "sig"},
+                {"type": "tool_use", "id": "toolu_01", "name": "Read", "input": {"file_path": "main.rs"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "fn main() {}"}]},
+            ]},
+        ],
+    });
+
+    let resp = app.post_json("/v1/messages?beta=true", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    let events = anthropic_events(&resp.text().await.unwrap());
+    assert_eq!(events.last().unwrap().0, "message_stop");
+    let sent = app.mock().last_request().unwrap().body;
+    assert_eq!(
+        sent["messages"],
+        json!([
+            {"role": "system", "content": "You are Claude Code.\n\nBe concise."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                {"type": "text", "text": "Read main.rs"},
+            ]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "toolu_01", "type": "function",
+                "function": {"name": "Read", "arguments": "{\"file_path\":\"main.rs\"}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_01", "content": "fn main() {}"},
+        ])
+    );
+    assert_eq!(sent["tools"][0]["function"]["parameters"], schema);
+    assert_eq!(sent["tool_choice"], "auto");
+    assert_eq!(sent["max_tokens"], 32000);
+    assert_eq!(sent["user"].as_str().unwrap().len(), 64);
+    let mut keys: Vec<&str> = sent
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "max_tokens",
+            "messages",
+            "model",
+            "stream",
+            "stream_options",
+            "temperature",
+            "tool_choice",
+            "tools",
+            "user"
+        ],
+        "nothing Anthropic-only reaches the provider"
+    );
+}
