@@ -575,6 +575,78 @@ pub struct MessagesRequest {
     pub openai_body: Map<String, Value>,
 }
 
+/// The Messages request an Anthropic deployment is sent for a client that
+/// spoke Anthropic's API (a body [`MessagesRequest::parse`] accepted): the
+/// client's own fields as they came — prompt-caching markers, `top_k`,
+/// `tool_result.is_error`, system blocks, the whole `metadata.user_id` —
+/// rather than their trip through the OpenAI shape, which has no place for
+/// them. Only the fields Switchyard checks are sent (another might need a
+/// beta header Switchyard does not pass on), with the deployment's model.
+/// Extended thinking is left out, with earlier turns' thinking blocks: its
+/// signed blocks cannot come back through the OpenAI-shaped answer, and
+/// without them the next turn of a tool loop would be refused.
+pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) -> Value {
+    const SENT: [&str; 9] = [
+        "max_tokens",
+        "system",
+        "metadata",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+    ];
+    let mut req = Map::new();
+    req.insert("model".into(), json!(model));
+    let with_tools = original
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty());
+    for key in SENT {
+        let Some(v) = original.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        if (key == "tools" || key == "tool_choice") && !with_tools {
+            continue;
+        }
+        req.insert(key.into(), v.clone());
+    }
+    let messages: Vec<Value> = original
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let Some(blocks) = m.get("content").and_then(Value::as_array) else {
+                return Some(m.clone());
+            };
+            let kept: Vec<Value> = blocks
+                .iter()
+                .filter(|b| {
+                    !matches!(
+                        b.get("type").and_then(Value::as_str),
+                        Some("thinking" | "redacted_thinking")
+                    )
+                })
+                .cloned()
+                .collect();
+            // A turn that held only reasoning says nothing (Anthropic joins
+            // the turns on either side of it).
+            (!kept.is_empty()).then(|| {
+                let mut m = m.clone();
+                m["content"] = Value::Array(kept);
+                m
+            })
+        })
+        .collect();
+    req.insert("messages".into(), Value::Array(messages));
+    if stream {
+        req.insert("stream".into(), json!(true));
+    }
+    Value::Object(req)
+}
+
 /// OpenAI's `user` for an Anthropic `metadata.user_id`. OpenAI refuses a
 /// `user` over 64 characters (OpenRouter over 128), and Claude Code's ids
 /// run to ~150: a longer id travels as the hex SHA-256 of itself, as stable
@@ -1758,6 +1830,52 @@ mod tests {
             .unwrap()
             .openai_body
             .contains_key("thinking"));
+    }
+
+    #[test]
+    fn an_anthropic_deployment_gets_the_clients_checked_fields_as_they_came() {
+        let cached = json!({"type": "ephemeral"});
+        let original = obj(json!({
+            "model": "alias", "max_tokens": 100, "stream": false, "top_k": 5, "temperature": 0.2,
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": cached}],
+            "metadata": {"user_id": "u".repeat(150)},
+            "tools": [{"name": "w", "input_schema": {"type": "object"}, "cache_control": cached}],
+            "tool_choice": {"type": "auto"},
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "context_management": {"edits": []},
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Look it up.", "signature": "sig"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}},
+                ]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                    "content": "timeout", "is_error": true, "cache_control": cached}]},
+                {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]},
+            ],
+        }));
+        assert_eq!(
+            native_request(&original, "claude-x", true),
+            json!({
+                "model": "claude-x", "max_tokens": 100, "stream": true, "top_k": 5, "temperature": 0.2,
+                "system": [{"type": "text", "text": "Be brief.", "cache_control": cached}],
+                "metadata": {"user_id": "u".repeat(150)},
+                "tools": [{"name": "w", "input_schema": {"type": "object"}, "cache_control": cached}],
+                "tool_choice": {"type": "auto"},
+                "messages": [
+                    {"role": "user", "content": "Weather?"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                        "content": "timeout", "is_error": true, "cache_control": cached}]},
+                ],
+            })
+        );
+        // No tools: no tool_choice either; not streamed: no stream field.
+        let mut bare = original.clone();
+        bare.insert("tools".into(), json!([]));
+        let req = native_request(&bare, "claude-x", false);
+        assert!(req.get("tools").is_none() && req.get("tool_choice").is_none());
+        assert!(req.get("stream").is_none());
     }
 
     #[test]

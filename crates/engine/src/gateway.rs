@@ -344,7 +344,13 @@ impl Gateway {
         let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream);
         match self
             .router
-            .chat(route, &req.body, req.stream, &acc.events)
+            .chat(
+                route,
+                &req.body,
+                req.anthropic.as_ref(),
+                req.stream,
+                &acc.events,
+            )
             .await
         {
             Ok(served) => {

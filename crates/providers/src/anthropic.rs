@@ -12,7 +12,8 @@ use http::header::{HeaderMap, HeaderValue};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use switchyard_core::anthropic::{
-    request_to_anthropic, response_from_anthropic, AnthropicToOpenAiStream, StreamStep,
+    native_request, request_to_anthropic, response_from_anthropic, AnthropicToOpenAiStream,
+    StreamStep,
 };
 use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::Usage;
@@ -136,13 +137,18 @@ impl ChatProvider for AnthropicProvider {
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
         let req =
-            request_to_anthropic(call.body, call.upstream_model, call.stream).map_err(|e| {
-                ProviderError::Status {
-                    status: 400,
-                    body: openai_error(&e.message, "invalid_request_error", e.param.as_deref()),
-                    retry_after: None,
-                }
-            })?;
+            match call.anthropic_body {
+                // The client spoke Anthropic's API: its own fields, not the
+                // OpenAI shape's (prompt caching markers survive).
+                Some(original) => native_request(original, call.upstream_model, call.stream),
+                None => request_to_anthropic(call.body, call.upstream_model, call.stream).map_err(
+                    |e| ProviderError::Status {
+                        status: 400,
+                        body: openai_error(&e.message, "invalid_request_error", e.param.as_deref()),
+                        retry_after: None,
+                    },
+                )?,
+            };
         let body = serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let resp = self
             .upstream

@@ -31,6 +31,9 @@ pub use error::ProviderError;
 pub struct ChatCall<'a> {
     pub upstream_model: &'a str,
     pub body: &'a Map<String, Value>,
+    /// The Anthropic Messages body `body` was translated from, when the
+    /// client spoke Anthropic's API (an `anthropic` provider sends it instead).
+    pub anthropic_body: Option<&'a Map<String, Value>>,
     pub stream: bool,
     /// Total time for the call, a whole stream included.
     pub timeout: Duration,

@@ -260,6 +260,7 @@ pub struct Router {
 enum Call<'a> {
     Chat {
         body: &'a Map<String, Value>,
+        anthropic: Option<&'a Map<String, Value>>,
         stream: bool,
     },
     Embed {
@@ -279,16 +280,22 @@ impl Router {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(stream))]
+    /// `anthropic`: the Anthropic Messages body `body` was translated from,
+    /// if any (see [`ChatCall::anthropic_body`]).
     pub async fn chat(
         &self,
         route: &Route,
         body: &Map<String, Value>,
+        anthropic: Option<&Map<String, Value>>,
         stream: bool,
         observer: &dyn RouteObserver,
     ) -> Result<Served<ChatReply>, RouteError> {
-        let served = self
-            .run(route, Call::Chat { body, stream }, observer)
-            .await?;
+        let call = Call::Chat {
+            body,
+            anthropic,
+            stream,
+        };
+        let served = self.run(route, call, observer).await?;
         match served.value {
             Reply::Chat(r) => Ok(Served {
                 value: r,
@@ -470,10 +477,15 @@ async fn attempt_once(d: &Deployment, call: Call<'_>) -> Result<Reply, ProviderE
     let first_byte = d.first_byte_timeout;
     let work = async {
         match call {
-            Call::Chat { body, stream } => {
+            Call::Chat {
+                body,
+                anthropic,
+                stream,
+            } => {
                 let c = ChatCall {
                     upstream_model: &d.upstream_model,
                     body,
+                    anthropic_body: anthropic,
                     stream,
                     timeout: d.total_timeout,
                 };

@@ -184,7 +184,10 @@ async fn the_retry_budget_caps_the_routers_retries_at_a_fifth_of_recent_requests
 
     let mut retried = Vec::new();
     for _ in 0..100 {
-        let served = router.chat(&route, &body(), false, &events).await.unwrap();
+        let served = router
+            .chat(&route, &body(), None, false, &events)
+            .await
+            .unwrap();
         assert_eq!(served.deployment.id, "fallback");
         retried.push(events.take().iter().any(|e| matches!(e, Seen::Retry(..))));
     }
@@ -221,7 +224,7 @@ async fn every_delay_the_router_sleeps_is_within_the_full_jitter_bound_of_its_re
     let mut gaps: Vec<Vec<Duration>> = vec![Vec::new(); 4];
     for _ in 0..REQUESTS {
         let before = primary.calls().len();
-        let Err(err) = router.chat(&route, &body(), false, &events).await else {
+        let Err(err) = router.chat(&route, &body(), None, false, &events).await else {
             panic!("a deployment that always fails served a request");
         };
         assert!(matches!(err, RouteError::Failed { attempts: 5, .. }));
@@ -295,7 +298,10 @@ async fn a_retry_after_within_the_cap_is_slept_exactly_before_the_same_deploymen
     let events = Recorder::default();
     let started = Instant::now();
 
-    let served = router.chat(&route, &body(), false, &events).await.unwrap();
+    let served = router
+        .chat(&route, &body(), None, false, &events)
+        .await
+        .unwrap();
 
     assert_eq!(
         (served.deployment.id.as_str(), served.attempts),
@@ -328,7 +334,10 @@ async fn a_retry_after_beyond_the_cap_moves_to_the_fallback_without_waiting() {
     let router = Router::new(RetryConfig::default(), unlimited_budget());
     let events = Recorder::default();
 
-    let served = router.chat(&route, &body(), false, &events).await.unwrap();
+    let served = router
+        .chat(&route, &body(), None, false, &events)
+        .await
+        .unwrap();
 
     assert_eq!(
         (served.deployment.id.as_str(), served.attempts),

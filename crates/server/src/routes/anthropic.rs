@@ -65,12 +65,19 @@ pub async fn messages(
         Ok(m) => m,
         Err(e) => return invalid(&e.message),
     };
-    let req = match ChatRequest::from_object(msg.openai_body) {
+    let mut req = match ChatRequest::from_object(msg.openai_body) {
         Ok(r) => r,
         Err(e) => return invalid(&e.message),
     };
     let alias = msg.model.clone();
     let thinking = msg.thinking;
+    let input_estimate = if msg.stream {
+        estimate_input_tokens(&object)
+    } else {
+        0
+    };
+    // An Anthropic deployment is sent the client's own fields.
+    req.anthropic = Some(object);
     let (mut resp, provider) = match state
         .gateway()
         .chat(&meta(&state, &ctx, started, &principal), &req)
@@ -96,7 +103,7 @@ pub async fn messages(
         }) => (
             event_stream(
                 events,
-                OpenAiToAnthropicStream::new(&alias, estimate_input_tokens(&object), thinking),
+                OpenAiToAnthropicStream::new(&alias, input_estimate, thinking),
             ),
             Some(provider),
         ),

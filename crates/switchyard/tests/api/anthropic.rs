@@ -890,3 +890,47 @@ async fn a_claude_code_shaped_request_reaches_an_openai_compatible_provider() {
         "nothing Anthropic-only reaches the provider"
     );
 }
+
+/// A Messages client on an Anthropic-backed alias: Anthropic gets the
+/// client's own fields (its prompt-caching markers above all), and a
+/// fallback to an OpenAI-compatible deployment gets the translation.
+#[tokio::test]
+async fn an_anthropic_deployment_gets_a_messages_clients_cache_markers_and_a_fallback_the_translation(
+) {
+    let (app, anthropic) = with_anthropic().await;
+    let cached = json!({"type": "ephemeral"});
+    let body = json!({
+        "model": "claude-then-gpt", "max_tokens": 64, "top_k": 3,
+        "system": [{"type": "text", "text": "Long instructions.", "cache_control": cached}],
+        "metadata": {"user_id": "u".repeat(150)},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello", "cache_control": cached}]}],
+    });
+
+    let served = app.post_json("/v1/messages", &body).await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(served.headers()["x-switchyard-provider"], "anthropic");
+    let sent = anthropic.last_request().unwrap().body;
+    anthropic.update(|b| b.always = Some(Fault::Status(529)));
+    let failed_over = app.post_json("/v1/messages", &body).await;
+    let fallback = app.mock().last_request().unwrap().body;
+
+    assert_eq!(
+        sent,
+        json!({
+            "model": "claude-sonnet-mock", "max_tokens": 64, "top_k": 3,
+            "system": [{"type": "text", "text": "Long instructions.", "cache_control": cached}],
+            "metadata": {"user_id": "u".repeat(150)},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello", "cache_control": cached}]}],
+        })
+    );
+    assert_eq!(failed_over.status(), 200);
+    assert_eq!(failed_over.headers()["x-switchyard-provider"], "mock");
+    assert_eq!(
+        fallback["messages"],
+        json!([
+            {"role": "system", "content": "Long instructions."},
+            {"role": "user", "content": "Say hello"},
+        ])
+    );
+    assert_eq!(fallback["user"].as_str().unwrap().len(), 64);
+}
