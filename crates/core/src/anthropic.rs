@@ -72,18 +72,19 @@ pub fn request_to_anthropic(
         .and_then(Value::as_array)
         .ok_or_else(|| bad("messages", "messages must be an array"))?;
     let mut system: Vec<String> = Vec::new();
+    // The same as blocks, sent instead when a part marks a cache breakpoint.
+    let mut system_blocks: Vec<Value> = Vec::new();
     let mut out: Vec<(String, Vec<Value>)> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
         match role {
-            "system" | "developer" => system.push(text_of(m.get("content"))),
+            "system" | "developer" => {
+                system.push(text_of(m.get("content")));
+                system_blocks.extend(text_blocks(m.get("content")));
+            }
             "user" => push_blocks(&mut out, "user", user_blocks(m.get("content"), i)?),
             "assistant" => {
-                let mut blocks: Vec<Value> = texts_of(m.get("content"))
-                    .into_iter()
-                    .filter(|t| !t.is_empty())
-                    .map(|t| json!({"type": "text", "text": t}))
-                    .collect();
+                let mut blocks = text_blocks(m.get("content"));
                 for call in m
                     .get("tool_calls")
                     .and_then(Value::as_array)
@@ -114,7 +115,15 @@ pub fn request_to_anthropic(
             }
             "tool" | "function" => {
                 let id = m.get("tool_call_id").cloned().unwrap_or(Value::Null);
-                let block = json!({"type": "tool_result", "tool_use_id": id, "content": text_of(m.get("content"))});
+                let mut block = json!({"type": "tool_result", "tool_use_id": id, "content": text_of(m.get("content"))});
+                // A breakpoint on the message or on any of its parts.
+                let parts = m.get("content").and_then(Value::as_array);
+                let marked = std::iter::once(m)
+                    .chain(parts.into_iter().flatten())
+                    .find(|x| cache_mark(x).is_some());
+                if let Some(x) = marked {
+                    block = with_cache_mark(block, x);
+                }
                 push_blocks(&mut out, "user", vec![block]);
             }
             other => {
@@ -140,7 +149,12 @@ pub fn request_to_anthropic(
         .and_then(Value::as_u64)
         .unwrap_or(DEFAULT_MAX_TOKENS);
     req.insert("max_tokens".into(), json!(max_tokens));
-    if !system.is_empty() {
+    if system_blocks
+        .iter()
+        .any(|b| b.get("cache_control").is_some())
+    {
+        req.insert("system".into(), Value::Array(system_blocks));
+    } else if !system.is_empty() {
         req.insert("system".into(), json!(system.join("\n\n")));
     }
     let messages: Vec<Value> = out
@@ -170,8 +184,8 @@ pub fn request_to_anthropic(
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let tools: Vec<Value> = tools
             .iter()
-            .filter_map(|t| t.get("function"))
-            .map(|f| {
+            .filter_map(|t| t.get("function").map(|f| (t, f)))
+            .map(|(t, f)| {
                 let mut tool = json!({
                     "name": f.get("name").cloned().unwrap_or(Value::Null),
                     "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
@@ -179,7 +193,7 @@ pub fn request_to_anthropic(
                 if let Some(d) = f.get("description") {
                     tool["description"] = d.clone();
                 }
-                tool
+                with_cache_mark(tool, t)
             })
             .collect();
         if !tools.is_empty() {
@@ -238,6 +252,36 @@ fn text_of(content: Option<&Value>) -> String {
     texts_of(content).join("\n")
 }
 
+/// A part's prompt-caching breakpoint (`cache_control`, as LiteLLM and
+/// Anthropic-minded OpenAI clients put it on content parts, tool messages
+/// and tools), carried to the Anthropic block made from it.
+fn cache_mark(part: &Value) -> Option<&Value> {
+    part.get("cache_control").filter(|c| !c.is_null())
+}
+
+fn with_cache_mark(mut block: Value, from: &Value) -> Value {
+    if let Some(mark) = cache_mark(from) {
+        block["cache_control"] = mark.clone();
+    }
+    block
+}
+
+/// The non-empty text blocks of an OpenAI `content`, breakpoints kept.
+fn text_blocks(content: Option<&Value>) -> Vec<Value> {
+    match content {
+        Some(Value::String(s)) if !s.is_empty() => vec![json!({"type": "text", "text": s})],
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| {
+                let text = p.get("text").and_then(Value::as_str)?;
+                (!text.is_empty())
+                    .then(|| with_cache_mark(json!({"type": "text", "text": text}), p))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, TranslateError> {
     match content {
         Some(Value::String(s)) => Ok(vec![json!({"type": "text", "text": s})]),
@@ -245,15 +289,16 @@ fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, Translat
             .iter()
             .enumerate()
             .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
-                Some("text") => {
-                    Ok(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))}))
-                }
+                Some("text") => Ok(with_cache_mark(
+                    json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))}),
+                    p,
+                )),
                 Some("image_url") => {
                     let url = p
                         .pointer("/image_url/url")
                         .and_then(Value::as_str)
                         .unwrap_or("");
-                    Ok(image_block(url))
+                    Ok(with_cache_mark(image_block(url), p))
                 }
                 other => Err(bad(
                     &format!("messages[{i}].content[{j}].type"),
@@ -1483,6 +1528,57 @@ mod tests {
                 "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
                 "stream": true,
             })
+        );
+    }
+
+    #[test]
+    fn cache_breakpoints_on_openai_parts_reach_anthropic_blocks() {
+        let mark = json!({"type": "ephemeral"});
+        let body = obj(json!({
+            "model": "alias",
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Long rules.", "cache_control": mark}]},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Context.", "cache_control": mark},
+                    {"type": "text", "text": "Question?"},
+                ]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Checking.", "cache_control": mark}],
+                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny", "cache_control": mark},
+            ],
+            "tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}, "cache_control": mark}],
+        }));
+        let req = request_to_anthropic(&body, "claude-x", false).unwrap();
+        assert_eq!(
+            req["system"],
+            json!([{"type": "text", "text": "Long rules.", "cache_control": mark}])
+        );
+        assert_eq!(
+            req["messages"],
+            json!([
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Context.", "cache_control": mark},
+                    {"type": "text", "text": "Question?"},
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Checking.", "cache_control": mark},
+                    {"type": "tool_use", "id": "c1", "name": "w", "input": {}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "c1", "content": "sunny", "cache_control": mark},
+                ]},
+            ])
+        );
+        assert_eq!(req["tools"][0]["cache_control"], mark);
+        // Without breakpoints the system prompt stays one string.
+        let plain = obj(json!({"model": "a", "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
+            {"role": "developer", "content": "C"},
+            {"role": "user", "content": "hi"},
+        ]}));
+        assert_eq!(
+            request_to_anthropic(&plain, "m", false).unwrap()["system"],
+            "A\nB\n\nC"
         );
     }
 

@@ -934,3 +934,21 @@ async fn an_anthropic_deployment_gets_a_messages_clients_cache_markers_and_a_fal
     );
     assert_eq!(fallback["user"].as_str().unwrap().len(), 64);
 }
+
+#[tokio::test]
+async fn an_openai_clients_cache_breakpoints_reach_an_anthropic_deployment() {
+    let (app, anthropic) = with_anthropic().await;
+    let mark = json!({"type": "ephemeral"});
+    let body = json!({"model": "claude", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Long rules.", "cache_control": mark}]},
+        {"role": "user", "content": "Say hello"},
+    ]});
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        anthropic.last_request().unwrap().body["system"],
+        json!([{"type": "text", "text": "Long rules.", "cache_control": mark}])
+    );
+}
