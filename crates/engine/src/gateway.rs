@@ -312,6 +312,40 @@ impl Gateway {
             .ok_or_else(|| EngineError::UnknownModel(alias.to_owned()))
     }
 
+    /// A provider's own count of the input tokens of an Anthropic Messages
+    /// body for `alias` (`POST /v1/messages/count_tokens`): from the first of
+    /// its deployments, in route order, that can count and whose breaker is
+    /// not open. `None` when none can or the count failed: the caller then
+    /// estimates. Bounded by 5 s (or the deployment's first-byte timeout, if
+    /// shorter), since a client asks before every turn.
+    pub async fn count_tokens(
+        &self,
+        alias: &str,
+        anthropic_body: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<u64>, EngineError> {
+        const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+        let route = self.route(alias)?;
+        for d in route.deployments() {
+            if d.breaker.state() == switchyard_providers::breaker::BreakerState::Open {
+                continue;
+            }
+            let wait = d.first_byte_timeout.min(MAX_WAIT);
+            match d
+                .chat
+                .count_tokens(anthropic_body, &d.upstream_model, wait)
+                .await
+            {
+                None => continue,
+                Some(Ok(n)) => return Ok(Some(n)),
+                Some(Err(e)) => {
+                    tracing::warn!(deployment = %d.id, error = %e, code = e.code(), "token count failed; estimating");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Refuses a request asking for more completion tokens than allowed.
     fn check_max_tokens(&self, req: &ChatRequest) -> Result<(), EngineError> {
         let Some(cap) = self.max_tokens else {

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use secrecy::ExposeSecret;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use switchyard_core::anthropic::{
     native_request, request_to_anthropic, response_from_anthropic, AnthropicToOpenAiStream,
     StreamStep,
@@ -31,6 +31,7 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 pub struct AnthropicProvider {
     name: String,
     messages_url: http::Uri,
+    count_url: http::Uri,
     models_url: http::Uri,
     upstream: Upstream,
 }
@@ -49,6 +50,7 @@ impl AnthropicProvider {
         Ok(Self {
             name: name.to_owned(),
             messages_url: parse_url(&format!("{base}/messages"))?,
+            count_url: parse_url(&format!("{base}/messages/count_tokens"))?,
             models_url: parse_url(&format!("{base}/models"))?,
             upstream: Upstream::new(config, headers)?,
         })
@@ -133,6 +135,41 @@ impl ChatProvider for AnthropicProvider {
 
     async fn probe(&self, timeout: Duration) -> Result<(), ProviderError> {
         self.upstream.get(&self.models_url, timeout).await
+    }
+
+    /// Anthropic's own count (free, and exact for its tokenizer), of the
+    /// fields the Messages request would send.
+    async fn count_tokens(
+        &self,
+        anthropic_body: &Map<String, Value>,
+        upstream_model: &str,
+        timeout: Duration,
+    ) -> Option<Result<u64, ProviderError>> {
+        let mut req = native_request(anthropic_body, upstream_model, false);
+        if let Some(r) = req.as_object_mut() {
+            // What count_tokens takes of a Messages request.
+            r.retain(|k, _| {
+                matches!(
+                    k.as_str(),
+                    "model" | "messages" | "system" | "tools" | "tool_choice"
+                )
+            });
+        }
+        let count = async {
+            let body =
+                serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+            let resp = self
+                .upstream
+                .post(&self.count_url, body, timeout)
+                .await
+                .map_err(translate_status)?;
+            let bytes = resp.bytes().await?;
+            serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("input_tokens").and_then(Value::as_u64))
+                .ok_or_else(|| ProviderError::Protocol("the token count is not understood".into()))
+        };
+        Some(count.await)
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {

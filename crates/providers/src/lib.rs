@@ -73,6 +73,17 @@ pub trait ChatProvider: Send + Sync {
     /// A cheap call that costs no tokens (listing models), for active
     /// health probes.
     async fn probe(&self, timeout: Duration) -> Result<(), ProviderError>;
+    /// The exact input tokens of an Anthropic Messages body, for
+    /// `POST /v1/messages/count_tokens`, from a provider that can count
+    /// them; `None` (the default) when it cannot, and the caller estimates.
+    async fn count_tokens(
+        &self,
+        _anthropic_body: &Map<String, Value>,
+        _upstream_model: &str,
+        _timeout: Duration,
+    ) -> Option<Result<u64, ProviderError>> {
+        None
+    }
 }
 
 #[async_trait]

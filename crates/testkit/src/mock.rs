@@ -230,6 +230,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/embeddings", post(embeddings))
         .route("/v1/openai/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .with_state(shared)
 }
@@ -609,6 +610,26 @@ fn frame_stream(
 }
 
 /// Anthropic's Messages API: the same reply, tools and faults, in its shape.
+/// Anthropic's token count: 4 a message, as the mock's Messages answers
+/// count their input; faults apply as to a Messages call.
+async fn count_tokens(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (req, _, fault) = match begin(&shared, uri.path(), &headers, &body) {
+        Ok(x) => x,
+        Err(_) => return anthropic_error(400, "mock: invalid JSON"),
+    };
+    if let Some(r) = early_fault(&fault, &headers).await {
+        let status = r.status().as_u16();
+        return anthropic_error(status, &format!("mock: injected status {status}"));
+    }
+    let messages = req.get("messages").and_then(Value::as_array);
+    axum::Json(json!({"input_tokens": messages.map_or(0, |m| m.len() as u64 * 4)})).into_response()
+}
+
 async fn messages(
     State(shared): State<Arc<Shared>>,
     uri: axum::http::Uri,

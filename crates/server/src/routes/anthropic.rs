@@ -115,10 +115,11 @@ pub async fn messages(
 
 /// `POST /v1/messages/count_tokens`: the input tokens of a Messages body,
 /// checked as `/v1/messages` checks it, for an alias that exists. Claude
-/// Code asks before every turn to manage its context window. Switchyard
-/// carries no provider's tokenizer, so the count is an estimate
-/// ([`estimate_input_tokens`]), said so in `x-switchyard-token-count`; no
-/// provider is called and nothing is metered.
+/// Code asks before every turn to manage its context window. An alias with
+/// an Anthropic deployment gets Anthropic's own count (free); otherwise, or
+/// when that fails, an estimate ([`estimate_input_tokens`]): Switchyard
+/// carries no other provider's tokenizer. `x-switchyard-token-count` says
+/// which (`provider` or `estimate`). Nothing is metered.
 pub async fn count_tokens(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -139,14 +140,15 @@ pub async fn count_tokens(
     if let Err(e) = ChatRequest::from_object(msg.openai_body) {
         return invalid(&e.message);
     }
-    if !state.gateway().models().iter().any(|m| m.id == msg.model) {
-        return to_anthropic(ApiError::from(EngineError::UnknownModel(msg.model)));
-    }
-    let mut resp =
-        axum::Json(json!({"input_tokens": estimate_input_tokens(&object)})).into_response();
+    let (count, how) = match state.gateway().count_tokens(&msg.model, &object).await {
+        Ok(Some(n)) => (n, "provider"),
+        Ok(None) => (estimate_input_tokens(&object), "estimate"),
+        Err(e) => return to_anthropic(ApiError::from(e)),
+    };
+    let mut resp = axum::Json(json!({"input_tokens": count})).into_response();
     resp.headers_mut().insert(
         "x-switchyard-token-count",
-        axum::http::HeaderValue::from_static("estimate"),
+        axum::http::HeaderValue::from_static(how),
     );
     resp
 }

@@ -952,3 +952,55 @@ async fn an_openai_clients_cache_breakpoints_reach_an_anthropic_deployment() {
         json!([{"type": "text", "text": "Long rules.", "cache_control": mark}])
     );
 }
+
+#[tokio::test]
+async fn count_tokens_asks_anthropic_for_an_anthropic_backed_alias_and_estimates_when_it_fails() {
+    let (app, anthropic) = with_anthropic().await;
+    let body = json!({
+        "model": "claude-then-gpt", "max_tokens": 10, "temperature": 0.5,
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "w", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "Checking."},
+            {"role": "user", "content": "Thanks"},
+        ],
+    });
+    let count = |body: &Value| {
+        let app = &app;
+        let body = body.clone();
+        async move {
+            let resp = app.post_json("/v1/messages/count_tokens", &body).await;
+            assert_eq!(resp.status(), 200);
+            let how = resp.headers()["x-switchyard-token-count"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let v: Value = resp.json().await.unwrap();
+            (v["input_tokens"].as_u64().unwrap(), how)
+        }
+    };
+
+    let counted = count(&body).await;
+    let sent = anthropic.last_request().unwrap();
+    anthropic.push_fault(Fault::Status(500));
+    let estimated = count(&body).await;
+
+    // The mock counts 4 a message.
+    assert_eq!(counted, (12, "provider".to_owned()));
+    assert_eq!(sent.path, "/v1/messages/count_tokens");
+    let mut keys: Vec<&str> = sent
+        .body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["messages", "model", "system", "tools"]);
+    assert_eq!(sent.body["model"], "claude-sonnet-mock");
+    assert_eq!(estimated.1, "estimate");
+    assert!(estimated.0 > 0);
+    assert_eq!(app.mock().calls(), 0, "counting calls no chat provider");
+    assert_eq!(anthropic.calls(), 2, "one count each, no retries");
+}
