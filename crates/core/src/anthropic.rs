@@ -80,9 +80,15 @@ pub fn request_to_anthropic(
         match role {
             "system" | "developer" => {
                 system.push(text_of(m.get("content")));
-                system_blocks.extend(text_blocks(m.get("content")));
+                let mut blocks = text_blocks(m.get("content"));
+                keep_message_mark(&mut blocks, m);
+                system_blocks.extend(blocks);
             }
-            "user" => push_blocks(&mut out, "user", user_blocks(m.get("content"), i)?),
+            "user" => {
+                let mut blocks = user_blocks(m.get("content"), i)?;
+                keep_message_mark(&mut blocks, m);
+                push_blocks(&mut out, "user", blocks);
+            }
             "assistant" => {
                 let mut blocks = text_blocks(m.get("content"));
                 for call in m
@@ -111,20 +117,16 @@ pub fn request_to_anthropic(
                 if blocks.is_empty() {
                     continue; // an empty assistant turn says nothing
                 }
+                keep_message_mark(&mut blocks, m);
                 push_blocks(&mut out, "assistant", blocks);
             }
             "tool" | "function" => {
                 let id = m.get("tool_call_id").cloned().unwrap_or(Value::Null);
-                let mut block = json!({"type": "tool_result", "tool_use_id": id, "content": text_of(m.get("content"))});
-                // A breakpoint on the message or on any of its parts.
-                let parts = m.get("content").and_then(Value::as_array);
-                let marked = std::iter::once(m)
-                    .chain(parts.into_iter().flatten())
-                    .find(|x| cache_mark(x).is_some());
-                if let Some(x) = marked {
-                    block = with_cache_mark(block, x);
-                }
-                push_blocks(&mut out, "user", vec![block]);
+                let mut blocks = vec![
+                    json!({"type": "tool_result", "tool_use_id": id, "content": text_of(m.get("content"))}),
+                ];
+                keep_message_mark(&mut blocks, m);
+                push_blocks(&mut out, "user", blocks);
             }
             other => {
                 return Err(bad(
@@ -266,6 +268,24 @@ fn with_cache_mark(mut block: Value, from: &Value) -> Value {
     block
 }
 
+/// A breakpoint that no block made from message `m` carries — one on the
+/// message itself (LiteLLM's convention for a whole turn), or on a part that
+/// made no block (an empty text) or none of its own (a tool message's parts)
+/// — goes on the message's last block: Anthropic caches the prefix up to
+/// and including the marked block, which is what the client marked.
+fn keep_message_mark(blocks: &mut [Value], m: &Value) {
+    if blocks.iter().any(|b| cache_mark(b).is_some()) {
+        return;
+    }
+    let parts = m.get("content").and_then(Value::as_array);
+    let mark = std::iter::once(m)
+        .chain(parts.into_iter().flatten())
+        .find_map(cache_mark);
+    if let (Some(mark), Some(last)) = (mark, blocks.last_mut()) {
+        last["cache_control"] = mark.clone();
+    }
+}
+
 /// The non-empty text blocks of an OpenAI `content`, breakpoints kept.
 fn text_blocks(content: Option<&Value>) -> Vec<Value> {
     match content {
@@ -383,8 +403,10 @@ impl Tokens {
     }
 
     /// OpenAI's `usage`: every prompt token in `prompt_tokens`, those read
-    /// from the cache also in `prompt_tokens_details.cached_tokens` (only
-    /// when there are some).
+    /// from the cache also in `prompt_tokens_details.cached_tokens`, those
+    /// written to it also in `cache_creation_input_tokens` (LiteLLM's name
+    /// for what OpenAI has no field for; Anthropic bills them at 1.25× the
+    /// input price), each only when there are some.
     fn openai(&self) -> Value {
         let prompt = self.input + self.cache_read + self.cache_creation;
         let mut usage = json!({
@@ -394,6 +416,9 @@ impl Tokens {
         });
         if self.cache_read > 0 {
             usage["prompt_tokens_details"] = json!({"cached_tokens": self.cache_read});
+        }
+        if self.cache_creation > 0 {
+            usage["cache_creation_input_tokens"] = json!(self.cache_creation);
         }
         usage
     }
@@ -631,10 +656,9 @@ pub struct MessagesRequest {
 /// signed blocks cannot come back through the OpenAI-shaped answer, and
 /// without them the next turn of a tool loop would be refused.
 pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) -> Value {
-    const SENT: [&str; 9] = [
+    const SENT: [&str; 8] = [
         "max_tokens",
         "system",
-        "metadata",
         "stop_sequences",
         "temperature",
         "top_p",
@@ -657,27 +681,40 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
         }
         req.insert(key.into(), v.clone());
     }
+    // `user_id` is the one field Anthropic's metadata takes; anything else a
+    // client put there (other gateways accept free-form tags) would be a 400.
+    if let Some(user) = original
+        .get("metadata")
+        .and_then(|m| m.get("user_id"))
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+    {
+        req.insert("metadata".into(), json!({ "user_id": user }));
+    }
     let messages: Vec<Value> = original
         .get("messages")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter_map(|m| {
-            let Some(blocks) = m.get("content").and_then(Value::as_array) else {
-                return Some(m.clone());
+            let blocks = match m.get("content") {
+                Some(Value::Array(blocks)) => blocks,
+                // Anthropic refuses empty content where an OpenAI provider
+                // shrugs: the same request must work on either.
+                Some(Value::String(s)) if s.is_empty() => return None,
+                _ => return Some(m.clone()),
             };
             let kept: Vec<Value> = blocks
                 .iter()
-                .filter(|b| {
-                    !matches!(
-                        b.get("type").and_then(Value::as_str),
-                        Some("thinking" | "redacted_thinking")
-                    )
+                .filter(|b| match b.get("type").and_then(Value::as_str) {
+                    Some("thinking" | "redacted_thinking") => false,
+                    Some("text") => b.get("text").and_then(Value::as_str) != Some(""),
+                    _ => true,
                 })
                 .cloned()
                 .collect();
-            // A turn that held only reasoning says nothing (Anthropic joins
-            // the turns on either side of it).
+            // A turn that held only reasoning (or nothing) says nothing
+            // (Anthropic joins the turns on either side of it).
             (!kept.is_empty()).then(|| {
                 let mut m = m.clone();
                 m["content"] = Value::Array(kept);
@@ -871,7 +908,36 @@ impl MessagesRequest {
         if let Some(max_tokens) = max_tokens {
             openai.insert("max_tokens".into(), max_tokens);
         }
-        for key in ["temperature", "top_p", "top_k"] {
+        match body.get("temperature") {
+            None | Some(Value::Null) => {}
+            // Anthropic's range is 0–1, and an OpenAI provider would take
+            // up to 2: refused here so that the answer does not depend on
+            // the provider behind the alias.
+            Some(t) => match t.as_f64() {
+                Some(x) if (0.0..=1.0).contains(&x) => {
+                    openai.insert("temperature".into(), t.clone());
+                }
+                Some(x) if x > 1.0 => {
+                    return Err(bad(
+                        "temperature",
+                        "temperature: Input should be less than or equal to 1",
+                    ))
+                }
+                Some(_) => {
+                    return Err(bad(
+                        "temperature",
+                        "temperature: Input should be greater than or equal to 0",
+                    ))
+                }
+                None => {
+                    return Err(bad(
+                        "temperature",
+                        "temperature: Input should be a valid number",
+                    ))
+                }
+            },
+        }
+        for key in ["top_p", "top_k"] {
             if let Some(v) = body.get(key) {
                 openai.insert(key.into(), v.clone());
             }
@@ -1229,18 +1295,26 @@ fn tool_use_id(call: &Value) -> Value {
     }
 }
 
-/// OpenAI usage as Anthropic's: cached prompt tokens are reported apart
-/// (`cache_read_input_tokens`), not inside `input_tokens`.
+/// OpenAI usage as Anthropic's: prompt tokens read from or written to the
+/// cache are reported apart (`cache_read_input_tokens`,
+/// `cache_creation_input_tokens`), not inside `input_tokens`. Writes come
+/// back from an Anthropic deployment as LiteLLM's top-level
+/// `cache_creation_input_tokens` (see [`Tokens::openai`]); LiteLLM's newer
+/// `prompt_tokens_details.cache_creation_tokens` is read too.
 fn anthropic_usage(usage: Option<&Value>) -> Value {
     let get = |p: &str| usage.and_then(|u| u.pointer(p)).and_then(Value::as_u64);
     let prompt = get("/prompt_tokens").unwrap_or(0);
     let cached = get("/prompt_tokens_details/cached_tokens")
         .unwrap_or(0)
         .min(prompt);
+    let written = get("/cache_creation_input_tokens")
+        .or_else(|| get("/prompt_tokens_details/cache_creation_tokens"))
+        .unwrap_or(0)
+        .min(prompt - cached);
     json!({
-        "input_tokens": prompt - cached,
+        "input_tokens": prompt - cached - written,
         "output_tokens": get("/completion_tokens").unwrap_or(0),
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": written,
         "cache_read_input_tokens": cached,
     })
 }
@@ -1570,6 +1644,35 @@ mod tests {
             ])
         );
         assert_eq!(req["tools"][0]["cache_control"], mark);
+        // A breakpoint on a whole message, or on an empty part, goes on the
+        // message's last block.
+        let whole = obj(json!({"model": "a", "messages": [
+            {"role": "system", "content": "Long rules.", "cache_control": mark},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Context."},
+                {"type": "text", "text": "Question?"},
+            ], "cache_control": mark},
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, {"type": "text", "text": "", "cache_control": mark}],
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        ]}));
+        let req = request_to_anthropic(&whole, "claude-x", false).unwrap();
+        assert_eq!(
+            req["system"],
+            json!([{"type": "text", "text": "Long rules.", "cache_control": mark}])
+        );
+        assert_eq!(
+            req["messages"],
+            json!([
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Context."},
+                    {"type": "text", "text": "Question?", "cache_control": mark},
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "c1", "name": "w", "input": {}, "cache_control": mark},
+                ]},
+            ])
+        );
         // Without breakpoints the system prompt stays one string.
         let plain = obj(json!({"model": "a", "messages": [
             {"role": "system", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
@@ -1761,10 +1864,29 @@ mod tests {
             StreamStep::Done(u) => assert_eq!(
                 u["usage"],
                 json!({"prompt_tokens": 15, "completion_tokens": 9, "total_tokens": 24,
-                       "prompt_tokens_details": {"cached_tokens": 2}})
+                       "prompt_tokens_details": {"cached_tokens": 2},
+                       "cache_creation_input_tokens": 7})
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn cache_reads_and_writes_survive_the_round_trip_through_openai_usage() {
+        let anthropic = json!({"input_tokens": 3, "cache_creation_input_tokens": 7,
+                               "cache_read_input_tokens": 2, "output_tokens": 1});
+        let openai = Tokens::from_anthropic(Some(&anthropic)).openai();
+        assert_eq!(openai["prompt_tokens"], 12);
+        assert_eq!(anthropic_usage(Some(&openai)), anthropic);
+        // LiteLLM's newer place for writes is read too, and counts that
+        // exceed the prompt are clamped rather than underflow.
+        let litellm = json!({"prompt_tokens": 10, "completion_tokens": 1,
+            "prompt_tokens_details": {"cached_tokens": 4, "cache_creation_tokens": 9}});
+        assert_eq!(
+            anthropic_usage(Some(&litellm)),
+            json!({"input_tokens": 0, "output_tokens": 1,
+                   "cache_creation_input_tokens": 6, "cache_read_input_tokens": 4})
+        );
     }
 
     #[test]
@@ -1934,15 +2056,18 @@ mod tests {
         let original = obj(json!({
             "model": "alias", "max_tokens": 100, "stream": false, "top_k": 5, "temperature": 0.2,
             "system": [{"type": "text", "text": "Be brief.", "cache_control": cached}],
-            "metadata": {"user_id": "u".repeat(150)},
+            "metadata": {"user_id": "u".repeat(150), "team": "t1"},
             "tools": [{"name": "w", "input_schema": {"type": "object"}, "cache_control": cached}],
             "tool_choice": {"type": "auto"},
             "thinking": {"type": "enabled", "budget_tokens": 2048},
             "context_management": {"edits": []},
             "messages": [
                 {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": ""},
+                {"role": "user", "content": [{"type": "text", "text": ""}]},
                 {"role": "assistant", "content": [
                     {"type": "thinking", "thinking": "Look it up.", "signature": "sig"},
+                    {"type": "text", "text": ""},
                     {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}},
                 ]},
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
@@ -1972,6 +2097,42 @@ mod tests {
         let req = native_request(&bare, "claude-x", false);
         assert!(req.get("tools").is_none() && req.get("tool_choice").is_none());
         assert!(req.get("stream").is_none());
+        // No user id: no metadata at all.
+        bare.insert("metadata".into(), json!({"team": "t1"}));
+        assert!(native_request(&bare, "claude-x", false)
+            .get("metadata")
+            .is_none());
+    }
+
+    #[test]
+    fn a_temperature_outside_anthropics_range_is_refused_whatever_the_provider() {
+        let with = |t: Value| {
+            MessagesRequest::parse(&obj(
+                json!({"model": "m", "max_tokens": 5, "temperature": t,
+                "messages": [{"role": "user", "content": "hi"}]}),
+            ))
+        };
+        assert_eq!(with(json!(0.7)).unwrap().openai_body["temperature"], 0.7);
+        assert_eq!(with(json!(1)).unwrap().openai_body["temperature"], 1);
+        assert!(!with(Value::Null)
+            .unwrap()
+            .openai_body
+            .contains_key("temperature"));
+        for (t, message) in [
+            (
+                json!(1.5),
+                "temperature: Input should be less than or equal to 1",
+            ),
+            (
+                json!(-0.1),
+                "temperature: Input should be greater than or equal to 0",
+            ),
+            (json!("hot"), "temperature: Input should be a valid number"),
+        ] {
+            let err = with(t).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some("temperature"));
+            assert_eq!(err.message, message);
+        }
     }
 
     #[test]

@@ -259,6 +259,21 @@ async fn the_messages_api_answers_errors_in_anthropic_shape() {
     assert_eq!(malformed.status(), 400);
     assert_eq!(malformed.json::<Value>().await.unwrap()["type"], "error");
 
+    // Anthropic's temperature range holds whatever provider is behind the
+    // alias (an OpenAI one would take 1.5), and nothing is sent upstream.
+    let mut hot = messages_body("gpt-4o-mini");
+    hot["temperature"] = json!(1.5);
+    let calls = app.mock().calls();
+    let refused = app.post_json("/v1/messages", &hot).await;
+    assert_eq!(refused.status(), 400);
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        v["error"]["message"],
+        "temperature: Input should be less than or equal to 1"
+    );
+    assert_eq!(app.mock().calls(), calls);
+
     app.mock().update(|b| b.always = Some(Fault::Status(503)));
     let failed = app
         .post_json("/v1/messages", &messages_body("gpt-4o-mini"))
