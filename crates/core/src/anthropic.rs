@@ -371,7 +371,7 @@ pub fn stop_reason(finish_reason: Option<&str>) -> &'static str {
 /// An Anthropic `usage`: its four counts, which a stream's `message_delta`
 /// may repeat (cumulatively) after `message_start`.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct Tokens {
+pub struct Tokens {
     /// Prompt tokens neither read from nor written to the cache.
     input: u64,
     cache_read: u64,
@@ -380,7 +380,7 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn from_anthropic(u: Option<&Value>) -> Self {
+    pub fn from_anthropic(u: Option<&Value>) -> Self {
         let mut t = Self::default();
         if let Some(u) = u {
             t.update(u);
@@ -389,7 +389,7 @@ impl Tokens {
     }
 
     /// Takes the counts `u` carries and keeps the others.
-    fn update(&mut self, u: &Value) {
+    pub fn update(&mut self, u: &Value) {
         for (key, field) in [
             ("input_tokens", &mut self.input),
             ("cache_read_input_tokens", &mut self.cache_read),
@@ -402,13 +402,26 @@ impl Tokens {
         }
     }
 
+    /// Every prompt token, read from or written to the cache or neither.
+    fn prompt(&self) -> u64 {
+        self.input + self.cache_read + self.cache_creation
+    }
+
+    /// The counts a usage row records (every prompt token is a prompt token).
+    pub fn usage(&self) -> crate::openai::Usage {
+        crate::openai::Usage {
+            prompt_tokens: self.prompt(),
+            completion_tokens: self.output,
+        }
+    }
+
     /// OpenAI's `usage`: every prompt token in `prompt_tokens`, those read
     /// from the cache also in `prompt_tokens_details.cached_tokens`, those
     /// written to it also in `cache_creation_input_tokens` (LiteLLM's name
     /// for what OpenAI has no field for; Anthropic bills them at 1.25× the
     /// input price), each only when there are some.
     fn openai(&self) -> Value {
-        let prompt = self.input + self.cache_read + self.cache_creation;
+        let prompt = self.prompt();
         let mut usage = json!({
             "prompt_tokens": prompt,
             "completion_tokens": self.output,
@@ -652,12 +665,15 @@ pub struct MessagesRequest {
 /// rather than their trip through the OpenAI shape, which has no place for
 /// them. Only the fields Switchyard checks are sent (another might need a
 /// beta header Switchyard does not pass on), with the deployment's model.
-/// Extended thinking is left out, with earlier turns' thinking blocks: its
-/// signed blocks cannot come back through the OpenAI-shaped answer, and
-/// without them the next turn of a tool loop would be refused.
+/// Extended thinking is sent, with earlier turns' signed thinking blocks (the
+/// answer comes back to the client as Anthropic sent it, signatures and
+/// all); thinking blocks without a signature — made by Switchyard from
+/// another provider's reasoning text — are left out, as Anthropic would
+/// refuse them.
 pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) -> Value {
-    const SENT: [&str; 8] = [
+    const SENT: [&str; 9] = [
         "max_tokens",
+        "thinking",
         "system",
         "stop_sequences",
         "temperature",
@@ -707,7 +723,10 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
             let kept: Vec<Value> = blocks
                 .iter()
                 .filter(|b| match b.get("type").and_then(Value::as_str) {
-                    Some("thinking" | "redacted_thinking") => false,
+                    Some("thinking") => b
+                        .get("signature")
+                        .and_then(Value::as_str)
+                        .is_some_and(|s| !s.is_empty()),
                     Some("text") => b.get("text").and_then(Value::as_str) != Some(""),
                     _ => true,
                 })
@@ -2073,6 +2092,9 @@ mod tests {
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                     "content": "timeout", "is_error": true, "cache_control": cached}]},
                 {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]},
+                {"role": "user", "content": "Again?"},
+                // Made by Switchyard from another provider's reasoning: unsigned.
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "Hm.", "signature": ""}]},
             ],
         }));
         assert_eq!(
@@ -2083,11 +2105,17 @@ mod tests {
                 "metadata": {"user_id": "u".repeat(150)},
                 "tools": [{"name": "w", "input_schema": {"type": "object"}, "cache_control": cached}],
                 "tool_choice": {"type": "auto"},
+                "thinking": {"type": "enabled", "budget_tokens": 2048},
                 "messages": [
                     {"role": "user", "content": "Weather?"},
-                    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}}]},
+                    {"role": "assistant", "content": [
+                        {"type": "thinking", "thinking": "Look it up.", "signature": "sig"},
+                        {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}},
+                    ]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                         "content": "timeout", "is_error": true, "cache_control": cached}]},
+                    {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]},
+                    {"role": "user", "content": "Again?"},
                 ],
             })
         );

@@ -90,12 +90,20 @@ pub struct ModelInfo {
 
 pub enum ChatOutcome {
     /// The provider's JSON, relayed as is.
-    Complete { body: Bytes, provider: Arc<str> },
+    Complete {
+        body: Bytes,
+        provider: Arc<str>,
+        /// The body is Anthropic's message, not an OpenAI completion: an
+        /// Anthropic deployment's own answer to a Messages client.
+        anthropic: bool,
+    },
     Stream {
         events: Box<dyn Stream<Item = StreamEvent> + Send + Unpin>,
         provider: Arc<str>,
         /// The serving deployment's prices, if configured.
         pricing: Option<Pricing>,
+        /// The chunks are Anthropic events (each one's data), as above.
+        anthropic: bool,
     },
 }
 
@@ -390,12 +398,17 @@ impl Gateway {
             Ok(served) => {
                 acc.served_by(self, &served.deployment);
                 let provider = served.deployment.provider_name.clone();
+                let anthropic = matches!(
+                    served.value,
+                    ChatReply::AnthropicComplete(_) | ChatReply::AnthropicStream(_)
+                );
                 match served.value {
-                    ChatReply::Complete(c) => {
+                    ChatReply::Complete(c) | ChatReply::AnthropicComplete(c) => {
                         acc.finish_ok(c.usage);
                         Ok(ChatOutcome::Complete {
                             body: c.body,
                             provider,
+                            anthropic,
                         })
                     }
                     ChatReply::Stream(s) => Ok(ChatOutcome::Stream {
@@ -410,6 +423,13 @@ impl Gateway {
                             acc,
                         )),
                         provider,
+                        anthropic,
+                    }),
+                    ChatReply::AnthropicStream(s) => Ok(ChatOutcome::Stream {
+                        pricing: acc.pricing,
+                        events: Box::new(MeteredStream::anthropic(s, acc)),
+                        provider,
+                        anthropic,
                     }),
                 }
             }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::Stream;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
+use switchyard_core::anthropic::Tokens;
 use switchyard_core::openai::Usage;
 use switchyard_providers::{ChunkStream, ProviderError};
 
@@ -27,6 +28,9 @@ pub enum StreamEvent {
 
 pub(crate) struct MeteredStream {
     inner: ChunkStream,
+    /// Anthropic's counts so far, when the items are Anthropic events
+    /// (a native answer to a Messages client) rather than OpenAI chunks.
+    anthropic: Option<Tokens>,
     /// Whether the client asked for the usage chunk (it is always requested upstream).
     include_usage: bool,
     /// Choices asked for (`n`); the answer is complete once each has a
@@ -51,6 +55,7 @@ impl MeteredStream {
     ) -> Self {
         Self {
             inner,
+            anthropic: None,
             include_usage,
             choices: choices.clamp(1, 128),
             finished: 0,
@@ -59,6 +64,34 @@ impl MeteredStream {
             first_chunk_at: None,
             usage: None,
             accounting: Some(accounting),
+        }
+    }
+
+    /// The same over Anthropic events: usage from `message_start` and
+    /// `message_delta`, complete once a `stop_reason` arrives.
+    pub(crate) fn anthropic(inner: ChunkStream, accounting: Accounting) -> Self {
+        let mut s = Self::new(inner, false, 1, accounting);
+        s.anthropic = Some(Tokens::default());
+        s
+    }
+
+    /// Reads an Anthropic event for its usage and stop reason.
+    fn note_event(&mut self, event: &[u8]) {
+        if !self.saw_finish && has_string_value(event, b"\"stop_reason\"") {
+            self.saw_finish = true;
+        }
+        let Some(tokens) = self.anthropic.as_mut() else {
+            return;
+        };
+        if memchr::memmem::find(event, b"\"usage\"").is_none() {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(event) {
+            let usage = v.pointer("/message/usage").or_else(|| v.get("usage"));
+            if let Some(u) = usage.filter(|u| u.is_object()) {
+                tokens.update(u);
+                self.usage = Some(tokens.usage());
+            }
         }
     }
 
@@ -125,9 +158,16 @@ fn has_usage_object(chunk: &[u8]) -> bool {
 }
 
 fn has_finish_reason(chunk: &[u8]) -> bool {
-    let mut rest = chunk;
-    while let Some(i) = memchr::memmem::find(rest, b"\"finish_reason\"") {
-        rest = &rest[i + 15..];
+    has_string_value(chunk, b"\"finish_reason\"")
+}
+
+/// Whether some `key` (quoted) in `json` has a string value, not `null`,
+/// without parsing it (a quoted key cannot occur inside a string value,
+/// where its quotes would be escaped).
+fn has_string_value(json: &[u8], key: &[u8]) -> bool {
+    let mut rest = json;
+    while let Some(i) = memchr::memmem::find(rest, key) {
+        rest = &rest[i + key.len()..];
         if let Some(b) = rest
             .iter()
             .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
@@ -154,6 +194,10 @@ impl Stream for MeteredStream {
                 Poll::Ready(Some(Ok(chunk))) => {
                     if this.first_chunk_at.is_none() {
                         this.first_chunk_at = Some(Instant::now());
+                    }
+                    if this.anthropic.is_some() {
+                        this.note_event(&chunk);
+                        return Poll::Ready(Some(StreamEvent::Chunk(chunk)));
                     }
                     if !this.saw_finish && has_finish_reason(&chunk) {
                         this.note_finish(&chunk);
@@ -251,6 +295,22 @@ mod tests {
         let mut done = 0u128;
         let both = r#"{"choices":[{"index":0,"finish_reason":"stop"},{"index":1,"finish_reason":"stop"}]}"#;
         assert!(all_finished(both.as_bytes(), 2, &mut done));
+    }
+
+    #[test]
+    fn finds_anthropic_stop_reasons_but_not_nulls() {
+        assert!(!has_string_value(
+            br#"{"type":"message_start","message":{"stop_reason":null}}"#,
+            b"\"stop_reason\""
+        ));
+        assert!(has_string_value(
+            br#"{"type":"message_delta","delta":{"stop_reason": "end_turn"}}"#,
+            b"\"stop_reason\""
+        ));
+        assert!(!has_string_value(
+            br#"{"type":"content_block_delta","delta":{"text":"\"stop_reason\": \"x\""}}"#,
+            b"\"stop_reason\""
+        ));
     }
 
     #[test]

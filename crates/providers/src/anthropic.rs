@@ -2,6 +2,9 @@
 //! translated (system prompt, alternation, images, tools, stop sequences,
 //! `max_tokens` default), and answers translated back — streams event by
 //! event, so text and tool-call arguments reach the client as they arrive.
+//! A client that spoke the Messages API itself is sent its own fields and
+//! gets Anthropic's answer as is (thinking signatures and all), read only
+//! for its usage and for failures.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +16,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Map, Value};
 use switchyard_core::anthropic::{
     native_request, request_to_anthropic, response_from_anthropic, AnthropicToOpenAiStream,
-    StreamStep,
+    StreamStep, Tokens,
 };
 use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::Usage;
@@ -151,7 +154,7 @@ impl ChatProvider for AnthropicProvider {
             r.retain(|k, _| {
                 matches!(
                     k.as_str(),
-                    "model" | "messages" | "system" | "tools" | "tool_choice"
+                    "model" | "messages" | "system" | "tools" | "tool_choice" | "thinking"
                 )
             });
         }
@@ -173,6 +176,7 @@ impl ChatProvider for AnthropicProvider {
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
+        let native = call.anthropic_body.is_some();
         let req =
             match call.anthropic_body {
                 // The client spoke Anthropic's API: its own fields, not the
@@ -192,10 +196,33 @@ impl ChatProvider for AnthropicProvider {
             .post(&self.messages_url, body, call.timeout)
             .await
             .map_err(translate_status)?;
-        if call.stream {
-            return Ok(ChatReply::Stream(event_stream(resp)));
+        match (call.stream, native) {
+            (true, true) => return Ok(ChatReply::AnthropicStream(native_stream(resp))),
+            (true, false) => return Ok(ChatReply::Stream(event_stream(resp))),
+            (false, _) => {}
         }
         let bytes = resp.bytes().await?;
+        if native {
+            #[derive(serde::Deserialize)]
+            struct Message {
+                #[serde(rename = "type")]
+                kind: String,
+                usage: Option<Value>,
+            }
+            let msg: Message = serde_json::from_slice(&bytes)
+                .map_err(|e| ProviderError::Protocol(format!("the message is not JSON: {e}")))?;
+            if msg.kind != "message" {
+                return Err(ProviderError::Protocol(format!(
+                    "expected a message, got `{}`",
+                    msg.kind
+                )));
+            }
+            let usage = msg.usage.map(|u| Tokens::from_anthropic(Some(&u)).usage());
+            return Ok(ChatReply::AnthropicComplete(Completion {
+                body: bytes,
+                usage,
+            }));
+        }
         let msg: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ProviderError::Protocol(format!("the message is not JSON: {e}")))?;
         let completion = response_from_anthropic(&msg, now_secs());
@@ -284,6 +311,74 @@ fn event_stream(resp: UpstreamResponse) -> ChunkStream {
                     }
                 }
                 continue;
+            }
+            if st.eof {
+                st.done = true;
+                return Some((Err(ProviderError::Truncated), st));
+            }
+            match st.resp.chunk().await {
+                Ok(Some(bytes)) => st.parser.push(&bytes),
+                Ok(None) => st.eof = true,
+                Err(e) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    }))
+}
+
+struct NativeState {
+    resp: UpstreamResponse,
+    parser: SseParser,
+    eof: bool,
+    done: bool,
+}
+
+/// Anthropic events relayed as they come (each item one event's data), read
+/// only for what ends them: `message_stop` completes the stream; an `error`
+/// event is the failure it names (an early `overloaded_error` fails over
+/// like a 529); a stream that stops before `message_stop` is truncated.
+fn native_stream(resp: UpstreamResponse) -> ChunkStream {
+    let state = NativeState {
+        resp,
+        parser: SseParser::new(),
+        eof: false,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            let event = if st.eof {
+                st.parser.finish()
+            } else {
+                st.parser.next_event()
+            };
+            if let Some(ev) = event {
+                match ev.event.as_deref() {
+                    Some("error") => {
+                        st.done = true;
+                        let data: Value = serde_json::from_slice(&ev.data).unwrap_or(Value::Null);
+                        let text = |p: &str| {
+                            data.pointer(p)
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_owned()
+                        };
+                        let kind = text("/error/type");
+                        let kind = if kind.is_empty() {
+                            "api_error".into()
+                        } else {
+                            kind
+                        };
+                        return Some((Err(stream_error(&kind, &text("/error/message"))), st));
+                    }
+                    Some("message_stop") => st.done = true,
+                    _ => {}
+                }
+                return Some((Ok(ev.data), st));
             }
             if st.eof {
                 st.done = true;

@@ -1,6 +1,8 @@
 //! Provider clients: the traits the engine calls and the adapters that speak
 //! each upstream's wire format. Every adapter takes and returns
-//! OpenAI-shaped JSON, so the engine and the HTTP layer see one shape.
+//! OpenAI-shaped JSON, so the engine and the HTTP layer see one shape — but
+//! for an Anthropic client served by Anthropic, which gets Anthropic's own
+//! answer ([`ChatReply::AnthropicComplete`], [`ChatReply::AnthropicStream`]).
 
 pub mod anthropic;
 pub mod breaker;
@@ -32,7 +34,9 @@ pub struct ChatCall<'a> {
     pub upstream_model: &'a str,
     pub body: &'a Map<String, Value>,
     /// The Anthropic Messages body `body` was translated from, when the
-    /// client spoke Anthropic's API (an `anthropic` provider sends it instead).
+    /// client spoke Anthropic's API (an `anthropic` provider sends it instead,
+    /// and answers with [`ChatReply::AnthropicComplete`] or
+    /// [`ChatReply::AnthropicStream`]).
     pub anthropic_body: Option<&'a Map<String, Value>>,
     pub stream: bool,
     /// Total time for the call, a whole stream included.
@@ -54,6 +58,13 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Bytes, ProviderError>> +
 pub enum ChatReply {
     Complete(Completion),
     Stream(ChunkStream),
+    /// Anthropic's own answer to a client that spoke its Messages API
+    /// ([`ChatCall::anthropic_body`]), relayed as is: the message's JSON.
+    AnthropicComplete(Completion),
+    /// The same streamed: each item is the JSON of one Anthropic event (its
+    /// `type` names it), `ping`s included; the stream ends after
+    /// `message_stop`. An `error` event becomes the item's error instead.
+    AnthropicStream(ChunkStream),
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -17,7 +17,8 @@ use crate::breaker::{BreakerState, CircuitBreaker, Transition};
 use crate::health::HealthStats;
 use crate::retry::{is_retryable, next_step, Next, RetryBudget, RetryConfig};
 use crate::{
-    ChatCall, ChatProvider, ChatReply, Completion, EmbedCall, EmbeddingProvider, ProviderError,
+    ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
+    ProviderError,
 };
 
 /// One provider + upstream model that a route may use.
@@ -489,16 +490,23 @@ async fn attempt_once(d: &Deployment, call: Call<'_>) -> Result<Reply, ProviderE
                     stream,
                     timeout: d.total_timeout,
                 };
-                match d.chat.chat(c).await? {
-                    ChatReply::Complete(c) => Ok(Reply::Chat(ChatReply::Complete(c))),
-                    ChatReply::Stream(mut s) => match s.next().await {
-                        Some(Ok(first)) => {
-                            let rest = futures::stream::once(async move { Ok(first) }).chain(s);
-                            Ok(Reply::Chat(ChatReply::Stream(Box::pin(rest))))
-                        }
+                // A stream counts as served once its first item arrives: a
+                // failure before it fails over like any other.
+                async fn first(mut s: ChunkStream) -> Result<ChunkStream, ProviderError> {
+                    match s.next().await {
+                        Some(Ok(first)) => Ok(Box::pin(
+                            futures::stream::once(async move { Ok(first) }).chain(s),
+                        )),
                         Some(Err(e)) => Err(e),
                         None => Err(ProviderError::Truncated),
-                    },
+                    }
+                }
+                match d.chat.chat(c).await? {
+                    ChatReply::Stream(s) => Ok(Reply::Chat(ChatReply::Stream(first(s).await?))),
+                    ChatReply::AnthropicStream(s) => {
+                        Ok(Reply::Chat(ChatReply::AnthropicStream(first(s).await?)))
+                    }
+                    complete => Ok(Reply::Chat(complete)),
                 }
             }
             Call::Embed {

@@ -9,4 +9,4 @@ pub mod mock;
 pub mod proxy;
 
 pub use app::{spawn_app, AppBuilder, TestApp};
-pub use mock::{Behavior, FailPattern, Fault, MockUpstream};
+pub use mock::{Behavior, FailPattern, Fault, MockUpstream, MOCK_SIGNATURE, MOCK_THOUGHT};

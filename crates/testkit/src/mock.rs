@@ -652,11 +652,19 @@ async fn messages(
         }
         return resp;
     }
+    if let Some(refusal) = anthropic_refusal(&req) {
+        return anthropic_error(400, &refusal);
+    }
     let model = req
         .get("model")
         .and_then(Value::as_str)
         .unwrap_or("mock-claude")
         .to_owned();
+    // Extended thinking asked for: a signed thinking block comes first.
+    let thinking = matches!(
+        req.pointer("/thinking/type").and_then(Value::as_str),
+        Some("enabled" | "adaptive")
+    );
     let tool = req
         .get("tools")
         .and_then(Value::as_array)
@@ -685,6 +693,13 @@ async fn messages(
             ),
             None => (json!([{"type": "text", "text": reply}]), text_stop),
         };
+        let content = match (thinking, content) {
+            (true, Value::Array(mut blocks)) => {
+                blocks.insert(0, json!({"type": "thinking", "thinking": MOCK_THOUGHT, "signature": MOCK_SIGNATURE}));
+                Value::Array(blocks)
+            }
+            (_, content) => content,
+        };
         return axum::Json(json!({
             "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": stop, "stop_sequence": stop_sequence,
@@ -697,22 +712,44 @@ async fn messages(
         json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
     )];
+    let index = u64::from(thinking);
+    if thinking {
+        events.push((
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        ));
+        events.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "thinking_delta", "thinking": MOCK_THOUGHT}}),
+        ));
+        events.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "signature_delta", "signature": MOCK_SIGNATURE}}),
+        ));
+        events.push((
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+    }
     let stop = match &tool {
         Some(name) => {
-            events.push(("content_block_start", json!({"type": "content_block_start", "index": 0,
+            events.push(("content_block_start", json!({"type": "content_block_start", "index": index,
                 "content_block": {"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": {}}})));
             let mid = TOOL_ARGS.len() / 2;
             for piece in [&TOOL_ARGS[..mid], &TOOL_ARGS[mid..]] {
                 events.push((
                     "content_block_delta",
-                    json!({"type": "content_block_delta", "index": 0,
+                    json!({"type": "content_block_delta", "index": index,
                     "delta": {"type": "input_json_delta", "partial_json": piece}}),
                 ));
             }
             "tool_use"
         }
         None => {
-            events.push(("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+            events.push(("content_block_start", json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})));
             events.push(("ping", json!({"type": "ping"})));
             for (i, w) in words.iter().enumerate() {
                 let text = if i == 0 {
@@ -722,7 +759,7 @@ async fn messages(
                 };
                 events.push((
                     "content_block_delta",
-                    json!({"type": "content_block_delta", "index": 0,
+                    json!({"type": "content_block_delta", "index": index,
                     "delta": {"type": "text_delta", "text": text}}),
                 ));
             }
@@ -731,7 +768,7 @@ async fn messages(
     };
     events.push((
         "content_block_stop",
-        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "content_block_stop", "index": index}),
     ));
     events.push((
         "message_delta",
@@ -752,6 +789,66 @@ async fn messages(
         .collect();
     let hold = shared.hold.0.subscribe();
     stream_frames(frames, behavior, fault, hold)
+}
+
+/// The thinking a mock Claude does when asked to, and its signature.
+pub const MOCK_THOUGHT: &str = "mock: thinking it over.";
+pub const MOCK_SIGNATURE: &str = "mock-signature-EqQBCkgIARABGAIiQL";
+
+/// What Anthropic's API refuses that an OpenAI-compatible one takes, so
+/// that tests of what Switchyard sends fail where Anthropic would: empty
+/// text blocks or content, thinking blocks without a signature (only
+/// Anthropic signs them), `metadata` keys other than `user_id`, and a
+/// temperature above 1.
+fn anthropic_refusal(req: &Value) -> Option<String> {
+    if req
+        .get("temperature")
+        .and_then(Value::as_f64)
+        .is_some_and(|t| t > 1.0)
+    {
+        return Some("temperature: range: 0..1".into());
+    }
+    if let Some(m) = req.get("metadata").and_then(Value::as_object) {
+        if let Some(k) = m.keys().find(|k| *k != "user_id") {
+            return Some(format!("metadata.{k}: Extra inputs are not permitted"));
+        }
+    }
+    let messages = req.get("messages").and_then(Value::as_array)?;
+    for (i, m) in messages.iter().enumerate() {
+        match m.get("content") {
+            Some(Value::String(s)) if s.is_empty() => {
+                return Some(format!(
+                    "messages.{i}: all messages must have non-empty content"
+                ))
+            }
+            Some(Value::Array(blocks)) => {
+                if blocks.is_empty() {
+                    return Some(format!(
+                        "messages.{i}: all messages must have non-empty content"
+                    ));
+                }
+                for (j, b) in blocks.iter().enumerate() {
+                    let kind = b.get("type").and_then(Value::as_str);
+                    if kind == Some("text") && b.get("text").and_then(Value::as_str) == Some("") {
+                        return Some(format!(
+                            "messages.{i}.content.{j}.text: text content blocks must be non-empty"
+                        ));
+                    }
+                    if kind == Some("thinking")
+                        && b.get("signature")
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                    {
+                        return Some(format!(
+                            "messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Like Anthropic, ends the reply before the first of the request's

@@ -657,6 +657,7 @@ async fn run(
             events,
             provider,
             pricing,
+            ..
         } => (events, provider, pricing),
         ChatOutcome::Complete { provider, .. } => {
             end.provider = Some(provider);

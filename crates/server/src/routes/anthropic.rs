@@ -1,6 +1,8 @@
 //! `POST /v1/messages`: Anthropic's Messages API in front of any provider.
 //! The body is translated to the OpenAI shape the router takes, and the
 //! answer back — streams event by event — with errors in Anthropic's shape.
+//! An Anthropic deployment is sent the client's own fields and its answer is
+//! relayed untouched.
 
 use std::convert::Infallible;
 use std::time::Instant;
@@ -83,7 +85,19 @@ pub async fn messages(
         .chat(&meta(&state, &ctx, started, &principal), &req)
         .await
     {
-        Ok(ChatOutcome::Complete { body, provider }) => {
+        // Anthropic's own answer, relayed as it came.
+        Ok(ChatOutcome::Complete {
+            body,
+            provider,
+            anthropic: true,
+        }) => (super::openai::json_response(body), Some(provider)),
+        Ok(ChatOutcome::Stream {
+            events,
+            provider,
+            anthropic: true,
+            ..
+        }) => (native_event_stream(events), Some(provider)),
+        Ok(ChatOutcome::Complete { body, provider, .. }) => {
             match serde_json::from_slice::<Value>(&body) {
                 Ok(v) => (
                     axum::Json(response_to_anthropic(&v, &alias, thinking)).into_response(),
@@ -234,6 +248,61 @@ fn frame(out: &mut BytesMut, (name, data): &Event) {
     out.put_slice(b"\n\n");
 }
 
+/// The `event:` line of an Anthropic event relayed as is: its data's `type`.
+fn event_name(data: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    serde_json::from_slice::<Typed>(data).ok().map(|t| t.kind)
+}
+
+/// The error event that ends a stream cut midway, typed by what the failure
+/// stands for, as Anthropic's own stream would: an overloaded provider is
+/// `overloaded_error`, a request it judged is `invalid_request_error` with
+/// its message.
+fn error_event(e: &switchyard_engine::ProviderError) -> Event {
+    let (status, error) = stream_failure(e);
+    let data = json!({"type": "error", "error": {
+        "type": error_type_for_status(status),
+        "message": error.message,
+    }});
+    ("error", data)
+}
+
+/// An Anthropic deployment's events relayed as they came (thinking
+/// signatures, citations and all). A stream that had its stop reason but
+/// lost its `message_stop` gets one; a failure midway ends it with an
+/// `error` event.
+fn native_event_stream(
+    events: Box<dyn futures::Stream<Item = StreamEvent> + Send + Unpin>,
+) -> Response {
+    let mut stopped = false;
+    let frames = events.map(move |ev| {
+        let mut out = BytesMut::new();
+        match ev {
+            StreamEvent::Chunk(data) => {
+                let name = event_name(&data);
+                stopped |= name.as_deref() == Some("message_stop");
+                out.put_slice(b"event: ");
+                out.put_slice(name.as_deref().unwrap_or("message").as_bytes());
+                out.put_slice(b"\ndata: ");
+                out.put_slice(&data);
+                out.put_slice(b"\n\n");
+            }
+            StreamEvent::Done if !stopped => {
+                frame(&mut out, &("message_stop", json!({"type": "message_stop"})));
+            }
+            StreamEvent::Done => {}
+            StreamEvent::Error(e) => frame(&mut out, &error_event(&e)),
+        }
+        Ok::<_, Infallible>(Bytes::from(out))
+    });
+    let frames = frames.filter(|f| futures::future::ready(f.as_ref().is_ok_and(|b| !b.is_empty())));
+    super::openai::sse(Body::from_stream(frames))
+}
+
 /// OpenAI chunks in, Anthropic events out. A failure midway ends the stream
 /// with an `error` event, as Anthropic's own API does.
 fn event_stream(
@@ -255,17 +324,7 @@ fn event_stream(
                     frame(&mut out, &e);
                 }
             }
-            StreamEvent::Error(e) => {
-                // Typed by what the failure stands for, as Anthropic's own
-                // stream would: an overloaded provider is `overloaded_error`,
-                // a request it judged is `invalid_request_error` with its message.
-                let (status, error) = stream_failure(&e);
-                let data = json!({"type": "error", "error": {
-                    "type": error_type_for_status(status),
-                    "message": error.message,
-                }});
-                frame(&mut out, &("error", data));
-            }
+            StreamEvent::Error(e) => frame(&mut out, &error_event(&e)),
         }
         Ok::<_, Infallible>(Bytes::from(out))
     });

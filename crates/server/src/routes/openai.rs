@@ -89,7 +89,7 @@ pub async fn chat_completions(
         .chat(&meta(&state, &ctx, started, &principal), &req)
         .await;
     let (mut resp, provider) = match outcome {
-        Ok(ChatOutcome::Complete { body, provider }) => {
+        Ok(ChatOutcome::Complete { body, provider, .. }) => {
             if let Some(claim) = claim {
                 claim
                     .complete(&StoredResponse {
@@ -163,7 +163,7 @@ async fn read_request<T>(
     parse(&bytes).map_err(|e| ApiError::invalid(e).into_response())
 }
 
-fn json_response(body: Bytes) -> Response {
+pub(crate) fn json_response(body: Bytes) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

@@ -2,7 +2,7 @@
 //! the Anthropic Messages API in front of an OpenAI-compatible provider.
 
 use serde_json::{json, Value};
-use switchyard_testkit::{Fault, MockUpstream, TestApp};
+use switchyard_testkit::{Fault, MockUpstream, TestApp, MOCK_SIGNATURE, MOCK_THOUGHT};
 
 use crate::helpers::*;
 
@@ -1018,4 +1018,157 @@ async fn count_tokens_asks_anthropic_for_an_anthropic_backed_alias_and_estimates
     assert!(estimated.0 > 0);
     assert_eq!(app.mock().calls(), 0, "counting calls no chat provider");
     assert_eq!(anthropic.calls(), 2, "one count each, no retries");
+}
+
+#[tokio::test]
+async fn an_anthropic_deployment_answers_a_messages_client_as_is_signed_thinking_included() {
+    let (mut app, anthropic) = with_anthropic().await;
+    let thinking = json!({"type": "enabled", "budget_tokens": 1024});
+    let body = json!({"model": "claude", "max_tokens": 2048, "thinking": thinking,
+        "messages": [{"role": "user", "content": "Say hello"}]});
+
+    let first = app.post_json("/v1/messages", &body).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-switchyard-provider"], "anthropic");
+    let answer: Value = first.json().await.unwrap();
+    assert_eq!(anthropic.last_request().unwrap().body["thinking"], thinking);
+    // Anthropic's message itself: its id, its model, its signed thinking.
+    assert_eq!(answer["id"], "msg_mock");
+    assert_eq!(answer["model"], "claude-sonnet-mock");
+    assert_eq!(
+        answer["content"][0],
+        json!({"type": "thinking", "thinking": MOCK_THOUGHT, "signature": MOCK_SIGNATURE})
+    );
+    assert_eq!(answer["content"][1]["type"], "text");
+
+    // The next turn carries the signed block back to Anthropic (which
+    // refuses an unsigned one: a block made from another provider's
+    // reasoning is left out).
+    let mut next = body.clone();
+    next["messages"] = json!([
+        {"role": "user", "content": "Say hello"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "From elsewhere.", "signature": ""},
+            {"type": "text", "text": "Hi."},
+        ]},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": answer["content"].clone()},
+        {"role": "user", "content": "Once more"},
+    ]);
+    let second = app.post_json("/v1/messages", &next).await;
+    assert_eq!(second.status(), 200, "{}", second.text().await.unwrap());
+    let sent = anthropic.last_request().unwrap().body;
+    assert_eq!(
+        sent["messages"][1]["content"],
+        json!([{"type": "text", "text": "Hi."}])
+    );
+    assert_eq!(sent["messages"][3]["content"], answer["content"]);
+
+    app.stop_gracefully().await;
+    let rows = usage_rows(&app).await;
+    assert_eq!(rows.len(), 2);
+    // The mock counts 4 input tokens a message, and a word an output token.
+    assert_eq!(
+        (rows[0].prompt_tokens, rows[1].prompt_tokens),
+        (Some(20), Some(4))
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r.completion_tokens.is_some_and(|n| n > 0)));
+}
+
+#[tokio::test]
+async fn an_anthropic_deployments_stream_reaches_a_messages_client_event_for_event() {
+    let (mut app, anthropic) = with_anthropic().await;
+    let body = json!({"model": "claude", "max_tokens": 2048, "stream": true,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "Say hello"}]});
+
+    let resp = app.post_json("/v1/messages", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let events = anthropic_events(&resp.text().await.unwrap());
+
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let words = switchyard_testkit::Behavior::default()
+        .reply
+        .split_whitespace()
+        .count();
+    let mut expected = vec![
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "ping",
+    ];
+    expected.extend(std::iter::repeat_n("content_block_delta", words));
+    expected.extend(["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(names, expected);
+    // Each event's name is its data's type, and the data is Anthropic's.
+    assert!(events.iter().all(|(n, d)| d["type"] == n.as_str()));
+    assert_eq!(
+        events[3].1["delta"],
+        json!({"type": "signature_delta", "signature": MOCK_SIGNATURE})
+    );
+    assert_eq!(events[0].1["message"]["model"], "claude-sonnet-mock");
+
+    // A stream that closes after its stop reason but without message_stop
+    // is complete: the client gets the message_stop it lost.
+    anthropic.push_fault(Fault::NoDone);
+    let closed = anthropic_events(
+        &app.post_json("/v1/messages", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(closed.len(), events.len());
+    assert_eq!(closed.last().unwrap().1, json!({"type": "message_stop"}));
+
+    // Cut midway: Anthropic's error event, typed by its cause, and no
+    // message_stop; the usage rows record both outcomes.
+    anthropic.push_fault(Fault::ErrorEventAfter(6));
+    let text = app
+        .post_json("/v1/messages", &body)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let cut = anthropic_events(&text);
+    assert_eq!(cut.len(), 7, "{text}");
+    assert_eq!(cut[6].0, "error");
+    assert_eq!(cut[6].1["error"]["type"], "overloaded_error");
+    app.stop_gracefully().await;
+    let rows = usage_rows(&app).await;
+    assert_eq!(rows.len(), 3);
+    for row in &rows[1..] {
+        assert_eq!((row.status, row.stream), (200, true));
+        assert_eq!(row.prompt_tokens, Some(4));
+        assert_eq!(row.completion_tokens, Some(words as u64));
+        assert!(row.ttft_ms.is_some());
+    }
+    assert_eq!(
+        rows[0].status, 502,
+        "a stream broken midway is recorded as a 502"
+    );
+}
+
+#[tokio::test]
+async fn a_messages_stream_that_fails_before_its_first_event_falls_back_to_the_translation() {
+    let (app, anthropic) = with_anthropic().await;
+    anthropic.update(|b| b.always = Some(Fault::Status(529)));
+    let mut body = messages_body("claude-then-gpt");
+    body["stream"] = json!(true);
+
+    let resp = app.post_json("/v1/messages", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "mock");
+    let events = anthropic_events(&resp.text().await.unwrap());
+    assert_eq!(events.first().unwrap().0, "message_start");
+    assert_eq!(events.last().unwrap().0, "message_stop");
+    // Switchyard's translation names the alias, Anthropic its model.
+    assert_eq!(events[0].1["message"]["model"], "claude-then-gpt");
 }

@@ -61,7 +61,7 @@ async fn the_official_openai_python_sdk_works_unchanged() {
         .spawn()
         .await;
     let report = pytest(&python, "python", &app).await;
-    assert!(report.contains("17 passed"), "{report}");
+    assert!(report.contains("18 passed"), "{report}");
 }
 
 #[tokio::test]

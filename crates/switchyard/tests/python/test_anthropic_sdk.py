@@ -120,6 +120,31 @@ def test_a_stop_sequence_reaches_the_client_through_an_anthropic_backed_alias(cl
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "help")
 
 
+def test_extended_thinking_through_an_anthropic_backed_alias_keeps_its_signature(client):
+    # Anthropic's answer reaches the SDK as Anthropic sent it: the signed
+    # thinking block can be sent back on the next turn, as a tool loop must.
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    with client.messages.stream(
+        model="claude", max_tokens=2048, thinking=thinking, messages=[{"role": "user", "content": "Say hello"}]
+    ) as stream:
+        first = stream.get_final_message()
+    assert [b.type for b in first.content] == ["thinking", "text"]
+    assert first.content[0].signature.startswith("mock-signature")
+    assert first.content[0].thinking == "mock: thinking it over."
+    second = client.messages.create(
+        model="claude",
+        max_tokens=2048,
+        thinking=thinking,
+        messages=[
+            {"role": "user", "content": "Say hello"},
+            {"role": "assistant", "content": first.content},
+            {"role": "user", "content": "Again"},
+        ],
+    )
+    assert second.content[0].signature == first.content[0].signature
+    assert second.usage.input_tokens == 12
+
+
 def test_count_tokens(client):
     short = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "Say hello"}])
     longer = client.messages.count_tokens(
