@@ -656,6 +656,13 @@ pub struct MessagesRequest {
     pub thinking: bool,
     /// The equivalent OpenAI chat-completions body.
     pub openai_body: Map<String, Value>,
+    /// What that body cannot carry, if anything — Anthropic's own tools
+    /// (`web_search_…`, `code_execution_…`), block types with no OpenAI form
+    /// (`document`, `server_tool_use`, `web_search_tool_result`, …), more
+    /// than four stop sequences — as the refusal to give unless every
+    /// deployment of the alias speaks the Messages API itself (an Anthropic
+    /// deployment is sent the client's own body).
+    pub untranslatable: Option<TranslateError>,
 }
 
 /// The Messages request an Anthropic deployment is sent for a client that
@@ -904,6 +911,9 @@ impl MessagesRequest {
                 ))
             }
         }
+        // The first thing the OpenAI shape cannot carry; the request is
+        // refused with it unless Anthropic itself serves the alias.
+        let mut untranslatable: Option<TranslateError> = None;
         for (i, m) in messages.iter().enumerate() {
             let role = m
                 .get("role")
@@ -917,7 +927,9 @@ impl MessagesRequest {
             }
             match m.get("content") {
                 Some(Value::String(s)) => out.push(json!({"role": role, "content": s})),
-                Some(Value::Array(blocks)) => translate_blocks(role, blocks, i, &mut out)?,
+                Some(Value::Array(blocks)) => {
+                    translate_blocks(role, blocks, i, &mut out, &mut untranslatable)?;
+                }
                 _ => return Err(a_missing(&format!("messages.{i}.content"))),
             }
         }
@@ -968,12 +980,16 @@ impl MessagesRequest {
                 // so here rather than let that check name a field the client
                 // never sent.
                 if stops.len() > MAX_STOP_SEQUENCES {
-                    return Err(bad(
-                        "stop_sequences",
-                        format!("stop_sequences: at most {MAX_STOP_SEQUENCES} are supported"),
-                    ));
-                }
-                if !stops.is_empty() {
+                    untranslatable.get_or_insert_with(|| {
+                        bad(
+                            "stop_sequences",
+                            format!(
+                                "stop_sequences: at most {MAX_STOP_SEQUENCES} are supported \
+                                 by this model's providers"
+                            ),
+                        )
+                    });
+                } else if !stops.is_empty() {
                     openai.insert("stop".into(), Value::Array(stops.clone()));
                 }
             }
@@ -991,14 +1007,21 @@ impl MessagesRequest {
             .and_then(Value::as_array)
             .filter(|t| !t.is_empty());
         if let Some(tools) = tools {
-            let tools = tools
-                .iter()
-                .enumerate()
-                .map(|(i, t)| custom_tool(i, t))
-                .collect::<Result<Vec<_>, _>>()?;
-            openai.insert("tools".into(), Value::Array(tools));
+            let mut functions = Vec::with_capacity(tools.len());
+            for (i, t) in tools.iter().enumerate() {
+                match anthropic_tool(i, t) {
+                    Some(refusal) => {
+                        untranslatable.get_or_insert(refusal);
+                    }
+                    None => functions.push(custom_tool(i, t)?),
+                }
+            }
+            if !functions.is_empty() {
+                openai.insert("tools".into(), Value::Array(functions));
+            }
         }
-        if let Some(choice) = body.get("tool_choice").filter(|_| tools.is_some()) {
+        let with_functions = openai.contains_key("tools");
+        if let Some(choice) = body.get("tool_choice").filter(|_| with_functions) {
             let (mapped, parallel_off) = match choice.get("type").and_then(Value::as_str) {
                 Some("any") => (json!("required"), choice.get("disable_parallel_tool_use")),
                 Some("none") => (json!("none"), None),
@@ -1035,14 +1058,34 @@ impl MessagesRequest {
             stream,
             thinking,
             openai_body: openai,
+            untranslatable,
         })
     }
 }
 
-/// A client tool as an OpenAI function. Anthropic's own tools (`web_search`,
-/// `bash`, `computer`, … — they have a versioned `type`) are run by
-/// Anthropic or need its trained schemas; another provider cannot honour
-/// them, so they are refused by name rather than sent without a schema.
+/// The refusal for one of Anthropic's own tools (`web_search`, `bash`,
+/// `computer`, … — they have a versioned `type`): they are run by Anthropic
+/// or need its trained schemas, so another provider cannot honour them, and
+/// they are refused by name rather than sent without a schema — unless
+/// Anthropic serves the alias ([`MessagesRequest::untranslatable`]).
+fn anthropic_tool(i: usize, tool: &Value) -> Option<TranslateError> {
+    let kind = tool.get("type")?;
+    if kind.is_null() || kind == "custom" {
+        return None;
+    }
+    let kind = kind
+        .as_str()
+        .map_or_else(|| kind.to_string(), str::to_owned);
+    Some(bad(
+        &format!("tools.{i}.type"),
+        format!(
+            "tools.{i}.type: {kind} is one of Anthropic's own tools, which only Anthropic can run; \
+             route this model to an Anthropic deployment, or declare a custom tool (name, description, input_schema) instead"
+        ),
+    ))
+}
+
+/// A client tool (not [`anthropic_tool`]) as an OpenAI function.
 fn custom_tool(i: usize, tool: &Value) -> Result<Value, TranslateError> {
     let Some(t) = tool.as_object() else {
         return Err(bad(
@@ -1050,22 +1093,6 @@ fn custom_tool(i: usize, tool: &Value) -> Result<Value, TranslateError> {
             format!("tools.{i}: Input should be a valid dictionary"),
         ));
     };
-    match t.get("type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(kind)) if kind == "custom" => {}
-        Some(kind) => {
-            let kind = kind
-                .as_str()
-                .map_or_else(|| kind.to_string(), str::to_owned);
-            return Err(bad(
-                &format!("tools.{i}.type"),
-                format!(
-                    "tools.{i}.type: {kind} is one of Anthropic's own tools, which only Anthropic can run; \
-                     through Switchyard, declare a custom tool (name, description, input_schema) instead"
-                ),
-            ));
-        }
-    }
     let name = match t.get("name") {
         Some(Value::String(n)) if !n.is_empty() => n,
         Some(_) => {
@@ -1119,6 +1146,7 @@ fn translate_blocks(
     blocks: &[Value],
     i: usize,
     out: &mut Vec<Value>,
+    untranslatable: &mut Option<TranslateError>,
 ) -> Result<(), TranslateError> {
     let mut parts: Vec<Value> = Vec::new();
     let mut tool_calls: Vec<Value> = Vec::new();
@@ -1165,13 +1193,15 @@ fn translate_blocks(
             // Reasoning blocks from an earlier turn are not sent to other providers.
             Some("thinking") | Some("redacted_thinking") => {}
             other => {
-                return Err(bad(
-                    &format!("messages.{i}.content.{j}.type"),
-                    format!(
-                        "messages.{i}.content.{j}: unsupported block type {}",
-                        other.unwrap_or("(none)")
-                    ),
-                ))
+                untranslatable.get_or_insert_with(|| {
+                    bad(
+                        &format!("messages.{i}.content.{j}.type"),
+                        format!(
+                            "messages.{i}.content.{j}: unsupported block type {}",
+                            other.unwrap_or("(none)")
+                        ),
+                    )
+                });
             }
         }
     }
@@ -2234,17 +2264,30 @@ mod tests {
             r.openai_body["tools"][1],
             json!({"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}})
         );
-        for (tool, param, says) in [
+        assert!(r.untranslatable.is_none());
+        // Anthropic's own tools: only an Anthropic deployment can take them,
+        // so the translation leaves them out and says why for the others.
+        for (tool, says) in [
             (
                 json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 5}),
-                "tools.1.type",
                 "web_search_20250305 is one of Anthropic's own tools",
             ),
             (
                 json!({"type": "bash_20250124", "name": "bash"}),
-                "tools.1.type",
                 "bash_20250124",
             ),
+        ] {
+            let r = MessagesRequest::parse(&with_tool(tool.clone())).unwrap();
+            let e = r.untranslatable.unwrap();
+            assert_eq!(e.param.as_deref(), Some("tools.1.type"), "{tool}");
+            assert!(
+                e.message.starts_with("tools.1.type: ") && e.message.contains(says),
+                "{tool}: {}",
+                e.message
+            );
+            assert_eq!(r.openai_body["tools"].as_array().unwrap().len(), 1);
+        }
+        for (tool, param, says) in [
             (
                 json!({"input_schema": {"type": "object"}}),
                 "tools.1.name",
@@ -2532,11 +2575,41 @@ mod tests {
         let r = MessagesRequest::parse(&with("tool_choice", json!({"type": "any"}))).unwrap();
         assert!(!r.openai_body.contains_key("tool_choice"));
 
-        for bad in [json!("STOP"), json!([1]), json!(["a", "b", "c", "d", "e"])] {
+        for bad in [json!("STOP"), json!([1])] {
             let e = MessagesRequest::parse(&with("stop_sequences", bad.clone())).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("stop_sequences"), "{bad}");
             assert!(e.message.starts_with("stop_sequences: "), "{}", e.message);
         }
+        // Five are more than OpenAI's `stop` takes, not more than Anthropic's.
+        let r = MessagesRequest::parse(&with("stop_sequences", json!(["a", "b", "c", "d", "e"])))
+            .unwrap();
+        let e = r.untranslatable.unwrap();
+        assert_eq!(e.param.as_deref(), Some("stop_sequences"));
+        assert!(
+            e.message.starts_with("stop_sequences: at most 4"),
+            "{}",
+            e.message
+        );
+        assert!(!r.openai_body.contains_key("stop"));
+        // A block type with no OpenAI form, the same.
+        let r = MessagesRequest::parse(&with(
+            "messages",
+            json!([{"role": "user", "content": [
+                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
+                {"type": "text", "text": "Summarise."},
+            ]}]),
+        ))
+        .unwrap();
+        let e = r.untranslatable.unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages.0.content.0.type"));
+        assert_eq!(
+            e.message,
+            "messages.0.content.0: unsupported block type document"
+        );
+        assert_eq!(
+            r.openai_body["messages"],
+            json!([{"role": "user", "content": "Summarise."}])
+        );
         let r =
             MessagesRequest::parse(&with("stop_sequences", json!(["a", "b", "c", "d"]))).unwrap();
         assert_eq!(r.openai_body["stop"], json!(["a", "b", "c", "d"]));

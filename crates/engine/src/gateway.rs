@@ -320,6 +320,17 @@ impl Gateway {
             .ok_or_else(|| EngineError::UnknownModel(alias.to_owned()))
     }
 
+    /// Whether every deployment of `alias` takes an Anthropic Messages body
+    /// as it is: then a Messages request may carry what the translation to
+    /// the OpenAI shape cannot (`MessagesRequest::untranslatable`), since no
+    /// fallback will need the translation.
+    pub fn speaks_messages(&self, alias: &str) -> Result<bool, EngineError> {
+        Ok(self
+            .route(alias)?
+            .deployments()
+            .all(|d| d.chat.speaks_messages()))
+    }
+
     /// A provider's own count of the input tokens of an Anthropic Messages
     /// body for `alias` (`POST /v1/messages/count_tokens`): from the first of
     /// its deployments, in route order, that can count and whose breaker is

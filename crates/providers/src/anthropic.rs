@@ -140,6 +140,10 @@ impl ChatProvider for AnthropicProvider {
         self.upstream.get(&self.models_url, timeout).await
     }
 
+    fn speaks_messages(&self) -> bool {
+        true
+    }
+
     /// Anthropic's own count (free, and exact for its tokenizer), of the
     /// fields the Messages request would send.
     async fn count_tokens(

@@ -84,6 +84,12 @@ pub trait ChatProvider: Send + Sync {
     /// A cheap call that costs no tokens (listing models), for active
     /// health probes.
     async fn probe(&self, timeout: Duration) -> Result<(), ProviderError>;
+    /// Whether the provider takes an Anthropic Messages body as it is
+    /// ([`ChatCall::anthropic_body`]), so that what has no OpenAI form
+    /// (Anthropic's own tools, `document` blocks) can reach it.
+    fn speaks_messages(&self) -> bool {
+        false
+    }
     /// The exact input tokens of an Anthropic Messages body, for
     /// `POST /v1/messages/count_tokens`, from a provider that can count
     /// them; `None` (the default) when it cannot, and the caller estimates.

@@ -47,6 +47,17 @@ fn invalid(message: &str) -> Response {
     anthropic_error(StatusCode::BAD_REQUEST, message)
 }
 
+/// Refuses what the OpenAI shape cannot carry unless Anthropic serves the
+/// whole route (then no deployment needs the translation); an unknown alias
+/// is left to the 404 that routing gives.
+fn untranslatable(state: &AppState, msg: &MessagesRequest) -> Option<Response> {
+    let refusal = msg.untranslatable.as_ref()?;
+    match state.gateway().speaks_messages(&msg.model) {
+        Ok(false) => Some(invalid(&refusal.message)),
+        Ok(true) | Err(_) => None,
+    }
+}
+
 pub async fn messages(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
@@ -67,6 +78,9 @@ pub async fn messages(
         Ok(m) => m,
         Err(e) => return invalid(&e.message),
     };
+    if let Some(refused) = untranslatable(&state, &msg) {
+        return refused;
+    }
     let mut req = match ChatRequest::from_object(msg.openai_body) {
         Ok(r) => r,
         Err(e) => return invalid(&e.message),
@@ -151,6 +165,9 @@ pub async fn count_tokens(
         Ok(m) => m,
         Err(e) => return invalid(&e.message),
     };
+    if let Some(refused) = untranslatable(&state, &msg) {
+        return refused;
+    }
     if let Err(e) = ChatRequest::from_object(msg.openai_body) {
         return invalid(&e.message);
     }

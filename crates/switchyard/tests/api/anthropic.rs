@@ -510,6 +510,50 @@ async fn anthropics_own_tools_are_refused_by_name_before_any_provider_call() {
 }
 
 #[tokio::test]
+async fn what_only_anthropic_can_take_reaches_a_route_of_anthropic_deployments_as_sent() {
+    let (app, anthropic) = with_anthropic().await;
+    let web_search = json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 3});
+    let document = json!({"type": "document", "source": {"type": "base64",
+        "media_type": "application/pdf", "data": "JVBERi0xLjQ="}});
+    let body = |model: &str| {
+        json!({"model": model, "max_tokens": 256,
+        "stop_sequences": ["a", "b", "c", "d", "e"],
+        "tools": [web_search],
+        "messages": [
+            {"role": "user", "content": [document, {"type": "text", "text": "Search for it."}]},
+            {"role": "assistant", "content": [
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "it"}},
+                {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                {"type": "text", "text": "Nothing found."},
+            ]},
+            {"role": "user", "content": "Try again."},
+        ]})
+    };
+
+    let served = app.post_json("/v1/messages", &body("claude")).await;
+    let mixed = app
+        .post_json("/v1/messages", &body("claude-then-gpt"))
+        .await;
+
+    assert_eq!(served.status(), 200);
+    let sent = anthropic.last_request().unwrap().body;
+    let asked = body("claude");
+    for key in ["tools", "messages", "stop_sequences"] {
+        assert_eq!(sent[key], asked[key], "{key}");
+    }
+    // A route with an OpenAI-compatible fallback could not honour them.
+    assert_eq!(mixed.status(), 400);
+    let v: Value = mixed.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        v["error"]["message"],
+        "messages.0.content.0: unsupported block type document"
+    );
+    assert_eq!(anthropic.calls(), 1);
+    assert_eq!(app.mock().calls(), 0);
+}
+
+#[tokio::test]
 async fn a_messages_stream_that_breaks_midway_ends_with_an_error_event_typed_by_its_cause() {
     let app = spawn().await;
     let mut body = messages_body("gpt-4o-mini");
