@@ -665,44 +665,45 @@ pub struct MessagesRequest {
     pub untranslatable: Option<TranslateError>,
 }
 
+/// What a client of `POST /v1/messages` sent, for an Anthropic deployment
+/// to be sent as it came: the body (a [`MessagesRequest::parse`] accepted
+/// one) and the client's `anthropic-beta` header, which the features it
+/// names need (interleaved thinking, context management, …).
+#[derive(Debug, Clone, Default)]
+pub struct NativeMessages {
+    pub body: Map<String, Value>,
+    pub beta: Option<String>,
+}
+
 /// The Messages request an Anthropic deployment is sent for a client that
 /// spoke Anthropic's API (a body [`MessagesRequest::parse`] accepted): the
-/// client's own fields as they came — prompt-caching markers, `top_k`,
-/// `tool_result.is_error`, system blocks, the whole `metadata.user_id` —
-/// rather than their trip through the OpenAI shape, which has no place for
-/// them. Only the fields Switchyard checks are sent (another might need a
-/// beta header Switchyard does not pass on), with the deployment's model.
-/// Extended thinking is sent, with earlier turns' signed thinking blocks (the
-/// answer comes back to the client as Anthropic sent it, signatures and
-/// all); thinking blocks without a signature — made by Switchyard from
-/// another provider's reasoning text — are left out, as Anthropic would
-/// refuse them.
+/// client's own body as it came — prompt-caching markers, `top_k`,
+/// `tool_result.is_error`, system blocks, the whole `metadata.user_id`,
+/// extended thinking and earlier turns' signed thinking blocks, Anthropic's
+/// own tools, beta fields (with the client's `anthropic-beta` header, see
+/// [`NativeMessages`]) — rather than their trip through the OpenAI shape,
+/// which has no place for them; with the deployment's model. Left out is
+/// what Anthropic would refuse but an OpenAI provider takes, so that one
+/// request works on either: empty text blocks and turns, `metadata` keys
+/// other than `user_id`, thinking blocks without a signature (made by
+/// Switchyard from another provider's reasoning text; only Anthropic signs),
+/// and `tools: []` with its `tool_choice`.
 pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) -> Value {
-    const SENT: [&str; 9] = [
-        "max_tokens",
-        "thinking",
-        "system",
-        "stop_sequences",
-        "temperature",
-        "top_p",
-        "top_k",
-        "tools",
-        "tool_choice",
-    ];
     let mut req = Map::new();
     req.insert("model".into(), json!(model));
     let with_tools = original
         .get("tools")
         .and_then(Value::as_array)
         .is_some_and(|t| !t.is_empty());
-    for key in SENT {
-        let Some(v) = original.get(key).filter(|v| !v.is_null()) else {
-            continue;
+    for (key, v) in original {
+        let skip = match key.as_str() {
+            "model" | "stream" | "messages" | "metadata" => true,
+            "tools" | "tool_choice" => !with_tools,
+            _ => v.is_null(),
         };
-        if (key == "tools" || key == "tool_choice") && !with_tools {
-            continue;
+        if !skip {
+            req.insert(key.clone(), v.clone());
         }
-        req.insert(key.into(), v.clone());
     }
     // `user_id` is the one field Anthropic's metadata takes; anything else a
     // client put there (other gateways accept free-form tags) would be a 400.
@@ -2136,6 +2137,7 @@ mod tests {
                 "tools": [{"name": "w", "input_schema": {"type": "object"}, "cache_control": cached}],
                 "tool_choice": {"type": "auto"},
                 "thinking": {"type": "enabled", "budget_tokens": 2048},
+                "context_management": {"edits": []},
                 "messages": [
                     {"role": "user", "content": "Weather?"},
                     {"role": "assistant", "content": [

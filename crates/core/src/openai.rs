@@ -97,10 +97,10 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// The whole body as received.
     pub body: Map<String, Value>,
-    /// The Anthropic Messages body this request was translated from (on
-    /// `POST /v1/messages`): an Anthropic deployment is sent its checked
-    /// fields as they came (see [`crate::anthropic::native_request`]).
-    pub anthropic: Option<Map<String, Value>>,
+    /// The Anthropic Messages request this request was translated from (on
+    /// `POST /v1/messages`): an Anthropic deployment is sent it as it came
+    /// (see [`crate::anthropic::native_request`]).
+    pub anthropic: Option<crate::anthropic::NativeMessages>,
 }
 
 const ROLES: &[&str] = &[

@@ -340,7 +340,7 @@ impl Gateway {
     pub async fn count_tokens(
         &self,
         alias: &str,
-        anthropic_body: &serde_json::Map<String, serde_json::Value>,
+        anthropic: &switchyard_core::anthropic::NativeMessages,
     ) -> Result<Option<u64>, EngineError> {
         const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
         let route = self.route(alias)?;
@@ -351,7 +351,7 @@ impl Gateway {
             let wait = d.first_byte_timeout.min(MAX_WAIT);
             match d
                 .chat
-                .count_tokens(anthropic_body, &d.upstream_model, wait)
+                .count_tokens(anthropic, &d.upstream_model, wait)
                 .await
             {
                 None => continue,

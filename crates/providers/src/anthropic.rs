@@ -13,10 +13,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use secrecy::ExposeSecret;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use switchyard_core::anthropic::{
     native_request, request_to_anthropic, response_from_anthropic, AnthropicToOpenAiStream,
-    StreamStep, Tokens,
+    NativeMessages, StreamStep, Tokens,
 };
 use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::Usage;
@@ -57,6 +57,28 @@ impl AnthropicProvider {
             models_url: parse_url(&format!("{base}/models"))?,
             upstream: Upstream::new(config, headers)?,
         })
+    }
+}
+
+impl AnthropicProvider {
+    /// POSTs to Anthropic, with the client's `anthropic-beta` header when a
+    /// Messages client sent one (it names the beta features its body uses).
+    async fn post(
+        &self,
+        uri: &http::Uri,
+        body: Vec<u8>,
+        beta: Option<&str>,
+        timeout: Duration,
+    ) -> Result<UpstreamResponse, ProviderError> {
+        match beta.and_then(|b| HeaderValue::from_str(b).ok()) {
+            Some(value) => {
+                let name = http::header::HeaderName::from_static("anthropic-beta");
+                self.upstream
+                    .post_with(uri, body, (name, value), timeout)
+                    .await
+            }
+            None => self.upstream.post(uri, body, timeout).await,
+        }
     }
 }
 
@@ -148,17 +170,24 @@ impl ChatProvider for AnthropicProvider {
     /// fields the Messages request would send.
     async fn count_tokens(
         &self,
-        anthropic_body: &Map<String, Value>,
+        anthropic: &NativeMessages,
         upstream_model: &str,
         timeout: Duration,
     ) -> Option<Result<u64, ProviderError>> {
-        let mut req = native_request(anthropic_body, upstream_model, false);
+        let mut req = native_request(&anthropic.body, upstream_model, false);
         if let Some(r) = req.as_object_mut() {
             // What count_tokens takes of a Messages request.
             r.retain(|k, _| {
                 matches!(
                     k.as_str(),
-                    "model" | "messages" | "system" | "tools" | "tool_choice" | "thinking"
+                    "model"
+                        | "messages"
+                        | "system"
+                        | "tools"
+                        | "tool_choice"
+                        | "thinking"
+                        | "context_management"
+                        | "mcp_servers"
                 )
             });
         }
@@ -166,8 +195,7 @@ impl ChatProvider for AnthropicProvider {
             let body =
                 serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
             let resp = self
-                .upstream
-                .post(&self.count_url, body, timeout)
+                .post(&self.count_url, body, anthropic.beta.as_deref(), timeout)
                 .await
                 .map_err(translate_status)?;
             let bytes = resp.bytes().await?;
@@ -185,7 +213,7 @@ impl ChatProvider for AnthropicProvider {
             match call.anthropic_body {
                 // The client spoke Anthropic's API: its own fields, not the
                 // OpenAI shape's (prompt caching markers survive).
-                Some(original) => native_request(original, call.upstream_model, call.stream),
+                Some(original) => native_request(&original.body, call.upstream_model, call.stream),
                 None => request_to_anthropic(call.body, call.upstream_model, call.stream).map_err(
                     |e| ProviderError::Status {
                         status: 400,
@@ -195,9 +223,9 @@ impl ChatProvider for AnthropicProvider {
                 )?,
             };
         let body = serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let beta = call.anthropic_body.and_then(|a| a.beta.as_deref());
         let resp = self
-            .upstream
-            .post(&self.messages_url, body, call.timeout)
+            .post(&self.messages_url, body, beta, call.timeout)
             .await
             .map_err(translate_status)?;
         match (call.stream, native) {

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 use serde_json::{Map, Value};
+use switchyard_core::anthropic::NativeMessages;
 use switchyard_core::openai::{EncodingFormat, Usage};
 
 pub use error::ProviderError;
@@ -37,7 +38,7 @@ pub struct ChatCall<'a> {
     /// client spoke Anthropic's API (an `anthropic` provider sends it instead,
     /// and answers with [`ChatReply::AnthropicComplete`] or
     /// [`ChatReply::AnthropicStream`]).
-    pub anthropic_body: Option<&'a Map<String, Value>>,
+    pub anthropic_body: Option<&'a NativeMessages>,
     pub stream: bool,
     /// Total time for the call, a whole stream included.
     pub timeout: Duration,
@@ -95,7 +96,7 @@ pub trait ChatProvider: Send + Sync {
     /// them; `None` (the default) when it cannot, and the caller estimates.
     async fn count_tokens(
         &self,
-        _anthropic_body: &Map<String, Value>,
+        _anthropic: &NativeMessages,
         _upstream_model: &str,
         _timeout: Duration,
     ) -> Option<Result<u64, ProviderError>> {

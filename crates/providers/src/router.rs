@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use rand::Rng;
 use serde_json::{Map, Value};
+use switchyard_core::anthropic::NativeMessages;
 use switchyard_core::openai::EncodingFormat;
 use tokio::time::Instant;
 
@@ -261,7 +262,7 @@ pub struct Router {
 enum Call<'a> {
     Chat {
         body: &'a Map<String, Value>,
-        anthropic: Option<&'a Map<String, Value>>,
+        anthropic: Option<&'a NativeMessages>,
         stream: bool,
     },
     Embed {
@@ -287,7 +288,7 @@ impl Router {
         &self,
         route: &Route,
         body: &Map<String, Value>,
-        anthropic: Option<&Map<String, Value>>,
+        anthropic: Option<&NativeMessages>,
         stream: bool,
         observer: &dyn RouteObserver,
     ) -> Result<Served<ChatReply>, RouteError> {

@@ -222,6 +222,20 @@ impl Upstream {
         .await
     }
 
+    /// [`Self::post`] with one more header.
+    pub(crate) async fn post_with(
+        &self,
+        uri: &Uri,
+        body: Vec<u8>,
+        extra: (http::header::HeaderName, HeaderValue),
+        timeout: Duration,
+    ) -> Result<UpstreamResponse, ProviderError> {
+        let mut headers = self.post_headers.clone();
+        headers.insert(extra.0, extra.1);
+        self.send(Method::POST, uri, &headers, Bytes::from(body), timeout)
+            .await
+    }
+
     /// GETs `uri`, reading and discarding the body; for probes.
     pub(crate) async fn get(&self, uri: &Uri, timeout: Duration) -> Result<(), ProviderError> {
         let resp = self

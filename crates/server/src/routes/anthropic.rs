@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use switchyard_core::anthropic::{
     error_type_for_status, estimate_input_tokens, response_to_anthropic, Event, MessagesRequest,
-    OpenAiToAnthropicStream,
+    NativeMessages, OpenAiToAnthropicStream,
 };
 use switchyard_core::identity::Principal;
 use switchyard_core::openai::{parse_object, ChatRequest};
@@ -93,7 +93,10 @@ pub async fn messages(
         0
     };
     // An Anthropic deployment is sent the client's own fields.
-    req.anthropic = Some(object);
+    req.anthropic = Some(NativeMessages {
+        body: object,
+        beta: anthropic_beta(&headers),
+    });
     let (mut resp, provider) = match state
         .gateway()
         .chat(&meta(&state, &ctx, started, &principal), &req)
@@ -171,9 +174,13 @@ pub async fn count_tokens(
     if let Err(e) = ChatRequest::from_object(msg.openai_body) {
         return invalid(&e.message);
     }
-    let (count, how) = match state.gateway().count_tokens(&msg.model, &object).await {
+    let native = NativeMessages {
+        body: object,
+        beta: anthropic_beta(&headers),
+    };
+    let (count, how) = match state.gateway().count_tokens(&msg.model, &native).await {
         Ok(Some(n)) => (n, "provider"),
-        Ok(None) => (estimate_input_tokens(&object), "estimate"),
+        Ok(None) => (estimate_input_tokens(&native.body), "estimate"),
         Err(e) => return to_anthropic(ApiError::from(e)),
     };
     let mut resp = axum::Json(json!({"input_tokens": count})).into_response();
@@ -182,6 +189,19 @@ pub async fn count_tokens(
         axum::http::HeaderValue::from_static(how),
     );
     resp
+}
+
+/// The client's `anthropic-beta` header (one or several, joined as one
+/// comma-separated list), for an Anthropic deployment.
+fn anthropic_beta(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all("anthropic-beta")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(","))
 }
 
 /// Whether a request comes from an Anthropic client: Anthropic's SDKs send

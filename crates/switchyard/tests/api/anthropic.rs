@@ -1216,3 +1216,53 @@ async fn a_messages_stream_that_fails_before_its_first_event_falls_back_to_the_t
     // Switchyard's translation names the alias, Anthropic its model.
     assert_eq!(events[0].1["message"]["model"], "claude-then-gpt");
 }
+
+#[tokio::test]
+async fn a_messages_clients_beta_header_and_beta_fields_reach_anthropic_and_only_anthropic() {
+    let (app, anthropic) = with_anthropic().await;
+    let beta = "interleaved-thinking-2025-05-14,context-management-2025-06-27";
+    let body = json!({"model": "claude-then-gpt", "max_tokens": 256,
+        "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]},
+        "service_tier": "auto",
+        "messages": [{"role": "user", "content": "Say hello"}]});
+    let send = |body: Value| {
+        app.client
+            .post(app.url("/v1/messages"))
+            .header("anthropic-version", "2023-06-01")
+            .header("anthropic-beta", beta)
+            .json(&body)
+            .send()
+    };
+
+    let served = send(body.clone()).await.unwrap();
+    assert_eq!(served.status(), 200);
+    let sent = anthropic.last_request().unwrap();
+    assert_eq!(sent.headers["anthropic-beta"], beta);
+    assert_eq!(sent.headers["anthropic-version"], "2023-06-01");
+    assert_eq!(sent.body["context_management"], body["context_management"]);
+    assert_eq!(sent.body["service_tier"], "auto");
+
+    // The fallback gets neither: an OpenAI-compatible server knows no such
+    // header or fields.
+    anthropic.update(|b| b.always = Some(Fault::Status(529)));
+    let fell_back = send(body).await.unwrap();
+    assert_eq!(fell_back.status(), 200);
+    assert_eq!(fell_back.headers()["x-switchyard-provider"], "mock");
+    let sent = app.mock().last_request().unwrap();
+    assert!(sent.headers.get("anthropic-beta").is_none());
+    assert!(sent.body.get("context_management").is_none());
+    assert!(sent.body.get("service_tier").is_none());
+
+    // Without the header, none is sent.
+    anthropic.update(|b| b.always = None);
+    let plain = app
+        .post_json("/v1/messages", &messages_body("claude"))
+        .await;
+    assert_eq!(plain.status(), 200);
+    assert!(anthropic
+        .last_request()
+        .unwrap()
+        .headers
+        .get("anthropic-beta")
+        .is_none());
+}
