@@ -412,6 +412,8 @@ impl Tokens {
         crate::openai::Usage {
             prompt_tokens: self.prompt(),
             completion_tokens: self.output,
+            cached_tokens: self.cache_read,
+            cache_write_tokens: self.cache_creation,
         }
     }
 

@@ -469,6 +469,14 @@ pub struct Pricing {
     pub input_per_mtok: f64,
     #[serde(default)]
     pub output_per_mtok: f64,
+    /// Prompt tokens read from the provider's cache (OpenAI charges half or
+    /// less, Anthropic a tenth); `input_per_mtok` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input_per_mtok: Option<f64>,
+    /// Prompt tokens written to it (Anthropic charges 1.25× for its
+    /// five-minute cache); `input_per_mtok` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_per_mtok: Option<f64>,
 }
 
 impl Config {
@@ -483,9 +491,16 @@ impl Config {
 }
 
 impl Pricing {
-    pub fn cost_usd(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
-        (prompt_tokens as f64 * self.input_per_mtok
-            + completion_tokens as f64 * self.output_per_mtok)
+    /// What `u` cost: prompt tokens read from or written to a cache at
+    /// their own prices when those are set, the rest at the input price.
+    pub fn cost_usd(&self, u: &crate::openai::Usage) -> f64 {
+        let cached = u.cached_tokens.min(u.prompt_tokens);
+        let written = u.cache_write_tokens.min(u.prompt_tokens - cached);
+        let plain = u.prompt_tokens - cached - written;
+        (plain as f64 * self.input_per_mtok
+            + cached as f64 * self.cached_input_per_mtok.unwrap_or(self.input_per_mtok)
+            + written as f64 * self.cache_write_per_mtok.unwrap_or(self.input_per_mtok)
+            + u.completion_tokens as f64 * self.output_per_mtok)
             / 1_000_000.0
     }
 }
@@ -715,7 +730,11 @@ impl Config {
             ));
         }
         for (name, p) in &self.pricing {
-            if !(p.input_per_mtok >= 0.0 && p.output_per_mtok >= 0.0) {
+            let optional = [p.cached_input_per_mtok, p.cache_write_per_mtok];
+            if !(p.input_per_mtok >= 0.0
+                && p.output_per_mtok >= 0.0
+                && optional.iter().flatten().all(|x| *x >= 0.0))
+            {
                 return Err(ConfigError::invalid(
                     format!("pricing.{name}"),
                     "expected prices of zero or more",
@@ -1461,11 +1480,38 @@ mod tests {
         assert_eq!(
             c.price_for("q", "m")
                 .unwrap()
-                .cost_usd(1_000_000, 1_000_000),
+                .cost_usd(&crate::openai::Usage::new(1_000_000, 1_000_000)),
             3.0
         );
         assert_eq!(c.price_for("p", "m").unwrap().input_per_mtok, 3.0);
         assert!(c.price_for("p", "other").is_none());
+    }
+
+    #[test]
+    fn cached_prompt_tokens_cost_their_own_price_when_it_is_set() {
+        let file = "[pricing.claude]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
+                    cached_input_per_mtok = 0.3\ncache_write_per_mtok = 3.75\n\
+                    [pricing.plain]\ninput_per_mtok = 3.0\n";
+        let c = Config::load(Some(("f.toml", file)), &Env::new()).unwrap();
+        let usage: crate::openai::Usage = serde_json::from_value(serde_json::json!({
+            "prompt_tokens": 1_000_000, "completion_tokens": 100_000,
+            "prompt_tokens_details": {"cached_tokens": 600_000},
+            "cache_creation_input_tokens": 300_000,
+        }))
+        .unwrap();
+        assert_eq!(
+            (usage.cached_tokens, usage.cache_write_tokens),
+            (600_000, 300_000)
+        );
+        let cost = c.price_for("a", "claude").unwrap().cost_usd(&usage);
+        // 0.1 M plain × 3 + 0.6 M read × 0.3 + 0.3 M written × 3.75 + 0.1 M out × 15
+        assert!((cost - (0.3 + 0.18 + 1.125 + 1.5)).abs() < 1e-9, "{cost}");
+        // Unset, every prompt token is an input token, as before.
+        let cost = c.price_for("a", "plain").unwrap().cost_usd(&usage);
+        assert!((cost - 3.0).abs() < 1e-9, "{cost}");
+        let negative = "[pricing.m]\ninput_per_mtok = 1.0\ncached_input_per_mtok = -1.0\n";
+        let e = Config::load(Some(("f.toml", negative)), &Env::new()).unwrap_err();
+        assert!(e.to_string().contains("pricing.m"), "{e}");
     }
 
     #[test]

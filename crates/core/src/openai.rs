@@ -585,11 +585,72 @@ pub struct ErrorObject {
 
 /// The `usage` object of a response or of the last stream chunk.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(from = "WireUsage")]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
+    /// Of `prompt_tokens`, those read from the provider's prompt cache
+    /// (`prompt_tokens_details.cached_tokens`), which cost less.
+    #[serde(skip_serializing)]
+    pub cached_tokens: u64,
+    /// Of `prompt_tokens`, those written to it (`cache_creation_input_tokens`,
+    /// as LiteLLM and Switchyard's Anthropic adapter report them, or
+    /// `prompt_tokens_details.cache_creation_tokens`), which cost more.
+    #[serde(skip_serializing)]
+    pub cache_write_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_tokens: Option<u64>,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(w: WireUsage) -> Self {
+        let details = w.prompt_tokens_details.as_ref();
+        // Parts of the prompt, never more than all of it.
+        let cached = details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+            .min(w.prompt_tokens);
+        let written = w
+            .cache_creation_input_tokens
+            .or_else(|| details.and_then(|d| d.cache_creation_tokens))
+            .unwrap_or(0)
+            .min(w.prompt_tokens - cached);
+        Self {
+            prompt_tokens: w.prompt_tokens,
+            completion_tokens: w.completion_tokens,
+            cached_tokens: cached,
+            cache_write_tokens: written,
+        }
+    }
+}
+
+impl Usage {
+    /// Prompt and completion counts, nothing read from or written to a cache.
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            ..Self::default()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -721,9 +721,7 @@ impl Accounting {
             }
             r.prompt_tokens = Some(u.prompt_tokens);
             r.completion_tokens = Some(u.completion_tokens);
-            r.cost_usd = self
-                .pricing
-                .map(|p| p.cost_usd(u.prompt_tokens, u.completion_tokens));
+            r.cost_usd = self.pricing.map(|p| p.cost_usd(&u));
             let model = &r.model_alias;
             let (prompt, completion) = self.metrics.tokens.get(&[model, provider], || {
                 (

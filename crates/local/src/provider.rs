@@ -433,10 +433,10 @@ impl ChatProvider for LocalProvider {
         });
         Ok(ChatReply::Complete(Completion {
             body: Bytes::from(body.to_string()),
-            usage: Some(Usage {
-                prompt_tokens: u64::from(g.prompt_tokens),
-                completion_tokens: u64::from(g.completion_tokens),
-            }),
+            usage: Some(Usage::new(
+                u64::from(g.prompt_tokens),
+                u64::from(g.completion_tokens),
+            )),
         }))
     }
 }
@@ -528,10 +528,7 @@ impl EmbeddingProvider for LocalProvider {
         });
         Ok(Completion {
             body: Bytes::from(body.to_string()),
-            usage: Some(Usage {
-                prompt_tokens: u64::from(out.prompt_tokens),
-                completion_tokens: 0,
-            }),
+            usage: Some(Usage::new(u64::from(out.prompt_tokens), 0)),
         })
     }
 }

@@ -40,6 +40,10 @@ pub struct Behavior {
     /// DeepSeek's and vLLM's reasoning models do: `reasoning_content` in the
     /// message, or streamed one word per chunk before the reply.
     pub reasoning: Option<String>,
+    /// Anthropic answers report this many prompt tokens read from and
+    /// written to the prompt cache (`cache_read_input_tokens`,
+    /// `cache_creation_input_tokens`), besides the uncached input.
+    pub cache_tokens: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +63,7 @@ impl Default for Behavior {
             always: None,
             fail_pattern: None,
             reasoning: None,
+            cache_tokens: None,
         }
     }
 }
@@ -677,6 +682,11 @@ async fn messages(
         .get("messages")
         .and_then(Value::as_array)
         .map_or(0, |m| m.len() as u64 * 4);
+    let mut usage = json!({"input_tokens": input_tokens, "output_tokens": 1});
+    if let Some((read, written)) = behavior.cache_tokens {
+        usage["cache_read_input_tokens"] = json!(read);
+        usage["cache_creation_input_tokens"] = json!(written);
+    }
     let (reply, stop_sequence) = stop_at_sequence(&req, &behavior.reply);
     let words: Vec<&str> = reply.split_whitespace().collect();
     let text_stop = if stop_sequence.is_some() {
@@ -700,17 +710,18 @@ async fn messages(
             }
             (_, content) => content,
         };
+        usage["output_tokens"] = json!(words.len());
         return axum::Json(json!({
             "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": stop, "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": input_tokens, "output_tokens": words.len()},
+            "usage": usage,
         }))
         .into_response();
     }
     let mut events: Vec<(&str, Value)> = vec![(
         "message_start",
         json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-            "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+            "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage}}),
     )];
     let index = u64::from(thinking);
     if thinking {

@@ -532,7 +532,7 @@ async fn generate(inner: Arc<Inner>, job: Job) {
     let ending = run(&inner, &meta, &request, &transcript).await;
     let latency_ms = meta.started.elapsed().as_secs_f64() * 1000.0;
     let cost_usd = match (ending.pricing, ending.usage) {
-        (Some(p), Some(u)) => Some(p.cost_usd(u.prompt_tokens, u.completion_tokens)),
+        (Some(p), Some(u)) => Some(p.cost_usd(&u)),
         _ => None,
     };
     let mut message = assistant;

@@ -1266,3 +1266,57 @@ async fn a_messages_clients_beta_header_and_beta_fields_reach_anthropic_and_only
         .get("anthropic-beta")
         .is_none());
 }
+
+#[tokio::test]
+async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rates() {
+    let anthropic = MockUpstream::start().await.unwrap();
+    anthropic.update(|b| b.cache_tokens = Some((1_000, 200)));
+    let mut app = app()
+        .config(&format!(
+            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"{ANTHROPIC_KEY}\"\n\n\
+             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
+             [pricing.claude-sonnet-mock]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
+             cached_input_per_mtok = 0.3\ncache_write_per_mtok = 3.75\n",
+            anthropic.base_url()
+        ))
+        .spawn()
+        .await;
+    let chat = json!({"model": "claude", "messages": [{"role": "user", "content": "Say hello"}]});
+
+    let openai: Value = app
+        .post_json("/v1/chat/completions", &chat)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let messages: Value = app
+        .post_json("/v1/messages", &messages_body("claude"))
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    // 4 uncached input tokens (the mock's 4 a message) beside the cache's.
+    assert_eq!(openai["usage"]["prompt_tokens"], 1_204);
+    assert_eq!(
+        openai["usage"]["prompt_tokens_details"]["cached_tokens"],
+        1_000
+    );
+    assert_eq!(openai["usage"]["cache_creation_input_tokens"], 200);
+    assert_eq!(messages["usage"]["input_tokens"], 4);
+    assert_eq!(messages["usage"]["cache_read_input_tokens"], 1_000);
+    assert_eq!(messages["usage"]["cache_creation_input_tokens"], 200);
+    app.stop_gracefully().await;
+    let rows = usage_rows(&app).await;
+    assert_eq!(rows.len(), 2);
+    let words = switchyard_testkit::Behavior::default()
+        .reply
+        .split_whitespace()
+        .count() as f64;
+    let expected = (4.0 * 3.0 + 1_000.0 * 0.3 + 200.0 * 3.75 + words * 15.0) / 1e6;
+    for row in &rows {
+        assert_eq!(row.prompt_tokens, Some(1_204));
+        let cost = row.cost_usd.unwrap();
+        assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
+    }
+}
