@@ -665,6 +665,10 @@ pub struct MessagesRequest {
     /// deployment of the alias speaks the Messages API itself (an Anthropic
     /// deployment is sent the client's own body).
     pub untranslatable: Option<TranslateError>,
+    /// When the request declares one of Anthropic's own tools, the refusal
+    /// to give unless the alias's Anthropic providers enable them
+    /// (`server_tools`): Anthropic bills them per use, beyond tokens.
+    pub server_tool: Option<TranslateError>,
 }
 
 /// What a client of `POST /v1/messages` sent, for an Anthropic deployment
@@ -679,17 +683,27 @@ pub struct NativeMessages {
 
 /// The Messages request an Anthropic deployment is sent for a client that
 /// spoke Anthropic's API (a body [`MessagesRequest::parse`] accepted): the
-/// client's own body as it came — prompt-caching markers, `top_k`,
+/// client's own fields as they came — prompt-caching markers, `top_k`,
 /// `tool_result.is_error`, system blocks, the whole `metadata.user_id`,
 /// extended thinking and earlier turns' signed thinking blocks, Anthropic's
-/// own tools, beta fields (with the client's `anthropic-beta` header, see
-/// [`NativeMessages`]) — rather than their trip through the OpenAI shape,
-/// which has no place for them; with the deployment's model. Left out is
-/// what Anthropic would refuse but an OpenAI provider takes, so that one
-/// request works on either: empty text blocks and turns, `metadata` keys
-/// other than `user_id`, thinking blocks without a signature (made by
-/// Switchyard from another provider's reasoning text; only Anthropic signs),
-/// and `tools: []` with its `tool_choice`.
+/// own tools, `context_management` and `output_format` (with the client's
+/// `anthropic-beta` header, see [`NativeMessages`]) — rather than their trip
+/// through the OpenAI shape, which has no place for them; with the
+/// deployment's model. Only Anthropic's documented request fields are sent
+/// ([`NATIVE_FIELDS`]: an OpenAI-minded client's `user` or `n` would be a
+/// 400 there and is ignored by the translation), and of a message only its
+/// `role` and `content`. Fields that reach resources shared by the whole
+/// Anthropic workspace or change its bill beyond tokens (`container`,
+/// `mcp_servers`, `service_tier`) are not sent: every tenant shares the
+/// gateway's key. Left out too is what Anthropic would refuse but an OpenAI
+/// provider takes, so that one request works on either: empty text blocks
+/// and turns (a cache breakpoint on an empty block moves to the block
+/// before it), `metadata` keys other than `user_id`, thinking blocks without
+/// a signature (made by Switchyard from another provider's reasoning text;
+/// only Anthropic signs), `tools: []` with its `tool_choice`, and `thinking`
+/// itself when the tool call being answered was made without it (by a
+/// fallback provider): Anthropic requires that turn to open with its
+/// thinking, and would refuse every later turn of the loop.
 pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) -> Value {
     let mut req = Map::new();
     req.insert("model".into(), json!(model));
@@ -697,15 +711,14 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
         .get("tools")
         .and_then(Value::as_array)
         .is_some_and(|t| !t.is_empty());
-    for (key, v) in original {
-        let skip = match key.as_str() {
-            "model" | "stream" | "messages" | "metadata" => true,
-            "tools" | "tool_choice" => !with_tools,
-            _ => v.is_null(),
+    for key in NATIVE_FIELDS {
+        let Some(v) = original.get(key).filter(|v| !v.is_null()) else {
+            continue;
         };
-        if !skip {
-            req.insert(key.clone(), v.clone());
+        if (key == "tools" || key == "tool_choice") && !with_tools {
+            continue;
         }
+        req.insert(key.into(), v.clone());
     }
     // `user_id` is the one field Anthropic's metadata takes; anything else a
     // client put there (other gateways accept free-form tags) would be a 400.
@@ -722,40 +735,92 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|m| {
-            let blocks = match m.get("content") {
-                Some(Value::Array(blocks)) => blocks,
-                // Anthropic refuses empty content where an OpenAI provider
-                // shrugs: the same request must work on either.
-                Some(Value::String(s)) if s.is_empty() => return None,
-                _ => return Some(m.clone()),
-            };
-            let kept: Vec<Value> = blocks
-                .iter()
-                .filter(|b| match b.get("type").and_then(Value::as_str) {
-                    Some("thinking") => b
-                        .get("signature")
-                        .and_then(Value::as_str)
-                        .is_some_and(|s| !s.is_empty()),
-                    Some("text") => b.get("text").and_then(Value::as_str) != Some(""),
-                    _ => true,
-                })
-                .cloned()
-                .collect();
-            // A turn that held only reasoning (or nothing) says nothing
-            // (Anthropic joins the turns on either side of it).
-            (!kept.is_empty()).then(|| {
-                let mut m = m.clone();
-                m["content"] = Value::Array(kept);
-                m
-            })
-        })
+        .filter_map(native_message)
         .collect();
+    if req.contains_key("thinking") && !thinking_continues(&messages) {
+        req.remove("thinking");
+    }
     req.insert("messages".into(), Value::Array(messages));
     if stream {
         req.insert("stream".into(), json!(true));
     }
     Value::Object(req)
+}
+
+/// The request fields of Anthropic's Messages API that an Anthropic
+/// deployment is sent as the client gave them (`model`, `stream`,
+/// `messages` and `metadata` are set apart).
+pub const NATIVE_FIELDS: [&str; 11] = [
+    "max_tokens",
+    "system",
+    "stop_sequences",
+    "temperature",
+    "top_p",
+    "top_k",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "context_management",
+    "output_format",
+];
+
+/// One message as Anthropic takes it, or `None` when nothing of it is left.
+fn native_message(m: &Value) -> Option<Value> {
+    let role = m.get("role").cloned().unwrap_or(Value::Null);
+    let blocks = match m.get("content") {
+        Some(Value::Array(blocks)) => blocks,
+        // Anthropic refuses empty content where an OpenAI provider
+        // shrugs: the same request must work on either.
+        Some(Value::String(s)) if s.is_empty() => return None,
+        content => {
+            return Some(json!({"role": role, "content": content.cloned().unwrap_or(Value::Null)}))
+        }
+    };
+    let mut kept: Vec<Value> = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        match b.get("type").and_then(Value::as_str) {
+            Some("thinking")
+                if b.get("signature")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty) => {}
+            Some("text") if b.get("text").and_then(Value::as_str) == Some("") => {
+                if let (Some(mark), Some(last)) = (cache_mark(b), kept.last_mut()) {
+                    if cache_mark(last).is_none() {
+                        last["cache_control"] = mark.clone();
+                    }
+                }
+            }
+            _ => kept.push(b.clone()),
+        }
+    }
+    // A turn that held only reasoning (or nothing) says nothing (Anthropic
+    // joins the turns on either side of it).
+    (!kept.is_empty()).then(|| json!({"role": role, "content": kept}))
+}
+
+/// Whether extended thinking can go on in `messages`: unless the last
+/// assistant turn made tool calls without opening with (signed) thinking —
+/// a fallback provider's turn — which Anthropic refuses with thinking on.
+fn thinking_continues(messages: &[Value]) -> bool {
+    let Some(last) = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+    else {
+        return true;
+    };
+    let Some(blocks) = last.get("content").and_then(Value::as_array) else {
+        return true;
+    };
+    let kind = |b: &Value| b.get("type").and_then(Value::as_str).map(str::to_owned);
+    let calls = blocks
+        .iter()
+        .any(|b| kind(b).as_deref() == Some("tool_use"));
+    !calls
+        || matches!(
+            blocks.first().and_then(kind).as_deref(),
+            Some("thinking" | "redacted_thinking")
+        )
 }
 
 /// OpenAI's `user` for an Anthropic `metadata.user_id`. OpenAI refuses a
@@ -939,6 +1004,30 @@ impl MessagesRequest {
         let mut openai = Map::new();
         openai.insert("model".into(), json!(model));
         openai.insert("messages".into(), Value::Array(out));
+        // Structured outputs: the same JSON schema as OpenAI's
+        // `response_format` (not `strict`, whose extra rules Anthropic's
+        // schemas need not meet). `context_management` is not carried: it
+        // only trims what Anthropic keeps of earlier tool results.
+        match body.get("output_format") {
+            None | Some(Value::Null) => {}
+            Some(f)
+                if f.get("type").and_then(Value::as_str) == Some("json_schema")
+                    && f.get("schema").is_some_and(Value::is_object) =>
+            {
+                openai.insert(
+                    "response_format".into(),
+                    json!({"type": "json_schema", "json_schema": {"name": "output", "schema": f["schema"]}}),
+                );
+            }
+            Some(_) => {
+                untranslatable.get_or_insert_with(|| {
+                    bad(
+                        "output_format",
+                        "output_format: only a json_schema with a schema object can be sent to every provider of this model",
+                    )
+                });
+            }
+        }
         if let Some(max_tokens) = max_tokens {
             openai.insert("max_tokens".into(), max_tokens);
         }
@@ -1009,12 +1098,14 @@ impl MessagesRequest {
             .get("tools")
             .and_then(Value::as_array)
             .filter(|t| !t.is_empty());
+        let mut server_tool = None;
         if let Some(tools) = tools {
             let mut functions = Vec::with_capacity(tools.len());
             for (i, t) in tools.iter().enumerate() {
                 match anthropic_tool(i, t) {
-                    Some(refusal) => {
+                    Some((refusal, disabled)) => {
                         untranslatable.get_or_insert(refusal);
+                        server_tool.get_or_insert(disabled);
                     }
                     None => functions.push(custom_tool(i, t)?),
                 }
@@ -1062,6 +1153,7 @@ impl MessagesRequest {
             thinking,
             openai_body: openai,
             untranslatable,
+            server_tool,
         })
     }
 }
@@ -1071,7 +1163,7 @@ impl MessagesRequest {
 /// or need its trained schemas, so another provider cannot honour them, and
 /// they are refused by name rather than sent without a schema — unless
 /// Anthropic serves the alias ([`MessagesRequest::untranslatable`]).
-fn anthropic_tool(i: usize, tool: &Value) -> Option<TranslateError> {
+fn anthropic_tool(i: usize, tool: &Value) -> Option<(TranslateError, TranslateError)> {
     let kind = tool.get("type")?;
     if kind.is_null() || kind == "custom" {
         return None;
@@ -1079,11 +1171,21 @@ fn anthropic_tool(i: usize, tool: &Value) -> Option<TranslateError> {
     let kind = kind
         .as_str()
         .map_or_else(|| kind.to_string(), str::to_owned);
-    Some(bad(
-        &format!("tools.{i}.type"),
-        format!(
-            "tools.{i}.type: {kind} is one of Anthropic's own tools, which only Anthropic can run; \
-             route this model to an Anthropic deployment, or declare a custom tool (name, description, input_schema) instead"
+    let param = format!("tools.{i}.type");
+    Some((
+        bad(
+            &param,
+            format!(
+                "{param}: {kind} is one of Anthropic's own tools, which only Anthropic can run; \
+                 route this model to an Anthropic deployment, or declare a custom tool (name, description, input_schema) instead"
+            ),
+        ),
+        bad(
+            &param,
+            format!(
+                "{param}: {kind} is one of Anthropic's own tools, which Anthropic bills per use beyond tokens; \
+                 they are not enabled for this model (its providers' server_tools setting)"
+            ),
         ),
     ))
 }
@@ -1196,15 +1298,17 @@ fn translate_blocks(
             // Reasoning blocks from an earlier turn are not sent to other providers.
             Some("thinking") | Some("redacted_thinking") => {}
             other => {
+                let kind = other.unwrap_or("(none)");
                 untranslatable.get_or_insert_with(|| {
                     bad(
                         &format!("messages.{i}.content.{j}.type"),
-                        format!(
-                            "messages.{i}.content.{j}: unsupported block type {}",
-                            other.unwrap_or("(none)")
-                        ),
+                        format!("messages.{i}.content.{j}: unsupported block type {kind}"),
                     )
                 });
+                // Stands in for the block, so that the translation's own
+                // checks (no empty turns) hold when Anthropic serves the
+                // request and the translation is never sent.
+                parts.push(json!({"type": "text", "text": format!("[{kind}]")}));
             }
         }
     }
@@ -2167,6 +2271,79 @@ mod tests {
     }
 
     #[test]
+    fn an_anthropic_deployment_gets_only_anthropics_fields() {
+        let mark = json!({"type": "ephemeral"});
+        let original = obj(json!({
+            "model": "alias", "max_tokens": 100,
+            "user": "u-1", "n": 1, "service_tier": "auto", "container": "c_1",
+            "mcp_servers": [{"type": "url", "url": "https://x"}],
+            "output_format": {"type": "json_schema", "schema": {"type": "object"}},
+            "messages": [
+                {"role": "user", "name": "ann", "content": [
+                    {"type": "text", "text": "Long context."},
+                    {"type": "text", "text": "", "cache_control": mark},
+                ]},
+            ],
+        }));
+        assert_eq!(
+            native_request(&original, "claude-x", false),
+            json!({
+                "model": "claude-x", "max_tokens": 100,
+                "output_format": {"type": "json_schema", "schema": {"type": "object"}},
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "Long context.", "cache_control": mark},
+                ]}],
+            })
+        );
+        // The translation carries output_format as OpenAI's response_format.
+        let r = MessagesRequest::parse(&original).unwrap();
+        assert!(r.untranslatable.is_none());
+        assert_eq!(
+            r.openai_body["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}}})
+        );
+        let mut odd = original.clone();
+        odd.insert("output_format".into(), json!({"type": "yaml"}));
+        let e = MessagesRequest::parse(&odd)
+            .unwrap()
+            .untranslatable
+            .unwrap();
+        assert_eq!(e.param.as_deref(), Some("output_format"));
+    }
+
+    #[test]
+    fn thinking_is_left_out_when_the_tool_call_being_answered_was_made_without_it() {
+        let thinking = json!({"type": "enabled", "budget_tokens": 1024});
+        let turn = |assistant: Value| {
+            obj(
+                json!({"model": "a", "max_tokens": 2048, "thinking": thinking, "messages": [
+                    {"role": "user", "content": "Weather?"},
+                    {"role": "assistant", "content": assistant},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]},
+                ]}),
+            )
+        };
+        let call = json!({"type": "tool_use", "id": "t1", "name": "w", "input": {}});
+        let signed = json!({"type": "thinking", "thinking": "Look.", "signature": "sig"});
+        let unsigned = json!({"type": "thinking", "thinking": "Look.", "signature": ""});
+        let sent = |assistant: Value| native_request(&turn(assistant), "c", false);
+        // Anthropic's own turn: thinking goes on.
+        assert_eq!(sent(json!([signed, call]))["thinking"], thinking);
+        assert_eq!(
+            sent(json!([{"type": "redacted_thinking", "data": "x"}, call]))["thinking"],
+            thinking
+        );
+        // A fallback's turn (no thinking, or its unsigned reasoning): not.
+        assert!(sent(json!([call])).get("thinking").is_none());
+        assert!(sent(json!([unsigned, call])).get("thinking").is_none());
+        // Without a tool call in the last assistant turn, thinking goes on.
+        assert_eq!(
+            sent(json!([{"type": "text", "text": "Hi."}]))["thinking"],
+            thinking
+        );
+    }
+
+    #[test]
     fn a_temperature_outside_anthropics_range_is_refused_whatever_the_provider() {
         let with = |t: Value| {
             MessagesRequest::parse(&obj(
@@ -2610,9 +2787,14 @@ mod tests {
             e.message,
             "messages.0.content.0: unsupported block type document"
         );
+        // (A stand-in keeps the translation well-formed; it is never sent,
+        // since only an all-Anthropic route takes such a request.)
         assert_eq!(
             r.openai_body["messages"],
-            json!([{"role": "user", "content": "Summarise."}])
+            json!([{"role": "user", "content": [
+                {"type": "text", "text": "[document]"},
+                {"type": "text", "text": "Summarise."},
+            ]}])
         );
         let r =
             MessagesRequest::parse(&with("stop_sequences", json!(["a", "b", "c", "d"]))).unwrap();

@@ -356,6 +356,12 @@ pub struct ProviderConfig {
     /// Total time allowed for one upstream request (a whole stream included), in seconds.
     #[serde(default = "default_request_timeout_secs")]
     pub timeout_secs: u64,
+    /// `anthropic` providers only: let Messages clients use Anthropic's own
+    /// tools (web search, web fetch, code execution, …). Off by default:
+    /// Anthropic bills them per use, beyond tokens, which usage rows and
+    /// budgets do not count, and every tenant shares the provider's key.
+    #[serde(default)]
+    pub server_tools: bool,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -675,6 +681,12 @@ impl Config {
         }
         self.local.validate()?;
         for (name, p) in &self.providers {
+            if p.server_tools && p.kind != ProviderKind::Anthropic {
+                return Err(ConfigError::invalid(
+                    format!("providers.{name}.server_tools"),
+                    "only an anthropic provider runs Anthropic's own tools",
+                ));
+            }
             if p.kind == ProviderKind::Local {
                 if !p.base_url.is_empty() {
                     return Err(ConfigError::invalid(
@@ -1485,6 +1497,21 @@ mod tests {
         );
         assert_eq!(c.price_for("p", "m").unwrap().input_per_mtok, 3.0);
         assert!(c.price_for("p", "other").is_none());
+    }
+
+    #[test]
+    fn server_tools_are_only_an_anthropic_providers_to_enable() {
+        let file =
+            "[providers.p]\nkind = \"openai\"\nbase_url = \"http://p/v1\"\nserver_tools = true\n";
+        let e = Config::load(Some(("f.toml", file)), &Env::new()).unwrap_err();
+        assert!(e.to_string().contains("providers.p.server_tools"), "{e}");
+        let ok = file.replace("openai", "anthropic");
+        assert!(
+            Config::load(Some(("f.toml", &ok)), &Env::new())
+                .unwrap()
+                .providers["p"]
+                .server_tools
+        );
     }
 
     #[test]

@@ -331,6 +331,15 @@ impl Gateway {
             .all(|d| d.chat.speaks_messages()))
     }
 
+    /// Whether every deployment of `alias` runs Anthropic's own tools for
+    /// clients (Anthropic providers with `server_tools` on).
+    pub fn runs_server_tools(&self, alias: &str) -> Result<bool, EngineError> {
+        Ok(self
+            .route(alias)?
+            .deployments()
+            .all(|d| d.chat.runs_server_tools()))
+    }
+
     /// A provider's own count of the input tokens of an Anthropic Messages
     /// body for `alias` (`POST /v1/messages/count_tokens`): from the first of
     /// its deployments, in route order, that can count and whose breaker is

@@ -20,7 +20,8 @@ use crate::gateway::Accounting;
 /// What the HTTP layer relays: chunks, then exactly one `Done` or `Error`.
 #[derive(Debug)]
 pub enum StreamEvent {
-    /// The JSON of one `chat.completion.chunk`, as the provider sent it.
+    /// The JSON of one `chat.completion.chunk`, as the provider sent it (of
+    /// one Anthropic event for a native answer: `ChatOutcome::Stream::anthropic`).
     Chunk(Bytes),
     Done,
     Error(ProviderError),

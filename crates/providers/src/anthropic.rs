@@ -37,6 +37,7 @@ pub struct AnthropicProvider {
     count_url: http::Uri,
     models_url: http::Uri,
     upstream: Upstream,
+    server_tools: bool,
 }
 
 impl AnthropicProvider {
@@ -56,6 +57,7 @@ impl AnthropicProvider {
             count_url: parse_url(&format!("{base}/messages/count_tokens"))?,
             models_url: parse_url(&format!("{base}/models"))?,
             upstream: Upstream::new(config, headers)?,
+            server_tools: config.server_tools,
         })
     }
 }
@@ -164,6 +166,10 @@ impl ChatProvider for AnthropicProvider {
 
     fn speaks_messages(&self) -> bool {
         true
+    }
+
+    fn runs_server_tools(&self) -> bool {
+        self.server_tools
     }
 
     /// Anthropic's own count (free, and exact for its tokenizer), of the
@@ -389,7 +395,14 @@ fn native_stream(resp: UpstreamResponse) -> ChunkStream {
                 st.parser.next_event()
             };
             if let Some(ev) = event {
-                match ev.event.as_deref() {
+                // The `event:` line names it; a relay that leaves the line
+                // out still has the data's `type`.
+                let name = ev.event.clone().or_else(|| {
+                    serde_json::from_slice::<Value>(&ev.data)
+                        .ok()
+                        .and_then(|d| d.get("type").and_then(Value::as_str).map(str::to_owned))
+                });
+                match name.as_deref() {
                     Some("error") => {
                         st.done = true;
                         let data: Value = serde_json::from_slice(&ev.data).unwrap_or(Value::Null);

@@ -91,6 +91,11 @@ pub trait ChatProvider: Send + Sync {
     fn speaks_messages(&self) -> bool {
         false
     }
+    /// Whether it runs Anthropic's own tools for clients (configured:
+    /// `server_tools`).
+    fn runs_server_tools(&self) -> bool {
+        false
+    }
     /// The exact input tokens of an Anthropic Messages body, for
     /// `POST /v1/messages/count_tokens`, from a provider that can count
     /// them; `None` (the default) when it cannot, and the caller estimates.

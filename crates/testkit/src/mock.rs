@@ -812,6 +812,33 @@ pub const MOCK_SIGNATURE: &str = "mock-signature-EqQBCkgIARABGAIiQL";
 /// Anthropic signs them), `metadata` keys other than `user_id`, and a
 /// temperature above 1.
 fn anthropic_refusal(req: &Value) -> Option<String> {
+    const FIELDS: [&str; 18] = [
+        "model",
+        "messages",
+        "max_tokens",
+        "stream",
+        "system",
+        "metadata",
+        "stop_sequences",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "context_management",
+        "output_format",
+        "container",
+        "mcp_servers",
+        "service_tier",
+    ];
+    if let Some(k) = req
+        .as_object()?
+        .keys()
+        .find(|k| !FIELDS.contains(&k.as_str()))
+    {
+        return Some(format!("{k}: Extra inputs are not permitted"));
+    }
     if req
         .get("temperature")
         .and_then(Value::as_f64)
@@ -826,6 +853,12 @@ fn anthropic_refusal(req: &Value) -> Option<String> {
     }
     let messages = req.get("messages").and_then(Value::as_array)?;
     for (i, m) in messages.iter().enumerate() {
+        if let Some(k) = m
+            .as_object()
+            .and_then(|m| m.keys().find(|k| *k != "role" && *k != "content"))
+        {
+            return Some(format!("messages.{i}.{k}: Extra inputs are not permitted"));
+        }
         match m.get("content") {
             Some(Value::String(s)) if s.is_empty() => {
                 return Some(format!(
@@ -857,6 +890,30 @@ fn anthropic_refusal(req: &Value) -> Option<String> {
                 }
             }
             _ => {}
+        }
+    }
+    // With thinking on, the tool call being answered must open with its
+    // thinking.
+    let thinking = matches!(
+        req.pointer("/thinking/type").and_then(Value::as_str),
+        Some("enabled" | "adaptive")
+    );
+    let last_assistant = messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+    if let (true, Some(i)) = (thinking, last_assistant) {
+        let blocks = messages[i].get("content").and_then(Value::as_array);
+        let kind = |b: &Value| b.get("type").and_then(Value::as_str).map(str::to_owned);
+        let calls = blocks
+            .into_iter()
+            .flatten()
+            .any(|b| kind(b).as_deref() == Some("tool_use"));
+        let opens = blocks.and_then(|b| b.first()).and_then(kind);
+        if calls && !matches!(opens.as_deref(), Some("thinking" | "redacted_thinking")) {
+            return Some(format!(
+                "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{}`",
+                opens.unwrap_or_default()
+            ));
         }
     }
     None

@@ -50,11 +50,20 @@ fn invalid(message: &str) -> Response {
 /// Refuses what the OpenAI shape cannot carry unless Anthropic serves the
 /// whole route (then no deployment needs the translation); an unknown alias
 /// is left to the 404 that routing gives.
-fn untranslatable(state: &AppState, msg: &MessagesRequest) -> Option<Response> {
-    let refusal = msg.untranslatable.as_ref()?;
-    match state.gateway().speaks_messages(&msg.model) {
-        Ok(false) => Some(invalid(&refusal.message)),
-        Ok(true) | Err(_) => None,
+/// Anthropic's own tools also need the providers to enable them
+/// (`server_tools`), except to count tokens, which costs nothing.
+fn untranslatable(state: &AppState, msg: &MessagesRequest, counting: bool) -> Option<Response> {
+    let gateway = state.gateway();
+    if let Some(refusal) = &msg.untranslatable {
+        if gateway.speaks_messages(&msg.model).ok() == Some(false) {
+            return Some(invalid(&refusal.message));
+        }
+    }
+    match &msg.server_tool {
+        Some(refusal) if !counting && gateway.runs_server_tools(&msg.model).ok() == Some(false) => {
+            Some(invalid(&refusal.message))
+        }
+        _ => None,
     }
 }
 
@@ -78,7 +87,7 @@ pub async fn messages(
         Ok(m) => m,
         Err(e) => return invalid(&e.message),
     };
-    if let Some(refused) = untranslatable(&state, &msg) {
+    if let Some(refused) = untranslatable(&state, &msg, false) {
         return refused;
     }
     let mut req = match ChatRequest::from_object(msg.openai_body) {
@@ -168,7 +177,7 @@ pub async fn count_tokens(
         Ok(m) => m,
         Err(e) => return invalid(&e.message),
     };
-    if let Some(refused) = untranslatable(&state, &msg) {
+    if let Some(refused) = untranslatable(&state, &msg, true) {
         return refused;
     }
     if let Err(e) = ChatRequest::from_object(msg.openai_body) {

@@ -511,7 +511,18 @@ async fn anthropics_own_tools_are_refused_by_name_before_any_provider_call() {
 
 #[tokio::test]
 async fn what_only_anthropic_can_take_reaches_a_route_of_anthropic_deployments_as_sent() {
-    let (app, anthropic) = with_anthropic().await;
+    let anthropic = MockUpstream::start().await.unwrap();
+    let app = app()
+        .config(&format!(
+            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"{ANTHROPIC_KEY}\"\n\
+             server_tools = true\n\n\
+             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
+             [[models.claude-then-gpt.route]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
+             [[models.claude-then-gpt.route]]\nprovider = \"mock\"\nmodel = \"gpt-4o-mini-upstream\"\n",
+            anthropic.base_url()
+        ))
+        .spawn()
+        .await;
     let web_search = json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 3});
     let document = json!({"type": "document", "source": {"type": "base64",
         "media_type": "application/pdf", "data": "JVBERi0xLjQ="}});
@@ -551,6 +562,29 @@ async fn what_only_anthropic_can_take_reaches_a_route_of_anthropic_deployments_a
     );
     assert_eq!(anthropic.calls(), 1);
     assert_eq!(app.mock().calls(), 0);
+}
+
+#[tokio::test]
+async fn anthropics_own_tools_need_the_provider_to_enable_them_but_not_to_be_counted() {
+    let (app, anthropic) = with_anthropic().await;
+    let body = json!({"model": "claude", "max_tokens": 256,
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}],
+        "messages": [{"role": "user", "content": "Search for it."}]});
+
+    let refused = app.post_json("/v1/messages", &body).await;
+    let counted = app.post_json("/v1/messages/count_tokens", &body).await;
+
+    assert_eq!(refused.status(), 400);
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        v["error"]["message"],
+        "tools.0.type: web_search_20250305 is one of Anthropic's own tools, which Anthropic bills \
+         per use beyond tokens; they are not enabled for this model (its providers' server_tools setting)"
+    );
+    assert_eq!(counted.status(), 200);
+    assert_eq!(counted.headers()["x-switchyard-token-count"], "provider");
+    assert_eq!(anthropic.calls(), 1, "only the count reached Anthropic");
 }
 
 #[tokio::test]
@@ -1240,7 +1274,9 @@ async fn a_messages_clients_beta_header_and_beta_fields_reach_anthropic_and_only
     assert_eq!(sent.headers["anthropic-beta"], beta);
     assert_eq!(sent.headers["anthropic-version"], "2023-06-01");
     assert_eq!(sent.body["context_management"], body["context_management"]);
-    assert_eq!(sent.body["service_tier"], "auto");
+    // What changes the workspace's bill beyond tokens is not a tenant's to
+    // choose: every tenant shares the gateway's key.
+    assert!(sent.body.get("service_tier").is_none());
 
     // The fallback gets neither: an OpenAI-compatible server knows no such
     // header or fields.
@@ -1319,4 +1355,45 @@ async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rate
         let cost = row.cost_usd.unwrap();
         assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
     }
+}
+
+#[tokio::test]
+async fn what_anthropic_would_refuse_is_not_sent_so_a_request_works_on_either_provider() {
+    let (app, anthropic) = with_anthropic().await;
+    let thinking = json!({"type": "enabled", "budget_tokens": 1024});
+    // A tool loop with thinking whose last call a fallback made (its
+    // reasoning unsigned), carrying OpenAI-minded extras Anthropic refuses.
+    let body = json!({"model": "claude", "max_tokens": 2048, "thinking": thinking,
+    "user": "u-1", "n": 1,
+    "tools": [{"name": "w", "input_schema": {"type": "object"}}],
+    "messages": [
+        {"role": "user", "name": "ann", "content": "Weather?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Look it up.", "signature": ""},
+            {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}},
+        ]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+    ]});
+
+    let resp = app.post_json("/v1/messages", &body).await;
+
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let sent = anthropic.last_request().unwrap().body;
+    assert!(sent.get("thinking").is_none(), "{sent}");
+    assert!(sent.get("user").is_none() && sent.get("n").is_none());
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "user", "content": "Weather?"})
+    );
+
+    // A turn that is only a document reaches Anthropic too.
+    let pdf = json!({"model": "claude", "max_tokens": 256, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}},
+    ]}]});
+    let resp = app.post_json("/v1/messages", &pdf).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(
+        anthropic.last_request().unwrap().body["messages"],
+        pdf["messages"]
+    );
 }
