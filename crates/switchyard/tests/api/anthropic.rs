@@ -1397,3 +1397,47 @@ async fn what_anthropic_would_refuse_is_not_sent_so_a_request_works_on_either_pr
         pdf["messages"]
     );
 }
+
+#[tokio::test]
+async fn an_overloaded_event_before_anything_else_fails_a_native_stream_over() {
+    let (app, anthropic) = with_anthropic().await;
+    anthropic.push_fault(Fault::ErrorEventAfter(0));
+    anthropic.push_fault(Fault::ErrorEventAfter(0));
+    let mut body = messages_body("claude-then-gpt");
+    body["stream"] = json!(true);
+
+    let resp = app.post_json("/v1/messages", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "mock");
+    let events = anthropic_events(&resp.text().await.unwrap());
+    assert_eq!(events.last().unwrap().0, "message_stop");
+    assert!(events.iter().all(|(n, _)| n != "error"));
+    assert_eq!(anthropic.calls(), 2, "retried once, then failed over");
+}
+
+#[tokio::test]
+async fn count_tokens_sends_anthropic_the_clients_beta_header() {
+    let (app, anthropic) = with_anthropic().await;
+    let resp = app
+        .client
+        .post(app.url("/v1/messages/count_tokens"))
+        .header("anthropic-beta", "context-management-2025-06-27")
+        .json(
+            &json!({"model": "claude", "context_management": {"edits": []},
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-token-count"], "provider");
+    let sent = anthropic.last_request().unwrap();
+    assert_eq!(sent.path, "/v1/messages/count_tokens");
+    assert_eq!(
+        sent.headers["anthropic-beta"],
+        "context-management-2025-06-27"
+    );
+    assert_eq!(sent.body["context_management"], json!({"edits": []}));
+}
