@@ -21,7 +21,7 @@ use switchyard_core::anthropic::{
 use switchyard_core::config::ProviderConfig;
 use switchyard_core::openai::Usage;
 
-use crate::sse::SseParser;
+use crate::sse::{SseEvent, SseParser};
 use crate::upstream::{parse_url, secret_header, Upstream, UpstreamResponse};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
@@ -295,23 +295,54 @@ impl EmbeddingProvider for AnthropicProvider {
     }
 }
 
-struct EventState {
+/// The SSE events of an Anthropic answer, read from the body as needed.
+struct Events {
     resp: UpstreamResponse,
     parser: SseParser,
+    eof: bool,
+}
+
+impl Events {
+    fn new(resp: UpstreamResponse) -> Self {
+        Self {
+            resp,
+            parser: SseParser::new(),
+            eof: false,
+        }
+    }
+
+    /// The next event; `None` once the body has ended and nothing is left.
+    async fn next(&mut self) -> Result<Option<SseEvent>, ProviderError> {
+        loop {
+            let event = if self.eof {
+                self.parser.finish()
+            } else {
+                self.parser.next_event()
+            };
+            if event.is_some() || self.eof {
+                return Ok(event);
+            }
+            match self.resp.chunk().await? {
+                Some(bytes) => self.parser.push(&bytes),
+                None => self.eof = true,
+            }
+        }
+    }
+}
+
+struct EventState {
+    events: Events,
     translator: AnthropicToOpenAiStream,
     pending: VecDeque<Bytes>,
-    eof: bool,
     done: bool,
 }
 
 /// Anthropic events in, OpenAI chunk payloads out, one for one.
 fn event_stream(resp: UpstreamResponse) -> ChunkStream {
     let state = EventState {
-        resp,
-        parser: SseParser::new(),
+        events: Events::new(resp),
         translator: AnthropicToOpenAiStream::new(now_secs()),
         pending: VecDeque::new(),
-        eof: false,
         done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
@@ -322,55 +353,40 @@ fn event_stream(resp: UpstreamResponse) -> ChunkStream {
             if st.done {
                 return None;
             }
-            let event = if st.eof {
-                st.parser.finish()
-            } else {
-                st.parser.next_event()
-            };
-            if let Some(ev) = event {
-                let Ok(data) = serde_json::from_slice::<Value>(&ev.data) else {
+            let ev = match st.events.next().await {
+                Ok(Some(ev)) => ev,
+                // The body ended before `message_stop`.
+                Ok(None) => {
                     st.done = true;
-                    return Some((
-                        Err(ProviderError::Protocol("an event is not JSON".into())),
-                        st,
-                    ));
-                };
-                match st.translator.step(ev.event.as_deref().unwrap_or(""), &data) {
-                    StreamStep::Chunks(chunks) => st
-                        .pending
-                        .extend(chunks.iter().map(|c| Bytes::from(c.to_string()))),
-                    StreamStep::Done(usage) => {
-                        st.pending.push_back(Bytes::from(usage.to_string()));
-                        st.done = true;
-                    }
-                    StreamStep::Error { kind, message } => {
-                        st.done = true;
-                        return Some((Err(stream_error(&kind, &message)), st));
-                    }
+                    return Some((Err(ProviderError::Truncated), st));
                 }
-                continue;
-            }
-            if st.eof {
-                st.done = true;
-                return Some((Err(ProviderError::Truncated), st));
-            }
-            match st.resp.chunk().await {
-                Ok(Some(bytes)) => st.parser.push(&bytes),
-                Ok(None) => st.eof = true,
                 Err(e) => {
                     st.done = true;
                     return Some((Err(e), st));
                 }
+            };
+            let Ok(data) = serde_json::from_slice::<Value>(&ev.data) else {
+                st.done = true;
+                return Some((
+                    Err(ProviderError::Protocol("an event is not JSON".into())),
+                    st,
+                ));
+            };
+            match st.translator.step(ev.event.as_deref().unwrap_or(""), &data) {
+                StreamStep::Chunks(chunks) => st
+                    .pending
+                    .extend(chunks.iter().map(|c| Bytes::from(c.to_string()))),
+                StreamStep::Done(usage) => {
+                    st.pending.push_back(Bytes::from(usage.to_string()));
+                    st.done = true;
+                }
+                StreamStep::Error { kind, message } => {
+                    st.done = true;
+                    return Some((Err(stream_error(&kind, &message)), st));
+                }
             }
         }
     }))
-}
-
-struct NativeState {
-    resp: UpstreamResponse,
-    parser: SseParser,
-    eof: bool,
-    done: bool,
 }
 
 /// Anthropic events relayed as they come (each item one event's data), read
@@ -378,67 +394,45 @@ struct NativeState {
 /// event is the failure it names (an early `overloaded_error` fails over
 /// like a 529); a stream that stops before `message_stop` is truncated.
 fn native_stream(resp: UpstreamResponse) -> ChunkStream {
-    let state = NativeState {
-        resp,
-        parser: SseParser::new(),
-        eof: false,
-        done: false,
-    };
-    Box::pin(futures::stream::unfold(state, |mut st| async move {
-        loop {
-            if st.done {
+    let state = (Events::new(resp), false);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut events, done)| async move {
+            if done {
                 return None;
             }
-            let event = if st.eof {
-                st.parser.finish()
-            } else {
-                st.parser.next_event()
+            let ev = match events.next().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Some((Err(ProviderError::Truncated), (events, true))),
+                Err(e) => return Some((Err(e), (events, true))),
             };
-            if let Some(ev) = event {
-                // The `event:` line names it; a relay that leaves the line
-                // out still has the data's `type`.
-                let name = ev.event.clone().or_else(|| {
-                    serde_json::from_slice::<Value>(&ev.data)
-                        .ok()
-                        .and_then(|d| d.get("type").and_then(Value::as_str).map(str::to_owned))
-                });
-                match name.as_deref() {
-                    Some("error") => {
-                        st.done = true;
-                        let data: Value = serde_json::from_slice(&ev.data).unwrap_or(Value::Null);
-                        let text = |p: &str| {
-                            data.pointer(p)
-                                .and_then(Value::as_str)
-                                .unwrap_or_default()
-                                .to_owned()
-                        };
-                        let kind = text("/error/type");
-                        let kind = if kind.is_empty() {
-                            "api_error".into()
-                        } else {
-                            kind
-                        };
-                        return Some((Err(stream_error(&kind, &text("/error/message"))), st));
-                    }
-                    Some("message_stop") => st.done = true,
-                    _ => {}
+            // The `event:` line names it; a relay that leaves the line out
+            // still has the data's `type`.
+            let name = ev.event.clone().or_else(|| {
+                serde_json::from_slice::<Value>(&ev.data)
+                    .ok()
+                    .and_then(|d| d.get("type").and_then(Value::as_str).map(str::to_owned))
+            });
+            match name.as_deref() {
+                Some("error") => {
+                    let data: Value = serde_json::from_slice(&ev.data).unwrap_or(Value::Null);
+                    let text = |p: &str| {
+                        data.pointer(p)
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let kind = Some(text("/error/type"))
+                        .filter(|k| !k.is_empty())
+                        .unwrap_or_else(|| "api_error".into());
+                    let failure = stream_error(&kind, &text("/error/message"));
+                    Some((Err(failure), (events, true)))
                 }
-                return Some((Ok(ev.data), st));
+                Some("message_stop") => Some((Ok(ev.data), (events, true))),
+                _ => Some((Ok(ev.data), (events, false))),
             }
-            if st.eof {
-                st.done = true;
-                return Some((Err(ProviderError::Truncated), st));
-            }
-            match st.resp.chunk().await {
-                Ok(Some(bytes)) => st.parser.push(&bytes),
-                Ok(None) => st.eof = true,
-                Err(e) => {
-                    st.done = true;
-                    return Some((Err(e), st));
-                }
-            }
-        }
-    }))
+        },
+    ))
 }
 
 #[cfg(test)]

@@ -67,6 +67,30 @@ fn untranslatable(state: &AppState, msg: &MessagesRequest, counting: bool) -> Op
     }
 }
 
+/// Reads and checks a Messages body (a `count_tokens` one when `counting`):
+/// the body, its parse, and what its alias's providers cannot take.
+async fn read_messages(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    counting: bool,
+) -> Result<(serde_json::Map<String, Value>, MessagesRequest), Box<Response>> {
+    let bytes = read_body(headers, body, state.inner.max_body_bytes)
+        .await
+        .map_err(|e| Box::new(to_anthropic(e)))?;
+    let object = parse_object(&bytes).map_err(|e| Box::new(invalid(&e.message)))?;
+    let msg = if counting {
+        MessagesRequest::parse_count(&object)
+    } else {
+        MessagesRequest::parse(&object)
+    }
+    .map_err(|e| Box::new(invalid(&e.message)))?;
+    match untranslatable(state, &msg, counting) {
+        Some(refused) => Err(Box::new(refused)),
+        None => Ok((object, msg)),
+    }
+}
+
 pub async fn messages(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
@@ -75,21 +99,10 @@ pub async fn messages(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return to_anthropic(e),
+    let (object, msg) = match read_messages(&state, &headers, body, false).await {
+        Ok(read) => read,
+        Err(refused) => return *refused,
     };
-    let object = match parse_object(&bytes) {
-        Ok(o) => o,
-        Err(e) => return invalid(&e.message),
-    };
-    let msg = match MessagesRequest::parse(&object) {
-        Ok(m) => m,
-        Err(e) => return invalid(&e.message),
-    };
-    if let Some(refused) = untranslatable(&state, &msg, false) {
-        return refused;
-    }
     let mut req = match ChatRequest::from_object(msg.openai_body) {
         Ok(r) => r,
         Err(e) => return invalid(&e.message),
@@ -165,21 +178,10 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return to_anthropic(e),
+    let (object, msg) = match read_messages(&state, &headers, body, true).await {
+        Ok(read) => read,
+        Err(refused) => return *refused,
     };
-    let object = match parse_object(&bytes) {
-        Ok(o) => o,
-        Err(e) => return invalid(&e.message),
-    };
-    let msg = match MessagesRequest::parse_count(&object) {
-        Ok(m) => m,
-        Err(e) => return invalid(&e.message),
-    };
-    if let Some(refused) = untranslatable(&state, &msg, true) {
-        return refused;
-    }
     if let Err(e) = ChatRequest::from_object(msg.openai_body) {
         return invalid(&e.message);
     }
