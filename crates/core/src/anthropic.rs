@@ -665,9 +665,10 @@ pub struct MessagesRequest {
     /// deployment of the alias speaks the Messages API itself (an Anthropic
     /// deployment is sent the client's own body).
     pub untranslatable: Option<TranslateError>,
-    /// When the request declares one of Anthropic's own tools, the refusal
-    /// to give unless the alias's Anthropic providers enable them
-    /// (`server_tools`): Anthropic bills them per use, beyond tokens.
+    /// When the request uses what Anthropic bills beyond tokens — its web
+    /// search or code execution tools, `container`, `mcp_servers` — the
+    /// refusal to give unless the alias's Anthropic providers enable them
+    /// (`server_tools`).
     pub server_tool: Option<TranslateError>,
 }
 
@@ -686,24 +687,22 @@ pub struct NativeMessages {
 /// client's own fields as they came — prompt-caching markers, `top_k`,
 /// `tool_result.is_error`, system blocks, the whole `metadata.user_id`,
 /// extended thinking and earlier turns' signed thinking blocks, Anthropic's
-/// own tools, `context_management` and `output_format` (with the client's
+/// own tools, `context_management`, `output_config` (with the client's
 /// `anthropic-beta` header, see [`NativeMessages`]) — rather than their trip
 /// through the OpenAI shape, which has no place for them; with the
 /// deployment's model. Only Anthropic's documented request fields are sent
 /// ([`NATIVE_FIELDS`]: an OpenAI-minded client's `user` or `n` would be a
 /// 400 there and is ignored by the translation), and of a message only its
-/// `role` and `content`. Fields that reach resources shared by the whole
-/// Anthropic workspace or change its bill beyond tokens (`container`,
-/// `mcp_servers`, `service_tier`) are not sent: every tenant shares the
-/// gateway's key. Left out too is what Anthropic would refuse but an OpenAI
-/// provider takes, so that one request works on either: empty text blocks
-/// and turns (a cache breakpoint on an empty block moves to the block
-/// before it), `metadata` keys other than `user_id`, thinking blocks without
-/// a signature (made by Switchyard from another provider's reasoning text;
-/// only Anthropic signs), `tools: []` with its `tool_choice`, and `thinking`
-/// itself when the tool call being answered was made without it (by a
-/// fallback provider): Anthropic requires that turn to open with its
-/// thinking, and would refuse every later turn of the loop.
+/// `role` and `content`; `service_tier` only as `standard_only` (its other
+/// value, `auto`, is the default and may cost more). Left out too is what
+/// Anthropic would refuse but an OpenAI provider takes, so that one request
+/// works on either: empty text blocks and turns (a cache breakpoint on an
+/// empty block moves to the block before it), `metadata` keys other than
+/// `user_id`, thinking blocks without a signature (made by Switchyard from
+/// another provider's reasoning text; only Anthropic signs), `tools: []`
+/// with its `tool_choice`; and thinking is turned off when the current tool
+/// loop was opened without it (by a fallback provider): Anthropic requires
+/// the loop's first assistant message to open with its thinking.
 pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) -> Value {
     let mut req = Map::new();
     req.insert("model".into(), json!(model));
@@ -719,6 +718,9 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
             continue;
         }
         req.insert(key.into(), v.clone());
+    }
+    if original.get("service_tier").and_then(Value::as_str) == Some("standard_only") {
+        req.insert("service_tier".into(), json!("standard_only"));
     }
     // `user_id` is the one field Anthropic's metadata takes; anything else a
     // client put there (other gateways accept free-form tags) would be a 400.
@@ -737,8 +739,28 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
         .flatten()
         .filter_map(native_message)
         .collect();
+    let mut messages = messages;
     if req.contains_key("thinking") && !thinking_continues(&messages) {
-        req.remove("thinking");
+        // Turned off explicitly (some models think unless told not to), and
+        // the turn's own thinking blocks go too: with thinking off Anthropic
+        // refuses them in the final assistant message.
+        req.insert("thinking".into(), json!({"type": "disabled"}));
+        let start = turn_start(&messages);
+        for m in &mut messages[start..] {
+            if let Some(blocks) = m.get_mut("content").and_then(Value::as_array_mut) {
+                blocks.retain(|b| {
+                    !matches!(
+                        b.get("type").and_then(Value::as_str),
+                        Some("thinking" | "redacted_thinking")
+                    )
+                });
+            }
+        }
+        messages.retain(|m| {
+            m.get("content")
+                .and_then(Value::as_array)
+                .is_none_or(|b| !b.is_empty())
+        });
     }
     req.insert("messages".into(), Value::Array(messages));
     if stream {
@@ -750,8 +772,13 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
 /// The request fields of Anthropic's Messages API that an Anthropic
 /// deployment is sent as the client gave them (`model`, `stream`,
 /// `messages` and `metadata` are set apart).
-pub const NATIVE_FIELDS: [&str; 11] = [
+pub const NATIVE_FIELDS: [&str; 16] = [
     "max_tokens",
+    "cache_control",
+    "output_config",
+    "inference_geo",
+    "container",
+    "mcp_servers",
     "system",
     "stop_sequences",
     "temperature",
@@ -784,10 +811,16 @@ fn native_message(m: &Value) -> Option<Value> {
                     .and_then(Value::as_str)
                     .is_none_or(str::is_empty) => {}
             Some("text") if b.get("text").and_then(Value::as_str) == Some("") => {
-                if let (Some(mark), Some(last)) = (cache_mark(b), kept.last_mut()) {
-                    if cache_mark(last).is_none() {
-                        last["cache_control"] = mark.clone();
-                    }
+                // Not onto a thinking block, which takes no breakpoint (and
+                // whose signed form must stay as it is).
+                let target = kept.last_mut().filter(|l| {
+                    !matches!(
+                        l.get("type").and_then(Value::as_str),
+                        Some("thinking" | "redacted_thinking")
+                    ) && cache_mark(l).is_none()
+                });
+                if let (Some(mark), Some(last)) = (cache_mark(b), target) {
+                    last["cache_control"] = mark.clone();
                 }
             }
             _ => kept.push(b.clone()),
@@ -798,27 +831,51 @@ fn native_message(m: &Value) -> Option<Value> {
     (!kept.is_empty()).then(|| json!({"role": role, "content": kept}))
 }
 
-/// Whether extended thinking can go on in `messages`: unless the last
-/// assistant turn made tool calls without opening with (signed) thinking —
-/// a fallback provider's turn — which Anthropic refuses with thinking on.
+/// Where the current assistant turn starts: after the last user message
+/// that says something (not only tool results). Anthropic counts a whole
+/// tool loop as one turn.
+fn turn_start(messages: &[Value]) -> usize {
+    let says_something = |m: &Value| match m.get("content") {
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .any(|b| b.get("type").and_then(Value::as_str) != Some("tool_result")),
+        _ => true,
+    };
+    messages
+        .iter()
+        .rposition(|m| m.get("role").and_then(Value::as_str) == Some("user") && says_something(m))
+        .map_or(0, |i| i + 1)
+}
+
+/// Whether extended thinking can go on in `messages`: unless the current
+/// turn is a tool loop whose first assistant message does not open with
+/// (signed) thinking — a fallback provider made it — which Anthropic
+/// refuses with thinking on. (Later messages of the loop need none: without
+/// interleaved thinking Claude thinks once, at the start of the turn.)
 fn thinking_continues(messages: &[Value]) -> bool {
-    let Some(last) = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
-    else {
-        return true;
-    };
-    let Some(blocks) = last.get("content").and_then(Value::as_array) else {
-        return true;
-    };
     let kind = |b: &Value| b.get("type").and_then(Value::as_str).map(str::to_owned);
-    let calls = blocks
+    let blocks = |m: &Value| {
+        m.get("content")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let assistant: Vec<Vec<Value>> = messages[turn_start(messages)..]
         .iter()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .map(blocks)
+        .collect();
+    let calls = assistant
+        .iter()
+        .flatten()
         .any(|b| kind(b).as_deref() == Some("tool_use"));
     !calls
         || matches!(
-            blocks.first().and_then(kind).as_deref(),
+            assistant
+                .first()
+                .and_then(|b| b.first())
+                .and_then(kind)
+                .as_deref(),
             Some("thinking" | "redacted_thinking")
         )
 }
@@ -1008,7 +1065,11 @@ impl MessagesRequest {
         // `response_format` (not `strict`, whose extra rules Anthropic's
         // schemas need not meet). `context_management` is not carried: it
         // only trims what Anthropic keeps of earlier tool results.
-        match body.get("output_format") {
+        let output_format = body
+            .get("output_format")
+            .filter(|f| !f.is_null())
+            .or_else(|| body.get("output_config").and_then(|c| c.get("format")));
+        match output_format {
             None | Some(Value::Null) => {}
             Some(f)
                 if f.get("type").and_then(Value::as_str) == Some("json_schema")
@@ -1103,15 +1164,30 @@ impl MessagesRequest {
             let mut functions = Vec::with_capacity(tools.len());
             for (i, t) in tools.iter().enumerate() {
                 match anthropic_tool(i, t) {
-                    Some((refusal, disabled)) => {
+                    Some((refusal, billed)) => {
                         untranslatable.get_or_insert(refusal);
-                        server_tool.get_or_insert(disabled);
+                        if server_tool.is_none() {
+                            server_tool = billed;
+                        }
                     }
                     None => functions.push(custom_tool(i, t)?),
                 }
             }
             if !functions.is_empty() {
                 openai.insert("tools".into(), Value::Array(functions));
+            }
+        }
+        // Anthropic's workspace resources: billed beyond tokens too, and no
+        // other provider has them.
+        for key in ["container", "mcp_servers"] {
+            if body.get(key).is_some_and(|v| !v.is_null()) {
+                untranslatable.get_or_insert_with(|| {
+                    bad(key, format!("{key}: only Anthropic's API takes it, and this model's providers are not all Anthropic"))
+                });
+                server_tool.get_or_insert_with(|| {
+                    bad(key, format!("{key}: Anthropic's containers and MCP connector are billed beyond tokens; \
+                        they are not enabled for this model (its providers' server_tools setting)"))
+                });
             }
         }
         let with_functions = openai.contains_key("tools");
@@ -1162,8 +1238,10 @@ impl MessagesRequest {
 /// `computer`, … — they have a versioned `type`): they are run by Anthropic
 /// or need its trained schemas, so another provider cannot honour them, and
 /// they are refused by name rather than sent without a schema — unless
-/// Anthropic serves the alias ([`MessagesRequest::untranslatable`]).
-fn anthropic_tool(i: usize, tool: &Value) -> Option<(TranslateError, TranslateError)> {
+/// Anthropic serves the alias ([`MessagesRequest::untranslatable`]); with,
+/// for the tools Anthropic bills per use, the refusal to give unless the
+/// providers enable them ([`MessagesRequest::server_tool`]).
+fn anthropic_tool(i: usize, tool: &Value) -> Option<(TranslateError, Option<TranslateError>)> {
     let kind = tool.get("type")?;
     if kind.is_null() || kind == "custom" {
         return None;
@@ -1172,6 +1250,11 @@ fn anthropic_tool(i: usize, tool: &Value) -> Option<(TranslateError, TranslateEr
         .as_str()
         .map_or_else(|| kind.to_string(), str::to_owned);
     let param = format!("tools.{i}.type");
+    // Billed per use (searches, container time); the others (bash, text
+    // editor, computer, memory, web fetch, …) cost only tokens.
+    let billed = ["web_search_", "code_execution_"]
+        .iter()
+        .any(|p| kind.starts_with(p));
     Some((
         bad(
             &param,
@@ -1180,13 +1263,15 @@ fn anthropic_tool(i: usize, tool: &Value) -> Option<(TranslateError, TranslateEr
                  route this model to an Anthropic deployment, or declare a custom tool (name, description, input_schema) instead"
             ),
         ),
-        bad(
-            &param,
-            format!(
-                "{param}: {kind} is one of Anthropic's own tools, which Anthropic bills per use beyond tokens; \
-                 they are not enabled for this model (its providers' server_tools setting)"
-            ),
-        ),
+        billed.then(|| {
+            bad(
+                &param,
+                format!(
+                    "{param}: {kind} is one of Anthropic's own tools, which Anthropic bills per use beyond tokens; \
+                     they are not enabled for this model (its providers' server_tools setting)"
+                ),
+            )
+        }),
     ))
 }
 
@@ -2275,12 +2360,15 @@ mod tests {
         let mark = json!({"type": "ephemeral"});
         let original = obj(json!({
             "model": "alias", "max_tokens": 100,
-            "user": "u-1", "n": 1, "service_tier": "auto", "container": "c_1",
-            "mcp_servers": [{"type": "url", "url": "https://x"}],
+            "user": "u-1", "n": 1, "service_tier": "auto", "cache_control": mark,
             "output_format": {"type": "json_schema", "schema": {"type": "object"}},
             "messages": [
                 {"role": "user", "name": "ann", "content": [
                     {"type": "text", "text": "Long context."},
+                    {"type": "text", "text": "", "cache_control": mark},
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
                     {"type": "text", "text": "", "cache_control": mark},
                 ]},
             ],
@@ -2288,12 +2376,48 @@ mod tests {
         assert_eq!(
             native_request(&original, "claude-x", false),
             json!({
-                "model": "claude-x", "max_tokens": 100,
+                "model": "claude-x", "max_tokens": 100, "cache_control": mark,
                 "output_format": {"type": "json_schema", "schema": {"type": "object"}},
-                "messages": [{"role": "user", "content": [
-                    {"type": "text", "text": "Long context.", "cache_control": mark},
-                ]}],
+                "messages": [
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "Long context.", "cache_control": mark},
+                    ]},
+                    // A thinking block takes no breakpoint.
+                    {"role": "assistant", "content": [
+                        {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
+                    ]},
+                ],
             })
+        );
+        // Only the tier that cannot cost more passes.
+        let mut standard = original.clone();
+        standard.insert("service_tier".into(), json!("standard_only"));
+        assert_eq!(
+            native_request(&standard, "c", false)["service_tier"],
+            "standard_only"
+        );
+        // output_config's format is read like output_format.
+        let mut config = original.clone();
+        config.remove("output_format");
+        config.insert(
+            "output_config".into(),
+            json!({"format": {"type": "json_schema", "schema": {"type": "object"}}, "effort": "low"}),
+        );
+        let r = MessagesRequest::parse(&config).unwrap();
+        assert!(r.openai_body.contains_key("response_format"));
+        assert_eq!(
+            native_request(&config, "c", false)["output_config"],
+            config["output_config"]
+        );
+        // Workspace resources: sent, but only where enabled (server_tools).
+        let mut workspace = original.clone();
+        workspace.insert("container".into(), json!("c_1"));
+        assert_eq!(native_request(&workspace, "c", false)["container"], "c_1");
+        let r = MessagesRequest::parse(&workspace).unwrap();
+        assert_eq!(r.server_tool.unwrap().param.as_deref(), Some("container"));
+        assert_eq!(
+            r.untranslatable.unwrap().param.as_deref(),
+            Some("container")
         );
         // The translation carries output_format as OpenAI's response_format.
         let r = MessagesRequest::parse(&original).unwrap();
@@ -2312,33 +2436,56 @@ mod tests {
     }
 
     #[test]
-    fn thinking_is_left_out_when_the_tool_call_being_answered_was_made_without_it() {
+    fn thinking_is_turned_off_when_the_tool_loop_was_opened_without_it() {
         let thinking = json!({"type": "enabled", "budget_tokens": 1024});
-        let turn = |assistant: Value| {
-            obj(
-                json!({"model": "a", "max_tokens": 2048, "thinking": thinking, "messages": [
-                    {"role": "user", "content": "Weather?"},
-                    {"role": "assistant", "content": assistant},
-                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]},
-                ]}),
-            )
-        };
-        let call = json!({"type": "tool_use", "id": "t1", "name": "w", "input": {}});
+        let call = |id: &str| json!({"type": "tool_use", "id": id, "name": "w", "input": {}});
+        let result = |id: &str| json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "sunny"}]});
         let signed = json!({"type": "thinking", "thinking": "Look.", "signature": "sig"});
         let unsigned = json!({"type": "thinking", "thinking": "Look.", "signature": ""});
-        let sent = |assistant: Value| native_request(&turn(assistant), "c", false);
-        // Anthropic's own turn: thinking goes on.
-        assert_eq!(sent(json!([signed, call]))["thinking"], thinking);
+        let sent = |turn: Vec<Value>| {
+            let mut messages = vec![json!({"role": "user", "content": "Weather?"})];
+            messages.extend(turn);
+            native_request(
+                &obj(
+                    json!({"model": "a", "max_tokens": 2048, "thinking": thinking, "messages": messages}),
+                ),
+                "c",
+                false,
+            )
+        };
+        let assistant = |blocks: Value| json!({"role": "assistant", "content": blocks});
+        // Anthropic's own loop: thinking opens it, and later calls of the
+        // same loop need none.
+        let own = sent(vec![
+            assistant(json!([signed, call("t1")])),
+            result("t1"),
+            assistant(json!([call("t2")])),
+            result("t2"),
+        ]);
+        assert_eq!(own["thinking"], thinking);
+        assert_eq!(own["messages"].as_array().unwrap().len(), 5);
         assert_eq!(
-            sent(json!([{"type": "redacted_thinking", "data": "x"}, call]))["thinking"],
+            sent(vec![
+                assistant(json!([{"type": "redacted_thinking", "data": "x"}, call("t1")])),
+                result("t1")
+            ])["thinking"],
             thinking
         );
-        // A fallback's turn (no thinking, or its unsigned reasoning): not.
-        assert!(sent(json!([call])).get("thinking").is_none());
-        assert!(sent(json!([unsigned, call])).get("thinking").is_none());
-        // Without a tool call in the last assistant turn, thinking goes on.
+        // A fallback opened the loop (no thinking, or its unsigned
+        // reasoning): thinking is turned off, and the loop's thinking goes.
+        for opener in [json!([call("t1")]), json!([unsigned, call("t1")])] {
+            let req = sent(vec![
+                assistant(opener),
+                result("t1"),
+                assistant(json!([signed, call("t2")])),
+                result("t2"),
+            ]);
+            assert_eq!(req["thinking"], json!({"type": "disabled"}));
+            assert_eq!(req["messages"][3]["content"], json!([call("t2")]));
+        }
+        // No tool call in the turn: thinking goes on.
         assert_eq!(
-            sent(json!([{"type": "text", "text": "Hi."}]))["thinking"],
+            sent(vec![assistant(json!([{"type": "text", "text": "Hi."}]))])["thinking"],
             thinking
         );
     }

@@ -600,42 +600,44 @@ pub struct Usage {
     pub cache_write_tokens: u64,
 }
 
+/// `usage` as it comes: every field read leniently (a count that is
+/// missing, `null`, negative or not a number counts 0; `3.0` counts 3), so
+/// that one odd field of one provider never costs the usage — or, where the
+/// usage is parsed with the answer, the answer.
 #[derive(Deserialize)]
 struct WireUsage {
     #[serde(default)]
-    prompt_tokens: u64,
+    prompt_tokens: Option<Value>,
     #[serde(default)]
-    completion_tokens: u64,
+    completion_tokens: Option<Value>,
     #[serde(default)]
-    prompt_tokens_details: Option<PromptDetails>,
+    prompt_tokens_details: Option<Value>,
     #[serde(default)]
-    cache_creation_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<Value>,
 }
 
-#[derive(Deserialize)]
-struct PromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-    #[serde(default)]
-    cache_creation_tokens: Option<u64>,
+fn count(v: Option<&Value>) -> Option<u64> {
+    let v = v?;
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
 }
 
 impl From<WireUsage> for Usage {
     fn from(w: WireUsage) -> Self {
-        let details = w.prompt_tokens_details.as_ref();
+        let prompt = count(w.prompt_tokens.as_ref()).unwrap_or(0);
+        let detail = |k: &str| count(w.prompt_tokens_details.as_ref().and_then(|d| d.get(k)));
         // Parts of the prompt, never more than all of it.
-        let cached = details
-            .and_then(|d| d.cached_tokens)
+        let cached = detail("cached_tokens").unwrap_or(0).min(prompt);
+        let written = count(w.cache_creation_input_tokens.as_ref())
+            .or_else(|| detail("cache_creation_tokens"))
             .unwrap_or(0)
-            .min(w.prompt_tokens);
-        let written = w
-            .cache_creation_input_tokens
-            .or_else(|| details.and_then(|d| d.cache_creation_tokens))
-            .unwrap_or(0)
-            .min(w.prompt_tokens - cached);
+            .min(prompt - cached);
         Self {
-            prompt_tokens: w.prompt_tokens,
-            completion_tokens: w.completion_tokens,
+            prompt_tokens: prompt,
+            completion_tokens: count(w.completion_tokens.as_ref()).unwrap_or(0),
             cached_tokens: cached,
             cache_write_tokens: written,
         }
@@ -657,6 +659,25 @@ impl Usage {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_odd_usage_field_counts_nothing_instead_of_losing_the_usage() {
+        let usage = |v: Value| serde_json::from_value::<Usage>(v).unwrap();
+        let u = usage(json!({"prompt_tokens": 10, "completion_tokens": 3.0,
+            "prompt_tokens_details": {"cached_tokens": -1}, "cache_creation_input_tokens": "x"}));
+        assert_eq!(u, Usage::new(10, 3));
+        let u = usage(
+            json!({"prompt_tokens": null, "completion_tokens": 2, "prompt_tokens_details": null}),
+        );
+        assert_eq!(u, Usage::new(0, 2));
+        let u = usage(
+            json!({"prompt_tokens": 10, "completion_tokens": 1, "prompt_tokens_details": []}),
+        );
+        assert_eq!(u, Usage::new(10, 1));
+        let u = usage(json!({"prompt_tokens": 10, "completion_tokens": 1,
+            "prompt_tokens_details": {"cached_tokens": 4, "cache_creation_tokens": 9}}));
+        assert_eq!((u.cached_tokens, u.cache_write_tokens), (4, 6));
+    }
 
     fn chat(v: Value) -> Result<ChatRequest, InvalidRequest> {
         ChatRequest::parse(v.to_string().as_bytes())

@@ -194,6 +194,8 @@ impl ChatProvider for AnthropicProvider {
                         | "thinking"
                         | "context_management"
                         | "mcp_servers"
+                        | "output_format"
+                        | "output_config"
                 )
             });
         }

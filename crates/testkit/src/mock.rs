@@ -892,23 +892,38 @@ fn anthropic_refusal(req: &Value) -> Option<String> {
             _ => {}
         }
     }
-    // With thinking on, the tool call being answered must open with its
-    // thinking.
+    // With thinking on, a tool loop (the messages since the last user
+    // message that is not only tool results) must open with its thinking.
     let thinking = matches!(
         req.pointer("/thinking/type").and_then(Value::as_str),
         Some("enabled" | "adaptive")
     );
-    let last_assistant = messages
+    let kind = |b: &Value| b.get("type").and_then(Value::as_str).map(str::to_owned);
+    let blocks_of = |m: &Value| {
+        m.get("content")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let turn_start = messages
         .iter()
-        .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
-    if let (true, Some(i)) = (thinking, last_assistant) {
-        let blocks = messages[i].get("content").and_then(Value::as_array);
-        let kind = |b: &Value| b.get("type").and_then(Value::as_str).map(str::to_owned);
-        let calls = blocks
-            .into_iter()
-            .flatten()
-            .any(|b| kind(b).as_deref() == Some("tool_use"));
-        let opens = blocks.and_then(|b| b.first()).and_then(kind);
+        .rposition(|m| {
+            m.get("role").and_then(Value::as_str) == Some("user")
+                && (m.get("content").is_some_and(Value::is_string)
+                    || blocks_of(m)
+                        .iter()
+                        .any(|b| kind(b).as_deref() != Some("tool_result")))
+        })
+        .map_or(0, |i| i + 1);
+    let opener = (turn_start..messages.len())
+        .find(|&i| messages[i].get("role").and_then(Value::as_str) == Some("assistant"));
+    if let (true, Some(i)) = (thinking, opener) {
+        let calls = messages[i..]
+            .iter()
+            .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+            .flat_map(blocks_of)
+            .any(|b| kind(&b).as_deref() == Some("tool_use"));
+        let opens = blocks_of(&messages[i]).first().and_then(kind);
         if calls && !matches!(opens.as_deref(), Some("thinking" | "redacted_thinking")) {
             return Some(format!(
                 "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{}`",

@@ -585,6 +585,17 @@ async fn anthropics_own_tools_need_the_provider_to_enable_them_but_not_to_be_cou
     assert_eq!(counted.status(), 200);
     assert_eq!(counted.headers()["x-switchyard-token-count"], "provider");
     assert_eq!(anthropic.calls(), 1, "only the count reached Anthropic");
+
+    // A tool the client runs itself (bash, text editor, …) costs only
+    // tokens: no setting needed on an all-Anthropic route.
+    let mut bash = body.clone();
+    bash["tools"] = json!([{"type": "bash_20250124", "name": "bash"}]);
+    let served = app.post_json("/v1/messages", &bash).await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(
+        anthropic.last_request().unwrap().body["tools"],
+        bash["tools"]
+    );
 }
 
 #[tokio::test]
@@ -1379,7 +1390,7 @@ async fn what_anthropic_would_refuse_is_not_sent_so_a_request_works_on_either_pr
 
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     let sent = anthropic.last_request().unwrap().body;
-    assert!(sent.get("thinking").is_none(), "{sent}");
+    assert_eq!(sent["thinking"], json!({"type": "disabled"}), "{sent}");
     assert!(sent.get("user").is_none() && sent.get("n").is_none());
     assert_eq!(
         sent["messages"][0],
