@@ -740,12 +740,12 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
         .filter_map(native_message)
         .collect();
     let mut messages = messages;
-    if req.contains_key("thinking") && !thinking_continues(&messages) {
+    let start = turn_start(&messages);
+    if req.contains_key("thinking") && !thinking_continues(&messages[start..]) {
         // Turned off explicitly (some models think unless told not to), and
         // the turn's own thinking blocks go too: with thinking off Anthropic
         // refuses them in the final assistant message.
         req.insert("thinking".into(), json!({"type": "disabled"}));
-        let start = turn_start(&messages);
         for m in &mut messages[start..] {
             if let Some(blocks) = m.get_mut("content").and_then(Value::as_array_mut) {
                 blocks.retain(|b| {
@@ -847,35 +847,27 @@ fn turn_start(messages: &[Value]) -> usize {
         .map_or(0, |i| i + 1)
 }
 
-/// Whether extended thinking can go on in `messages`: unless the current
-/// turn is a tool loop whose first assistant message does not open with
+/// Whether extended thinking can go on in the current `turn` (from
+/// [`turn_start`]): unless it is a tool loop whose first assistant message does not open with
 /// (signed) thinking — a fallback provider made it — which Anthropic
 /// refuses with thinking on. (Later messages of the loop need none: without
 /// interleaved thinking Claude thinks once, at the start of the turn.)
-fn thinking_continues(messages: &[Value]) -> bool {
+fn thinking_continues(turn: &[Value]) -> bool {
     let kind = |b: &Value| b.get("type").and_then(Value::as_str).map(str::to_owned);
-    let blocks = |m: &Value| {
-        m.get("content")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
-    let assistant: Vec<Vec<Value>> = messages[turn_start(messages)..]
+    let mut assistant = turn
         .iter()
         .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
-        .map(blocks)
-        .collect();
-    let calls = assistant
-        .iter()
-        .flatten()
-        .any(|b| kind(b).as_deref() == Some("tool_use"));
+        .map(|m| m.get("content").and_then(Value::as_array));
+    let opener = assistant.clone().next().flatten();
+    let calls = assistant.any(|blocks| {
+        blocks
+            .into_iter()
+            .flatten()
+            .any(|b| kind(b).as_deref() == Some("tool_use"))
+    });
     !calls
         || matches!(
-            assistant
-                .first()
-                .and_then(|b| b.first())
-                .and_then(kind)
-                .as_deref(),
+            opener.and_then(|b| b.first()).and_then(kind).as_deref(),
             Some("thinking" | "redacted_thinking")
         )
 }
@@ -1540,23 +1532,17 @@ fn tool_use_id(call: &Value) -> Value {
 /// cache are reported apart (`cache_read_input_tokens`,
 /// `cache_creation_input_tokens`), not inside `input_tokens`. Writes come
 /// back from an Anthropic deployment as LiteLLM's top-level
-/// `cache_creation_input_tokens` (see [`Tokens::openai`]); LiteLLM's newer
-/// `prompt_tokens_details.cache_creation_tokens` is read too.
+/// `cache_creation_input_tokens` (see [`Tokens::openai`]); the counts are
+/// read as [`crate::openai::Usage`] reads them.
 fn anthropic_usage(usage: Option<&Value>) -> Value {
-    let get = |p: &str| usage.and_then(|u| u.pointer(p)).and_then(Value::as_u64);
-    let prompt = get("/prompt_tokens").unwrap_or(0);
-    let cached = get("/prompt_tokens_details/cached_tokens")
-        .unwrap_or(0)
-        .min(prompt);
-    let written = get("/cache_creation_input_tokens")
-        .or_else(|| get("/prompt_tokens_details/cache_creation_tokens"))
-        .unwrap_or(0)
-        .min(prompt - cached);
+    let u: crate::openai::Usage = usage
+        .and_then(|u| serde::Deserialize::deserialize(u).ok())
+        .unwrap_or_default();
     json!({
-        "input_tokens": prompt - cached - written,
-        "output_tokens": get("/completion_tokens").unwrap_or(0),
-        "cache_creation_input_tokens": written,
-        "cache_read_input_tokens": cached,
+        "input_tokens": u.prompt_tokens - u.cached_tokens - u.cache_write_tokens,
+        "output_tokens": u.completion_tokens,
+        "cache_creation_input_tokens": u.cache_write_tokens,
+        "cache_read_input_tokens": u.cached_tokens,
     })
 }
 

@@ -303,6 +303,14 @@ fn event_name(data: &[u8]) -> Option<String> {
         #[serde(rename = "type")]
         kind: String,
     }
+    // Anthropic writes `type` first: read it without scanning the rest.
+    if let Some(rest) = data.strip_prefix(br#"{"type":""#) {
+        if let Some(end) = rest.iter().position(|b| *b == b'"' || *b == b'\\') {
+            if rest[end] == b'"' {
+                return std::str::from_utf8(&rest[..end]).ok().map(str::to_owned);
+            }
+        }
+    }
     serde_json::from_slice::<Typed>(data).ok().map(|t| t.kind)
 }
 
@@ -379,4 +387,24 @@ fn event_stream(
     // A chunk that opens no event (e.g. an empty delta) sends nothing.
     let frames = frames.filter(|f| futures::future::ready(f.as_ref().is_ok_and(|b| !b.is_empty())));
     super::openai::sse(Body::from_stream(frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_events_name_is_its_datas_type_wherever_the_type_is() {
+        assert_eq!(event_name(br#"{"type":"ping"}"#).as_deref(), Some("ping"));
+        assert_eq!(
+            event_name(br#"{"index":0,"type":"content_block_stop"}"#).as_deref(),
+            Some("content_block_stop")
+        );
+        assert_eq!(
+            event_name(br#"{ "type" : "message_stop" }"#).as_deref(),
+            Some("message_stop")
+        );
+        assert_eq!(event_name(br#"{"type":"a\"b"}"#).as_deref(), Some("a\"b"));
+        assert_eq!(event_name(b"not json"), None);
+    }
 }

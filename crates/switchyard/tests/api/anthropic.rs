@@ -11,13 +11,19 @@ const ANTHROPIC_KEY: &str = "sk-ant-mock-secret-key";
 /// The default test app plus `claude` → an Anthropic provider on its own mock,
 /// and `claude-then-gpt` → that provider with the OpenAI mock as fallback.
 async fn with_anthropic() -> (TestApp, MockUpstream) {
+    with_anthropic_and("", "").await
+}
+
+/// [`with_anthropic`] with more settings for the Anthropic provider, and
+/// more configuration after it.
+async fn with_anthropic_and(provider: &str, more: &str) -> (TestApp, MockUpstream) {
     let anthropic = MockUpstream::start().await.unwrap();
     let app = app()
         .config(&format!(
-            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"{ANTHROPIC_KEY}\"\n\n\
+            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"{ANTHROPIC_KEY}\"\n{provider}\n\
              [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
              [[models.claude-then-gpt.route]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
-             [[models.claude-then-gpt.route]]\nprovider = \"mock\"\nmodel = \"gpt-4o-mini-upstream\"\n",
+             [[models.claude-then-gpt.route]]\nprovider = \"mock\"\nmodel = \"gpt-4o-mini-upstream\"\n\n{more}",
             anthropic.base_url()
         ))
         .spawn()
@@ -511,18 +517,7 @@ async fn anthropics_own_tools_are_refused_by_name_before_any_provider_call() {
 
 #[tokio::test]
 async fn what_only_anthropic_can_take_reaches_a_route_of_anthropic_deployments_as_sent() {
-    let anthropic = MockUpstream::start().await.unwrap();
-    let app = app()
-        .config(&format!(
-            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"{ANTHROPIC_KEY}\"\n\
-             server_tools = true\n\n\
-             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
-             [[models.claude-then-gpt.route]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
-             [[models.claude-then-gpt.route]]\nprovider = \"mock\"\nmodel = \"gpt-4o-mini-upstream\"\n",
-            anthropic.base_url()
-        ))
-        .spawn()
-        .await;
+    let (app, anthropic) = with_anthropic_and("server_tools = true\n", "").await;
     let web_search = json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 3});
     let document = json!({"type": "document", "source": {"type": "base64",
         "media_type": "application/pdf", "data": "JVBERi0xLjQ="}});
@@ -1316,18 +1311,13 @@ async fn a_messages_clients_beta_header_and_beta_fields_reach_anthropic_and_only
 
 #[tokio::test]
 async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rates() {
-    let anthropic = MockUpstream::start().await.unwrap();
+    let (mut app, anthropic) = with_anthropic_and(
+        "",
+        "[pricing.claude-sonnet-mock]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
+         cached_input_per_mtok = 0.3\ncache_write_per_mtok = 3.75\n",
+    )
+    .await;
     anthropic.update(|b| b.cache_tokens = Some((1_000, 200)));
-    let mut app = app()
-        .config(&format!(
-            "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"{ANTHROPIC_KEY}\"\n\n\
-             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-mock\"\n\n\
-             [pricing.claude-sonnet-mock]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
-             cached_input_per_mtok = 0.3\ncache_write_per_mtok = 3.75\n",
-            anthropic.base_url()
-        ))
-        .spawn()
-        .await;
     let chat = json!({"model": "claude", "messages": [{"role": "user", "content": "Say hello"}]});
 
     let openai: Value = app
