@@ -1366,6 +1366,18 @@ fn translate_blocks(
                     }
                     _ => String::new(),
                 };
+                // OpenAI's tool messages have no error flag: a failed call
+                // says so in its text, or the model takes the error
+                // message for the tool's answer.
+                let content = if b.get("is_error").and_then(Value::as_bool) == Some(true) {
+                    if content.is_empty() {
+                        "Error".to_owned()
+                    } else {
+                        format!("Error: {content}")
+                    }
+                } else {
+                    content
+                };
                 tool_results.push(json!({
                     "role": "tool",
                     "tool_call_id": b.get("tool_use_id").cloned().unwrap_or(Value::Null),
@@ -2745,6 +2757,41 @@ mod tests {
                 "stream": true,
                 "stream_options": {"include_usage": true},
             })
+        );
+    }
+
+    #[test]
+    fn a_failed_tool_call_says_so_in_its_openai_tool_message() {
+        let body = obj(json!({
+            "model": "alias", "max_tokens": 10,
+            "messages": [
+                {"role": "user", "content": "Go"},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "t1", "name": "w", "input": {}},
+                    {"type": "tool_use", "id": "t2", "name": "w", "input": {}},
+                    {"type": "tool_use", "id": "t3", "name": "w", "input": {}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "timeout", "is_error": true},
+                    {"type": "tool_result", "tool_use_id": "t2", "is_error": true},
+                    {"type": "tool_result", "tool_use_id": "t3", "content": "ok", "is_error": false}]},
+            ],
+        }));
+        let r = MessagesRequest::parse(&body).unwrap();
+        let tools: Vec<_> = r.openai_body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .map(|m| {
+                (
+                    m["tool_call_id"].as_str().unwrap(),
+                    m["content"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            tools,
+            [("t1", "Error: timeout"), ("t2", "Error"), ("t3", "ok")]
         );
     }
 

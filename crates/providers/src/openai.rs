@@ -58,21 +58,21 @@ impl OpenAiProvider {
 }
 
 /// A JSON object written as `base` with some keys replaced or added, and
-/// at most one renamed (to nothing: left out), without copying `base`.
+/// some renamed (to nothing: left out), without copying `base`.
 struct Overlay<'a> {
     base: &'a Map<String, Value>,
     set: &'a [(&'a str, Value)],
-    rename: Option<(&'a str, Option<&'a str>)>,
+    rename: &'a [(&'static str, Option<&'static str>)],
 }
 
 impl Serialize for Overlay<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
         for (k, v) in self.base {
-            let key = match self.rename {
-                Some((from, Some(to))) if from == k => to,
-                Some((from, None)) if from == k => continue,
-                _ => k.as_str(),
+            let key = match self.rename.iter().find(|(from, _)| from == k) {
+                Some((_, Some(to))) => to,
+                Some((_, None)) => continue,
+                None => k.as_str(),
             };
             match self.set.iter().find(|(sk, _)| sk == k) {
                 Some((_, nv)) => map.serialize_entry(key, nv)?,
@@ -91,29 +91,41 @@ impl Serialize for Overlay<'_> {
 fn overlay(
     base: &Map<String, Value>,
     set: &[(&str, Value)],
-    rename: Option<(&str, Option<&str>)>,
+    rename: &[(&'static str, Option<&'static str>)],
 ) -> Result<Vec<u8>, ProviderError> {
     serde_json::to_vec(&Overlay { base, set, rename })
         .map_err(|e| ProviderError::Protocol(format!("encoding the request: {e}")))
 }
 
 impl OpenAiProvider {
-    /// OpenAI deprecated `max_tokens` for `max_completion_tokens`, which
-    /// every current model takes and its reasoning models (o-series, GPT-5)
-    /// require: there a request's `max_tokens` (a `/v1/messages` client's
-    /// always has one) travels under the new name, or is left out beside a
-    /// `max_completion_tokens` (those models refuse it outright). Other
-    /// OpenAI-compatible servers get the body as sent, since not all of them
-    /// know the new name.
-    fn renamed_max_tokens(
-        &self,
-        body: &Map<String, Value>,
-    ) -> Option<(&'static str, Option<&'static str>)> {
-        if !self.openai || !body.contains_key("max_tokens") {
-            return None;
+    /// What OpenAI's own API needs renamed or left out of a body that other
+    /// OpenAI-compatible servers take as sent (not all of them know the new
+    /// names):
+    /// - OpenAI deprecated `max_tokens` for `max_completion_tokens`, which
+    ///   every current model takes and its reasoning models (o-series, GPT-5)
+    ///   require: a request's `max_tokens` (a `/v1/messages` client's always
+    ///   has one) travels under the new name, or is left out beside a
+    ///   `max_completion_tokens` (those models refuse it outright).
+    /// - A `/v1/messages` client's `top_k`, a sampling hint in Anthropic's
+    ///   API, is left out: OpenAI refuses the request for it ("Unrecognized
+    ///   request argument"), naming a field the client sent to Anthropic's
+    ///   API in good faith. A chat-completions client's own `top_k` is
+    ///   passed through untouched, as all its fields are.
+    fn renamed_fields(&self, call: &ChatCall<'_>) -> Vec<(&'static str, Option<&'static str>)> {
+        let body = call.body;
+        let mut renames = Vec::new();
+        if !self.openai {
+            return renames;
         }
-        let to = (!body.contains_key("max_completion_tokens")).then_some("max_completion_tokens");
-        Some(("max_tokens", to))
+        if body.contains_key("max_tokens") {
+            let to =
+                (!body.contains_key("max_completion_tokens")).then_some("max_completion_tokens");
+            renames.push(("max_tokens", to));
+        }
+        if call.anthropic_body.is_some() && body.contains_key("top_k") {
+            renames.push(("top_k", None));
+        }
+        renames
     }
 }
 
@@ -139,11 +151,7 @@ impl ChatProvider for OpenAiProvider {
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
         let model = Value::String(call.upstream_model.to_owned());
         if !call.stream {
-            let body = overlay(
-                call.body,
-                &[("model", model)],
-                self.renamed_max_tokens(call.body),
-            )?;
+            let body = overlay(call.body, &[("model", model)], &self.renamed_fields(&call))?;
             let resp = self
                 .upstream
                 .post(&self.chat_url, body, call.timeout)
@@ -174,7 +182,7 @@ impl ChatProvider for OpenAiProvider {
         let body = overlay(
             call.body,
             &[("model", model), ("stream_options", Value::Object(options))],
-            self.renamed_max_tokens(call.body),
+            &self.renamed_fields(&call),
         )?;
         let resp = self
             .upstream
@@ -340,10 +348,10 @@ impl EmbeddingProvider for OpenAiProvider {
                     ("model", model),
                     ("encoding_format", Value::String("float".into())),
                 ],
-                None,
+                &[],
             )?
         } else {
-            overlay(call.body, &[("model", model)], None)?
+            overlay(call.body, &[("model", model)], &[])?
         };
         let resp = self
             .upstream
@@ -406,6 +414,7 @@ pub fn floats_to_base64(response: &mut Value) -> Result<(), ProviderError> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use switchyard_core::anthropic::NativeMessages;
 
     #[test]
     fn overlay_replaces_in_place_and_appends_new_keys() {
@@ -417,7 +426,7 @@ mod tests {
                 ("model", json!("up")),
                 ("stream_options", json!({"include_usage": true})),
             ],
-            None,
+            &[],
         )
         .unwrap();
         assert_eq!(
@@ -429,18 +438,56 @@ mod tests {
         let out = overlay(
             &base,
             &[("model", json!("up"))],
-            Some(("max_tokens", Some("max_completion_tokens"))),
+            &[("max_tokens", Some("max_completion_tokens")), ("n", None)],
         )
         .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"model":"up","max_completion_tokens":9,"n":2}"#
+            r#"{"model":"up","max_completion_tokens":9}"#
         );
-        let out = overlay(&base, &[], Some(("max_tokens", None))).unwrap();
+        let out = overlay(&base, &[], &[("max_tokens", None)]).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"model":"alias","n":2}"#
         );
+    }
+
+    #[test]
+    fn openais_own_api_gets_max_completion_tokens_and_no_top_k_of_a_messages_client() {
+        let provider = |url: &str| {
+            let config: ProviderConfig =
+                serde_json::from_value(json!({"kind": "openai", "base_url": url})).unwrap();
+            OpenAiProvider::new("p", &config).unwrap()
+        };
+        let body: Map<String, Value> =
+            serde_json::from_str(r#"{"max_tokens":9,"top_k":5,"n":2}"#).unwrap();
+        let native = NativeMessages {
+            body: Map::new(),
+            beta: None,
+        };
+        let call = |anthropic_body| ChatCall {
+            upstream_model: "m",
+            body: &body,
+            anthropic_body,
+            stream: false,
+            timeout: Duration::from_secs(1),
+        };
+        let openai = provider("https://api.openai.com/v1");
+        assert_eq!(
+            openai.renamed_fields(&call(Some(&native))),
+            [
+                ("max_tokens", Some("max_completion_tokens")),
+                ("top_k", None)
+            ]
+        );
+        // A chat-completions client's own top_k is its business.
+        assert_eq!(
+            openai.renamed_fields(&call(None)),
+            [("max_tokens", Some("max_completion_tokens"))]
+        );
+        // Other OpenAI-compatible servers (vLLM, DeepInfra) take both.
+        let vllm = provider("http://127.0.0.1:8000/v1");
+        assert!(vllm.renamed_fields(&call(Some(&native))).is_empty());
     }
 
     #[test]
