@@ -30,24 +30,16 @@ fn bad(param: &str, message: impl Into<String>) -> TranslateError {
 // ---------------------------------------------------------------------------
 
 /// OpenAI parameters the Messages API has no way to honour: refused by name
-/// rather than dropped, so that a caller asking for three choices, a JSON
-/// answer or log probabilities does not get one prose answer instead. Their
-/// neutral values (`n: 1`, `response_format: {"type": "text"}`,
-/// `logprobs: false`) pass.
+/// rather than dropped, so that a caller asking for three choices, a
+/// schema-less JSON answer or log probabilities does not get one prose
+/// answer instead. Their neutral values (`n: 1`, `response_format: {"type":
+/// "text"}`, `logprobs: false`) pass.
 fn refuse_what_anthropic_cannot_do(body: &Map<String, Value>) -> Result<(), TranslateError> {
     if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(bad(
             "n",
             "This model's provider (Anthropic) generates one choice per request; set n to 1.",
         ));
-    }
-    if let Some(format) = body.get("response_format").filter(|f| !f.is_null()) {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(bad(
-                "response_format",
-                "This model's provider (Anthropic) has no JSON response_format; ask for JSON in the prompt or use a tool.",
-            ));
-        }
     }
     if body.get("logprobs").and_then(Value::as_bool) == Some(true)
         || body.get("top_logprobs").is_some_and(|v| !v.is_null())
@@ -60,6 +52,37 @@ fn refuse_what_anthropic_cannot_do(body: &Map<String, Value>) -> Result<(), Tran
     Ok(())
 }
 
+/// Anthropic's `output_config` for an OpenAI `response_format`: structured
+/// outputs (`output_config.format`, generally available on Claude 4.5 and
+/// later) take the same JSON schema as `json_schema`, and answer with the
+/// JSON as the message's text, which is what an OpenAI client reads (and
+/// what the SDKs' `parse` helpers parse). `strict`, `name` and
+/// `description` have no counterpart: the schema is enforced either way.
+/// `json_object` (JSON of any shape) has none either, and is refused by
+/// name. `None` for no format or `text`.
+fn output_config(body: &Map<String, Value>) -> Result<Option<Value>, TranslateError> {
+    let Some(format) = body.get("response_format").filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_schema") => match format.pointer("/json_schema/schema") {
+            Some(schema @ Value::Object(_)) => Ok(Some(
+                json!({"format": {"type": "json_schema", "schema": schema}}),
+            )),
+            _ => Err(bad(
+                "response_format",
+                "response_format.json_schema.schema must be a JSON Schema object.",
+            )),
+        },
+        _ => Err(bad(
+            "response_format",
+            "This model's provider (Anthropic) has no JSON mode without a schema; use \
+             response_format type json_schema with a schema, or ask for JSON in the prompt.",
+        )),
+    }
+}
+
 /// Builds an Anthropic Messages request from an OpenAI chat request.
 pub fn request_to_anthropic(
     body: &Map<String, Value>,
@@ -67,6 +90,7 @@ pub fn request_to_anthropic(
     stream: bool,
 ) -> Result<Value, TranslateError> {
     refuse_what_anthropic_cannot_do(body)?;
+    let output_config = output_config(body)?;
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -222,6 +246,9 @@ pub fn request_to_anthropic(
     }
     if let Some(user) = body.get("user").and_then(Value::as_str) {
         req.insert("metadata".into(), json!({"user_id": user}));
+    }
+    if let Some(config) = output_config {
+        req.insert("output_config".into(), config);
     }
     if stream {
         req.insert("stream".into(), json!(true));
@@ -1941,7 +1968,12 @@ mod tests {
             ),
             (
                 "response_format",
-                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+                json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+                "response_format",
+            ),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}),
                 "response_format",
             ),
             ("logprobs", json!(true), "logprobs"),
@@ -1960,6 +1992,29 @@ mod tests {
                 request_to_anthropic(&with(key, value.clone()), "m", false).is_ok(),
                 "{key}"
             );
+        }
+    }
+
+    #[test]
+    fn a_json_schema_response_format_becomes_anthropics_structured_output() {
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}},
+            "required": ["city"], "additionalProperties": false});
+        let body = obj(
+            json!({"model": "alias", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema",
+                "json_schema": {"name": "place", "strict": true, "schema": schema}}}),
+        );
+        let req = request_to_anthropic(&body, "m", true).unwrap();
+        assert_eq!(
+            req["output_config"],
+            json!({"format": {"type": "json_schema", "schema": schema}})
+        );
+        // No format, or text, sends none.
+        for format in [Value::Null, json!({"type": "text"})] {
+            let mut b = body.clone();
+            b.insert("response_format".into(), format);
+            let req = request_to_anthropic(&b, "m", false).unwrap();
+            assert!(req.get("output_config").is_none());
         }
     }
 

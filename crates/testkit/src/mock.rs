@@ -687,7 +687,15 @@ async fn messages(
         usage["cache_read_input_tokens"] = json!(read);
         usage["cache_creation_input_tokens"] = json!(written);
     }
-    let (reply, stop_sequence) = stop_at_sequence(&req, &behavior.reply);
+    // Structured output asked for: the answer is an instance of the schema.
+    let structured = req
+        .pointer("/output_config/format")
+        .or_else(|| req.get("output_format"))
+        .filter(|f| f.get("type").and_then(Value::as_str) == Some("json_schema"))
+        .and_then(|f| f.get("schema"))
+        .map(|schema| instance_of(schema).to_string());
+    let (reply, stop_sequence) =
+        stop_at_sequence(&req, structured.as_deref().unwrap_or(&behavior.reply));
     let words: Vec<&str> = reply.split_whitespace().collect();
     let text_stop = if stop_sequence.is_some() {
         "stop_sequence"
@@ -802,6 +810,34 @@ async fn messages(
     stream_frames(frames, behavior, fault, hold)
 }
 
+/// A small JSON value a `schema` accepts: an object with every property
+/// (`$ref`s unresolved: null), an enum's first value, a type's zero.
+fn instance_of(schema: &Value) -> Value {
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => Value::Object(
+            schema
+                .get("properties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), instance_of(v)))
+                .collect(),
+        ),
+        Some("array") => json!([]),
+        Some("string") => json!("mock"),
+        Some("integer" | "number") => json!(0),
+        Some("boolean") => json!(false),
+        _ => Value::Null,
+    }
+}
+
 /// The thinking a mock Claude does when asked to, and its signature.
 pub const MOCK_THOUGHT: &str = "mock: thinking it over.";
 pub const MOCK_SIGNATURE: &str = "mock-signature-EqQBCkgIARABGAIiQL";
@@ -812,7 +848,7 @@ pub const MOCK_SIGNATURE: &str = "mock-signature-EqQBCkgIARABGAIiQL";
 /// Anthropic signs them), `metadata` keys other than `user_id`, and a
 /// temperature above 1.
 fn anthropic_refusal(req: &Value) -> Option<String> {
-    const FIELDS: [&str; 18] = [
+    const FIELDS: [&str; 19] = [
         "model",
         "messages",
         "max_tokens",
@@ -828,6 +864,7 @@ fn anthropic_refusal(req: &Value) -> Option<String> {
         "thinking",
         "context_management",
         "output_format",
+        "output_config",
         "container",
         "mcp_servers",
         "service_tier",

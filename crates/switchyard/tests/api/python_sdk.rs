@@ -54,14 +54,15 @@ async fn the_official_openai_python_sdk_works_unchanged() {
     let app = app()
         .config(&format!(
             "[providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{}\"\n\n\
-             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-mock\"\n",
+             [models.claude]\nprovider = \"anthropic\"\nmodel = \"claude-mock\"\n\n\
+             [rate_limits.classes]\nchat = \"600/min\"\nglobal = \"600/min\"\n",
             anthropic.base_url()
         ))
         .env("SWITCHYARD_ADMIN_KEY", SDK_KEY)
         .spawn()
         .await;
     let report = pytest(&python, "python", &app).await;
-    assert!(report.contains("18 passed"), "{report}");
+    assert!(report.contains("19 passed"), "{report}");
 }
 
 #[tokio::test]

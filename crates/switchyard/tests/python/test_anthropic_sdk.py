@@ -8,6 +8,7 @@ import os
 
 import anthropic
 import openai
+import pydantic
 import pytest
 
 MODEL = "gpt-4o-mini"  # an OpenAI-compatible deployment behind the Messages API
@@ -105,6 +106,29 @@ def test_openai_sdk_against_an_anthropic_backed_alias():
     ]
     assert len(args) >= 2
     assert "".join(args) == '{"location": "Paris", "unit": "celsius"}'
+
+
+class Place(pydantic.BaseModel):
+    city: str
+    population: int
+    coastal: bool
+
+
+def test_openai_structured_output_through_an_anthropic_backed_alias():
+    # response_format json_schema travels as Anthropic's output_config.format
+    # (the mock answers with an instance of the schema only when it gets it).
+    oai = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key=os.environ["SWITCHYARD_TEST_KEY"], max_retries=0)
+    messages = [{"role": "user", "content": "Describe a city"}]
+    resp = oai.chat.completions.parse(model="claude", messages=messages, response_format=Place)
+    expected = Place(city="mock", population=0, coastal=False)
+    assert resp.choices[0].message.parsed == expected
+    with oai.chat.completions.stream(model="claude", messages=messages, response_format=Place) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.parsed == expected
+    # JSON of any shape has no Anthropic form: refused by name.
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="claude", messages=messages, response_format={"type": "json_object"})
+    assert e.value.param == "response_format"
 
 
 def test_a_stop_sequence_reaches_the_client_through_an_anthropic_backed_alias(client):
