@@ -590,7 +590,8 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Of `prompt_tokens`, those read from the provider's prompt cache
-    /// (`prompt_tokens_details.cached_tokens`), which cost less.
+    /// (`prompt_tokens_details.cached_tokens`, or DeepSeek's
+    /// `prompt_cache_hit_tokens`), which cost less.
     #[serde(skip_serializing)]
     pub cached_tokens: u64,
     /// Of `prompt_tokens`, those written to it (`cache_creation_input_tokens`,
@@ -614,6 +615,9 @@ struct WireUsage {
     prompt_tokens_details: Option<Value>,
     #[serde(default)]
     cache_creation_input_tokens: Option<Value>,
+    /// DeepSeek's name for `prompt_tokens_details.cached_tokens`.
+    #[serde(default)]
+    prompt_cache_hit_tokens: Option<Value>,
 }
 
 fn count(v: Option<&Value>) -> Option<u64> {
@@ -630,7 +634,10 @@ impl From<WireUsage> for Usage {
         let prompt = count(w.prompt_tokens.as_ref()).unwrap_or(0);
         let detail = |k: &str| count(w.prompt_tokens_details.as_ref().and_then(|d| d.get(k)));
         // Parts of the prompt, never more than all of it.
-        let cached = detail("cached_tokens").unwrap_or(0).min(prompt);
+        let cached = detail("cached_tokens")
+            .or_else(|| count(w.prompt_cache_hit_tokens.as_ref()))
+            .unwrap_or(0)
+            .min(prompt);
         let written = count(w.cache_creation_input_tokens.as_ref())
             .or_else(|| detail("cache_creation_tokens"))
             .unwrap_or(0)
@@ -677,6 +684,18 @@ mod tests {
         let u = usage(json!({"prompt_tokens": 10, "completion_tokens": 1,
             "prompt_tokens_details": {"cached_tokens": 4, "cache_creation_tokens": 9}}));
         assert_eq!((u.cached_tokens, u.cache_write_tokens), (4, 6));
+    }
+
+    #[test]
+    fn deepseeks_cache_hits_are_cached_tokens() {
+        let usage = |v: Value| serde_json::from_value::<Usage>(v).unwrap();
+        let u = usage(json!({"prompt_tokens": 100, "completion_tokens": 5,
+            "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 36}));
+        assert_eq!(u.cached_tokens, 64);
+        // OpenAI's field wins when a server sends both.
+        let u = usage(json!({"prompt_tokens": 100, "completion_tokens": 5,
+            "prompt_cache_hit_tokens": 64, "prompt_tokens_details": {"cached_tokens": 60}}));
+        assert_eq!(u.cached_tokens, 60);
     }
 
     fn chat(v: Value) -> Result<ChatRequest, InvalidRequest> {

@@ -21,6 +21,12 @@ pub struct UsageRecord {
     pub stream: bool,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Of `prompt_tokens`, those read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+    /// Of `prompt_tokens`, those written to it.
+    #[serde(default)]
+    pub cache_write_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
     pub latency_ms: f64,
     /// Streams only: time until the first chunk arrived from upstream.

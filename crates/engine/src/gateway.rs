@@ -610,6 +610,8 @@ impl Accounting {
                 stream,
                 prompt_tokens: None,
                 completion_tokens: None,
+                cached_tokens: None,
+                cache_write_tokens: None,
                 cost_usd: None,
                 latency_ms: 0.0,
                 ttft_ms: None,
@@ -730,6 +732,8 @@ impl Accounting {
             }
             r.prompt_tokens = Some(u.prompt_tokens);
             r.completion_tokens = Some(u.completion_tokens);
+            r.cached_tokens = Some(u.cached_tokens);
+            r.cache_write_tokens = Some(u.cache_write_tokens);
             r.cost_usd = self.pricing.map(|p| p.cost_usd(&u));
             let model = &r.model_alias;
             let (prompt, completion) = self.metrics.tokens.get(&[model, provider], || {

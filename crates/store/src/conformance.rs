@@ -31,6 +31,8 @@ pub fn sample_usage(tenant: &str, n: u32) -> UsageRecord {
         stream: n.is_multiple_of(2),
         prompt_tokens: Some(10 + u64::from(n)),
         completion_tokens: Some(20),
+        cached_tokens: Some(u64::from(n) * 3),
+        cache_write_tokens: Some(u64::from(n % 2) * 5),
         cost_usd: Some(0.000_123_5),
         latency_ms: 12.25,
         ttft_ms: Some(3.5),
@@ -79,7 +81,12 @@ pub async fn run_all(store: &dyn Store) {
 pub async fn migrations_are_idempotent(store: &dyn Store) {
     store.migrate().await.expect("second migrate");
     let applied = store.applied_migrations().await.expect("applied");
-    assert_eq!(applied, vec![1, 2, 3, 4, 5, 6, 7, 8], "{}", store.backend());
+    assert_eq!(
+        applied,
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+        "{}",
+        store.backend()
+    );
 }
 
 pub async fn usage_rows_round_trip_exactly(store: &dyn Store) {
@@ -97,6 +104,8 @@ pub async fn usage_rows_with_no_optional_fields_round_trip(store: &dyn Store) {
     let mut row = sample_usage(tenant, 7);
     row.prompt_tokens = None;
     row.completion_tokens = None;
+    row.cached_tokens = None;
+    row.cache_write_tokens = None;
     row.cost_usd = None;
     row.ttft_ms = None;
     row.trace = None;

@@ -47,6 +47,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "usage_trace",
         sql: include_str!("../migrations/sqlite/0008_usage_trace.sql"),
     },
+    Migration {
+        version: 9,
+        name: "usage_cache_tokens",
+        sql: include_str!("../migrations/sqlite/0009_usage_cache_tokens.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -89,6 +94,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 8,
         name: "usage_trace",
         sql: include_str!("../migrations/postgres/0008_usage_trace.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "usage_cache_tokens",
+        sql: include_str!("../migrations/postgres/0009_usage_cache_tokens.sql"),
     },
 ];
 

@@ -84,7 +84,7 @@ const SPEND_SQL: &str = "SELECT SUM(cost_usd)::float8 FROM usage_logs WHERE tena
 /// The `usage_logs` columns of a [`UsageRecord`], for SELECT.
 const USAGE_SELECT: &str = "id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
      prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, \
-     (extract(epoch FROM created_at) * 1000)::float8 AS created_at_ms, trace_ms";
+     (extract(epoch FROM created_at) * 1000)::float8 AS created_at_ms, trace_ms, cached_tokens, cache_write_tokens";
 
 fn usage_from_row(r: &PgRow) -> Result<UsageRecord, sqlx::Error> {
     Ok(UsageRecord {
@@ -100,6 +100,8 @@ fn usage_from_row(r: &PgRow) -> Result<UsageRecord, sqlx::Error> {
         stream: r.try_get("stream")?,
         prompt_tokens: opt_u64(r.try_get("prompt_tokens")?),
         completion_tokens: opt_u64(r.try_get("completion_tokens")?),
+        cached_tokens: opt_u64(r.try_get("cached_tokens")?),
+        cache_write_tokens: opt_u64(r.try_get("cache_write_tokens")?),
         cost_usd: r.try_get("cost_usd")?,
         latency_ms: r.try_get("latency_ms")?,
         ttft_ms: r.try_get("ttft_ms")?,
@@ -247,14 +249,17 @@ impl Store for PostgresStore {
         let col = |f: fn(&UsageRecord) -> String| rows.iter().map(f).collect::<Vec<String>>();
         sqlx::query(
             "INSERT INTO usage_logs (id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at, key_id, user_id, trace_ms) \
+             prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at, key_id, user_id, trace_ms, \
+             cached_tokens, cache_write_tokens) \
              SELECT id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
-             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, to_timestamp(created_at_ms / 1000.0), key_id, user_id, trace_ms \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, to_timestamp(created_at_ms / 1000.0), key_id, user_id, trace_ms, \
+             cached_tokens, cache_write_tokens \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], \
              $9::int8[], $10::int8[], $11::float8[], $12::float8[], $13::float8[], $14::int4[], $15::text[], $16::int8[], \
-             $17::text[], $18::text[], $19::text[]) \
+             $17::text[], $18::text[], $19::text[], $20::int8[], $21::int8[]) \
              AS t(id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
-             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, key_id, user_id, trace_ms)",
+             completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, key_id, user_id, trace_ms, \
+             cached_tokens, cache_write_tokens)",
         )
         .bind(ids)
         .bind(col(|r| r.tenant_id.clone()))
@@ -275,6 +280,8 @@ impl Store for PostgresStore {
         .bind(rows.iter().map(|r| r.key_id.clone()).collect::<Vec<Option<String>>>())
         .bind(rows.iter().map(|r| r.user_id.clone()).collect::<Vec<Option<String>>>())
         .bind(rows.iter().map(|r| r.trace.map(|t| t.encode())).collect::<Vec<Option<String>>>())
+        .bind(rows.iter().map(|r| r.cached_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
+        .bind(rows.iter().map(|r| r.cache_write_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
         .execute(&self.writer)
         .await
         .context("inserting usage rows")?;

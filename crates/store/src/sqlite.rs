@@ -206,10 +206,11 @@ fn usage_insert_sql() -> &'static [String; 4] {
     static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         USAGE_CHUNKS.map(|n| {
-            let row = format!("({})", vec!["?"; 19].join(", "));
+            let row = format!("({})", vec!["?"; 21].join(", "));
             format!(
                 "INSERT INTO usage_logs (id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, trace_ms) VALUES {} \
+                 prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, trace_ms, \
+                 cached_tokens, cache_write_tokens) VALUES {} \
                  ON CONFLICT (id) DO NOTHING",
                 vec![row; n].join(", ")
             )
@@ -346,7 +347,8 @@ const SPEND_SQL: &str = "SELECT SUM(cost_usd) FROM usage_logs WHERE tenant_id = 
 
 /// The `usage_logs` columns of a [`UsageRecord`], for SELECT.
 const USAGE_SELECT: &str = "id, tenant_id, key_id, user_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, \
-     prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, trace_ms";
+     prompt_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, trace_ms, \
+     cached_tokens, cache_write_tokens";
 
 fn usage_from_row(r: &SqliteRow) -> Result<UsageRecord, sqlx::Error> {
     Ok(UsageRecord {
@@ -362,6 +364,8 @@ fn usage_from_row(r: &SqliteRow) -> Result<UsageRecord, sqlx::Error> {
         stream: r.try_get("stream")?,
         prompt_tokens: opt_u64(r.try_get("prompt_tokens")?),
         completion_tokens: opt_u64(r.try_get("completion_tokens")?),
+        cached_tokens: opt_u64(r.try_get("cached_tokens")?),
+        cache_write_tokens: opt_u64(r.try_get("cache_write_tokens")?),
         cost_usd: r.try_get("cost_usd")?,
         latency_ms: r.try_get("latency_ms")?,
         ttft_ms: r.try_get("ttft_ms")?,
@@ -513,7 +517,9 @@ impl Store for SqliteStore {
                             .bind(i64::from(r.status))
                             .bind(&r.error_code)
                             .bind(r.created_at_ms)
-                            .bind(r.trace.map(|t| t.encode()));
+                            .bind(r.trace.map(|t| t.encode()))
+                            .bind(r.cached_tokens.map(|v| v as i64))
+                            .bind(r.cache_write_tokens.map(|v| v as i64));
                     }
                     q.execute(&mut *tx).await.context("inserting usage rows")?;
                 }

@@ -323,6 +323,8 @@ impl Inline {
                     r.error_code,
                     r.created_at_ms,
                     r.trace.map(|t| t.encode()),
+                    db_int(r.cached_tokens),
+                    db_int(r.cache_write_tokens),
                 ])?;
             }
             Ok(())

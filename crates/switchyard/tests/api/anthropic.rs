@@ -1353,6 +1353,11 @@ async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rate
     let expected = (4.0 * 3.0 + 1_000.0 * 0.3 + 200.0 * 3.75 + words * 15.0) / 1e6;
     for row in &rows {
         assert_eq!(row.prompt_tokens, Some(1_204));
+        // The row keeps the parts, so its cost can be checked later.
+        assert_eq!(
+            (row.cached_tokens, row.cache_write_tokens),
+            (Some(1_000), Some(200))
+        );
         let cost = row.cost_usd.unwrap();
         assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
     }

@@ -154,6 +154,7 @@ async fn a_usage_row_records_tokens_cost_latency_and_ttft() {
     assert_eq!((r.endpoint.as_str(), r.stream), ("chat", true));
     assert_eq!(r.upstream_model, "gpt-4o-mini-upstream");
     assert_eq!((r.prompt_tokens, r.completion_tokens), (Some(5), Some(7)));
+    assert_eq!((r.cached_tokens, r.cache_write_tokens), (Some(0), Some(0)));
     // 5 × 0.15 + 7 × 0.60 dollars per million tokens
     let expected = (5.0 * 0.15 + 7.0 * 0.60) / 1e6;
     assert!(
