@@ -396,13 +396,16 @@ pub fn stop_reason(finish_reason: Option<&str>) -> &'static str {
 }
 
 /// An Anthropic `usage`: its four counts, which a stream's `message_delta`
-/// may repeat (cumulatively) after `message_start`.
+/// may repeat (cumulatively) after `message_start`, and of the cache writes
+/// those with a one-hour lifetime (`cache_creation.ephemeral_1h_input_tokens`),
+/// which Anthropic bills at 2× the input price against 1.25× for five minutes.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Tokens {
     /// Prompt tokens neither read from nor written to the cache.
     input: u64,
     cache_read: u64,
     cache_creation: u64,
+    cache_creation_1h: u64,
     output: u64,
 }
 
@@ -427,6 +430,12 @@ impl Tokens {
                 *field = n;
             }
         }
+        if let Some(n) = u
+            .pointer("/cache_creation/ephemeral_1h_input_tokens")
+            .and_then(Value::as_u64)
+        {
+            self.cache_creation_1h = n;
+        }
     }
 
     /// Every prompt token, read from or written to the cache or neither.
@@ -441,6 +450,7 @@ impl Tokens {
             completion_tokens: self.output,
             cached_tokens: self.cache_read,
             cache_write_tokens: self.cache_creation,
+            cache_write_1h_tokens: self.cache_creation_1h.min(self.cache_creation),
         }
     }
 
@@ -448,7 +458,8 @@ impl Tokens {
     /// from the cache also in `prompt_tokens_details.cached_tokens`, those
     /// written to it also in `cache_creation_input_tokens` (LiteLLM's name
     /// for what OpenAI has no field for; Anthropic bills them at 1.25× the
-    /// input price), each only when there are some.
+    /// input price) and, when some live an hour, split by lifetime in
+    /// Anthropic's `cache_creation` object; each only when there are some.
     fn openai(&self) -> Value {
         let prompt = self.prompt();
         let mut usage = json!({
@@ -462,8 +473,19 @@ impl Tokens {
         if self.cache_creation > 0 {
             usage["cache_creation_input_tokens"] = json!(self.cache_creation);
         }
+        if self.cache_creation_1h > 0 {
+            usage["cache_creation"] = cache_creation(self.usage());
+        }
         usage
     }
+}
+
+/// Anthropic's `cache_creation`: the cache writes of `u` by lifetime.
+fn cache_creation(u: crate::openai::Usage) -> Value {
+    json!({
+        "ephemeral_5m_input_tokens": u.cache_write_tokens - u.cache_write_1h_tokens,
+        "ephemeral_1h_input_tokens": u.cache_write_1h_tokens,
+    })
 }
 
 /// The sequence an Anthropic answer stopped at, when it stopped at one.
@@ -1577,12 +1599,16 @@ fn anthropic_usage(usage: Option<&Value>) -> Value {
     let u: crate::openai::Usage = usage
         .and_then(|u| serde::Deserialize::deserialize(u).ok())
         .unwrap_or_default();
-    json!({
+    let mut usage = json!({
         "input_tokens": u.prompt_tokens - u.cached_tokens - u.cache_write_tokens,
         "output_tokens": u.completion_tokens,
         "cache_creation_input_tokens": u.cache_write_tokens,
         "cache_read_input_tokens": u.cached_tokens,
-    })
+    });
+    if u.cache_write_1h_tokens > 0 {
+        usage["cache_creation"] = cache_creation(u);
+    }
+    usage
 }
 
 fn anthropic_id(id: &str) -> String {
@@ -2181,6 +2207,33 @@ mod tests {
             json!({"input_tokens": 0, "output_tokens": 1,
                    "cache_creation_input_tokens": 6, "cache_read_input_tokens": 4})
         );
+    }
+
+    #[test]
+    fn one_hour_cache_writes_are_told_apart_both_ways() {
+        let anthropic = json!({"input_tokens": 3, "cache_creation_input_tokens": 7,
+            "cache_read_input_tokens": 2, "output_tokens": 1,
+            "cache_creation": {"ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 5}});
+        let tokens = Tokens::from_anthropic(Some(&anthropic));
+        assert_eq!(
+            (
+                tokens.usage().cache_write_tokens,
+                tokens.usage().cache_write_1h_tokens
+            ),
+            (7, 5)
+        );
+        let openai = tokens.openai();
+        assert_eq!(openai["cache_creation"], anthropic["cache_creation"]);
+        let u: crate::openai::Usage = serde_json::from_value(openai.clone()).unwrap();
+        assert_eq!(u, tokens.usage());
+        assert_eq!(anthropic_usage(Some(&openai)), anthropic);
+        // Only five-minute writes: no split is sent.
+        let five = json!({"input_tokens": 3, "cache_creation_input_tokens": 7, "output_tokens": 1,
+            "cache_creation": {"ephemeral_5m_input_tokens": 7, "ephemeral_1h_input_tokens": 0}});
+        assert!(Tokens::from_anthropic(Some(&five))
+            .openai()
+            .get("cache_creation")
+            .is_none());
     }
 
     #[test]

@@ -483,6 +483,10 @@ pub struct Pricing {
     /// five-minute cache); `input_per_mtok` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_per_mtok: Option<f64>,
+    /// Prompt tokens written to Anthropic's one-hour cache (2× input);
+    /// `cache_write_per_mtok` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h_per_mtok: Option<f64>,
 }
 
 impl Config {
@@ -502,10 +506,13 @@ impl Pricing {
     pub fn cost_usd(&self, u: &crate::openai::Usage) -> f64 {
         let cached = u.cached_tokens.min(u.prompt_tokens);
         let written = u.cache_write_tokens.min(u.prompt_tokens - cached);
+        let written_1h = u.cache_write_1h_tokens.min(written);
         let plain = u.prompt_tokens - cached - written;
+        let write = self.cache_write_per_mtok.unwrap_or(self.input_per_mtok);
         (plain as f64 * self.input_per_mtok
             + cached as f64 * self.cached_input_per_mtok.unwrap_or(self.input_per_mtok)
-            + written as f64 * self.cache_write_per_mtok.unwrap_or(self.input_per_mtok)
+            + (written - written_1h) as f64 * write
+            + written_1h as f64 * self.cache_write_1h_per_mtok.unwrap_or(write)
             + u.completion_tokens as f64 * self.output_per_mtok)
             / 1_000_000.0
     }
@@ -742,7 +749,11 @@ impl Config {
             ));
         }
         for (name, p) in &self.pricing {
-            let optional = [p.cached_input_per_mtok, p.cache_write_per_mtok];
+            let optional = [
+                p.cached_input_per_mtok,
+                p.cache_write_per_mtok,
+                p.cache_write_1h_per_mtok,
+            ];
             if !(p.input_per_mtok >= 0.0
                 && p.output_per_mtok >= 0.0
                 && optional.iter().flatten().all(|x| *x >= 0.0))
@@ -1536,9 +1547,32 @@ mod tests {
         // Unset, every prompt token is an input token, as before.
         let cost = c.price_for("a", "plain").unwrap().cost_usd(&usage);
         assert!((cost - 3.0).abs() < 1e-9, "{cost}");
-        let negative = "[pricing.m]\ninput_per_mtok = 1.0\ncached_input_per_mtok = -1.0\n";
-        let e = Config::load(Some(("f.toml", negative)), &Env::new()).unwrap_err();
-        assert!(e.to_string().contains("pricing.m"), "{e}");
+        for key in ["cached_input_per_mtok", "cache_write_1h_per_mtok"] {
+            let negative = format!("[pricing.m]\ninput_per_mtok = 1.0\n{key} = -1.0\n");
+            let e = Config::load(Some(("f.toml", &negative)), &Env::new()).unwrap_err();
+            assert!(e.to_string().contains("pricing.m"), "{e}");
+        }
+    }
+
+    #[test]
+    fn one_hour_cache_writes_cost_their_own_price_or_the_write_price() {
+        let file = "[pricing.claude]\ninput_per_mtok = 3.0\ncache_write_per_mtok = 3.75\n\
+                    cache_write_1h_per_mtok = 6.0\n\
+                    [pricing.five]\ninput_per_mtok = 3.0\ncache_write_per_mtok = 3.75\n";
+        let c = Config::load(Some(("f.toml", file)), &Env::new()).unwrap();
+        let usage: crate::openai::Usage = serde_json::from_value(serde_json::json!({
+            "prompt_tokens": 1_000_000, "completion_tokens": 0,
+            "cache_creation_input_tokens": 400_000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 100_000, "ephemeral_1h_input_tokens": 300_000},
+        }))
+        .unwrap();
+        assert_eq!(usage.cache_write_1h_tokens, 300_000);
+        // 0.6 M plain × 3 + 0.1 M five-minute × 3.75 + 0.3 M one-hour × 6
+        let cost = c.price_for("a", "claude").unwrap().cost_usd(&usage);
+        assert!((cost - (1.8 + 0.375 + 1.8)).abs() < 1e-9, "{cost}");
+        // Unset, one-hour writes cost what five-minute ones do.
+        let cost = c.price_for("a", "five").unwrap().cost_usd(&usage);
+        assert!((cost - (1.8 + 1.5)).abs() < 1e-9, "{cost}");
     }
 
     #[test]

@@ -599,6 +599,11 @@ pub struct Usage {
     /// `prompt_tokens_details.cache_creation_tokens`), which cost more.
     #[serde(skip_serializing)]
     pub cache_write_tokens: u64,
+    /// Of `cache_write_tokens`, those written for an hour rather than five
+    /// minutes (Anthropic's `cache_creation.ephemeral_1h_input_tokens`),
+    /// which cost more again.
+    #[serde(skip_serializing)]
+    pub cache_write_1h_tokens: u64,
 }
 
 /// `usage` as it comes: every field read leniently (a count that is
@@ -618,6 +623,10 @@ struct WireUsage {
     /// DeepSeek's name for `prompt_tokens_details.cached_tokens`.
     #[serde(default)]
     prompt_cache_hit_tokens: Option<Value>,
+    /// Anthropic's cache writes by lifetime, as Switchyard's Anthropic
+    /// adapter passes them on.
+    #[serde(default)]
+    cache_creation: Option<Value>,
 }
 
 fn count(v: Option<&Value>) -> Option<u64> {
@@ -642,11 +651,19 @@ impl From<WireUsage> for Usage {
             .or_else(|| detail("cache_creation_tokens"))
             .unwrap_or(0)
             .min(prompt - cached);
+        let written_1h = count(
+            w.cache_creation
+                .as_ref()
+                .and_then(|c| c.get("ephemeral_1h_input_tokens")),
+        )
+        .unwrap_or(0)
+        .min(written);
         Self {
             prompt_tokens: prompt,
             completion_tokens: count(w.completion_tokens.as_ref()).unwrap_or(0),
             cached_tokens: cached,
             cache_write_tokens: written,
+            cache_write_1h_tokens: written_1h,
         }
     }
 }

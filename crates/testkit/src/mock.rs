@@ -40,10 +40,11 @@ pub struct Behavior {
     /// DeepSeek's and vLLM's reasoning models do: `reasoning_content` in the
     /// message, or streamed one word per chunk before the reply.
     pub reasoning: Option<String>,
-    /// Anthropic answers report this many prompt tokens read from and
-    /// written to the prompt cache (`cache_read_input_tokens`,
-    /// `cache_creation_input_tokens`), besides the uncached input.
-    pub cache_tokens: Option<(u64, u64)>,
+    /// Anthropic answers report this many prompt tokens read from the
+    /// prompt cache, written to it for five minutes and for an hour
+    /// (`cache_read_input_tokens`, `cache_creation_input_tokens` with their
+    /// split in `cache_creation`), besides the uncached input.
+    pub cache_tokens: Option<(u64, u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -683,9 +684,11 @@ async fn messages(
         .and_then(Value::as_array)
         .map_or(0, |m| m.len() as u64 * 4);
     let mut usage = json!({"input_tokens": input_tokens, "output_tokens": 1});
-    if let Some((read, written)) = behavior.cache_tokens {
+    if let Some((read, five_minutes, one_hour)) = behavior.cache_tokens {
         usage["cache_read_input_tokens"] = json!(read);
-        usage["cache_creation_input_tokens"] = json!(written);
+        usage["cache_creation_input_tokens"] = json!(five_minutes + one_hour);
+        usage["cache_creation"] = json!({"ephemeral_5m_input_tokens": five_minutes,
+            "ephemeral_1h_input_tokens": one_hour});
     }
     // Structured output asked for: the answer is an instance of the schema.
     let structured = req

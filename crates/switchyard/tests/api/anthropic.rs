@@ -1314,10 +1314,11 @@ async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rate
     let (mut app, anthropic) = with_anthropic_and(
         "",
         "[pricing.claude-sonnet-mock]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
-         cached_input_per_mtok = 0.3\ncache_write_per_mtok = 3.75\n",
+         cached_input_per_mtok = 0.3\ncache_write_per_mtok = 3.75\ncache_write_1h_per_mtok = 6.0\n",
     )
     .await;
-    anthropic.update(|b| b.cache_tokens = Some((1_000, 200)));
+    // 200 written: 150 for five minutes, 50 for an hour.
+    anthropic.update(|b| b.cache_tokens = Some((1_000, 150, 50)));
     let chat = json!({"model": "claude", "messages": [{"role": "user", "content": "Say hello"}]});
 
     let openai: Value = app
@@ -1343,6 +1344,10 @@ async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rate
     assert_eq!(messages["usage"]["input_tokens"], 4);
     assert_eq!(messages["usage"]["cache_read_input_tokens"], 1_000);
     assert_eq!(messages["usage"]["cache_creation_input_tokens"], 200);
+    assert_eq!(
+        messages["usage"]["cache_creation"]["ephemeral_1h_input_tokens"],
+        50
+    );
     app.stop_gracefully().await;
     let rows = usage_rows(&app).await;
     assert_eq!(rows.len(), 2);
@@ -1350,7 +1355,7 @@ async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rate
         .reply
         .split_whitespace()
         .count() as f64;
-    let expected = (4.0 * 3.0 + 1_000.0 * 0.3 + 200.0 * 3.75 + words * 15.0) / 1e6;
+    let expected = (4.0 * 3.0 + 1_000.0 * 0.3 + 150.0 * 3.75 + 50.0 * 6.0 + words * 15.0) / 1e6;
     for row in &rows {
         assert_eq!(row.prompt_tokens, Some(1_204));
         // The row keeps the parts, so its cost can be checked later.
