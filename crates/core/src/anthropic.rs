@@ -347,6 +347,7 @@ fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, Translat
                         .unwrap_or("");
                     Ok(with_cache_mark(image_block(url), p))
                 }
+                Some("file") => Ok(with_cache_mark(document_block(p, i, j)?, p)),
                 other => Err(bad(
                     &format!("messages[{i}].content[{j}].type"),
                     format!(
@@ -357,6 +358,84 @@ fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, Translat
             })
             .collect(),
         _ => Ok(Vec::new()),
+    }
+}
+
+/// An OpenAI `file` part (a PDF, as OpenAI takes them: `file_data` a
+/// `data:application/pdf;base64,` URL or bare base64) as an Anthropic
+/// `document` block titled with its `filename`. A `file_id` names a file in
+/// OpenAI's Files API, which Anthropic cannot read.
+fn document_block(part: &Value, i: usize, j: usize) -> Result<Value, TranslateError> {
+    let param = format!("messages[{i}].content[{j}].file");
+    let file = part.get("file");
+    let data = file
+        .and_then(|f| f.get("file_data"))
+        .and_then(Value::as_str);
+    let Some(data) = data else {
+        let message = if file.and_then(|f| f.get("file_id")).is_some() {
+            "file_id names a file in OpenAI's Files API, which this model's provider \
+             (Anthropic) cannot read; send the file's content as file_data."
+        } else {
+            "a file part needs file_data."
+        };
+        return Err(bad(&param, message));
+    };
+    let (media_type, base64) = match data.strip_prefix("data:") {
+        Some(rest) => match rest.split_once(',') {
+            Some((meta, b64)) if meta.ends_with(";base64") => {
+                (meta.trim_end_matches(";base64"), b64)
+            }
+            _ => {
+                return Err(bad(
+                    &param,
+                    "file_data must be base64: data:application/pdf;base64,…",
+                ))
+            }
+        },
+        None => ("application/pdf", data),
+    };
+    if media_type != "application/pdf" {
+        return Err(bad(
+            &param,
+            format!("file_data of type {media_type} cannot be sent to this model's provider (Anthropic), which reads PDF files"),
+        ));
+    }
+    let mut block = json!({"type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": base64}});
+    if let Some(name) = file
+        .and_then(|f| f.get("filename"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    {
+        block["title"] = json!(name);
+    }
+    Ok(block)
+}
+
+/// An Anthropic `document` block as an OpenAI content part, when it has one:
+/// a base64 PDF becomes a `file` part (OpenAI reads PDFs), plain text a
+/// text part. URL, Files API and content-block sources have no OpenAI form.
+fn openai_document_part(block: &Value) -> Option<Value> {
+    let source = block.get("source")?;
+    match (
+        source.get("type").and_then(Value::as_str),
+        source.get("media_type").and_then(Value::as_str),
+    ) {
+        (Some("base64"), Some("application/pdf")) => {
+            let data = source.get("data").and_then(Value::as_str)?;
+            let filename = block
+                .get("title")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .unwrap_or("document.pdf");
+            Some(json!({"type": "file", "file": {"filename": filename,
+                "file_data": format!("data:application/pdf;base64,{data}")}}))
+        }
+        (Some("text"), _) => {
+            let text = source.get("data").and_then(Value::as_str)?;
+            Some(json!({"type": "text", "text": text}))
+        }
+        _ => None,
     }
 }
 
@@ -709,7 +788,7 @@ pub struct MessagesRequest {
     pub openai_body: Map<String, Value>,
     /// What that body cannot carry, if anything — Anthropic's own tools
     /// (`web_search_…`, `code_execution_…`), block types with no OpenAI form
-    /// (`document`, `server_tool_use`, `web_search_tool_result`, …), more
+    /// (`server_tool_use`, `web_search_tool_result`, a `document` by URL, …), more
     /// than four stop sequences — as the refusal to give unless every
     /// deployment of the alias speaks the Messages API itself (an Anthropic
     /// deployment is sent the client's own body).
@@ -1435,19 +1514,11 @@ fn translate_blocks(
             }
             // Reasoning blocks from an earlier turn are not sent to other providers.
             Some("thinking") | Some("redacted_thinking") => {}
-            other => {
-                let kind = other.unwrap_or("(none)");
-                untranslatable.get_or_insert_with(|| {
-                    bad(
-                        &format!("messages.{i}.content.{j}.type"),
-                        format!("messages.{i}.content.{j}: unsupported block type {kind}"),
-                    )
-                });
-                // Stands in for the block, so that the translation's own
-                // checks (no empty turns) hold when Anthropic serves the
-                // request and the translation is never sent.
-                parts.push(json!({"type": "text", "text": format!("[{kind}]")}));
-            }
+            Some("document") if role == "user" => match openai_document_part(b) {
+                Some(part) => parts.push(part),
+                None => unsupported(i, j, "document", &mut parts, untranslatable),
+            },
+            other => unsupported(i, j, other.unwrap_or("(none)"), &mut parts, untranslatable),
         }
     }
     // Tool results answer the previous assistant turn, so they come first.
@@ -1475,6 +1546,26 @@ fn translate_blocks(
         out.push(json!({"role": "user", "content": content}));
     }
     Ok(())
+}
+
+/// A block with no OpenAI form: the refusal to give unless Anthropic serves
+/// the request, and a stand-in for it, so that the translation's own checks
+/// (no empty turns) hold when Anthropic serves the request and the
+/// translation is never sent.
+fn unsupported(
+    i: usize,
+    j: usize,
+    kind: &str,
+    parts: &mut Vec<Value>,
+    untranslatable: &mut Option<TranslateError>,
+) {
+    untranslatable.get_or_insert_with(|| {
+        bad(
+            &format!("messages.{i}.content.{j}.type"),
+            format!("messages.{i}.content.{j}: unsupported block type {kind}"),
+        )
+    });
+    parts.push(json!({"type": "text", "text": format!("[{kind}]")}));
 }
 
 // ---------------------------------------------------------------------------
@@ -2869,6 +2960,65 @@ mod tests {
     }
 
     #[test]
+    fn pdfs_travel_as_openai_file_parts_and_anthropic_documents() {
+        // Messages → OpenAI: a base64 PDF is a file part, a text document
+        // text; the title, if any, is the file's name.
+        let body = obj(json!({"model": "alias", "max_tokens": 10, "messages": [
+            {"role": "user", "content": [
+                {"type": "document", "title": "q3.pdf",
+                 "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
+                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBES"}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Notes."}},
+                {"type": "text", "text": "Summarise."}]}]}));
+        let r = MessagesRequest::parse(&body).unwrap();
+        assert!(r.untranslatable.is_none());
+        assert_eq!(
+            r.openai_body["messages"][0]["content"],
+            json!([
+                {"type": "file", "file": {"filename": "q3.pdf", "file_data": "data:application/pdf;base64,JVBER"}},
+                {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBES"}},
+                {"type": "text", "text": "Notes."},
+                {"type": "text", "text": "Summarise."},
+            ])
+        );
+        // OpenAI → Anthropic: the other way, bare base64 taken as a PDF.
+        let chat = |file: Value| {
+            obj(
+                json!({"model": "m", "messages": [{"role": "user", "content": [
+                {"type": "file", "file": file}, {"type": "text", "text": "Summarise."}]}]}),
+            )
+        };
+        let req = request_to_anthropic(
+            &chat(json!({"filename": "q3.pdf", "file_data": "data:application/pdf;base64,JVBER"})),
+            "c",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            req["messages"][0]["content"][0],
+            json!({"type": "document", "title": "q3.pdf",
+                   "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}})
+        );
+        let req = request_to_anthropic(&chat(json!({"file_data": "JVBER"})), "c", false).unwrap();
+        assert_eq!(req["messages"][0]["content"][0]["source"]["data"], "JVBER");
+        assert!(req["messages"][0]["content"][0].get("title").is_none());
+        // What Anthropic cannot read is refused by name.
+        for file in [
+            json!({"file_id": "file-abc"}),
+            json!({"file_data": "data:text/csv;base64,YSxi"}),
+            json!({"file_data": "data:application/pdf,JVBER"}),
+            json!({}),
+        ] {
+            let e = request_to_anthropic(&chat(file.clone()), "c", false).unwrap_err();
+            assert_eq!(
+                e.param.as_deref(),
+                Some("messages[0].content[0].file"),
+                "{file}"
+            );
+        }
+    }
+
+    #[test]
     fn a_failed_tool_call_says_so_in_its_openai_tool_message() {
         let body = obj(json!({
             "model": "alias", "max_tokens": 10,
@@ -3060,11 +3210,11 @@ mod tests {
             e.message
         );
         assert!(!r.openai_body.contains_key("stop"));
-        // A block type with no OpenAI form, the same.
+        // A block with no OpenAI form (a document by URL), the same.
         let r = MessagesRequest::parse(&with(
             "messages",
             json!([{"role": "user", "content": [
-                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
+                {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}},
                 {"type": "text", "text": "Summarise."},
             ]}]),
         ))

@@ -519,8 +519,9 @@ async fn anthropics_own_tools_are_refused_by_name_before_any_provider_call() {
 async fn what_only_anthropic_can_take_reaches_a_route_of_anthropic_deployments_as_sent() {
     let (app, anthropic) = with_anthropic_and("server_tools = true\n", "").await;
     let web_search = json!({"type": "web_search_20250305", "name": "web_search", "max_uses": 3});
-    let document = json!({"type": "document", "source": {"type": "base64",
-        "media_type": "application/pdf", "data": "JVBERi0xLjQ="}});
+    // A PDF by URL: OpenAI's file parts take only the file's content.
+    let document = json!({"type": "document", "source": {"type": "url",
+        "url": "https://example.com/q3.pdf"}});
     let body = |model: &str| {
         json!({"model": model, "max_tokens": 256,
         "stop_sequences": ["a", "b", "c", "d", "e"],
@@ -1451,4 +1452,46 @@ async fn count_tokens_sends_anthropic_the_clients_beta_header() {
         "context-management-2025-06-27"
     );
     assert_eq!(sent.body["context_management"], json!({"edits": []}));
+}
+
+#[tokio::test]
+async fn a_pdf_reaches_either_kind_of_provider_in_its_own_shape() {
+    let (app, anthropic) = with_anthropic().await;
+    let pdf = "JVBERi0xLjQ=";
+    // A Messages client's PDF, routed to an OpenAI-compatible deployment.
+    let messages = json!({"model": "gpt-4o-mini", "max_tokens": 64, "messages": [{"role": "user", "content": [
+        {"type": "document", "title": "q3.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": pdf}},
+        {"type": "text", "text": "Summarise."}]}]});
+    let resp = app.post_json("/v1/messages", &messages).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(
+        app.mock().last_request().unwrap().body["messages"][0]["content"][0],
+        json!({"type": "file", "file": {"filename": "q3.pdf", "file_data": format!("data:application/pdf;base64,{pdf}")}})
+    );
+    // An OpenAI client's PDF, routed to an Anthropic deployment.
+    let chat = json!({"model": "claude", "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"filename": "q3.pdf", "file_data": format!("data:application/pdf;base64,{pdf}")}},
+        {"type": "text", "text": "Summarise."}]}]});
+    let resp = app.post_json("/v1/chat/completions", &chat).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(
+        anthropic.last_request().unwrap().body["messages"][0]["content"][0],
+        json!({"type": "document", "title": "q3.pdf",
+               "source": {"type": "base64", "media_type": "application/pdf", "data": pdf}})
+    );
+    // A file uploaded to OpenAI's Files API cannot reach Anthropic.
+    let by_id = json!({"model": "claude", "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_id": "file-abc"}}]}]});
+    let resp = app.post_json("/v1/chat/completions", &by_id).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "messages[0].content[0].file");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("file_data"),
+        "{v}"
+    );
+    assert_eq!(anthropic.calls(), 1);
 }
