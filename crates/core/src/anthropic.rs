@@ -83,6 +83,58 @@ fn output_config(body: &Map<String, Value>) -> Result<Option<Value>, TranslateEr
     }
 }
 
+/// The extended-thinking budget for an OpenAI `reasoning_effort`, as
+/// LiteLLM maps it (so that clients moving from it get the same), or `None`
+/// for no thinking (`none`, or no `reasoning_effort`). Anthropic's smallest
+/// budget is 1,024 tokens.
+fn thinking_budget(body: &Map<String, Value>) -> Result<Option<u64>, TranslateError> {
+    match body.get("reasoning_effort") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(effort)) => match effort.as_str() {
+            "none" => Ok(None),
+            "minimal" | "low" => Ok(Some(1024)),
+            "medium" => Ok(Some(2048)),
+            "high" => Ok(Some(4096)),
+            "xhigh" => Ok(Some(8192)),
+            other => Err(bad(
+                "reasoning_effort",
+                format!(
+                    "Invalid value: '{other}'. Supported values are: 'none', 'minimal', 'low', \
+                     'medium', 'high' and 'xhigh'."
+                ),
+            )),
+        },
+        Some(_) => Err(bad("reasoning_effort", "reasoning_effort must be a string")),
+    }
+}
+
+/// An OpenAI assistant message's `thinking_blocks` (LiteLLM's field, which
+/// Switchyard's answers carry too): Anthropic's signed thinking and
+/// redacted-thinking blocks, to be sent back first in that turn. Blocks
+/// without a signature (another provider's reasoning) are left out.
+fn signed_thinking_blocks(m: &Value) -> Vec<Value> {
+    m.get("thinking_blocks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|b| match b.get("type").and_then(Value::as_str) {
+            Some("thinking") => {
+                let signature = b.get("signature").and_then(Value::as_str)?;
+                (!signature.is_empty()).then(|| {
+                    json!({"type": "thinking",
+                        "thinking": b.get("thinking").cloned().unwrap_or(json!("")),
+                        "signature": signature})
+                })
+            }
+            Some("redacted_thinking") => {
+                let data = b.get("data").and_then(Value::as_str)?;
+                Some(json!({"type": "redacted_thinking", "data": data}))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Builds an Anthropic Messages request from an OpenAI chat request.
 pub fn request_to_anthropic(
     body: &Map<String, Value>,
@@ -91,6 +143,7 @@ pub fn request_to_anthropic(
 ) -> Result<Value, TranslateError> {
     refuse_what_anthropic_cannot_do(body)?;
     let output_config = output_config(body)?;
+    let budget = thinking_budget(body)?;
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -114,7 +167,12 @@ pub fn request_to_anthropic(
                 push_blocks(&mut out, "user", blocks);
             }
             "assistant" => {
-                let mut blocks = text_blocks(m.get("content"));
+                let mut blocks = if budget.is_some() {
+                    signed_thinking_blocks(m)
+                } else {
+                    Vec::new()
+                };
+                blocks.extend(text_blocks(m.get("content")));
                 for call in m
                     .get("tool_calls")
                     .and_then(Value::as_array)
@@ -169,12 +227,39 @@ pub fn request_to_anthropic(
     }
     let mut req = Map::new();
     req.insert("model".into(), json!(model));
-    let max_tokens = body
+    let asked = body
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
+        .and_then(Value::as_u64);
+    // Anthropic's max_tokens counts the thinking too (as OpenAI's
+    // max_completion_tokens counts reasoning), and must exceed its budget:
+    // with none asked, the default comes on top of the budget; a smaller
+    // one asked for shrinks the budget, down to Anthropic's least.
+    let (max_tokens, budget) = match (asked, budget) {
+        (None, Some(b)) => (DEFAULT_MAX_TOKENS + b, Some(b)),
+        (Some(m), Some(b)) if m <= b => {
+            if m <= 1024 {
+                return Err(bad(
+                    if body.contains_key("max_completion_tokens") {
+                        "max_completion_tokens"
+                    } else {
+                        "max_tokens"
+                    },
+                    "This model's provider (Anthropic) thinks for at least 1024 tokens within \
+                     the answer's limit: with reasoning_effort, ask for more than 1024 tokens.",
+                ));
+            }
+            (m, Some(m - 1))
+        }
+        (m, b) => (m.unwrap_or(DEFAULT_MAX_TOKENS), b),
+    };
     req.insert("max_tokens".into(), json!(max_tokens));
+    if let Some(b) = budget {
+        req.insert(
+            "thinking".into(),
+            json!({"type": "enabled", "budget_tokens": b}),
+        );
+    }
     if system_blocks
         .iter()
         .any(|b| b.get("cache_control").is_some())
@@ -183,10 +268,11 @@ pub fn request_to_anthropic(
     } else if !system.is_empty() {
         req.insert("system".into(), json!(system.join("\n\n")));
     }
-    let messages: Vec<Value> = out
+    let mut messages: Vec<Value> = out
         .into_iter()
         .map(|(role, content)| json!({"role": role, "content": content}))
         .collect();
+    settle_thinking(&mut req, &mut messages);
     req.insert("messages".into(), Value::Array(messages));
     if let Some(t) = body.get("temperature").and_then(Value::as_f64) {
         // Anthropic's range is 0–1.
@@ -575,9 +661,15 @@ fn matched_stop_sequence<'a>(stop_reason: Option<&str>, holder: &'a Value) -> Op
         .filter(|_| stop_reason == Some("stop_sequence"))
 }
 
-/// Turns an Anthropic message into an OpenAI `chat.completion`.
+/// Turns an Anthropic message into an OpenAI `chat.completion`. Extended
+/// thinking (asked for with `reasoning_effort`) comes back as the
+/// message's `reasoning_content`, as DeepSeek and vLLM send reasoning, and
+/// its signed blocks as `thinking_blocks`, as LiteLLM does: a client that
+/// sends the message back as it came continues a tool loop with thinking.
 pub fn response_from_anthropic(msg: &Value, created: u64) -> Value {
     let mut text = String::new();
+    let mut reasoning = String::new();
+    let mut thinking_blocks = Vec::new();
     let mut tool_calls = Vec::new();
     for block in msg
         .get("content")
@@ -587,6 +679,11 @@ pub fn response_from_anthropic(msg: &Value, created: u64) -> Value {
     {
         match block.get("type").and_then(Value::as_str) {
             Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or("")),
+            Some("thinking") => {
+                reasoning.push_str(block.get("thinking").and_then(Value::as_str).unwrap_or(""));
+                thinking_blocks.push(block.clone());
+            }
+            Some("redacted_thinking") => thinking_blocks.push(block.clone()),
             Some("tool_use") => tool_calls.push(json!({
                 "id": block.get("id").cloned().unwrap_or(Value::Null),
                 "type": "function",
@@ -601,6 +698,12 @@ pub fn response_from_anthropic(msg: &Value, created: u64) -> Value {
     let mut message = json!({"role": "assistant", "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
     if !tool_calls.is_empty() {
         message["tool_calls"] = Value::Array(tool_calls);
+    }
+    if !reasoning.is_empty() {
+        message["reasoning_content"] = json!(reasoning);
+    }
+    if !thinking_blocks.is_empty() {
+        message["thinking_blocks"] = Value::Array(thinking_blocks);
     }
     let stop = msg.get("stop_reason").and_then(Value::as_str);
     let mut choice = json!({
@@ -636,8 +739,11 @@ pub enum StreamStep {
 }
 
 /// Turns Anthropic stream events into OpenAI chunks as they arrive: text
-/// deltas and tool-call argument fragments each become their own chunk, so
-/// nothing is buffered into one burst.
+/// deltas, thinking deltas (as `reasoning_content`) and tool-call argument
+/// fragments each become their own chunk, so nothing is buffered into one
+/// burst. A thinking block, once complete and signed, also comes as one
+/// `thinking_blocks` delta, for the client to send back (see
+/// [`response_from_anthropic`]).
 #[derive(Debug, Default)]
 pub struct AnthropicToOpenAiStream {
     id: String,
@@ -647,6 +753,8 @@ pub struct AnthropicToOpenAiStream {
     /// Anthropic content-block index → OpenAI tool-call index.
     tool_index: Vec<(u64, u64)>,
     next_tool: u64,
+    /// The thinking block being streamed: its index and what it said.
+    thinking: Option<(u64, String, String)>,
 }
 
 impl AnthropicToOpenAiStream {
@@ -707,7 +815,29 @@ impl AnthropicToOpenAiStream {
                         }
                         _ => StreamStep::Chunks(Vec::new()),
                     },
+                    Some("thinking") => {
+                        self.thinking = Some((index, String::new(), String::new()));
+                        StreamStep::Chunks(Vec::new())
+                    }
+                    Some("redacted_thinking") => StreamStep::Chunks(vec![
+                        self.chunk(json!({"thinking_blocks": [block]}), None)
+                    ]),
                     _ => StreamStep::Chunks(Vec::new()),
+                }
+            }
+            "content_block_stop" => {
+                let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
+                match self.thinking.take() {
+                    Some((i, thinking, signature)) if i == index => {
+                        let block = json!({"type": "thinking", "thinking": thinking, "signature": signature});
+                        StreamStep::Chunks(vec![
+                            self.chunk(json!({"thinking_blocks": [block]}), None)
+                        ])
+                    }
+                    other => {
+                        self.thinking = other;
+                        StreamStep::Chunks(Vec::new())
+                    }
                 }
             }
             "content_block_delta" => {
@@ -717,6 +847,22 @@ impl AnthropicToOpenAiStream {
                     Some("text_delta") => {
                         let text = delta.get("text").cloned().unwrap_or(json!(""));
                         StreamStep::Chunks(vec![self.chunk(json!({"content": text}), None)])
+                    }
+                    Some("thinking_delta") => {
+                        let text = delta.get("thinking").and_then(Value::as_str).unwrap_or("");
+                        if let Some((_, thought, _)) = &mut self.thinking {
+                            thought.push_str(text);
+                        }
+                        StreamStep::Chunks(vec![
+                            self.chunk(json!({"reasoning_content": text}), None)
+                        ])
+                    }
+                    Some("signature_delta") => {
+                        let sig = delta.get("signature").and_then(Value::as_str).unwrap_or("");
+                        if let Some((_, _, signature)) = &mut self.thinking {
+                            signature.push_str(sig);
+                        }
+                        StreamStep::Chunks(Vec::new())
                     }
                     Some("input_json_delta") => {
                         let tool = self
@@ -765,7 +911,7 @@ impl AnthropicToOpenAiStream {
                     .unwrap_or("")
                     .to_owned(),
             },
-            // ping, content_block_stop, and event types added later
+            // ping, and event types added later
             _ => StreamStep::Chunks(Vec::new()),
         }
     }
@@ -868,28 +1014,7 @@ pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) 
         .filter_map(native_message)
         .collect();
     let mut messages = messages;
-    let start = turn_start(&messages);
-    if req.contains_key("thinking") && !thinking_continues(&messages[start..]) {
-        // Turned off explicitly (some models think unless told not to), and
-        // the turn's own thinking blocks go too: with thinking off Anthropic
-        // refuses them in the final assistant message.
-        req.insert("thinking".into(), json!({"type": "disabled"}));
-        for m in &mut messages[start..] {
-            if let Some(blocks) = m.get_mut("content").and_then(Value::as_array_mut) {
-                blocks.retain(|b| {
-                    !matches!(
-                        b.get("type").and_then(Value::as_str),
-                        Some("thinking" | "redacted_thinking")
-                    )
-                });
-            }
-        }
-        messages.retain(|m| {
-            m.get("content")
-                .and_then(Value::as_array)
-                .is_none_or(|b| !b.is_empty())
-        });
-    }
+    settle_thinking(&mut req, &mut messages);
     req.insert("messages".into(), Value::Array(messages));
     if stream {
         req.insert("stream".into(), json!(true));
@@ -957,6 +1082,34 @@ fn native_message(m: &Value) -> Option<Value> {
     // A turn that held only reasoning (or nothing) says nothing (Anthropic
     // joins the turns on either side of it).
     (!kept.is_empty()).then(|| json!({"role": role, "content": kept}))
+}
+
+/// Turns a request's extended thinking off when the current tool loop was
+/// opened without it (see [`thinking_continues`]), which Anthropic would
+/// refuse: explicitly (some models think unless told not to), and the
+/// turn's own thinking blocks go too, since with thinking off Anthropic
+/// refuses them in the final assistant message.
+fn settle_thinking(req: &mut Map<String, Value>, messages: &mut Vec<Value>) {
+    let start = turn_start(messages);
+    if !req.contains_key("thinking") || thinking_continues(&messages[start..]) {
+        return;
+    }
+    req.insert("thinking".into(), json!({"type": "disabled"}));
+    for m in &mut messages[start..] {
+        if let Some(blocks) = m.get_mut("content").and_then(Value::as_array_mut) {
+            blocks.retain(|b| {
+                !matches!(
+                    b.get("type").and_then(Value::as_str),
+                    Some("thinking" | "redacted_thinking")
+                )
+            });
+        }
+    }
+    messages.retain(|m| {
+        m.get("content")
+            .and_then(Value::as_array)
+            .is_none_or(|b| !b.is_empty())
+    });
 }
 
 /// Where the current assistant turn starts: after the last user message
@@ -2133,6 +2286,181 @@ mod tests {
             let req = request_to_anthropic(&b, "m", false).unwrap();
             assert!(req.get("output_config").is_none());
         }
+    }
+
+    #[test]
+    fn reasoning_effort_becomes_a_thinking_budget_within_max_tokens() {
+        let body = |extra: Value| {
+            let mut b = obj(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
+            b.extend(obj(extra));
+            b
+        };
+        let sent = |extra: Value| request_to_anthropic(&body(extra), "c", false).unwrap();
+        // No max tokens asked: the default comes on top of the budget.
+        let r = sent(json!({"reasoning_effort": "medium"}));
+        assert_eq!(
+            r["thinking"],
+            json!({"type": "enabled", "budget_tokens": 2048})
+        );
+        assert_eq!(r["max_tokens"], DEFAULT_MAX_TOKENS + 2048);
+        // A limit above the budget stands; one below it shrinks the budget.
+        let r = sent(json!({"reasoning_effort": "high", "max_completion_tokens": 10_000}));
+        assert_eq!(
+            (
+                r["max_tokens"].as_u64(),
+                r["thinking"]["budget_tokens"].as_u64()
+            ),
+            (Some(10_000), Some(4096))
+        );
+        let r = sent(json!({"reasoning_effort": "high", "max_tokens": 3000}));
+        assert_eq!(
+            (
+                r["max_tokens"].as_u64(),
+                r["thinking"]["budget_tokens"].as_u64()
+            ),
+            (Some(3000), Some(2999))
+        );
+        // None, or no effort: no thinking.
+        for extra in [json!({"reasoning_effort": "none"}), json!({})] {
+            assert!(sent(extra).get("thinking").is_none());
+        }
+        // What cannot be honoured is refused by name.
+        for (extra, param) in [
+            (json!({"reasoning_effort": "max"}), "reasoning_effort"),
+            (json!({"reasoning_effort": 3}), "reasoning_effort"),
+            (
+                json!({"reasoning_effort": "low", "max_completion_tokens": 1024}),
+                "max_completion_tokens",
+            ),
+            (
+                json!({"reasoning_effort": "low", "max_tokens": 500}),
+                "max_tokens",
+            ),
+        ] {
+            let e = request_to_anthropic(&body(extra.clone()), "c", false).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{extra}");
+        }
+    }
+
+    #[test]
+    fn signed_thinking_goes_back_in_a_tool_loop_and_thinking_stops_without_it() {
+        let thought = json!({"type": "thinking", "thinking": "Look it up.", "signature": "sig"});
+        let loop_with = |assistant: Value| {
+            obj(
+                json!({"model": "m", "reasoning_effort": "low", "messages": [
+                    {"role": "user", "content": "Weather?"},
+                    assistant,
+                    {"role": "tool", "tool_call_id": "t1", "content": "sunny"},
+                ]}),
+            )
+        };
+        let call =
+            json!([{"id": "t1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]);
+        // Sent back as it came (reasoning_content and thinking_blocks): the
+        // signed block opens the turn again and thinking goes on.
+        let r = request_to_anthropic(
+            &loop_with(
+                json!({"role": "assistant", "content": null, "tool_calls": call,
+                "reasoning_content": "Look it up.", "thinking_blocks": [thought]}),
+            ),
+            "c",
+            false,
+        )
+        .unwrap();
+        assert_eq!(r["thinking"]["type"], "enabled");
+        assert_eq!(r["messages"][1]["content"][0], thought);
+        assert_eq!(r["messages"][1]["content"][1]["type"], "tool_use");
+        // Rebuilt without them (or unsigned): thinking is off for the loop.
+        for blocks in [
+            json!(null),
+            json!([{"type": "thinking", "thinking": "x", "signature": ""}]),
+        ] {
+            let r = request_to_anthropic(
+                &loop_with(
+                    json!({"role": "assistant", "content": null, "tool_calls": call,
+                    "thinking_blocks": blocks}),
+                ),
+                "c",
+                false,
+            )
+            .unwrap();
+            assert_eq!(r["thinking"], json!({"type": "disabled"}));
+            assert_eq!(r["messages"][1]["content"][0]["type"], "tool_use");
+        }
+        // Without reasoning_effort, thinking blocks are not sent at all.
+        let mut plain = loop_with(
+            json!({"role": "assistant", "content": null, "tool_calls": call,
+            "thinking_blocks": [thought]}),
+        );
+        plain.remove("reasoning_effort");
+        let r = request_to_anthropic(&plain, "c", false).unwrap();
+        assert!(r.get("thinking").is_none());
+        assert_eq!(r["messages"][1]["content"][0]["type"], "tool_use");
+    }
+
+    #[test]
+    fn anthropic_thinking_reaches_openai_clients_as_reasoning_and_signed_blocks() {
+        let thought = json!({"type": "thinking", "thinking": "Hmm.", "signature": "sig"});
+        let redacted = json!({"type": "redacted_thinking", "data": "opaque"});
+        let msg = json!({"id": "msg_1", "model": "c", "stop_reason": "end_turn",
+            "content": [thought, redacted, {"type": "text", "text": "Hi"}],
+            "usage": {"input_tokens": 1, "output_tokens": 2}});
+        let r = response_from_anthropic(&msg, 0);
+        let m = &r["choices"][0]["message"];
+        assert_eq!(m["content"], "Hi");
+        assert_eq!(m["reasoning_content"], "Hmm.");
+        assert_eq!(m["thinking_blocks"], json!([thought, redacted]));
+        // Streamed: reasoning deltas as they come, the signed block at its end.
+        let mut s = AnthropicToOpenAiStream::new(0);
+        let mut deltas = Vec::new();
+        for (event, data) in [
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Hm"}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "m."}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig"}}),
+            ),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 1, "content_block": redacted}),
+            ),
+            (
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ),
+        ] {
+            if let StreamStep::Chunks(chunks) = s.step(event, &data) {
+                deltas.extend(chunks.into_iter().map(|c| c["choices"][0]["delta"].clone()));
+            }
+        }
+        assert_eq!(
+            deltas,
+            [
+                json!({"role": "assistant", "content": ""}),
+                json!({"reasoning_content": "Hm"}),
+                json!({"reasoning_content": "m."}),
+                json!({"thinking_blocks": [thought]}),
+                json!({"thinking_blocks": [redacted]}),
+            ]
+        );
     }
 
     #[test]

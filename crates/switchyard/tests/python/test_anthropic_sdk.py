@@ -131,6 +131,36 @@ def test_openai_structured_output_through_an_anthropic_backed_alias():
     assert e.value.param == "response_format"
 
 
+def test_openai_reasoning_effort_through_an_anthropic_backed_alias():
+    # reasoning_effort turns Claude's extended thinking on; the thinking comes
+    # back as reasoning_content with its signed blocks, and a tool loop whose
+    # assistant message is sent back as it came goes on thinking (the mock
+    # refuses a thinking loop that does not open with a signed block).
+    oai = openai.OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key=os.environ["SWITCHYARD_TEST_KEY"], max_retries=0)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"}]
+    first = oai.chat.completions.create(model="claude", messages=messages, tools=tools, reasoning_effort="low")
+    msg = first.choices[0].message
+    assert msg.reasoning_content == "mock: thinking it over."
+    assert msg.thinking_blocks[0]["signature"]
+    call = msg.tool_calls[0]
+    result = {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+    again = oai.chat.completions.create(
+        model="claude", messages=messages + [msg.model_dump(exclude_none=True), result], tools=tools, reasoning_effort="low"
+    )
+    assert again.choices[0].message.reasoning_content == "mock: thinking it over."
+    # Rebuilt by hand without the blocks, the loop goes on without thinking.
+    bare = {"role": "assistant", "tool_calls": [call.model_dump()]}
+    plain = oai.chat.completions.create(model="claude", messages=messages + [bare, result], tools=tools, reasoning_effort="low")
+    assert getattr(plain.choices[0].message, "reasoning_content", None) is None
+    # Streamed: the reasoning as it comes, then the signed block.
+    chunks = list(oai.chat.completions.create(model="claude", messages=messages, reasoning_effort="low", stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "mock: thinking it over."
+    blocks = [b for d in deltas for b in (getattr(d, "thinking_blocks", None) or [])]
+    assert [b["type"] for b in blocks] == ["thinking"] and blocks[0]["signature"]
+
+
 def test_a_stop_sequence_reaches_the_client_through_an_anthropic_backed_alias(client):
     msg = client.messages.create(
         model="claude", max_tokens=64, stop_sequences=["help"], messages=[{"role": "user", "content": "Say hello"}]
