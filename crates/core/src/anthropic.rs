@@ -6,6 +6,8 @@
 
 use serde_json::{json, Map, Value};
 
+mod schema;
+
 /// The `max_tokens` sent to Anthropic when the client gave none (Anthropic
 /// requires one).
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -54,12 +56,13 @@ fn refuse_what_anthropic_cannot_do(body: &Map<String, Value>) -> Result<(), Tran
 
 /// Anthropic's `output_config` for an OpenAI `response_format`: structured
 /// outputs (`output_config.format`, generally available on Claude 4.5 and
-/// later) take the same JSON schema as `json_schema`, and answer with the
-/// JSON as the message's text, which is what an OpenAI client reads (and
-/// what the SDKs' `parse` helpers parse). `strict`, `name` and
-/// `description` have no counterpart: the schema is enforced either way.
-/// `json_object` (JSON of any shape) has none either, and is refused by
-/// name. `None` for no format or `text`.
+/// later) take the `json_schema`'s schema, rewritten to the subset they
+/// decode to as Anthropic's SDKs rewrite it ([`schema::strict_schema`]),
+/// and answer with the JSON as the message's text, which is what an OpenAI
+/// client reads (and what the SDKs' `parse` helpers parse). `strict`,
+/// `name` and `description` have no counterpart: the schema is enforced
+/// either way. `json_object` (JSON of any shape) has none either, and is
+/// refused by name. `None` for no format or `text`.
 fn output_config(body: &Map<String, Value>) -> Result<Option<Value>, TranslateError> {
     let Some(format) = body.get("response_format").filter(|f| !f.is_null()) else {
         return Ok(None);
@@ -67,9 +70,17 @@ fn output_config(body: &Map<String, Value>) -> Result<Option<Value>, TranslateEr
     match format.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
         Some("json_schema") => match format.pointer("/json_schema/schema") {
-            Some(schema @ Value::Object(_)) => Ok(Some(
-                json!({"format": {"type": "json_schema", "schema": schema}}),
-            )),
+            Some(schema @ Value::Object(_)) => {
+                let schema = schema::strict_schema(schema).map_err(|e| {
+                    bad(
+                        "response_format",
+                        format!("response_format.json_schema.schema: {e}"),
+                    )
+                })?;
+                Ok(Some(
+                    json!({"format": {"type": "json_schema", "schema": schema}}),
+                ))
+            }
             _ => Err(bad(
                 "response_format",
                 "response_format.json_schema.schema must be a JSON Schema object.",
@@ -83,29 +94,126 @@ fn output_config(body: &Map<String, Value>) -> Result<Option<Value>, TranslateEr
     }
 }
 
-/// The extended-thinking budget for an OpenAI `reasoning_effort`, as
-/// LiteLLM maps it (so that clients moving from it get the same), or `None`
-/// for no thinking (`none`, or no `reasoning_effort`). Anthropic's smallest
-/// budget is 1,024 tokens.
-fn thinking_budget(body: &Map<String, Value>) -> Result<Option<u64>, TranslateError> {
-    match body.get("reasoning_effort") {
-        None | Some(Value::Null) => Ok(None),
+/// Extended thinking as an Anthropic model takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Thinking {
+    /// `{"type": "enabled", "budget_tokens": N}`: the models before
+    /// Claude 4.6, which know no other form.
+    Budget(u64),
+    /// `{"type": "adaptive"}` with `output_config.effort`: Claude 4.6 and
+    /// later (the newest refuse a budget). The budget the same effort
+    /// would have is kept as room for the thinking in `max_tokens`.
+    Adaptive(&'static str, u64),
+}
+
+/// Models that think only with a budget (`thinking.type: "enabled"`): those
+/// released before adaptive thinking. Any other model, later ones included,
+/// is sent adaptive thinking.
+fn budget_thinking_only(model: &str) -> bool {
+    let m = model.to_ascii_lowercase();
+    const BEFORE_ADAPTIVE: [&str; 9] = [
+        "claude-3",
+        "claude-sonnet-4-0",
+        "claude-sonnet-4-2025",
+        "claude-opus-4-0",
+        "claude-opus-4-2025",
+        "claude-opus-4-1",
+        "claude-sonnet-4-5",
+        "claude-haiku-4-5",
+        "claude-opus-4-5",
+    ];
+    BEFORE_ADAPTIVE.iter().any(|p| m.contains(p))
+        || m.ends_with("claude-sonnet-4")
+        || m.ends_with("claude-opus-4")
+}
+
+/// Extended thinking for an OpenAI `reasoning_effort` on `model`: a budget
+/// as LiteLLM maps the effort (so that clients moving from it get the
+/// same; Anthropic's least is 1,024 tokens), or the effort itself on models
+/// that think adaptively. `None` for no thinking (`none`, or no
+/// `reasoning_effort`).
+fn thinking_for(
+    body: &Map<String, Value>,
+    model: &str,
+) -> Result<Option<Thinking>, TranslateError> {
+    let (effort, budget) = match body.get("reasoning_effort") {
+        None | Some(Value::Null) => return Ok(None),
         Some(Value::String(effort)) => match effort.as_str() {
-            "none" => Ok(None),
-            "minimal" | "low" => Ok(Some(1024)),
-            "medium" => Ok(Some(2048)),
-            "high" => Ok(Some(4096)),
-            "xhigh" => Ok(Some(8192)),
-            other => Err(bad(
-                "reasoning_effort",
-                format!(
-                    "Invalid value: '{other}'. Supported values are: 'none', 'minimal', 'low', \
-                     'medium', 'high' and 'xhigh'."
-                ),
-            )),
+            "none" => return Ok(None),
+            "minimal" | "low" => ("low", 1024),
+            "medium" => ("medium", 2048),
+            "high" => ("high", 4096),
+            "xhigh" => ("high", 8192),
+            other => {
+                return Err(bad(
+                    "reasoning_effort",
+                    format!(
+                        "Invalid value: '{other}'. Supported values are: 'none', 'minimal', \
+                         'low', 'medium', 'high' and 'xhigh'."
+                    ),
+                ))
+            }
         },
-        Some(_) => Err(bad("reasoning_effort", "reasoning_effort must be a string")),
+        Some(_) => return Err(bad("reasoning_effort", "reasoning_effort must be a string")),
+    };
+    Ok(Some(if budget_thinking_only(model) {
+        Thinking::Budget(budget)
+    } else {
+        Thinking::Adaptive(effort, budget)
+    }))
+}
+
+/// Where Anthropic refuses extended thinking that OpenAI's reasoning models
+/// allow, the answer goes on without it: a `tool_choice` that forces a tool
+/// (`required` or a named function), and a conversation that ends with an
+/// assistant message (Anthropic continues it: a prefill).
+fn thinking_is_possible(body: &Map<String, Value>) -> bool {
+    let forced = match body.get("tool_choice") {
+        Some(Value::String(s)) => s == "required",
+        Some(Value::Object(_)) => true,
+        _ => false,
+    };
+    !forced && !ends_with_assistant(body)
+}
+
+/// Whether an OpenAI conversation ends with an assistant message, which
+/// Anthropic continues (a prefill).
+fn ends_with_assistant(body: &Map<String, Value>) -> bool {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        == Some("assistant")
+}
+
+/// With extended thinking on, Anthropic takes only the default temperature,
+/// no `top_k` and a `top_p` of at least 0.95; refused by name here, as
+/// OpenAI's reasoning models refuse them, rather than as Anthropic's 400.
+fn check_sampling_with_thinking(body: &Map<String, Value>) -> Result<(), TranslateError> {
+    let number = |k: &str| body.get(k).and_then(Value::as_f64);
+    if number("temperature").is_some_and(|t| t != 1.0) {
+        return Err(bad(
+            "temperature",
+            "Unsupported value: 'temperature' with reasoning_effort on this model's provider \
+             (Anthropic). Only the default (1) value is supported.",
+        ));
     }
+    if body.get("top_k").is_some_and(|v| !v.is_null()) {
+        return Err(bad(
+            "top_k",
+            "Unsupported parameter: 'top_k' is not supported with reasoning_effort on this \
+             model's provider (Anthropic).",
+        ));
+    }
+    if number("top_p").is_some_and(|p| p < 0.95) {
+        return Err(bad(
+            "top_p",
+            "Unsupported value: 'top_p' below 0.95 with reasoning_effort on this model's \
+             provider (Anthropic).",
+        ));
+    }
+    Ok(())
 }
 
 /// An OpenAI assistant message's `thinking_blocks` (LiteLLM's field, which
@@ -142,8 +250,15 @@ pub fn request_to_anthropic(
     stream: bool,
 ) -> Result<Value, TranslateError> {
     refuse_what_anthropic_cannot_do(body)?;
-    let output_config = output_config(body)?;
-    let budget = thinking_budget(body)?;
+    let mut output_config = output_config(body)?;
+    let thinking = thinking_for(body, model)?.filter(|_| thinking_is_possible(body));
+    if output_config.is_some() && ends_with_assistant(body) {
+        return Err(bad(
+            "messages",
+            "This model's provider (Anthropic) cannot continue an assistant message with a \
+             json_schema response_format: end the conversation with a user message.",
+        ));
+    }
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -167,7 +282,7 @@ pub fn request_to_anthropic(
                 push_blocks(&mut out, "user", blocks);
             }
             "assistant" => {
-                let mut blocks = if budget.is_some() {
+                let mut blocks = if thinking.is_some() {
                     signed_thinking_blocks(m)
                 } else {
                     Vec::new()
@@ -232,12 +347,15 @@ pub fn request_to_anthropic(
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
     // Anthropic's max_tokens counts the thinking too (as OpenAI's
-    // max_completion_tokens counts reasoning), and must exceed its budget:
+    // max_completion_tokens counts reasoning), and must exceed a budget:
     // with none asked, the default comes on top of the budget; a smaller
-    // one asked for shrinks the budget, down to Anthropic's least.
-    let (max_tokens, budget) = match (asked, budget) {
-        (None, Some(b)) => (DEFAULT_MAX_TOKENS + b, Some(b)),
-        (Some(m), Some(b)) if m <= b => {
+    // one asked for shrinks the budget to half of it, down to Anthropic's
+    // least, so that the answer keeps room.
+    let (max_tokens, thinking) = match (asked, thinking) {
+        (None, Some(Thinking::Budget(b) | Thinking::Adaptive(_, b))) => {
+            (DEFAULT_MAX_TOKENS + b, thinking)
+        }
+        (Some(m), Some(Thinking::Budget(b))) if m <= b => {
             if m <= 1024 {
                 return Err(bad(
                     if body.contains_key("max_completion_tokens") {
@@ -249,16 +367,23 @@ pub fn request_to_anthropic(
                      the answer's limit: with reasoning_effort, ask for more than 1024 tokens.",
                 ));
             }
-            (m, Some(m - 1))
+            (m, Some(Thinking::Budget((m / 2).max(1024))))
         }
-        (m, b) => (m.unwrap_or(DEFAULT_MAX_TOKENS), b),
+        (m, t) => (m.unwrap_or(DEFAULT_MAX_TOKENS), t),
     };
     req.insert("max_tokens".into(), json!(max_tokens));
-    if let Some(b) = budget {
-        req.insert(
-            "thinking".into(),
-            json!({"type": "enabled", "budget_tokens": b}),
-        );
+    match thinking {
+        Some(Thinking::Budget(b)) => {
+            req.insert(
+                "thinking".into(),
+                json!({"type": "enabled", "budget_tokens": b}),
+            );
+        }
+        Some(Thinking::Adaptive(effort, _)) => {
+            req.insert("thinking".into(), json!({"type": "adaptive"}));
+            output_config.get_or_insert_with(|| json!({}))["effort"] = json!(effort);
+        }
+        None => {}
     }
     if system_blocks
         .iter()
@@ -274,6 +399,14 @@ pub fn request_to_anthropic(
         .collect();
     settle_thinking(&mut req, &mut messages);
     req.insert("messages".into(), Value::Array(messages));
+    if req
+        .get("thinking")
+        .and_then(|t| t.get("type"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t != "disabled")
+    {
+        check_sampling_with_thinking(body)?;
+    }
     if let Some(t) = body.get("temperature").and_then(Value::as_f64) {
         // Anthropic's range is 0–1.
         req.insert("temperature".into(), json!(t.min(1.0)));
@@ -493,7 +626,8 @@ fn document_block(part: &Value, i: usize, j: usize) -> Result<Value, TranslateEr
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
     {
-        block["title"] = json!(name);
+        // Anthropic takes titles of up to 500 characters.
+        block["title"] = json!(name.chars().take(500).collect::<String>());
     }
     Ok(block)
 }
@@ -1614,7 +1748,7 @@ fn translate_blocks(
     let mut parts: Vec<Value> = Vec::new();
     let mut tool_calls: Vec<Value> = Vec::new();
     let mut tool_results: Vec<Value> = Vec::new();
-    let mut result_images: Vec<Value> = Vec::new();
+    let mut result_parts: Vec<Value> = Vec::new();
     for (j, b) in blocks.iter().enumerate() {
         match b.get("type").and_then(Value::as_str) {
             Some("text") => parts
@@ -1633,17 +1767,43 @@ fn translate_blocks(
                     Some(Value::String(s)) => s.clone(),
                     Some(Value::Array(c)) => {
                         // OpenAI's tool messages hold text only: a result's
-                        // images (a screenshot, a file read) go in the user
-                        // message that follows, so the model still sees them.
-                        result_images.extend(
-                            c.iter()
-                                .filter(|x| x.get("type").and_then(Value::as_str) == Some("image"))
-                                .map(image_url_part),
-                        );
-                        c.iter()
-                            .filter_map(|x| x.get("text").and_then(Value::as_str))
-                            .collect::<Vec<_>>()
-                            .join("\n")
+                        // images and PDFs (a screenshot, a file read) go in
+                        // the user message that follows, so the model still
+                        // sees them; a text document is text.
+                        let mut texts: Vec<String> = Vec::new();
+                        for (k, x) in c.iter().enumerate() {
+                            let kind = x.get("type").and_then(Value::as_str);
+                            let part = match kind {
+                                Some("text") => {
+                                    texts.extend(
+                                        x.get("text").and_then(Value::as_str).map(str::to_owned),
+                                    );
+                                    continue;
+                                }
+                                Some("image") => Some(image_url_part(x)),
+                                Some("document") => openai_document_part(x),
+                                _ => None,
+                            };
+                            match part {
+                                Some(p) if p["type"] == "text" => {
+                                    texts.extend(p["text"].as_str().map(str::to_owned));
+                                }
+                                Some(p) => result_parts.push(p),
+                                None => {
+                                    let kind = kind.unwrap_or("(none)");
+                                    untranslatable.get_or_insert_with(|| {
+                                        bad(
+                                            &format!("messages.{i}.content.{j}.content.{k}.type"),
+                                            format!(
+                                                "messages.{i}.content.{j}.content.{k}: unsupported \
+                                                 block type {kind}"
+                                            ),
+                                        )
+                                    });
+                                }
+                            }
+                        }
+                        texts.join("\n")
                     }
                     _ => String::new(),
                 };
@@ -1676,9 +1836,9 @@ fn translate_blocks(
     }
     // Tool results answer the previous assistant turn, so they come first.
     out.extend(tool_results);
-    if !result_images.is_empty() {
-        result_images.append(&mut parts);
-        parts = result_images;
+    if !result_parts.is_empty() {
+        result_parts.append(&mut parts);
+        parts = result_parts;
     }
     // One text block is a string; several stay apart as text parts (joined,
     // "Hi" and "there" would run together).
@@ -2288,14 +2448,17 @@ mod tests {
         }
     }
 
+    fn chat_with(extra: Value) -> Map<String, Value> {
+        let mut b = obj(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
+        b.extend(obj(extra));
+        b
+    }
+
     #[test]
-    fn reasoning_effort_becomes_a_thinking_budget_within_max_tokens() {
-        let body = |extra: Value| {
-            let mut b = obj(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
-            b.extend(obj(extra));
-            b
+    fn reasoning_effort_becomes_a_thinking_budget_within_max_tokens_on_older_models() {
+        let sent = |extra: Value| {
+            request_to_anthropic(&chat_with(extra), "claude-sonnet-4-5-20250929", false).unwrap()
         };
-        let sent = |extra: Value| request_to_anthropic(&body(extra), "c", false).unwrap();
         // No max tokens asked: the default comes on top of the budget.
         let r = sent(json!({"reasoning_effort": "medium"}));
         assert_eq!(
@@ -2303,22 +2466,27 @@ mod tests {
             json!({"type": "enabled", "budget_tokens": 2048})
         );
         assert_eq!(r["max_tokens"], DEFAULT_MAX_TOKENS + 2048);
-        // A limit above the budget stands; one below it shrinks the budget.
-        let r = sent(json!({"reasoning_effort": "high", "max_completion_tokens": 10_000}));
-        assert_eq!(
+        assert!(r.get("output_config").is_none());
+        // A limit above the budget stands; one below it halves the budget,
+        // down to Anthropic's least.
+        let limits = |extra: Value| {
+            let r = sent(extra);
             (
-                r["max_tokens"].as_u64(),
-                r["thinking"]["budget_tokens"].as_u64()
-            ),
-            (Some(10_000), Some(4096))
+                r["max_tokens"].as_u64().unwrap(),
+                r["thinking"]["budget_tokens"].as_u64().unwrap(),
+            )
+        };
+        assert_eq!(
+            limits(json!({"reasoning_effort": "high", "max_completion_tokens": 10_000})),
+            (10_000, 4096)
         );
-        let r = sent(json!({"reasoning_effort": "high", "max_tokens": 3000}));
         assert_eq!(
-            (
-                r["max_tokens"].as_u64(),
-                r["thinking"]["budget_tokens"].as_u64()
-            ),
-            (Some(3000), Some(2999))
+            limits(json!({"reasoning_effort": "high", "max_tokens": 3000})),
+            (3000, 1500)
+        );
+        assert_eq!(
+            limits(json!({"reasoning_effort": "high", "max_tokens": 1500})),
+            (1500, 1024)
         );
         // None, or no effort: no thinking.
         for extra in [json!({"reasoning_effort": "none"}), json!({})] {
@@ -2336,10 +2504,78 @@ mod tests {
                 json!({"reasoning_effort": "low", "max_tokens": 500}),
                 "max_tokens",
             ),
+            (
+                json!({"reasoning_effort": "low", "temperature": 0.2}),
+                "temperature",
+            ),
+            (json!({"reasoning_effort": "low", "top_k": 5}), "top_k"),
+            (json!({"reasoning_effort": "low", "top_p": 0.9}), "top_p"),
         ] {
-            let e = request_to_anthropic(&body(extra.clone()), "c", false).unwrap_err();
+            let e = request_to_anthropic(&chat_with(extra.clone()), "claude-3-7-sonnet", false)
+                .unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{extra}");
         }
+        // The default sampling values are no conflict.
+        let r = sent(json!({"reasoning_effort": "low", "temperature": 1, "top_p": 0.95}));
+        assert_eq!(r["thinking"]["type"], "enabled");
+    }
+
+    #[test]
+    fn later_models_think_adaptively_at_the_asked_effort() {
+        for model in [
+            "claude-sonnet-4-6",
+            "claude-opus-4-7",
+            "claude-sonnet-5",
+            "claude-x",
+        ] {
+            let r = request_to_anthropic(
+                &chat_with(json!({"reasoning_effort": "medium"})),
+                model,
+                false,
+            )
+            .unwrap();
+            assert_eq!(r["thinking"], json!({"type": "adaptive"}), "{model}");
+            assert_eq!(r["output_config"], json!({"effort": "medium"}), "{model}");
+            assert_eq!(r["max_tokens"], DEFAULT_MAX_TOKENS + 2048, "{model}");
+        }
+        // The effort sits beside a structured output's format; a limit
+        // asked for stands (there is no budget to exceed).
+        let schema = json!({"type": "object", "properties": {}, "additionalProperties": false});
+        let r = request_to_anthropic(
+            &chat_with(json!({"reasoning_effort": "xhigh", "max_tokens": 900,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}})),
+            "claude-sonnet-5",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            r["output_config"],
+            json!({"format": {"type": "json_schema", "schema": schema}, "effort": "high"})
+        );
+        assert_eq!(r["max_tokens"], 900);
+    }
+
+    #[test]
+    fn thinking_stays_off_where_anthropic_refuses_it() {
+        let tools = json!([{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]);
+        for extra in [
+            json!({"tools": tools, "tool_choice": "required"}),
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "w"}}}),
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]}),
+        ] {
+            let mut body = chat_with(json!({"reasoning_effort": "low", "temperature": 0.2}));
+            body.extend(obj(extra.clone()));
+            let r = request_to_anthropic(&body, "claude-sonnet-5", false).unwrap();
+            assert!(r.get("thinking").is_none(), "{extra}");
+            assert_eq!(r["temperature"], 0.2);
+        }
+        // A structured output cannot continue an assistant message at all.
+        let body = chat_with(
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": {"type": "object"}}}}),
+        );
+        let e = request_to_anthropic(&body, "claude-sonnet-5", false).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
     }
 
     #[test]
@@ -2363,11 +2599,11 @@ mod tests {
                 json!({"role": "assistant", "content": null, "tool_calls": call,
                 "reasoning_content": "Look it up.", "thinking_blocks": [thought]}),
             ),
-            "c",
+            "claude-sonnet-5",
             false,
         )
         .unwrap();
-        assert_eq!(r["thinking"]["type"], "enabled");
+        assert_eq!(r["thinking"]["type"], "adaptive");
         assert_eq!(r["messages"][1]["content"][0], thought);
         assert_eq!(r["messages"][1]["content"][1]["type"], "tool_use");
         // Rebuilt without them (or unsigned): thinking is off for the loop.
@@ -2380,7 +2616,7 @@ mod tests {
                     json!({"role": "assistant", "content": null, "tool_calls": call,
                     "thinking_blocks": blocks}),
                 ),
-                "c",
+                "claude-sonnet-5",
                 false,
             )
             .unwrap();
@@ -2393,7 +2629,7 @@ mod tests {
             "thinking_blocks": [thought]}),
         );
         plain.remove("reasoning_effort");
-        let r = request_to_anthropic(&plain, "c", false).unwrap();
+        let r = request_to_anthropic(&plain, "claude-sonnet-5", false).unwrap();
         assert!(r.get("thinking").is_none());
         assert_eq!(r["messages"][1]["content"][0]["type"], "tool_use");
     }
@@ -3344,6 +3580,38 @@ mod tests {
                 "{file}"
             );
         }
+    }
+
+    #[test]
+    fn a_tool_results_documents_reach_openai_and_what_cannot_is_named() {
+        let result = |content: Value| {
+            obj(json!({"model": "alias", "max_tokens": 10, "messages": [
+                {"role": "user", "content": "Read it"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "r", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": content}]},
+            ]}))
+        };
+        let r = MessagesRequest::parse(&result(json!([
+            {"type": "text", "text": "Here:"},
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Notes."}},
+            {"type": "document", "title": "a.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}},
+        ])))
+        .unwrap();
+        assert!(r.untranslatable.is_none());
+        let messages = r.openai_body["messages"].as_array().unwrap();
+        assert_eq!(
+            messages[2],
+            json!({"role": "tool", "tool_call_id": "t1", "content": "Here:\nNotes."})
+        );
+        assert_eq!(messages[3]["content"][0]["file"]["filename"], "a.pdf");
+        let r = MessagesRequest::parse(&result(json!([
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}},
+        ])))
+        .unwrap();
+        assert_eq!(
+            r.untranslatable.unwrap().param.as_deref(),
+            Some("messages.2.content.0.content.0.type")
+        );
     }
 
     #[test]

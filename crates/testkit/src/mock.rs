@@ -813,6 +813,25 @@ async fn messages(
     stream_frames(frames, behavior, fault, hold)
 }
 
+/// The first object schema in `schema` that is not closed
+/// (`additionalProperties: false`), which Anthropic's structured outputs
+/// refuse, as its JSON.
+fn open_object(schema: &Value) -> Option<String> {
+    let Value::Object(s) = schema else {
+        return None;
+    };
+    if s.get("type").and_then(Value::as_str) == Some("object")
+        && s.get("additionalProperties") != Some(&Value::Bool(false))
+    {
+        return Some(schema.to_string());
+    }
+    s.values().find_map(|v| match v {
+        Value::Array(items) => items.iter().find_map(open_object),
+        Value::Object(m) => open_object(v).or_else(|| m.values().find_map(open_object)),
+        _ => None,
+    })
+}
+
 /// A small JSON value a `schema` accepts: an object with every property
 /// (`$ref`s unresolved: null), an enum's first value, a type's zero.
 fn instance_of(schema: &Value) -> Value {
@@ -885,6 +904,14 @@ fn anthropic_refusal(req: &Value) -> Option<String> {
         .is_some_and(|t| t > 1.0)
     {
         return Some("temperature: range: 0..1".into());
+    }
+    if let Some(schema) = req.pointer("/output_config/format/schema") {
+        if let Some(open) = open_object(schema) {
+            return Some(format!(
+                "output_config.format.schema: For 'object' type, 'additionalProperties' must be \
+                 explicitly set to false ({open})"
+            ));
+        }
     }
     if let Some(m) = req.get("metadata").and_then(Value::as_object) {
         if let Some(k) = m.keys().find(|k| *k != "user_id") {

@@ -1495,3 +1495,33 @@ async fn a_pdf_reaches_either_kind_of_provider_in_its_own_shape() {
     );
     assert_eq!(anthropic.calls(), 1);
 }
+
+#[tokio::test]
+async fn a_loose_json_schema_reaches_anthropic_in_the_subset_it_decodes_to() {
+    let (app, anthropic) = with_anthropic().await;
+    // Hand-written, as OpenAI takes it unless strict: objects left open and
+    // limits Anthropic's structured outputs cannot enforce.
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "minLength": 2},
+        "tags": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}}},
+    }, "required": ["city"]});
+    let body = json!({"model": "claude", "messages": [{"role": "user", "content": "A city?"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}});
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let v: Value = resp.json().await.unwrap();
+    let answer: Value =
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(answer, json!({"city": "mock", "tags": []}));
+    let sent = anthropic.last_request().unwrap().body;
+    assert_eq!(
+        sent["output_config"]["format"]["schema"],
+        json!({"type": "object", "properties": {
+            "city": {"type": "string", "description": "{minLength: 2}"},
+            "tags": {"type": "array", "items": {"type": "object",
+                "properties": {"name": {"type": "string"}}, "additionalProperties": false}},
+        }, "additionalProperties": false, "required": ["city"]})
+    );
+}
