@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Executor, QueryBuilder, Row, SqlitePool};
+use sqlx::{ConnectOptions, Executor, QueryBuilder, Row, SqlitePool};
 use switchyard_core::config::StoreConfig;
 use switchyard_core::health::ProviderHealthRow;
 use switchyard_core::sessions::{EventsRow, Message, MessageCompletion};
@@ -34,6 +34,8 @@ pub struct SqliteStore {
     /// (see `sqlite_inline`); `None` for an in-memory database, which
     /// exists once per connection.
     inline: Option<Inline>,
+    /// The connection the background checkpoints run on (none in memory).
+    checkpointer: Option<SqlitePool>,
     /// The database file (empty in memory).
     db_path: std::path::PathBuf,
 }
@@ -78,32 +80,43 @@ impl SqliteStore {
             .connect_with(opts.clone())
             .await
             .context("opening the SQLite database")?;
-        let writer = if in_memory {
-            pool.clone()
-        } else {
+        let one = || {
             SqlitePoolOptions::new()
                 .max_connections(1)
                 .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
-                .connect_with(opts)
-                .await
-                .context("opening the SQLite database for writing")?
         };
-        if !in_memory {
+        let (writer, checkpointer) = if in_memory {
+            (pool.clone(), None)
+        } else {
+            let writer = one()
+                .connect_with(opts.clone())
+                .await
+                .context("opening the SQLite database for writing")?;
+            // Its own connection, without sqlx's slow-statement warning: a
+            // PASSIVE checkpoint copies while writes go on, so under load it
+            // runs for seconds by design (readers and writers never wait
+            // for it), and a WARN line each time would be a false alarm.
+            let checkpointer = one()
+                .connect_with(opts.disable_statement_logging())
+                .await
+                .context("opening the SQLite database for checkpoints")?;
             Self::spawn_checkpoints(
-                pool.clone(),
+                checkpointer.clone(),
                 writer.clone(),
                 path.clone(),
                 Duration::from_millis(config.sqlite_checkpoint_interval_ms.max(1)),
                 wal_limit,
             );
-        }
+            (writer, Some(checkpointer))
+        };
         let inline =
             (!in_memory).then(|| Inline::new(&path, config.max_connections as usize, wal_limit));
         Ok(Self {
             pool,
             writer,
             inline,
+            checkpointer,
             db_path: path,
         })
     }
@@ -255,7 +268,16 @@ pub(crate) async fn checkpoint_round(
     db_path: &std::path::Path,
     limit_frames: i64,
 ) -> Result<CheckpointRound, sqlx::Error> {
+    let started = std::time::Instant::now();
     let (frames, copied) = checkpoint(pool).await?;
+    if started.elapsed() >= Duration::from_secs(1) {
+        tracing::debug!(
+            frames,
+            copied,
+            ms = started.elapsed().as_millis() as u64,
+            "a PASSIVE SQLite checkpoint ran long (it waits for no one)"
+        );
+    }
     let mut round = CheckpointRound {
         frames,
         copied,
@@ -615,5 +637,8 @@ impl Store for SqliteStore {
         }
         self.writer.close().await;
         self.pool.close().await;
+        if let Some(c) = &self.checkpointer {
+            c.close().await;
+        }
     }
 }
