@@ -982,6 +982,43 @@ fn anthropic_refusal(req: &Value) -> Option<String> {
                         .any(|b| kind(b).as_deref() != Some("tool_result")))
         })
         .map_or(0, |i| i + 1);
+    // And thinking takes the default sampling only, no forced tool and no
+    // prefill.
+    if thinking {
+        let number = |k: &str| req.get(k).and_then(Value::as_f64);
+        if number("temperature").is_some_and(|t| t != 1.0) {
+            return Some(
+                "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode"
+                    .into(),
+            );
+        }
+        if req.get("top_k").is_some() {
+            return Some("`top_k` is not compatible with thinking (enabled or adaptive)".into());
+        }
+        if number("top_p").is_some_and(|p| p < 0.95) {
+            return Some(
+                "`top_p` must be greater than or equal to 0.95 or unset when thinking is enabled"
+                    .into(),
+            );
+        }
+        if matches!(
+            req.pointer("/tool_choice/type").and_then(Value::as_str),
+            Some("any" | "tool")
+        ) {
+            return Some("Thinking may not be enabled when tool_choice forces tool use.".into());
+        }
+        if messages
+            .last()
+            .and_then(|m| m.get("role"))
+            .and_then(Value::as_str)
+            == Some("assistant")
+        {
+            return Some(
+                "This model does not support assistant message prefill with thinking enabled"
+                    .into(),
+            );
+        }
+    }
     let opener = (turn_start..messages.len())
         .find(|&i| messages[i].get("role").and_then(Value::as_str) == Some("assistant"));
     if let (true, Some(i)) = (thinking, opener) {

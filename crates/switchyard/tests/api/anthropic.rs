@@ -1525,3 +1525,66 @@ async fn a_loose_json_schema_reaches_anthropic_in_the_subset_it_decodes_to() {
         }, "additionalProperties": false, "required": ["city"]})
     );
 }
+
+#[tokio::test]
+async fn reasoning_effort_thinks_where_anthropic_allows_it_and_names_what_it_refuses() {
+    let (app, anthropic) = with_anthropic().await;
+    let tools =
+        json!([{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]);
+    let ask = |extra: Value| {
+        let mut body = json!({"model": "claude", "reasoning_effort": "high",
+            "messages": [{"role": "user", "content": "Weather?"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+
+    // Thinking, adaptively for a model that is not one of the older ones.
+    let v: Value = app
+        .post_json("/v1/chat/completions", &ask(json!({})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["reasoning_content"],
+        MOCK_THOUGHT
+    );
+    let sent = anthropic.last_request().unwrap().body;
+    assert_eq!(sent["thinking"], json!({"type": "adaptive"}));
+    assert_eq!(sent["output_config"], json!({"effort": "high"}));
+
+    // A forced tool and a prefill go on without thinking (Anthropic, and
+    // the mock, refuse them with it).
+    for extra in [
+        json!({"tools": tools, "tool_choice": "required"}),
+        json!({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "It is"}]}),
+    ] {
+        let resp = app
+            .post_json("/v1/chat/completions", &ask(extra.clone()))
+            .await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "{extra}: {}",
+            resp.text().await.unwrap()
+        );
+        assert!(anthropic
+            .last_request()
+            .unwrap()
+            .body
+            .get("thinking")
+            .is_none());
+    }
+
+    // A sampling setting thinking cannot take is named before any call.
+    let calls = anthropic.calls();
+    let resp = app
+        .post_json("/v1/chat/completions", &ask(json!({"temperature": 0.3})))
+        .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "temperature");
+    assert_eq!(anthropic.calls(), calls);
+}
