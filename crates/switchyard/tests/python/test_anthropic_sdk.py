@@ -131,6 +131,15 @@ def test_openai_structured_output_through_an_anthropic_backed_alias():
     assert e.value.param == "response_format"
 
 
+def test_anthropic_structured_output_through_an_anthropic_backed_alias(client):
+    # The SDK's parse() sends output_config.format; the native relay passes it
+    # on (the mock answers an instance of the schema only when it gets it).
+    msg = client.messages.parse(
+        model="claude", max_tokens=256, messages=[{"role": "user", "content": "Describe a city"}], output_format=Place
+    )
+    assert msg.parsed_output == Place(city="mock", population=0, coastal=False)
+
+
 def test_openai_reasoning_effort_through_an_anthropic_backed_alias():
     # reasoning_effort turns Claude's extended thinking on; the thinking comes
     # back as reasoning_content with its signed blocks, and a tool loop whose
