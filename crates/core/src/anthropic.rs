@@ -1719,7 +1719,10 @@ fn custom_tool(i: usize, tool: &Value) -> Result<Value, TranslateError> {
 
 /// An Anthropic image block as an OpenAI `image_url` part (a base64 source
 /// as a data URL).
-fn image_url_part(block: &Value) -> Value {
+/// An Anthropic image block as an OpenAI `image_url` part: a base64 source
+/// as a data URL, a URL source as it is. An image from Anthropic's Files API
+/// (`file_id`) has no OpenAI form: `None`.
+fn image_url_part(block: &Value) -> Option<Value> {
     let src = block.get("source").unwrap_or(&Value::Null);
     let url = match src.get("type").and_then(Value::as_str) {
         Some("base64") => format!(
@@ -1729,13 +1732,9 @@ fn image_url_part(block: &Value) -> Value {
                 .unwrap_or("image/png"),
             src.get("data").and_then(Value::as_str).unwrap_or("")
         ),
-        _ => src
-            .get("url")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        _ => src.get("url").and_then(Value::as_str)?.to_owned(),
     };
-    json!({"type": "image_url", "image_url": {"url": url}})
+    Some(json!({"type": "image_url", "image_url": {"url": url}}))
 }
 
 fn translate_blocks(
@@ -1753,7 +1752,10 @@ fn translate_blocks(
         match b.get("type").and_then(Value::as_str) {
             Some("text") => parts
                 .push(json!({"type": "text", "text": b.get("text").cloned().unwrap_or(json!(""))})),
-            Some("image") => parts.push(image_url_part(b)),
+            Some("image") => match image_url_part(b) {
+                Some(part) => parts.push(part),
+                None => unsupported(i, j, "image with a file source", &mut parts, untranslatable),
+            },
             Some("tool_use") => tool_calls.push(json!({
                 "id": b.get("id").cloned().unwrap_or(Value::Null),
                 "type": "function",
@@ -1780,7 +1782,7 @@ fn translate_blocks(
                                     );
                                     continue;
                                 }
-                                Some("image") => Some(image_url_part(x)),
+                                Some("image") => image_url_part(x),
                                 Some("document") => openai_document_part(x),
                                 _ => None,
                             };
@@ -3611,6 +3613,25 @@ mod tests {
         assert_eq!(
             r.untranslatable.unwrap().param.as_deref(),
             Some("messages.2.content.0.content.0.type")
+        );
+    }
+
+    #[test]
+    fn an_image_from_the_files_api_is_anthropics_alone() {
+        let with = |source: Value| {
+            MessagesRequest::parse(&obj(json!({"model": "alias", "max_tokens": 10, "messages": [
+                {"role": "user", "content": [{"type": "image", "source": source}, {"type": "text", "text": "What is it?"}]}]})))
+            .unwrap()
+        };
+        let r = with(json!({"type": "file", "file_id": "file_011"}));
+        let e = r.untranslatable.unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages.0.content.0.type"));
+        assert!(e.message.contains("file source"), "{}", e.message);
+        let r = with(json!({"type": "url", "url": "https://example.com/a.png"}));
+        assert!(r.untranslatable.is_none());
+        assert_eq!(
+            r.openai_body["messages"][0]["content"][0],
+            json!({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}})
         );
     }
 
