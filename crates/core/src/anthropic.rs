@@ -43,6 +43,19 @@ fn refuse_what_anthropic_cannot_do(body: &Map<String, Value>) -> Result<(), Tran
             "This model's provider (Anthropic) generates one choice per request; set n to 1.",
         ));
     }
+    // The legacy function-calling fields: translated, they would be dropped
+    // and the model would answer without the functions it was given.
+    for key in ["functions", "function_call"] {
+        if body.get(key).is_some_and(|v| !v.is_null()) {
+            return Err(bad(
+                key,
+                format!(
+                    "{key} (OpenAI's deprecated function calling) cannot be sent to this \
+                     model's provider (Anthropic); use tools and tool_choice."
+                ),
+            ));
+        }
+    }
     if body.get("logprobs").and_then(Value::as_bool) == Some(true)
         || body.get("top_logprobs").is_some_and(|v| !v.is_null())
     {
@@ -2410,6 +2423,12 @@ mod tests {
             ),
             ("logprobs", json!(true), "logprobs"),
             ("top_logprobs", json!(2), "logprobs"),
+            (
+                "functions",
+                json!([{"name": "f", "parameters": {"type": "object"}}]),
+                "functions",
+            ),
+            ("function_call", json!("auto"), "function_call"),
         ] {
             let e = request_to_anthropic(&with(key, value.clone()), "m", false).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{key}: {value}");
