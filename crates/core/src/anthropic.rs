@@ -120,24 +120,33 @@ enum Thinking {
 }
 
 /// Models that think only with a budget (`thinking.type: "enabled"`): those
-/// released before adaptive thinking. Any other model, later ones included,
-/// is sent adaptive thinking.
+/// released before adaptive thinking, Claude 4.6. Any other model, later
+/// ones and names with no Claude version in them included, is sent
+/// adaptive thinking.
 fn budget_thinking_only(model: &str) -> bool {
+    claude_version(model).is_some_and(|v| v < (4, 6))
+}
+
+/// The (major, minor) version in a Claude model id, however the id is
+/// spelled: Anthropic's (`claude-opus-4-1-20250805`, `claude-3-7-sonnet-latest`,
+/// `claude-sonnet-4-20250514`), Bedrock's (`anthropic.claude-sonnet-4-5-20250929-v1:0`),
+/// Vertex's (`claude-sonnet-4@20250514`) or a router's (`anthropic/claude-sonnet-4.5`).
+/// The first number after `claude` is the major version; a number of one
+/// or two digits right after it the minor (a date is not one).
+fn claude_version(model: &str) -> Option<(u32, u32)> {
     let m = model.to_ascii_lowercase();
-    const BEFORE_ADAPTIVE: [&str; 9] = [
-        "claude-3",
-        "claude-sonnet-4-0",
-        "claude-sonnet-4-2025",
-        "claude-opus-4-0",
-        "claude-opus-4-2025",
-        "claude-opus-4-1",
-        "claude-sonnet-4-5",
-        "claude-haiku-4-5",
-        "claude-opus-4-5",
-    ];
-    BEFORE_ADAPTIVE.iter().any(|p| m.contains(p))
-        || m.ends_with("claude-sonnet-4")
-        || m.ends_with("claude-opus-4")
+    let rest = &m[m.find("claude")? + "claude".len()..];
+    let mut tokens = rest
+        .split(['-', '.', '@', ':', '_', '/'])
+        .filter(|t| !t.is_empty())
+        .skip_while(|t| !t.bytes().all(|b| b.is_ascii_digit()));
+    let major = tokens.next()?.parse().ok()?;
+    let minor = tokens
+        .next()
+        .filter(|t| t.len() <= 2 && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    Some((major, minor))
 }
 
 /// Extended thinking for an OpenAI `reasoning_effort` on `model`: a budget
@@ -355,20 +364,33 @@ pub fn request_to_anthropic(
     }
     let mut req = Map::new();
     req.insert("model".into(), json!(model));
+    let mut messages: Vec<Value> = out
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    // A tool loop opened without thinking goes on without it.
+    let thinking = match thinking {
+        Some(_) if thinking_must_stop(&messages) => {
+            turn_thinking_off(&mut req, &mut messages);
+            None
+        }
+        t => t,
+    };
+    req.insert("messages".into(), Value::Array(messages));
     let asked = body
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
     // Anthropic's max_tokens counts the thinking too (as OpenAI's
     // max_completion_tokens counts reasoning), and must exceed a budget:
-    // with none asked, the default comes on top of the budget; a smaller
-    // one asked for shrinks the budget to half of it, down to Anthropic's
-    // least, so that the answer keeps room.
+    // with none asked, the default comes on top of the budget; with one
+    // asked, the budget is at most half of it (so that the answer keeps
+    // room), and at least Anthropic's least, 1,024.
     let (max_tokens, thinking) = match (asked, thinking) {
         (None, Some(Thinking::Budget(b) | Thinking::Adaptive(_, b))) => {
             (DEFAULT_MAX_TOKENS + b, thinking)
         }
-        (Some(m), Some(Thinking::Budget(b))) if m <= b => {
+        (Some(m), Some(Thinking::Budget(b))) => {
             if m <= 1024 {
                 return Err(bad(
                     if body.contains_key("max_completion_tokens") {
@@ -380,7 +402,7 @@ pub fn request_to_anthropic(
                      the answer's limit: with reasoning_effort, ask for more than 1024 tokens.",
                 ));
             }
-            (m, Some(Thinking::Budget((m / 2).max(1024))))
+            (m, Some(Thinking::Budget(b.min((m / 2).max(1024)))))
         }
         (m, t) => (m.unwrap_or(DEFAULT_MAX_TOKENS), t),
     };
@@ -406,29 +428,17 @@ pub fn request_to_anthropic(
     } else if !system.is_empty() {
         req.insert("system".into(), json!(system.join("\n\n")));
     }
-    let mut messages: Vec<Value> = out
-        .into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
-        .collect();
-    settle_thinking(&mut req, &mut messages);
-    req.insert("messages".into(), Value::Array(messages));
-    if req
-        .get("thinking")
-        .and_then(|t| t.get("type"))
-        .and_then(Value::as_str)
-        .is_some_and(|t| t != "disabled")
-    {
+    if thinking.is_some() {
         check_sampling_with_thinking(body)?;
     }
     if let Some(t) = body.get("temperature").and_then(Value::as_f64) {
         // Anthropic's range is 0–1.
         req.insert("temperature".into(), json!(t.min(1.0)));
     }
-    if let Some(p) = body.get("top_p") {
-        req.insert("top_p".into(), p.clone());
-    }
-    if let Some(k) = body.get("top_k") {
-        req.insert("top_k".into(), k.clone());
+    for key in ["top_p", "top_k"] {
+        if let Some(v) = body.get(key).filter(|v| !v.is_null()) {
+            req.insert(key.into(), v.clone());
+        }
     }
     match body.get("stop") {
         Some(Value::String(s)) => {
@@ -902,6 +912,10 @@ pub struct AnthropicToOpenAiStream {
     next_tool: u64,
     /// The thinking block being streamed: its index and what it said.
     thinking: Option<(u64, String, String)>,
+    /// Thinking blocks sent so far: each `thinking_blocks` delta entry has
+    /// its own `index`, as the OpenAI SDKs' stream accumulators require of
+    /// list entries (they merge entries by index).
+    thinking_blocks: u64,
 }
 
 impl AnthropicToOpenAiStream {
@@ -910,6 +924,14 @@ impl AnthropicToOpenAiStream {
             created,
             ..Self::default()
         }
+    }
+
+    /// A finished thinking block as a `thinking_blocks` delta entry, with
+    /// its `index` among the message's thinking blocks.
+    fn thinking_entry(&mut self, mut block: Value) -> Value {
+        block["index"] = json!(self.thinking_blocks);
+        self.thinking_blocks += 1;
+        block
     }
 
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
@@ -966,9 +988,12 @@ impl AnthropicToOpenAiStream {
                         self.thinking = Some((index, String::new(), String::new()));
                         StreamStep::Chunks(Vec::new())
                     }
-                    Some("redacted_thinking") => StreamStep::Chunks(vec![
-                        self.chunk(json!({"thinking_blocks": [block]}), None)
-                    ]),
+                    Some("redacted_thinking") => {
+                        let entry = self.thinking_entry(block);
+                        StreamStep::Chunks(vec![
+                            self.chunk(json!({"thinking_blocks": [entry]}), None)
+                        ])
+                    }
                     _ => StreamStep::Chunks(Vec::new()),
                 }
             }
@@ -976,9 +1001,11 @@ impl AnthropicToOpenAiStream {
                 let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
                 match self.thinking.take() {
                     Some((i, thinking, signature)) if i == index => {
-                        let block = json!({"type": "thinking", "thinking": thinking, "signature": signature});
+                        let entry = self.thinking_entry(
+                            json!({"type": "thinking", "thinking": thinking, "signature": signature}),
+                        );
                         StreamStep::Chunks(vec![
-                            self.chunk(json!({"thinking_blocks": [block]}), None)
+                            self.chunk(json!({"thinking_blocks": [entry]}), None)
                         ])
                     }
                     other => {
@@ -1237,10 +1264,20 @@ fn native_message(m: &Value) -> Option<Value> {
 /// turn's own thinking blocks go too, since with thinking off Anthropic
 /// refuses them in the final assistant message.
 fn settle_thinking(req: &mut Map<String, Value>, messages: &mut Vec<Value>) {
-    let start = turn_start(messages);
-    if !req.contains_key("thinking") || thinking_continues(&messages[start..]) {
-        return;
+    if req.contains_key("thinking") && thinking_must_stop(messages) {
+        turn_thinking_off(req, messages);
     }
+}
+
+/// Whether the current tool loop of `messages` was opened without
+/// thinking, so that thinking must stop (see [`thinking_continues`]).
+fn thinking_must_stop(messages: &[Value]) -> bool {
+    !thinking_continues(&messages[turn_start(messages)..])
+}
+
+/// Thinking off, explicitly, and the current turn's thinking blocks gone.
+fn turn_thinking_off(req: &mut Map<String, Value>, messages: &mut Vec<Value>) {
+    let start = turn_start(messages);
     req.insert("thinking".into(), json!({"type": "disabled"}));
     for m in &mut messages[start..] {
         if let Some(blocks) = m.get_mut("content").and_then(Value::as_array_mut) {
@@ -2505,6 +2542,11 @@ mod tests {
             limits(json!({"reasoning_effort": "high", "max_tokens": 3000})),
             (3000, 1500)
         );
+        // Just above the budget, the answer still keeps half.
+        assert_eq!(
+            limits(json!({"reasoning_effort": "high", "max_tokens": 4097})),
+            (4097, 2048)
+        );
         assert_eq!(
             limits(json!({"reasoning_effort": "high", "max_tokens": 1500})),
             (1500, 1024)
@@ -2539,6 +2581,54 @@ mod tests {
         // The default sampling values are no conflict.
         let r = sent(json!({"reasoning_effort": "low", "temperature": 1, "top_p": 0.95}));
         assert_eq!(r["thinking"]["type"], "enabled");
+    }
+
+    #[test]
+    fn claude_versions_are_read_from_every_spelling_of_a_model_id() {
+        for (id, version) in [
+            ("claude-opus-4-1-20250805", Some((4, 1))),
+            ("claude-sonnet-4-20250514", Some((4, 0))),
+            ("claude-3-7-sonnet-latest", Some((3, 7))),
+            ("claude-3-opus-20240229", Some((3, 0))),
+            ("claude-haiku-4-5", Some((4, 5))),
+            ("claude-opus-4-6", Some((4, 6))),
+            ("claude-opus-4-10", Some((4, 10))),
+            ("claude-sonnet-5", Some((5, 0))),
+            ("anthropic.claude-sonnet-4-5-20250929-v1:0", Some((4, 5))),
+            ("claude-sonnet-4@20250514", Some((4, 0))),
+            ("claude-sonnet-4-5@20250929", Some((4, 5))),
+            ("anthropic/claude-sonnet-4.5", Some((4, 5))),
+            ("Claude-Opus-4.1", Some((4, 1))),
+            ("claude-sonnet-mock", None),
+            ("gpt-4o", None),
+        ] {
+            assert_eq!(claude_version(id), version, "{id}");
+        }
+        assert!(budget_thinking_only("claude-opus-4@20250514"));
+        assert!(!budget_thinking_only("claude-sonnet-4-6"));
+        assert!(!budget_thinking_only("claude-opus-4-10"));
+        assert!(!budget_thinking_only("claude-sonnet-mock"));
+    }
+
+    #[test]
+    fn a_tool_loop_that_stops_thinking_takes_any_limit_and_sampling() {
+        // Opened without thinking, the loop goes on without it: a limit
+        // below the least budget and a temperature are no conflict then.
+        let body = obj(
+            json!({"model": "m", "reasoning_effort": "high", "max_tokens": 500,
+            "temperature": 0.2, "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function",
+                    "function": {"name": "w", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "t1", "content": "sunny"},
+            ]}),
+        );
+        let r = request_to_anthropic(&body, "claude-sonnet-4-5", false).unwrap();
+        assert_eq!(r["thinking"], json!({"type": "disabled"}));
+        assert_eq!(
+            (r["max_tokens"].as_u64(), r["temperature"].as_f64()),
+            (Some(500), Some(0.2))
+        );
     }
 
     #[test]
@@ -2714,8 +2804,8 @@ mod tests {
                 json!({"role": "assistant", "content": ""}),
                 json!({"reasoning_content": "Hm"}),
                 json!({"reasoning_content": "m."}),
-                json!({"thinking_blocks": [thought]}),
-                json!({"thinking_blocks": [redacted]}),
+                json!({"thinking_blocks": [{"type": "thinking", "thinking": "Hmm.", "signature": "sig", "index": 0}]}),
+                json!({"thinking_blocks": [{"type": "redacted_thinking", "data": "opaque", "index": 1}]}),
             ]
         );
     }

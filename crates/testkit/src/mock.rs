@@ -825,11 +825,14 @@ fn open_object(schema: &Value) -> Option<String> {
     {
         return Some(schema.to_string());
     }
-    s.values().find_map(|v| match v {
-        Value::Array(items) => items.iter().find_map(open_object),
-        Value::Object(m) => open_object(v).or_else(|| m.values().find_map(open_object)),
-        _ => None,
-    })
+    // Sub-schemas, not data (`const`, `enum`, `default`, `examples`).
+    s.iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
+        .find_map(|(_, v)| match v {
+            Value::Array(items) => items.iter().find_map(open_object),
+            Value::Object(m) => open_object(v).or_else(|| m.values().find_map(open_object)),
+            _ => None,
+        })
 }
 
 /// A small JSON value a `schema` accepts: an object with every property
@@ -982,8 +985,22 @@ fn anthropic_refusal(req: &Value) -> Option<String> {
                         .any(|b| kind(b).as_deref() != Some("tool_result")))
         })
         .map_or(0, |i| i + 1);
-    // And thinking takes the default sampling only, no forced tool and no
-    // prefill.
+    // And thinking takes a budget of 1,024 tokens or more, below
+    // max_tokens, the default sampling only, no forced tool and no prefill.
+    if let Some(budget) = req
+        .pointer("/thinking/budget_tokens")
+        .and_then(Value::as_u64)
+    {
+        let max_tokens = req.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
+        if budget < 1024 {
+            return Some(
+                "thinking.budget_tokens: Input should be greater than or equal to 1024".into(),
+            );
+        }
+        if budget >= max_tokens {
+            return Some("`max_tokens` must be greater than `thinking.budget_tokens`".into());
+        }
+    }
     if thinking {
         let number = |k: &str| req.get(k).and_then(Value::as_f64);
         if number("temperature").is_some_and(|t| t != 1.0) {

@@ -26,24 +26,41 @@ const STRING_FORMATS: [&str; 10] = [
     "uuid",
 ];
 
-/// `schema` rewritten to Anthropic's subset, or why it cannot be: a schema
-/// (or sub-schema) with no `type`, `anyOf`, `oneOf`, `allOf`, `$ref`,
-/// `const` or `enum` says nothing Anthropic can decode to.
+/// `schema` rewritten to Anthropic's subset, or why it cannot be (with
+/// the JSON pointer of the sub-schema at fault): a schema with no `type`,
+/// `anyOf`, `oneOf`, `allOf`, `$ref`, `const` or `enum` says nothing
+/// Anthropic can decode to, and an object whose `additionalProperties` is a
+/// schema (a map with keys of its own choosing) has no form in a subset
+/// that decodes closed objects only — forced closed, as Anthropic's SDK
+/// forces it, it could only ever be `{}`.
 pub(crate) fn strict_schema(schema: &Value) -> Result<Value, String> {
+    strict_at(schema, "")
+}
+
+fn strict_at(schema: &Value, at: &str) -> Result<Value, String> {
+    let fail = |what: &str| -> Result<Value, String> {
+        Err(if at.is_empty() {
+            what.to_owned()
+        } else {
+            format!("at {at}: {what}")
+        })
+    };
     let Value::Object(schema) = schema else {
-        return Err("a schema must be a JSON object".into());
+        return fail("a schema must be a JSON object");
     };
     let mut rest = schema.clone();
     let mut out = Map::new();
-    if let Some(defs) = rest.shift_remove("$defs") {
-        let Value::Object(defs) = defs else {
-            return Err("$defs must be an object of schemas".into());
-        };
-        let defs = defs
-            .iter()
-            .map(|(name, s)| Ok((name.clone(), strict_schema(s)?)))
-            .collect::<Result<Map<_, _>, String>>()?;
-        out.insert("$defs".into(), Value::Object(defs));
+    for key in ["$defs", "definitions"] {
+        if let Some(defs) = rest.shift_remove(key) {
+            let Value::Object(defs) = defs else {
+                return fail(&format!("{key} must be an object of schemas"));
+            };
+            let defs = defs
+                .iter()
+                .map(|(name, s)| Ok((name.clone(), strict_at(s, &format!("{at}/{key}/{name}"))?)))
+                .collect::<Result<Map<_, _>, String>>()?;
+            out.insert(key.into(), Value::Object(defs));
+        }
     }
     if let Some(reference) = rest.shift_remove("$ref") {
         out.insert("$ref".into(), reference);
@@ -53,12 +70,22 @@ pub(crate) fn strict_schema(schema: &Value) -> Result<Value, String> {
         return Ok(Value::Object(out));
     }
     let mut kind = rest.shift_remove("type");
+    // OpenAPI's `nullable` is a choice with null, as a list of types is.
+    if rest.shift_remove("nullable") == Some(Value::Bool(true)) {
+        if let Some(Value::String(k)) = &kind {
+            kind = Some(json!([k, "null"]));
+        }
+    }
     // A list of types (OpenAI's strict schemas mark optional fields with
     // `["string", "null"]`) is a choice between them.
     if let (Some(Value::Array(kinds)), false) = (&kind, rest.contains_key("anyOf")) {
+        if kinds.is_empty() {
+            return fail("type must name at least one type");
+        }
         let variants = kinds
             .iter()
-            .map(|k| {
+            .enumerate()
+            .map(|(i, k)| {
                 if k == "null" {
                     return Ok(json!({"type": "null"}));
                 }
@@ -66,7 +93,7 @@ pub(crate) fn strict_schema(schema: &Value) -> Result<Value, String> {
                 variant.shift_remove("description");
                 variant.shift_remove("title");
                 variant.insert("type".into(), k.clone());
-                strict_schema(&Value::Object(variant))
+                strict_at(&Value::Object(variant), &format!("{at}/type/{i}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         for key in ["description", "title"] {
@@ -96,28 +123,32 @@ pub(crate) fn strict_schema(schema: &Value) -> Result<Value, String> {
     if literals {
         kind = None;
     }
-    let variants = |list: Value| -> Result<Value, String> {
+    let variants = |list: Value, key: &str| -> Result<Value, String> {
         match list {
             Value::Array(v) => Ok(Value::Array(
-                v.iter().map(strict_schema).collect::<Result<_, _>>()?,
+                v.iter()
+                    .enumerate()
+                    .map(|(i, s)| strict_at(s, &format!("{at}/{key}/{i}")))
+                    .collect::<Result<_, _>>()?,
             )),
-            _ => Err("anyOf, oneOf and allOf must be arrays of schemas".into()),
+            _ => fail(&format!("{key} must be an array of schemas")),
         }
     };
-    if let Some(list) = any_of.or(one_of) {
-        out.insert("anyOf".into(), variants(list)?);
+    if let Some(list) = any_of {
+        out.insert("anyOf".into(), variants(list, "anyOf")?);
+    } else if let Some(list) = one_of {
+        out.insert("anyOf".into(), variants(list, "oneOf")?);
     } else if let Some(list) = all_of {
-        out.insert("allOf".into(), variants(list)?);
+        out.insert("allOf".into(), variants(list, "allOf")?);
     } else if !literals {
         match &kind {
             Some(k) => {
                 out.insert("type".into(), k.clone());
             }
             None => {
-                return Err(
+                return fail(
                     "a schema must have a type, anyOf, oneOf or allOf, or a const or enum of \
-                     strings, numbers, booleans or null"
-                        .into(),
+                     strings, numbers, booleans or null",
                 )
             }
         }
@@ -132,13 +163,23 @@ pub(crate) fn strict_schema(schema: &Value) -> Result<Value, String> {
             let properties = match rest.shift_remove("properties") {
                 Some(Value::Object(p)) => p
                     .iter()
-                    .map(|(k, s)| Ok((k.clone(), strict_schema(s)?)))
+                    .map(|(k, s)| Ok((k.clone(), strict_at(s, &format!("{at}/properties/{k}"))?)))
                     .collect::<Result<Map<_, _>, String>>()?,
-                Some(_) => return Err("properties must be an object of schemas".into()),
+                Some(_) => return fail("properties must be an object of schemas"),
                 None => Map::new(),
             };
             out.insert("properties".into(), Value::Object(properties));
-            rest.shift_remove("additionalProperties");
+            match rest.shift_remove("additionalProperties") {
+                None | Some(Value::Bool(_)) => {}
+                Some(Value::Object(o)) if o.is_empty() => {}
+                Some(_) => {
+                    return fail(
+                        "additionalProperties with a schema (a map whose keys the model would \
+                         choose) has no form in this model's provider's structured outputs, \
+                         which decode objects with the properties named only",
+                    )
+                }
+            }
             out.insert("additionalProperties".into(), json!(false));
             if let Some(required) = rest.shift_remove("required") {
                 out.insert("required".into(), required);
@@ -155,7 +196,7 @@ pub(crate) fn strict_schema(schema: &Value) -> Result<Value, String> {
         }
         Some("array") => {
             if let Some(items) = rest.shift_remove("items") {
-                out.insert("items".into(), strict_schema(&items)?);
+                out.insert("items".into(), strict_at(&items, &format!("{at}/items"))?);
             }
             if let Some(min) = rest.shift_remove("minItems") {
                 if min.as_u64().is_some_and(|n| n <= 1) {
@@ -249,14 +290,52 @@ mod tests {
     }
 
     #[test]
+    fn definitions_nullable_and_maps() {
+        let schema = json!({
+            "definitions": {"P": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+            "type": "object",
+            "properties": {
+                "p": {"$ref": "#/definitions/P"},
+                "n": {"type": "string", "nullable": true},
+                "open": {"type": "object", "properties": {}, "additionalProperties": true},
+            },
+        });
+        assert_eq!(
+            strict_schema(&schema).unwrap(),
+            json!({
+                "definitions": {"P": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                      "additionalProperties": false}},
+                "type": "object",
+                "properties": {
+                    "p": {"$ref": "#/definitions/P"},
+                    "n": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                    "open": {"type": "object", "properties": {}, "additionalProperties": false},
+                },
+                "additionalProperties": false,
+            })
+        );
+        let map = json!({"type": "object", "properties": {"tags": {"type": "object",
+            "additionalProperties": {"type": "string"}}}});
+        let e = strict_schema(&map).unwrap_err();
+        assert!(
+            e.starts_with("at /properties/tags: additionalProperties"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_schema_that_says_nothing_decodable_is_refused() {
         for bad in [
             json!({}),
             json!({"description": "x"}),
             json!("string"),
+            json!({"type": []}),
             json!({"type": "object", "properties": {"a": {}}}),
         ] {
             assert!(strict_schema(&bad).is_err(), "{bad}");
         }
+        let e =
+            strict_schema(&json!({"type": "array", "items": [{"type": "string"}]})).unwrap_err();
+        assert_eq!(e, "at /items: a schema must be a JSON object");
     }
 }

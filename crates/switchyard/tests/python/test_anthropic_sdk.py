@@ -168,6 +168,10 @@ def test_openai_reasoning_effort_through_an_anthropic_backed_alias():
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "mock: thinking it over."
     blocks = [b for d in deltas for b in (getattr(d, "thinking_blocks", None) or [])]
     assert [b["type"] for b in blocks] == ["thinking"] and blocks[0]["signature"]
+    # The SDK's stream helper accumulates the extra delta fields too.
+    with oai.chat.completions.stream(model="claude", messages=messages, reasoning_effort="low") as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == "Hello! How can I help you today?"
 
 
 def test_a_stop_sequence_reaches_the_client_through_an_anthropic_backed_alias(client):
