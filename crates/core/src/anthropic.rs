@@ -43,6 +43,48 @@ fn refuse_what_anthropic_cannot_do(body: &Map<String, Value>) -> Result<(), Tran
             "This model's provider (Anthropic) generates one choice per request; set n to 1.",
         ));
     }
+    // Tools other than functions (GPT-5's free-form `custom` tools): the
+    // model would answer without them.
+    for (i, tool) in body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let kind = tool
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("function");
+        if kind != "function" {
+            return Err(bad(
+                &format!("tools[{i}].type"),
+                format!(
+                    "tools of type {kind} cannot be sent to this model's provider (Anthropic); \
+                     use function tools."
+                ),
+            ));
+        }
+    }
+    // An answer in audio, or searched on the web by OpenAI's search models.
+    let audio = body.get("audio").is_some_and(|v| !v.is_null())
+        || body
+            .get("modalities")
+            .and_then(Value::as_array)
+            .is_some_and(|m| m.iter().any(|x| x != "text"));
+    if audio {
+        return Err(bad(
+            "modalities",
+            "This model's provider (Anthropic) answers in text only.",
+        ));
+    }
+    if body.get("web_search_options").is_some_and(|v| !v.is_null()) {
+        return Err(bad(
+            "web_search_options",
+            "web_search_options (OpenAI's search models) cannot be sent to this model's \
+             provider (Anthropic).",
+        ));
+    }
     // The legacy function-calling fields: translated, they would be dropped
     // and the model would answer without the functions it was given.
     for key in ["functions", "function_call"] {
@@ -2466,6 +2508,18 @@ mod tests {
                 "functions",
             ),
             ("function_call", json!("auto"), "function_call"),
+            (
+                "tools",
+                json!([{"type": "custom", "custom": {"name": "sql"}}]),
+                "tools[0].type",
+            ),
+            ("modalities", json!(["text", "audio"]), "modalities"),
+            (
+                "audio",
+                json!({"voice": "alloy", "format": "wav"}),
+                "modalities",
+            ),
+            ("web_search_options", json!({}), "web_search_options"),
         ] {
             let e = request_to_anthropic(&with(key, value.clone()), "m", false).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{key}: {value}");
@@ -2475,6 +2529,8 @@ mod tests {
             ("response_format", json!({"type": "text"})),
             ("logprobs", json!(false)),
             ("seed", json!(7)),
+            ("modalities", json!(["text"])),
+            ("audio", Value::Null),
         ] {
             assert!(
                 request_to_anthropic(&with(key, value.clone()), "m", false).is_ok(),
