@@ -771,6 +771,9 @@ pub struct Tokens {
     cache_creation: u64,
     cache_creation_1h: u64,
     output: u64,
+    /// Searches run by Anthropic's web search tool
+    /// (`server_tool_use.web_search_requests`), billed apart from tokens.
+    web_searches: u64,
 }
 
 impl Tokens {
@@ -800,6 +803,12 @@ impl Tokens {
         {
             self.cache_creation_1h = n;
         }
+        if let Some(n) = u
+            .pointer("/server_tool_use/web_search_requests")
+            .and_then(Value::as_u64)
+        {
+            self.web_searches = n;
+        }
     }
 
     /// Every prompt token, read from or written to the cache or neither.
@@ -815,6 +824,7 @@ impl Tokens {
             cached_tokens: self.cache_read,
             cache_write_tokens: self.cache_creation,
             cache_write_1h_tokens: self.cache_creation_1h.min(self.cache_creation),
+            web_search_requests: self.web_searches,
         }
     }
 

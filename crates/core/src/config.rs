@@ -487,6 +487,10 @@ pub struct Pricing {
     /// `cache_write_per_mtok` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_1h_per_mtok: Option<f64>,
+    /// A thousand searches by the provider's web search tool (Anthropic
+    /// charges $10); unset, searches cost nothing in usage rows and budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_search_per_1k: Option<f64>,
 }
 
 impl Config {
@@ -515,6 +519,7 @@ impl Pricing {
             + written_1h as f64 * self.cache_write_1h_per_mtok.unwrap_or(write)
             + u.completion_tokens as f64 * self.output_per_mtok)
             / 1_000_000.0
+            + u.web_search_requests as f64 * self.web_search_per_1k.unwrap_or(0.0) / 1_000.0
     }
 }
 
@@ -753,6 +758,7 @@ impl Config {
                 p.cached_input_per_mtok,
                 p.cache_write_per_mtok,
                 p.cache_write_1h_per_mtok,
+                p.web_search_per_1k,
             ];
             if !(p.input_per_mtok >= 0.0
                 && p.output_per_mtok >= 0.0
@@ -1547,7 +1553,11 @@ mod tests {
         // Unset, every prompt token is an input token, as before.
         let cost = c.price_for("a", "plain").unwrap().cost_usd(&usage);
         assert!((cost - 3.0).abs() < 1e-9, "{cost}");
-        for key in ["cached_input_per_mtok", "cache_write_1h_per_mtok"] {
+        for key in [
+            "cached_input_per_mtok",
+            "cache_write_1h_per_mtok",
+            "web_search_per_1k",
+        ] {
             let negative = format!("[pricing.m]\ninput_per_mtok = 1.0\n{key} = -1.0\n");
             let e = Config::load(Some(("f.toml", &negative)), &Env::new()).unwrap_err();
             assert!(e.to_string().contains("pricing.m"), "{e}");

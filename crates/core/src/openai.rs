@@ -604,6 +604,10 @@ pub struct Usage {
     /// which cost more again.
     #[serde(skip_serializing)]
     pub cache_write_1h_tokens: u64,
+    /// Searches run by the provider's own web search tool (Anthropic's,
+    /// for a client of `/v1/messages`), billed per search.
+    #[serde(skip_serializing)]
+    pub web_search_requests: u64,
 }
 
 /// `usage` as it comes: every field read leniently (a count that is
@@ -664,6 +668,7 @@ impl From<WireUsage> for Usage {
             cached_tokens: cached,
             cache_write_tokens: written,
             cache_write_1h_tokens: written_1h,
+            web_search_requests: 0,
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct Behavior {
     /// (`cache_read_input_tokens`, `cache_creation_input_tokens` with their
     /// split in `cache_creation`), besides the uncached input.
     pub cache_tokens: Option<(u64, u64, u64)>,
+    /// Anthropic answers report this many searches by its web search tool
+    /// (`usage.server_tool_use.web_search_requests`) when above 0.
+    pub web_searches: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,7 @@ impl Default for Behavior {
             fail_pattern: None,
             reasoning: None,
             cache_tokens: None,
+            web_searches: 0,
         }
     }
 }
@@ -690,6 +694,11 @@ async fn messages(
         usage["cache_creation"] = json!({"ephemeral_5m_input_tokens": five_minutes,
             "ephemeral_1h_input_tokens": one_hour});
     }
+    let server_tool_use =
+        (behavior.web_searches > 0).then(|| json!({"web_search_requests": behavior.web_searches}));
+    if let Some(s) = &server_tool_use {
+        usage["server_tool_use"] = s.clone();
+    }
     // Structured output asked for: the answer is an instance of the schema.
     let structured = req
         .pointer("/output_config/format")
@@ -795,7 +804,10 @@ async fn messages(
     events.push((
         "message_delta",
         json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": stop_sequence},
-        "usage": {"output_tokens": words.len()}}),
+        "usage": match &server_tool_use {
+            Some(s) => json!({"output_tokens": words.len(), "server_tool_use": s}),
+            None => json!({"output_tokens": words.len()}),
+        }}),
     ));
     events.push(("message_stop", json!({"type": "message_stop"})));
     if let Some(Fault::ErrorEventAfter(n)) = fault {

@@ -1588,3 +1588,40 @@ async fn reasoning_effort_thinks_where_anthropic_allows_it_and_names_what_it_ref
     assert_eq!(v["error"]["param"], "temperature");
     assert_eq!(anthropic.calls(), calls);
 }
+
+#[tokio::test]
+async fn anthropics_web_searches_are_priced_in_the_usage_row() {
+    let (mut app, anthropic) = with_anthropic_and(
+        "server_tools = true\n",
+        "[pricing.claude-sonnet-mock]\ninput_per_mtok = 3.0\noutput_per_mtok = 15.0\n\
+         web_search_per_1k = 10.0\n",
+    )
+    .await;
+    anthropic.update(|b| b.web_searches = 2);
+    let body = |stream: bool| {
+        json!({"model": "claude", "max_tokens": 256, "stream": stream,
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}],
+        "messages": [{"role": "user", "content": "Search for it."}]})
+    };
+
+    for stream in [false, true] {
+        let resp = app.post_json("/v1/messages", &body(stream)).await;
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap();
+    }
+
+    app.stop_gracefully().await;
+    let rows = usage_rows(&app).await;
+    assert_eq!(rows.len(), 2);
+    let words = switchyard_testkit::Behavior::default()
+        .reply
+        .split_whitespace()
+        .count() as f64;
+    // The mock's 4 input tokens a message, its words out, and two searches
+    // at $10 a thousand.
+    let expected = (4.0 * 3.0 + words * 15.0) / 1e6 + 2.0 * 10.0 / 1e3;
+    for row in &rows {
+        let cost = row.cost_usd.unwrap();
+        assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
+    }
+}
