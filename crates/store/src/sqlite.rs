@@ -635,10 +635,13 @@ impl Store for SqliteStore {
                 "SQLite statements (replies) and transactions (writer batches) run inline / through the pool"
             );
         }
+        // Closed, not waited for: a PASSIVE checkpoint under way can run for
+        // seconds, and one cut short by the exit loses nothing (every frame
+        // stays in the WAL, which the next open checkpoints again).
+        if let Some(c) = &self.checkpointer {
+            drop(c.close());
+        }
         self.writer.close().await;
         self.pool.close().await;
-        if let Some(c) = &self.checkpointer {
-            c.close().await;
-        }
     }
 }
