@@ -369,6 +369,14 @@ async fn chat(
         .to_owned();
     let prompt_tokens = count_prompt_tokens(&req);
     let tool = first_tool(&req);
+    // A JSON schema asked for: the answer is an instance of it.
+    let structured = req
+        .pointer("/response_format/json_schema/schema")
+        .filter(|_| {
+            req.pointer("/response_format/type").and_then(Value::as_str) == Some("json_schema")
+        })
+        .map(|schema| instance_of(schema).to_string());
+    let reply = structured.as_deref().unwrap_or(&behavior.reply);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !stream {
         if let Some(Fault::ErrorEventAfter(_)) = fault {
@@ -376,7 +384,7 @@ async fn chat(
         }
         return completion(
             &model,
-            &behavior.reply,
+            reply,
             behavior.reasoning.as_deref(),
             tool.as_deref(),
             prompt_tokens,
@@ -388,7 +396,7 @@ async fn chat(
         .unwrap_or(false);
     let chunks = stream_chunks(
         &model,
-        &behavior.reply,
+        reply,
         behavior.reasoning.as_deref(),
         tool.as_deref(),
         prompt_tokens,

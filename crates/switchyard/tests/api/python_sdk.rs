@@ -62,7 +62,7 @@ async fn the_official_openai_python_sdk_works_unchanged() {
         .spawn()
         .await;
     let report = pytest(&python, "python", &app).await;
-    assert!(report.contains("21 passed"), "{report}");
+    assert!(report.contains("22 passed"), "{report}");
 }
 
 #[tokio::test]

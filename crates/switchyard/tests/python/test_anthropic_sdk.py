@@ -140,6 +140,15 @@ def test_anthropic_structured_output_through_an_anthropic_backed_alias(client):
     assert msg.parsed_output == Place(city="mock", population=0, coastal=False)
 
 
+def test_anthropic_structured_output_through_an_openai_compatible_alias(client):
+    # The other way: output_config.format becomes response_format json_schema
+    # (the mock answers an instance of the schema only when it gets one).
+    msg = client.messages.parse(
+        model=MODEL, max_tokens=256, messages=[{"role": "user", "content": "Describe a city"}], output_format=Place
+    )
+    assert msg.parsed_output == Place(city="mock", population=0, coastal=False)
+
+
 def test_openai_reasoning_effort_through_an_anthropic_backed_alias():
     # reasoning_effort turns Claude's extended thinking on; the thinking comes
     # back as reasoning_content with its signed blocks, and a tool loop whose
