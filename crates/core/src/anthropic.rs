@@ -528,8 +528,20 @@ pub fn request_to_anthropic(
         }
         req.insert("tool_choice".into(), choice);
     }
-    if let Some(user) = body.get("user").and_then(Value::as_str) {
-        req.insert("metadata".into(), json!({"user_id": user}));
+    // The end user, for the provider's abuse tracking: OpenAI's
+    // `safety_identifier` (which replaces `user`) or `user`, as Anthropic's
+    // `metadata.user_id`, which takes at most 256 characters (a longer id
+    // travels as its digest, as stable an id as the original).
+    if let Some(user) = body
+        .get("safety_identifier")
+        .or_else(|| body.get("user"))
+        .and_then(Value::as_str)
+        .filter(|u| !u.is_empty())
+    {
+        req.insert(
+            "metadata".into(),
+            json!({ "user_id": id_within(user, 256) }),
+        );
     }
     if let Some(config) = output_config {
         req.insert("output_config".into(), config);
@@ -1394,12 +1406,16 @@ fn thinking_continues(turn: &[Value]) -> bool {
 /// run to ~150: a longer id travels as the hex SHA-256 of itself, as stable
 /// an end-user id as the original for the provider's abuse tracking.
 fn openai_user(user_id: &str) -> String {
-    const MAX: usize = 64;
-    if user_id.len() <= MAX {
-        return user_id.to_owned();
+    id_within(user_id, 64)
+}
+
+/// `id` as it is when it has at most `max` bytes, else its hex SHA-256 (64
+/// characters): as stable an end-user id as the original.
+fn id_within(id: &str, max: usize) -> String {
+    if id.len() <= max {
+        return id.to_owned();
     }
-    let digest = <sha2::Sha256 as sha2::Digest>::digest(user_id.as_bytes());
-    crate::trace::encode_hex(&digest)
+    crate::trace::encode_hex(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes()))
 }
 
 /// What a Messages body is parsed for: `count_tokens` takes no `max_tokens`.
@@ -2874,6 +2890,25 @@ mod tests {
                 json!({"thinking_blocks": [{"type": "redacted_thinking", "data": "opaque", "index": 1}]}),
             ]
         );
+    }
+
+    #[test]
+    fn the_end_user_reaches_anthropic_from_safety_identifier_or_user() {
+        let sent = |extra: Value| {
+            request_to_anthropic(&chat_with(extra), "claude-sonnet-5", false).unwrap()
+        };
+        assert_eq!(
+            sent(json!({"user": "u1"}))["metadata"],
+            json!({"user_id": "u1"})
+        );
+        assert_eq!(
+            sent(json!({"user": "u1", "safety_identifier": "s1"}))["metadata"],
+            json!({"user_id": "s1"})
+        );
+        let long = "x".repeat(300);
+        let id = sent(json!({"safety_identifier": long}))["metadata"]["user_id"].clone();
+        assert_eq!(id.as_str().unwrap().len(), 64);
+        assert!(sent(json!({"user": ""})).get("metadata").is_none());
     }
 
     #[test]
