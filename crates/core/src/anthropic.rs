@@ -754,7 +754,8 @@ fn image_block(url: &str) -> Value {
 /// OpenAI's `finish_reason` for an Anthropic `stop_reason`.
 pub fn finish_reason(stop_reason: Option<&str>) -> &'static str {
     match stop_reason {
-        Some("max_tokens") => "length",
+        // Cut short either way: by the answer's limit or the context window.
+        Some("max_tokens" | "model_context_window_exceeded") => "length",
         Some("tool_use") => "tool_calls",
         Some("refusal") => "content_filter",
         _ => "stop",
@@ -2890,6 +2891,21 @@ mod tests {
                 json!({"thinking_blocks": [{"type": "redacted_thinking", "data": "opaque", "index": 1}]}),
             ]
         );
+    }
+
+    #[test]
+    fn every_stop_reason_has_its_finish_reason() {
+        for (stop, finish) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("pause_turn", "stop"),
+            ("max_tokens", "length"),
+            ("model_context_window_exceeded", "length"),
+            ("tool_use", "tool_calls"),
+            ("refusal", "content_filter"),
+        ] {
+            assert_eq!(finish_reason(Some(stop)), finish, "{stop}");
+        }
     }
 
     #[test]
