@@ -6,6 +6,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::config::ThinkingForm;
+
 mod schema;
 
 /// The `max_tokens` sent to Anthropic when the client gave none (Anthropic
@@ -199,6 +201,7 @@ fn claude_version(model: &str) -> Option<(u32, u32)> {
 fn thinking_for(
     body: &Map<String, Value>,
     model: &str,
+    form: ThinkingForm,
 ) -> Result<Option<Thinking>, TranslateError> {
     let (effort, budget) = match body.get("reasoning_effort") {
         None | Some(Value::Null) => return Ok(None),
@@ -220,7 +223,12 @@ fn thinking_for(
         },
         Some(_) => return Err(bad("reasoning_effort", "reasoning_effort must be a string")),
     };
-    Ok(Some(if budget_thinking_only(model) {
+    let budget_only = match form {
+        ThinkingForm::Auto => budget_thinking_only(model),
+        ThinkingForm::Budget => true,
+        ThinkingForm::Adaptive => false,
+    };
+    Ok(Some(if budget_only {
         Thinking::Budget(budget)
     } else {
         Thinking::Adaptive(effort, budget)
@@ -307,15 +315,27 @@ fn signed_thinking_blocks(m: &Value) -> Vec<Value> {
         .collect()
 }
 
-/// Builds an Anthropic Messages request from an OpenAI chat request.
+/// Builds an Anthropic Messages request from an OpenAI chat request, the
+/// form of extended thinking read from the model id.
 pub fn request_to_anthropic(
     body: &Map<String, Value>,
     model: &str,
     stream: bool,
 ) -> Result<Value, TranslateError> {
+    request_to_anthropic_with(body, model, ThinkingForm::Auto, stream)
+}
+
+/// [`request_to_anthropic`] with the form of extended thinking the
+/// provider's configuration names (`thinking`).
+pub fn request_to_anthropic_with(
+    body: &Map<String, Value>,
+    model: &str,
+    thinking_form: ThinkingForm,
+    stream: bool,
+) -> Result<Value, TranslateError> {
     refuse_what_anthropic_cannot_do(body)?;
     let mut output_config = output_config(body)?;
-    let thinking = thinking_for(body, model)?.filter(|_| thinking_is_possible(body));
+    let thinking = thinking_for(body, model, thinking_form)?.filter(|_| thinking_is_possible(body));
     if output_config.is_some() && ends_with_assistant(body) {
         return Err(bad(
             "messages",
@@ -2712,6 +2732,20 @@ mod tests {
             (r["max_tokens"].as_u64(), r["temperature"].as_f64()),
             (Some(500), Some(0.2))
         );
+    }
+
+    #[test]
+    fn the_providers_setting_overrides_the_model_id() {
+        let body = chat_with(json!({"reasoning_effort": "low"}));
+        let r = request_to_anthropic_with(&body, "my-claude", ThinkingForm::Budget, false).unwrap();
+        assert_eq!(
+            r["thinking"],
+            json!({"type": "enabled", "budget_tokens": 1024})
+        );
+        let r =
+            request_to_anthropic_with(&body, "claude-sonnet-4-5", ThinkingForm::Adaptive, false)
+                .unwrap();
+        assert_eq!(r["thinking"], json!({"type": "adaptive"}));
     }
 
     #[test]

@@ -362,6 +362,30 @@ pub struct ProviderConfig {
     /// budgets do not count, and every tenant shares the provider's key.
     #[serde(default)]
     pub server_tools: bool,
+    /// `anthropic` providers only: the form of extended thinking their
+    /// models take when an OpenAI client asks for it (`reasoning_effort`).
+    #[serde(default, skip_serializing_if = "ThinkingForm::is_auto")]
+    pub thinking: ThinkingForm,
+}
+
+/// The form of extended thinking an Anthropic model takes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ThinkingForm {
+    /// Read from the model id: a budget before Claude 4.6, adaptive after
+    /// (and for ids with no Claude version in them).
+    #[default]
+    Auto,
+    /// `{"type": "enabled", "budget_tokens": N}`.
+    Budget,
+    /// `{"type": "adaptive"}` with `output_config.effort`.
+    Adaptive,
+}
+
+impl ThinkingForm {
+    pub fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -697,6 +721,12 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("providers.{name}.server_tools"),
                     "only an anthropic provider runs Anthropic's own tools",
+                ));
+            }
+            if !p.thinking.is_auto() && p.kind != ProviderKind::Anthropic {
+                return Err(ConfigError::invalid(
+                    format!("providers.{name}.thinking"),
+                    "only an anthropic provider has a form of extended thinking to choose",
                 ));
             }
             if p.kind == ProviderKind::Local {
@@ -1514,6 +1544,20 @@ mod tests {
         );
         assert_eq!(c.price_for("p", "m").unwrap().input_per_mtok, 3.0);
         assert!(c.price_for("p", "other").is_none());
+    }
+
+    #[test]
+    fn the_thinking_form_is_an_anthropic_providers_to_name() {
+        let file =
+            "[providers.p]\nkind = \"openai\"\nbase_url = \"http://p/v1\"\nthinking = \"budget\"\n";
+        let e = Config::load(Some(("f.toml", file)), &Env::new()).unwrap_err();
+        assert!(e.to_string().contains("providers.p.thinking"), "{e}");
+        let ok = file.replace("openai", "anthropic");
+        let c = Config::load(Some(("f.toml", &ok)), &Env::new()).unwrap();
+        assert_eq!(c.providers["p"].thinking, ThinkingForm::Budget);
+        let bad = ok.replace("budget", "sometimes");
+        let e = Config::load(Some(("f.toml", &bad)), &Env::new()).unwrap_err();
+        assert!(e.to_string().contains("providers.p.thinking"), "{e}");
     }
 
     #[test]

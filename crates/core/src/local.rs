@@ -133,6 +133,7 @@ impl Config {
                 first_byte_timeout_ms: 60_000,
                 timeout_secs: 600,
                 server_tools: false,
+                thinking: Default::default(),
             },
         );
         let mut alias = |name: &str, model: &str| {

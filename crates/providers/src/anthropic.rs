@@ -15,10 +15,10 @@ use http::header::{HeaderMap, HeaderValue};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use switchyard_core::anthropic::{
-    native_request, request_to_anthropic, response_from_anthropic, AnthropicToOpenAiStream,
+    native_request, request_to_anthropic_with, response_from_anthropic, AnthropicToOpenAiStream,
     NativeMessages, StreamStep, Tokens,
 };
-use switchyard_core::config::ProviderConfig;
+use switchyard_core::config::{ProviderConfig, ThinkingForm};
 use switchyard_core::openai::Usage;
 
 use crate::sse::{SseEvent, SseParser};
@@ -38,6 +38,7 @@ pub struct AnthropicProvider {
     models_url: http::Uri,
     upstream: Upstream,
     server_tools: bool,
+    thinking: ThinkingForm,
 }
 
 impl AnthropicProvider {
@@ -58,6 +59,7 @@ impl AnthropicProvider {
             models_url: parse_url(&format!("{base}/models"))?,
             upstream: Upstream::new(config, headers)?,
             server_tools: config.server_tools,
+            thinking: config.thinking,
         })
     }
 }
@@ -217,19 +219,22 @@ impl ChatProvider for AnthropicProvider {
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatReply, ProviderError> {
         let native = call.anthropic_body.is_some();
-        let req =
-            match call.anthropic_body {
-                // The client spoke Anthropic's API: its own fields, not the
-                // OpenAI shape's (prompt caching markers survive).
-                Some(original) => native_request(&original.body, call.upstream_model, call.stream),
-                None => request_to_anthropic(call.body, call.upstream_model, call.stream).map_err(
-                    |e| ProviderError::Status {
-                        status: 400,
-                        body: openai_error(&e.message, "invalid_request_error", e.param.as_deref()),
-                        retry_after: None,
-                    },
-                )?,
-            };
+        let req = match call.anthropic_body {
+            // The client spoke Anthropic's API: its own fields, not the
+            // OpenAI shape's (prompt caching markers survive).
+            Some(original) => native_request(&original.body, call.upstream_model, call.stream),
+            None => request_to_anthropic_with(
+                call.body,
+                call.upstream_model,
+                self.thinking,
+                call.stream,
+            )
+            .map_err(|e| ProviderError::Status {
+                status: 400,
+                body: openai_error(&e.message, "invalid_request_error", e.param.as_deref()),
+                retry_after: None,
+            })?,
+        };
         let body = serde_json::to_vec(&req).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let beta = call.anthropic_body.and_then(|a| a.beta.as_deref());
         let resp = self

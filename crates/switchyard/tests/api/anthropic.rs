@@ -1625,3 +1625,22 @@ async fn anthropics_web_searches_are_priced_in_the_usage_row() {
         assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
     }
 }
+
+#[tokio::test]
+async fn an_anthropic_providers_thinking_setting_names_the_form_for_its_models() {
+    // "claude-sonnet-mock" says no version: adaptive unless the provider
+    // says otherwise.
+    let (app, anthropic) = with_anthropic_and("thinking = \"budget\"\n", "").await;
+    let body = json!({"model": "claude", "reasoning_effort": "medium",
+        "messages": [{"role": "user", "content": "Hi"}]});
+
+    let resp = app.post_json("/v1/chat/completions", &body).await;
+
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let sent = anthropic.last_request().unwrap().body;
+    assert_eq!(
+        sent["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2048})
+    );
+    assert!(sent.get("output_config").is_none());
+}
