@@ -10,6 +10,14 @@ const ANTHROPIC_KEY: &str = "sk-ant-mock-secret-key";
 
 /// The default test app plus `claude` → an Anthropic provider on its own mock,
 /// and `claude-then-gpt` → that provider with the OpenAI mock as fallback.
+/// How many words the mock's default reply has (its output token count).
+fn mock_reply_words() -> usize {
+    switchyard_testkit::Behavior::default()
+        .reply
+        .split_whitespace()
+        .count()
+}
+
 async fn with_anthropic() -> (TestApp, MockUpstream) {
     with_anthropic_and("", "").await
 }
@@ -1175,10 +1183,7 @@ async fn an_anthropic_deployments_stream_reaches_a_messages_client_event_for_eve
     let events = anthropic_events(&resp.text().await.unwrap());
 
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
-    let words = switchyard_testkit::Behavior::default()
-        .reply
-        .split_whitespace()
-        .count();
+    let words = mock_reply_words();
     let mut expected = vec![
         "message_start",
         "content_block_start",
@@ -1352,10 +1357,7 @@ async fn prompt_cache_reads_and_writes_are_reported_and_priced_at_their_own_rate
     app.stop_gracefully().await;
     let rows = usage_rows(&app).await;
     assert_eq!(rows.len(), 2);
-    let words = switchyard_testkit::Behavior::default()
-        .reply
-        .split_whitespace()
-        .count() as f64;
+    let words = mock_reply_words() as f64;
     let expected = (4.0 * 3.0 + 1_000.0 * 0.3 + 150.0 * 3.75 + 50.0 * 6.0 + words * 15.0) / 1e6;
     for row in &rows {
         assert_eq!(row.prompt_tokens, Some(1_204));
@@ -1613,10 +1615,7 @@ async fn anthropics_web_searches_are_priced_in_the_usage_row() {
     app.stop_gracefully().await;
     let rows = usage_rows(&app).await;
     assert_eq!(rows.len(), 2);
-    let words = switchyard_testkit::Behavior::default()
-        .reply
-        .split_whitespace()
-        .count() as f64;
+    let words = mock_reply_words() as f64;
     // The mock's 4 input tokens a message, its words out, and two searches
     // at $10 a thousand.
     let expected = (4.0 * 3.0 + words * 15.0) / 1e6 + 2.0 * 10.0 / 1e3;
