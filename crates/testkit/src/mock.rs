@@ -888,11 +888,18 @@ pub const MOCK_THOUGHT: &str = "mock: thinking it over.";
 pub const MOCK_SIGNATURE: &str = "mock-signature-EqQBCkgIARABGAIiQL";
 
 /// What Anthropic's API refuses that an OpenAI-compatible one takes, so
-/// that tests of what Switchyard sends fail where Anthropic would: empty
-/// text blocks or content, thinking blocks without a signature (only
-/// Anthropic signs them), `metadata` keys other than `user_id`, and a
-/// temperature above 1.
+/// that tests of what Switchyard sends fail where Anthropic would: fields
+/// it does not know, empty text blocks or content, thinking blocks without
+/// a signature (only Anthropic signs them), `metadata` keys other than
+/// `user_id`, a temperature above 1, open objects in a structured-output
+/// schema, and with thinking on: a budget below 1,024 or not below
+/// `max_tokens`, sampling other than the default, a forced tool, a
+/// prefill, or a tool loop not opened by thinking.
 fn anthropic_refusal(req: &Value) -> Option<String> {
+    // Anthropic's request fields, written out here rather than taken from
+    // `switchyard_core::anthropic::NATIVE_FIELDS`: the mock stands for
+    // Anthropic, so a field the gateway wrongly believes Anthropic takes
+    // must fail here, not pass because both read one list.
     const FIELDS: [&str; 19] = [
         "model",
         "messages",
