@@ -25,6 +25,8 @@ pub struct Config {
     pub events: UsageConfig,
     /// Native sessions: streaming replies, idempotency, compatibility paths.
     pub sessions: SessionsConfig,
+    /// How long the logs that grow with traffic are kept.
+    pub retention: RetentionConfig,
     pub log: LogConfig,
     pub resilience: ResilienceConfig,
     pub health: HealthConfig,
@@ -138,6 +140,36 @@ impl Default for UsageConfig {
             // and on a busy CPU each request behind it waits for the whole
             // batch; 100 ms batches made a 1–2 ms p99 (docs/BENCHMARKS.md).
             flush_interval_ms: 10,
+        }
+    }
+}
+
+/// How long the logs that grow with traffic are kept (0 days: forever).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days `usage_logs` rows are kept. Rows of the current UTC month are
+    /// kept whatever this says: monthly budgets are summed from them.
+    pub usage_logs_days: u32,
+    /// Days `bus_events` rows (request traces) are kept.
+    pub bus_events_days: u32,
+    /// Days `audit_logs` rows are kept.
+    pub audit_logs_days: u32,
+    /// How often old rows are looked for, in seconds.
+    pub interval_secs: u64,
+    /// Most rows one delete statement removes: small, so that no delete
+    /// holds the database's writer for long.
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            usage_logs_days: 0,
+            bus_events_days: 0,
+            audit_logs_days: 0,
+            interval_secs: 3600,
+            batch_size: 1000,
         }
     }
 }
@@ -647,6 +679,33 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.jwt.validate("jwt")?;
         self.validate_sessions()?;
+        let r = &self.retention;
+        if r.interval_secs == 0 {
+            return Err(ConfigError::invalid(
+                "retention.interval_secs",
+                "expected at least 1",
+            ));
+        }
+        if !(1..=100_000).contains(&r.batch_size) {
+            return Err(ConfigError::invalid(
+                "retention.batch_size",
+                "expected 1 to 100000",
+            ));
+        }
+        for (key, days) in [
+            ("usage_logs_days", r.usage_logs_days),
+            ("bus_events_days", r.bus_events_days),
+            ("audit_logs_days", r.audit_logs_days),
+        ] {
+            // Past ~100 years the cutoff would leave i64 milliseconds' range
+            // of sane dates; 0 already means forever.
+            if days > 36_500 {
+                return Err(ConfigError::invalid(
+                    format!("retention.{key}"),
+                    "expected 0 (keep forever) to 36500 days",
+                ));
+            }
+        }
         if let Some(tls) = &self.server.tls {
             for (key, path) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
                 if path.as_os_str().is_empty() {
@@ -1353,6 +1412,55 @@ mod tests {
                 format!("store.{}: {expected}", key.to_lowercase()),
             );
         }
+    }
+
+    #[test]
+    fn retention_defaults_keep_everything_and_bad_values_name_their_key() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        let r = &c.retention;
+        assert_eq!(
+            (r.usage_logs_days, r.bus_events_days, r.audit_logs_days),
+            (0, 0, 0)
+        );
+        let c = Config::load(
+            Some((
+                "f.toml",
+                "[retention]\nusage_logs_days = 90\ninterval_secs = 60\n",
+            )),
+            &env(&[("SWITCHYARD_RETENTION__AUDIT_LOGS_DAYS", "365")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.retention.usage_logs_days,
+                c.retention.audit_logs_days,
+                c.retention.interval_secs
+            ),
+            (90, 365, 60)
+        );
+        for (key, value, expected) in [
+            ("INTERVAL_SECS", "0", "expected at least 1"),
+            ("BATCH_SIZE", "0", "expected 1 to 100000"),
+            ("BATCH_SIZE", "100001", "expected 1 to 100000"),
+            (
+                "BUS_EVENTS_DAYS",
+                "36501",
+                "expected 0 (keep forever) to 36500 days",
+            ),
+        ] {
+            let var = format!("SWITCHYARD_RETENTION__{key}");
+            let err = Config::load(None, &env(&[(var.as_str(), value)])).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("retention.{}: {expected}", key.to_lowercase()),
+            );
+        }
+        let err =
+            Config::load(Some(("f.toml", "[retention]\nusage_days = 1\n")), &env(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `usage_days`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub async fn run_all(store: &dyn Store) {
     idempotency_records_are_purged_when_dead(store).await;
     streaming_messages_are_interrupted_by_instance_and_staleness(store).await;
     a_user_is_exported_and_erased_alone(store).await;
+    // Last: it deletes by time across tenants (only rows far older than any
+    // other check's, but a later check must not have to know that).
+    old_log_rows_are_purged_oldest_first_in_batches(store).await;
     store.ping().await.expect("ping");
 }
 
@@ -83,7 +86,7 @@ pub async fn migrations_are_idempotent(store: &dyn Store) {
     let applied = store.applied_migrations().await.expect("applied");
     assert_eq!(
         applied,
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
         "{}",
         store.backend()
     );
@@ -2010,4 +2013,140 @@ pub async fn a_user_is_exported_and_erased_alone(store: &dyn Store) {
         store.erase_user(tenant, gone).await.expect("erase"),
         Erased::default()
     );
+}
+
+/// Retention: rows made before the cutoff go, oldest first, at most `limit`
+/// per call, whatever their tenant; rows at or after it stay. Usage rows are
+/// found by their UUIDv7 ids, so these are made at the rows' own times.
+pub async fn old_log_rows_are_purged_oldest_first_in_batches(store: &dyn Store) {
+    use crate::Log;
+    // 2001: before every other check's rows, which must all survive.
+    let t0: i64 = 1_000_000_000_000;
+    let v7_at =
+        |ms: i64, n: i64| format!("{:08x}-{:04x}-7000-8000-{:012x}", ms >> 16, ms & 0xffff, n);
+    let (a, b) = ("t-purge-a", "t-purge-b");
+    // Earlier checks' rows older than t0 (some use small made-up times)
+    // go first, so that the counts below are this check's rows alone.
+    for log in [Log::Usage, Log::Events, Log::Audit] {
+        while store.purge_log(log, t0, 1000).await.expect("purge") > 0 {}
+    }
+    // Usage rows at t0, t0+1 s, … t0+6 s, alternating tenants a, b.
+    let usage: Vec<UsageRecord> = (0..7i64)
+        .map(|i| {
+            let mut r = sample_usage(if i % 2 == 0 { a } else { b }, 900 + i as u32);
+            r.created_at_ms = t0 + i * 1000;
+            r.id = v7_at(r.created_at_ms, i);
+            r
+        })
+        .collect();
+    store.insert_usage(&usage).await.expect("insert usage");
+    let counts = || async {
+        (
+            store.count_usage(a).await.expect("count"),
+            store.count_usage(b).await.expect("count"),
+        )
+    };
+    assert_eq!(counts().await, (4, 3));
+    // Before t0+4.5 s: rows 0–4 go, two per call, oldest first.
+    let cut = t0 + 4500;
+    let mut steps = Vec::new();
+    let mut after = Vec::new();
+    loop {
+        let n = store.purge_log(Log::Usage, cut, 2).await.expect("purge");
+        steps.push(n);
+        after.push(counts().await);
+        if n < 2 {
+            break;
+        }
+    }
+    assert_eq!(steps, vec![2, 2, 1], "{}", store.backend());
+    assert_eq!(after, vec![(3, 2), (2, 1), (1, 1)], "{}", store.backend());
+    let left: Vec<i64> = store
+        .list_usage(a, 10)
+        .await
+        .expect("list")
+        .iter()
+        .chain(store.list_usage(b, 10).await.expect("list").iter())
+        .map(|r| r.created_at_ms - t0)
+        .collect();
+    assert_eq!(left, vec![6000, 5000]);
+    assert_eq!(store.purge_log(Log::Usage, cut, 2).await.expect("purge"), 0);
+
+    // Traces: one bus_events row each, at t0, t0+1 s, … t0+4 s.
+    let traces: Vec<String> = (0..5).map(|i| format!("{:032x}", 0xdead00 + i)).collect();
+    let events: Vec<BusEvent> = traces
+        .iter()
+        .enumerate()
+        .map(|(i, trace)| BusEvent {
+            id: new_id(),
+            tenant_id: if i % 2 == 0 { a } else { b }.into(),
+            trace_id: trace.clone(),
+            seq: 0,
+            kind: "request.received".into(),
+            session_id: None,
+            user_id: None,
+            payload: serde_json::json!({"i": i}),
+            created_at_ms: t0 + i as i64 * 1000,
+        })
+        .collect();
+    store
+        .insert_events(&EventsRow::pack(&events))
+        .await
+        .expect("insert events");
+    let cut = t0 + 2500;
+    assert_eq!(
+        store.purge_log(Log::Events, cut, 2).await.expect("purge"),
+        2
+    );
+    assert_eq!(
+        store.purge_log(Log::Events, cut, 2).await.expect("purge"),
+        1
+    );
+    assert_eq!(
+        store.purge_log(Log::Events, cut, 2).await.expect("purge"),
+        0
+    );
+    for (i, trace) in traces.iter().enumerate() {
+        let tenant = if i % 2 == 0 { a } else { b };
+        let n = store
+            .list_trace_events(tenant, trace)
+            .await
+            .expect("list")
+            .len();
+        assert_eq!(n, usize::from(i >= 3), "trace {i}, {}", store.backend());
+    }
+
+    // Audit: four events of tenant a at t0 … t0+3 s.
+    let audit: Vec<AuditRecord> = (0..4i64)
+        .map(|i| AuditRecord {
+            id: new_id(),
+            tenant_id: a.into(),
+            actor: "key:admin".into(),
+            action: "key.created".into(),
+            target: None,
+            detail: serde_json::json!({}),
+            trace_id: None,
+            created_at_ms: t0 + i * 1000,
+        })
+        .collect();
+    store.insert_audit(&audit).await.expect("insert audit");
+    let cut = t0 + 1500;
+    assert_eq!(store.purge_log(Log::Audit, cut, 5).await.expect("purge"), 2);
+    assert_eq!(store.purge_log(Log::Audit, cut, 5).await.expect("purge"), 0);
+    let q = AuditQuery {
+        action: None,
+        actor: None,
+        since_ms: None,
+        until_ms: None,
+        before_id: None,
+        limit: 10,
+    };
+    let left: Vec<i64> = store
+        .list_audit(a, &q)
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.created_at_ms - t0)
+        .collect();
+    assert_eq!(left, vec![3000, 2000], "{}", store.backend());
 }

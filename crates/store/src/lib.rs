@@ -30,6 +30,40 @@ use switchyard_core::usage::UsageRecord;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+/// The logs that grow with traffic, which retention trims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    /// `usage_logs`.
+    Usage,
+    /// `bus_events`.
+    Events,
+    /// `audit_logs`.
+    Audit,
+}
+
+impl Log {
+    /// The table's name.
+    pub fn table(self) -> &'static str {
+        match self {
+            Log::Usage => "usage_logs",
+            Log::Events => "bus_events",
+            Log::Audit => "audit_logs",
+        }
+    }
+}
+
+/// The smallest UUIDv7, in its text form, of the millisecond `ms`: every
+/// id made before `ms` sorts below it, every id made at or after it does not
+/// (as text in lower case, and as PostgreSQL's `uuid`, byte by byte).
+pub(crate) fn uuid_v7_floor(ms: i64) -> String {
+    let ms = ms.clamp(0, (1 << 48) - 1);
+    format!(
+        "{:08x}-{:04x}-0000-0000-000000000000",
+        ms >> 16,
+        ms & 0xffff
+    )
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid store configuration: {0}")]
@@ -350,6 +384,12 @@ pub trait Store: IdentityStore + SessionStore + Send + Sync + 'static {
     /// Every deployment's last persisted health, by deployment id.
     async fn list_provider_health(&self) -> Result<Vec<ProviderHealthRow>, StoreError>;
 
+    /// Deletes at most `limit` rows of `log`, of every tenant, made before
+    /// `before_ms`, oldest first; returns how many. Retention calls it until
+    /// it returns less than `limit`, so that no one statement holds the
+    /// writer for long.
+    async fn purge_log(&self, log: Log, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
+
     /// Total `cost_usd` of a tenant's usage (of one key, if given) since a time.
     async fn spend_since(
         &self,
@@ -373,5 +413,31 @@ pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError>
             "store.url must start with sqlite: or postgres://, got {}",
             switchyard_core::config::mask_url_password(&config.url)
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uuid_v7_floor_splits_ids_at_their_millisecond() {
+        let now = |()| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        };
+        let before = now(());
+        let id = switchyard_core::usage::new_id();
+        let after = now(());
+        assert!(uuid_v7_floor(before) <= id, "{id}");
+        assert!(id.as_str() < uuid_v7_floor(after + 1).as_str(), "{id}");
+        assert_eq!(uuid_v7_floor(0), "00000000-0000-0000-0000-000000000000");
+        assert_eq!(
+            uuid_v7_floor(0x0123_4567_89ab),
+            "01234567-89ab-0000-0000-000000000000"
+        );
+        assert_eq!(uuid_v7_floor(-5), uuid_v7_floor(0));
     }
 }

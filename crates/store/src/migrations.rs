@@ -52,6 +52,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         name: "usage_cache_tokens",
         sql: include_str!("../migrations/sqlite/0009_usage_cache_tokens.sql"),
     },
+    Migration {
+        version: 10,
+        name: "log_retention",
+        sql: include_str!("../migrations/sqlite/0010_log_retention.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -99,6 +104,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 9,
         name: "usage_cache_tokens",
         sql: include_str!("../migrations/postgres/0009_usage_cache_tokens.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "log_retention",
+        sql: include_str!("../migrations/postgres/0010_log_retention.sql"),
     },
 ];
 

@@ -15,8 +15,8 @@ use switchyard_core::usage::{PlainTrace, UsageRecord};
 use crate::identity::pg_once;
 use crate::migrations::POSTGRES;
 use crate::{
-    health_from_row, health_upsert_clause, push_health_row, Context, Store, StoreError,
-    HEALTH_COLUMNS,
+    health_from_row, health_upsert_clause, push_health_row, uuid_v7_floor, Context, Log, Store,
+    StoreError, HEALTH_COLUMNS,
 };
 
 /// Key of the advisory lock that serializes migrations across instances.
@@ -343,6 +343,35 @@ impl Store for PostgresStore {
             .map(health_from_row)
             .collect::<Result<_, _>>()
             .context("reading provider health")
+    }
+
+    async fn purge_log(&self, log: Log, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let limit = i64::from(limit);
+        let q = match log {
+            // The primary key's index, in id order, which is time order.
+            Log::Usage => sqlx::query(
+                "DELETE FROM usage_logs WHERE id IN (SELECT id FROM usage_logs \
+                 WHERE id < $1::uuid AND created_at < to_timestamp($2::bigint / 1000.0) \
+                 ORDER BY id LIMIT $3)",
+            )
+            .bind(uuid_v7_floor(before_ms)),
+            // No key of its own: the rows' physical addresses.
+            Log::Events => sqlx::query(
+                "DELETE FROM bus_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM bus_events \
+                 WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2))",
+            ),
+            Log::Audit => sqlx::query(
+                "DELETE FROM audit_logs WHERE id IN (SELECT id FROM audit_logs \
+                 WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)",
+            ),
+        };
+        let r = q
+            .bind(before_ms)
+            .bind(limit)
+            .execute(&self.writer)
+            .await
+            .context("deleting old log rows")?;
+        Ok(r.rows_affected())
     }
 
     async fn spend_since(

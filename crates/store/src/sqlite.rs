@@ -18,8 +18,8 @@ use crate::identity::lite_once;
 use crate::migrations::{Migration, SQLITE};
 use crate::sqlite_inline::{Attempt, Inline, WithHistory};
 use crate::{
-    health_from_row, health_upsert_clause, push_health_row, Context, Store, StoreError,
-    HEALTH_COLUMNS,
+    health_from_row, health_upsert_clause, push_health_row, uuid_v7_floor, Context, Log, Store,
+    StoreError, HEALTH_COLUMNS,
 };
 
 pub struct SqliteStore {
@@ -606,6 +606,33 @@ impl Store for SqliteStore {
             .map(health_from_row)
             .collect::<Result<_, _>>()
             .context("reading provider health")
+    }
+
+    async fn purge_log(&self, log: Log, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let limit = i64::from(limit);
+        let q = match log {
+            // The primary key's index, in id order, which is time order.
+            Log::Usage => sqlx::query(
+                "DELETE FROM usage_logs WHERE id IN (SELECT id FROM usage_logs \
+                 WHERE id < ? AND created_at_ms < ? ORDER BY id LIMIT ?)",
+            )
+            .bind(uuid_v7_floor(before_ms)),
+            Log::Events => sqlx::query(
+                "DELETE FROM bus_events WHERE rowid IN (SELECT rowid FROM bus_events \
+                 WHERE created_at_ms < ? ORDER BY created_at_ms LIMIT ?)",
+            ),
+            Log::Audit => sqlx::query(
+                "DELETE FROM audit_logs WHERE id IN (SELECT id FROM audit_logs \
+                 WHERE created_at_ms < ? ORDER BY created_at_ms LIMIT ?)",
+            ),
+        };
+        let r = q
+            .bind(before_ms)
+            .bind(limit)
+            .execute(&self.writer)
+            .await
+            .context("deleting old log rows")?;
+        Ok(r.rows_affected())
     }
 
     async fn spend_since(

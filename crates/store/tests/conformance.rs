@@ -392,7 +392,7 @@ async fn postgres_migrations_serialize_across_concurrent_instances() {
     rb.unwrap();
     assert_eq!(
         a.applied_migrations().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7, 8, 9]
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     );
     a.drop_schema().await.unwrap();
 }

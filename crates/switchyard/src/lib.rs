@@ -160,6 +160,9 @@ impl Application {
             Duration::from_secs(sc.idempotency_lease_secs),
         );
         background.push(idempotency.spawn_purge(Duration::from_secs(600)));
+        let retention =
+            switchyard_engine::retention::Retention::new(store.clone(), config.retention.clone());
+        background.extend(retention.spawn());
         let state = switchyard_server::AppState::new(switchyard_server::Parts {
             gateway,
             sessions: sessions.clone(),

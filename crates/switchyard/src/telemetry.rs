@@ -93,6 +93,10 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
         "Trace events waiting to be written"
     );
     metrics::describe_counter!(
+        "switchyard_retention_deleted_total",
+        "Rows deleted by retention, by log (usage_logs, bus_events, audit_logs)"
+    );
+    metrics::describe_counter!(
         "switchyard_log_lines_dropped_total",
         "Log lines dropped because stdout did not keep up"
     );

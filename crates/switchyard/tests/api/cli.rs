@@ -88,7 +88,7 @@ fn migrate_creates_the_database_and_is_idempotent() {
     );
     assert!(second.status.success());
     assert!(String::from_utf8_lossy(&second.stdout)
-        .contains("applied versions: [1, 2, 3, 4, 5, 6, 7, 8, 9]"));
+        .contains("applied versions: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"));
     assert!(dir.path().join("data/sy.db").exists());
 }
 

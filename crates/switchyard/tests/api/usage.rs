@@ -311,3 +311,152 @@ async fn a_stalled_store_delays_no_request_and_drops_only_what_the_queue_cannot_
         completed - dropped
     );
 }
+
+/// `[retention]`: old usage rows, traces and audit events are deleted in
+/// batches by the background task; a usage row of the budget month stays
+/// even when it is older than the setting, and new rows stay.
+#[tokio::test]
+async fn retention_deletes_old_log_rows_and_keeps_the_budget_month() {
+    use switchyard_core::identity::AuditRecord;
+    use switchyard_core::sessions::{BusEvent, EventsRow};
+    use switchyard_core::usage::new_id;
+
+    let app = app()
+        .config(
+            "[retention]\nusage_logs_days = 1\nbus_events_days = 7\naudit_logs_days = 7\n\
+             interval_secs = 1\nbatch_size = 2\n",
+        )
+        .spawn()
+        .await;
+    let store = app_store(&app).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let day = 86_400_000i64;
+    let month = switchyard_engine::budget::month_start_ms(now);
+    // A usage row's id is a UUIDv7 of the moment it was made, which is what
+    // retention finds it by: these are made at the rows' own times.
+    let v7_at =
+        |ms: i64, n: i64| format!("{:08x}-{:04x}-7000-8000-{:012x}", ms >> 16, ms & 0xffff, n);
+    let usage_at = |ms: i64, n: i64| {
+        let mut r = switchyard_store::conformance::sample_usage("default", n as u32);
+        r.created_at_ms = ms;
+        r.id = v7_at(ms, n);
+        r
+    };
+    // Five rows 40 to 44 days old (deleted, two per statement), one at the
+    // start of this month (kept: budgets sum it, whatever the one day says;
+    // on a month's first day it is within the day anyway), one a minute old
+    // (kept).
+    let mut rows: Vec<_> = (0..5).map(|n| usage_at(now - (40 + n) * day, n)).collect();
+    rows.push(usage_at(month, 10));
+    rows.push(usage_at(now - 60_000, 11));
+    store.insert_usage(&rows).await.unwrap();
+    let event = |trace: &str, at: i64| BusEvent {
+        id: new_id(),
+        tenant_id: "default".into(),
+        trace_id: trace.into(),
+        seq: 0,
+        kind: "request.received".into(),
+        session_id: None,
+        user_id: None,
+        payload: serde_json::json!({}),
+        created_at_ms: at,
+    };
+    let (old_trace, new_trace) = (format!("{:032x}", 1), format!("{:032x}", 2));
+    store
+        .insert_events(&EventsRow::pack(&[
+            event(&old_trace, now - 8 * day),
+            event(&new_trace, now - 6 * day),
+        ]))
+        .await
+        .unwrap();
+    let audit = |action: &str, at: i64| AuditRecord {
+        id: new_id(),
+        tenant_id: "default".into(),
+        actor: "key:test".into(),
+        action: action.into(),
+        target: None,
+        detail: serde_json::json!({}),
+        trace_id: None,
+        created_at_ms: at,
+    };
+    store
+        .insert_audit(&[
+            audit("old.event", now - 8 * day),
+            audit("new.event", now - 6 * day),
+        ])
+        .await
+        .unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = store.count_usage("default").await.unwrap();
+        if left == 2 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept: Vec<i64> = store
+        .list_usage("default", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.created_at_ms)
+        .collect();
+    assert_eq!(kept, vec![now - 60_000, month]);
+    // Trace and audit deletions run in the same round, after usage's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metric(
+        &app,
+        "switchyard_retention_deleted_total{log=\"audit_logs\"}",
+    )
+    .await
+        < 1.0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(store
+        .list_trace_events("default", &old_trace)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .list_trace_events("default", &new_trace)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let q = switchyard_core::identity::AuditQuery {
+        action: None,
+        actor: None,
+        since_ms: None,
+        until_ms: None,
+        before_id: None,
+        limit: 10,
+    };
+    let actions: Vec<String> = store
+        .list_audit("default", &q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions, vec!["new.event".to_owned()]);
+    for (log, n) in [
+        ("usage_logs", 5.0),
+        ("bus_events", 1.0),
+        ("audit_logs", 1.0),
+    ] {
+        let name = format!("switchyard_retention_deleted_total{{log=\"{log}\"}}");
+        assert_eq!(metric(&app, &name).await, n, "{log}");
+    }
+    assert!(app
+        .wait_for_log(|l| l.contains("old log rows deleted") && l.contains("usage_logs"))
+        .await
+        .is_some());
+}
