@@ -47,6 +47,13 @@ pub fn sample_usage(tenant: &str, n: u32) -> UsageRecord {
     }
 }
 
+/// A UUIDv7 made at the unix millisecond `ms` (its other bits from `n`),
+/// for rows that must look made at a given time: retention finds usage rows
+/// by their ids.
+pub fn uuid_v7_at(ms: i64, n: i64) -> String {
+    format!("{:08x}-{:04x}-7000-8000-{:012x}", ms >> 16, ms & 0xffff, n)
+}
+
 /// Runs every check below, in order, against one store.
 pub async fn run_all(store: &dyn Store) {
     migrations_are_idempotent(store).await;
@@ -2022,8 +2029,6 @@ pub async fn old_log_rows_are_purged_oldest_first_in_batches(store: &dyn Store) 
     use crate::Log;
     // 2001: before every other check's rows, which must all survive.
     let t0: i64 = 1_000_000_000_000;
-    let v7_at =
-        |ms: i64, n: i64| format!("{:08x}-{:04x}-7000-8000-{:012x}", ms >> 16, ms & 0xffff, n);
     let (a, b) = ("t-purge-a", "t-purge-b");
     // Earlier checks' rows older than t0 (some use small made-up times)
     // go first, so that the counts below are this check's rows alone.
@@ -2035,7 +2040,7 @@ pub async fn old_log_rows_are_purged_oldest_first_in_batches(store: &dyn Store) 
         .map(|i| {
             let mut r = sample_usage(if i % 2 == 0 { a } else { b }, 900 + i as u32);
             r.created_at_ms = t0 + i * 1000;
-            r.id = v7_at(r.created_at_ms, i);
+            r.id = uuid_v7_at(r.created_at_ms, i);
             r
         })
         .collect();
@@ -2134,12 +2139,8 @@ pub async fn old_log_rows_are_purged_oldest_first_in_batches(store: &dyn Store) 
     assert_eq!(store.purge_log(Log::Audit, cut, 5).await.expect("purge"), 2);
     assert_eq!(store.purge_log(Log::Audit, cut, 5).await.expect("purge"), 0);
     let q = AuditQuery {
-        action: None,
-        actor: None,
-        since_ms: None,
-        until_ms: None,
-        before_id: None,
         limit: 10,
+        ..Default::default()
     };
     let left: Vec<i64> = store
         .list_audit(a, &q)

@@ -337,12 +337,10 @@ async fn retention_deletes_old_log_rows_and_keeps_the_budget_month() {
     let month = switchyard_engine::budget::month_start_ms(now);
     // A usage row's id is a UUIDv7 of the moment it was made, which is what
     // retention finds it by: these are made at the rows' own times.
-    let v7_at =
-        |ms: i64, n: i64| format!("{:08x}-{:04x}-7000-8000-{:012x}", ms >> 16, ms & 0xffff, n);
     let usage_at = |ms: i64, n: i64| {
         let mut r = switchyard_store::conformance::sample_usage("default", n as u32);
         r.created_at_ms = ms;
-        r.id = v7_at(ms, n);
+        r.id = switchyard_store::conformance::uuid_v7_at(ms, n);
         r
     };
     // Five rows 40 to 44 days old (deleted, two per statement), one at the
@@ -432,12 +430,8 @@ async fn retention_deletes_old_log_rows_and_keeps_the_budget_month() {
         1
     );
     let q = switchyard_core::identity::AuditQuery {
-        action: None,
-        actor: None,
-        since_ms: None,
-        until_ms: None,
-        before_id: None,
         limit: 10,
+        ..Default::default()
     };
     let actions: Vec<String> = store
         .list_audit("default", &q)
