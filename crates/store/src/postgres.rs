@@ -347,22 +347,26 @@ impl Store for PostgresStore {
 
     async fn purge_log(&self, log: Log, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
         let limit = i64::from(limit);
+        // SKIP LOCKED: instances trimming at the same time take different
+        // rows instead of queueing on each other's.
         let q = match log {
             // The primary key's index, in id order, which is time order.
             Log::Usage => sqlx::query(
                 "DELETE FROM usage_logs WHERE id IN (SELECT id FROM usage_logs \
                  WHERE id < $1::uuid AND created_at < to_timestamp($2::bigint / 1000.0) \
-                 ORDER BY id LIMIT $3)",
+                 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)",
             )
             .bind(uuid_v7_floor(before_ms)),
             // No key of its own: the rows' physical addresses.
             Log::Events => sqlx::query(
                 "DELETE FROM bus_events WHERE ctid = ANY(ARRAY(SELECT ctid FROM bus_events \
-                 WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2))",
+                 WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED))",
             ),
             Log::Audit => sqlx::query(
                 "DELETE FROM audit_logs WHERE id IN (SELECT id FROM audit_logs \
-                 WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2)",
+                 WHERE created_at_ms < $1 ORDER BY created_at_ms LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED)",
             ),
         };
         let r = q
