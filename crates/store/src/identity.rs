@@ -393,13 +393,8 @@ macro_rules! identity_store {
             Ok(r.rows_affected() == 1)
         }
 
-        async fn count_active_api_keys(
-            &self,
-            now_ms: i64,
-        ) -> Result<u64, $crate::StoreError> {
-            let sql = $conv!("SELECT COUNT(*) FROM api_keys WHERE revoked_at_ms IS NULL AND (expires_at_ms IS NULL OR expires_at_ms > ?)");
-            let n: i64 = sqlx::query_scalar(sql)
-                .bind(now_ms)
+        async fn count_api_keys(&self) -> Result<u64, $crate::StoreError> {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
                 .fetch_one(&self.pool)
                 .await
                 .context("counting API keys")?;

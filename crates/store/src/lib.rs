@@ -219,9 +219,9 @@ pub trait IdentityStore: Send + Sync {
         id: &str,
         at_ms: i64,
     ) -> Result<bool, StoreError>;
-    /// Keys neither revoked nor expired, across tenants (open development
-    /// mode ends when there is one).
-    async fn count_active_api_keys(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Keys ever created, revoked and expired ones included, across tenants:
+    /// open development mode ends for good once there is one.
+    async fn count_api_keys(&self) -> Result<u64, StoreError>;
     async fn insert_audit(&self, rows: &[AuditRecord]) -> Result<(), StoreError>;
     /// A tenant's audit events, newest first.
     async fn list_audit(

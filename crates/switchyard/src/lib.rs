@@ -100,6 +100,9 @@ impl Application {
             );
         }
         let mut background = Vec::new();
+        // A key made by `switchyard keys create` (another process) ends the
+        // mode within this interval.
+        background.extend(identity.spawn_open_dev_watch(Duration::from_secs(1)));
         if let Some(url) = &config.rate_limits.redis_url {
             let b = switchyard_engine::identity::broadcast::Broadcast::connect(url)
                 .await

@@ -16,7 +16,7 @@ pub mod keys;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -201,7 +201,8 @@ impl Identity {
     /// Loads the identity state: makes sure tenant `default` exists, stores
     /// the bootstrap admin key if one is given, and decides whether open
     /// development mode applies (`open_dev_allowed` = loopback listener, no
-    /// JWT verifier, and no active key exists).
+    /// JWT verifier, and no key was ever created: revoking or outliving every
+    /// key does not reopen the server).
     pub async fn start(
         store: Arc<dyn Store>,
         open_dev_allowed: bool,
@@ -251,8 +252,7 @@ impl Identity {
                 tracing::info!("stored the bootstrap admin key from SWITCHYARD_ADMIN_KEY");
             }
         }
-        let open_dev =
-            open_dev_allowed && jwt.is_none() && store.count_active_api_keys(now).await? == 0;
+        let open_dev = open_dev_allowed && jwt.is_none() && store.count_api_keys().await? == 0;
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -273,6 +273,35 @@ impl Identity {
     /// tenant `default`. Ends for good once a key exists.
     pub fn open_dev(&self) -> bool {
         self.inner.open_dev.load(Ordering::Acquire)
+    }
+
+    /// Ends open development mode when a key appears in the store that this
+    /// process did not create (`switchyard keys create` is another process;
+    /// so is another instance on the same database). Looks every `every`
+    /// while the mode lasts; `None` when it is not on.
+    pub fn spawn_open_dev_watch(&self, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.open_dev() {
+            return None;
+        }
+        let id = self.clone();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while id.open_dev() {
+                tick.tick().await;
+                match id.inner.store.count_api_keys().await {
+                    Ok(0) => {}
+                    Ok(_) => id.end_open_dev(),
+                    Err(e) => tracing::warn!(error = %e, "looking for API keys failed"),
+                }
+            }
+        }))
+    }
+
+    fn end_open_dev(&self) {
+        if self.inner.open_dev.swap(false, Ordering::AcqRel) {
+            tracing::warn!("an API key exists: open development mode has ended, every request now needs a credential");
+        }
     }
 
     /// Whether `credential` was verified recently and is still in the
@@ -387,9 +416,7 @@ impl Identity {
             created_by: actor.label.clone(),
         };
         self.inner.store.insert_api_key(&record).await?;
-        if self.inner.open_dev.swap(false, Ordering::AcqRel) {
-            tracing::warn!("the first API key exists: open development mode has ended, every request now needs a credential");
-        }
+        self.end_open_dev();
         self.audit(
             actor,
             &record.tenant_id,

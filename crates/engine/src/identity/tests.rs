@@ -75,12 +75,47 @@ async fn open_development_mode_ends_with_the_first_key_and_stays_ended() {
         "revoking every key does not reopen a running server"
     );
     assert!(
+        !Identity::start(store.clone(), true, None, None)
+            .await
+            .unwrap()
+            .open_dev(),
+        "a restart with every key revoked does not reopen it either"
+    );
+    assert!(
         !Identity::start(store, false, None, None)
             .await
             .unwrap()
             .open_dev(),
         "never on a public address"
     );
+}
+
+#[tokio::test]
+async fn a_key_made_by_another_process_ends_open_development_mode() {
+    let (_d, store) = store().await;
+    let id = Identity::start(store.clone(), true, None, None)
+        .await
+        .unwrap();
+    let watch = id
+        .spawn_open_dev_watch(Duration::from_millis(10))
+        .expect("open, so watched");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(id.open_dev(), "no key yet");
+    // What `switchyard keys create` does from its own process: a row in
+    // the shared store, which this Identity never saw created.
+    let other = Identity::start(store.clone(), true, None, None)
+        .await
+        .unwrap();
+    other
+        .create_key(&Actor::cli(), new_key("cli", Role::Admin))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), watch)
+        .await
+        .expect("the watch ends once the mode has")
+        .unwrap();
+    assert!(!id.open_dev());
+    assert!(id.spawn_open_dev_watch(Duration::from_millis(10)).is_none());
 }
 
 #[tokio::test]

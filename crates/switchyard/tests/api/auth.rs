@@ -104,6 +104,37 @@ async fn open_development_mode_serves_without_a_key_until_the_first_key_exists()
     assert_eq!(chat_status(&app, Some(key)).await, StatusCode::OK);
 }
 
+/// The startup warning says to end the mode with `switchyard keys create`,
+/// which runs in a process of its own: the server must notice the key.
+#[tokio::test]
+async fn a_key_created_with_the_cli_ends_open_development_mode_of_a_running_server() {
+    let app = spawn().await;
+    assert_eq!(chat_status(&app, None).await, StatusCode::OK);
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&app.config_path)
+        .args(["keys", "create", "--name", "cli", "--role", "admin"])
+        .env_remove("SWITCHYARD_ADMIN_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while chat_status(&app, None).await == StatusCode::OK && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(chat_status(&app, None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(chat_status(&app, Some(&key)).await, StatusCode::OK);
+    assert!(app
+        .wait_for_log(|l| l.contains("open development mode has ended"))
+        .await
+        .is_some());
+}
+
 #[tokio::test]
 async fn a_public_listener_never_runs_open() {
     let app = app()
