@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use switchyard_core::identity::Principal;
 use switchyard_core::sessions::{IdempotencyClaim, IdempotencyKey, StoredResponse};
 use switchyard_store::{Store, StoreError};
 
@@ -51,11 +52,15 @@ impl Idempotency {
         Self { store, ttl, lease }
     }
 
-    /// Claims `key` for a request of `tenant_id` (hashing method, path and body).
+    /// Claims `key` for a request of `who` (hashing method, path and body).
+    ///
+    /// Keys are the caller's own: the same key sent by another user (or,
+    /// without a user, another API key) of the tenant is another record, so
+    /// no one can replay someone else's stored response, or learn that a key
+    /// is in use, by guessing the key and the body.
     pub async fn claim(
         &self,
-        tenant_id: &str,
-        user_id: Option<&str>,
+        who: &Principal,
         key: &str,
         method: &str,
         path: &str,
@@ -64,6 +69,13 @@ impl Idempotency {
         if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(IdempotencyError::InvalidKey);
         }
+        let scope = match (&who.user_id, &who.key_id) {
+            (Some(user), _) => format!("user:{user}"),
+            (None, Some(api_key)) => format!("key:{api_key}"),
+            (None, None) => "tenant".to_owned(),
+        };
+        // Length-prefixed: user ids are any text, so no separator is safe.
+        let stored_key = format!("{}:{scope}:{key}", scope.len());
         let mut h = Sha256::new();
         h.update(method.as_bytes());
         h.update(b" ");
@@ -71,10 +83,10 @@ impl Idempotency {
         h.update(b"\n");
         h.update(body);
         let claim = IdempotencyKey {
-            tenant_id: tenant_id.to_owned(),
-            key: key.to_owned(),
+            tenant_id: who.tenant_id.clone(),
+            key: stored_key,
             request_hash: hex::encode(h.finalize()),
-            user_id: user_id.map(str::to_owned),
+            user_id: who.user_id.clone(),
             now_ms: now_ms(),
             lease_ms: self.lease.as_millis() as i64,
             ttl_ms: self.ttl.as_millis() as i64,

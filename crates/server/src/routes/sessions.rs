@@ -390,7 +390,7 @@ pub(crate) async fn claim_key(
     };
     match state
         .idempotency()
-        .claim(&who.tenant_id, who.user_id.as_deref(), key, "POST", path, body)
+        .claim(who, key, "POST", path, body)
         .await
     {
         Ok(Claim::Run(c)) => Ok(Some(c)),

@@ -910,6 +910,76 @@ async fn idempotency_keys_are_per_tenant() {
     assert_native(reused, 422, "idempotency_key_reused").await;
 }
 
+/// Within a tenant, a key is its caller's: another user sending the same
+/// key and body neither gets the first user's stored response (built from
+/// their history) nor learns that the key is taken.
+#[tokio::test]
+async fn idempotency_keys_are_per_user_within_a_tenant() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let svc = created(
+        req(&app, reqwest::Method::POST, "/v1/admin/keys", Some(ADMIN))
+            .json(&json!({"name": "svc", "role": "service"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let as_user = |user: &str, path: &str, key: &str, body: &str| {
+        req(&app, reqwest::Method::POST, path, Some(&svc))
+            .header("x-switchyard-user", user)
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+    };
+    let body = chat_body(MODEL).to_string();
+    let path = "/v1/chat/completions";
+    let first = as_user("alice", path, "same-key", &body).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let bob = as_user("bob", path, "same-key", &body).await.unwrap();
+    assert_eq!(bob.status(), 200);
+    assert!(bob.headers().get("idempotent-replayed").is_none());
+    assert_eq!(app.mock().calls(), 2, "bob's request ran");
+    for user in ["alice", "bob"] {
+        let again = as_user(user, path, "same-key", &body).await.unwrap();
+        assert_eq!(again.headers()["idempotent-replayed"], "true", "{user}");
+    }
+    assert_eq!(app.mock().calls(), 2);
+
+    // A session message: u1's reply is not replayed to u2 (a user key,
+    // which may not see u1's session and gets its 404).
+    let mut user_keys = Vec::new();
+    for user in ["u1", "u2"] {
+        let k = created(
+            req(&app, reqwest::Method::POST, "/v1/admin/keys", Some(ADMIN))
+                .json(&json!({"name": user, "role": "user", "user_id": user}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        user_keys.push(k["key"].as_str().unwrap().to_owned());
+    }
+    let sid = new_session_as(&app, Some(&svc)).await;
+    let path = format!("/v1/sessions/{sid}/messages");
+    let msg = r#"{"content":"Say hello"}"#;
+    let (u1, u2) = (Some(user_keys[0].as_str()), Some(user_keys[1].as_str()));
+    let mine = post_keyed(&app, u1, &path, "msg-key", msg).await;
+    assert_eq!(
+        Frames::new(mine).rest().await.last().unwrap().event,
+        "chat.done"
+    );
+    let theirs = post_keyed(&app, u2, &path, "msg-key", msg).await;
+    assert!(theirs.headers().get("idempotent-replayed").is_none());
+    assert_native(theirs, 404, "not_found").await;
+    let again = post_keyed(&app, u1, &path, "msg-key", msg).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.mock().calls(), 3);
+}
+
 // ---- 3. Concurrent state patches ----
 
 async fn patch_state(
