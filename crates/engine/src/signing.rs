@@ -78,7 +78,9 @@ pub fn verify(
         return Err(SignError::Missing);
     };
     let ts_num: i64 = ts.trim().parse().map_err(|_| SignError::BadTimestamp)?;
-    if (now_secs - ts_num).abs() > MAX_SKEW_SECS {
+    // abs_diff: `now - ts` overflows for timestamps near i64's ends (and
+    // its `abs` of i64::MIN stays negative, which would pass).
+    if now_secs.abs_diff(ts_num) > MAX_SKEW_SECS.unsigned_abs() {
         return Err(SignError::Stale);
     }
     let mut candidates = Vec::new();
@@ -218,6 +220,14 @@ mod tests {
         }
         for ts in [NOW - 300, NOW + 300] {
             assert!(check(&["s"], ts, &signed("s", ts, b""), b"").is_ok());
+        }
+        // Where `now - ts` overflows i64: refused, no panic.
+        for ts in [i64::MIN, i64::MAX, NOW.wrapping_sub(i64::MIN)] {
+            assert_eq!(
+                check(&["s"], ts, &signed("s", ts, b""), b""),
+                Err(SignError::Stale),
+                "{ts}"
+            );
         }
     }
 
