@@ -192,6 +192,53 @@ impl ChatRequest {
     }
 }
 
+/// A rough count of a chat request's prompt tokens, for when the provider
+/// never reports one (a stream that ended before its usage chunk): the text
+/// of the messages and tool definitions at 4 bytes of UTF-8 a token, plus 3
+/// tokens a message and 765 an attachment (an image at high detail, 1024²).
+/// Walks the parsed body without serializing any of it.
+pub fn estimate_prompt_tokens(body: &Map<String, Value>) -> u64 {
+    const PER_MESSAGE: u64 = 3;
+    const PER_ATTACHMENT: u64 = 765;
+    fn weigh(v: &Value, keys: bool, bytes: &mut u64, fixed: &mut u64) {
+        match v {
+            Value::String(s) => *bytes += s.len() as u64,
+            Value::Number(_) | Value::Bool(_) => *bytes += 2,
+            Value::Null => {}
+            Value::Array(items) => items.iter().for_each(|x| weigh(x, keys, bytes, fixed)),
+            Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+                Some("image_url" | "input_audio" | "file") => *fixed += PER_ATTACHMENT,
+                _ => {
+                    for (k, x) in o {
+                        if keys {
+                            *bytes += k.len() as u64;
+                        }
+                        if !matches!(k.as_str(), "type" | "id" | "tool_call_id") {
+                            weigh(x, keys, bytes, fixed);
+                        }
+                    }
+                }
+            },
+        }
+    }
+    let (mut bytes, mut fixed) = (0, 0);
+    let messages = body.get("messages").and_then(Value::as_array);
+    for m in messages.into_iter().flatten() {
+        fixed += PER_MESSAGE;
+        if let Some(content) = m.get("content") {
+            weigh(content, false, &mut bytes, &mut fixed);
+        }
+        if let Some(calls) = m.get("tool_calls") {
+            weigh(calls, false, &mut bytes, &mut fixed);
+        }
+    }
+    if let Some(tools) = body.get("tools") {
+        // Definitions reach the model as JSON, keys and all.
+        weigh(tools, true, &mut bytes, &mut fixed);
+    }
+    bytes.div_ceil(4) + fixed
+}
+
 fn validate_messages(body: &Map<String, Value>) -> Result<(), InvalidRequest> {
     let messages = match body.get("messages") {
         None | Some(Value::Null) => return Err(InvalidRequest::missing("messages")),
@@ -687,6 +734,34 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prompt_estimate_counts_text_messages_attachments_and_tools() {
+        let body = |v: Value| v.as_object().unwrap().clone();
+        // 40 bytes of text in two messages: 10 tokens, plus 3 a message.
+        let plain = body(serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": "x".repeat(16)},
+            {"role": "user", "content": [{"type": "text", "text": "y".repeat(24)}]},
+        ]}));
+        assert_eq!(estimate_prompt_tokens(&plain), 10 + 6);
+        // An image is a fixed cost, whatever its URL's (base64) size.
+        let image = body(serde_json::json!({"model": "m", "messages": [
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(100_000))}}
+            ]},
+        ]}));
+        assert_eq!(estimate_prompt_tokens(&image), 765 + 3);
+        // Tool calls' arguments and tool definitions count too.
+        let tools = body(serde_json::json!({"model": "m",
+            "messages": [{"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ]}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]}));
+        // "f" + "{}" in the call (3 bytes; keys not counted), and in the
+        // definitions the keys type, function and name (16 bytes) and "f":
+        // 20 bytes, 5 tokens, plus 3 for the message.
+        assert_eq!(estimate_prompt_tokens(&tools), 5 + 3);
+    }
     use serde_json::json;
 
     #[test]

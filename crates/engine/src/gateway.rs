@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::Stream;
 use switchyard_core::config::{Config, Pricing, ProviderKind};
-use switchyard_core::openai::{ChatRequest, EmbeddingsRequest, InvalidRequest, Usage};
+use switchyard_core::openai::{
+    estimate_prompt_tokens, ChatRequest, EmbeddingsRequest, InvalidRequest, Usage,
+};
 use switchyard_core::usage::{new_id, UsageRecord};
 use switchyard_providers::anthropic::AnthropicProvider;
 use switchyard_providers::breaker::{BreakerConfig, CircuitBreaker};
@@ -440,6 +442,7 @@ impl Gateway {
                                 .get("n")
                                 .and_then(serde_json::Value::as_u64)
                                 .unwrap_or(1),
+                            estimate_prompt_tokens(&req.body),
                             acc,
                         )),
                         provider,
@@ -447,7 +450,11 @@ impl Gateway {
                     }),
                     ChatReply::AnthropicStream(s) => Ok(ChatOutcome::Stream {
                         pricing: acc.pricing,
-                        events: Box::new(MeteredStream::anthropic(s, acc)),
+                        events: Box::new(MeteredStream::anthropic(
+                            s,
+                            estimate_prompt_tokens(&req.body),
+                            acc,
+                        )),
                         provider,
                         anthropic,
                     }),

@@ -2,6 +2,12 @@
 //! first token, token usage from the final chunk, and how it ended. The
 //! usage row is written exactly once — when the stream completes, fails, or
 //! is dropped because the client went away (status 499).
+//!
+//! A stream that ends early has no usage chunk (OpenAI sends it last;
+//! Anthropic's output count comes with the end), yet the provider bills what
+//! it generated. So that closing a stream is no way around a budget or a
+//! token limit, such a row gets estimates: the request's prompt estimate and
+//! the streamed text at 4 bytes a token (at least one a chunk of text).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -45,13 +51,24 @@ pub(crate) struct MeteredStream {
     first_chunk_at: Option<Instant>,
     usage: Option<Usage>,
     accounting: Option<Accounting>,
+    /// The request's prompt tokens, estimated, for an early end.
+    prompt_estimate: u64,
+    /// Bytes of generated text relayed so far, and chunks carrying some.
+    text_bytes: u64,
+    text_chunks: u64,
 }
+
+/// The keys whose string values are generated text: in OpenAI chunks, and
+/// in Anthropic events.
+const OPENAI_TEXT: &[&[u8]] = &[b"\"content\"", b"\"arguments\"", b"\"reasoning_content\""];
+const ANTHROPIC_TEXT: &[&[u8]] = &[b"\"text\"", b"\"partial_json\"", b"\"thinking\""];
 
 impl MeteredStream {
     pub(crate) fn new(
         inner: ChunkStream,
         include_usage: bool,
         choices: u64,
+        prompt_estimate: u64,
         accounting: Accounting,
     ) -> Self {
         Self {
@@ -65,13 +82,20 @@ impl MeteredStream {
             first_chunk_at: None,
             usage: None,
             accounting: Some(accounting),
+            prompt_estimate,
+            text_bytes: 0,
+            text_chunks: 0,
         }
     }
 
     /// The same over Anthropic events: usage from `message_start` and
     /// `message_delta`, complete once a `stop_reason` arrives.
-    pub(crate) fn anthropic(inner: ChunkStream, accounting: Accounting) -> Self {
-        let mut s = Self::new(inner, false, 1, accounting);
+    pub(crate) fn anthropic(
+        inner: ChunkStream,
+        prompt_estimate: u64,
+        accounting: Accounting,
+    ) -> Self {
+        let mut s = Self::new(inner, false, 1, prompt_estimate, accounting);
         s.anthropic = Some(Tokens::default());
         s
     }
@@ -105,15 +129,90 @@ impl MeteredStream {
     }
 
     fn finish(&mut self, status: u16, error: Option<&ProviderError>) {
+        let usage = if status == 200 {
+            self.usage
+        } else {
+            Some(self.early_end_usage())
+        };
         if let Some(acc) = self.accounting.take() {
             acc.finish_stream(
                 status,
                 error.map(ProviderError::code),
-                self.usage,
+                usage,
                 self.first_chunk_at,
             );
         }
     }
+
+    /// Usage for a stream that ended before its end: what the provider
+    /// reported so far, completed by estimates (never below what it said).
+    fn early_end_usage(&self) -> Usage {
+        let generated = self.text_chunks.max(self.text_bytes.div_ceil(4));
+        match self.usage {
+            Some(u) => Usage {
+                completion_tokens: u.completion_tokens.max(generated),
+                ..u
+            },
+            None => Usage {
+                prompt_tokens: self.prompt_estimate,
+                completion_tokens: generated,
+                ..Usage::default()
+            },
+        }
+    }
+
+    fn note_text(&mut self, chunk: &[u8]) {
+        let keys = if self.anthropic.is_some() {
+            ANTHROPIC_TEXT
+        } else {
+            OPENAI_TEXT
+        };
+        let n = string_bytes(chunk, keys);
+        if n > 0 {
+            self.text_bytes += n;
+            self.text_chunks += 1;
+        }
+    }
+}
+
+/// Total bytes (as written, escapes included) of the string values of the
+/// quoted `keys` in `json`, without parsing it. A quoted key cannot occur
+/// inside a string value, where its quotes would be escaped.
+fn string_bytes(json: &[u8], keys: &[&[u8]]) -> u64 {
+    let mut total = 0;
+    for key in keys {
+        let mut rest = json;
+        while let Some(i) = memchr::memmem::find(rest, key) {
+            rest = &rest[i + key.len()..];
+            let Some(start) = rest
+                .iter()
+                .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
+            else {
+                break;
+            };
+            if rest[start] != b'"' {
+                continue;
+            }
+            rest = &rest[start + 1..];
+            // The closing quote: the first one after an even run of backslashes.
+            let mut from = 0;
+            let end = loop {
+                let Some(q) = memchr::memchr(b'"', &rest[from..]) else {
+                    break None;
+                };
+                let at = from + q;
+                let escapes = rest[..at].iter().rev().take_while(|b| **b == b'\\').count();
+                if escapes % 2 == 0 {
+                    break Some(at);
+                }
+                from = at + 1;
+            };
+            let Some(end) = end else { break };
+            total += end as u64;
+            rest = &rest[end + 1..];
+        }
+    }
+    total
 }
 
 #[derive(Deserialize)]
@@ -196,6 +295,7 @@ impl Stream for MeteredStream {
                     if this.first_chunk_at.is_none() {
                         this.first_chunk_at = Some(Instant::now());
                     }
+                    this.note_text(&chunk);
                     if this.anthropic.is_some() {
                         this.note_event(&chunk);
                         return Poll::Ready(Some(StreamEvent::Chunk(chunk)));
@@ -245,7 +345,8 @@ impl Drop for MeteredStream {
     fn drop(&mut self) {
         // Dropped before its end: the client disconnected.
         if let Some(acc) = self.accounting.take() {
-            acc.finish_stream(499, Some("client_closed"), self.usage, self.first_chunk_at);
+            let usage = Some(self.early_end_usage());
+            acc.finish_stream(499, Some("client_closed"), usage, self.first_chunk_at);
         }
     }
 }
@@ -253,6 +354,51 @@ impl Drop for MeteredStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_measured_in_chunks_without_parsing_them() {
+        let openai = |c: &str| string_bytes(c.as_bytes(), OPENAI_TEXT);
+        assert_eq!(openai(r#"{"choices":[{"delta":{"content":"Hello"}}]}"#), 5);
+        assert_eq!(
+            openai(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#),
+            0
+        );
+        assert_eq!(openai(r#"{"choices":[{"delta":{"content":null}}]}"#), 0);
+        // Escapes count as written; an escaped quote does not end the value,
+        // and a key's name inside a value is not a key.
+        assert_eq!(
+            openai(r#"{"delta":{"content":"a \"content\":\"b\\"}}"#),
+            r#"a \"content\":\"b\\"#.len() as u64
+        );
+        // Reasoning and tool arguments are generated text too, each once.
+        assert_eq!(
+            openai(
+                r#"{"delta":{"reasoning_content":"think","tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}"#
+            ),
+            5 + r#"{\"a\":1}"#.len() as u64
+        );
+        let anthropic = |c: &str| string_bytes(c.as_bytes(), ANTHROPIC_TEXT);
+        assert_eq!(
+            anthropic(
+                r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi there"}}"#
+            ),
+            8
+        );
+        assert_eq!(
+            anthropic(
+                r#"{"type":"content_block_delta","delta":{"type":"input_json_delta","partial_json":"{\"q\""}}"#
+            ),
+            r#"{\"q\""#.len() as u64
+        );
+        assert_eq!(
+            anthropic(
+                r#"{"type":"message_start","message":{"content":[],"usage":{"input_tokens":3}}}"#
+            ),
+            0
+        );
+        // Cut in the middle of a value: what is there is not counted.
+        assert_eq!(openai(r#"{"delta":{"content":"unterminated"#), 0);
+    }
 
     #[test]
     fn finds_usage_objects_but_not_nulls() {

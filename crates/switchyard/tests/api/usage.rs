@@ -202,6 +202,47 @@ async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
     );
 }
 
+/// A stream that ends before its usage chunk is still charged: the
+/// provider bills what it generated, and closing a stream early must not be
+/// a way around budgets and token limits. Its row carries estimates.
+#[tokio::test]
+async fn a_stream_that_ends_early_is_charged_estimated_tokens() {
+    let mut app = spawn().await;
+    // Cut by the provider after the role chunk and three chunks of text
+    // ("Hello!", " How", " can": 14 bytes).
+    app.mock().push_fault(Fault::ResetAfterChunks(4));
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", true))
+        .await;
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("\"error\""), "{body}");
+    // Left by the client after the role chunk.
+    app.mock().hold_streams();
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
+        .await;
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap().unwrap();
+    drop(reader);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.mock().release_streams();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.stop_gracefully().await;
+
+    let mut rows = usage_rows(&app).await;
+    rows.sort_by_key(|r| r.status);
+    let tokens: Vec<(u16, Option<u64>, Option<u64>)> = rows
+        .iter()
+        .map(|r| (r.status, r.prompt_tokens, r.completion_tokens))
+        .collect();
+    // "Say hello": 9 bytes, 3 tokens, plus 3 for the message. The cut
+    // stream's 14 bytes of text: 4 tokens. The left stream: no text yet.
+    assert_eq!(tokens, [(499, Some(6), Some(0)), (502, Some(6), Some(4))]);
+    let expected = (6.0 * 0.15 + 4.0 * 0.60) / 1e6;
+    assert!((rows[1].cost_usd.unwrap() - expected).abs() < 1e-15);
+    assert!(rows[0].cost_usd.unwrap() > 0.0);
+}
+
 /// The write lock of a SQLite file, held by another connection (as another
 /// process would) until dropped. In WAL mode readers still read.
 struct WriteLock(rusqlite::Connection);
