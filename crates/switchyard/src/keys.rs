@@ -95,6 +95,20 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::Revoke { id, tenant } => {
+            // With Redis, running servers drop the key from their caches
+            // now, as when an instance revokes it (else within 60 s).
+            if let Some(url) = &config.rate_limits.redis_url {
+                let connect = switchyard_engine::identity::broadcast::Broadcast::connect(url);
+                match tokio::time::timeout(std::time::Duration::from_secs(3), connect).await {
+                    Ok(Ok(b)) => identity.set_broadcast(b),
+                    Ok(Err(e)) => eprintln!(
+                        "warning: could not reach Redis ({e}); running servers drop the key within 60 s"
+                    ),
+                    Err(_) => eprintln!(
+                        "warning: Redis did not answer; running servers drop the key within 60 s"
+                    ),
+                }
+            }
             let k = identity.revoke_key(&actor, Some(&tenant), &id).await?;
             println!("revoked {} ({})", k.id, k.name);
             Ok(())

@@ -28,6 +28,9 @@ pub struct CredentialCache {
     map: Mutex<HashMap<[u8; 32], Entry>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Counts invalidations (changed under the map's lock), so that a
+    /// credential looked up before one is not cached after it.
+    generation: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -72,6 +75,25 @@ impl CredentialCache {
     /// Remembers a verified credential for [`TTL`], or until `expires_at`
     /// (unix seconds) if that comes first.
     pub fn put(&self, digest: [u8; 32], principal: Principal, now_unix: i64) {
+        self.put_looked_up_at(digest, principal, now_unix, None);
+    }
+
+    /// The invalidation count now: read it before looking a credential up,
+    /// and pass it to [`Self::put_looked_up_at`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// [`Self::put`], unless an invalidation happened since `generation`
+    /// was read: a key revoked (or changed) while its lookup was on the way
+    /// would otherwise be cached as it was, for another [`TTL`].
+    pub fn put_looked_up_at(
+        &self,
+        digest: [u8; 32],
+        principal: Principal,
+        now_unix: i64,
+        generation: Option<u64>,
+    ) {
         let mut ttl = TTL;
         if let Some(exp) = principal.expires_at {
             let left = u64::try_from(exp - now_unix).unwrap_or(0);
@@ -82,6 +104,9 @@ impl CredentialCache {
         }
         let now = Instant::now();
         let mut map = self.lock();
+        if generation.is_some_and(|g| g != self.generation.load(Ordering::Acquire)) {
+            return;
+        }
         if map.len() >= MAX_ENTRIES {
             map.retain(|_, e| e.until > now);
             if map.len() >= MAX_ENTRIES {
@@ -103,6 +128,7 @@ impl CredentialCache {
     /// Drops every entry of one API key; returns how many.
     pub fn invalidate_key(&self, key_id: &str) -> usize {
         let mut map = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let before = map.len();
         map.retain(|_, e| e.principal.key_id.as_deref() != Some(key_id));
         before - map.len()
@@ -110,11 +136,14 @@ impl CredentialCache {
 
     /// Drops the entry of one credential; returns whether there was one.
     pub fn invalidate_digest(&self, digest: &[u8; 32]) -> bool {
-        self.lock().remove(digest).is_some()
+        let mut map = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.remove(digest).is_some()
     }
 
     pub fn clear(&self) -> usize {
         let mut map = self.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let n = map.len();
         map.clear();
         n
@@ -191,5 +220,19 @@ mod tests {
         assert!(!cache.invalidate_digest(&[3; 32]));
         assert_eq!(cache.clear(), 1);
         assert_eq!(cache.stats().size, 0);
+    }
+
+    #[test]
+    fn a_lookup_overtaken_by_an_invalidation_is_not_cached() {
+        let cache = CredentialCache::default();
+        let before = cache.generation();
+        // The key is revoked while its lookup is on the way.
+        cache.invalidate_key("k");
+        cache.put_looked_up_at([9; 32], principal("k", None), 0, Some(before));
+        assert!(cache.get(&[9; 32]).is_none());
+        // A lookup that started after it is cached.
+        let after = cache.generation();
+        cache.put_looked_up_at([9; 32], principal("k", None), 0, Some(after));
+        assert!(cache.get(&[9; 32]).is_some());
     }
 }

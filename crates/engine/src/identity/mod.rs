@@ -317,15 +317,19 @@ impl Identity {
             return Ok(p);
         }
         let now = now_ms();
+        let generation = self.inner.cache.generation();
         // A JWT is three dot-separated parts; an API key has no dot.
         if credential.bytes().filter(|b| *b == b'.').count() == 2 {
             let Some(jwt) = &self.inner.jwt else {
                 return Err(AuthError::InvalidKey);
             };
             let verified = jwt.verify(credential).await?;
-            self.inner
-                .cache
-                .put(digest, verified.principal.clone(), now.div_euclid(1000));
+            self.inner.cache.put_looked_up_at(
+                digest,
+                verified.principal.clone(),
+                now.div_euclid(1000),
+                Some(generation),
+            );
             return Ok(verified.principal);
         }
         let Some(record) = self
@@ -349,9 +353,12 @@ impl Identity {
             limits: record.limits,
             require_signature: record.require_signature,
         };
-        self.inner
-            .cache
-            .put(digest, principal.clone(), now.div_euclid(1000));
+        self.inner.cache.put_looked_up_at(
+            digest,
+            principal.clone(),
+            now.div_euclid(1000),
+            Some(generation),
+        );
         Ok(principal)
     }
 

@@ -816,6 +816,57 @@ async fn a_revocation_reaches_every_instance_through_redis() {
     }
 }
 
+/// `switchyard keys revoke` runs in a process of its own: with Redis it
+/// publishes the revocation as a server would, so a running server that has
+/// the key cached drops it within seconds, not the cache's 60 s.
+#[tokio::test]
+async fn a_revocation_by_the_cli_reaches_running_servers_through_redis() {
+    let Some(redis) = crate::helpers::test_redis_url() else {
+        return;
+    };
+    let app = crate::helpers::app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
+        // Polled below for up to 5 s: not a rate-limit test.
+        .config("[rate_limits.classes]\nchat = \"100000/min\"\nglobal = \"100000/min\"\n")
+        .spawn()
+        .await;
+    let created = create_key(&app, ADMIN, json!({"name": "cached"})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert_eq!(chat_status(&app, Some(&key)).await, StatusCode::OK);
+    assert_eq!(chat_status(&app, Some(&key)).await, StatusCode::OK);
+
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&app.config_path)
+        .args(["keys", "revoke", created["id"].as_str().unwrap()])
+        .args(["--tenant", "default"])
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("Redis"), "{stderr}");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while chat_status(&app, Some(&key)).await == StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server still accepts the revoked key after 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        chat_status(&app, Some(&key)).await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
 #[tokio::test]
 async fn a_role_change_applies_to_the_next_request_and_is_audited() {
     let app = with_admin().await;
