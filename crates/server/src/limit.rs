@@ -112,6 +112,13 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
     let path = req.uri().path();
     let method = req.method();
     let family = Family::of_request(path, req.headers());
+    // A retired path (any path the configuration names) answers like the
+    // chat function until its sunset, so it counts as chat, with its token
+    // limit and budget.
+    let class = class_of(method, path).or_else(|| {
+        let retired = state.inner.retired_paths.iter().any(|r| r.path == path);
+        (retired && method == axum::http::Method::POST).then_some("chat")
+    });
     let subject = who.subject();
     let mut tightest: Option<(Decision, &'static str)> = None;
     let tenant = match (&state.inner.budgets, limits) {
@@ -122,7 +129,7 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
         // The global limit and the route's class, checked together: a
         // request refused by one takes nothing from the other.
         let mut classes: Vec<(&'static str, Rate, String)> = Vec::with_capacity(2);
-        for class in ["global"].into_iter().chain(class_of(method, path)) {
+        for class in ["global"].into_iter().chain(class) {
             if let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) {
                 classes.push((class, rate, format!("{subject}:{class}")));
             }
@@ -160,7 +167,7 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
     }
     // The token quota, as OpenAI's `x-ratelimit-*-tokens` headers.
     let mut tokens: Option<Decision> = None;
-    if matches!(class_of(req.method(), path), Some("chat" | "embeddings")) {
+    if matches!(class, Some("chat" | "embeddings")) {
         if let Some(meter) = token_meter(state, who) {
             // Cost 0: look, do not spend; the call's tokens are charged when
             // its usage is known.

@@ -784,3 +784,41 @@ async fn a_token_per_minute_limit_counts_the_tokens_calls_used() {
         .unwrap();
     assert_eq!(other.status(), StatusCode::OK);
 }
+
+/// A retired path answers like the chat function, wherever it lives, so it
+/// counts as `chat` (and gets the token limit and budget checks) rather
+/// than only against `global`.
+#[tokio::test]
+async fn a_retired_path_outside_functions_counts_as_chat() {
+    let app = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .config("[[sessions.retired_paths]]\npath = \"/api/chat\"\nsunset = \"2999-01-01\"\n")
+        .spawn()
+        .await;
+    let created: Value = app
+        .client
+        .post(app.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "old-client", "role": "service", "limits": {"rates": {"chat": "1/min"}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap();
+    let old_chat = || {
+        app.client
+            .post(app.url("/api/chat"))
+            .bearer_auth(key)
+            .json(&json!({"session_id": "no-such-session", "content": "hi"}))
+            .send()
+    };
+    let first = old_chat().await.unwrap();
+    assert_eq!(first.status(), StatusCode::NOT_FOUND);
+    assert_eq!(first.headers()["ratelimit-policy"], "\"chat\";q=1;w=60");
+    let second = old_chat().await.unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = second.json().await.unwrap();
+    assert!(body.to_string().contains("`chat`"), "{body}");
+}
