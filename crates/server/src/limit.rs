@@ -5,7 +5,8 @@
 //! refusal is 429 with `Retry-After`, in the shape of the route's API.
 //!
 //! A limit set on the key wins over the tenant's configured one, which wins
-//! over the class default. Open development mode is not limited. When the
+//! over the class default (only an operator may set a key's above its
+//! tenant's: `routes::keys`). Open development mode is not limited. When the
 //! shared store (Redis) fails, requests are let through (counted in
 //! `switchyard_rate_limit_errors_total` and logged): an outage of the limiter
 //! must not become an outage of the gateway. Model routes then check the

@@ -175,6 +175,58 @@ fn validate_rates(
     None
 }
 
+/// A 403 when a tenant's own admin (not an operator) gives a key a rate
+/// above what the tenant gets: the tenant's stored rate for that class, else
+/// the configured one. An operator's limits on a tenant are a ceiling its
+/// admins cannot lift by minting keys that carry their own.
+async fn rates_within_tenant(
+    state: &AppState,
+    who: &Principal,
+    limits: &KeyLimits,
+) -> Option<Response> {
+    let actor = Actor::from_principal(who, None);
+    let config = &state
+        .inner
+        .limits
+        .as_ref()
+        .filter(|l| l.config.enabled)?
+        .config;
+    if actor.is_operator() || limits.rates.is_empty() {
+        return None;
+    }
+    let tenant = state
+        .identity()
+        .get_tenant(&who.tenant_id)
+        .await
+        .ok()
+        .flatten();
+    for (class, rate) in &limits.rates {
+        let Ok(asked) = rate.parse::<switchyard_core::limits::Rate>() else {
+            continue; // refused by validate_rates
+        };
+        let ceiling = tenant
+            .as_ref()
+            .and_then(|t| t.limits.get(class))
+            .and_then(|r| r.parse::<switchyard_core::limits::Rate>().ok())
+            .or_else(|| config.rate_for(&who.tenant_id, class));
+        let Some(ceiling) = ceiling else { continue };
+        if asked.count() > ceiling.count()
+            || asked.emission_interval_us() < ceiling.emission_interval_us()
+        {
+            let field = format!("limits.rates.{class}");
+            return Some(native(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!(
+                    "`{field}` is {asked}, above this tenant's {ceiling}: only an operator (an admin of tenant `default`) may give a key more than its tenant."
+                ),
+                json!({"field": field}),
+            ));
+        }
+    }
+    None
+}
+
 /// A JSON body of the native API, read under the body limit and parsed
 /// naming the offending field; refusals in the native error shape.
 pub struct NativeJson<T>(pub T);
@@ -242,6 +294,9 @@ pub async fn create_key(
     NativeJson(req): NativeJson<CreateKey>,
 ) -> Response {
     if let Some(resp) = validate_rates("limits.rates", &req.limits.rates) {
+        return resp;
+    }
+    if let Some(resp) = rates_within_tenant(&state, &who, &req.limits).await {
         return resp;
     }
     let new = NewKey {
@@ -313,6 +368,9 @@ pub async fn update_key(
 ) -> Response {
     if let Some(l) = &req.limits {
         if let Some(resp) = validate_rates("limits.rates", &l.rates) {
+            return resp;
+        }
+        if let Some(resp) = rates_within_tenant(&state, &who, l).await {
             return resp;
         }
     }

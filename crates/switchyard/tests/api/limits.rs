@@ -822,3 +822,83 @@ async fn a_retired_path_outside_functions_counts_as_chat() {
     let body: Value = second.json().await.unwrap();
     assert!(body.to_string().contains("`chat`"), "{body}");
 }
+
+/// An operator's limits on a tenant are a ceiling: the tenant's own admin
+/// cannot give a key a higher rate (creating or changing it), while an
+/// operator can.
+#[tokio::test]
+async fn a_tenant_admin_cannot_give_a_key_more_than_its_tenant() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let created = app
+        .client
+        .post(app.url("/v1/admin/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": "acme", "limits": {"chat": "5/min"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let acme_admin = post_key(
+        &app,
+        json!({"name": "acme-admin", "role": "admin", "tenant_id": "acme"}),
+    )
+    .await;
+    let acme_admin = acme_admin["key"].as_str().unwrap();
+    let as_acme = |method: reqwest::Method, path: &str, body: Value| {
+        app.client
+            .request(method, app.url(path))
+            .bearer_auth(acme_admin)
+            .json(&body)
+            .send()
+    };
+    for rates in [
+        json!({"chat": "1000/s"}),
+        json!({"chat": "6/min"}),
+        json!({"global": "1000/min"}),
+    ] {
+        let resp = as_acme(
+            reqwest::Method::POST,
+            "/v1/admin/keys",
+            json!({"name": "greedy", "limits": {"rates": rates}}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{rates}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "forbidden");
+        let class = rates.as_object().unwrap().keys().next().unwrap().clone();
+        assert_eq!(
+            v["error"]["details"]["field"],
+            format!("limits.rates.{class}")
+        );
+    }
+    // At or below the tenant's rate: fine (a key may be held tighter).
+    let ok = as_acme(
+        reqwest::Method::POST,
+        "/v1/admin/keys",
+        json!({"name": "modest", "limits": {"rates": {"chat": "5/min", "global": "10/min"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status(), StatusCode::CREATED);
+    let modest: Value = ok.json().await.unwrap();
+    let path = format!("/v1/admin/keys/{}", modest["id"].as_str().unwrap());
+    let raised = as_acme(
+        reqwest::Method::PATCH,
+        &path,
+        json!({"limits": {"rates": {"chat": "50/min"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(raised.status(), StatusCode::FORBIDDEN);
+    // The operator may.
+    let by_operator = app
+        .client
+        .patch(app.url(&format!("{path}?tenant_id=acme")))
+        .bearer_auth(ADMIN)
+        .json(&json!({"limits": {"rates": {"chat": "50/min"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_operator.status(), StatusCode::OK);
+}
