@@ -239,7 +239,7 @@ impl Identity {
                         role: Role::Admin,
                         user_id: None,
                         prefix: keys::shown_prefix(key),
-                        key_hash: hash,
+                        key_hash: hash.clone(),
                         limits: KeyLimits::default(),
                         signing_secrets: Vec::new(),
                         require_signature: false,
@@ -250,6 +250,29 @@ impl Identity {
                     })
                     .await?;
                 tracing::info!("stored the bootstrap admin key from SWITCHYARD_ADMIN_KEY");
+            }
+            // A changed SWITCHYARD_ADMIN_KEY is a rotation: the keys earlier
+            // values stored stop working, as an operator who rotates expects.
+            for old in store.list_api_keys(DEFAULT_TENANT).await? {
+                if old.created_by == "bootstrap" && old.key_hash != hash && old.is_active(now) {
+                    store.revoke_api_key(DEFAULT_TENANT, &old.id, now).await?;
+                    store
+                        .insert_audit(&[AuditRecord {
+                            id: new_id(),
+                            tenant_id: DEFAULT_TENANT.into(),
+                            actor: "bootstrap".into(),
+                            action: "key.revoked".into(),
+                            target: Some(format!("key:{}", old.id)),
+                            detail: json!({"name": old.name, "prefix": old.prefix, "reason": "SWITCHYARD_ADMIN_KEY changed"}),
+                            trace_id: None,
+                            created_at_ms: now,
+                        }])
+                        .await?;
+                    tracing::warn!(
+                        key_id = %old.id,
+                        "SWITCHYARD_ADMIN_KEY changed: revoked the bootstrap key stored from its earlier value"
+                    );
+                }
             }
         }
         let open_dev = open_dev_allowed && jwt.is_none() && store.count_api_keys().await? == 0;

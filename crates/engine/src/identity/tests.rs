@@ -132,6 +132,40 @@ async fn a_bootstrap_admin_key_is_stored_once_and_authenticates() {
         .await
         .unwrap();
     assert_eq!(store.list_api_keys("default").await.unwrap().len(), 1);
+    // Rotated: the new value works, the old one no longer does.
+    let rotated = SecretString::from("y".repeat(40));
+    let id = Identity::start(store.clone(), true, Some(&rotated), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        id.authenticate(&"y".repeat(40)).await.unwrap().role,
+        Role::Admin
+    );
+    assert!(matches!(
+        id.authenticate(&"x".repeat(40)).await,
+        Err(AuthError::InvalidKey)
+    ));
+    // Starting again with the same value changes nothing.
+    let id = Identity::start(store.clone(), true, Some(&rotated), None)
+        .await
+        .unwrap();
+    assert!(id.authenticate(&"y".repeat(40)).await.is_ok());
+    let keys = store.list_api_keys("default").await.unwrap();
+    let active: Vec<bool> = keys.iter().map(|k| k.is_active(now_ms())).collect();
+    assert_eq!((keys.len(), active.iter().filter(|a| **a).count()), (2, 1));
+    let audit = store
+        .list_audit(
+            "default",
+            &switchyard_core::identity::AuditQuery {
+                action: Some("key.revoked".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].actor, "bootstrap");
     let short = SecretString::from("short".to_owned());
     assert!(matches!(
         Identity::start(store, true, Some(&short), None).await,
