@@ -77,14 +77,29 @@ pub struct Principal {
     pub require_signature: bool,
 }
 
+/// The rate-limit subject of a user: `user:{tenant}:{user}`, each part with
+/// `:` (and `%`) percent-encoded, so that no user's subject is a prefix of
+/// another's (`a` and `a:b`), which a reset by prefix relies on.
+pub fn user_subject(tenant_id: &str, user_id: &str) -> String {
+    format!("user:{}:{}", subject_part(tenant_id), subject_part(user_id))
+}
+
+fn subject_part(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([':', '%']) {
+        s.replace('%', "%25").replace(':', "%3A").into()
+    } else {
+        s.into()
+    }
+}
+
 impl Principal {
     /// The subject rate limits are counted against: the key, else the user,
     /// else the tenant.
     pub fn subject(&self) -> String {
         match (&self.key_id, &self.user_id) {
             (Some(k), _) => format!("key:{k}"),
-            (None, Some(u)) => format!("user:{}:{u}", self.tenant_id),
-            (None, None) => format!("tenant:{}", self.tenant_id),
+            (None, Some(u)) => user_subject(&self.tenant_id, u),
+            (None, None) => format!("tenant:{}", subject_part(&self.tenant_id)),
         }
     }
 
@@ -170,4 +185,22 @@ pub struct AuditQuery {
     /// Cursor: only events older than this id (ids sort by time).
     pub before_id: Option<String>,
     pub limit: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_users_subject_is_a_prefix_of_anothers() {
+        let a = user_subject("t", "a");
+        let ab = user_subject("t", "a:b");
+        assert_eq!(a, "user:t:a");
+        assert_eq!(ab, "user:t:a%3Ab");
+        // A reset of `a` clears `{subject}:…`; `a:b`'s keys stay.
+        assert!(!format!("{ab}:chat").starts_with(&format!("{a}:")));
+        // Escapes cannot be forged either.
+        assert_ne!(user_subject("t", "a%3Ab"), ab);
+        assert_ne!(user_subject("t:a", "b"), user_subject("t", "a:b"));
+    }
 }

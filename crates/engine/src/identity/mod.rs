@@ -593,7 +593,10 @@ impl Identity {
                 }
                 Ok(format!("key:{k}:"))
             }
-            (None, Some(u)) => Ok(format!("user:{tenant_id}:{u}:")),
+            (None, Some(u)) => Ok(format!(
+                "{}:",
+                switchyard_core::identity::user_subject(&tenant_id, u)
+            )),
             _ => Err(IdentityError::Invalid {
                 field: "key_id",
                 message: "give exactly one of `key_id` or `user_id`".into(),
