@@ -115,6 +115,15 @@ impl JwtConfig {
                 ));
             }
         }
+        if self.jwks_url.is_some() && self.audience.is_none() {
+            // An identity provider's keys sign the tokens of every
+            // application it serves: without an audience, a token issued for
+            // any of them would do.
+            return Err(invalid(
+                "audience",
+                "expected the `aud` your tokens are issued for: with jwks_url, the provider's keys also sign tokens meant for its other applications",
+            ));
+        }
         if self.tenant_claim.as_deref() == Some("") {
             return Err(invalid("tenant_claim", "expected a claim name or path"));
         }
@@ -220,6 +229,7 @@ mod tests {
         let c = parse(
             r#"
             jwks_url = "https://idp.example.com/.well-known/jwks.json"
+            audience = "switchyard"
             [roles]
             gateway-admin = "admin"
             member = "user"
@@ -274,10 +284,28 @@ mod tests {
         ] {
             let c = JwtConfig {
                 jwks_url: Some(url.into()),
+                audience: Some("switchyard".into()),
                 ..JwtConfig::default()
             };
             assert_eq!(c.validate("jwt").is_ok(), ok, "{url}");
         }
+    }
+
+    #[test]
+    fn a_jwks_needs_an_audience() {
+        let c = JwtConfig {
+            jwks_url: Some("https://idp.example.com/jwks".into()),
+            issuer: Some("https://idp.example.com/".into()),
+            ..JwtConfig::default()
+        };
+        let err = c.validate("jwt").unwrap_err().to_string();
+        assert!(err.starts_with("jwt.audience: expected the `aud`"), "{err}");
+        // A shared secret is the deployment's own: no audience needed.
+        let c = JwtConfig {
+            hs256_secret: Some(SECRET.into()),
+            ..JwtConfig::default()
+        };
+        c.validate("jwt").unwrap();
     }
 
     #[test]

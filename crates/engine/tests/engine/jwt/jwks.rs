@@ -294,6 +294,7 @@ async fn jwks_that_cannot_be_connected_to_answers_unavailable() {
     let v = JwtVerifier::with_clock(
         &JwtConfig {
             jwks_url: Some(url),
+            audience: Some("switchyard".into()),
             ..JwtConfig::default()
         },
         ManualClock::at(NOW),
