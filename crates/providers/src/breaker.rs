@@ -76,7 +76,22 @@ struct Inner {
     consecutive_failures: u32,
     consecutive_successes: u32,
     opened_at: Option<Instant>,
+    /// Probes of the current half-open period in flight.
     probes_in_flight: u32,
+    /// Counts changes of state. A permit remembers the one it was issued
+    /// in, and its outcome counts only if the state has not changed since:
+    /// a call that started before the breaker opened must neither close it
+    /// from half-open (its success says nothing about the recovery) nor
+    /// re-open it, and its probe slot belongs to a period that is over.
+    generation: u64,
+}
+
+impl Inner {
+    fn set_state(&mut self, state: BreakerState) {
+        self.state = state;
+        self.generation += 1;
+        self.probes_in_flight = 0;
+    }
 }
 
 #[derive(Debug)]
@@ -94,6 +109,7 @@ pub struct Permit {
     config: BreakerConfig,
     probe: bool,
     settled: bool,
+    generation: u64,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -110,6 +126,7 @@ impl CircuitBreaker {
                 consecutive_successes: 0,
                 opened_at: None,
                 probes_in_flight: 0,
+                generation: 0,
             })),
         }
     }
@@ -149,6 +166,7 @@ impl CircuitBreaker {
             config: self.config,
             probe,
             settled: false,
+            generation: inner.generation,
         };
         (Some(permit), transition)
     }
@@ -162,9 +180,8 @@ impl CircuitBreaker {
 
     fn refresh(&self, inner: &mut Inner, now: Instant) -> Option<Transition> {
         if self.cooled_down(inner, now) {
-            inner.state = BreakerState::HalfOpen;
+            inner.set_state(BreakerState::HalfOpen);
             inner.consecutive_successes = 0;
-            inner.probes_in_flight = 0;
             return Some(Transition {
                 from: BreakerState::Open,
                 to: BreakerState::HalfOpen,
@@ -182,6 +199,9 @@ impl Permit {
     pub fn success(mut self) -> Option<Transition> {
         self.settled = true;
         let mut inner = lock(&self.inner);
+        if inner.generation != self.generation {
+            return None; // issued in a state that is over
+        }
         if self.probe {
             inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
         }
@@ -190,7 +210,7 @@ impl Permit {
             BreakerState::HalfOpen => {
                 inner.consecutive_successes += 1;
                 if inner.consecutive_successes >= self.config.success_threshold {
-                    inner.state = BreakerState::Closed;
+                    inner.set_state(BreakerState::Closed);
                     inner.opened_at = None;
                     inner.consecutive_successes = 0;
                     return Some(Transition {
@@ -207,6 +227,9 @@ impl Permit {
     pub fn failure(mut self) -> Option<Transition> {
         self.settled = true;
         let mut inner = lock(&self.inner);
+        if inner.generation != self.generation {
+            return None; // issued in a state that is over
+        }
         if self.probe {
             inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
         }
@@ -215,7 +238,7 @@ impl Permit {
             BreakerState::Closed => {
                 inner.consecutive_failures += 1;
                 if inner.consecutive_failures >= self.config.failure_threshold {
-                    inner.state = BreakerState::Open;
+                    inner.set_state(BreakerState::Open);
                     inner.opened_at = Some(Instant::now());
                     return Some(Transition {
                         from: BreakerState::Closed,
@@ -225,7 +248,7 @@ impl Permit {
                 None
             }
             BreakerState::HalfOpen => {
-                inner.state = BreakerState::Open;
+                inner.set_state(BreakerState::Open);
                 inner.opened_at = Some(Instant::now());
                 inner.consecutive_failures = self.config.failure_threshold;
                 Some(Transition {
@@ -233,7 +256,7 @@ impl Permit {
                     to: BreakerState::Open,
                 })
             }
-            // A call that started before the breaker opened: already open.
+            // Not reached: no permit is issued while open.
             BreakerState::Open => None,
         }
     }
@@ -243,7 +266,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if !self.settled && self.probe {
             let mut inner = lock(&self.inner);
-            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+            if inner.generation == self.generation {
+                inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+            }
         }
     }
 }
@@ -389,5 +414,68 @@ mod tests {
         drop(probe);
         assert!(b.try_acquire().0.is_some());
         assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_from_before_the_breaker_opened_do_not_close_it() {
+        let b = breaker();
+        // Three slow calls start while closed, then five others fail.
+        let slow: Vec<Permit> = (0..3).map(|_| b.try_acquire().0.expect("closed")).collect();
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let probe = b.try_acquire().0.expect("a probe");
+        // The slow calls end well now: that says nothing of the recovery.
+        for p in slow {
+            assert_eq!(p.success(), None);
+        }
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.try_acquire().0.is_none(), "the probe is still in flight");
+        // Three probes of this period close it.
+        assert_eq!(probe.success(), None);
+        assert_eq!(succeed(&b), None);
+        assert_eq!(succeed(&b).map(|t| t.to), Some(BreakerState::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_failure_neither_reopens_nor_frees_a_probe_slot() {
+        let b = breaker();
+        let slow = b.try_acquire().0.expect("closed");
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let p1 = b.try_acquire().0.expect("a probe");
+        // The call from the closed period fails during half-open.
+        assert_eq!(slow.failure(), None);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.try_acquire().0.is_none(), "p1 is still in flight");
+        assert_eq!(p1.success(), None);
+        let p2 = b.try_acquire().0.expect("the next probe");
+        assert!(b.try_acquire().0.is_none());
+        assert_eq!(p2.success(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_of_an_earlier_half_open_period_takes_no_slot_of_the_next() {
+        let b = CircuitBreaker::new(BreakerConfig {
+            half_open_probes: 2,
+            ..BreakerConfig::default()
+        });
+        for _ in 0..5 {
+            fail(&b);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let slow_probe = b.try_acquire().0.expect("probe 1 of period 1");
+        let failing = b.try_acquire().0.expect("probe 2 of period 1");
+        assert_eq!(failing.failure().map(|t| t.to), Some(BreakerState::Open));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let p2 = b.try_acquire().0.expect("probe 1 of period 2");
+        // Period 1's probe ends now: not counted, and its end frees nothing.
+        assert_eq!(slow_probe.success(), None);
+        let p3 = b.try_acquire().0.expect("probe 2 of period 2");
+        assert!(b.try_acquire().0.is_none(), "two probes at most");
+        drop((p2, p3));
     }
 }
