@@ -337,28 +337,81 @@ fn describe(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// `retry-after-ms` (OpenAI) or `retry-after` in seconds.
+/// Longest wait taken from an upstream's `Retry-After`: longer values are
+/// read as this (far past any backoff cap, so the route moves on).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// `retry-after-ms` (OpenAI), else `retry-after` in seconds or as an
+/// HTTP-date (RFC 9110), at most [`MAX_RETRY_AFTER`]; `None` when absent or
+/// unreadable.
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let secs = |s: f64| {
+        (s.is_finite() && s >= 0.0).then(|| {
+            Duration::try_from_secs_f64(s)
+                .unwrap_or(MAX_RETRY_AFTER)
+                .min(MAX_RETRY_AFTER)
+        })
+    };
+    if let Some(ms) = header("retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(|ms| secs(ms / 1000.0))
     {
-        return (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+        return Some(ms);
     }
-    let secs = headers
-        .get("retry-after")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<f64>()
-        .ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    let value = header("retry-after")?;
+    if let Ok(s) = value.parse::<f64>() {
+        return secs(s);
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_reads_dates_and_survives_absurd_values() {
+        let read = |name: &'static str, v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_str(v).unwrap());
+            retry_after(&h)
+        };
+        // Past Duration's range, or just very long: a day, no panic.
+        for v in ["99999999999999999999", "2e19", "1e300"] {
+            assert_eq!(read("retry-after", v), Some(MAX_RETRY_AFTER), "{v}");
+        }
+        assert_eq!(read("retry-after-ms", "1e30"), Some(MAX_RETRY_AFTER));
+        for v in ["-1", "NaN", "inf", "soon"] {
+            assert_eq!(read("retry-after", v), None, "{v}");
+        }
+        // An HTTP-date: the time until then (in the past: no wait).
+        let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let wait = read("retry-after", &httpdate::fmt_http_date(in_an_hour)).unwrap();
+        assert!(
+            wait > Duration::from_secs(3590) && wait <= Duration::from_secs(3600),
+            "{wait:?}"
+        );
+        assert_eq!(
+            read("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        // An unreadable retry-after-ms leaves retry-after to decide.
+        let mut h = HeaderMap::new();
+        h.insert("retry-after-ms", HeaderValue::from_static("x"));
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_milliseconds() {
