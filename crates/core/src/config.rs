@@ -1034,8 +1034,8 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
         .get("models")
         .and_then(toml::Value::as_table)
         .is_some_and(|m| m.contains_key("default"));
-    let chat_key =
-        env_nonempty(env, "CHAT_API_KEY").or_else(|| env_nonempty(env, "OPENAI_API_KEY"));
+    let chat_key_explicit = env_nonempty(env, "CHAT_API_KEY");
+    let chat_key = chat_key_explicit.or_else(|| env_nonempty(env, "OPENAI_API_KEY"));
     let chat_base = env_nonempty(env, "CHAT_API_BASE");
     let chat_model = env_nonempty(env, "CHAT_MODEL_DEFAULT");
     let embed_base = env_nonempty(env, "EMBEDDING_API_BASE");
@@ -1043,8 +1043,17 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
     let embed_model = env_nonempty(env, "EMBEDDING_MODEL_DEFAULT");
 
     if chat_key.is_some() || chat_base.is_some() || chat_model.is_some() {
-        let base = chat_base.unwrap_or(DEFAULT_CHAT_BASE);
-        upsert_provider(tree, "chat", base, chat_key);
+        upsert_provider(
+            tree,
+            "chat",
+            Shortcut {
+                base: chat_base,
+                explicit_base: chat_base,
+                default_base: DEFAULT_CHAT_BASE,
+                key: chat_key,
+                explicit_key: chat_key_explicit,
+            },
+        );
         let model = chat_model.unwrap_or(DEFAULT_CHAT_MODEL);
         insert_alias(tree, "default", "chat", model);
         insert_alias(tree, model, "chat", model);
@@ -1055,9 +1064,17 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
         || chat_key.is_some()
         || chat_base.is_some()
     {
-        let base = embed_base.or(chat_base).unwrap_or(DEFAULT_CHAT_BASE);
-        let key = embed_key.or(chat_key);
-        upsert_provider(tree, "embedding", base, key);
+        upsert_provider(
+            tree,
+            "embedding",
+            Shortcut {
+                base: embed_base.or(chat_base),
+                explicit_base: embed_base,
+                default_base: DEFAULT_CHAT_BASE,
+                key: embed_key.or(chat_key),
+                explicit_key: embed_key,
+            },
+        );
         let model = embed_model.unwrap_or(DEFAULT_EMBEDDING_MODEL);
         insert_alias(tree, "default-embedding", "embedding", model);
         insert_alias(tree, model, "embedding", model);
@@ -1073,13 +1090,28 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
         }
     }
     if let Some(key) = env_nonempty(env, "ANTHROPIC_API_KEY") {
-        let base = env_nonempty(env, "ANTHROPIC_BASE_URL").unwrap_or(DEFAULT_ANTHROPIC_BASE);
-        upsert_provider(tree, "anthropic", base, Some(key));
-        if let Some(t) = section(tree, "providers")
-            .and_then(|p| p.get_mut("anthropic"))
-            .and_then(toml::Value::as_table_mut)
-        {
-            t.insert("kind".into(), toml::Value::String("anthropic".into()));
+        let is_new = !tree
+            .get("providers")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|p| p.contains_key("anthropic"));
+        upsert_provider(
+            tree,
+            "anthropic",
+            Shortcut {
+                base: env_nonempty(env, "ANTHROPIC_BASE_URL"),
+                explicit_base: env_nonempty(env, "ANTHROPIC_BASE_URL"),
+                default_base: DEFAULT_ANTHROPIC_BASE,
+                key: Some(key),
+                explicit_key: Some(key),
+            },
+        );
+        if is_new {
+            if let Some(t) = section(tree, "providers")
+                .and_then(|p| p.get_mut("anthropic"))
+                .and_then(toml::Value::as_table_mut)
+            {
+                t.insert("kind".into(), toml::Value::String("anthropic".into()));
+            }
         }
         insert_alias(tree, "claude", "anthropic", anthropic_model);
         insert_alias(tree, anthropic_model, "anthropic", anthropic_model);
@@ -1143,22 +1175,58 @@ fn section<'a>(tree: &'a mut toml::Table, name: &str) -> Option<&'a mut toml::Ta
         .as_table_mut()
 }
 
-fn upsert_provider(tree: &mut toml::Table, name: &str, base: &str, key: Option<&str>) {
+/// What the shortcut variables say about one provider.
+struct Shortcut<'a> {
+    /// The base URL the variables give, fallbacks included.
+    base: Option<&'a str>,
+    /// The base URL the provider's own variable gave.
+    explicit_base: Option<&'a str>,
+    default_base: &'a str,
+    /// The key, fallbacks included (`OPENAI_API_KEY`, the chat key).
+    key: Option<&'a str>,
+    /// The key the provider's own variable gave.
+    explicit_key: Option<&'a str>,
+}
+
+/// Defines provider `name` from the shortcut variables. One the file
+/// defines keeps its kind and base URL unless a variable names a base URL,
+/// and its key unless its own key variable is set: a stray `OPENAI_API_KEY`
+/// (or a default base URL) never redirects a configured provider, or sends
+/// its traffic, or another provider's key, to OpenAI.
+fn upsert_provider(tree: &mut toml::Table, name: &str, s: Shortcut<'_>) {
     let Some(providers) = section(tree, "providers") else {
         return;
     };
+    let is_new = !providers.contains_key(name);
     let entry = providers
         .entry(name.to_owned())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    if let Some(t) = entry.as_table_mut() {
-        t.insert("kind".into(), toml::Value::String("openai".into()));
-        t.insert(
-            "base_url".into(),
-            toml::Value::String(base.trim_end_matches('/').to_owned()),
+    let Some(t) = entry.as_table_mut() else {
+        return;
+    };
+    let set = |t: &mut toml::Table, k: &str, v: &str| {
+        t.insert(k.into(), toml::Value::String(v.to_owned()));
+    };
+    if is_new {
+        set(t, "kind", "openai");
+        set(
+            t,
+            "base_url",
+            s.base.unwrap_or(s.default_base).trim_end_matches('/'),
         );
-        if let Some(k) = key {
-            t.insert("api_key".into(), toml::Value::String(k.to_owned()));
+        if let Some(k) = s.key {
+            set(t, "api_key", k);
         }
+        return;
+    }
+    if let Some(base) = s.explicit_base {
+        set(t, "base_url", base.trim_end_matches('/'));
+    }
+    if let Some(k) = s
+        .explicit_key
+        .or(s.key.filter(|_| !t.contains_key("api_key")))
+    {
+        set(t, "api_key", k);
     }
 }
 
@@ -1617,6 +1685,56 @@ mod tests {
         let file = "[providers.p]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\n[models.default]\nprovider = \"p\"\nmodel = \"mine\"\n";
         let c = Config::load(Some(("f.toml", file)), &env(&[("CHAT_API_KEY", "sk-1")])).unwrap();
         assert_eq!(c.models["default"].model.as_deref(), Some("mine"));
+    }
+
+    #[test]
+    fn shortcuts_never_redirect_a_provider_the_file_defines() {
+        let file = "[providers.chat]\nkind = \"openai\"\nbase_url = \"http://localhost:8000/v1\"\napi_key = \"sk-file\"\n\
+                    [providers.embedding]\nkind = \"openai\"\nbase_url = \"https://api.deepinfra.com/v1/openai\"\napi_key = \"di-file\"\n\
+                    [providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"https://proxy.example/v1\"\n\
+                    [models.default]\nprovider = \"chat\"\nmodel = \"mine\"\n";
+        let load =
+            |vars: &[(&str, &str)]| Config::load(Some(("f.toml", file)), &env(vars)).unwrap();
+        let key = |c: &Config, p: &str| {
+            c.providers[p]
+                .api_key
+                .as_ref()
+                .map(|k| k.expose_secret().to_owned())
+        };
+        // A stray OPENAI_API_KEY, or only a model: nothing moves, no key changes.
+        for vars in [
+            &[("OPENAI_API_KEY", "sk-stray")][..],
+            &[("CHAT_MODEL_DEFAULT", "gpt-4.1")][..],
+        ] {
+            let c = load(vars);
+            assert_eq!(c.providers["chat"].base_url, "http://localhost:8000/v1");
+            assert_eq!(key(&c, "chat").as_deref(), Some("sk-file"));
+            assert_eq!(
+                c.providers["embedding"].base_url,
+                "https://api.deepinfra.com/v1/openai"
+            );
+            assert_eq!(key(&c, "embedding").as_deref(), Some("di-file"));
+        }
+        // Its own variables still apply.
+        let c = load(&[
+            ("CHAT_API_KEY", "sk-env"),
+            ("CHAT_API_BASE", "http://other/v1/"),
+        ]);
+        assert_eq!(c.providers["chat"].base_url, "http://other/v1");
+        assert_eq!(key(&c, "chat").as_deref(), Some("sk-env"));
+        // The embedding provider keeps its own key and URL beside them.
+        assert_eq!(key(&c, "embedding").as_deref(), Some("di-file"));
+        assert_eq!(
+            c.providers["embedding"].base_url,
+            "https://api.deepinfra.com/v1/openai"
+        );
+        // An anthropic provider of the file keeps its base URL and kind.
+        let c = load(&[("ANTHROPIC_API_KEY", "sk-ant")]);
+        assert_eq!(
+            c.providers["anthropic"].base_url,
+            "https://proxy.example/v1"
+        );
+        assert_eq!(key(&c, "anthropic").as_deref(), Some("sk-ant"));
     }
 
     #[test]
