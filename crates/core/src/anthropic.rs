@@ -846,7 +846,10 @@ impl Tokens {
 
     /// Every prompt token, read from or written to the cache or neither.
     fn prompt(&self) -> u64 {
-        self.input + self.cache_read + self.cache_creation
+        // Saturating: the counts are an upstream's numbers.
+        self.input
+            .saturating_add(self.cache_read)
+            .saturating_add(self.cache_creation)
     }
 
     /// The counts a usage row records (every prompt token is a prompt token).
@@ -872,7 +875,7 @@ impl Tokens {
         let mut usage = json!({
             "prompt_tokens": prompt,
             "completion_tokens": self.output,
-            "total_tokens": prompt + self.output,
+            "total_tokens": prompt.saturating_add(self.output),
         });
         if self.cache_read > 0 {
             usage["prompt_tokens_details"] = json!({"cached_tokens": self.cache_read});

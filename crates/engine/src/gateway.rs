@@ -730,7 +730,7 @@ impl Accounting {
         }
         if let Some(u) = usage {
             if let (Some(m), Ok(rt)) = (self.tokens.take(), tokio::runtime::Handle::try_current()) {
-                let used = u.prompt_tokens + u.completion_tokens;
+                let used = u.prompt_tokens.saturating_add(u.completion_tokens);
                 rt.spawn(async move {
                     if let Err(e) = m.limiter.charge(&m.key, m.rate, used).await {
                         tracing::warn!(error = %e, "could not count tokens against the token limit");

@@ -167,6 +167,15 @@ pub async fn large_batches_are_written_whole(store: &dyn Store) {
 
 pub async fn an_empty_batch_is_a_no_op(store: &dyn Store) {
     store.insert_usage(&[]).await.expect("empty insert");
+    // A batch written again (its commit's acknowledgement lost, then
+    // retried by the writer) succeeds and adds nothing.
+    let rows: Vec<UsageRecord> = (0..3).map(|n| sample_usage("t-retried", n)).collect();
+    store.insert_usage(&rows).await.expect("insert");
+    store
+        .insert_usage(&rows)
+        .await
+        .expect("the same batch again");
+    assert_eq!(store.count_usage("t-retried").await.expect("count"), 3);
 }
 
 fn health(deployment: &str, calls: u64) -> ProviderHealthRow {

@@ -259,7 +259,8 @@ impl Store for PostgresStore {
              $17::text[], $18::text[], $19::text[], $20::int8[], $21::int8[]) \
              AS t(id, tenant_id, trace_id, endpoint, model_alias, provider, upstream_model, stream, prompt_tokens, \
              completion_tokens, cost_usd, latency_ms, ttft_ms, status, error_code, created_at_ms, key_id, user_id, trace_ms, \
-             cached_tokens, cache_write_tokens)",
+             cached_tokens, cache_write_tokens) \
+             ON CONFLICT (id) DO NOTHING",
         )
         .bind(ids)
         .bind(col(|r| r.tenant_id.clone()))
@@ -269,8 +270,8 @@ impl Store for PostgresStore {
         .bind(col(|r| r.provider.clone()))
         .bind(col(|r| r.upstream_model.clone()))
         .bind(rows.iter().map(|r| r.stream).collect::<Vec<bool>>())
-        .bind(rows.iter().map(|r| r.prompt_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
-        .bind(rows.iter().map(|r| r.completion_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
+        .bind(rows.iter().map(|r| crate::sessions::db_int(r.prompt_tokens)).collect::<Vec<Option<i64>>>())
+        .bind(rows.iter().map(|r| crate::sessions::db_int(r.completion_tokens)).collect::<Vec<Option<i64>>>())
         .bind(rows.iter().map(|r| r.cost_usd).collect::<Vec<Option<f64>>>())
         .bind(rows.iter().map(|r| r.latency_ms).collect::<Vec<f64>>())
         .bind(rows.iter().map(|r| r.ttft_ms).collect::<Vec<Option<f64>>>())
@@ -280,8 +281,8 @@ impl Store for PostgresStore {
         .bind(rows.iter().map(|r| r.key_id.clone()).collect::<Vec<Option<String>>>())
         .bind(rows.iter().map(|r| r.user_id.clone()).collect::<Vec<Option<String>>>())
         .bind(rows.iter().map(|r| r.trace.map(|t| t.encode())).collect::<Vec<Option<String>>>())
-        .bind(rows.iter().map(|r| r.cached_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
-        .bind(rows.iter().map(|r| r.cache_write_tokens.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
+        .bind(rows.iter().map(|r| crate::sessions::db_int(r.cached_tokens)).collect::<Vec<Option<i64>>>())
+        .bind(rows.iter().map(|r| crate::sessions::db_int(r.cache_write_tokens)).collect::<Vec<Option<i64>>>())
         .execute(&self.writer)
         .await
         .context("inserting usage rows")?;

@@ -531,8 +531,8 @@ impl Store for SqliteStore {
                             .bind(&r.provider)
                             .bind(&r.upstream_model)
                             .bind(r.stream)
-                            .bind(r.prompt_tokens.map(|v| v as i64))
-                            .bind(r.completion_tokens.map(|v| v as i64))
+                            .bind(crate::sessions::db_int(r.prompt_tokens))
+                            .bind(crate::sessions::db_int(r.completion_tokens))
                             .bind(r.cost_usd)
                             .bind(r.latency_ms)
                             .bind(r.ttft_ms)
@@ -540,8 +540,8 @@ impl Store for SqliteStore {
                             .bind(&r.error_code)
                             .bind(r.created_at_ms)
                             .bind(r.trace.map(|t| t.encode()))
-                            .bind(r.cached_tokens.map(|v| v as i64))
-                            .bind(r.cache_write_tokens.map(|v| v as i64));
+                            .bind(crate::sessions::db_int(r.cached_tokens))
+                            .bind(crate::sessions::db_int(r.cache_write_tokens));
                     }
                     q.execute(&mut *tx).await.context("inserting usage rows")?;
                 }
