@@ -330,7 +330,12 @@ impl Events {
                 return Ok(event);
             }
             match self.resp.chunk().await? {
-                Some(bytes) => self.parser.push(&bytes),
+                Some(bytes) => {
+                    self.parser.push(&bytes);
+                    if self.parser.overflowed() {
+                        return Err(crate::sse::too_large());
+                    }
+                }
                 None => self.eof = true,
             }
         }

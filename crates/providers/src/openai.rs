@@ -241,7 +241,13 @@ fn chunk_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
                 return Some((Err(ProviderError::Truncated), st));
             }
             match st.resp.chunk().await {
-                Ok(Some(chunk)) => st.parser.push(&chunk),
+                Ok(Some(chunk)) => {
+                    st.parser.push(&chunk);
+                    if st.parser.overflowed() {
+                        st.finished = true;
+                        return Some((Err(crate::sse::too_large()), st));
+                    }
+                }
                 Ok(None) => st.eof = true,
                 Err(e) => {
                     st.finished = true;

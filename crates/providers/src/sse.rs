@@ -7,6 +7,14 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
+/// The failure of a stream whose event outgrew [`MAX_EVENT_BYTES`].
+pub fn too_large() -> crate::ProviderError {
+    crate::ProviderError::Protocol(format!(
+        "an event of the stream is larger than {} MiB",
+        MAX_EVENT_BYTES >> 20
+    ))
+}
+
 /// One server-sent event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
@@ -15,6 +23,10 @@ pub struct SseEvent {
     /// The `data:` lines joined with `\n`.
     pub data: Bytes,
 }
+
+/// The most an event may hold (its data, and a line not yet ended): past
+/// it the stream is refused rather than buffered without bound.
+pub const MAX_EVENT_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Default)]
 pub struct SseParser {
@@ -36,10 +48,23 @@ impl SseParser {
         self.buf.extend_from_slice(chunk);
     }
 
+    /// Whether the event being read has outgrown [`MAX_EVENT_BYTES`]
+    /// (checked by the reader after each push).
+    pub fn overflowed(&self) -> bool {
+        self.buf.len() + self.data.len() > MAX_EVENT_BYTES
+    }
+
     /// The next complete event, if the bytes pushed so far hold one.
     pub fn next_event(&mut self) -> Option<SseEvent> {
         loop {
-            let pos = memchr::memchr(b'\n', &self.buf[self.scanned..])? + self.scanned;
+            let Some(found) = memchr::memchr(b'\n', &self.buf[self.scanned..]) else {
+                // Searched: the next search starts where new bytes do, so a
+                // long line read in many pieces is scanned once, not again
+                // with every piece.
+                self.scanned = self.buf.len();
+                return None;
+            };
+            let pos = found + self.scanned;
             let mut line = self.buf.split_to(pos + 1);
             self.scanned = 0;
             line.truncate(line.len() - 1);
@@ -174,5 +199,23 @@ mod tests {
     fn a_final_event_without_blank_line_is_delivered_at_finish() {
         assert_eq!(parse_all(&[b"data: last"]), vec![data("last")]);
         assert_eq!(parse_all(&[b"data:nospace\n"]), vec![data("nospace")]);
+    }
+
+    #[test]
+    fn a_long_line_is_scanned_once_and_an_oversized_event_is_flagged() {
+        let mut p = SseParser::new();
+        p.push(b"data: ");
+        for _ in 0..1000 {
+            p.push(&[b'x'; 100]);
+            assert!(p.next_event().is_none());
+            assert_eq!(p.scanned, p.buf.len(), "searched up to the end");
+        }
+        p.push(b"\n\n");
+        let ev = p.next_event().expect("the event");
+        assert_eq!(ev.data.len(), 100_000);
+        assert!(!p.overflowed());
+        p.push(b"data: ");
+        p.push(&vec![b'y'; MAX_EVENT_BYTES]);
+        assert!(p.overflowed());
     }
 }
