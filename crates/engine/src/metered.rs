@@ -7,7 +7,8 @@
 //! Anthropic's output count comes with the end), yet the provider bills what
 //! it generated. So that closing a stream is no way around a budget or a
 //! token limit, such a row gets estimates: the request's prompt estimate and
-//! the streamed text at 4 bytes a token (at least one a chunk of text).
+//! the streamed text at 4 bytes a token (at least one a chunk of text). So
+//! does a complete stream that came without usage.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -129,10 +130,12 @@ impl MeteredStream {
     }
 
     fn finish(&mut self, status: u16, error: Option<&ProviderError>) {
-        let usage = if status == 200 {
-            self.usage
-        } else {
-            Some(self.early_end_usage())
+        // A complete stream without a usage chunk (cut between its finish
+        // reason and its usage, or from a server that ignores
+        // `stream_options`) is estimated too: never free.
+        let usage = match (status, self.usage) {
+            (200, Some(u)) => Some(u),
+            _ => Some(self.early_end_usage()),
         };
         if let Some(acc) = self.accounting.take() {
             acc.finish_stream(

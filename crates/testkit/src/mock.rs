@@ -48,6 +48,9 @@ pub struct Behavior {
     /// Anthropic answers report this many searches by its web search tool
     /// (`usage.server_tool_use.web_search_requests`) when above 0.
     pub web_searches: u64,
+    /// OpenAI-shaped streams leave out the usage chunk even when asked for
+    /// it, as some OpenAI-compatible servers do.
+    pub ignore_stream_options: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +72,7 @@ impl Default for Behavior {
             reasoning: None,
             cache_tokens: None,
             web_searches: 0,
+            ignore_stream_options: false,
         }
     }
 }
@@ -390,10 +394,11 @@ async fn chat(
             prompt_tokens,
         );
     }
-    let include_usage = req
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = !behavior.ignore_stream_options
+        && req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
     let chunks = stream_chunks(
         &model,
         reply,

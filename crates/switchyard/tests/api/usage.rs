@@ -243,6 +243,31 @@ async fn a_stream_that_ends_early_is_charged_estimated_tokens() {
     assert!(rows[0].cost_usd.unwrap() > 0.0);
 }
 
+/// A complete stream from a server that ignores `stream_options` (no usage
+/// chunk) is charged estimates too.
+#[tokio::test]
+async fn a_complete_stream_without_usage_is_charged_estimated_tokens() {
+    let mut app = spawn().await;
+    app.mock().update(|b| b.ignore_stream_options = true);
+    let body = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    app.stop_gracefully().await;
+    let rows = usage_rows(&app).await;
+    // "Say hello": 6 tokens with the message's 3; the reply's 32 bytes of
+    // text in 7 chunks ("Hello!", " How", … " today?"): 8 tokens.
+    let r = &rows[0];
+    assert_eq!(
+        (r.status, r.prompt_tokens, r.completion_tokens),
+        (200, Some(6), Some(8))
+    );
+    assert!(r.cost_usd.unwrap() > 0.0);
+}
+
 /// The write lock of a SQLite file, held by another connection (as another
 /// process would) until dropped. In WAL mode readers still read.
 struct WriteLock(rusqlite::Connection);
