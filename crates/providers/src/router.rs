@@ -377,6 +377,28 @@ impl Router {
                 let outcome = attempt_once(d, call).await;
                 let elapsed = started.elapsed();
                 match outcome {
+                    // A stream is judged when it ends: its permit goes with
+                    // it (a probe keeps its slot until then).
+                    Ok(Reply::Chat(ChatReply::Stream(s))) => {
+                        metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "ok").increment(1);
+                        return Ok(Served {
+                            value: Reply::Chat(ChatReply::Stream(settle_at_end(
+                                s, permit, d, elapsed,
+                            ))),
+                            deployment: d.clone(),
+                            attempts,
+                        });
+                    }
+                    Ok(Reply::Chat(ChatReply::AnthropicStream(s))) => {
+                        metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "ok").increment(1);
+                        return Ok(Served {
+                            value: Reply::Chat(ChatReply::AnthropicStream(settle_at_end(
+                                s, permit, d, elapsed,
+                            ))),
+                            deployment: d.clone(),
+                            attempts,
+                        });
+                    }
                     Ok(reply) => {
                         log_transition(d, permit.success(), obs);
                         d.health.record_success(elapsed);
@@ -451,6 +473,85 @@ impl Router {
             None => Err(RouteError::Unavailable),
         }
     }
+}
+
+/// A committed stream that reports to its deployment's breaker and health
+/// figures when it ends, not at its first byte: a deployment whose streams
+/// break after their first chunk is failing, however well they start.
+struct Settling {
+    inner: ChunkStream,
+    permit: Option<crate::breaker::Permit>,
+    deployment: Arc<Deployment>,
+    /// Time to the first chunk: the latency the health figures keep.
+    first_byte: Duration,
+    /// The request's span, so that a transition logs its trace id.
+    span: tracing::Span,
+}
+
+fn settle_at_end(
+    inner: ChunkStream,
+    permit: crate::breaker::Permit,
+    deployment: &Arc<Deployment>,
+    first_byte: Duration,
+) -> ChunkStream {
+    Box::pin(Settling {
+        inner,
+        permit: Some(permit),
+        deployment: deployment.clone(),
+        first_byte,
+        span: tracing::Span::current(),
+    })
+}
+
+impl Settling {
+    fn settle(&mut self, error: Option<&ProviderError>) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let d = &self.deployment;
+        let _entered = self.span.enter();
+        match error {
+            // Closed without `[DONE]` (many servers do, after a complete
+            // answer), or refused for the request's own sake: answered.
+            None | Some(ProviderError::Truncated) => {
+                log_stream_transition(d, permit.success());
+                d.health.record_success(self.first_byte);
+            }
+            Some(e) if !is_retryable(e) => {
+                drop(permit);
+                d.health.record_success(self.first_byte);
+            }
+            Some(ProviderError::Overloaded { .. }) => drop(permit),
+            Some(e) => {
+                log_stream_transition(d, permit.failure());
+                d.health.record_failure(self.first_byte, e.code());
+                metrics::counter!("switchyard_upstream_stream_failures_total", "deployment" => d.id.clone()).increment(1);
+            }
+        }
+    }
+}
+
+impl futures::Stream for Settling {
+    type Item = Result<bytes::Bytes, ProviderError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let item = futures::ready!(self.inner.as_mut().poll_next(cx));
+        match &item {
+            None => self.settle(None),
+            Some(Err(e)) => self.settle(Some(e)),
+            Some(Ok(_)) => {}
+        }
+        std::task::Poll::Ready(item)
+    }
+}
+
+/// A transition caused by a stream's end: logged and counted as any other
+/// (the request's trace events are written by then).
+fn log_stream_transition(d: &Deployment, t: Option<Transition>) {
+    log_transition(d, t, &());
 }
 
 fn log_transition(d: &Deployment, t: Option<Transition>, obs: &dyn RouteObserver) {

@@ -197,3 +197,36 @@ async fn a_half_open_breaker_lets_exactly_its_probe_limit_through_concurrent_req
     .await;
     assert_eq!(skipped, 17.0, "the others were turned away without a call");
 }
+
+/// A deployment whose streams break after their first chunk is failing,
+/// however well they start: each broken stream counts against its breaker
+/// and health (the breaker opens after five), and then the route moves on.
+#[tokio::test]
+async fn streams_that_break_after_their_first_chunk_open_the_breaker() {
+    let (app, primary, _fallback) = two_deployments("max_attempts = 1").await;
+    primary.update(|b| b.always = Some(Fault::ResetAfterChunks(2)));
+    let stream = |app: &TestApp| {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .json(&stream_body("smart", false))
+            .send()
+    };
+    for i in 0..5 {
+        assert_eq!(
+            breaker_gauge(&app).await,
+            Some(0.0),
+            "closed before stream {i}"
+        );
+        let resp = stream(&app).await.unwrap();
+        assert_eq!(resp.headers()["x-switchyard-provider"], "primary");
+        let body = resp.text().await.unwrap();
+        assert!(body.contains("\"error\""), "cut, and said so: {body}");
+    }
+    assert_eq!(breaker_gauge(&app).await, Some(2.0), "open after five");
+    let providers = get_json(&app, "/v1/admin/providers").await;
+    let health = &deployment(&providers, PRIMARY).unwrap()["health"];
+    assert!(health["error_rate"].as_f64().unwrap() > 0.99, "{health}");
+    let resp = stream(&app).await.unwrap();
+    assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+    assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+}
