@@ -176,8 +176,12 @@ impl Gateway {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        // Deployments are shared between aliases, so one upstream has one breaker.
+        // Deployments are shared between aliases with the same timeouts; and
+        // one upstream (provider and model) has one breaker and one set of
+        // health figures, under one id, whatever timeouts its routes give it.
         let mut by_key: HashMap<(String, String, u64, u64), Arc<Deployment>> = HashMap::new();
+        let mut upstreams: HashMap<(String, String), (CircuitBreaker, HealthStats)> =
+            HashMap::new();
         let mut deployments = Vec::new();
         let mut pricing = HashMap::new();
         let mut routes = HashMap::new();
@@ -197,20 +201,31 @@ impl Gateway {
                 let dep = by_key
                     .entry(key)
                     .or_insert_with(|| {
+                        let upstream = (d.provider.clone(), d.model.clone());
+                        let first_seen = !upstreams.contains_key(&upstream);
+                        let (shared_breaker, shared_health) = upstreams
+                            .entry(upstream)
+                            .or_insert_with(|| {
+                                (CircuitBreaker::new(breaker), HealthStats::default())
+                            })
+                            .clone();
                         let dep = Arc::new(Deployment {
                             id: format!("{}/{}", d.provider, d.model),
                             provider_name: Arc::from(d.provider.as_str()),
                             upstream_model: Arc::from(d.model.as_str()),
                             chat: provider.0.clone(),
                             embed: provider.1.clone(),
-                            breaker: CircuitBreaker::new(breaker),
+                            breaker: shared_breaker,
                             first_byte_timeout: Duration::from_millis(first_byte),
                             total_timeout: Duration::from_secs(total),
-                            health: HealthStats::default(),
+                            health: shared_health,
                         });
-                        metrics::gauge!("switchyard_breaker_state", "deployment" => dep.id.clone())
-                            .set(0.0);
-                        deployments.push(dep.clone());
+                        // Listed (admin API, health rows, probes) once per upstream.
+                        if first_seen {
+                            metrics::gauge!("switchyard_breaker_state", "deployment" => dep.id.clone())
+                                .set(0.0);
+                            deployments.push(dep.clone());
+                        }
                         dep
                     })
                     .clone();

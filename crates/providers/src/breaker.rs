@@ -94,7 +94,9 @@ impl Inner {
     }
 }
 
-#[derive(Debug)]
+/// Clones share their state: one upstream (provider and model) has one
+/// breaker, whichever aliases and timeouts reach it.
+#[derive(Debug, Clone)]
 pub struct CircuitBreaker {
     config: BreakerConfig,
     inner: Arc<Mutex<Inner>>,

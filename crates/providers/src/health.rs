@@ -8,9 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Calls the rolling figures cover.
 const WINDOW: usize = 256;
 
-#[derive(Debug, Default)]
+/// Clones share their figures: one upstream (provider and model) has one
+/// set, whichever aliases and timeouts reach it.
+#[derive(Debug, Default, Clone)]
 pub struct HealthStats {
-    inner: Mutex<Inner>,
+    inner: std::sync::Arc<Mutex<Inner>>,
 }
 
 #[derive(Debug, Default)]

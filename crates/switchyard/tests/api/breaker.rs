@@ -230,3 +230,48 @@ async fn streams_that_break_after_their_first_chunk_open_the_breaker() {
     assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
     assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 }
+
+/// Two aliases reach one upstream with different timeouts: still one
+/// deployment id, listed once, with one breaker (failures through one alias
+/// keep the other off the failing upstream too).
+#[tokio::test]
+async fn one_upstream_has_one_breaker_whatever_the_timeouts_of_its_routes() {
+    let primary = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let app = app()
+        .without_mock()
+        .config(&format!(
+            "[resilience]\nmax_attempts = 1\n\n\
+             [providers.primary]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+             [[models.fast.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\nfirst_byte_timeout_ms = 5000\n\n\
+             [[models.slow.route]]\nprovider = \"primary\"\nmodel = \"p-model\"\n",
+            primary.base_url()
+        ))
+        .spawn()
+        .await;
+    let providers = get_json(&app, "/v1/admin/providers").await;
+    let listed = providers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["deployment"] == PRIMARY)
+        .count();
+    assert_eq!(listed, 1, "{providers}");
+    primary.update(|b| b.always = Some(Fault::Status(503)));
+    for _ in 0..5 {
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("fast"))
+            .await;
+        assert_eq!(resp.status(), 502, "the upstream's failure");
+    }
+    assert_eq!(breaker_gauge(&app).await, Some(2.0));
+    let calls = primary.calls();
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("slow"))
+        .await;
+    assert_eq!(resp.status(), 503, "no deployment available");
+    assert_eq!(
+        primary.calls(),
+        calls,
+        "the open breaker kept `slow` off it too"
+    );
+}
