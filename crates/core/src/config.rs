@@ -589,31 +589,83 @@ fn serialize_secret_masked<S: Serializer>(
     }
 }
 
-fn serialize_url_masked<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_url_masked<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&mask_url_password(v))
 }
 
-/// Replaces the password of a `scheme://user:password@host` URL with `[redacted]`.
+/// A URL with its secrets replaced by `[redacted]`: the password of
+/// `scheme://user:password@host`; the whole user part of an `http(s)` URL
+/// (`https://TOKEN@proxy/v1`, where a lone user is a credential); and the
+/// values of query parameters named like credentials (`password`, `token`,
+/// `key`, `secret`, `sig`…, as `postgres://db/x?password=…` takes them).
 pub fn mask_url_password(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
+    let scheme = &url[..scheme_end];
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:[redacted]{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..scheme_end + 3]);
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..colon]);
+                    out.push_str(":[redacted]");
+                }
+                None if scheme.eq_ignore_ascii_case("http")
+                    || scheme.eq_ignore_ascii_case("https") =>
+                {
+                    out.push_str("[redacted]");
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
     }
+    let tail = &rest[authority_end..];
+    let (before_fragment, fragment) = tail.split_at(tail.find('#').unwrap_or(tail.len()));
+    match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let masked: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if is_secret_param(name) => format!("{name}=[redacted]"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&masked.join("&"));
+        }
+        None => out.push_str(before_fragment),
+    }
+    out.push_str(fragment);
+    out
+}
+
+/// Query parameter names that carry credentials.
+fn is_secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase().replace(['-', '_'], "");
+    [
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "secret",
+        "token",
+        "key",
+        "sig",
+        "signature",
+        "auth",
+        "credential",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
 }
 
 /// Why a configuration was refused: always names the key and what was expected.
@@ -1756,6 +1808,28 @@ mod tests {
         );
         assert_eq!(mask_url_password("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(mask_url_password("sqlite://a/b.db"), "sqlite://a/b.db");
+        // A password given as a parameter, with or without a host.
+        assert_eq!(
+            mask_url_password("postgres://u@db/x?sslmode=require&password=s3cret"),
+            "postgres://u@db/x?sslmode=require&password=[redacted]"
+        );
+        assert_eq!(
+            mask_url_password("postgres:///x?host=/run&password=s3cret"),
+            "postgres:///x?host=/run&password=[redacted]"
+        );
+        // A token as the user of an http(s) URL, or as a parameter.
+        assert_eq!(
+            mask_url_password("https://TOKEN@proxy.example/v1"),
+            "https://[redacted]@proxy.example/v1"
+        );
+        assert_eq!(
+            mask_url_password("https://idp.example/jwks?api-key=abc&x=1#f"),
+            "https://idp.example/jwks?api-key=[redacted]&x=1#f"
+        );
+        assert_eq!(
+            mask_url_password("https://api.openai.com/v1"),
+            "https://api.openai.com/v1"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub struct JwtConfig {
     pub hs256_secret: Option<SecretString>,
     /// Where the RS256/ES256 public keys are published. Without it, RS256 and
     /// ES256 tokens are refused.
+    #[serde(serialize_with = "serialize_jwks_url_masked")]
     pub jwks_url: Option<String>,
     /// Required `iss`, when set.
     pub issuer: Option<String>,
@@ -174,6 +175,17 @@ fn serialize_secret_masked<S: Serializer>(
 ) -> Result<S::Ok, S::Error> {
     match v {
         Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+/// `jwks_url` as `config check` prints it: a token in it is masked.
+fn serialize_jwks_url_masked<S: serde::Serializer>(
+    v: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(url) => crate::config::serialize_url_masked(url, s),
         None => s.serialize_none(),
     }
 }
