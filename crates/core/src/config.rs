@@ -707,22 +707,46 @@ impl Config {
             None => toml::Table::new(),
         };
         apply_shortcuts(&mut tree, env)?;
-        apply_env_overrides(&mut tree, env)?;
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
-                let path = e.path().to_string();
-                let message = e.inner().to_string();
-                // toml appends "in `section`" on a second line; the path already says it.
-                let message = message.lines().next().unwrap_or_default().to_owned();
-                ConfigError::invalid(
-                    if path == "." {
-                        "config".to_owned()
-                    } else {
-                        path
-                    },
-                    message,
-                )
-            })?;
+        let typed = apply_env_overrides(&mut tree, env)?;
+        // A variable's value is typed by its look (`8080` is a number), but
+        // some string keys take digits (an API key, an instance id): where
+        // such a value meets a string key, it is read again as the string
+        // it was given as. Each variable once, so this ends.
+        let mut retried = std::collections::HashSet::new();
+        let config: Config = loop {
+            match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(tree.clone())) {
+                Ok(c) => break c,
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let message = e.inner().to_string();
+                    let as_string = message.contains("expected a string")
+                        || message.contains("expected string");
+                    if let Some((keys, raw)) = typed
+                        .iter()
+                        .find(|(keys, _)| keys.join(".") == path)
+                        .filter(|_| as_string && retried.insert(path.clone()))
+                    {
+                        set_path(&mut tree, keys, toml::Value::String(raw.clone()));
+                        continue;
+                    }
+                    // toml appends "in `section`" on a second line; the path already says it.
+                    let message = message.lines().next().unwrap_or_default().to_owned();
+                    // The value itself is not repeated: it may be a secret.
+                    let message = match typed.iter().find(|(keys, _)| keys.join(".") == path) {
+                        Some(_) => without_quoted_value(&message),
+                        None => message,
+                    };
+                    return Err(ConfigError::invalid(
+                        if path == "." {
+                            "config".to_owned()
+                        } else {
+                            path
+                        },
+                        message,
+                    ));
+                }
+            }
+        };
         config.validate()?;
         Ok(config)
     }
@@ -1294,10 +1318,41 @@ fn insert_alias(tree: &mut toml::Table, alias: &str, provider: &str, model: &str
     }
 }
 
+/// Sets the value at `keys` (whose sections exist: they were made when the
+/// value was first set).
+fn set_path(tree: &mut toml::Table, keys: &[String], value: toml::Value) {
+    let Some((last, sections)) = keys.split_last() else {
+        return;
+    };
+    let mut table = tree;
+    for k in sections {
+        match table.get_mut(k).and_then(toml::Value::as_table_mut) {
+            Some(t) => table = t,
+            None => return,
+        }
+    }
+    table.insert(last.clone(), value);
+}
+
+/// serde's ``invalid type: integer `12345`, expected a string`` without the
+/// quoted value.
+fn without_quoted_value(message: &str) -> String {
+    match (message.find(" `"), message.find("`,")) {
+        (Some(a), Some(b)) if a < b => format!("{}{}", &message[..a], &message[b + 1..]),
+        _ => message.to_owned(),
+    }
+}
+
 /// `SWITCHYARD_SERVER__LISTEN=…` sets `server.listen`; any depth works
 /// (`SWITCHYARD_PROVIDERS__OPENAI__API_KEY`). Only names with `__` are
 /// overrides, so `SWITCHYARD_CONFIG` and test variables are not mistaken for keys.
-fn apply_env_overrides(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError> {
+/// Returns the keys set to a value typed by its look (not a string), with
+/// the text they were given as.
+fn apply_env_overrides(
+    tree: &mut toml::Table,
+    env: &Env,
+) -> Result<Vec<(Vec<String>, String)>, ConfigError> {
+    let mut typed = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -1325,10 +1380,14 @@ fn apply_env_overrides(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigEr
             })?;
         }
         if let Some(last) = path.last() {
-            table.insert(last.clone(), env_value(raw));
+            let value = env_value(raw);
+            if !value.is_str() {
+                typed.push((path.clone(), raw.clone()));
+            }
+            table.insert(last.clone(), value);
         }
     }
-    Ok(())
+    Ok(typed)
 }
 
 /// Reads an environment value as the TOML scalar or array it looks like,
@@ -1486,6 +1545,44 @@ mod tests {
         .unwrap();
         assert_eq!(c.server.max_body_bytes, 4096);
         assert!(!c.usage.enabled);
+    }
+
+    #[test]
+    fn a_numeric_looking_value_for_a_string_key_stays_a_string() {
+        let c = Config::load(
+            Some((
+                "f.toml",
+                "[providers.vllm]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:8000/v1\"\n",
+            )),
+            &env(&[
+                ("SWITCHYARD_PROVIDERS__VLLM__API_KEY", "12345"),
+                ("SWITCHYARD_SESSIONS__INSTANCE_ID", "1"),
+                ("SWITCHYARD_SERVER__MAX_BODY_BYTES", "4096"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.providers["vllm"]
+                .api_key
+                .as_ref()
+                .unwrap()
+                .expose_secret(),
+            "12345"
+        );
+        assert_eq!(c.sessions.instance_id.as_deref(), Some("1"));
+        assert_eq!(c.server.max_body_bytes, 4096);
+        // A number key given text still fails, naming the key but not the value.
+        let err = Config::load(
+            None,
+            &env(&[("SWITCHYARD_SERVER__MAX_BODY_BYTES", "[7777]")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("server.max_body_bytes: invalid type"),
+            "{err}"
+        );
+        assert!(!err.contains("7777"), "{err}");
     }
 
     #[test]
