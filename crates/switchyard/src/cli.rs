@@ -98,7 +98,11 @@ pub fn config_path(flag: Option<PathBuf>, env: &Env) -> Option<PathBuf> {
 
 /// Reads the file (if any) and the process environment into a validated config.
 pub fn load_config(flag: Option<PathBuf>) -> anyhow::Result<Config> {
-    let env: Env = std::env::vars().collect();
+    // `vars()` panics on a variable that is not UTF-8, even one that is
+    // none of ours: such variables are skipped (none of ours can be one).
+    let env: Env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
     let path = config_path(flag, &env);
     let text = match &path {
         Some(p) => {

@@ -55,6 +55,23 @@ fn config_check_prints_the_effective_configuration_with_secrets_masked() {
 }
 
 #[test]
+fn a_variable_that_is_not_utf8_does_not_stop_startup() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .current_dir(dir.path())
+        .env("SOME_OTHER_TOOL", std::ffi::OsStr::from_bytes(b"caf\xe9"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_bad_key_stops_startup_naming_its_path() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bad.toml"), "[server]\nlisten = 8080\n").unwrap();
