@@ -2189,6 +2189,8 @@ pub struct OpenAiToAnthropicStream {
     /// Whether reasoning deltas become a `thinking` block (see
     /// [`MessagesRequest::thinking`]).
     thinking: bool,
+    /// The id of the open tool block's call, as the provider sent it.
+    open_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -2213,6 +2215,7 @@ impl OpenAiToAnthropicStream {
             next_block: 0,
             stop_reason: None,
             stop_sequence: Value::Null,
+            open_call_id: None,
             called: false,
             usage: None,
         }
@@ -2299,10 +2302,18 @@ impl OpenAiToAnthropicStream {
             .flatten()
         {
             let tool = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            // A delta with an id of its own starts another call even at the
+            // same index: some servers (Ollama) give every call index 0.
+            let id = call
+                .get("id")
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty());
+            let same_call = id.is_none_or(|id| self.open_call_id.as_deref() == Some(id));
             let index = match self.open {
-                Some((i, OpenBlock::Tool(t))) if t == tool => i,
+                Some((i, OpenBlock::Tool(t))) if t == tool && same_call => i,
                 _ => {
                     self.called = true;
+                    self.open_call_id = id.map(str::to_owned);
                     self.open(
                         OpenBlock::Tool(tool),
                         json!({"type": "tool_use", "id": tool_use_id(call),
@@ -3951,6 +3962,50 @@ mod tests {
             let e = MessagesRequest::parse(&obj(body.clone())).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
+    }
+
+    #[test]
+    fn calls_that_share_an_index_but_not_an_id_are_two_tool_blocks() {
+        // Ollama sends each of several calls whole, all at index 0.
+        let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+        let call = |id: &str, args: &str| {
+            json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": id, "type": "function", "function": {"name": format!("f_{id}"), "arguments": args}}
+            ]}}]})
+        };
+        let mut events = Vec::new();
+        events.extend(s.chunk(&call("call_a", "{\"a\":1}")));
+        events.extend(s.chunk(&call("call_b", "{\"b\":2}")));
+        // A later piece of the second call, without an id: still the second.
+        events.extend(s.chunk(
+            &json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": " "}}
+            ]}}]}),
+        ));
+        events.extend(s.finish());
+        let starts: Vec<&Value> = events
+            .iter()
+            .filter(|(n, _)| *n == "content_block_start")
+            .map(|(_, e)| &e["content_block"])
+            .collect();
+        assert_eq!(starts.len(), 2, "{events:?}");
+        assert_eq!(
+            (starts[0]["id"].as_str(), starts[0]["name"].as_str()),
+            (Some("call_a"), Some("f_call_a"))
+        );
+        assert_eq!(
+            (starts[1]["id"].as_str(), starts[1]["name"].as_str()),
+            (Some("call_b"), Some("f_call_b"))
+        );
+        let json_of = |block: u64| -> String {
+            events
+                .iter()
+                .filter(|(n, e)| *n == "content_block_delta" && e["index"] == block)
+                .map(|(_, e)| e["delta"]["partial_json"].as_str().unwrap_or(""))
+                .collect()
+        };
+        assert_eq!(json_of(0), "{\"a\":1}");
+        assert_eq!(json_of(1), "{\"b\":2} ");
     }
 
     #[test]
