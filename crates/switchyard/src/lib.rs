@@ -244,12 +244,15 @@ impl Application {
         };
         let serve = serve(self.listener, self.router, self.tls, signal)?;
         let grace = self.grace;
-        tokio::select! {
-            r = serve => r.context("serving")?,
+        // Whatever ends the serving (a listener error too), the writers are
+        // flushed below before the result is returned.
+        let served = tokio::select! {
+            r = serve => r.context("serving"),
             _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period; stopping anyway");
+                Ok(())
             }
-        }
+        };
         if let Some(u) = upkeep {
             u.abort();
         }
@@ -263,7 +266,7 @@ impl Application {
         self.events_task.shutdown().await;
         self.store.close().await;
         tracing::info!("stopped");
-        Ok(())
+        served
     }
 }
 
