@@ -22,7 +22,7 @@ use switchyard_core::config::{ProviderConfig, ThinkingForm};
 use switchyard_core::openai::Usage;
 
 use crate::sse::{SseEvent, SseParser};
-use crate::upstream::{parse_url, secret_header, Upstream, UpstreamResponse};
+use crate::upstream::{parse_url, secret_header, Scrubber, Upstream, UpstreamResponse};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
@@ -242,8 +242,18 @@ impl ChatProvider for AnthropicProvider {
             .await
             .map_err(translate_status)?;
         match (call.stream, native) {
-            (true, true) => return Ok(ChatReply::AnthropicStream(native_stream(resp))),
-            (true, false) => return Ok(ChatReply::Stream(event_stream(resp))),
+            (true, true) => {
+                return Ok(ChatReply::AnthropicStream(native_stream(
+                    resp,
+                    self.upstream.scrubber(),
+                )))
+            }
+            (true, false) => {
+                return Ok(ChatReply::Stream(event_stream(
+                    resp,
+                    self.upstream.scrubber(),
+                )))
+            }
             (false, _) => {}
         }
         let bytes = resp.bytes().await?;
@@ -344,15 +354,17 @@ impl Events {
 
 struct EventState {
     events: Events,
+    scrubber: Scrubber,
     translator: AnthropicToOpenAiStream,
     pending: VecDeque<Bytes>,
     done: bool,
 }
 
 /// Anthropic events in, OpenAI chunk payloads out, one for one.
-fn event_stream(resp: UpstreamResponse) -> ChunkStream {
+fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
     let state = EventState {
         events: Events::new(resp),
+        scrubber,
         translator: AnthropicToOpenAiStream::new(now_secs()),
         pending: VecDeque::new(),
         done: false,
@@ -394,6 +406,10 @@ fn event_stream(resp: UpstreamResponse) -> ChunkStream {
                 }
                 StreamStep::Error { kind, message } => {
                     st.done = true;
+                    let (kind, message) = (
+                        st.scrubber.scrub_str(&kind),
+                        st.scrubber.scrub_str(&message),
+                    );
                     return Some((Err(stream_error(&kind, &message)), st));
                 }
             }
@@ -405,11 +421,11 @@ fn event_stream(resp: UpstreamResponse) -> ChunkStream {
 /// only for what ends them: `message_stop` completes the stream; an `error`
 /// event is the failure it names (an early `overloaded_error` fails over
 /// like a 529); a stream that stops before `message_stop` is truncated.
-fn native_stream(resp: UpstreamResponse) -> ChunkStream {
+fn native_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
     let state = (Events::new(resp), false);
-    Box::pin(futures::stream::unfold(
-        state,
-        |(mut events, done)| async move {
+    Box::pin(futures::stream::unfold(state, move |(mut events, done)| {
+        let scrubber = scrubber.clone();
+        async move {
             if done {
                 return None;
             }
@@ -437,14 +453,15 @@ fn native_stream(resp: UpstreamResponse) -> ChunkStream {
                     let kind = Some(text("/error/type"))
                         .filter(|k| !k.is_empty())
                         .unwrap_or_else(|| "api_error".into());
-                    let failure = stream_error(&kind, &text("/error/message"));
+                    let message = scrubber.scrub_str(&text("/error/message"));
+                    let failure = stream_error(&scrubber.scrub_str(&kind), &message);
                     Some((Err(failure), (events, true)))
                 }
                 Some("message_stop") => Some((Ok(ev.data), (events, true))),
                 _ => Some((Ok(ev.data), (events, false))),
             }
-        },
-    ))
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -56,6 +56,56 @@ impl Scrubber {
         ))))
     }
 
+    /// The key's length: a body cut shorter than this after a match could
+    /// end inside the key.
+    fn key_len(&self) -> usize {
+        self.0.as_ref().map_or(0, |k| k.expose_secret().len())
+    }
+
+    /// Text (already decoded) with the key replaced.
+    pub(crate) fn scrub_str(&self, text: &str) -> String {
+        match &self.0 {
+            Some(key) if !key.expose_secret().is_empty() => {
+                text.replace(key.expose_secret(), "[redacted]")
+            }
+            _ => text.to_owned(),
+        }
+    }
+
+    /// A JSON body whose strings, once decoded, hold the key (written with
+    /// escapes such as `\/` or `\u0073`, which the byte search misses):
+    /// written again with them scrubbed. Other bodies are returned as they are.
+    fn scrub_decoded(&self, body: Bytes) -> Bytes {
+        fn walk(v: &mut serde_json::Value, s: &Scrubber, changed: &mut bool) {
+            match v {
+                serde_json::Value::String(t) => {
+                    let clean = s.scrub_str(t);
+                    if clean != *t {
+                        *t = clean;
+                        *changed = true;
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    items.iter_mut().for_each(|x| walk(x, s, changed))
+                }
+                serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, s, changed)),
+                _ => {}
+            }
+        }
+        if self.key_len() == 0 {
+            return body;
+        }
+        let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            return body;
+        };
+        let mut changed = false;
+        walk(&mut v, self, &mut changed);
+        match changed {
+            true => serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body),
+            false => body,
+        }
+    }
+
     pub(crate) fn scrub(&self, body: Bytes) -> Bytes {
         let Some(key) = &self.0 else { return body };
         let key = key.expose_secret().as_bytes();
@@ -302,15 +352,20 @@ impl Upstream {
     }
 
     async fn read_bounded(&self, resp: &mut UpstreamResponse, limit: usize) -> Bytes {
+        // Read past the limit by a key's length and scrub before cutting, so
+        // that a key across the cut is found whole.
+        let read_to = limit + self.key.key_len();
         let mut out = Vec::new();
         while let Ok(Some(chunk)) = resp.chunk().await {
-            let room = limit.saturating_sub(out.len());
+            let room = read_to.saturating_sub(out.len());
             out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if out.len() >= limit {
+            if out.len() >= read_to {
                 break;
             }
         }
-        self.scrub(Bytes::from(out))
+        let mut scrubbed = self.scrub(Bytes::from(out));
+        scrubbed.truncate(limit);
+        self.key.scrub_decoded(scrubbed)
     }
 
     /// Removes the provider key from text the provider sent back.
@@ -379,6 +434,26 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_written_with_json_escapes_is_scrubbed_too() {
+        let s = Scrubber::for_key("sk-ab/cd");
+        let escaped =
+            Bytes::from_static(br#"{"error":{"message":"bad key sk-ab\/cd","type":"x"}}"#);
+        let out = s.scrub_decoded(s.scrub(escaped));
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            !text.contains("sk-ab") && text.contains("[redacted]"),
+            "{text}"
+        );
+        let unicode = Bytes::from_static(br#"{"message":"\u0073k-ab/cd"}"#);
+        let text = String::from_utf8(s.scrub_decoded(unicode).to_vec()).unwrap();
+        assert!(!text.contains("k-ab/cd"), "{text}");
+        // Bodies without the key, or not JSON, are left as they are.
+        let plain = Bytes::from_static(br#"{"message":  "fine"}"#);
+        assert_eq!(s.scrub_decoded(plain.clone()), plain);
+        assert_eq!(s.scrub_str("key sk-ab/cd!"), "key [redacted]!");
+    }
 
     #[test]
     fn retry_after_reads_dates_and_survives_absurd_values() {
