@@ -732,9 +732,11 @@ impl Config {
                     // toml appends "in `section`" on a second line; the path already says it.
                     let message = message.lines().next().unwrap_or_default().to_owned();
                     // The value itself is not repeated: it may be a secret.
+                    let about_value =
+                        message.starts_with("invalid type") || message.starts_with("invalid value");
                     let message = match typed.iter().find(|(keys, _)| keys.join(".") == path) {
-                        Some(_) => without_quoted_value(&message),
-                        None => message,
+                        Some(_) if about_value => without_quoted_value(&message),
+                        _ => message,
                     };
                     return Err(ConfigError::invalid(
                         if path == "." {
