@@ -11,7 +11,7 @@ use crate::config::ThinkingForm;
 mod schema;
 
 /// The `max_tokens` sent to Anthropic when the client gave none (Anthropic
-/// requires one).
+/// requires one), unless the provider sets `max_tokens_default`.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// Why a body could not be translated; becomes a 400.
@@ -322,7 +322,7 @@ pub fn request_to_anthropic(
     model: &str,
     stream: bool,
 ) -> Result<Value, TranslateError> {
-    request_to_anthropic_with(body, model, ThinkingForm::Auto, stream)
+    request_to_anthropic_with(body, model, ThinkingForm::Auto, DEFAULT_MAX_TOKENS, stream)
 }
 
 /// [`request_to_anthropic`] with the form of extended thinking the
@@ -331,6 +331,7 @@ pub fn request_to_anthropic_with(
     body: &Map<String, Value>,
     model: &str,
     thinking_form: ThinkingForm,
+    max_tokens_default: u64,
     stream: bool,
 ) -> Result<Value, TranslateError> {
     refuse_what_anthropic_cannot_do(body)?;
@@ -362,6 +363,9 @@ pub fn request_to_anthropic_with(
             }
             "user" => {
                 let mut blocks = user_blocks(m.get("content"), i)?;
+                if blocks.is_empty() {
+                    continue; // an empty user turn says nothing either
+                }
                 keep_message_mark(&mut blocks, m);
                 push_blocks(&mut out, "user", blocks);
             }
@@ -450,7 +454,7 @@ pub fn request_to_anthropic_with(
     // room), and at least Anthropic's least, 1,024.
     let (max_tokens, thinking) = match (asked, thinking) {
         (None, Some(Thinking::Budget(b) | Thinking::Adaptive(_, b))) => {
-            (DEFAULT_MAX_TOKENS + b, thinking)
+            (max_tokens_default.saturating_add(b), thinking)
         }
         (Some(m), Some(Thinking::Budget(b))) => {
             if m <= 1024 {
@@ -466,7 +470,7 @@ pub fn request_to_anthropic_with(
             }
             (m, Some(Thinking::Budget(b.min((m / 2).max(1024)))))
         }
-        (m, t) => (m.unwrap_or(DEFAULT_MAX_TOKENS), t),
+        (m, t) => (m.unwrap_or(max_tokens_default), t),
     };
     req.insert("max_tokens".into(), json!(max_tokens));
     match thinking {
@@ -502,14 +506,19 @@ pub fn request_to_anthropic_with(
             req.insert(key.into(), v.clone());
         }
     }
-    match body.get("stop") {
-        Some(Value::String(s)) => {
-            req.insert("stop_sequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) if !a.is_empty() => {
-            req.insert("stop_sequences".into(), Value::Array(a.clone()));
-        }
-        _ => {}
+    // Anthropic refuses a stop sequence that is only whitespace (OpenAI
+    // takes `"\n"`): such sequences are left out, as LiteLLM does.
+    let stops: Vec<Value> = match body.get("stop") {
+        Some(Value::String(s)) => vec![json!(s)],
+        Some(Value::Array(a)) => a.clone(),
+        _ => Vec::new(),
+    };
+    let stops: Vec<Value> = stops
+        .into_iter()
+        .filter(|s| s.as_str().is_none_or(|s| !s.trim().is_empty()))
+        .collect();
+    if !stops.is_empty() {
+        req.insert("stop_sequences".into(), Value::Array(stops));
     }
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let tools: Vec<Value> = tools
@@ -645,12 +654,22 @@ fn text_blocks(content: Option<&Value>) -> Vec<Value> {
     }
 }
 
+/// A user message's content as blocks. Text that is empty or only
+/// whitespace is left out: Anthropic refuses such a block (OpenAI takes it).
 fn user_blocks(content: Option<&Value>, i: usize) -> Result<Vec<Value>, TranslateError> {
+    let blank = |p: &Value| {
+        p.get("type").and_then(Value::as_str) == Some("text")
+            && p.get("text")
+                .and_then(Value::as_str)
+                .is_none_or(|t| t.trim().is_empty())
+    };
     match content {
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![json!({"type": "text", "text": s})]),
         Some(Value::Array(parts)) => parts
             .iter()
             .enumerate()
+            .filter(|(_, p)| !blank(p))
             .map(|(j, p)| match p.get("type").and_then(Value::as_str) {
                 Some("text") => Ok(with_cache_mark(
                     json!({"type": "text", "text": p.get("text").cloned().unwrap_or(json!(""))}),
@@ -2372,9 +2391,11 @@ pub fn error_type_for_status(status: u16) -> &'static str {
         403 => "permission_error",
         404 => "not_found_error",
         413 => "request_too_large",
+        402 => "billing_error",
         429 => "rate_limit_error",
         400..=499 => "invalid_request_error",
         503 | 529 => "overloaded_error",
+        504 => "timeout_error",
         _ => "api_error",
     }
 }
@@ -2388,6 +2409,7 @@ mod tests {
         for (status, ty) in [
             (400, "invalid_request_error"),
             (401, "authentication_error"),
+            (402, "billing_error"),
             (403, "permission_error"),
             (404, "not_found_error"),
             (405, "invalid_request_error"),
@@ -2398,7 +2420,7 @@ mod tests {
             (500, "api_error"),
             (502, "api_error"),
             (503, "overloaded_error"),
-            (504, "api_error"),
+            (504, "timeout_error"),
             (529, "overloaded_error"),
         ] {
             assert_eq!(error_type_for_status(status), ty, "{status}");
@@ -2407,6 +2429,51 @@ mod tests {
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn a_provider_may_give_its_own_default_max_tokens() {
+        let body = obj(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
+        let r =
+            request_to_anthropic_with(&body, "claude-x", ThinkingForm::Auto, 32000, false).unwrap();
+        assert_eq!(r["max_tokens"], 32000);
+        // What the client asks for wins.
+        let mut asked = body.clone();
+        asked.insert("max_tokens".into(), json!(100));
+        let r = request_to_anthropic_with(&asked, "claude-x", ThinkingForm::Auto, 32000, false)
+            .unwrap();
+        assert_eq!(r["max_tokens"], 100);
+    }
+
+    #[test]
+    fn what_anthropic_refuses_but_openai_takes_is_left_out() {
+        // Whitespace-only stop sequences: Anthropic answers 400 for them.
+        let body = obj(
+            json!({"model": "m", "stop": ["\n", "END", " "], "messages": [
+            {"role": "user", "content": "hi"}]}),
+        );
+        let req = request_to_anthropic(&body, "claude-x", false).unwrap();
+        assert_eq!(req["stop_sequences"], json!(["END"]));
+        let body = obj(json!({"model": "m", "stop": "\n", "messages": [
+            {"role": "user", "content": "hi"}]}));
+        let req = request_to_anthropic(&body, "claude-x", false).unwrap();
+        assert!(req.get("stop_sequences").is_none(), "{req}");
+        // Empty user text: Anthropic refuses an empty text block.
+        let body = obj(json!({"model": "m", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "again"}]},
+            {"role": "user", "content": ""},
+        ]}));
+        let req = request_to_anthropic(&body, "claude-x", false).unwrap();
+        assert_eq!(
+            req["messages"],
+            json!([
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+                {"role": "user", "content": [{"type": "text", "text": "again"}]},
+            ])
+        );
     }
 
     #[test]
@@ -2751,14 +2818,20 @@ mod tests {
     #[test]
     fn the_providers_setting_overrides_the_model_id() {
         let body = chat_with(json!({"reasoning_effort": "low"}));
-        let r = request_to_anthropic_with(&body, "my-claude", ThinkingForm::Budget, false).unwrap();
+        let r = request_to_anthropic_with(&body, "my-claude", ThinkingForm::Budget, 4096, false)
+            .unwrap();
         assert_eq!(
             r["thinking"],
             json!({"type": "enabled", "budget_tokens": 1024})
         );
-        let r =
-            request_to_anthropic_with(&body, "claude-sonnet-4-5", ThinkingForm::Adaptive, false)
-                .unwrap();
+        let r = request_to_anthropic_with(
+            &body,
+            "claude-sonnet-4-5",
+            ThinkingForm::Adaptive,
+            4096,
+            false,
+        )
+        .unwrap();
         assert_eq!(r["thinking"], json!({"type": "adaptive"}));
     }
 

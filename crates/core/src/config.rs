@@ -398,6 +398,11 @@ pub struct ProviderConfig {
     /// models take when an OpenAI client asks for it (`reasoning_effort`).
     #[serde(default, skip_serializing_if = "ThinkingForm::is_auto")]
     pub thinking: ThinkingForm,
+    /// `anthropic` providers only: the `max_tokens` sent when an OpenAI
+    /// client gives none (Anthropic requires one; OpenAI's default is the
+    /// model's whole output limit). Unset: 4096, as LiteLLM sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_default: Option<u64>,
 }
 
 /// The form of extended thinking an Anthropic model takes.
@@ -865,6 +870,20 @@ impl Config {
                     format!("providers.{name}.thinking"),
                     "only an anthropic provider has a form of extended thinking to choose",
                 ));
+            }
+            if let Some(n) = p.max_tokens_default {
+                if p.kind != ProviderKind::Anthropic {
+                    return Err(ConfigError::invalid(
+                        format!("providers.{name}.max_tokens_default"),
+                        "only an anthropic provider needs a max_tokens when the client gives none",
+                    ));
+                }
+                if !(1..=1_000_000).contains(&n) {
+                    return Err(ConfigError::invalid(
+                        format!("providers.{name}.max_tokens_default"),
+                        "expected 1 to 1000000",
+                    ));
+                }
             }
             if p.kind == ProviderKind::Local {
                 if !p.base_url.is_empty() {
@@ -1943,6 +1962,33 @@ mod tests {
         );
         assert_eq!(c.price_for("p", "m").unwrap().input_per_mtok, 3.0);
         assert!(c.price_for("p", "other").is_none());
+    }
+
+    #[test]
+    fn a_default_max_tokens_is_an_anthropic_providers_and_bounded() {
+        let load = |p: &str| {
+            Config::load(
+                Some(("f.toml", &format!("[providers.p]\n{p}\n"))),
+                &Env::new(),
+            )
+        };
+        let c =
+            load("kind = \"anthropic\"\nbase_url = \"http://a/v1\"\nmax_tokens_default = 32000")
+                .unwrap();
+        assert_eq!(c.providers["p"].max_tokens_default, Some(32000));
+        for (p, expected) in [
+            (
+                "kind = \"openai\"\nbase_url = \"http://p/v1\"\nmax_tokens_default = 8",
+                "providers.p.max_tokens_default: only an anthropic provider",
+            ),
+            (
+                "kind = \"anthropic\"\nbase_url = \"http://a/v1\"\nmax_tokens_default = 0",
+                "providers.p.max_tokens_default: expected 1 to 1000000",
+            ),
+        ] {
+            let e = load(p).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{e}");
+        }
     }
 
     #[test]

@@ -134,6 +134,7 @@ impl Config {
                 timeout_secs: 600,
                 server_tools: false,
                 thinking: Default::default(),
+                max_tokens_default: None,
             },
         );
         let mut alias = |name: &str, model: &str| {

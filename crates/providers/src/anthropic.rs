@@ -39,6 +39,8 @@ pub struct AnthropicProvider {
     upstream: Upstream,
     server_tools: bool,
     thinking: ThinkingForm,
+    /// `max_tokens` for an OpenAI client that gives none.
+    max_tokens_default: u64,
 }
 
 impl AnthropicProvider {
@@ -60,6 +62,9 @@ impl AnthropicProvider {
             upstream: Upstream::new(config, headers)?,
             server_tools: config.server_tools,
             thinking: config.thinking,
+            max_tokens_default: config
+                .max_tokens_default
+                .unwrap_or(switchyard_core::anthropic::DEFAULT_MAX_TOKENS),
         })
     }
 }
@@ -145,7 +150,9 @@ fn stream_error(kind: &str, message: &str) -> ProviderError {
         "not_found_error" => 404,
         "request_too_large" => 413,
         "rate_limit_error" => 429,
+        "billing_error" => 402,
         "api_error" => 500,
+        "timeout_error" => 504,
         "overloaded_error" => 529,
         _ => return ProviderError::Broken(format!("{kind}: {message}")),
     };
@@ -227,6 +234,7 @@ impl ChatProvider for AnthropicProvider {
                 call.body,
                 call.upstream_model,
                 self.thinking,
+                self.max_tokens_default,
                 call.stream,
             )
             .map_err(|e| ProviderError::Status {

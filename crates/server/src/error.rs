@@ -17,6 +17,10 @@ pub struct ApiError {
     /// For the log only.
     pub internal: Option<String>,
     pub retry_after: Option<u64>,
+    /// The provider was overloaded (Anthropic's 529, or a local model's full
+    /// queue): Anthropic's clients are told so with its own status, 529
+    /// `overloaded_error`.
+    pub overloaded: bool,
 }
 
 /// Internal detail of a failed request, for the request log line.
@@ -35,6 +39,7 @@ impl ApiError {
             },
             internal: None,
             retry_after: None,
+            overloaded: false,
         }
     }
 
@@ -49,6 +54,7 @@ impl ApiError {
             },
             internal: None,
             retry_after: None,
+            overloaded: false,
         }
     }
 
@@ -158,18 +164,24 @@ fn from_provider(p: ProviderError) -> ApiError {
                 }),
                 internal: Some(detail),
                 retry_after: None,
+                overloaded: false,
             };
             err.retry_after = retry_after.map(|d| d.as_secs_f64().ceil() as u64);
             err
         }
         ProviderError::Status { .. } | ProviderError::Timeout(_) | ProviderError::Connect(_) => {
-            ApiError::internal(
+            // Anthropic's own overload; another provider's 503 may be
+            // anything from maintenance to an outage, and stays a 502.
+            let overloaded = matches!(p, ProviderError::Status { status: 529, .. });
+            let mut err = ApiError::internal(
                 status,
                 "upstream_error",
                 p.code(),
                 &provider_message(&p),
                 detail,
-            )
+            );
+            err.overloaded = overloaded;
+            err
         }
         ProviderError::Overloaded { retry_after } => {
             let mut err = ApiError::internal(
@@ -180,6 +192,7 @@ fn from_provider(p: ProviderError) -> ApiError {
                 detail,
             );
             err.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+            err.overloaded = true;
             err
         }
         ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {

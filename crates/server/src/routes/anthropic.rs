@@ -38,8 +38,13 @@ fn anthropic_error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Re-shapes an OpenAI-style error response, keeping status, headers and the
-/// logged detail.
-fn to_anthropic(e: ApiError) -> Response {
+/// logged detail; an overloaded provider, or no deployment available, is
+/// Anthropic's 529 `overloaded_error` (what its SDKs raise `OverloadedError`
+/// for and retry), not a 502 or 503.
+fn to_anthropic(mut e: ApiError) -> Response {
+    if e.overloaded || e.status == StatusCode::SERVICE_UNAVAILABLE {
+        e.status = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    }
     e.reshaped(|status, body| anthropic_error(status, &body.message))
 }
 

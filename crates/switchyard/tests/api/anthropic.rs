@@ -1643,3 +1643,26 @@ async fn an_anthropic_providers_thinking_setting_names_the_form_for_its_models()
     );
     assert!(sent.get("output_config").is_none());
 }
+
+/// An overloaded Anthropic (529 on every try) is 529 `overloaded_error` to
+/// a Messages client, as Anthropic says it (its SDKs raise and retry
+/// `OverloadedError` for it), while an OpenAI client gets the gateway's 502.
+#[tokio::test]
+async fn an_overloaded_provider_is_anthropics_529_to_a_messages_client() {
+    let (app, anthropic) = with_anthropic_and("", "[resilience]\nmax_attempts = 1\n").await;
+    anthropic.update(|b| b.always = Some(Fault::Status(529)));
+    let resp = app
+        .post_json("/v1/messages", &messages_body("claude"))
+        .await;
+    assert_eq!(resp.status().as_u16(), 529);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "overloaded_error");
+    let resp = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(resp.status().as_u16(), 502);
+}
