@@ -17,6 +17,9 @@ use tracing::Instrument;
 use crate::auth::Family;
 use crate::error::ErrorDetail;
 
+/// The longest `X-Request-Id` echoed; a longer one is replaced by the
+/// trace's own id.
+const MAX_REQUEST_ID_BYTES: usize = 256;
 /// The model alias a handler served, for metric labels. Only configured
 /// aliases are ever set, so the label's cardinality stays bounded.
 #[derive(Clone, Debug)]
@@ -38,8 +41,14 @@ pub async fn observe(
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::from_traceparent)
         .unwrap_or_else(TraceContext::new_root);
-    let request_id = req.headers().get("x-request-id").cloned();
-    let anthropic = Family::of(req.uri().path()) == Family::Anthropic;
+    // Echoed as given, unless too long to be an id (a header is not a place
+    // to send a client kilobytes back).
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .filter(|v| v.len() <= MAX_REQUEST_ID_BYTES)
+        .cloned();
+    let anthropic = Family::of_request(req.uri().path(), req.headers()) == Family::Anthropic;
     let matched = req.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = req.method().clone();

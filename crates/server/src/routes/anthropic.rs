@@ -346,11 +346,7 @@ fn native_event_stream(
             StreamEvent::Chunk(data) => {
                 let name = event_name(&data);
                 stopped |= name.as_deref() == Some("message_stop");
-                out.put_slice(b"event: ");
-                out.put_slice(name.as_deref().unwrap_or("message").as_bytes());
-                out.put_slice(b"\ndata: ");
-                out.put_slice(&data);
-                out.put_slice(b"\n\n");
+                relayed_frame(&mut out, name.as_deref().unwrap_or("message"), &data);
             }
             StreamEvent::Done if !stopped => {
                 frame(&mut out, &("message_stop", json!({"type": "message_stop"})));
@@ -394,9 +390,37 @@ fn event_stream(
     super::openai::sse(Body::from_stream(frames))
 }
 
+/// An upstream event as an SSE frame: one `data:` line per line of its
+/// data, since a line break inside would end the field, and the event,
+/// early.
+fn relayed_frame(out: &mut BytesMut, name: &str, data: &[u8]) {
+    out.put_slice(b"event: ");
+    out.put_slice(name.as_bytes());
+    out.put_slice(b"\n");
+    for line in data.split(|&c| c == b'\n') {
+        out.put_slice(b"data: ");
+        out.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        out.put_slice(b"\n");
+    }
+    out.put_slice(b"\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relayed_events_lines_are_each_a_data_line() {
+        let mut out = BytesMut::new();
+        relayed_frame(&mut out, "ping", br#"{"type":"ping"}"#);
+        assert_eq!(&out[..], b"event: ping\ndata: {\"type\":\"ping\"}\n\n");
+        let mut out = BytesMut::new();
+        relayed_frame(&mut out, "message_delta", b"{\"a\":\r\n1}");
+        assert_eq!(
+            &out[..],
+            b"event: message_delta\ndata: {\"a\":\ndata: 1}\n\n"
+        );
+    }
 
     #[test]
     fn an_events_name_is_its_datas_type_wherever_the_type_is() {

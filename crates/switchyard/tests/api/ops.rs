@@ -130,6 +130,32 @@ async fn a_traceparent_is_continued_and_the_request_id_echoed() {
         .to_str()
         .unwrap()
         .starts_with("req_"));
+    // The model list, which both APIs share, is Anthropic's to a client
+    // that sends `anthropic-version`, `request-id` included.
+    let models = app
+        .client
+        .get(app.url("/v1/models"))
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        models.headers()["request-id"],
+        models.headers()["x-request-id"]
+    );
+    // An id too long to be one is not echoed: the trace's own is sent.
+    let long = app
+        .client
+        .get(app.url("/health"))
+        .header("x-request-id", "x".repeat(300))
+        .send()
+        .await
+        .unwrap();
+    let tp = long.headers()["traceparent"].to_str().unwrap();
+    assert_eq!(
+        long.headers()["x-request-id"].to_str().unwrap(),
+        format!("req_{}", &tp[3..35])
+    );
     let v = wait_for_log_json(&app, |l| l.contains("\"route\":\"/v1/chat/completions\""))
         .await
         .expect("a request log line");
