@@ -1578,11 +1578,17 @@ async fn a_trace_lists_the_request_lifecycle_in_order() {
     // visible, the writer (first in, first out) has written everything before.
     let m = api.reply(&sid, "after").await;
     api.finished_trace(m["trace_id"].as_str().unwrap()).await;
-    assert_eq!(
-        metric(&app, "switchyard_events_written_total").await - rows_before,
-        1.0,
-        "only the reply's events are a bus_events row"
-    );
+    // The counter moves just after the row's commit, which the trace read
+    // may see first: wait for it (bounded), then check it moved by one.
+    let mut written = 0.0;
+    for _ in 0..100 {
+        written = metric(&app, "switchyard_events_written_total").await - rows_before;
+        if written >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(written, 1.0, "only the reply's events are a bus_events row");
 
     let err = native_error(
         api.get("/v1/traces/0123456789abcdef0123456789abcdef").await,
