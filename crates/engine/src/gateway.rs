@@ -382,6 +382,11 @@ impl Gateway {
             {
                 None => continue,
                 Some(Ok(n)) => return Ok(Some(n)),
+                // The provider judged the request (e.g. a tool_use with no
+                // tool_result): the client hears it, as Anthropic would say it.
+                Some(Err(e)) if matches!(status_for(&e), 400 | 404 | 409 | 413 | 422) => {
+                    return Err(EngineError::Provider(e));
+                }
                 Some(Err(e)) => {
                     tracing::warn!(deployment = %d.id, error = %e, code = e.code(), "token count failed; estimating");
                     return Ok(None);

@@ -1111,6 +1111,24 @@ async fn count_tokens_asks_anthropic_for_an_anthropic_backed_alias_and_estimates
     assert!(estimated.0 > 0);
     assert_eq!(app.mock().calls(), 0, "counting calls no chat provider");
     assert_eq!(anthropic.calls(), 2, "one count each, no retries");
+
+    // A request Anthropic refuses is refused, as Anthropic would say it,
+    // not estimated.
+    anthropic.push_fault(Fault::Status(400));
+    let refused = app.post_json("/v1/messages/count_tokens", &body).await;
+    assert_eq!(refused.status(), 400);
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("invalid_request_error"))
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("injected status 400"),
+        "{v}"
+    );
 }
 
 #[tokio::test]
