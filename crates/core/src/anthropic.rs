@@ -2073,6 +2073,15 @@ pub fn response_to_anthropic(resp: &Value, model: &str, thinking: bool) -> Value
             content.push(json!({"type": "text", "text": text}));
         }
     }
+    // OpenAI's refusal (structured outputs) is its own field; Anthropic says
+    // it as text with the stop reason `refusal`.
+    let refusal = msg
+        .get("refusal")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty());
+    if let Some(r) = refusal {
+        content.push(json!({"type": "text", "text": r}));
+    }
     for call in msg
         .get("tool_calls")
         .and_then(Value::as_array)
@@ -2093,11 +2102,14 @@ pub fn response_to_anthropic(resp: &Value, model: &str, thinking: bool) -> Value
     }
     let called = content.iter().any(|b| b["type"] == "tool_use");
     let id = resp.get("id").and_then(Value::as_str).unwrap_or("");
-    let (stop_reason, stop_sequence) = final_stop(
-        choice.get("finish_reason").and_then(Value::as_str),
-        &choice,
-        called,
-    );
+    let (stop_reason, stop_sequence) = match refusal {
+        Some(_) => ("refusal", Value::Null),
+        None => final_stop(
+            choice.get("finish_reason").and_then(Value::as_str),
+            &choice,
+            called,
+        ),
+    };
     json!({
         "id": anthropic_id(id),
         "type": "message",
@@ -2210,6 +2222,9 @@ pub struct OpenAiToAnthropicStream {
     thinking: bool,
     /// The id of the open tool block's call, as the provider sent it.
     open_call_id: Option<String>,
+    /// The model refused (OpenAI's `refusal` deltas): the stop reason is
+    /// `refusal`.
+    refused: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -2235,6 +2250,7 @@ impl OpenAiToAnthropicStream {
             stop_reason: None,
             stop_sequence: Value::Null,
             open_call_id: None,
+            refused: false,
             called: false,
             usage: None,
         }
@@ -2301,7 +2317,15 @@ impl OpenAiToAnthropicStream {
             };
             out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": reasoning}})));
         }
-        if let Some(text) = delta.get("content").and_then(Value::as_str) {
+        let refusal = delta
+            .get("refusal")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty());
+        self.refused |= refusal.is_some();
+        for text in [delta.get("content").and_then(Value::as_str), refusal]
+            .into_iter()
+            .flatten()
+        {
             if !text.is_empty() {
                 let index = match self.open {
                     Some((i, OpenBlock::Text)) => i,
@@ -2348,7 +2372,10 @@ impl OpenAiToAnthropicStream {
             }
         }
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            let (stop, seq) = final_stop(Some(reason), choice, self.called);
+            let (stop, seq) = match self.refused {
+                true => ("refusal", Value::Null),
+                false => final_stop(Some(reason), choice, self.called),
+            };
             self.stop_reason = Some(stop);
             self.stop_sequence = seq;
         }
@@ -4035,6 +4062,37 @@ mod tests {
             let e = MessagesRequest::parse(&obj(body.clone())).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
+    }
+
+    #[test]
+    fn an_openai_refusal_is_anthropics_refusal() {
+        let resp = json!({"id": "c", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": null, "refusal": "I can't help with that."}}]});
+        let m = response_to_anthropic(&resp, "alias", false);
+        assert_eq!(m["stop_reason"], "refusal");
+        assert_eq!(
+            m["content"],
+            json!([{"type": "text", "text": "I can't help with that."}])
+        );
+        let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+        let mut events = Vec::new();
+        for c in [
+            json!({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "refusal": ""}}]}),
+            json!({"id": "c", "choices": [{"index": 0, "delta": {"refusal": "I can't"}}]}),
+            json!({"id": "c", "choices": [{"index": 0, "delta": {"refusal": " help."}}]}),
+            json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ] {
+            events.extend(s.chunk(&c));
+        }
+        events.extend(s.finish());
+        let text: String = events
+            .iter()
+            .filter(|(n, _)| *n == "content_block_delta")
+            .map(|(_, e)| e["delta"]["text"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(text, "I can't help.");
+        let delta = events.iter().find(|(n, _)| *n == "message_delta").unwrap();
+        assert_eq!(delta.1["delta"]["stop_reason"], "refusal");
     }
 
     #[test]
