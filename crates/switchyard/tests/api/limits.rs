@@ -795,17 +795,11 @@ async fn a_retired_path_outside_functions_counts_as_chat() {
         .config("[[sessions.retired_paths]]\npath = \"/api/chat\"\nsunset = \"2999-01-01\"\n")
         .spawn()
         .await;
-    let created: Value = app
-        .client
-        .post(app.url("/v1/admin/keys"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "old-client", "role": "service", "limits": {"rates": {"chat": "1/min"}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created = post_key(
+        &app,
+        json!({"name": "old-client", "role": "service", "limits": {"rates": {"chat": "1/min"}}}),
+    )
+    .await;
     let key = created["key"].as_str().unwrap();
     let old_chat = || {
         app.client

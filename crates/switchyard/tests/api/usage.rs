@@ -166,6 +166,21 @@ async fn a_usage_row_records_tokens_cost_latency_and_ttft() {
     assert_eq!((r.status, r.error_code.as_deref()), (200, None));
 }
 
+/// A client that reads a stream's first chunk and goes away (the mock holds
+/// the rest until then).
+async fn abandon_a_stream(app: &TestApp) {
+    app.mock().hold_streams();
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
+        .await;
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap().unwrap();
+    drop(reader);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.mock().release_streams();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
 #[tokio::test]
 async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
     let mut app = spawn().await;
@@ -177,16 +192,7 @@ async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
         .unwrap();
     app.mock().update(|b| b.always = None);
     // A client that goes away mid-stream.
-    app.mock().hold_streams();
-    let resp = app
-        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
-        .await;
-    let mut reader = SseReader::new(resp);
-    reader.next().await.unwrap().unwrap();
-    drop(reader);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    app.mock().release_streams();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    abandon_a_stream(&app).await;
 
     app.stop_gracefully().await;
 
@@ -217,16 +223,7 @@ async fn a_stream_that_ends_early_is_charged_estimated_tokens() {
     let body = resp.text().await.unwrap();
     assert!(body.contains("\"error\""), "{body}");
     // Left by the client after the role chunk.
-    app.mock().hold_streams();
-    let resp = app
-        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
-        .await;
-    let mut reader = SseReader::new(resp);
-    reader.next().await.unwrap().unwrap();
-    drop(reader);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    app.mock().release_streams();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    abandon_a_stream(&app).await;
     app.stop_gracefully().await;
 
     let mut rows = usage_rows(&app).await;
