@@ -14,7 +14,10 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
         .await
         .context("opening the store")?;
     store.migrate().await.context("migrating the store")?;
-    let identity = Identity::start(store.clone(), false, config.auth.admin_key.as_ref(), None)
+    // No bootstrap key: storing one (and revoking the keys of earlier
+    // values) is the server's, at its start; a stale SWITCHYARD_ADMIN_KEY in
+    // an operator's shell must not rotate the running server's key away.
+    let identity = Identity::start(store.clone(), false, None, None)
         .await
         .context("loading identity")?;
     let actor = Actor::cli();

@@ -104,25 +104,74 @@ async fn open_development_mode_serves_without_a_key_until_the_first_key_exists()
     assert_eq!(chat_status(&app, Some(key)).await, StatusCode::OK);
 }
 
+/// Runs `switchyard --config CONFIG ARGS…` (the bootstrap key unset, `env`
+/// set), asserts that it succeeds and returns its stdout and stderr.
+fn cli(config: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (String, String) {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--config").arg(config).args(args);
+    cmd.env_remove("SWITCHYARD_ADMIN_KEY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// The bootstrap key is the server's to store and rotate: the CLI run with
+/// another value (a stale shell) leaves the running server's key working.
+#[tokio::test]
+async fn the_cli_never_rotates_the_bootstrap_key() {
+    let app = with_admin().await;
+    let stale = "an-old-bootstrap-value-0123456789abcdef0123";
+    cli(
+        &app.config_path,
+        &["keys", "list", "--tenant", "default"],
+        &[("SWITCHYARD_ADMIN_KEY", stale)],
+    );
+    let (status, _, _) = send(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/keys",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(
+        &app,
+        reqwest::Method::GET,
+        "/v1/admin/keys",
+        Some(stale),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "nor is the stale value stored"
+    );
+}
+
 /// The startup warning says to end the mode with `switchyard keys create`,
 /// which runs in a process of its own: the server must notice the key.
 #[tokio::test]
 async fn a_key_created_with_the_cli_ends_open_development_mode_of_a_running_server() {
     let app = spawn().await;
     assert_eq!(chat_status(&app, None).await, StatusCode::OK);
-    let out = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&app.config_path)
-        .args(["keys", "create", "--name", "cli", "--role", "admin"])
-        .env_remove("SWITCHYARD_ADMIN_KEY")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (out, _) = cli(
+        &app.config_path,
+        &["keys", "create", "--name", "cli", "--role", "admin"],
+        &[],
     );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let key = out.trim().to_owned();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while chat_status(&app, None).await == StatusCode::OK && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -441,24 +490,7 @@ fn the_cli_creates_lists_and_revokes_keys_the_server_accepts() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .env_remove("SWITCHYARD_ADMIN_KEY")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    };
+    let run = |args: &[&str]| cli(&config, args, &[]);
     let (key, note) = run(&[
         "keys", "create", "--name", "ci", "--role", "service", "--tenant", "acme",
     ]);
@@ -836,21 +868,12 @@ async fn a_revocation_by_the_cli_reaches_running_servers_through_redis() {
     assert_eq!(chat_status(&app, Some(&key)).await, StatusCode::OK);
     assert_eq!(chat_status(&app, Some(&key)).await, StatusCode::OK);
 
-    let out = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&app.config_path)
-        .args(["keys", "revoke", created["id"].as_str().unwrap()])
-        .args(["--tenant", "default"])
-        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
-        .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let id = created["id"].as_str().unwrap();
+    let (_, stderr) = cli(
+        &app.config_path,
+        &["keys", "revoke", id, "--tenant", "default"],
+        &[("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("Redis"), "{stderr}");
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
