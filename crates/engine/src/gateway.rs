@@ -425,25 +425,16 @@ impl Gateway {
     ) -> Result<ChatOutcome, EngineError> {
         self.check_max_tokens(req)?;
         let route = self.route(&req.model)?;
-        // A cap is a cap for requests that name no limit too: they get it
-        // (the provider's own default is often the model's whole output).
-        let capped;
-        let body = match self.max_tokens {
-            Some(cap)
-                if !req.body.contains_key("max_tokens")
-                    && !req.body.contains_key("max_completion_tokens") =>
-            {
-                let mut b = req.body.clone();
-                b.insert("max_tokens".into(), serde_json::json!(cap));
-                capped = b;
-                &capped
-            }
-            _ => &req.body,
-        };
         let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream);
         match self
             .router
-            .chat(route, body, req.anthropic.as_ref(), req.stream, &acc.events)
+            .chat(
+                route,
+                &req.body,
+                req.anthropic.as_ref(),
+                req.stream,
+                &acc.events,
+            )
             .await
         {
             Ok(served) => {
