@@ -230,10 +230,23 @@ impl Identity {
                 });
             }
             let hash = keys::hash_hex(key);
-            if store.find_api_key_by_hash(&hash).await?.is_none() {
+            let current = store.find_api_key_by_hash(&hash).await?;
+            // When this value's key was stored (ids are time-ordered too,
+            // for two stored in one millisecond).
+            let new_key_id = new_id();
+            let current_at = match &current {
+                Some(k) => (k.created_at_ms, k.id.clone()),
+                None => (now, new_key_id.clone()),
+            };
+            if current.as_ref().is_some_and(|k| !k.is_active(now)) {
+                // Rolled back to a value a rotation revoked: it stays revoked
+                // (so does nothing else), and the operator is told.
+                tracing::warn!("SWITCHYARD_ADMIN_KEY names a key that was revoked (an earlier value, rotated away): it does not work; set a new value");
+            }
+            if current.is_none() {
                 store
                     .insert_api_key(&ApiKeyRecord {
-                        id: new_id(),
+                        id: new_key_id,
                         tenant_id: DEFAULT_TENANT.into(),
                         name: "bootstrap admin (SWITCHYARD_ADMIN_KEY)".into(),
                         role: Role::Admin,
@@ -253,8 +266,16 @@ impl Identity {
             }
             // A changed SWITCHYARD_ADMIN_KEY is a rotation: the keys earlier
             // values stored stop working, as an operator who rotates expects.
+            // Only keys stored before this value's: an instance still on an
+            // older value (a rolling deploy, a rollback) revokes nothing newer.
+            let current_is_active = current.as_ref().is_none_or(|k| k.is_active(now));
             for old in store.list_api_keys(DEFAULT_TENANT).await? {
-                if old.created_by == "bootstrap" && old.key_hash != hash && old.is_active(now) {
+                if current_is_active
+                    && old.created_by == "bootstrap"
+                    && old.key_hash != hash
+                    && (old.created_at_ms, &old.id) < (current_at.0, &current_at.1)
+                    && old.is_active(now)
+                {
                     store.revoke_api_key(DEFAULT_TENANT, &old.id, now).await?;
                     store
                         .insert_audit(&[AuditRecord {

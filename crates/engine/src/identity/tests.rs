@@ -166,6 +166,20 @@ async fn a_bootstrap_admin_key_is_stored_once_and_authenticates() {
         .unwrap();
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].actor, "bootstrap");
+    // Rolled back to the first value (or an instance still on it restarts):
+    // it stays revoked, and it revokes nothing newer, so the second still
+    // works: no way to lock every admin out.
+    let id = Identity::start(store.clone(), true, Some(&secret), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        id.authenticate(&"x".repeat(40)).await,
+        Err(AuthError::InvalidKey)
+    ));
+    assert_eq!(
+        id.authenticate(&"y".repeat(40)).await.unwrap().role,
+        Role::Admin
+    );
     let short = SecretString::from("short".to_owned());
     assert!(matches!(
         Identity::start(store, true, Some(&short), None).await,
