@@ -384,7 +384,9 @@ impl Gateway {
                 Some(Ok(n)) => return Ok(Some(n)),
                 // The provider judged the request (e.g. a tool_use with no
                 // tool_result): the client hears it, as Anthropic would say it.
-                Some(Err(e)) if matches!(status_for(&e), 400 | 404 | 409 | 413 | 422) => {
+                // (Not a 404: from an Anthropic-compatible proxy it most
+                // often means it has no count_tokens endpoint.)
+                Some(Err(e)) if matches!(status_for(&e), 400 | 409 | 413 | 422) => {
                     return Err(EngineError::Provider(e));
                 }
                 Some(Err(e)) => {

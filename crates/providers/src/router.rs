@@ -103,6 +103,7 @@ impl Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use rand::SeedableRng;
 
     struct Never;
@@ -142,6 +143,58 @@ mod tests {
             total_timeout: Duration::from_secs(1),
             health: HealthStats::default(),
         })
+    }
+
+    /// Drains a stream wrapped as a committed one, as the client would.
+    async fn settle_stream(d: &Arc<Deployment>, items: Vec<Result<Bytes, ProviderError>>) {
+        let permit = d.breaker.try_acquire().0.expect("closed");
+        let inner: ChunkStream = Box::pin(futures::stream::iter(items));
+        let mut s = settle_at_end(inner, permit, d, Duration::from_millis(5));
+        while s.next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn a_clean_close_counts_as_a_cut_unless_the_answer_had_ended() {
+        let chunk = |j: &str| Ok(Bytes::from(j.to_owned()));
+        // Closed without [DONE] after the finish reason: a success.
+        let d = dep("a");
+        for _ in 0..5 {
+            settle_stream(
+                &d,
+                vec![
+                    chunk(r#"{"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}"#),
+                    chunk(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#),
+                    Err(ProviderError::Truncated),
+                ],
+            )
+            .await;
+        }
+        assert_eq!(d.breaker.state(), BreakerState::Closed);
+        assert_eq!(d.health.snapshot().error_rate, 0.0);
+        // Closed before any end (an Anthropic stream's stop_reason counts
+        // too): a failure, and five open the breaker.
+        let d = dep("b");
+        for _ in 0..5 {
+            settle_stream(
+                &d,
+                vec![
+                    chunk(r#"{"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}"#),
+                    Err(ProviderError::Truncated),
+                ],
+            )
+            .await;
+        }
+        assert_eq!(d.breaker.state(), BreakerState::Open);
+        let d = dep("c");
+        settle_stream(
+            &d,
+            vec![
+                chunk(r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"}}"#),
+                Err(ProviderError::Truncated),
+            ],
+        )
+        .await;
+        assert_eq!(d.health.snapshot().error_rate, 0.0);
     }
 
     fn entry(priority: u32, weight: u32, id: &str) -> RouteEntry {
@@ -486,6 +539,36 @@ struct Settling {
     first_byte: Duration,
     /// The request's span, so that a transition logs its trace id.
     span: tracing::Span,
+    /// A finish reason (OpenAI) or stop reason (Anthropic) went by: a clean
+    /// close after it is a complete answer, before it a cut one.
+    finished: bool,
+}
+
+/// Whether a chunk (OpenAI) or event (Anthropic) carries its answer's end:
+/// a `finish_reason` or `stop_reason` with a string value, found without
+/// parsing (a quoted key cannot occur inside a string value).
+fn ends_the_answer(chunk: &[u8]) -> bool {
+    static KEYS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 2]> =
+        std::sync::LazyLock::new(|| {
+            [
+                memchr::memmem::Finder::new(b"\"finish_reason\""),
+                memchr::memmem::Finder::new(b"\"stop_reason\""),
+            ]
+        });
+    KEYS.iter().any(|key| {
+        let mut rest = chunk;
+        while let Some(i) = key.find(rest) {
+            rest = &rest[i + key.needle().len()..];
+            match rest
+                .iter()
+                .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
+            {
+                Some(b'"') => return true,
+                _ => continue,
+            }
+        }
+        false
+    })
 }
 
 fn settle_at_end(
@@ -500,6 +583,7 @@ fn settle_at_end(
         deployment: deployment.clone(),
         first_byte,
         span: tracing::Span::current(),
+        finished: false,
     })
 }
 
@@ -510,10 +594,14 @@ impl Settling {
         };
         let d = &self.deployment;
         let _entered = self.span.enter();
+        // The end, or a close without `[DONE]` after the answer's end (many
+        // servers do): answered. A close before it is a cut.
+        let error = match error {
+            Some(ProviderError::Truncated) if self.finished => None,
+            other => other,
+        };
         match error {
-            // Closed without `[DONE]` (many servers do, after a complete
-            // answer), or refused for the request's own sake: answered.
-            None | Some(ProviderError::Truncated) => {
+            None => {
                 log_stream_transition(d, permit.success());
                 d.health.record_success(self.first_byte);
             }
@@ -542,7 +630,11 @@ impl futures::Stream for Settling {
         match &item {
             None => self.settle(None),
             Some(Err(e)) => self.settle(Some(e)),
-            Some(Ok(_)) => {}
+            Some(Ok(chunk)) => {
+                if !self.finished && ends_the_answer(chunk) {
+                    self.finished = true;
+                }
+            }
         }
         std::task::Poll::Ready(item)
     }
