@@ -60,9 +60,22 @@ pub(crate) struct MeteredStream {
 }
 
 /// The keys whose string values are generated text: in OpenAI chunks, and
-/// in Anthropic events.
-const OPENAI_TEXT: &[&[u8]] = &[b"\"content\"", b"\"arguments\"", b"\"reasoning_content\""];
-const ANTHROPIC_TEXT: &[&[u8]] = &[b"\"text\"", b"\"partial_json\"", b"\"thinking\""];
+/// in Anthropic events. Searchers built once, not for every chunk.
+type Finders = std::sync::LazyLock<[memchr::memmem::Finder<'static>; 3]>;
+static OPENAI_TEXT: Finders = std::sync::LazyLock::new(|| {
+    [
+        memchr::memmem::Finder::new(b"\"content\""),
+        memchr::memmem::Finder::new(b"\"arguments\""),
+        memchr::memmem::Finder::new(b"\"reasoning_content\""),
+    ]
+});
+static ANTHROPIC_TEXT: Finders = std::sync::LazyLock::new(|| {
+    [
+        memchr::memmem::Finder::new(b"\"text\""),
+        memchr::memmem::Finder::new(b"\"partial_json\""),
+        memchr::memmem::Finder::new(b"\"thinking\""),
+    ]
+});
 
 impl MeteredStream {
     pub(crate) fn new(
@@ -165,10 +178,10 @@ impl MeteredStream {
     }
 
     fn note_text(&mut self, chunk: &[u8]) {
-        let keys = if self.anthropic.is_some() {
-            ANTHROPIC_TEXT
+        let keys: &[memchr::memmem::Finder<'static>] = if self.anthropic.is_some() {
+            &*ANTHROPIC_TEXT
         } else {
-            OPENAI_TEXT
+            &*OPENAI_TEXT
         };
         let n = string_bytes(chunk, keys);
         if n > 0 {
@@ -181,12 +194,12 @@ impl MeteredStream {
 /// Total bytes (as written, escapes included) of the string values of the
 /// quoted `keys` in `json`, without parsing it. A quoted key cannot occur
 /// inside a string value, where its quotes would be escaped.
-fn string_bytes(json: &[u8], keys: &[&[u8]]) -> u64 {
+fn string_bytes(json: &[u8], keys: &[memchr::memmem::Finder<'static>]) -> u64 {
     let mut total = 0;
     for key in keys {
         let mut rest = json;
-        while let Some(i) = memchr::memmem::find(rest, key) {
-            rest = &rest[i + key.len()..];
+        while let Some(i) = key.find(rest) {
+            rest = &rest[i + key.needle().len()..];
             let Some(start) = rest
                 .iter()
                 .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
@@ -360,7 +373,7 @@ mod tests {
 
     #[test]
     fn text_is_measured_in_chunks_without_parsing_them() {
-        let openai = |c: &str| string_bytes(c.as_bytes(), OPENAI_TEXT);
+        let openai = |c: &str| string_bytes(c.as_bytes(), &*OPENAI_TEXT);
         assert_eq!(openai(r#"{"choices":[{"delta":{"content":"Hello"}}]}"#), 5);
         assert_eq!(
             openai(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#),
@@ -380,7 +393,7 @@ mod tests {
             ),
             5 + r#"{\"a\":1}"#.len() as u64
         );
-        let anthropic = |c: &str| string_bytes(c.as_bytes(), ANTHROPIC_TEXT);
+        let anthropic = |c: &str| string_bytes(c.as_bytes(), &*ANTHROPIC_TEXT);
         assert_eq!(
             anthropic(
                 r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi there"}}"#
