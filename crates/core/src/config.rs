@@ -1149,6 +1149,8 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
                 default_base: DEFAULT_CHAT_BASE,
                 key: chat_key,
                 explicit_key: chat_key_explicit,
+                // OPENAI_API_KEY is OpenAI's.
+                key_base: DEFAULT_CHAT_BASE,
             },
         );
         let model = chat_model.unwrap_or(DEFAULT_CHAT_MODEL);
@@ -1170,6 +1172,8 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
                 default_base: DEFAULT_CHAT_BASE,
                 key: embed_key.or(chat_key),
                 explicit_key: embed_key,
+                // The chat key is for the chat provider's host.
+                key_base: chat_base.unwrap_or(DEFAULT_CHAT_BASE),
             },
         );
         let model = embed_model.unwrap_or(DEFAULT_EMBEDDING_MODEL);
@@ -1200,6 +1204,7 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
                 default_base: DEFAULT_ANTHROPIC_BASE,
                 key: Some(key),
                 explicit_key: Some(key),
+                key_base: DEFAULT_ANTHROPIC_BASE,
             },
         );
         if is_new {
@@ -1283,6 +1288,9 @@ struct Shortcut<'a> {
     key: Option<&'a str>,
     /// The key the provider's own variable gave.
     explicit_key: Option<&'a str>,
+    /// The base URL the fallback key (`key` when not `explicit_key`) was
+    /// given for: a provider the file points elsewhere never gets it.
+    key_base: &'a str,
 }
 
 /// Defines provider `name` from the shortcut variables. One the file
@@ -1319,10 +1327,13 @@ fn upsert_provider(tree: &mut toml::Table, name: &str, s: Shortcut<'_>) {
     if let Some(base) = s.explicit_base {
         set(t, "base_url", base.trim_end_matches('/'));
     }
-    if let Some(k) = s
-        .explicit_key
-        .or(s.key.filter(|_| !t.contains_key("api_key")))
-    {
+    let same_host = |t: &toml::Table| {
+        t.get("base_url")
+            .and_then(toml::Value::as_str)
+            .is_some_and(|b| b.trim_end_matches('/') == s.key_base.trim_end_matches('/'))
+    };
+    let fallback = s.key.filter(|_| !t.contains_key("api_key") && same_host(t));
+    if let Some(k) = s.explicit_key.or(fallback) {
         set(t, "api_key", k);
     }
 }
@@ -1898,6 +1909,24 @@ mod tests {
             c.providers["embedding"].base_url,
             "https://api.deepinfra.com/v1/openai"
         );
+        // A keyless provider of the file elsewhere than OpenAI never gets
+        // OPENAI_API_KEY; one at OpenAI's own URL does.
+        let keyless = |base: &str| {
+            format!(
+                "[providers.chat]\nkind = \"openai\"\nbase_url = \"{base}\"\n[models.default]\nprovider = \"chat\"\nmodel = \"m\"\n"
+            )
+        };
+        let with_openai_key = |file: &str| {
+            Config::load(
+                Some(("f.toml", file)),
+                &env(&[("OPENAI_API_KEY", "sk-stray")]),
+            )
+            .unwrap()
+        };
+        let c = with_openai_key(&keyless("http://localhost:8000/v1"));
+        assert_eq!(key(&c, "chat"), None);
+        let c = with_openai_key(&keyless("https://api.openai.com/v1"));
+        assert_eq!(key(&c, "chat").as_deref(), Some("sk-stray"));
         // An anthropic provider of the file keeps its base URL and kind.
         let c = load(&[("ANTHROPIC_API_KEY", "sk-ant")]);
         assert_eq!(
