@@ -712,7 +712,9 @@ impl Config {
             None => toml::Table::new(),
         };
         apply_shortcuts(&mut tree, env)?;
-        let typed = apply_env_overrides(&mut tree, env)?;
+        let set_by_env = apply_env_overrides(&mut tree, env)?;
+        let typed: Vec<&(Vec<String>, String, bool)> =
+            set_by_env.iter().filter(|(_, _, typed)| *typed).collect();
         // A variable's value is typed by its look (`8080` is a number), but
         // some string keys take digits (an API key, an instance id): where
         // such a value meets a string key, it is read again as the string
@@ -726,9 +728,9 @@ impl Config {
                     let message = e.inner().to_string();
                     let as_string = message.contains("expected a string")
                         || message.contains("expected string");
-                    if let Some((keys, raw)) = typed
+                    if let Some((keys, raw, _)) = typed
                         .iter()
-                        .find(|(keys, _)| keys.join(".") == path)
+                        .find(|(keys, _, _)| keys.join(".") == path)
                         .filter(|_| as_string && retried.insert(path.clone()))
                     {
                         set_path(&mut tree, keys, toml::Value::String(raw.clone()));
@@ -737,11 +739,13 @@ impl Config {
                     // toml appends "in `section`" on a second line; the path already says it.
                     let message = message.lines().next().unwrap_or_default().to_owned();
                     // The value itself is not repeated: it may be a secret.
-                    let about_value =
-                        message.starts_with("invalid type") || message.starts_with("invalid value");
-                    let message = match typed.iter().find(|(keys, _)| keys.join(".") == path) {
-                        Some(_) if about_value => without_quoted_value(&message),
-                        _ => message,
+                    let about_value = message.starts_with("invalid type")
+                        || message.starts_with("invalid value")
+                        || message.starts_with("unknown variant");
+                    let from_env = set_by_env.iter().any(|(keys, _, _)| keys.join(".") == path);
+                    let message = match from_env && about_value {
+                        true => without_quoted_value(&message),
+                        false => message,
                     };
                     return Err(ConfigError::invalid(
                         if path == "." {
@@ -1369,21 +1373,29 @@ fn set_path(tree: &mut toml::Table, keys: &[String], value: toml::Value) {
 /// serde's ``invalid type: integer `12345`, expected a string`` without the
 /// quoted value.
 fn without_quoted_value(message: &str) -> String {
-    match (message.find(" `"), message.find("`,")) {
-        (Some(a), Some(b)) if a < b => format!("{}{}", &message[..a], &message[b + 1..]),
-        _ => message.to_owned(),
+    // ``integer `12345`, expected…``, `string "sk-…", expected…`,
+    // ``unknown variant `x`, expected…``.
+    for q in ['`', '"'] {
+        let (open, close) = (format!(" {q}"), format!("{q},"));
+        if let Some(a) = message.find(&open) {
+            if let Some(b) = message[a + 2..].find(&close) {
+                let b = a + 2 + b;
+                return format!("{}{}", &message[..a], &message[b + 1..]);
+            }
+        }
     }
+    message.to_owned()
 }
 
 /// `SWITCHYARD_SERVER__LISTEN=…` sets `server.listen`; any depth works
 /// (`SWITCHYARD_PROVIDERS__OPENAI__API_KEY`). Only names with `__` are
 /// overrides, so `SWITCHYARD_CONFIG` and test variables are not mistaken for keys.
-/// Returns the keys set to a value typed by its look (not a string), with
-/// the text they were given as.
+/// Returns the keys set, with the text each was given as and whether it
+/// was typed by its look (not read as a string).
 fn apply_env_overrides(
     tree: &mut toml::Table,
     env: &Env,
-) -> Result<Vec<(Vec<String>, String)>, ConfigError> {
+) -> Result<Vec<(Vec<String>, String, bool)>, ConfigError> {
     let mut typed = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
@@ -1413,9 +1425,7 @@ fn apply_env_overrides(
         }
         if let Some(last) = path.last() {
             let value = env_value(raw);
-            if !value.is_str() {
-                typed.push((path.clone(), raw.clone()));
-            }
+            typed.push((path.clone(), raw.clone(), !value.is_str()));
             table.insert(last.clone(), value);
         }
     }
@@ -1615,6 +1625,17 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("7777"), "{err}");
+        // Nor a string value, nor an unknown variant.
+        for (var, key) in [
+            ("SWITCHYARD_SERVER__MAX_BODY_BYTES", "server.max_body_bytes"),
+            ("SWITCHYARD_LOG__FORMAT", "log.format"),
+        ] {
+            let err = Config::load(None, &env(&[(var, "sk-live-secret")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{err}");
+            assert!(!err.contains("sk-live"), "{err}");
+        }
     }
 
     #[test]
