@@ -364,7 +364,16 @@ pub fn request_to_anthropic_with(
             "user" => {
                 let mut blocks = user_blocks(m.get("content"), i)?;
                 if blocks.is_empty() {
-                    continue; // an empty user turn says nothing either
+                    // Left out, an empty last turn would leave the assistant's
+                    // as the last, which Anthropic reads as a prefill to go on.
+                    if i + 1 == messages.len() {
+                        return Err(bad(
+                            &format!("messages[{i}].content"),
+                            "This model's provider (Anthropic) refuses an empty user message: \
+                             send some text, or leave the message out.",
+                        ));
+                    }
+                    continue; // an empty user turn in between says nothing
                 }
                 keep_message_mark(&mut blocks, m);
                 push_blocks(&mut out, "user", blocks);
@@ -2489,8 +2498,8 @@ mod tests {
         let body = obj(json!({"model": "m", "messages": [
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "again"}]},
             {"role": "user", "content": ""},
+            {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "again"}]},
         ]}));
         let req = request_to_anthropic(&body, "claude-x", false).unwrap();
         assert_eq!(
@@ -2501,6 +2510,15 @@ mod tests {
                 {"role": "user", "content": [{"type": "text", "text": "again"}]},
             ])
         );
+        // An empty last turn is refused, not left out: the assistant's would
+        // then be the last, a prefill.
+        let body = obj(json!({"model": "m", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": " "},
+        ]}));
+        let e = request_to_anthropic(&body, "claude-x", false).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[2].content"));
     }
 
     #[test]
