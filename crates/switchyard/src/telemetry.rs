@@ -93,6 +93,10 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
         "Trace events waiting to be written"
     );
     metrics::describe_counter!(
+        "switchyard_upstream_stream_failures_total",
+        "Streams that broke after their first chunk, by deployment (counted against its breaker)"
+    );
+    metrics::describe_counter!(
         "switchyard_retention_deleted_total",
         "Rows deleted by retention, by log (usage_logs, bus_events, audit_logs)"
     );
