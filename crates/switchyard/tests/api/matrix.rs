@@ -669,6 +669,9 @@ impl<'a> World<'a> {
         let calls = self.app.mock().calls() - calls;
 
         assert_eq!(answer.status, row.want[col], "{cell}: {}", answer.text);
+        if answer.status >= 400 {
+            assert_error_shape(&path, &answer, &cell);
+        }
         for k in &self.keys {
             assert!(!answer.text.contains(k.as_str()), "{cell} shows a key");
         }
@@ -720,6 +723,34 @@ impl<'a> World<'a> {
             0
         }
     }
+}
+
+/// A refusal's body is its API family's error object, with a message: an
+/// OpenAI-shaped `{"error":{message,type,param,code}}`, Anthropic's
+/// `{"type":"error","error":{type,message}}`, or the native
+/// `{"error":{code,message,details}}`.
+fn assert_error_shape(path: &str, answer: &Answer, cell: &str) {
+    let v = answer.json();
+    let message = |e: &Value| e["message"].as_str().is_some_and(|m| !m.is_empty());
+    let native = [
+        "/v1/admin/",
+        "/v1/sessions",
+        "/v1/bots",
+        "/v1/traces",
+        "/v1/users/",
+        "/functions/",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p));
+    let ok = if path.starts_with("/v1/messages") {
+        v["type"] == "error" && v["error"]["type"].is_string() && message(&v["error"])
+    } else if native {
+        v["error"]["code"].is_string() && v["error"]["details"].is_object() && message(&v["error"])
+    } else {
+        let e = &v["error"];
+        e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some() && message(e)
+    };
+    assert!(ok, "{cell}: not its family's error body: {}", answer.text);
 }
 
 #[tokio::test]
