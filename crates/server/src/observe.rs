@@ -61,6 +61,9 @@ pub async fn observe(
     // Authentication and limits run here rather than as middleware of their
     // own: one middleware layer per request instead of three.
     let mut resp = async {
+        if let Some(refused) = unreadable_target(&req) {
+            return refused;
+        }
         match crate::auth::admit(&state, req).await {
             Ok(req) => crate::limit::rate_limit(&state, req, next).await,
             Err(refused) => refused,
@@ -123,6 +126,47 @@ pub async fn observe(
         headers.insert("x-request-id", id);
     }
     resp
+}
+
+/// A request whose path or query string, once its `%XX` escapes are
+/// decoded, is not UTF-8 or holds a NUL: refused here in its API's error
+/// shape (the router would answer a plain-text 400 for the path, and a NUL
+/// reaching PostgreSQL is an error of the database, not of the request).
+fn unreadable_target(req: &Request) -> Option<Response> {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or("", |pq| pq.as_str());
+    if !target.contains('%') {
+        return None; // undecoded text is UTF-8 (a `Uri` is ASCII) with no NUL
+    }
+    let decoded = percent_decode(target.as_bytes());
+    if !decoded.contains(&0) && std::str::from_utf8(&decoded).is_ok() {
+        return None;
+    }
+    let family = Family::of_request(uri.path(), req.headers());
+    Some(crate::auth::family_error(
+        family,
+        axum::http::StatusCode::BAD_REQUEST,
+        Some("invalid_url"),
+        "The request's path or query string is not valid UTF-8, or holds a NUL (`%00`), once its %-escapes are decoded.",
+    ))
+}
+
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
 }
 
 /// The security headers every response carries.

@@ -718,3 +718,49 @@ async fn resuming_events_refuses_a_bad_query_string_natively() {
         .await;
     }
 }
+
+/// A path or query string that is not UTF-8, or holds a NUL, once decoded:
+/// 400 in the route's own error shape (not the router's plain text, and no
+/// NUL reaching the database).
+#[tokio::test]
+async fn a_path_or_query_that_is_not_utf8_or_holds_a_nul_is_400_in_shape() {
+    let app = spawn().await;
+    const WHY: &str = "The request's path or query string is not valid UTF-8, or holds a NUL (`%00`), once its %-escapes are decoded.";
+    for path in [
+        "/v1/bots/%FF",
+        "/v1/sessions/a%00b",
+        "/v1/sessions?cursor=%00",
+        "/v1/traces/%C3%28",
+    ] {
+        let resp = send(&app, Method::GET, path, Some(ADMIN), None).await;
+        native_empty(resp, 400, "invalid_url", WHY).await;
+    }
+    let resp = send(
+        &app,
+        Method::POST,
+        "/v1/chat/completions?x=%FF",
+        Some(ADMIN),
+        Some(&chat_body("gpt-4o-mini")),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["error"]["code"].as_str(), v["error"]["type"].as_str()),
+        (Some("invalid_url"), Some("invalid_request_error"))
+    );
+    let resp = send(
+        &app,
+        Method::POST,
+        "/v1/messages/%FF",
+        Some(ADMIN),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    // Escapes that decode to UTF-8 are fine: an unknown bot, as ever.
+    let resp = send(&app, Method::GET, "/v1/bots/caf%C3%A9", Some(ADMIN), None).await;
+    assert_eq!(resp.status(), 404);
+}
