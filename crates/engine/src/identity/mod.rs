@@ -429,7 +429,7 @@ impl Identity {
         actor.require_admin()?;
         let tenant_id = actor.tenant(new.tenant_id.as_deref())?;
         let name = new.name.trim();
-        if name.is_empty() || name.len() > 200 {
+        if name.is_empty() || name.chars().count() > 200 {
             return Err(IdentityError::Invalid {
                 field: "name",
                 message: "name must be 1 to 200 characters".into(),
@@ -514,7 +514,7 @@ impl Identity {
         let before = record.clone();
         if let Some(name) = update.name {
             let name = name.trim();
-            if name.is_empty() || name.len() > 200 {
+            if name.is_empty() || name.chars().count() > 200 {
                 return Err(IdentityError::Invalid {
                     field: "name",
                     message: "name must be 1 to 200 characters".into(),

@@ -525,6 +525,7 @@ pub async fn invalidate_auth_cache(
 /// a malformed one is a native 400 naming it rather than axum's plain-text
 /// rejection.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuditParams {
     tenant_id: Option<String>,
     action: Option<String>,

@@ -381,4 +381,23 @@ async fn audit_query_numbers_out_of_range_or_malformed_are_refused_naming_them()
     for query in ["limit=1", "limit=500", "since=-5&until=99999999999999999"] {
         get(&app, &format!("/v1/admin/audit?{query}"), OPERATOR).await;
     }
+    // A misspelt parameter is refused, not ignored (`tenant` for
+    // `tenant_id` would read the caller's own tenant's events).
+    let (status, body, _) = send(
+        &app,
+        Method::GET,
+        "/v1/admin/audit?tenant=acme",
+        OPERATOR,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant"),
+        "{body}"
+    );
 }
