@@ -20,7 +20,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use switchyard_core::anthropic::Tokens;
 use switchyard_core::openai::Usage;
-use switchyard_providers::{ChunkStream, ProviderError};
+use switchyard_providers::{scan, ChunkStream, ProviderError};
 
 use crate::gateway::Accounting;
 
@@ -116,7 +116,7 @@ impl MeteredStream {
 
     /// Reads an Anthropic event for its usage and stop reason.
     fn note_event(&mut self, event: &[u8]) {
-        if !self.saw_finish && has_string_value(event, b"\"stop_reason\"") {
+        if !self.saw_finish && scan::has_string_value(event, &scan::STOP_REASON) {
             self.saw_finish = true;
         }
         let Some(tokens) = self.anthropic.as_mut() else {
@@ -200,16 +200,10 @@ fn string_bytes(json: &[u8], keys: &[memchr::memmem::Finder<'static>]) -> u64 {
         let mut rest = json;
         while let Some(i) = key.find(rest) {
             rest = &rest[i + key.needle().len()..];
-            let Some(start) = rest
-                .iter()
-                .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
-            else {
-                break;
-            };
-            if rest[start] != b'"' {
+            let Some(value) = scan::string_value_after(rest) else {
                 continue;
-            }
-            rest = &rest[start + 1..];
+            };
+            rest = value;
             // The closing quote: the first one after an even run of backslashes.
             let mut from = 0;
             let end = loop {
@@ -273,29 +267,6 @@ fn has_usage_object(chunk: &[u8]) -> bool {
         .is_some_and(|b| *b == b'{')
 }
 
-fn has_finish_reason(chunk: &[u8]) -> bool {
-    has_string_value(chunk, b"\"finish_reason\"")
-}
-
-/// Whether some `key` (quoted) in `json` has a string value, not `null`,
-/// without parsing it (a quoted key cannot occur inside a string value,
-/// where its quotes would be escaped).
-fn has_string_value(json: &[u8], key: &[u8]) -> bool {
-    let mut rest = json;
-    while let Some(i) = memchr::memmem::find(rest, key) {
-        rest = &rest[i + key.len()..];
-        if let Some(b) = rest
-            .iter()
-            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
-        {
-            if *b == b'"' {
-                return true;
-            }
-        }
-    }
-    false
-}
-
 impl Stream for MeteredStream {
     type Item = StreamEvent;
 
@@ -316,7 +287,7 @@ impl Stream for MeteredStream {
                         this.note_event(&chunk);
                         return Poll::Ready(Some(StreamEvent::Chunk(chunk)));
                     }
-                    if !this.saw_finish && has_finish_reason(&chunk) {
+                    if !this.saw_finish && scan::has_string_value(&chunk, &scan::FINISH_REASON) {
                         this.note_finish(&chunk);
                     }
                     if has_usage_object(&chunk) {
@@ -458,34 +429,5 @@ mod tests {
         let mut done = 0u128;
         let both = r#"{"choices":[{"index":0,"finish_reason":"stop"},{"index":1,"finish_reason":"stop"}]}"#;
         assert!(all_finished(both.as_bytes(), 2, &mut done));
-    }
-
-    #[test]
-    fn finds_anthropic_stop_reasons_but_not_nulls() {
-        assert!(!has_string_value(
-            br#"{"type":"message_start","message":{"stop_reason":null}}"#,
-            b"\"stop_reason\""
-        ));
-        assert!(has_string_value(
-            br#"{"type":"message_delta","delta":{"stop_reason": "end_turn"}}"#,
-            b"\"stop_reason\""
-        ));
-        assert!(!has_string_value(
-            br#"{"type":"content_block_delta","delta":{"text":"\"stop_reason\": \"x\""}}"#,
-            b"\"stop_reason\""
-        ));
-    }
-
-    #[test]
-    fn finds_finish_reasons_but_not_nulls() {
-        assert!(has_finish_reason(
-            br#"{"choices":[{"finish_reason":"stop"}]}"#
-        ));
-        assert!(has_finish_reason(
-            br#"{"choices":[{"finish_reason": null},{"finish_reason": "length"}]}"#
-        ));
-        assert!(!has_finish_reason(
-            br#"{"choices":[{"finish_reason":null}]}"#
-        ));
     }
 }

@@ -13,6 +13,7 @@ pub mod health;
 pub mod openai;
 pub mod retry;
 pub mod router;
+pub mod scan;
 pub mod sse;
 mod upstream;
 

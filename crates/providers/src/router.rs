@@ -544,33 +544,6 @@ struct Settling {
     finished: bool,
 }
 
-/// Whether a chunk (OpenAI) or event (Anthropic) carries its answer's end:
-/// a `finish_reason` or `stop_reason` with a string value, found without
-/// parsing (a quoted key cannot occur inside a string value).
-fn ends_the_answer(chunk: &[u8]) -> bool {
-    static KEYS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 2]> =
-        std::sync::LazyLock::new(|| {
-            [
-                memchr::memmem::Finder::new(b"\"finish_reason\""),
-                memchr::memmem::Finder::new(b"\"stop_reason\""),
-            ]
-        });
-    KEYS.iter().any(|key| {
-        let mut rest = chunk;
-        while let Some(i) = key.find(rest) {
-            rest = &rest[i + key.needle().len()..];
-            match rest
-                .iter()
-                .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b':'))
-            {
-                Some(b'"') => return true,
-                _ => continue,
-            }
-        }
-        false
-    })
-}
-
 fn settle_at_end(
     inner: ChunkStream,
     permit: crate::breaker::Permit,
@@ -631,7 +604,7 @@ impl futures::Stream for Settling {
             None => self.settle(None),
             Some(Err(e)) => self.settle(Some(e)),
             Some(Ok(chunk)) => {
-                if !self.finished && ends_the_answer(chunk) {
+                if !self.finished && crate::scan::ends_the_answer(chunk) {
                     self.finished = true;
                 }
             }
