@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What one model request cost and how it went.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// UUIDv7, so rows sort by time.
     pub id: String,

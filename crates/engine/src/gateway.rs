@@ -10,7 +10,8 @@ use bytes::Bytes;
 use futures::Stream;
 use switchyard_core::config::{Config, Pricing, ProviderKind};
 use switchyard_core::openai::{
-    estimate_prompt_tokens, ChatRequest, EmbeddingsRequest, InvalidRequest, Usage,
+    estimate_embedding_tokens, estimate_prompt_tokens, ChatRequest, EmbeddingsRequest,
+    InvalidRequest, Usage,
 };
 use switchyard_core::usage::{new_id, UsageRecord};
 use switchyard_providers::anthropic::AnthropicProvider;
@@ -427,7 +428,8 @@ impl Gateway {
     ) -> Result<ChatOutcome, EngineError> {
         self.check_max_tokens(req)?;
         let route = self.route(&req.model)?;
-        let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream);
+        let prompt_estimate = estimate_prompt_tokens(&req.body);
+        let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream, prompt_estimate);
         match self
             .router
             .chat(
@@ -464,7 +466,7 @@ impl Gateway {
                                 .get("n")
                                 .and_then(serde_json::Value::as_u64)
                                 .unwrap_or(1),
-                            estimate_prompt_tokens(&req.body),
+                            prompt_estimate,
                             acc,
                         )),
                         provider,
@@ -472,11 +474,7 @@ impl Gateway {
                     }),
                     ChatReply::AnthropicStream(s) => Ok(ChatOutcome::Stream {
                         pricing: acc.pricing,
-                        events: Box::new(MeteredStream::anthropic(
-                            s,
-                            estimate_prompt_tokens(&req.body),
-                            acc,
-                        )),
+                        events: Box::new(MeteredStream::anthropic(s, prompt_estimate, acc)),
                         provider,
                         anthropic,
                     }),
@@ -493,7 +491,8 @@ impl Gateway {
         req: &EmbeddingsRequest,
     ) -> Result<(Bytes, Arc<str>), EngineError> {
         let route = self.route(&req.model)?;
-        let mut acc = Accounting::new(self, meta, "embeddings", &req.model, false);
+        let estimate = estimate_embedding_tokens(&req.body);
+        let mut acc = Accounting::new(self, meta, "embeddings", &req.model, false, estimate);
         match self
             .router
             .embed(route, &req.body, req.encoding_format, &acc.events)
@@ -586,6 +585,13 @@ pub fn status_for(e: &ProviderError) -> u16 {
 }
 
 /// Everything needed to write one usage row, carried until the call ends.
+///
+/// The row is written exactly once: by `finish` and its kin, or, when the
+/// call's future is dropped before its outcome (the client went away while
+/// the provider was being asked, or the server stopped waiting), on drop as
+/// a 499 `client_closed` with the prompt estimated. The provider was asked,
+/// so the request counts, and closing the connection is no way around a
+/// token limit.
 pub(crate) struct Accounting {
     writer: UsageWriter,
     metrics: Arc<CallMetrics>,
@@ -594,10 +600,32 @@ pub(crate) struct Accounting {
     record: UsageRecord,
     pricing: Option<Pricing>,
     started: Instant,
+    /// The request's prompt tokens, estimated, for a row written on drop.
+    prompt_estimate: u64,
+    written: bool,
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        if !self.written {
+            let usage = Usage {
+                prompt_tokens: self.prompt_estimate,
+                ..Usage::default()
+            };
+            self.write(499, Some("client_closed"), Some(usage), None);
+        }
+    }
 }
 
 impl Accounting {
-    fn new(gw: &Gateway, meta: &RequestMeta, endpoint: &str, alias: &str, stream: bool) -> Self {
+    fn new(
+        gw: &Gateway,
+        meta: &RequestMeta,
+        endpoint: &str,
+        alias: &str,
+        stream: bool,
+        prompt_estimate: u64,
+    ) -> Self {
         let created_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -626,6 +654,8 @@ impl Accounting {
             tokens: meta.tokens.clone(),
             pricing: None,
             started: meta.started,
+            prompt_estimate,
+            written: false,
             record: UsageRecord {
                 id: new_id(),
                 tenant_id: meta.tenant_id.clone(),
@@ -696,6 +726,17 @@ impl Accounting {
         usage: Option<Usage>,
         first_chunk: Option<Instant>,
     ) {
+        self.write(status, code, usage, first_chunk);
+    }
+
+    fn write(
+        &mut self,
+        status: u16,
+        code: Option<&'static str>,
+        usage: Option<Usage>,
+        first_chunk: Option<Instant>,
+    ) {
+        self.written = true;
         let r = &mut self.record;
         r.status = status;
         r.error_code = code.map(str::to_owned);
@@ -774,6 +815,6 @@ impl Accounting {
             prompt.increment(u.prompt_tokens);
             completion.increment(u.completion_tokens);
         }
-        self.writer.record(self.record);
+        self.writer.record(std::mem::take(&mut self.record));
     }
 }

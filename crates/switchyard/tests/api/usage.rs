@@ -208,6 +208,69 @@ async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
     );
 }
 
+/// A client that leaves while the provider is still being asked (a call
+/// not streamed, or a stream before its first chunk) still leaves its row:
+/// the provider was asked, so the request counts and is charged its prompt.
+#[tokio::test]
+async fn requests_left_before_the_answer_are_recorded_with_an_estimated_prompt() {
+    let mut app = spawn().await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let embed =
+        serde_json::json!({"model": "text-embedding-3-small", "input": ["abcdefgh", "xyz"]});
+    for (path, body) in [
+        ("/v1/chat/completions", chat_body("gpt-4o-mini")),
+        ("/v1/chat/completions", stream_body("gpt-4o-mini", true)),
+        ("/v1/embeddings", embed),
+    ] {
+        app.mock().push_fault(Fault::Hang);
+        let sent = client.post(app.url(path)).json(&body).send().await;
+        assert!(sent.is_err_and(|e| e.is_timeout()), "{path}");
+    }
+    // The server notices each departure on its own read of the socket.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.mock().requests().len() < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.stop_gracefully().await;
+
+    let mut rows = usage_rows(&app).await;
+    rows.sort_by_key(|r| (r.endpoint.clone(), r.stream));
+    let seen: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.endpoint.as_str(),
+                r.stream,
+                r.status,
+                r.error_code.as_deref(),
+                r.prompt_tokens,
+                r.completion_tokens,
+            )
+        })
+        .collect();
+    // "Say hello": 9 bytes, 3 tokens, plus 3 for the message; the inputs
+    // "abcdefgh" and "xyz": 2 tokens and 1.
+    assert_eq!(
+        seen,
+        [
+            ("chat", false, 499, Some("client_closed"), Some(6), Some(0)),
+            ("chat", true, 499, Some("client_closed"), Some(6), Some(0)),
+            (
+                "embeddings",
+                false,
+                499,
+                Some("client_closed"),
+                Some(3),
+                Some(0)
+            ),
+        ]
+    );
+}
+
 /// A stream that ends before its usage chunk is still charged: the
 /// provider bills what it generated, and closing a stream early must not be
 /// a way around budgets and token limits. Its row carries estimates.
