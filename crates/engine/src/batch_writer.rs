@@ -21,8 +21,9 @@ use switchyard_core::config::UsageConfig;
 use switchyard_core::sessions::EventsRow;
 use switchyard_core::usage::UsageRecord;
 use switchyard_store::{Store, StoreError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// A kind of row written in batches, with its metric names.
 #[async_trait]
@@ -93,6 +94,8 @@ struct Stats {
 /// The writing task; [`BatchWriterTask::shutdown`] flushes what is queued.
 pub struct BatchWriterTask {
     stop: Option<oneshot::Sender<()>>,
+    /// When set, the time by which the loop ends, writes in flight included.
+    deadline: watch::Sender<Option<Instant>>,
     join: Option<Running>,
 }
 
@@ -147,18 +150,21 @@ impl<T: Row> BatchWriter<T> {
                 writer,
                 BatchWriterTask {
                     stop: None,
+                    deadline: watch::Sender::new(None),
                     join: None,
                 },
             );
         }
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let (deadline_tx, deadline_rx) = watch::channel(None);
         let join = start(
             T::THREAD,
             run(
                 store,
                 rx,
                 stop_rx,
+                deadline_rx,
                 config.batch_size,
                 Duration::from_millis(config.flush_interval_ms),
                 stats.clone(),
@@ -171,6 +177,7 @@ impl<T: Row> BatchWriter<T> {
             },
             BatchWriterTask {
                 stop: Some(stop_tx),
+                deadline: deadline_tx,
                 join: Some(join),
             },
         )
@@ -208,7 +215,24 @@ impl<T: Row> BatchWriter<T> {
 
 impl BatchWriterTask {
     /// Stops accepting rows, writes every queued row, and returns.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop(None).await;
+    }
+
+    /// [`BatchWriterTask::shutdown`], done within `within`: a write still
+    /// running then (one started before the shutdown too) is abandoned, no
+    /// failed write is tried again past it, and the rows not written are
+    /// dropped and counted. A server's shutdown must end in bounded time
+    /// whatever the database does: an orchestrator kills it after its own
+    /// grace period, and then every row still queued is lost unreported.
+    pub async fn shutdown_within(self, within: Duration) {
+        self.stop(Some(Instant::now() + within)).await;
+    }
+
+    async fn stop(mut self, deadline: Option<Instant>) {
+        if deadline.is_some() {
+            self.deadline.send_replace(deadline);
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -233,6 +257,7 @@ async fn run<T: Row>(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<T>,
     mut stop: oneshot::Receiver<()>,
+    mut deadline: watch::Receiver<Option<Instant>>,
     batch_size: usize,
     flush_interval: Duration,
     stats: Arc<Stats>,
@@ -251,7 +276,7 @@ async fn run<T: Row>(
                     tokio::select! {
                         biased;
                         _ = &mut stop => {
-                            write(&*store, &mut batch, &stats).await;
+                            write(&*store, &mut batch, &stats, &mut deadline).await;
                             break;
                         }
                         _ = tokio::time::sleep(flush_interval) => {}
@@ -263,15 +288,15 @@ async fn run<T: Row>(
                         }
                     }
                 }
-                write(&*store, &mut batch, &stats).await;
+                write(&*store, &mut batch, &stats, &mut deadline).await;
             }
         }
     }
     rx.close();
     while rx.recv_many(&mut batch, batch_size).await > 0 {
-        write(&*store, &mut batch, &stats).await;
+        write(&*store, &mut batch, &stats, &mut deadline).await;
     }
-    write(&*store, &mut batch, &stats).await;
+    write(&*store, &mut batch, &stats, &mut deadline).await;
     tracing::info!(
         written = stats.written.load(Ordering::Relaxed),
         dropped = stats.dropped.load(Ordering::Relaxed),
@@ -280,13 +305,35 @@ async fn run<T: Row>(
     );
 }
 
-async fn write<T: Row>(store: &dyn Store, batch: &mut Vec<T>, stats: &Stats) {
+/// Writes `batch`, retrying a failure twice; by the shutdown deadline, once
+/// one is set (even while a write runs), or the rows are dropped and counted.
+async fn write<T: Row>(
+    store: &dyn Store,
+    batch: &mut Vec<T>,
+    stats: &Stats,
+    deadline: &mut watch::Receiver<Option<Instant>>,
+) {
     if batch.is_empty() {
         return;
     }
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=WRITE_ATTEMPTS {
-        match T::write(store, batch).await {
+        let outcome = tokio::select! {
+            biased;
+            r = T::write(store, batch) => Some(r),
+            () = reached(deadline) => None,
+        };
+        let Some(outcome) = outcome else {
+            tracing::error!(
+                rows = batch.len(),
+                "writing {} did not finish by the shutdown deadline; dropping them",
+                T::WHAT
+            );
+            break;
+        };
+        let may_retry = attempt < WRITE_ATTEMPTS
+            && (*deadline.borrow()).is_none_or(|d| Instant::now() + delay < d);
+        match outcome {
             Ok(()) => {
                 stats
                     .written
@@ -295,13 +342,14 @@ async fn write<T: Row>(store: &dyn Store, batch: &mut Vec<T>, stats: &Stats) {
                 batch.clear();
                 return;
             }
-            Err(e) if attempt < WRITE_ATTEMPTS => {
+            Err(e) if may_retry => {
                 tracing::warn!(error = %e, attempt, rows = batch.len(), "writing {} failed; retrying", T::WHAT);
                 tokio::time::sleep(delay).await;
                 delay *= 4;
             }
             Err(e) => {
                 tracing::error!(error = %e, rows = batch.len(), "writing {} failed; dropping them", T::WHAT);
+                break;
             }
         }
     }
@@ -310,6 +358,19 @@ async fn write<T: Row>(store: &dyn Store, batch: &mut Vec<T>, stats: &Stats) {
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
     metrics::counter!(T::DROPPED_METRIC).increment(batch.len() as u64);
     batch.clear();
+}
+
+/// Resolves at the shutdown deadline once one is set; never before.
+async fn reached(deadline: &mut watch::Receiver<Option<Instant>>) {
+    loop {
+        let set = *deadline.borrow_and_update();
+        if let Some(d) = set {
+            return tokio::time::sleep_until(d).await;
+        }
+        if deadline.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -345,6 +406,50 @@ mod tests {
         assert_eq!(store.count_usage("t").await.unwrap(), 1000);
         assert_eq!(writer.written(), 1000);
         assert_eq!(writer.dropped(), 0);
+    }
+
+    /// A row whose store never answers (a database gone mid-write).
+    struct Stuck;
+
+    #[async_trait]
+    impl Row for Stuck {
+        const WHAT: &'static str = "stuck rows";
+        const NAME: &'static str = "stuck";
+        const THREAD: &'static str = "sy-stuck-writer";
+        const WRITTEN_METRIC: &'static str = "test_stuck_written_total";
+        const DROPPED_METRIC: &'static str = "test_stuck_dropped_total";
+        async fn write(_: &dyn Store, _: &[Self]) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+    }
+
+    /// On a paused clock (the runtime jumps to the next timer when idle): a
+    /// shutdown that waited on the stuck write would never end, and the
+    /// outer timeout would fire instead.
+    #[tokio::test]
+    async fn a_bounded_shutdown_ends_even_while_a_write_hangs() {
+        let (_dir, store) = store().await;
+        tokio::time::pause();
+        let config = UsageConfig {
+            flush_interval_ms: 1,
+            batch_size: 4,
+            ..UsageConfig::default()
+        };
+        let (writer, task) = BatchWriter::<Stuck>::spawn(store, &config);
+        for _ in 0..10 {
+            writer.record(Stuck);
+        }
+        // The first batch is taken and its write hangs; the rest wait.
+        while writer.queue_depth() > 6 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::timeout(
+            Duration::from_secs(3600),
+            task.shutdown_within(Duration::from_secs(5)),
+        )
+        .await
+        .expect("the shutdown ended by its deadline");
+        assert_eq!((writer.written(), writer.dropped()), (0, 10));
     }
 
     #[tokio::test]

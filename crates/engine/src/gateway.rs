@@ -133,6 +133,10 @@ pub struct Gateway {
     store: Arc<dyn Store>,
     /// `security.max_tokens`: the largest completion a request may ask for.
     max_tokens: Option<u32>,
+    /// Cancelled when the server stops waiting for calls in flight (its
+    /// shutdown grace period has passed): each then ends at once, its client
+    /// told why and its usage row written (see [`Gateway::stop_calls`]).
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Gateway {
@@ -269,6 +273,7 @@ impl Gateway {
             events,
             store,
             max_tokens: config.security.max_tokens,
+            stopping: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -325,6 +330,14 @@ impl Gateway {
             meta.session_id.as_deref(),
             meta.user_id.as_deref(),
         )
+    }
+
+    /// Ends every call in flight, and every call started from now on: a
+    /// call waiting on its provider answers 503 `server_shutdown`, a stream
+    /// ends with an error event saying so, and each writes its usage row.
+    /// For the end of a shutdown, once requests have had their grace period.
+    pub fn stop_calls(&self) {
+        self.stopping.cancel();
     }
 
     /// Whether the store answers (for `/ready`).
@@ -430,17 +443,21 @@ impl Gateway {
         let route = self.route(&req.model)?;
         let prompt_estimate = estimate_prompt_tokens(&req.body);
         let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream, prompt_estimate);
-        match self
-            .router
-            .chat(
+        let routed = tokio::select! {
+            biased;
+            r = self.router.chat(
                 route,
                 &req.body,
                 req.anthropic.as_ref(),
                 req.stream,
                 &acc.events,
-            )
-            .await
-        {
+            ) => Some(r),
+            () = self.stopping.cancelled() => None,
+        };
+        let Some(routed) = routed else {
+            return Err(acc.stopped());
+        };
+        match routed {
             Ok(served) => {
                 acc.served_by(self, &served.deployment);
                 let provider = served.deployment.provider_name.clone();
@@ -468,13 +485,19 @@ impl Gateway {
                                 .unwrap_or(1),
                             prompt_estimate,
                             acc,
+                            &self.stopping,
                         )),
                         provider,
                         anthropic,
                     }),
                     ChatReply::AnthropicStream(s) => Ok(ChatOutcome::Stream {
                         pricing: acc.pricing,
-                        events: Box::new(MeteredStream::anthropic(s, prompt_estimate, acc)),
+                        events: Box::new(MeteredStream::anthropic(
+                            s,
+                            prompt_estimate,
+                            acc,
+                            &self.stopping,
+                        )),
                         provider,
                         anthropic,
                     }),
@@ -493,11 +516,15 @@ impl Gateway {
         let route = self.route(&req.model)?;
         let estimate = estimate_embedding_tokens(&req.body);
         let mut acc = Accounting::new(self, meta, "embeddings", &req.model, false, estimate);
-        match self
-            .router
-            .embed(route, &req.body, req.encoding_format, &acc.events)
-            .await
-        {
+        let routed = tokio::select! {
+            biased;
+            r = self.router.embed(route, &req.body, req.encoding_format, &acc.events) => Some(r),
+            () = self.stopping.cancelled() => None,
+        };
+        let Some(routed) = routed else {
+            return Err(acc.stopped());
+        };
+        match routed {
             Ok(served) => {
                 acc.served_by(self, &served.deployment);
                 acc.finish_ok(served.value.usage);
@@ -538,6 +565,7 @@ pub fn provider_message(p: &ProviderError) -> String {
         ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {
             "The provider's stream broke before it was complete.".to_owned()
         }
+        ProviderError::ShuttingDown => SHUTTING_DOWN.to_owned(),
     }
 }
 
@@ -570,11 +598,15 @@ pub fn public_error(e: &EngineError) -> PublicError {
     }
 }
 
+/// What a client is told of a call the server stopped while shutting down.
+pub const SHUTTING_DOWN: &str =
+    "The server is shutting down and stopped this request before it was complete; send it again.";
+
 /// The HTTP status a provider failure becomes; the server uses the same rule.
 pub fn status_for(e: &ProviderError) -> u16 {
     match e {
         ProviderError::Timeout(_) => 504,
-        ProviderError::Overloaded { .. } => 503,
+        ProviderError::Overloaded { .. } | ProviderError::ShuttingDown => 503,
         ProviderError::Status { status, .. }
             if matches!(status, 400 | 404 | 409 | 413 | 422 | 429) =>
         {
@@ -690,6 +722,18 @@ impl Accounting {
 
     fn finish_ok(self, usage: Option<Usage>) {
         self.finish(200, None, usage, None);
+    }
+
+    /// Records a call the server stopped waiting for (it is shutting down):
+    /// the provider was asked, so the prompt is charged, estimated.
+    fn stopped(self) -> EngineError {
+        let usage = Usage {
+            prompt_tokens: self.prompt_estimate,
+            ..Usage::default()
+        };
+        let e = ProviderError::ShuttingDown;
+        self.finish(503, Some(e.code()), Some(usage), None);
+        EngineError::Provider(e)
     }
 
     /// Records a routed call that failed and turns it into the engine's error.

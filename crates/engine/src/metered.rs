@@ -10,6 +10,7 @@
 //! the streamed text at 4 bytes a token (at least one a chunk of text). So
 //! does a complete stream that came without usage.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -57,6 +58,9 @@ pub(crate) struct MeteredStream {
     /// Bytes of generated text relayed so far, and chunks carrying some.
     text_bytes: u64,
     text_chunks: u64,
+    /// Ready once the server stops waiting for calls in flight
+    /// ([`crate::Gateway::stop_calls`]): the stream then ends with an error.
+    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 /// The keys whose string values are generated text: in OpenAI chunks, and
@@ -84,6 +88,7 @@ impl MeteredStream {
         choices: u64,
         prompt_estimate: u64,
         accounting: Accounting,
+        stop: &tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             inner,
@@ -99,6 +104,7 @@ impl MeteredStream {
             prompt_estimate,
             text_bytes: 0,
             text_chunks: 0,
+            stop: Box::pin(stop.clone().cancelled_owned()),
         }
     }
 
@@ -108,8 +114,9 @@ impl MeteredStream {
         inner: ChunkStream,
         prompt_estimate: u64,
         accounting: Accounting,
+        stop: &tokio_util::sync::CancellationToken,
     ) -> Self {
-        let mut s = Self::new(inner, false, 1, prompt_estimate, accounting);
+        let mut s = Self::new(inner, false, 1, prompt_estimate, accounting, stop);
         s.anthropic = Some(Tokens::default());
         s
     }
@@ -275,6 +282,12 @@ impl Stream for MeteredStream {
         loop {
             if this.ended {
                 return Poll::Ready(None);
+            }
+            if this.stop.as_mut().poll(cx).is_ready() {
+                this.ended = true;
+                let e = ProviderError::ShuttingDown;
+                this.finish(503, Some(&e));
+                return Poll::Ready(Some(StreamEvent::Error(e)));
             }
             match this.inner.as_mut().poll_next(cx) {
                 Poll::Pending => return Poll::Pending,

@@ -29,6 +29,10 @@ pub enum ProviderError {
     /// the route moves to its next deployment at once instead of waiting.
     #[error("the provider is at capacity")]
     Overloaded { retry_after: Duration },
+    /// The gateway stopped the call itself: the server is shutting down and
+    /// the grace period for requests in flight has passed.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 impl ProviderError {
@@ -42,6 +46,7 @@ impl ProviderError {
             ProviderError::Broken(_) => "upstream_broken",
             ProviderError::Truncated => "upstream_truncated",
             ProviderError::Overloaded { .. } => "upstream_overloaded",
+            ProviderError::ShuttingDown => "server_shutdown",
         }
     }
 }

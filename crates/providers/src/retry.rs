@@ -37,6 +37,7 @@ pub fn is_retryable(e: &ProviderError) -> bool {
         ProviderError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504 | 529),
         // Before the first byte (the only time the router sees these).
         ProviderError::Broken(_) | ProviderError::Truncated | ProviderError::Protocol(_) => true,
+        ProviderError::ShuttingDown => false,
     }
 }
 

@@ -195,6 +195,13 @@ fn from_provider(p: ProviderError) -> ApiError {
             err.overloaded = true;
             err
         }
+        ProviderError::ShuttingDown => ApiError::internal(
+            status,
+            "server_error",
+            p.code(),
+            &provider_message(&p),
+            detail,
+        ),
         ProviderError::Protocol(_) | ProviderError::Broken(_) | ProviderError::Truncated => {
             ApiError::internal(
                 status,
@@ -267,6 +274,17 @@ pub fn stream_failure(e: &ProviderError) -> (u16, ErrorObject) {
                 return (status, error);
             }
         }
+    }
+    if matches!(e, ProviderError::ShuttingDown) {
+        return (
+            status,
+            ErrorObject {
+                message: switchyard_engine::gateway::SHUTTING_DOWN.into(),
+                kind: "server_error".into(),
+                param: None,
+                code: Some(e.code().into()),
+            },
+        );
     }
     let message = if matches!(e, ProviderError::Timeout(_)) {
         "The provider stopped answering before the stream was complete."

@@ -34,6 +34,8 @@ pub struct Application {
     events_task: BatchWriterTask,
     health_task: HealthTask,
     sessions: Sessions,
+    /// To stop the calls still in flight when the grace period ends.
+    gateway: Arc<switchyard_engine::Gateway>,
     store: Arc<dyn Store>,
     grace: Duration,
     prometheus: Option<PrometheusHandle>,
@@ -167,7 +169,7 @@ impl Application {
             switchyard_engine::retention::Retention::new(store.clone(), config.retention.clone());
         background.extend(retention.spawn());
         let state = switchyard_server::AppState::new(switchyard_server::Parts {
-            gateway,
+            gateway: gateway.clone(),
             sessions: sessions.clone(),
             idempotency,
             retired_paths: sc.retired_paths.clone(),
@@ -201,6 +203,7 @@ impl Application {
             events_task,
             health_task,
             sessions,
+            gateway,
             store,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             prometheus,
@@ -220,6 +223,12 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// requests finish (up to `server.shutdown_grace_secs`), and flushes the
     /// usage writer before returning.
+    ///
+    /// The whole shutdown is bounded: requests and session replies share the
+    /// grace period; then the calls still running are stopped (each client is
+    /// told so, and each call's usage row is written) and get
+    /// [`STOP_WAIT`] to end; then the writers get [`FLUSH_WAIT`]. So it takes
+    /// at most `shutdown_grace_secs` + 6 s.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -242,33 +251,76 @@ impl Application {
             tracing::info!("shutting down: no new connections; waiting for requests in flight");
             notify.notify_one();
         };
-        let serve = serve(self.listener, self.router, self.tls, signal)?;
+        let mut serve = serve(self.listener, self.router, self.tls, signal)?;
         let grace = self.grace;
+        // When the stop began, once it has.
+        let stop_began = std::sync::Mutex::new(None);
         // Whatever ends the serving (a listener error too), the writers are
         // flushed below before the result is returned.
         let served = tokio::select! {
-            r = serve => r.context("serving"),
-            _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period; stopping anyway");
-                Ok(())
+            r = &mut serve => Some(r),
+            _ = async {
+                stopping.notified().await;
+                if let Ok(mut began) = stop_began.lock() {
+                    *began = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(grace).await
+            } => None,
+        };
+        let deadline = stop_began
+            .lock()
+            .ok()
+            .and_then(|b| *b)
+            .unwrap_or_else(tokio::time::Instant::now)
+            + grace;
+        // Session replies share what is left of the grace period.
+        self.sessions
+            .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
+        let served = match served {
+            Some(r) => r.context("serving"),
+            None => {
+                let replies = self.sessions.live_replies();
+                tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    replies,
+                    "requests still in flight after the grace period; stopping them"
+                );
+                self.gateway.stop_calls();
+                match tokio::time::timeout(STOP_WAIT, &mut serve).await {
+                    Ok(r) => r.context("serving"),
+                    Err(_) => {
+                        tracing::warn!("requests still open after they were stopped; leaving them");
+                        Ok(())
+                    }
+                }
             }
         };
+        // Stopped replies write their end.
+        self.sessions.drain(STOP_WAIT).await;
         if let Some(u) = upkeep {
             u.abort();
         }
         for task in &self.background {
             task.abort();
         }
-        // Replies whose clients left still finish and are stored.
-        self.sessions.drain(grace).await;
         self.health_task.shutdown().await;
-        self.usage_task.shutdown().await;
-        self.events_task.shutdown().await;
+        let (usage, events) = (self.usage_task, self.events_task);
+        tokio::join!(
+            usage.shutdown_within(FLUSH_WAIT),
+            events.shutdown_within(FLUSH_WAIT)
+        );
         self.store.close().await;
         tracing::info!("stopped");
         served
     }
 }
+
+/// How long the calls stopped at the end of the grace period have to end
+/// (they end at their next poll; this covers writing their last frame).
+const STOP_WAIT: Duration = Duration::from_secs(1);
+/// How long the writers have, at shutdown, to write the rows queued.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// `axum::serve` over plain TCP, or over TLS when `server.tls` is set, until
 /// `signal` resolves and the requests in flight have finished.

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use serde_json::Value;
 use switchyard_testkit::{Fault, TestApp};
 
 use crate::helpers::*;
@@ -131,6 +132,72 @@ async fn a_stream_in_flight_at_shutdown_completes_and_is_recorded() {
     assert_eq!(
         app_store(&app).await.count_usage("default").await.unwrap(),
         1
+    );
+}
+
+/// Calls still running when the grace period ends are stopped, not cut:
+/// a stream ends with an error event saying why, a call waiting on its
+/// provider answers 503, and each writes its usage row before the exit.
+#[tokio::test]
+async fn calls_still_running_after_the_grace_period_are_stopped_and_recorded() {
+    let mut app = app()
+        .env("SWITCHYARD_SERVER__SHUTDOWN_GRACE_SECS", "1")
+        .spawn()
+        .await;
+    app.mock().hold_streams();
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", true))
+        .await;
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap().unwrap();
+    app.mock().push_fault(Fault::Hang);
+    let waiting = tokio::spawn({
+        let (url, body) = (app.url("/v1/chat/completions"), chat_body("gpt-4o-mini"));
+        async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    });
+    while app.mock().requests().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let pid = app.pid();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let mut last = String::new();
+    while let Some(d) = reader.next().await.unwrap() {
+        last = d;
+    }
+    let (status, body) = waiting.await.unwrap();
+    let exit = app.wait_exit().await;
+
+    let last: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["error"]["code"], "server_shutdown", "{last}");
+    assert_eq!(last["error"]["type"], "server_error");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "server_shutdown");
+    assert!(exit.success());
+    let rows = usage_rows(&app).await;
+    let mut seen: Vec<_> = rows
+        .iter()
+        .map(|r| (r.stream, r.status, r.error_code.as_deref(), r.prompt_tokens))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (false, 503, Some("server_shutdown"), Some(6)),
+            (true, 503, Some("server_shutdown"), Some(6)),
+        ]
     );
 }
 
