@@ -1023,8 +1023,8 @@ pub struct AnthropicToOpenAiStream {
     model: String,
     created: u64,
     tokens: Tokens,
-    /// Anthropic content-block index → OpenAI tool-call index.
-    tool_index: Vec<(u64, u64)>,
+    /// The tool_use blocks seen, by Anthropic content-block index.
+    tools: Vec<ToolBlock>,
     next_tool: u64,
     /// The thinking block being streamed: its index and what it said.
     thinking: Option<(u64, String, String)>,
@@ -1032,6 +1032,21 @@ pub struct AnthropicToOpenAiStream {
     /// its own `index`, as the OpenAI SDKs' stream accumulators require of
     /// list entries (they merge entries by index).
     thinking_blocks: u64,
+}
+
+/// A streamed tool_use block, as an OpenAI tool call.
+#[derive(Debug)]
+struct ToolBlock {
+    /// Its Anthropic content-block index.
+    block: u64,
+    /// Its OpenAI `tool_calls[].index`.
+    tool: u64,
+    /// The `input` its `content_block_start` carried (`{}` from Anthropic).
+    input: Value,
+    /// Whether any argument text was sent: a tool without parameters streams
+    /// none (or only `""`), and OpenAI clients parse the arguments they
+    /// add up, which must then be `{}` rather than nothing.
+    streamed: bool,
 }
 
 impl AnthropicToOpenAiStream {
@@ -1085,7 +1100,12 @@ impl AnthropicToOpenAiStream {
                     Some("tool_use") => {
                         let tool = self.next_tool;
                         self.next_tool += 1;
-                        self.tool_index.push((index, tool));
+                        self.tools.push(ToolBlock {
+                            block: index,
+                            tool,
+                            input: block.get("input").cloned().unwrap_or_else(|| json!({})),
+                            streamed: false,
+                        });
                         let delta = json!({"tool_calls": [{
                             "index": tool,
                             "id": block.get("id").cloned().unwrap_or(Value::Null),
@@ -1115,6 +1135,21 @@ impl AnthropicToOpenAiStream {
             }
             "content_block_stop" => {
                 let index = data.get("index").and_then(Value::as_u64).unwrap_or(0);
+                if let Some(t) = self.tools.iter_mut().find(|t| t.block == index) {
+                    if t.streamed {
+                        return StreamStep::Chunks(Vec::new());
+                    }
+                    // Nothing streamed: the arguments are the block's whole
+                    // input, as in a complete answer (`{}` for no parameters).
+                    t.streamed = true;
+                    let args = match &t.input {
+                        input @ Value::Object(_) => input.to_string(),
+                        _ => "{}".to_owned(),
+                    };
+                    let d =
+                        json!({"tool_calls": [{"index": t.tool, "function": {"arguments": args}}]});
+                    return StreamStep::Chunks(vec![self.chunk(d, None)]);
+                }
                 match self.thinking.take() {
                     Some((i, thinking, signature)) if i == index => {
                         let entry = self.thinking_entry(
@@ -1155,12 +1190,15 @@ impl AnthropicToOpenAiStream {
                         StreamStep::Chunks(Vec::new())
                     }
                     Some("input_json_delta") => {
-                        let tool = self
-                            .tool_index
-                            .iter()
-                            .find(|(b, _)| *b == index)
-                            .map_or(0, |(_, t)| *t);
                         let part = delta.get("partial_json").cloned().unwrap_or(json!(""));
+                        let block = self.tools.iter_mut().find(|t| t.block == index);
+                        let tool = match block {
+                            Some(t) => {
+                                t.streamed |= part.as_str().is_some_and(|p| !p.is_empty());
+                                t.tool
+                            }
+                            None => 0,
+                        };
                         let d = json!({"tool_calls": [{"index": tool, "function": {"arguments": part}}]});
                         StreamStep::Chunks(vec![self.chunk(d, None)])
                     }
@@ -2435,6 +2473,9 @@ pub fn error_type_for_status(status: u16) -> &'static str {
         _ => "api_error",
     }
 }
+
+#[cfg(test)]
+mod sdk_tests;
 
 #[cfg(test)]
 mod tests {
