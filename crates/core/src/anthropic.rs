@@ -9,6 +9,9 @@ use serde_json::{json, Map, Value};
 use crate::config::ThinkingForm;
 
 mod schema;
+mod tool_ids;
+
+use tool_ids::{anthropic_tool_id, rewrite_tool_id};
 
 /// The `max_tokens` sent to Anthropic when the client gave none (Anthropic
 /// requires one), unless the provider sets `max_tokens_default`.
@@ -401,12 +404,16 @@ pub fn request_to_anthropic_with(
                                     "tool call arguments must be a JSON object",
                                 )
                             })?;
-                    blocks.push(json!({
+                    let mut block = json!({
                         "type": "tool_use",
                         "id": call.get("id").cloned().unwrap_or(Value::Null),
                         "name": f.get("name").cloned().unwrap_or(Value::Null),
                         "input": input,
-                    }));
+                    });
+                    // Another provider's id (Kimi's `functions.f:0`) may
+                    // be outside what Anthropic takes.
+                    rewrite_tool_id(&mut block, "id");
+                    blocks.push(block);
                 }
                 if blocks.is_empty() {
                     continue; // an empty assistant turn says nothing
@@ -416,9 +423,10 @@ pub fn request_to_anthropic_with(
             }
             "tool" | "function" => {
                 let id = m.get("tool_call_id").cloned().unwrap_or(Value::Null);
-                let mut blocks = vec![
-                    json!({"type": "tool_result", "tool_use_id": id, "content": text_of(m.get("content"))}),
-                ];
+                let mut result = json!({"type": "tool_result", "tool_use_id": id, "content": text_of(m.get("content"))});
+                // Rewritten as its call's id was, so that the two still match.
+                rewrite_tool_id(&mut result, "tool_use_id");
+                let mut blocks = vec![result];
                 keep_message_mark(&mut blocks, m);
                 push_blocks(&mut out, "user", blocks);
             }
@@ -1302,7 +1310,9 @@ pub struct NativeMessages {
 /// empty block moves to the block before it), `metadata` keys other than
 /// `user_id`, thinking blocks without a signature (made by Switchyard from
 /// another provider's reasoning text; only Anthropic signs), `tools: []`
-/// with its `tool_choice`; and thinking is turned off when the current tool
+/// with its `tool_choice`. Tool ids another provider made outside Anthropic's
+/// pattern are rewritten in calls and results alike (`tool_ids`);
+/// and thinking is turned off when the current tool
 /// loop was opened without it (by a fallback provider): Anthropic requires
 /// the loop's first assistant message to open with its thinking.
 pub fn native_request(original: &Map<String, Value>, model: &str, stream: bool) -> Value {
@@ -1403,6 +1413,18 @@ fn native_message(m: &Value) -> Option<Value> {
                 if let (Some(mark), Some(last)) = (cache_mark(b), target) {
                     last["cache_control"] = mark.clone();
                 }
+            }
+            // Ids another provider made (a fallback's, or a client's from
+            // another API) may be outside what Anthropic takes.
+            Some("tool_use") => {
+                let mut b = b.clone();
+                rewrite_tool_id(&mut b, "id");
+                kept.push(b);
+            }
+            Some("tool_result") => {
+                let mut b = b.clone();
+                rewrite_tool_id(&mut b, "tool_use_id");
+                kept.push(b);
             }
             _ => kept.push(b.clone()),
         }
@@ -2202,11 +2224,13 @@ fn final_stop_reason(finish_reason: Option<&str>, called_a_tool: bool) -> &'stat
     }
 }
 
-/// A tool call's id, or a fresh `toolu_` one when the provider gave none
-/// (the client's `tool_result` must name it).
+/// A tool call's id as Anthropic takes it (see [`anthropic_tool_id`]: a
+/// client may send the conversation on to Anthropic itself), or a fresh
+/// `toolu_` one when the provider gave none (the client's `tool_result`
+/// must name it).
 fn tool_use_id(call: &Value) -> Value {
     match call.get("id").and_then(Value::as_str) {
-        Some(id) if !id.is_empty() => json!(id),
+        Some(id) if !id.is_empty() => json!(anthropic_tool_id(id)),
         _ => {
             let mut bytes = [0u8; 12];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);

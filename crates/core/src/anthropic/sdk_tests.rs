@@ -63,3 +63,84 @@ fn a_streamed_tool_without_parameters_has_arguments_an_sdk_can_parse() {
     assert_eq!(streamed_arguments(&chunks, 1), "{}");
     assert_eq!(streamed_arguments(&chunks, 2), "{\"tz\":\"UTC\"}");
 }
+
+fn obj(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+fn is_anthropic_tool_id(id: &Value) -> bool {
+    id.as_str().is_some_and(|id| {
+        !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    })
+}
+
+#[test]
+fn a_kimi_tool_call_id_reaches_anthropic_valid_and_still_matching_its_result() {
+    // Anthropic: "tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'".
+    let body = obj(json!({"model": "m", "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "functions.get_weather:0", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{}"}},
+            {"id": "call_ok-1", "type": "function",
+             "function": {"name": "get_time", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "Sunny"},
+        {"role": "tool", "tool_call_id": "call_ok-1", "content": "Noon"},
+    ]}));
+    let req = request_to_anthropic(&body, "claude-sonnet-4-5", false).unwrap();
+    let calls = &req["messages"][1]["content"];
+    let results = &req["messages"][2]["content"];
+    assert!(is_anthropic_tool_id(&calls[0]["id"]), "{req}");
+    assert_eq!(calls[0]["id"], results[0]["tool_use_id"]);
+    assert_eq!(calls[1]["id"], "call_ok-1");
+    assert_eq!(results[1]["tool_use_id"], "call_ok-1");
+}
+
+#[test]
+fn a_native_body_with_another_providers_tool_ids_reaches_anthropic_valid() {
+    let body = obj(json!({"model": "alias", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "functions.get_weather:0", "name": "get_weather", "input": {}},
+            {"type": "tool_use", "id": "toolu_01", "name": "get_time", "input": {}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "functions.get_weather:0", "content": "Sunny"},
+            {"type": "tool_result", "tool_use_id": "toolu_01", "content": "Noon"},
+        ]},
+    ]}));
+    let req = native_request(&body, "claude-sonnet-4-5", false);
+    let calls = &req["messages"][1]["content"];
+    let results = &req["messages"][2]["content"];
+    assert!(is_anthropic_tool_id(&calls[0]["id"]), "{req}");
+    assert_eq!(calls[0]["id"], results[0]["tool_use_id"]);
+    assert_eq!(calls[1]["id"], "toolu_01");
+    assert_eq!(results[1]["tool_use_id"], "toolu_01");
+}
+
+#[test]
+fn an_openai_providers_tool_call_id_reaches_a_messages_client_valid_both_ways() {
+    let kimi = "functions.get_weather:0";
+    let resp = json!({"id": "chatcmpl-1", "choices": [{"message": {"role": "assistant", "content": null,
+        "tool_calls": [{"id": kimi, "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{}"}}]},
+        "finish_reason": "tool_calls"}]});
+    let whole = response_to_anthropic(&resp, "alias", false);
+    let id = &whole["content"][0]["id"];
+    assert!(is_anthropic_tool_id(id), "{whole}");
+
+    let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+    let events = s.chunk(&json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": kimi, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    ]}}]}));
+    let start = events
+        .iter()
+        .find(|(n, _)| *n == "content_block_start")
+        .map(|(_, e)| e["content_block"]["id"].clone());
+    // The same id either way, as the provider's is the same.
+    assert_eq!(start.as_ref(), Some(id), "{events:?}");
+}
