@@ -174,6 +174,15 @@ fn budget_thinking_only(model: &str) -> bool {
     claude_version(model).is_some_and(|v| v < (4, 6))
 }
 
+/// Models that refuse `temperature` and `top_p` together ("cannot both be
+/// specified for this model"): Claude Opus 4.1 and every later one (Sonnet
+/// and Haiku 4.5, Opus 4.5, the 4.6 models). Claude 4 and earlier take
+/// both. Names with no Claude version in them are taken for later models,
+/// as [`budget_thinking_only`] takes them.
+fn one_sampler_only(model: &str) -> bool {
+    claude_version(model).is_none_or(|v| v >= (4, 1))
+}
+
 /// The (major, minor) version in a Claude model id, however the id is
 /// spelled: Anthropic's (`claude-opus-4-1-20250805`, `claude-3-7-sonnet-latest`,
 /// `claude-sonnet-4-20250514`), Bedrock's (`anthropic.claude-sonnet-4-5-20250929-v1:0`),
@@ -522,6 +531,11 @@ pub fn request_to_anthropic_with(
         if let Some(v) = body.get(key).filter(|v| !v.is_null()) {
             req.insert(key.into(), v.clone());
         }
+    }
+    // OpenAI clients often send both (some SDK wrappers always do); the
+    // temperature is kept, the parameter Anthropic advises adjusting.
+    if one_sampler_only(model) && req.contains_key("temperature") {
+        req.remove("top_p");
     }
     // Anthropic refuses a stop sequence that is only whitespace (OpenAI
     // takes `"\n"`): such sequences are left out, as LiteLLM does.

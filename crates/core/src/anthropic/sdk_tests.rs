@@ -144,3 +144,36 @@ fn an_openai_providers_tool_call_id_reaches_a_messages_client_valid_both_ways() 
     // The same id either way, as the provider's is the same.
     assert_eq!(start.as_ref(), Some(id), "{events:?}");
 }
+
+#[test]
+fn temperature_and_top_p_reach_claude_together_only_where_it_takes_both() {
+    // Opus 4.1 and later answer 400: "`temperature` and `top_p` cannot both
+    // be specified for this model. Please use only one." (BerriAI/litellm#15097).
+    let body = obj(json!({"model": "m", "temperature": 0.2, "top_p": 0.9,
+        "messages": [{"role": "user", "content": "Hi"}]}));
+    let sent = |model: &str| {
+        let req = request_to_anthropic(&body, model, false).unwrap();
+        (req.get("temperature").cloned(), req.get("top_p").cloned())
+    };
+    for later in [
+        "claude-opus-4-1-20250805",
+        "claude-sonnet-4-5-20250929",
+        "claude-haiku-4-5",
+        "anthropic.claude-opus-4-5-20251101-v1:0",
+        "claude-sonnet-4-6",
+    ] {
+        assert_eq!(sent(later), (Some(json!(0.2)), None), "{later}");
+    }
+    for earlier in ["claude-sonnet-4-20250514", "claude-3-7-sonnet-latest"] {
+        assert_eq!(
+            sent(earlier),
+            (Some(json!(0.2)), Some(json!(0.9))),
+            "{earlier}"
+        );
+    }
+    // top_p alone is kept.
+    let alone = obj(json!({"model": "m", "top_p": 0.9,
+        "messages": [{"role": "user", "content": "Hi"}]}));
+    let req = request_to_anthropic(&alone, "claude-sonnet-4-5", false).unwrap();
+    assert_eq!(req["top_p"], json!(0.9));
+}
