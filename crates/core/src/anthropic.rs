@@ -254,7 +254,11 @@ fn thinking_for(
 fn thinking_is_possible(body: &Map<String, Value>) -> bool {
     let forced = match body.get("tool_choice") {
         Some(Value::String(s)) => s == "required",
-        Some(Value::Object(_)) => true,
+        // Of the allowed tools, `auto` lets the model answer without one.
+        Some(o @ Value::Object(_)) => {
+            o.get("type").and_then(Value::as_str) != Some("allowed_tools")
+                || o.pointer("/allowed_tools/mode").and_then(Value::as_str) != Some("auto")
+        }
         _ => false,
     };
     !forced && !ends_with_assistant(body)
@@ -551,10 +555,18 @@ pub fn request_to_anthropic_with(
     if !stops.is_empty() {
         req.insert("stop_sequences".into(), Value::Array(stops));
     }
+    let allowed = allowed_tools(body)?;
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let tools: Vec<Value> = tools
             .iter()
             .filter_map(|t| t.get("function").map(|f| (t, f)))
+            .filter(|(_, f)| {
+                allowed.as_ref().is_none_or(|a| {
+                    f.get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| a.names.contains(&n))
+                })
+            })
             .map(|(t, f)| {
                 let mut tool = json!({
                     "name": f.get("name").cloned().unwrap_or(Value::Null),
@@ -572,6 +584,8 @@ pub fn request_to_anthropic_with(
     }
     let parallel = body.get("parallel_tool_calls").and_then(Value::as_bool);
     let choice = match body.get("tool_choice") {
+        _ if allowed.as_ref().is_some_and(|a| a.required) => Some(json!({"type": "any"})),
+        _ if allowed.is_some() => Some(json!({"type": "auto"})),
         Some(Value::String(s)) if s == "required" => Some(json!({"type": "any"})),
         Some(Value::String(s)) if s == "none" => Some(json!({"type": "none"})),
         Some(Value::String(_)) => Some(json!({"type": "auto"})),
@@ -610,6 +624,86 @@ pub fn request_to_anthropic_with(
         req.insert("stream".into(), json!(true));
     }
     Ok(Value::Object(req))
+}
+
+/// An OpenAI `tool_choice` of type `allowed_tools`: the tools the model may
+/// call, of those in `tools`, and whether it must call one (`mode:
+/// "required"`) or may answer without (`auto`).
+struct AllowedTools<'a> {
+    names: Vec<&'a str>,
+    required: bool,
+}
+
+/// The `allowed_tools` of an OpenAI `tool_choice`, `None` for any other
+/// choice. Anthropic has no such choice: only the allowed tools are sent,
+/// with `auto` or `any` — which is what the model may do (OpenAI keeps the
+/// full list for its prompt cache, which has no bearing here). A listed
+/// tool that is not in `tools` is refused by name rather than dropped: the
+/// model would be told of fewer tools than the client allowed.
+fn allowed_tools(body: &Map<String, Value>) -> Result<Option<AllowedTools<'_>>, TranslateError> {
+    let Some(choice) = body
+        .get("tool_choice")
+        .filter(|c| c.get("type").and_then(Value::as_str) == Some("allowed_tools"))
+    else {
+        return Ok(None);
+    };
+    let param = "tool_choice.allowed_tools";
+    let Some(allowed) = choice.get("allowed_tools").filter(|a| a.is_object()) else {
+        return Err(bad(
+            param,
+            format!("{param} must be an object with mode and tools."),
+        ));
+    };
+    let required = match allowed.get("mode").and_then(Value::as_str) {
+        Some("auto") => false,
+        Some("required") => true,
+        _ => {
+            return Err(bad(
+                &format!("{param}.mode"),
+                format!("{param}.mode must be 'auto' or 'required'."),
+            ))
+        }
+    };
+    let declared: Vec<&str> = body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+        .collect();
+    let listed = allowed
+        .get("tools")
+        .and_then(Value::as_array)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            bad(
+                &format!("{param}.tools"),
+                format!("{param}.tools must list at least one tool."),
+            )
+        })?;
+    let mut names = Vec::with_capacity(listed.len());
+    for (j, t) in listed.iter().enumerate() {
+        let name = t.pointer("/function/name").and_then(Value::as_str);
+        match name {
+            Some(n) if declared.contains(&n) => names.push(n),
+            Some(n) => {
+                return Err(bad(
+                    &format!("{param}.tools[{j}]"),
+                    format!("{param}.tools[{j}] names the function {n}, which is not in tools."),
+                ))
+            }
+            None => {
+                return Err(bad(
+                    &format!("{param}.tools[{j}]"),
+                    format!(
+                        "{param}.tools[{j}] must name a function: \
+                         {{\"type\": \"function\", \"function\": {{\"name\": …}}}}."
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(Some(AllowedTools { names, required }))
 }
 
 fn push_blocks(out: &mut Vec<(String, Vec<Value>)>, role: &str, blocks: Vec<Value>) {

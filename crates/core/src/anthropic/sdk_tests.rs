@@ -177,3 +177,85 @@ fn temperature_and_top_p_reach_claude_together_only_where_it_takes_both() {
     let req = request_to_anthropic(&alone, "claude-sonnet-4-5", false).unwrap();
     assert_eq!(req["top_p"], json!(0.9));
 }
+
+#[test]
+fn allowed_tools_reach_anthropic_as_only_those_tools_by_mode() {
+    let tool = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
+    let allow = |mode: &str, names: &[&str]| {
+        let tools: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"type": "function", "function": {"name": n}}))
+            .collect();
+        obj(json!({"model": "m",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [tool("get_weather"), tool("get_time"), tool("delete_all")],
+            "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": tools}},
+            "parallel_tool_calls": false}))
+    };
+    let names = |req: &Value| -> Vec<String> {
+        req["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+
+    let auto = request_to_anthropic(
+        &allow("auto", &["get_weather", "get_time"]),
+        "claude-sonnet-4-5",
+        false,
+    )
+    .unwrap();
+    assert_eq!(names(&auto), ["get_weather", "get_time"]);
+    assert_eq!(
+        auto["tool_choice"],
+        json!({"type": "auto", "disable_parallel_tool_use": true})
+    );
+    let required = request_to_anthropic(
+        &allow("required", &["get_time"]),
+        "claude-sonnet-4-5",
+        false,
+    )
+    .unwrap();
+    assert_eq!(names(&required), ["get_time"]);
+    assert_eq!(required["tool_choice"]["type"], "any");
+
+    // A tool the request does not declare is refused by name.
+    let e = request_to_anthropic(
+        &allow("auto", &["get_time", "launch"]),
+        "claude-sonnet-4-5",
+        false,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.param.as_deref(),
+        Some("tool_choice.allowed_tools.tools[1]")
+    );
+    assert!(e.message.contains("launch"), "{}", e.message);
+    let e = request_to_anthropic(
+        &allow("sometimes", &["get_time"]),
+        "claude-sonnet-4-5",
+        false,
+    )
+    .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("tool_choice.allowed_tools.mode"));
+}
+
+#[test]
+fn allowed_tools_in_auto_mode_leave_room_for_thinking() {
+    let body = |mode: &str| {
+        obj(
+            json!({"model": "m", "reasoning_effort": "low", "max_completion_tokens": 4000,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": mode,
+                "tools": [{"type": "function", "function": {"name": "f"}}]}}}),
+        )
+    };
+    // Anthropic thinks with `auto`, and refuses thinking with `any`.
+    let auto = request_to_anthropic(&body("auto"), "claude-sonnet-4-5", false).unwrap();
+    assert!(auto.get("thinking").is_some(), "{auto}");
+    let required = request_to_anthropic(&body("required"), "claude-sonnet-4-5", false).unwrap();
+    assert!(required.get("thinking").is_none(), "{required}");
+}
