@@ -1010,10 +1010,12 @@ impl Tokens {
 
     /// OpenAI's `usage`: every prompt token in `prompt_tokens`, those read
     /// from the cache also in `prompt_tokens_details.cached_tokens`, those
-    /// written to it also in `cache_creation_input_tokens` (LiteLLM's name
-    /// for what OpenAI has no field for; Anthropic bills them at 1.25× the
-    /// input price) and, when some live an hour, split by lifetime in
-    /// Anthropic's `cache_creation` object; each only when there are some.
+    /// written to it also in `prompt_tokens_details.cache_write_tokens` (the
+    /// OpenAI SDK's field) and in `cache_creation_input_tokens` (LiteLLM's
+    /// name, which clients read from before the SDK had a field; Anthropic
+    /// bills writes at 1.25× the input price) and, when some live an hour,
+    /// split by lifetime in Anthropic's `cache_creation` object; each only
+    /// when there are some.
     fn openai(&self) -> Value {
         let prompt = self.prompt();
         let mut usage = json!({
@@ -1022,9 +1024,10 @@ impl Tokens {
             "total_tokens": prompt.saturating_add(self.output),
         });
         if self.cache_read > 0 {
-            usage["prompt_tokens_details"] = json!({"cached_tokens": self.cache_read});
+            usage["prompt_tokens_details"]["cached_tokens"] = json!(self.cache_read);
         }
         if self.cache_creation > 0 {
+            usage["prompt_tokens_details"]["cache_write_tokens"] = json!(self.cache_creation);
             usage["cache_creation_input_tokens"] = json!(self.cache_creation);
         }
         if self.cache_creation_1h > 0 {
@@ -3406,7 +3409,7 @@ mod tests {
             StreamStep::Done(u) => assert_eq!(
                 u["usage"],
                 json!({"prompt_tokens": 15, "completion_tokens": 9, "total_tokens": 24,
-                       "prompt_tokens_details": {"cached_tokens": 2},
+                       "prompt_tokens_details": {"cached_tokens": 2, "cache_write_tokens": 7},
                        "cache_creation_input_tokens": 7})
             ),
             other => panic!("{other:?}"),

@@ -657,8 +657,9 @@ pub struct Usage {
     #[serde(skip_serializing)]
     pub cached_tokens: u64,
     /// Of `prompt_tokens`, those written to it (`cache_creation_input_tokens`,
-    /// as LiteLLM and Switchyard's Anthropic adapter report them, or
-    /// `prompt_tokens_details.cache_creation_tokens`), which cost more.
+    /// as LiteLLM and Switchyard's Anthropic adapter report them,
+    /// `prompt_tokens_details.cache_creation_tokens`, or the OpenAI SDK's
+    /// `prompt_tokens_details.cache_write_tokens`), which cost more.
     #[serde(skip_serializing)]
     pub cache_write_tokens: u64,
     /// Of `cache_write_tokens`, those written for an hour rather than five
@@ -715,6 +716,7 @@ impl From<WireUsage> for Usage {
             .min(prompt);
         let written = count(w.cache_creation_input_tokens.as_ref())
             .or_else(|| detail("cache_creation_tokens"))
+            .or_else(|| detail("cache_write_tokens"))
             .unwrap_or(0)
             .min(prompt - cached);
         let written_1h = count(
@@ -796,6 +798,15 @@ mod tests {
         let u = usage(json!({"prompt_tokens": 10, "completion_tokens": 1,
             "prompt_tokens_details": {"cached_tokens": 4, "cache_creation_tokens": 9}}));
         assert_eq!((u.cached_tokens, u.cache_write_tokens), (4, 6));
+    }
+
+    #[test]
+    fn cache_writes_in_the_openai_sdks_field_are_cache_writes() {
+        // `PromptTokensDetails.cache_write_tokens` in the openai Python SDK.
+        let u: Usage = serde_json::from_value(json!({"prompt_tokens": 100, "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 80}}))
+        .unwrap();
+        assert_eq!((u.cached_tokens, u.cache_write_tokens), (10, 80));
     }
 
     #[test]

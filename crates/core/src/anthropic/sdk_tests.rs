@@ -259,3 +259,24 @@ fn allowed_tools_in_auto_mode_leave_room_for_thinking() {
     let required = request_to_anthropic(&body("required"), "claude-sonnet-4-5", false).unwrap();
     assert!(required.get("thinking").is_none(), "{required}");
 }
+
+#[test]
+fn anthropics_cache_writes_reach_openai_clients_in_the_sdks_field() {
+    // The openai SDK's `PromptTokensDetails` has `cache_write_tokens`.
+    let msg = json!({"id": "msg_1", "model": "c", "stop_reason": "end_turn",
+        "content": [{"type": "text", "text": "Hi"}],
+        "usage": {"input_tokens": 3, "cache_creation_input_tokens": 7,
+                  "cache_read_input_tokens": 2, "output_tokens": 1}});
+    let usage = &response_from_anthropic(&msg, 1)["usage"];
+    assert_eq!(
+        usage["prompt_tokens_details"],
+        json!({"cached_tokens": 2, "cache_write_tokens": 7})
+    );
+    assert_eq!(usage["cache_creation_input_tokens"], 7);
+    // Writes alone, no reads.
+    let writes = json!({"input_tokens": 3, "cache_creation_input_tokens": 7, "output_tokens": 1});
+    assert_eq!(
+        Tokens::from_anthropic(Some(&writes)).openai()["prompt_tokens_details"],
+        json!({"cache_write_tokens": 7})
+    );
+}
