@@ -2382,6 +2382,16 @@ fn anthropic_id(id: &str) -> String {
 
 /// Turns OpenAI chunks into Anthropic stream events (name, data), opening and
 /// closing content blocks as text and tool calls begin and end.
+///
+/// OpenAI streams may interleave parallel tool calls (each delta names its
+/// call by `tool_calls[].index`: both headers, then the first call's
+/// arguments, then the second's); Anthropic's blocks cannot interleave. So
+/// one call's block is open at a time, and the others' arguments wait: a
+/// call's turn comes, in the order the calls began, once the open call's
+/// arguments form a whole JSON object (then it can get no more) — at once,
+/// in the usual stream where each call is whole before the next begins, so
+/// that arguments are sent as they arrive — or at the end of the stream.
+/// A call that waited is sent whole: start, its arguments, stop.
 #[derive(Debug)]
 pub struct OpenAiToAnthropicStream {
     model: String,
@@ -2402,8 +2412,8 @@ pub struct OpenAiToAnthropicStream {
     /// Whether reasoning deltas become a `thinking` block (see
     /// [`MessagesRequest::thinking`]).
     thinking: bool,
-    /// The id of the open tool block's call, as the provider sent it.
-    open_call_id: Option<String>,
+    /// The tool calls begun, in the order they began.
+    calls: Vec<ToolCall>,
     /// The model refused (OpenAI's `refusal` deltas): the stop reason is
     /// `refusal`.
     refused: bool,
@@ -2413,7 +2423,40 @@ pub struct OpenAiToAnthropicStream {
 enum OpenBlock {
     Thinking,
     Text,
-    Tool(u64),
+    /// A tool call's block, by its place in `calls`.
+    Tool(usize),
+}
+
+/// One tool call of an OpenAI stream, as its deltas arrive.
+#[derive(Debug)]
+struct ToolCall {
+    /// Its `tool_calls[].index`, by which later deltas name it.
+    index: u64,
+    /// Its id as the provider sent it, which tells two calls at one index
+    /// apart (Ollama gives every call index 0).
+    id: Option<String>,
+    /// Its `content_block_start` block: the tool_use's id and name.
+    block: Value,
+    /// Its arguments so far, and how many bytes of them were sent.
+    args: String,
+    sent: usize,
+    state: CallState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CallState {
+    /// Not yet started: another call's block is open.
+    Waiting,
+    Open,
+    /// Its block was stopped; it can take nothing more.
+    Done,
+}
+
+impl ToolCall {
+    /// Whether the arguments are whole, so that no more can come.
+    fn complete(&self) -> bool {
+        serde_json::from_str::<serde::de::IgnoredAny>(&self.args).is_ok()
+    }
 }
 
 pub type Event = (&'static str, Value);
@@ -2431,7 +2474,7 @@ impl OpenAiToAnthropicStream {
             next_block: 0,
             stop_reason: None,
             stop_sequence: Value::Null,
-            open_call_id: None,
+            calls: Vec::new(),
             refused: false,
             called: false,
             usage: None,
@@ -2454,7 +2497,12 @@ impl OpenAiToAnthropicStream {
     }
 
     fn close(&mut self, out: &mut Vec<Event>) {
-        if let Some((index, _)) = self.open.take() {
+        if let Some((index, kind)) = self.open.take() {
+            if let OpenBlock::Tool(call) = kind {
+                if let Some(c) = self.calls.get_mut(call) {
+                    c.state = CallState::Done;
+                }
+            }
             out.push((
                 "content_block_stop",
                 json!({"type": "content_block_stop", "index": index}),
@@ -2526,31 +2574,19 @@ impl OpenAiToAnthropicStream {
             .into_iter()
             .flatten()
         {
-            let tool = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-            // A delta with an id of its own starts another call even at the
-            // same index: some servers (Ollama) give every call index 0.
-            let id = call
-                .get("id")
-                .and_then(Value::as_str)
-                .filter(|id| !id.is_empty());
-            let same_call = id.is_none_or(|id| self.open_call_id.as_deref() == Some(id));
-            let index = match self.open {
-                Some((i, OpenBlock::Tool(t))) if t == tool && same_call => i,
-                _ => {
-                    self.called = true;
-                    self.open_call_id = id.map(str::to_owned);
-                    self.open(
-                        OpenBlock::Tool(tool),
-                        json!({"type": "tool_use", "id": tool_use_id(call),
-                               "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null), "input": {}}),
-                        &mut out,
-                    )
+            let at = self.call_for(call);
+            let args = call.pointer("/function/arguments").and_then(Value::as_str);
+            if let Some(c) = self.calls.get_mut(at) {
+                match (c.state, args) {
+                    // Arguments after its block stopped (whole arguments,
+                    // or text, closed it): no block is left to take them.
+                    (CallState::Done, _) | (_, None) => {}
+                    (_, Some(args)) => c.args.push_str(args),
                 }
-            };
-            if let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str) {
-                if !args.is_empty() {
-                    out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": args}})));
-                }
+            }
+            match self.open {
+                Some((_, OpenBlock::Tool(open))) if open == at => self.send_arguments(at, &mut out),
+                _ => self.next_calls(&mut out),
             }
         }
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
@@ -2564,10 +2600,78 @@ impl OpenAiToAnthropicStream {
         out
     }
 
+    /// The call a tool-call delta belongs to, in `calls`: the one with its
+    /// index and id, or without an id the last begun at its index; else a
+    /// call it begins.
+    fn call_for(&mut self, delta: &Value) -> usize {
+        let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let id = delta
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty());
+        let known = self
+            .calls
+            .iter()
+            .rposition(|c| c.index == index && id.is_none_or(|id| c.id.as_deref() == Some(id)));
+        if let Some(at) = known {
+            return at;
+        }
+        self.called = true;
+        self.calls.push(ToolCall {
+            index,
+            id: id.map(str::to_owned),
+            block: json!({"type": "tool_use", "id": tool_use_id(delta),
+                "name": delta.pointer("/function/name").cloned().unwrap_or(Value::Null), "input": {}}),
+            args: String::new(),
+            sent: 0,
+            state: CallState::Waiting,
+        });
+        self.calls.len() - 1
+    }
+
+    /// The open call's arguments not yet sent, as one `input_json_delta`.
+    fn send_arguments(&mut self, at: usize, out: &mut Vec<Event>) {
+        let Some((index, _)) = self.open else { return };
+        let Some(c) = self.calls.get_mut(at) else {
+            return;
+        };
+        let Some(part) = c.args.get(c.sent..).filter(|p| !p.is_empty()) else {
+            return;
+        };
+        out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": part}})));
+        c.sent = c.args.len();
+    }
+
+    /// Opens the waiting calls' blocks in turn, each with what it has
+    /// gathered, for as long as the open block is not a call that may get
+    /// more arguments.
+    fn next_calls(&mut self, out: &mut Vec<Event>) {
+        while let Some(next) = self
+            .calls
+            .iter()
+            .position(|c| c.state == CallState::Waiting)
+        {
+            if let Some((_, OpenBlock::Tool(open))) = self.open {
+                if self.calls.get(open).is_some_and(|c| !c.complete()) {
+                    return;
+                }
+            }
+            let block = self.calls[next].block.clone();
+            self.open(OpenBlock::Tool(next), block, out);
+            self.calls[next].state = CallState::Open;
+            self.send_arguments(next, out);
+        }
+    }
+
     /// The closing events, after the last chunk.
     pub fn finish(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
         self.start("", &mut out);
+        // Calls still waiting are sent whole, in turn.
+        while self.calls.iter().any(|c| c.state == CallState::Waiting) {
+            self.close(&mut out);
+            self.next_calls(&mut out);
+        }
         self.close(&mut out);
         let stop = match self.stop_reason {
             Some(r) => r,

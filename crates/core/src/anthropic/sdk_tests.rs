@@ -280,3 +280,139 @@ fn anthropics_cache_writes_reach_openai_clients_in_the_sdks_field() {
         json!({"cache_write_tokens": 7})
     );
 }
+
+/// Each tool_use block of a Messages stream as the anthropic SDK builds it
+/// — (id, name, the JSON its deltas add up to) — after checking that the
+/// blocks do not interleave: a delta or stop is for the one open block.
+fn tool_blocks(events: &[Event]) -> Vec<(String, String, String)> {
+    let mut open: Option<u64> = None;
+    let mut blocks = Vec::new();
+    for (name, e) in events {
+        let index = e["index"].as_u64();
+        match *name {
+            "content_block_start" => {
+                assert_eq!(open, None, "a block started inside another: {events:?}");
+                open = index;
+                let b = &e["content_block"];
+                if b["type"] == "tool_use" {
+                    blocks.push((
+                        b["id"].as_str().unwrap_or("").to_owned(),
+                        b["name"].as_str().unwrap_or("").to_owned(),
+                        String::new(),
+                    ));
+                }
+            }
+            "content_block_delta" => {
+                assert_eq!(index, open, "a delta for a block not open: {events:?}");
+                if let (Some(part), Some(last)) =
+                    (e["delta"]["partial_json"].as_str(), blocks.last_mut())
+                {
+                    last.2.push_str(part);
+                }
+            }
+            "content_block_stop" => {
+                assert_eq!(index, open, "a stop for a block not open: {events:?}");
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(open, None, "a block left open: {events:?}");
+    blocks
+}
+
+fn tool_delta(index: u64, id: Option<&str>, name: Option<&str>, args: &str) -> Value {
+    let mut call = json!({"index": index, "function": {"arguments": args}});
+    if let Some(id) = id {
+        call["id"] = json!(id);
+        call["type"] = json!("function");
+    }
+    if let Some(name) = name {
+        call["function"]["name"] = json!(name);
+    }
+    json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+}
+
+fn owned(id: &str, name: &str, args: &str) -> (String, String, String) {
+    (id.to_owned(), name.to_owned(), args.to_owned())
+}
+
+#[test]
+fn interleaved_parallel_tool_calls_reach_a_messages_client_as_whole_blocks() {
+    // Legal in OpenAI streams: both headers, then each call's arguments.
+    let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+    let mut events = Vec::new();
+    for c in [
+        tool_delta(0, Some("call_a"), Some("weather"), ""),
+        tool_delta(1, Some("call_b"), Some("time"), ""),
+        tool_delta(0, None, None, "{\"city\":"),
+        tool_delta(0, None, None, "\"Paris\"}"),
+        tool_delta(1, None, None, "{\"tz\":"),
+        tool_delta(1, None, None, "\"CET\"}"),
+        json!({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+    ] {
+        events.extend(s.chunk(&c));
+    }
+    events.extend(s.finish());
+    assert_eq!(
+        tool_blocks(&events),
+        [
+            owned("call_a", "weather", "{\"city\":\"Paris\"}"),
+            owned("call_b", "time", "{\"tz\":\"CET\"}"),
+        ]
+    );
+
+    // The second call's arguments before the first's are done: they wait.
+    let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+    let mut events = Vec::new();
+    for c in [
+        tool_delta(0, Some("call_a"), Some("weather"), ""),
+        tool_delta(1, Some("call_b"), Some("time"), ""),
+        tool_delta(0, None, None, "{\"city\":"),
+        tool_delta(1, None, None, "{\"tz\":\"CET\"}"),
+        tool_delta(0, None, None, "\"Paris\"}"),
+    ] {
+        events.extend(s.chunk(&c));
+    }
+    events.extend(s.finish());
+    assert_eq!(
+        tool_blocks(&events),
+        [
+            owned("call_a", "weather", "{\"city\":\"Paris\"}"),
+            owned("call_b", "time", "{\"tz\":\"CET\"}"),
+        ]
+    );
+}
+
+#[test]
+fn tool_call_arguments_in_order_are_sent_as_they_arrive() {
+    // One call after another, as OpenAI streams them: each fragment is its
+    // own event at once, never gathered into one burst.
+    let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+    let fragments = |events: Vec<Event>| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|(_, e)| e["delta"]["partial_json"].as_str().map(str::to_owned))
+            .collect()
+    };
+    s.chunk(&tool_delta(0, Some("call_a"), Some("weather"), ""));
+    assert_eq!(
+        fragments(s.chunk(&tool_delta(0, None, None, "{\"city\":"))),
+        ["{\"city\":"]
+    );
+    assert_eq!(
+        fragments(s.chunk(&tool_delta(0, None, None, "\"Paris\"}"))),
+        ["\"Paris\"}"]
+    );
+    let header = s.chunk(&tool_delta(1, Some("call_b"), Some("time"), ""));
+    let names: Vec<&str> = header.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["content_block_stop", "content_block_start"]);
+    assert_eq!(
+        fragments(s.chunk(&tool_delta(1, None, None, "{\"tz\":"))),
+        ["{\"tz\":"]
+    );
+    assert_eq!(
+        fragments(s.chunk(&tool_delta(1, None, None, "\"CET\"}"))),
+        ["\"CET\"}"]
+    );
+}
