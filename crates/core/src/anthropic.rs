@@ -451,6 +451,15 @@ pub fn request_to_anthropic_with(
             }
         }
     }
+    // Anthropic requires at least one message (and would answer a 400
+    // naming none of the client's fields).
+    if out.is_empty() {
+        return Err(bad(
+            "messages",
+            "This model's provider (Anthropic) needs at least one user or assistant message \
+             with content; system and developer messages alone become its system prompt.",
+        ));
+    }
     // Anthropic requires the conversation to start with the user.
     if out.first().is_some_and(|(r, _)| r == "assistant") {
         out.insert(

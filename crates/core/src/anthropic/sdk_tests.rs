@@ -416,3 +416,14 @@ fn tool_call_arguments_in_order_are_sent_as_they_arrive() {
         ["\"CET\"}"]
     );
 }
+
+#[test]
+fn only_system_messages_are_refused_naming_messages() {
+    // Anthropic refuses `messages: []`.
+    let body = obj(json!({"model": "m", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Answer in French."},
+    ]}));
+    let e = request_to_anthropic(&body, "claude-sonnet-4-5", false).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("messages"), "{}", e.message);
+}
