@@ -409,9 +409,13 @@ pub fn request_to_anthropic_with(
                 {
                     let f = call.get("function").cloned().unwrap_or(Value::Null);
                     let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+                    // Anthropic's `input` is an object: other JSON ("[1,2]")
+                    // is refused as JSON that does not parse is.
                     let input: Value =
                         serde_json::from_str(if args.trim().is_empty() { "{}" } else { args })
-                            .map_err(|_| {
+                            .ok()
+                            .filter(Value::is_object)
+                            .ok_or_else(|| {
                                 bad(
                                     &format!("messages[{i}].tool_calls"),
                                     "tool call arguments must be a JSON object",
@@ -2281,7 +2285,12 @@ pub fn response_to_anthropic(resp: &Value, model: &str, thinking: bool) -> Value
             .pointer("/function/arguments")
             .and_then(Value::as_str)
             .unwrap_or("{}");
-        let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
+        // Anthropic's `input` is an object: arguments that are not one (not
+        // JSON, or "[1,2]") count as none, as a stream's do.
+        let input: Value = serde_json::from_str(args)
+            .ok()
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
         content.push(json!({
             "type": "tool_use",
             "id": tool_use_id(call),
@@ -2462,9 +2471,14 @@ enum CallState {
 }
 
 impl ToolCall {
-    /// Whether the arguments are whole, so that no more can come.
+    /// Whether the arguments are whole, so that no more can come (or are
+    /// not an object, and so are not sent at all).
     fn complete(&self) -> bool {
-        serde_json::from_str::<serde::de::IgnoredAny>(&self.args).is_ok()
+        match self.args.trim_start().chars().next() {
+            None => false,
+            Some('{') => serde_json::from_str::<serde::de::IgnoredAny>(&self.args).is_ok(),
+            Some(_) => true,
+        }
     }
 }
 
@@ -2644,6 +2658,17 @@ impl OpenAiToAnthropicStream {
         let Some(c) = self.calls.get_mut(at) else {
             return;
         };
+        // Anthropic's `input` is an object: arguments that are not one
+        // ("[1,2]") are not sent, and the call's input stays `{}`, as in a
+        // complete answer. Leading whitespace waits until that is known.
+        match c.args.trim_start().chars().next() {
+            Some('{') => {}
+            Some(_) => {
+                c.sent = c.args.len();
+                return;
+            }
+            None => return,
+        }
         let Some(part) = c.args.get(c.sent..).filter(|p| !p.is_empty()) else {
             return;
         };

@@ -427,3 +427,44 @@ fn only_system_messages_are_refused_naming_messages() {
     let e = request_to_anthropic(&body, "claude-sonnet-4-5", false).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("messages"), "{}", e.message);
 }
+
+#[test]
+fn tool_arguments_that_are_not_an_object_never_reach_anthropic_as_input() {
+    // Sent to Anthropic: refused, as arguments that are not JSON are.
+    let body = obj(json!({"model": "m", "messages": [
+        {"role": "user", "content": "Sum"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "sum", "arguments": "[1,2]"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+    ]}));
+    let e = request_to_anthropic(&body, "claude-sonnet-4-5", false).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("messages[1].tool_calls"));
+
+    // Given to a Messages client: no input, as for arguments that are not
+    // JSON — the same whether the answer is streamed or not.
+    let resp = json!({"id": "chatcmpl-1", "choices": [{"message": {"role": "assistant", "content": null,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "sum", "arguments": "[1,2]"}}]},
+        "finish_reason": "tool_calls"}]});
+    assert_eq!(
+        response_to_anthropic(&resp, "alias", false)["content"][0]["input"],
+        json!({})
+    );
+    let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+    let mut events = Vec::new();
+    for c in [
+        tool_delta(0, Some("call_1"), Some("sum"), " "),
+        tool_delta(0, None, None, "[1,"),
+        tool_delta(0, None, None, "2]"),
+        tool_delta(1, Some("call_2"), Some("sum"), "{\"a\":1}"),
+    ] {
+        events.extend(s.chunk(&c));
+    }
+    events.extend(s.finish());
+    assert_eq!(
+        tool_blocks(&events),
+        [
+            owned("call_1", "sum", ""),
+            owned("call_2", "sum", "{\"a\":1}")
+        ]
+    );
+}
