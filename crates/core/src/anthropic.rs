@@ -649,8 +649,9 @@ struct AllowedTools<'a> {
 
 /// The `allowed_tools` of an OpenAI `tool_choice`, `None` for any other
 /// choice. Anthropic has no such choice: only the allowed tools are sent,
-/// with `auto` or `any` — which is what the model may do (OpenAI keeps the
-/// full list for its prompt cache, which has no bearing here). A listed
+/// with `auto` or `any` — which is what the model may do (what OpenAI keeps
+/// the full list for, a prompt cache that survives a change of allowed
+/// tools, is lost: Anthropic caches the tools it is sent). A listed
 /// tool that is not in `tools` is refused by name rather than dropped: the
 /// model would be told of fewer tools than the client allowed.
 fn allowed_tools(body: &Map<String, Value>) -> Result<Option<AllowedTools<'_>>, TranslateError> {
