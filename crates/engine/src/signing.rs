@@ -64,7 +64,7 @@ pub fn sign(secret: &str, message: &str) -> String {
 }
 
 /// Checks the headers against the key's secrets; returns the matching
-/// signature (for the replay guard).
+/// signature and its timestamp (for the replay guard).
 pub fn verify(
     secrets: &[String],
     timestamp: Option<&str>,
@@ -73,7 +73,7 @@ pub fn verify(
     target: &str,
     body: &[u8],
     now_secs: i64,
-) -> Result<Vec<u8>, SignError> {
+) -> Result<(Vec<u8>, i64), SignError> {
     let (Some(ts), Some(sig)) = (timestamp, signature) else {
         return Err(SignError::Missing);
     };
@@ -99,17 +99,39 @@ pub fn verify(
             };
             mac.update(message.as_bytes());
             if mac.verify_slice(c).is_ok() {
-                return Ok(c.clone());
+                return Ok((c.clone(), ts_num));
             }
         }
     }
     Err(SignError::Mismatch)
 }
 
-/// Remembers signatures for the skew window, so each is accepted once.
+/// Remembers signatures while their timestamp is acceptable, so each is
+/// accepted once.
 pub enum ReplayGuard {
-    Memory(Mutex<HashMap<Vec<u8>, i64>>),
+    Memory(Mutex<Seen>),
     Redis(redis::aio::ConnectionManager),
+}
+
+/// The signatures seen, each with the time (unix seconds) until which it
+/// is remembered.
+#[derive(Default)]
+pub struct Seen {
+    until: HashMap<Vec<u8>, i64>,
+    /// The size at which expired entries are next swept out: twice what
+    /// was left after the last sweep, so sweeping costs O(1) a request
+    /// however many signatures are live.
+    sweep_at: usize,
+}
+
+/// Beyond the skew window, how long a signature is remembered, for the
+/// clocks of instances sharing Redis that run behind the one that saw it.
+const INSTANCE_SKEW_MARGIN_SECS: i64 = 60;
+
+/// Until when (unix seconds) a signature with timestamp `ts` must be
+/// remembered: past the last second its timestamp is accepted, `ts + 300`.
+fn remember_until(ts: i64) -> i64 {
+    ts.saturating_add(MAX_SKEW_SECS + 1 + INSTANCE_SKEW_MARGIN_SECS)
 }
 
 impl ReplayGuard {
@@ -124,21 +146,30 @@ impl ReplayGuard {
         ))
     }
 
-    /// `Ok(true)` the first time a signature is seen within the window.
-    pub async fn first_use(&self, signature: &[u8], now_secs: i64) -> Result<bool, SignError> {
-        let window = 2 * MAX_SKEW_SECS;
+    /// `Ok(true)` the first time a signature is seen while its timestamp
+    /// `ts` is acceptable. It is remembered from its timestamp, not from
+    /// when it was seen: a signature made 300 s ahead and used at once is
+    /// acceptable for 600 s, and must not be forgotten before.
+    pub async fn first_use(
+        &self,
+        signature: &[u8],
+        ts: i64,
+        now_secs: i64,
+    ) -> Result<bool, SignError> {
+        let until = remember_until(ts);
         match self {
             ReplayGuard::Memory(seen) => {
                 let mut seen = seen
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if seen.len() > 100_000 {
-                    seen.retain(|_, until| *until > now_secs);
+                if seen.until.len() >= seen.sweep_at {
+                    seen.until.retain(|_, until| *until > now_secs);
+                    seen.sweep_at = (2 * seen.until.len()).max(1024);
                 }
-                match seen.get(signature) {
-                    Some(until) if *until > now_secs => Ok(false),
+                match seen.until.get(signature) {
+                    Some(u) if *u > now_secs => Ok(false),
                     _ => {
-                        seen.insert(signature.to_vec(), now_secs + window);
+                        seen.until.insert(signature.to_vec(), until);
                         Ok(true)
                     }
                 }
@@ -153,7 +184,8 @@ impl ReplayGuard {
                         .arg(1)
                         .arg("NX")
                         .arg("EX")
-                        .arg(window)
+                        // From this instance's clock, which judged `ts`.
+                        .arg(until.saturating_sub(now_secs).max(1))
                         .query_async(&mut conn),
                 )
                 .await
@@ -183,7 +215,7 @@ mod tests {
 
     fn check(secrets: &[&str], ts: i64, sig: &str, body: &[u8]) -> Result<Vec<u8>, SignError> {
         let secrets: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
-        verify(
+        let checked = verify(
             &secrets,
             Some(&ts.to_string()),
             Some(sig),
@@ -191,7 +223,8 @@ mod tests {
             "/v1/chat/completions",
             body,
             NOW,
-        )
+        );
+        checked.map(|(sig, _)| sig)
     }
 
     #[test]
@@ -261,12 +294,62 @@ mod tests {
     #[tokio::test]
     async fn a_signature_is_accepted_once_within_the_window() {
         let guard = ReplayGuard::memory();
-        assert_eq!(guard.first_use(b"sig", NOW).await, Ok(true));
-        assert_eq!(guard.first_use(b"sig", NOW + 10).await, Ok(false));
+        assert_eq!(guard.first_use(b"sig", NOW, NOW).await, Ok(true));
+        assert_eq!(guard.first_use(b"sig", NOW, NOW + 10).await, Ok(false));
         assert_eq!(
-            guard.first_use(b"sig", NOW + 601).await,
+            guard.first_use(b"sig", NOW, NOW + 301 + 60).await,
             Ok(true),
-            "forgotten after the window"
+            "forgotten once its timestamp is stale (and the margin has passed)"
+        );
+    }
+
+    /// Signed 300 s ahead of the server's clock and used at once, a
+    /// signature is acceptable until 600 s later: it is remembered as long.
+    #[tokio::test]
+    async fn a_signature_made_ahead_is_remembered_until_its_timestamp_is_stale() {
+        let (secrets, ts) = (["s".to_owned()], NOW + MAX_SKEW_SECS);
+        let header = format!(
+            "v1={}",
+            sign("s", &canonical(&ts.to_string(), "POST", "/", b""))
+        );
+        let verified = |now| {
+            verify(
+                &secrets,
+                Some(&ts.to_string()),
+                Some(&header),
+                "POST",
+                "/",
+                b"",
+                now,
+            )
+        };
+        let guard = ReplayGuard::memory();
+        let (first, at) = verified(NOW).unwrap();
+        assert_eq!(at, ts);
+        assert_eq!(guard.first_use(&first, at, NOW).await, Ok(true));
+        let (again, at) = verified(NOW + 2 * MAX_SKEW_SECS).unwrap();
+        assert_eq!(
+            guard.first_use(&again, at, NOW + 2 * MAX_SKEW_SECS).await,
+            Ok(false)
+        );
+        assert_eq!(verified(NOW + 2 * MAX_SKEW_SECS + 1), Err(SignError::Stale));
+    }
+
+    #[tokio::test]
+    async fn the_memory_guard_sweeps_expired_signatures_as_it_grows() {
+        let guard = ReplayGuard::memory();
+        for n in 0..5000u32 {
+            let at = NOW + i64::from(n);
+            assert_eq!(guard.first_use(&n.to_be_bytes(), at, at).await, Ok(true));
+        }
+        let ReplayGuard::Memory(seen) = &guard else {
+            unreachable!()
+        };
+        // Each is remembered 361 s: what is older was swept at some doubling.
+        assert!(
+            seen.lock().unwrap().until.len() < 2048,
+            "{}",
+            seen.lock().unwrap().until.len()
         );
     }
 
@@ -282,7 +365,7 @@ mod tests {
         let a = ReplayGuard::redis(&url).await.unwrap();
         let b = ReplayGuard::redis(&url).await.unwrap();
         let sig = format!("test-{}-{}", std::process::id(), NOW).into_bytes();
-        assert_eq!(a.first_use(&sig, NOW).await, Ok(true));
-        assert_eq!(b.first_use(&sig, NOW).await, Ok(false));
+        assert_eq!(a.first_use(&sig, NOW, NOW).await, Ok(true));
+        assert_eq!(b.first_use(&sig, NOW, NOW).await, Ok(false));
     }
 }

@@ -229,7 +229,7 @@ async fn check_signature(
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
     let now = switchyard_engine::identity::now_ms().div_euclid(1000);
-    let sig = signing::verify(
+    let (sig, ts) = signing::verify(
         &secrets,
         header("x-timestamp"),
         header("x-signature"),
@@ -242,7 +242,7 @@ async fn check_signature(
     if !state
         .inner
         .replay
-        .first_use(&sig, now)
+        .first_use(&sig, ts, now)
         .await
         .map_err(refuse)?
     {
