@@ -17,6 +17,11 @@ use serde::{Deserialize, Serialize, Serializer};
 /// numbers, which are doubles).
 pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// The largest token-per-minute limit a key may carry: a rate's emission
+/// interval is a whole number of microseconds, at least one, and a minute
+/// holds 60 million.
+pub const MAX_TOKENS_PER_MINUTE: u64 = 60_000_000;
+
 /// `count` requests per `period`, e.g. `20/min`; a fresh subject may send
 /// all `count` at once, after which one more is allowed every
 /// `period / count`.

@@ -85,6 +85,35 @@ pub(crate) fn token_meter(state: &AppState, who: &Principal) -> Option<TokenMete
     })
 }
 
+/// 429 for a spent token quota: its wait, and its state in the IETF
+/// headers (policy `tokens`) and OpenAI's `-tokens` trio.
+fn token_refusal(family: Family, meter: &TokenMeter, d: &Decision) -> Response {
+    let t = std::time::Duration::from_micros(meter.rate.emission_interval_us());
+    let wait = (d.reset_after + t).saturating_sub(meter.rate.period());
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp = family_error(
+        family,
+        StatusCode::TOO_MANY_REQUESTS,
+        Some("rate_limit_exceeded"),
+        &format!(
+            "Token limit reached: {} tokens per minute. Try again in {secs} s.",
+            meter.rate.count()
+        ),
+    );
+    insert_headers(
+        &mut resp,
+        d.headers("tokens")
+            .into_iter()
+            .chain(d.openai_token_headers()),
+    );
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, v);
+    }
+    metrics::counter!("switchyard_rate_limited_total", "class" => "tokens").increment(1);
+    resp
+}
+
 fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
     insert_headers(
         resp,
@@ -121,82 +150,27 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
         (retired && method == axum::http::Method::POST).then_some("chat")
     });
     let subject = who.subject();
-    let mut tightest: Option<(Decision, &'static str)> = None;
     let tenant = match (&state.inner.budgets, limits) {
         (Some(b), Some(_)) => b.tenant(&who.tenant_id).await.ok().flatten(),
         _ => None,
     };
-    if let Some(limits) = limits {
-        // The global limit and the route's class, checked together: a
-        // request refused by one takes nothing from the other.
-        let mut classes: Vec<(&'static str, Rate, String)> = Vec::with_capacity(2);
-        for class in ["global"].into_iter().chain(class) {
-            if let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) {
-                classes.push((class, rate, format!("{subject}:{class}")));
-            }
-        }
-        let checks: Vec<(&str, Rate)> = classes.iter().map(|(_, r, k)| (k.as_str(), *r)).collect();
-        match limits.limiter.check_all(&checks, 1).await {
-            Ok(decisions) => {
-                let results = classes.iter().zip(decisions);
-                if let Some(((class, rate, _), d)) = results.clone().find(|(_, d)| !d.allowed) {
-                    let mut resp = family_error(
-                        family,
-                        StatusCode::TOO_MANY_REQUESTS,
-                        Some("rate_limit_exceeded"),
-                        &format!(
-                            "Rate limit reached for `{class}`: {rate}. Try again in {} s.",
-                            d.retry_after
-                                .map_or(1, |r| r.as_secs_f64().ceil() as u64)
-                                .max(1)
-                        ),
-                    );
-                    set_headers(&mut resp, &d, class);
-                    metrics::counter!("switchyard_rate_limited_total", "class" => *class)
-                        .increment(1);
-                    return resp;
-                }
-                tightest = results
-                    .map(|((class, _, _), d)| (d, *class))
-                    .min_by_key(|(d, _)| d.remaining);
-            }
-            Err(e) => {
-                metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
-                tracing::warn!(error = %e, code = e.code(), "rate limit check failed; letting the request through");
-            }
-        }
-    }
-    // The token quota, as OpenAI's `x-ratelimit-*-tokens` headers.
+    // The token quota and the budgets are looked at first, without spending
+    // anything: a request they refuse must not use up the request limits
+    // (a client retrying a spent token quota would otherwise run out of its
+    // global quota too).
     let mut tokens: Option<Decision> = None;
+    // Set when the limiter has just failed: it is not asked again for this
+    // request (each failure costs up to its timeout).
+    let mut limiter_down = false;
     if matches!(class, Some("chat" | "embeddings")) {
         if let Some(meter) = token_meter(state, who) {
             // Cost 0: look, do not spend; the call's tokens are charged when
             // its usage is known.
             match meter.limiter.check(&meter.key, meter.rate, 0).await {
-                Ok(d) if d.remaining == 0 => {
-                    let t = std::time::Duration::from_micros(meter.rate.emission_interval_us());
-                    let wait = (d.reset_after + t).saturating_sub(meter.rate.period());
-                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                    let mut resp = family_error(
-                        family,
-                        StatusCode::TOO_MANY_REQUESTS,
-                        Some("rate_limit_exceeded"),
-                        &format!(
-                            "Token limit reached: {} tokens per minute. Try again in {secs} s.",
-                            meter.rate.count()
-                        ),
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                        resp.headers_mut()
-                            .insert(axum::http::header::RETRY_AFTER, v);
-                    }
-                    metrics::counter!("switchyard_rate_limited_total", "class" => "tokens")
-                        .increment(1);
-                    insert_headers(&mut resp, d.openai_token_headers());
-                    return resp;
-                }
+                Ok(d) if d.remaining == 0 => return token_refusal(family, &meter, &d),
                 Ok(d) => tokens = Some(d),
                 Err(e) => {
+                    limiter_down = true;
                     metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
                     tracing::warn!(error = %e, "token limit check failed; letting the request through");
                 }
@@ -222,10 +196,54 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
                     HeaderName::from_static("x-should-retry"),
                     HeaderValue::from_static("false"),
                 );
-                if let Some((d, class)) = tightest {
-                    set_headers(&mut resp, &d, class);
-                }
                 return resp;
+            }
+        }
+    }
+    let mut tightest: Option<(Decision, &'static str)> = None;
+    if let Some(limits) = limits.filter(|_| !limiter_down) {
+        // The global limit and the route's class, checked together: a
+        // request refused by one takes nothing from the other.
+        let mut classes: Vec<(&'static str, Rate, String)> = Vec::with_capacity(2);
+        for class in ["global"].into_iter().chain(class) {
+            if let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) {
+                classes.push((class, rate, format!("{subject}:{class}")));
+            }
+        }
+        let checks: Vec<(&str, Rate)> = classes.iter().map(|(_, r, k)| (k.as_str(), *r)).collect();
+        match limits.limiter.check_all(&checks, 1).await {
+            Ok(decisions) => {
+                let results = classes.iter().zip(decisions);
+                // When both refuse, the longer wait is the true one: a
+                // client told the shorter would be refused again.
+                let refused = results
+                    .clone()
+                    .filter(|(_, d)| !d.allowed)
+                    .max_by_key(|(_, d)| d.retry_after);
+                if let Some(((class, rate, _), d)) = refused {
+                    let mut resp = family_error(
+                        family,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Some("rate_limit_exceeded"),
+                        &format!(
+                            "Rate limit reached for `{class}`: {rate}. Try again in {} s.",
+                            d.retry_after
+                                .map_or(1, |r| r.as_secs_f64().ceil() as u64)
+                                .max(1)
+                        ),
+                    );
+                    set_headers(&mut resp, &d, class);
+                    metrics::counter!("switchyard_rate_limited_total", "class" => *class)
+                        .increment(1);
+                    return resp;
+                }
+                tightest = results
+                    .map(|((class, _, _), d)| (d, *class))
+                    .min_by_key(|(d, _)| d.remaining);
+            }
+            Err(e) => {
+                metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
+                tracing::warn!(error = %e, code = e.code(), "rate limit check failed; letting the request through");
             }
         }
     }

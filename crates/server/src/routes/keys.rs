@@ -156,6 +156,58 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
     })
 }
 
+/// A 400 naming the first of a key's limits that cannot be held: a rate
+/// that does not parse, a token limit of 0 or above what a rate can count
+/// (which would otherwise switch the limit off), a budget that is not an
+/// amount of dollars; a 400 too for a budget on a server that keeps no
+/// usage rows, from which budgets are summed.
+fn validate_key_limits(state: &AppState, limits: &KeyLimits) -> Option<Response> {
+    if let Some(resp) = validate_rates("limits.rates", &limits.rates) {
+        return Some(resp);
+    }
+    let max = switchyard_core::limits::MAX_TOKENS_PER_MINUTE;
+    if let Some(tpm) = limits.tokens_per_minute.filter(|t| !(1..=max).contains(t)) {
+        return Some(native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!(
+                "Invalid field `limits.tokens_per_minute`: {tpm}; a token limit is 1 to {max} tokens per minute (leave it out for none)."
+            ),
+            json!({"field": "limits.tokens_per_minute"}),
+        ));
+    }
+    budget_field(
+        state,
+        "limits.monthly_budget_usd",
+        limits.monthly_budget_usd,
+    )
+}
+
+/// A 400 for a monthly budget that is not a number of dollars, or that
+/// could not be enforced because this server keeps no usage rows.
+fn budget_field(state: &AppState, field: &str, budget: Option<f64>) -> Option<Response> {
+    let budget = budget?;
+    if !budget.is_finite() || budget < 0.0 {
+        return Some(native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("Invalid field `{field}`: a budget is a number of dollars, zero or more."),
+            json!({"field": field}),
+        ));
+    }
+    if !state.gateway().usage_writer().enabled() {
+        return Some(native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!(
+                "Invalid field `{field}`: budgets are summed from usage rows, and this server keeps none (`[usage] enabled = false`)."
+            ),
+            json!({"field": field}),
+        ));
+    }
+    None
+}
+
 /// A 400 naming the first rate in `rates` that does not parse (`20/min`, ...).
 fn validate_rates(
     prefix: &str,
@@ -293,7 +345,7 @@ pub async fn create_key(
     Extension(who): Extension<Principal>,
     NativeJson(req): NativeJson<CreateKey>,
 ) -> Response {
-    if let Some(resp) = validate_rates("limits.rates", &req.limits.rates) {
+    if let Some(resp) = validate_key_limits(&state, &req.limits) {
         return resp;
     }
     if let Some(resp) = rates_within_tenant(&state, &who, &req.limits).await {
@@ -367,7 +419,7 @@ pub async fn update_key(
     NativeJson(req): NativeJson<UpdateKey>,
 ) -> Response {
     if let Some(l) = &req.limits {
-        if let Some(resp) = validate_rates("limits.rates", &l.rates) {
+        if let Some(resp) = validate_key_limits(&state, l) {
             return resp;
         }
         if let Some(resp) = rates_within_tenant(&state, &who, l).await {
@@ -432,16 +484,8 @@ pub async fn create_tenant(
     if let Some(resp) = validate_rates("limits", &req.limits) {
         return resp;
     }
-    if req
-        .monthly_budget_usd
-        .is_some_and(|b| !b.is_finite() || b < 0.0)
-    {
-        return native(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "monthly_budget_usd must be a number of dollars, zero or more",
-            json!({"field": "monthly_budget_usd"}),
-        );
+    if let Some(resp) = budget_field(&state, "monthly_budget_usd", req.monthly_budget_usd) {
+        return resp;
     }
     let tenant = Tenant {
         name: req.name.unwrap_or_else(|| req.id.clone()),

@@ -785,6 +785,190 @@ async fn a_token_per_minute_limit_counts_the_tokens_calls_used() {
     assert_eq!(other.status(), StatusCode::OK);
 }
 
+/// A token 429 spends nothing of the request limits (a client retrying a
+/// spent token quota keeps its global quota) and carries the IETF headers
+/// of its own policy, `tokens`.
+#[tokio::test]
+async fn a_token_refusal_takes_nothing_from_the_request_limits() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let k = post_key(
+        &app,
+        json!({"name": "tpm", "limits": {"tokens_per_minute": 5, "rates": {"global": "6/min"}}}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+    // Refused once its tokens are charged (a task of its own, just after).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut admitted = 1;
+    let refused = loop {
+        let resp = chat().await.unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            break resp;
+        }
+        admitted += 1;
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.headers()["ratelimit-policy"], "\"tokens\";q=5;w=60");
+    let rl = refused.headers()["ratelimit"].to_str().unwrap().to_owned();
+    assert!(rl.starts_with("\"tokens\";r=0;t="), "{rl}");
+    // Ten more token refusals: had each spent a request, `global` (6/min)
+    // would refuse the next call of another class.
+    for _ in 0..10 {
+        assert_eq!(
+            chat().await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+    let models = app
+        .client
+        .get(app.url("/v1/models"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), StatusCode::OK);
+    let rl = models.headers()["ratelimit"].to_str().unwrap().to_owned();
+    let expected = format!("\"global\";r={};", 6 - admitted - 1);
+    assert!(rl.starts_with(&expected), "{rl}, expected {expected}");
+}
+
+/// When the class and `global` both refuse, `Retry-After` is the longer
+/// wait: the shorter would only earn another refusal.
+#[tokio::test]
+async fn when_two_limits_refuse_the_longer_wait_is_given() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let k = post_key(
+        &app,
+        json!({"name": "two", "limits": {"rates": {"chat": "1/hour", "global": "3/min"}}}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+    for _ in 0..2 {
+        let resp = app
+            .client
+            .get(app.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let refused = chat().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["ratelimit-policy"], "\"chat\";q=1;w=3600");
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 60, "the hour's wait, not global's: {retry}");
+}
+
+/// A token limit of 0 or beyond what a rate can count would switch the
+/// limit off; a budget that is not dollars would never hold. Refused, by
+/// field, on creation and on change.
+#[tokio::test]
+async fn key_limits_that_cannot_be_held_are_refused_by_field() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let cases = [
+        (json!({"tokens_per_minute": 0}), "limits.tokens_per_minute"),
+        (
+            json!({"tokens_per_minute": 60_000_001u64}),
+            "limits.tokens_per_minute",
+        ),
+        (
+            json!({"tokens_per_minute": 5_000_000_000u64}),
+            "limits.tokens_per_minute",
+        ),
+        (
+            json!({"monthly_budget_usd": -1.0}),
+            "limits.monthly_budget_usd",
+        ),
+    ];
+    let ok = post_key(
+        &app,
+        json!({"name": "ok", "limits": {"tokens_per_minute": 60_000_000u64}}),
+    )
+    .await;
+    let id = ok["id"].as_str().unwrap();
+    for (limits, field) in cases {
+        let created = app
+            .client
+            .post(app.url("/v1/admin/keys"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "bad", "limits": limits}))
+            .send()
+            .await
+            .unwrap();
+        let patched = app
+            .client
+            .patch(app.url(&format!("/v1/admin/keys/{id}")))
+            .bearer_auth(ADMIN)
+            .json(&json!({"limits": limits}))
+            .send()
+            .await
+            .unwrap();
+        for resp in [created, patched] {
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{limits}");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["details"]["field"], field, "{body}");
+        }
+    }
+}
+
+/// Budgets are summed from usage rows: on a server that keeps none, a
+/// budget could never be enforced, so setting one is refused.
+#[tokio::test]
+async fn a_budget_is_refused_where_no_usage_rows_are_kept() {
+    let app = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .env("SWITCHYARD_USAGE__ENABLED", "false")
+        .spawn()
+        .await;
+    let key = app
+        .client
+        .post(app.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "b", "limits": {"monthly_budget_usd": 5.0}}))
+        .send()
+        .await
+        .unwrap();
+    let tenant = app
+        .client
+        .post(app.url("/v1/admin/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": "acme", "monthly_budget_usd": 5.0}))
+        .send()
+        .await
+        .unwrap();
+    for (resp, field) in [
+        (key, "limits.monthly_budget_usd"),
+        (tenant, "monthly_budget_usd"),
+    ] {
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["details"]["field"], field, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("usage"));
+    }
+}
+
 /// A retired path answers like the chat function, wherever it lives, so it
 /// counts as `chat` (and gets the token limit and budget checks) rather
 /// than only against `global`.
