@@ -298,11 +298,21 @@ fn refuse(family: Family, e: &AuthError) -> Response {
     resp
 }
 
+/// Failed authentications are counted per IPv4 address, and per /64 for
+/// IPv6: one client usually holds a whole /64, and counting each of its
+/// 2^64 addresses apart would give it that many allowances.
 fn failure_key(ip: std::net::IpAddr) -> String {
-    format!("authfail:{ip}")
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => format!("authfail:{v4}"),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("authfail:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
 }
 
-/// `Some(wait)` while an address has used up its failed authentications.
+/// The state of an address that has used up its failed authentications,
+/// while it has.
 ///
 /// Without Redis the count is this process's. With Redis it is shared by
 /// every instance, so that spreading guesses over instances gains nothing:
@@ -315,14 +325,14 @@ async fn failures_blocked(
     state: &AppState,
     ip: std::net::IpAddr,
     credential: &str,
-) -> Option<std::time::Duration> {
+) -> Option<Blocked> {
     let limits = state.inner.limits.as_ref().filter(|l| l.config.enabled)?;
     let rate = limits.config.auth_failures;
     let key = failure_key(ip);
-    let wait = std::time::Duration::from_micros(rate.emission_interval_us());
     let local = &state.inner.auth_failures;
-    if local.check_now(&key, rate, 0).ok()?.remaining == 0 {
-        return Some(wait);
+    let d = local.check_now(&key, rate, 0).ok()?;
+    if d.remaining == 0 {
+        return Some(Blocked(rate, d));
     }
     if limits.config.redis_url.is_none() || state.identity().is_cached(credential) {
         return None;
@@ -330,7 +340,7 @@ async fn failures_blocked(
     match limits.limiter.check(&key, rate, 0).await {
         Ok(d) if d.remaining == 0 => {
             local.hold(&key, d.reset_after);
-            Some(wait)
+            Some(Blocked(rate, d))
         }
         Ok(_) => None,
         Err(e) => {
@@ -401,7 +411,18 @@ fn shared_failure_error(e: &switchyard_engine::limits::LimitError) {
     tracing::warn!(error = %e, code = e.code(), "could not check the shared count of failed authentications");
 }
 
-fn blocked_response(family: Family, wait: std::time::Duration) -> Response {
+/// An address's failure allowance, used up: its rate and a cost-0 look.
+struct Blocked(
+    switchyard_core::limits::Rate,
+    switchyard_engine::limits::Decision,
+);
+
+/// 429 for an address out of failed authentications: the wait until one
+/// more is allowed (the quota regains one every T: `TAT + T − τ − now`), and
+/// the allowance in the IETF headers (policy `auth_failures`).
+fn blocked_response(family: Family, Blocked(rate, d): Blocked) -> Response {
+    let t = std::time::Duration::from_micros(rate.emission_interval_us());
+    let wait = (d.reset_after + t).saturating_sub(t * rate.count());
     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
     let mut resp = family_error(
         family,
@@ -409,9 +430,31 @@ fn blocked_response(family: Family, wait: std::time::Duration) -> Response {
         Some("too_many_auth_failures"),
         &format!("Too many failed authentications from this address; try again in {secs} s."),
     );
+    for (name, value) in d.headers("auth_failures") {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            resp.headers_mut()
+                .insert(axum::http::HeaderName::from_static(name), v);
+        }
+    }
     if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
         resp.headers_mut()
             .insert(axum::http::header::RETRY_AFTER, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_key;
+
+    #[test]
+    fn failures_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let key = |ip: &str| failure_key(ip.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), "authfail:192.0.2.7");
+        // An IPv4 client reaching a dual-stack socket is still itself.
+        assert_eq!(key("::ffff:192.0.2.7"), "authfail:192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "authfail:2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff:1:2:3"), key("2001:db8:1:2::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
 }

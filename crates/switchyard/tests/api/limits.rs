@@ -558,6 +558,12 @@ async fn repeated_authentication_failures_from_one_address_are_limited_and_audit
     let blocked = status(bad).await;
     assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(blocked.headers()["retry-after"], "1200");
+    assert_eq!(
+        blocked.headers()["ratelimit-policy"],
+        "\"auth_failures\";q=3;w=3600"
+    );
+    let rl = blocked.headers()["ratelimit"].to_str().unwrap().to_owned();
+    assert!(rl.starts_with("\"auth_failures\";r=0;t="), "{rl}");
     let v: Value = blocked.json().await.unwrap();
     assert_eq!(v["error"]["code"], "too_many_auth_failures");
     let even_good = status(ADMIN).await;
