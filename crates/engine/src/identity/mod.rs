@@ -604,25 +604,28 @@ impl Identity {
         key_id: Option<&str>,
         user_id: Option<&str>,
         tenant: Option<&str>,
-    ) -> Result<String, IdentityError> {
+    ) -> Result<(String, String), IdentityError> {
         actor.require_admin()?;
         let tenant_id = actor.tenant(tenant)?;
-        match (key_id, user_id) {
+        let prefix = match (key_id, user_id) {
             (Some(k), None) => {
                 if self.inner.store.get_api_key(&tenant_id, k).await?.is_none() {
                     return Err(IdentityError::NotFound("key"));
                 }
-                Ok(format!("key:{k}:"))
+                format!("key:{k}:")
             }
-            (None, Some(u)) => Ok(format!(
+            (None, Some(u)) => format!(
                 "{}:",
                 switchyard_core::identity::user_subject(&tenant_id, u)
-            )),
-            _ => Err(IdentityError::Invalid {
-                field: "key_id",
-                message: "give exactly one of `key_id` or `user_id`".into(),
-            }),
-        }
+            ),
+            _ => {
+                return Err(IdentityError::Invalid {
+                    field: "key_id",
+                    message: "give exactly one of `key_id` or `user_id`".into(),
+                })
+            }
+        };
+        Ok((prefix, tenant_id))
     }
 
     /// The cache's figures. They cover every tenant's credentials on this

@@ -687,7 +687,9 @@ pub async fn reset_rate_limits(
     NativeJson(req): NativeJson<ResetBody>,
 ) -> Response {
     let actor = actor(&who, &ctx);
-    let prefix = match state
+    // Audited under the subject's tenant, whose admins must see it, not
+    // the actor's (an operator resetting another tenant's key).
+    let (prefix, tenant_id) = match state
         .identity()
         .limit_subject(
             &actor,
@@ -710,7 +712,7 @@ pub async fn reset_rate_limits(
                 .identity()
                 .audit(
                     &actor,
-                    &actor.tenant_id,
+                    &tenant_id,
                     "rate_limit.reset",
                     Some(subject),
                     json!({"reset": n}),

@@ -656,6 +656,37 @@ async fn an_admin_resets_a_keys_rate_limit_and_the_reset_is_audited() {
         audit["data"][0]["target"],
         format!("key:{}", k["id"].as_str().unwrap())
     );
+
+    // An operator resetting another tenant's key: that tenant's log says so.
+    let tenant = app
+        .client
+        .post(app.url("/v1/admin/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tenant.status(), StatusCode::CREATED);
+    let other = post_key(&app, json!({"name": "acme's", "tenant_id": "acme"})).await;
+    let resp = reset(json!({"key_id": other["id"], "tenant_id": "acme"}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let audit: Value = app
+        .client
+        .get(app.url("/v1/admin/audit?action=rate_limit.reset&tenant_id=acme"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        audit["data"][0]["target"],
+        format!("key:{}", other["id"].as_str().unwrap()),
+        "{audit}"
+    );
 }
 
 #[tokio::test]
