@@ -467,7 +467,16 @@ impl Gateway {
                 );
                 match served.value {
                     ChatReply::Complete(c) | ChatReply::AnthropicComplete(c) => {
-                        acc.finish_ok(c.usage);
+                        // An answer without usage (a server that leaves it
+                        // out) is estimated, as a stream's would be: never free.
+                        let usage = c.usage.unwrap_or_else(|| Usage {
+                            prompt_tokens: prompt_estimate,
+                            completion_tokens: crate::metered::estimate_completion(
+                                &c.body, anthropic,
+                            ),
+                            ..Usage::default()
+                        });
+                        acc.finish_ok(Some(usage));
                         Ok(ChatOutcome::Complete {
                             body: c.body,
                             provider,
@@ -527,7 +536,11 @@ impl Gateway {
         match routed {
             Ok(served) => {
                 acc.served_by(self, &served.deployment);
-                acc.finish_ok(served.value.usage);
+                let usage = served.value.usage.unwrap_or(Usage {
+                    prompt_tokens: estimate,
+                    ..Usage::default()
+                });
+                acc.finish_ok(Some(usage));
                 Ok((served.value.body, served.deployment.provider_name.clone()))
             }
             Err(e) => Err(acc.fail(self, e, &req.model)),

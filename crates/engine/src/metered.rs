@@ -198,6 +198,18 @@ impl MeteredStream {
     }
 }
 
+/// The completion tokens of a whole answer that came without usage, from
+/// its generated text (OpenAI's completion, or Anthropic's message when
+/// `anthropic`): 4 bytes a token, as for a stream that ends early.
+pub(crate) fn estimate_completion(body: &[u8], anthropic: bool) -> u64 {
+    let keys: &[memchr::memmem::Finder<'static>] = if anthropic {
+        &*ANTHROPIC_TEXT
+    } else {
+        &*OPENAI_TEXT
+    };
+    string_bytes(body, keys).div_ceil(4)
+}
+
 /// Total bytes (as written, escapes included) of the string values of the
 /// quoted `keys` in `json`, without parsing it. A quoted key cannot occur
 /// inside a string value, where its quotes would be escaped.

@@ -51,6 +51,9 @@ pub struct Behavior {
     /// OpenAI-shaped streams leave out the usage chunk even when asked for
     /// it, as some OpenAI-compatible servers do.
     pub ignore_stream_options: bool,
+    /// Whole answers (chat completions not streamed, embeddings) carry no
+    /// `usage`, as some OpenAI-compatible servers send them.
+    pub omit_usage: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +76,7 @@ impl Default for Behavior {
             cache_tokens: None,
             web_searches: 0,
             ignore_stream_options: false,
+            omit_usage: false,
         }
     }
 }
@@ -386,13 +390,19 @@ async fn chat(
         if let Some(Fault::ErrorEventAfter(_)) = fault {
             return axum::Json(in_band_error()).into_response();
         }
-        return completion(
+        let mut answer = completion(
             &model,
             reply,
             behavior.reasoning.as_deref(),
             tool.as_deref(),
             prompt_tokens,
         );
+        if behavior.omit_usage {
+            if let Some(o) = answer.as_object_mut() {
+                o.remove("usage");
+            }
+        }
+        return axum::Json(answer).into_response();
     }
     let include_usage = !behavior.ignore_stream_options
         && req
@@ -446,7 +456,7 @@ fn completion(
     reasoning: Option<&str>,
     tool: Option<&str>,
     prompt_tokens: u64,
-) -> Response {
+) -> Value {
     let completion_tokens = reply.split_whitespace().count() as u64;
     let (message, finish) = match tool {
         Some(name) => (
@@ -461,13 +471,12 @@ fn completion(
             (message, "stop")
         }
     };
-    axum::Json(json!({
+    json!({
         "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
         "system_fingerprint": "fp_mock"
-    }))
-    .into_response()
+    })
 }
 
 fn chunk(model: &str, delta: Value, finish: Option<&str>, usage_null: bool) -> Value {
@@ -1168,8 +1177,13 @@ async fn embeddings(
         .map(|t| t.split_whitespace().count() as u64)
         .sum();
     let model = req.get("model").cloned().unwrap_or(Value::Null);
-    axum::Json(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
-        .into_response()
+    let mut answer = json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
+    if behavior.omit_usage {
+        if let Some(o) = answer.as_object_mut() {
+            o.remove("usage");
+        }
+    }
+    axum::Json(answer).into_response()
 }
 
 /// A deterministic unit vector derived from the text (FNV-1a seeded).

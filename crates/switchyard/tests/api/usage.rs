@@ -370,6 +370,47 @@ async fn a_stream_that_ends_early_is_charged_estimated_tokens() {
     assert!(rows[0].cost_usd.unwrap() > 0.0);
 }
 
+/// Whole answers from a server that sends no usage are charged estimates
+/// too, as streams are: never free.
+#[tokio::test]
+async fn whole_answers_without_usage_are_charged_estimated_tokens() {
+    let mut app = spawn().await;
+    app.mock().update(|b| b.omit_usage = true);
+    let chat = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(chat.status(), 200);
+    let answer: serde_json::Value = chat.json().await.unwrap();
+    assert!(answer.get("usage").is_none(), "{answer}");
+    let embed = serde_json::json!({"model": "text-embedding-3-small", "input": "abcdefgh"});
+    assert_eq!(app.post_json("/v1/embeddings", &embed).await.status(), 200);
+    app.stop_gracefully().await;
+
+    let mut rows = usage_rows(&app).await;
+    rows.sort_by_key(|r| r.endpoint.clone());
+    let seen: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.endpoint.as_str(),
+                r.status,
+                r.prompt_tokens,
+                r.completion_tokens,
+            )
+        })
+        .collect();
+    // "Say hello": 6 tokens with the message's 3; the mock's reply
+    // "Hello! How can I help you today?" (32 bytes): 8. "abcdefgh": 2.
+    assert_eq!(
+        seen,
+        [
+            ("chat", 200, Some(6), Some(8)),
+            ("embeddings", 200, Some(2), Some(0))
+        ]
+    );
+    assert!(rows[0].cost_usd.unwrap() > 0.0);
+}
+
 /// A complete stream from a server that ignores `stream_options` (no usage
 /// chunk) is charged estimates too.
 #[tokio::test]
