@@ -17,10 +17,56 @@ use serde::{Deserialize, Serialize, Serializer};
 /// numbers, which are doubles).
 pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// The largest token-per-minute limit a key may carry: a rate's emission
-/// interval is a whole number of microseconds, at least one, and a minute
-/// holds 60 million.
-pub const MAX_TOKENS_PER_MINUTE: u64 = 60_000_000;
+/// The largest token-per-minute limit a key may carry (what the
+/// `x-ratelimit-*-tokens` figures can hold).
+pub const MAX_TOKENS_PER_MINUTE: u64 = u32::MAX as u64;
+
+/// Units of a token limit's rate, at most, a minute: its emission interval
+/// is then at least 100 µs, so rounding it to whole microseconds costs
+/// under 1 %.
+const MAX_TOKEN_UNITS_PER_MINUTE: u64 = 600_000;
+
+/// A token-per-minute limit as a GCRA rate. Tokens are counted in units of
+/// `unit` tokens (1 up to 600,000 a minute; more for larger limits), since a
+/// rate's interval is a whole number of microseconds: 60 million tokens a
+/// minute counted one by one would have an interval of 1 µs, and 45 million
+/// one of 1.33 µs, rounded to 2 (a third under the limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRate {
+    pub rate: Rate,
+    /// Tokens per unit of `rate`.
+    pub unit: u64,
+    /// The limit as given: tokens per minute.
+    pub per_minute: u64,
+}
+
+impl TokenRate {
+    /// `None` for 0 or more than [`MAX_TOKENS_PER_MINUTE`].
+    pub fn per_minute(tokens: u64) -> Option<Self> {
+        if tokens == 0 || tokens > MAX_TOKENS_PER_MINUTE {
+            return None;
+        }
+        let unit = tokens.div_ceil(MAX_TOKEN_UNITS_PER_MINUTE);
+        let units = u32::try_from(tokens / unit).ok()?;
+        let rate = Rate::new(units, Duration::from_secs(60)).ok()?;
+        Some(Self {
+            rate,
+            unit,
+            per_minute: tokens,
+        })
+    }
+
+    /// Units of the rate that `tokens` cost (rounded up: never under).
+    pub fn units(&self, tokens: u64) -> u64 {
+        tokens.div_ceil(self.unit)
+    }
+
+    /// Units of the rate as tokens, within the limit.
+    pub fn tokens(&self, units: u32) -> u32 {
+        let tokens = (u64::from(units) * self.unit).min(self.per_minute);
+        u32::try_from(tokens).unwrap_or(u32::MAX)
+    }
+}
 
 /// `count` requests per `period`, e.g. `20/min`; a fresh subject may send
 /// all `count` at once, after which one more is allowed every
@@ -87,10 +133,11 @@ impl Rate {
     }
 
     /// GCRA's emission interval T = period / count, in whole microseconds
-    /// (at least 1 by construction). When the period does not divide evenly
-    /// the remainder, under 1 µs per request, is dropped.
+    /// (at least 1 by construction), rounded up when the period does not
+    /// divide evenly: the sustained rate, 1/T, is then never above the
+    /// configured one (rounded down, 700,000/s would admit 1,000,000/s).
     pub fn emission_interval_us(&self) -> u64 {
-        self.period_us() / u64::from(self.count)
+        self.period_us().div_ceil(u64::from(self.count))
     }
 
     /// The period in whole seconds, rounded up: the `w` of `RateLimit-Policy`.
@@ -310,6 +357,51 @@ fn mask_url_password(url: &str) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_emission_interval_rounds_up_so_the_rate_is_never_exceeded() {
+        let t = |count, secs| {
+            Rate::new(count, Duration::from_secs(secs))
+                .unwrap()
+                .emission_interval_us()
+        };
+        assert_eq!(t(20, 60), 3_000_000);
+        assert_eq!(t(7, 1), 142_858); // 142,857.14…
+        assert_eq!(t(700_000, 1), 2); // 1.43: rounded down it would admit 1M/s
+        assert_eq!(t(60_000_000, 60), 1);
+    }
+
+    #[test]
+    fn a_token_limit_counts_in_units_fine_enough_to_hold_within_one_percent() {
+        assert_eq!(TokenRate::per_minute(0), None);
+        assert_eq!(TokenRate::per_minute(u64::from(u32::MAX) + 1), None);
+        for tpm in [
+            1u64,
+            5,
+            40_000,
+            600_000,
+            600_001,
+            45_000_000,
+            150_000_000,
+            u64::from(u32::MAX),
+        ] {
+            let r = TokenRate::per_minute(tpm).unwrap();
+            // The sustained rate, in tokens a minute: 60 s / T units of `unit`.
+            let sustained = 60_000_000 / r.rate.emission_interval_us() * r.unit;
+            assert!(sustained <= tpm, "{tpm}: {sustained}");
+            assert!(sustained as f64 >= 0.99 * tpm as f64, "{tpm}: {sustained}");
+            assert_eq!(
+                r.tokens(r.rate.count()) as u64,
+                tpm.min(r.unit * u64::from(r.rate.count()))
+            );
+        }
+        let r = TokenRate::per_minute(150_000_000).unwrap();
+        assert_eq!((r.unit, r.rate.count()), (250, 600_000));
+        assert_eq!(
+            (r.units(0), r.units(1), r.units(250), r.units(251)),
+            (0, 1, 1, 2)
+        );
+    }
+
     fn rate(s: &str) -> Rate {
         s.parse().unwrap()
     }
@@ -420,7 +512,10 @@ mod tests {
     #[test]
     fn emission_interval_is_period_over_count_in_microseconds() {
         assert_eq!(rate("20/min").emission_interval_us(), 3_000_000);
-        assert_eq!(rate("7/d").emission_interval_us(), 86_400_000_000 / 7);
+        assert_eq!(
+            rate("7/d").emission_interval_us(),
+            (86_400_000_000_u64).div_ceil(7)
+        );
         assert_eq!(rate("1000000/s").emission_interval_us(), 1);
         assert_eq!(rate("100/5min").window_secs(), 300);
     }

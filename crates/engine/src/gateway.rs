@@ -53,14 +53,14 @@ pub struct RequestMeta {
 pub struct TokenMeter {
     pub limiter: Arc<dyn crate::limits::RateLimiter>,
     pub key: String,
-    pub rate: switchyard_core::limits::Rate,
+    pub limit: switchyard_core::limits::TokenRate,
 }
 
 impl std::fmt::Debug for TokenMeter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenMeter")
             .field("key", &self.key)
-            .field("rate", &self.rate)
+            .field("limit", &self.limit)
             .finish_non_exhaustive()
     }
 }
@@ -852,7 +852,8 @@ impl Accounting {
             if let (Some(m), Ok(rt)) = (self.tokens.take(), tokio::runtime::Handle::try_current()) {
                 let used = u.prompt_tokens.saturating_add(u.completion_tokens);
                 rt.spawn(async move {
-                    if let Err(e) = m.limiter.charge(&m.key, m.rate, used).await {
+                    let units = m.limit.units(used);
+                    if let Err(e) = m.limiter.charge(&m.key, m.limit.rate, units).await {
                         tracing::warn!(error = %e, "could not count tokens against the token limit");
                     }
                 });

@@ -76,20 +76,29 @@ pub(crate) fn token_meter(state: &AppState, who: &Principal) -> Option<TokenMete
     if who.kind == CredentialKind::OpenDev {
         return None;
     }
-    let tpm = u32::try_from(who.limits.tokens_per_minute?).ok()?;
-    let rate = Rate::new(tpm, std::time::Duration::from_secs(60)).ok()?;
+    let tpm = who.limits.tokens_per_minute?;
+    let Some(limit) = switchyard_core::limits::TokenRate::per_minute(tpm) else {
+        // Refused when keys are made or changed; a key stored before that
+        // rule is not limited, and says so.
+        tracing::warn!(
+            tokens_per_minute = tpm,
+            "a key's token limit is out of range and not applied"
+        );
+        return None;
+    };
     Some(TokenMeter {
         limiter: limits.limiter.clone(),
         key: format!("{}:tokens", who.subject()),
-        rate,
+        limit,
     })
 }
 
 /// 429 for a spent token quota: its wait, and its state in the IETF
 /// headers (policy `tokens`) and OpenAI's `-tokens` trio.
 fn token_refusal(family: Family, meter: &TokenMeter, d: &Decision) -> Response {
-    let t = std::time::Duration::from_micros(meter.rate.emission_interval_us());
-    let wait = (d.reset_after + t).saturating_sub(meter.rate.period());
+    let rate = meter.limit.rate;
+    let t = std::time::Duration::from_micros(rate.emission_interval_us());
+    let wait = (d.reset_after + t).saturating_sub(t * rate.count());
     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
     let mut resp = family_error(
         family,
@@ -97,7 +106,7 @@ fn token_refusal(family: Family, meter: &TokenMeter, d: &Decision) -> Response {
         Some("rate_limit_exceeded"),
         &format!(
             "Token limit reached: {} tokens per minute. Try again in {secs} s.",
-            meter.rate.count()
+            meter.limit.per_minute
         ),
     );
     insert_headers(
@@ -166,9 +175,18 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
         if let Some(meter) = token_meter(state, who) {
             // Cost 0: look, do not spend; the call's tokens are charged when
             // its usage is known.
-            match meter.limiter.check(&meter.key, meter.rate, 0).await {
-                Ok(d) if d.remaining == 0 => return token_refusal(family, &meter, &d),
-                Ok(d) => tokens = Some(d),
+            let limit = meter.limit;
+            match meter.limiter.check(&meter.key, limit.rate, 0).await {
+                // The figures in tokens, not in the rate's units.
+                Ok(mut d) => {
+                    let spent = d.remaining == 0;
+                    d.limit = limit.tokens(limit.rate.count());
+                    d.remaining = limit.tokens(d.remaining);
+                    if spent {
+                        return token_refusal(family, &meter, &d);
+                    }
+                    tokens = Some(d);
+                }
                 Err(e) => {
                     limiter_down = true;
                     metrics::counter!("switchyard_rate_limit_errors_total").increment(1);

@@ -117,7 +117,8 @@ pub(crate) struct Gcra {
 impl Gcra {
     pub fn of(rate: Rate) -> Self {
         let t = rate.emission_interval_us();
-        // T ≥ 1 and count × T ≤ period ≤ 366 days: no overflow, no zero.
+        // T ≥ 1 and count × T < period + count ≤ 366 days + 2^32 µs: no
+        // overflow, no zero.
         Self {
             t,
             tol: t * u64::from(rate.count()),

@@ -171,7 +171,7 @@ fn validate_key_limits(state: &AppState, limits: &KeyLimits) -> Option<Response>
             StatusCode::BAD_REQUEST,
             "invalid_request",
             &format!(
-                "Invalid field `limits.tokens_per_minute`: {tpm}; a token limit is 1 to {max} tokens per minute (leave it out for none)."
+                "Invalid field `limits.tokens_per_minute`: {tpm}; a token limit is 1 to {max} tokens a minute (leave it out for none)."
             ),
             json!({"field": "limits.tokens_per_minute"}),
         ));
