@@ -343,8 +343,13 @@ pub async fn create_key(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    NativeJson(req): NativeJson<CreateKey>,
+    NativeQuery(q): NativeQuery<TenantParam>,
+    NativeJson(mut req): NativeJson<CreateKey>,
 ) -> Response {
+    match one_tenant(q.tenant_id, req.tenant_id.take()) {
+        Ok(t) => req.tenant_id = t,
+        Err(resp) => return *resp,
+    }
     if let Some(resp) = validate_key_limits(&state, &req.limits) {
         return resp;
     }
@@ -377,6 +382,30 @@ pub async fn create_key(
 #[serde(deny_unknown_fields)]
 pub struct TenantParam {
     tenant_id: Option<String>,
+}
+
+/// The query of a route that takes none: any parameter is refused (400),
+/// so that a misspelt one is not silently ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// The tenant a request names in its query or its body (either, the same
+/// in both, or neither): a `?tenant_id=` that the body's route ignored made
+/// a key in the caller's own tenant, an operator key when the caller was one.
+fn one_tenant(
+    query: Option<String>,
+    body: Option<String>,
+) -> Result<Option<String>, Box<Response>> {
+    match (query, body) {
+        (Some(q), Some(b)) if q != b => Err(Box::new(native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("The query names tenant `{q}` and the body `{b}`: name one."),
+            json!({"field": "tenant_id"}),
+        ))),
+        (q, b) => Ok(q.or(b)),
+    }
 }
 
 pub async fn list_keys(
@@ -479,6 +508,7 @@ pub async fn create_tenant(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
+    NativeQuery(NoParams {}): NativeQuery<NoParams>,
     NativeJson(req): NativeJson<CreateTenant>,
 ) -> Response {
     if let Some(resp) = validate_rates("limits", &req.limits) {
@@ -508,6 +538,7 @@ pub async fn list_tenants(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
+    NativeQuery(NoParams {}): NativeQuery<NoParams>,
 ) -> Response {
     match state.identity().list_tenants(&actor(&who, &ctx)).await {
         Ok(ts) => {
@@ -522,6 +553,7 @@ pub async fn auth_cache(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
+    NativeQuery(NoParams {}): NativeQuery<NoParams>,
 ) -> Response {
     match state.identity().cache_stats(&actor(&who, &ctx)) {
         Ok(stats) => Json(json!(stats)).into_response(),
@@ -544,6 +576,7 @@ pub async fn invalidate_auth_cache(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
+    NativeQuery(NoParams {}): NativeQuery<NoParams>,
     NativeJson(req): NativeJson<InvalidateBody>,
 ) -> Response {
     let what = match (req.all, req.key_id, req.credential) {
@@ -684,8 +717,13 @@ pub async fn reset_rate_limits(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,
     Extension(who): Extension<Principal>,
-    NativeJson(req): NativeJson<ResetBody>,
+    NativeQuery(q): NativeQuery<TenantParam>,
+    NativeJson(mut req): NativeJson<ResetBody>,
 ) -> Response {
+    match one_tenant(q.tenant_id, req.tenant_id.take()) {
+        Ok(t) => req.tenant_id = t,
+        Err(resp) => return *resp,
+    }
     let actor = actor(&who, &ctx);
     // Audited under the subject's tenant, whose admins must see it, not
     // the actor's (an operator resetting another tenant's key).

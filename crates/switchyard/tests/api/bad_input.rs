@@ -145,6 +145,25 @@ async fn admin_key_routes_answer_a_bad_query_string_in_the_native_shape() {
             format!("/v1/admin/keys/{id}?tenantid=other"),
             None,
         ),
+        // Routes that read their tenant from the body refuse a query too,
+        // rather than making the key in the caller's own tenant.
+        (
+            Method::POST,
+            "/v1/admin/keys?tenant=other".to_owned(),
+            Some(json!({"name": "n", "role": "admin"})),
+        ),
+        (
+            Method::POST,
+            "/v1/admin/rate-limits/reset?tenant=other".to_owned(),
+            Some(json!({"user_id": "u"})),
+        ),
+        (Method::GET, "/v1/admin/tenants?limit=5".to_owned(), None),
+        (Method::GET, "/v1/admin/auth-cache?x=1".to_owned(), None),
+        (
+            Method::POST,
+            "/v1/admin/auth-cache/invalidate?x=1".to_owned(),
+            Some(json!({"all": true})),
+        ),
     ];
     for (method, path, body) in cases {
         native(
@@ -164,6 +183,55 @@ async fn admin_key_routes_answer_a_bad_query_string_in_the_native_shape() {
         .find(|k| k["id"] == id.as_str())
         .unwrap();
     assert_eq!(k["active"], true, "{k}");
+    // No key was made by the refused POST.
+    assert_eq!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["name"] == "n")
+            .count(),
+        0
+    );
+}
+
+/// `POST /v1/admin/keys?tenant_id=T` makes the key in T (it made it in the
+/// caller's own tenant: an operator's admin key, for an operator); a query
+/// and a body naming different tenants are refused.
+#[tokio::test]
+async fn a_key_is_made_in_the_tenant_its_query_names() {
+    let app = spawn().await;
+    let tenant = send(
+        &app,
+        Method::POST,
+        "/v1/admin/tenants",
+        Some(ADMIN),
+        Some(&json!({"id": "tb"})),
+    )
+    .await;
+    assert_eq!(tenant.status(), 201);
+    let made = send(
+        &app,
+        Method::POST,
+        "/v1/admin/keys?tenant_id=tb",
+        Some(ADMIN),
+        Some(&json!({"name": "tb admin", "role": "admin"})),
+    )
+    .await;
+    assert_eq!(made.status(), 201);
+    let made: Value = made.json().await.unwrap();
+    assert_eq!(made["tenant_id"], "tb", "{made}");
+    let both = send(
+        &app,
+        Method::POST,
+        "/v1/admin/keys?tenant_id=tb",
+        Some(ADMIN),
+        Some(&json!({"name": "x", "tenant_id": "default"})),
+    )
+    .await;
+    assert_eq!(both.status(), 400);
+    let body: Value = both.json().await.unwrap();
+    assert_eq!(body["error"]["details"]["field"], "tenant_id", "{body}");
 }
 
 #[tokio::test]
