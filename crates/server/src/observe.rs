@@ -3,7 +3,8 @@
 //! ([`crate::auth::admit`]) and count the request against its limits
 //! ([`crate::limit::rate_limit`]) inside it, echo `X-Request-Id` and
 //! `traceparent`, record the request metrics, and write one access log line
-//! (with the internal error detail of a failed request).
+//! (with the internal error detail of a failed request) — also for a request
+//! whose client left before the answer (status 499).
 
 use std::time::Instant;
 
@@ -60,6 +61,12 @@ pub async fn observe(
 
     // Authentication and limits run here rather than as middleware of their
     // own: one middleware layer per request instead of three.
+    let unanswered = Unanswered {
+        state: &state,
+        route,
+        span: &span,
+        started,
+    };
     let mut resp = async {
         if let Some(refused) = unreadable_target(&req) {
             return refused;
@@ -71,6 +78,7 @@ pub async fn observe(
     }
     .instrument(span.clone())
     .await;
+    unanswered.answered();
 
     let status = resp.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
@@ -78,22 +86,7 @@ pub async fn observe(
         .extensions()
         .get::<ModelLabel>()
         .map_or("", |m| m.0.as_str());
-    let (count, duration) = state
-        .inner
-        .request_metrics
-        .get(&[&route, &model, &status], || {
-            let labels = [
-                ("route", route.to_owned()),
-                ("model", model.to_owned()),
-                ("status", status.to_string()),
-            ];
-            (
-                metrics::counter!("switchyard_http_requests_total", &labels),
-                metrics::histogram!("switchyard_http_request_duration_seconds", &labels),
-            )
-        });
-    count.increment(1);
-    duration.record(elapsed);
+    count_request(&state, route, model, status, elapsed);
 
     let provider = resp
         .extensions()
@@ -126,6 +119,59 @@ pub async fn observe(
         headers.insert("x-request-id", id);
     }
     resp
+}
+
+/// The status counted and logged for a request whose client went away
+/// before its answer (nginx's "client closed request").
+const CLIENT_CLOSED: u16 = 499;
+
+/// Counts and logs a request whose future is dropped before the handler
+/// answered: hyper drops it when the client disconnects, and everything after
+/// the handler's `.await` in [`observe`] never runs then. Only references and
+/// an `Instant`, so arming it costs nothing on the path of a request that is
+/// answered.
+struct Unanswered<'a> {
+    state: &'a crate::AppState,
+    route: &'a str,
+    span: &'a tracing::Span,
+    started: Instant,
+}
+
+impl Unanswered<'_> {
+    /// The handler answered: [`observe`] counts and logs the request itself.
+    fn answered(self) {
+        // It holds only borrows and an `Instant`: forgetting it leaks nothing.
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        count_request(self.state, self.route, "", CLIENT_CLOSED, elapsed);
+        let latency_ms = elapsed * 1000.0;
+        tracing::info!(parent: self.span, status = CLIENT_CLOSED, latency_ms, model = "", "request");
+    }
+}
+
+/// One sample of the request counter and duration histogram.
+fn count_request(state: &crate::AppState, route: &str, model: &str, status: u16, elapsed: f64) {
+    let (count, duration) = state
+        .inner
+        .request_metrics
+        .get(&[&route, &model, &status], || {
+            let labels = [
+                ("route", route.to_owned()),
+                ("model", model.to_owned()),
+                ("status", status.to_string()),
+            ];
+            (
+                metrics::counter!("switchyard_http_requests_total", &labels),
+                metrics::histogram!("switchyard_http_request_duration_seconds", &labels),
+            )
+        });
+    count.increment(1);
+    duration.record(elapsed);
 }
 
 /// A request whose path or query string, once its `%XX` escapes are

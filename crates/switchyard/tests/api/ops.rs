@@ -260,3 +260,39 @@ async fn every_log_line_of_a_request_carries_its_trace_id() {
         assert_eq!(root["trace_id"], trace_id, "{v}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_is_counted_and_logged_as_499() {
+    // The provider never answers; the client gives up while the gateway
+    // waits for it, and hyper drops the request's future.
+    let app = spawn().await;
+    app.mock()
+        .update(|b| b.always = Some(switchyard_testkit::Fault::Hang));
+    let url = app.url("/v1/chat/completions");
+    let client = app.client.clone();
+    let request = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+            .await
+    });
+    while app.mock().calls() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    request.abort();
+
+    let line = wait_for_log_json(&app, |l| l.contains("\"status\":499"))
+        .await
+        .expect("an access line for the request the client left");
+    assert_eq!(line["message"], "request");
+    assert_eq!(line["span"]["route"], "/v1/chat/completions");
+    assert!(line["latency_ms"].as_f64().is_some(), "{line}");
+    let counted = metric(
+        &app,
+        r#"switchyard_http_requests_total{route="/v1/chat/completions",model="",status="499"}"#,
+    )
+    .await;
+    assert_eq!(counted, 1.0);
+}
