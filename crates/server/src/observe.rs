@@ -36,9 +36,7 @@ pub async fn observe(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let ctx = req
-        .headers()
-        .get("traceparent")
+    let ctx = single_header(req.headers(), "traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::from_traceparent)
         .unwrap_or_else(TraceContext::new_root);
@@ -119,6 +117,15 @@ pub async fn observe(
         headers.insert("x-request-id", id);
     }
     resp
+}
+
+/// The value of a header sent exactly once. W3C Trace Context: a request
+/// with several `traceparent` headers starts a new trace (its test suite's
+/// `test_traceparent_duplicated`), rather than trusting the first.
+fn single_header<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
 }
 
 /// The status counted and logged for a request whose client went away

@@ -296,3 +296,29 @@ async fn a_client_that_leaves_before_the_answer_is_counted_and_logged_as_499() {
     .await;
     assert_eq!(counted, 1.0);
 }
+
+#[tokio::test]
+async fn two_traceparent_headers_start_a_new_trace() {
+    // W3C Trace Context test suite, test_traceparent_duplicated: neither
+    // of two traceparent headers is trusted.
+    let app = spawn().await;
+
+    let resp = app
+        .client
+        .get(app.url("/health"))
+        .header(
+            "traceparent",
+            "00-12345678901234567890123456789011-1234567890123456-01",
+        )
+        .header(
+            "traceparent",
+            "00-12345678901234567890123456789012-1234567890123456-01",
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let tp = resp.headers()["traceparent"].to_str().unwrap();
+    assert_eq!(tp.len(), 55, "{tp}");
+    assert!(!tp.contains("1234567890123456789012345678901"), "{tp}");
+}
