@@ -40,13 +40,15 @@ pub async fn observe(
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::from_traceparent)
         .unwrap_or_else(TraceContext::new_root);
-    // Echoed as given, unless too long to be an id (a header is not a place
-    // to send a client kilobytes back).
-    let request_id = req
+    // Echoed as given, unless empty or too long to be an id (a header is not
+    // a place to send a client kilobytes back).
+    let request_id_header = req
         .headers()
         .get("x-request-id")
-        .filter(|v| v.len() <= MAX_REQUEST_ID_BYTES)
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_BYTES)
         .cloned();
+    // Logged in the access line, to find a client's request by its own id.
+    let request_id = request_id_header.as_ref().and_then(|v| v.to_str().ok());
     let anthropic = Family::of_request(req.uri().path(), req.headers()) == Family::Anthropic;
     let matched = req.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
@@ -64,6 +66,7 @@ pub async fn observe(
         route,
         span: &span,
         started,
+        request_id,
     };
     let mut resp = async {
         if let Some(refused) = unreadable_target(&req) {
@@ -93,12 +96,14 @@ pub async fn observe(
     let latency_ms = elapsed * 1000.0;
     match resp.extensions().get::<ErrorDetail>() {
         Some(detail) if status >= 500 => {
-            tracing::error!(parent: &span, status, latency_ms, model, provider, error = %detail.0, "request failed")
+            tracing::error!(parent: &span, status, latency_ms, model, provider, request_id, error = %detail.0, "request failed")
         }
         Some(detail) => {
-            tracing::warn!(parent: &span, status, latency_ms, model, provider, error = %detail.0, "request refused")
+            tracing::warn!(parent: &span, status, latency_ms, model, provider, request_id, error = %detail.0, "request refused")
         }
-        None => tracing::info!(parent: &span, status, latency_ms, model, provider, "request"),
+        None => {
+            tracing::info!(parent: &span, status, latency_ms, model, provider, request_id, "request")
+        }
     }
 
     let headers = resp.headers_mut();
@@ -109,7 +114,7 @@ pub async fn observe(
     // The client's request id, else one naming the trace: the SDKs expose it
     // (`_request_id`) for support requests and logs. Anthropic's read
     // `request-id`.
-    let id = request_id.or_else(|| HeaderValue::from_str(&format!("req_{trace_id}")).ok());
+    let id = request_id_header.or_else(|| HeaderValue::from_str(&format!("req_{trace_id}")).ok());
     if let Some(id) = id {
         if anthropic {
             headers.insert("request-id", id.clone());
@@ -142,6 +147,7 @@ struct Unanswered<'a> {
     route: &'a str,
     span: &'a tracing::Span,
     started: Instant,
+    request_id: Option<&'a str>,
 }
 
 impl Unanswered<'_> {
@@ -157,7 +163,8 @@ impl Drop for Unanswered<'_> {
         let elapsed = self.started.elapsed().as_secs_f64();
         count_request(self.state, self.route, "", CLIENT_CLOSED, elapsed);
         let latency_ms = elapsed * 1000.0;
-        tracing::info!(parent: self.span, status = CLIENT_CLOSED, latency_ms, model = "", "request");
+        let request_id = self.request_id;
+        tracing::info!(parent: self.span, status = CLIENT_CLOSED, latency_ms, model = "", request_id, "request");
     }
 }
 

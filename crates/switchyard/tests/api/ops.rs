@@ -322,3 +322,37 @@ async fn two_traceparent_headers_start_a_new_trace() {
     assert_eq!(tp.len(), 55, "{tp}");
     assert!(!tp.contains("1234567890123456789012345678901"), "{tp}");
 }
+
+#[tokio::test]
+async fn an_empty_request_id_is_replaced_and_a_given_one_is_logged() {
+    let app = spawn().await;
+
+    let empty = app
+        .client
+        .get(app.url("/health"))
+        .header("x-request-id", "")
+        .send()
+        .await
+        .unwrap();
+    let given = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("x-request-id", "client-req-42")
+        .json(&chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+
+    let tp = empty.headers()["traceparent"].to_str().unwrap();
+    assert_eq!(
+        empty.headers()["x-request-id"].to_str().unwrap(),
+        format!("req_{}", &tp[3..35])
+    );
+    assert_eq!(given.headers()["x-request-id"], "client-req-42");
+    let line = wait_for_log_json(&app, |l| {
+        l.contains("\"message\":\"request\"") && l.contains("/v1/chat/completions")
+    })
+    .await
+    .expect("the access line");
+    assert_eq!(line["request_id"], "client-req-42");
+}
