@@ -21,6 +21,7 @@ use switchyard_providers::openai::OpenAiProvider;
 use switchyard_providers::retry::{RetryBudget, RetryConfig};
 use switchyard_providers::router::{Deployment, Route, RouteEntry, RouteError, Router};
 use switchyard_providers::{ChatProvider, ChatReply, EmbeddingProvider, ProviderError};
+use tracing::Instrument;
 
 /// A provider's two faces.
 /// A provider's chat and embedding sides (one object may be both).
@@ -851,12 +852,16 @@ impl Accounting {
         if let Some(u) = usage {
             if let (Some(m), Ok(rt)) = (self.tokens.take(), tokio::runtime::Handle::try_current()) {
                 let used = u.prompt_tokens.saturating_add(u.completion_tokens);
-                rt.spawn(async move {
-                    let units = m.limit.units(used);
-                    if let Err(e) = m.limiter.charge(&m.key, m.limit.rate, units).await {
-                        tracing::warn!(error = %e, "could not count tokens against the token limit");
+                // In the request's span, so a failure to charge names its trace.
+                rt.spawn(
+                    async move {
+                        let units = m.limit.units(used);
+                        if let Err(e) = m.limiter.charge(&m.key, m.limit.rate, units).await {
+                            tracing::warn!(error = %e, "could not count tokens against the token limit");
+                        }
                     }
-                });
+                    .in_current_span(),
+                );
             }
             r.prompt_tokens = Some(u.prompt_tokens);
             r.completion_tokens = Some(u.completion_tokens);

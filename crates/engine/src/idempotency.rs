@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use switchyard_core::identity::Principal;
 use switchyard_core::sessions::{IdempotencyClaim, IdempotencyKey, StoredResponse};
 use switchyard_store::{Store, StoreError};
+use tracing::Instrument;
 
 use crate::identity::now_ms;
 
@@ -187,10 +188,14 @@ impl Drop for Claimed {
 fn release(store: Arc<dyn Store>, tenant_id: &str, key: &str, owner: &str) {
     let (tenant_id, key, owner) = (tenant_id.to_owned(), key.to_owned(), owner.to_owned());
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            if let Err(e) = store.release_idempotency(&tenant_id, &key, &owner).await {
-                tracing::warn!(error = %e, "could not release an idempotency key; it frees itself when its lease ends");
+        // In the span of the request that held the key, for its trace id.
+        rt.spawn(
+            async move {
+                if let Err(e) = store.release_idempotency(&tenant_id, &key, &owner).await {
+                    tracing::warn!(error = %e, "could not release an idempotency key; it frees itself when its lease ends");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 }

@@ -16,6 +16,7 @@ use switchyard_core::openai::{ChatRequest, Usage};
 use switchyard_core::sessions::{Message, MessageCompletion, MessageStatus, StoredResponse};
 use switchyard_core::usage::new_id;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use super::transcript::{render_all, Frame, Transcript};
 use super::views::message_json;
@@ -304,18 +305,23 @@ impl Sessions {
             transcript: transcript.clone(),
             finished,
         };
-        tokio::spawn(generate(
-            self.inner.clone(),
-            Job {
-                meta,
-                request,
-                transcript,
-                assistant,
-                mode,
-                claim: claim.take(),
-                finished: finished_tx,
-            },
-        ));
+        // The reply outlives the request that asked for it, but its lines
+        // belong to that request: they carry its span, and so its trace id.
+        tokio::spawn(
+            generate(
+                self.inner.clone(),
+                Job {
+                    meta,
+                    request,
+                    transcript,
+                    assistant,
+                    mode,
+                    claim: claim.take(),
+                    finished: finished_tx,
+                },
+            )
+            .in_current_span(),
+        );
         Ok(handle)
     }
 
