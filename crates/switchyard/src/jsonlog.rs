@@ -50,7 +50,7 @@ where
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut fields = String::with_capacity(96);
-        attrs.record(&mut Members(&mut fields));
+        attrs.record(&mut Members::span(&mut fields));
         span.extensions_mut().insert(SpanFields(fields));
     }
 
@@ -59,10 +59,10 @@ where
         let mut ext = span.extensions_mut();
         match ext.get_mut::<SpanFields>() {
             // A field recorded later is appended; a reader keeps the last value.
-            Some(f) => values.record(&mut Members(&mut f.0)),
+            Some(f) => values.record(&mut Members::span(&mut f.0)),
             None => {
                 let mut fields = String::new();
-                values.record(&mut Members(&mut fields));
+                values.record(&mut Members::span(&mut fields));
                 ext.insert(SpanFields(fields));
             }
         }
@@ -87,7 +87,11 @@ where
             buf.push_str("\",\"level\":\"");
             buf.push_str(meta.level().as_str());
             buf.push_str("\",");
-            event.record(&mut Members(buf));
+            event.record(&mut Members {
+                buf,
+                own_keys: EVENT_KEYS,
+                fields: Some(meta.fields()),
+            });
             buf.push_str("\"target\":");
             push_json_str(buf, meta.target());
             if let Some(leaf) = ctx.event_scope(event).and_then(|mut s| s.next()) {
@@ -125,13 +129,51 @@ fn span_object<S: for<'a> LookupSpan<'a>>(
     buf.push('}');
 }
 
-/// Writes each field as `"name":value,`.
-struct Members<'a>(&'a mut String);
+/// The keys a line writes itself besides its event's fields.
+const EVENT_KEYS: &[&str] = &["timestamp", "level", "target", "span", "spans"];
+/// The key a span object writes itself besides the span's fields.
+const SPAN_KEYS: &[&str] = &["name"];
+/// Put before the name of a field that would repeat a key of the object it
+/// is written in: a JSON object with a repeated key is read differently by
+/// different tools (most keep the last; the line's own key would be lost).
+const CLASH_PREFIX: &str = "field.";
 
-impl Members<'_> {
+/// Writes each field as `"name":value,`.
+struct Members<'a> {
+    buf: &'a mut String,
+    /// Keys the object writes itself; a field with one of these names is
+    /// written as `field.<name>`.
+    own_keys: &'static [&'static str],
+    /// The event's fields, to find a name already written: a field named
+    /// `message` besides the event's message (its first field).
+    fields: Option<&'a tracing::field::FieldSet>,
+}
+
+impl<'a> Members<'a> {
+    fn span(buf: &'a mut String) -> Self {
+        Self {
+            buf,
+            own_keys: SPAN_KEYS,
+            fields: None,
+        }
+    }
+
     fn key(&mut self, field: &Field) {
-        push_json_str(self.0, field.name());
-        self.0.push(':');
+        let name = field.name();
+        let repeated = self.fields.is_some_and(|set| {
+            set.iter()
+                .take(field.index())
+                .any(|earlier| earlier.name() == name)
+        });
+        if repeated || self.own_keys.contains(&name) {
+            self.buf.push('"');
+            self.buf.push_str(CLASH_PREFIX);
+            escape_into(self.buf, name);
+            self.buf.push_str("\":");
+        } else {
+            push_json_str(self.buf, name);
+            self.buf.push(':');
+        }
     }
 }
 
@@ -139,42 +181,42 @@ impl Visit for Members<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.key(field);
         if value.is_finite() {
-            let _ = write!(self.0, "{value}");
+            let _ = write!(self.buf, "{value}");
         } else {
-            self.0.push_str("null");
+            self.buf.push_str("null");
         }
-        self.0.push(',');
+        self.buf.push(',');
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.key(field);
-        let _ = write!(self.0, "{value}");
-        self.0.push(',');
+        let _ = write!(self.buf, "{value}");
+        self.buf.push(',');
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.key(field);
-        let _ = write!(self.0, "{value}");
-        self.0.push(',');
+        let _ = write!(self.buf, "{value}");
+        self.buf.push(',');
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.key(field);
-        self.0.push_str(if value { "true" } else { "false" });
-        self.0.push(',');
+        self.buf.push_str(if value { "true" } else { "false" });
+        self.buf.push(',');
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
         self.key(field);
-        push_json_str(self.0, value);
-        self.0.push(',');
+        push_json_str(self.buf, value);
+        self.buf.push(',');
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.key(field);
-        self.0.push('"');
-        let _ = write!(Escaped(self.0), "{value:?}");
-        self.0.push_str("\",");
+        self.buf.push('"');
+        let _ = write!(Escaped(self.buf), "{value:?}");
+        self.buf.push_str("\",");
     }
 }
 
@@ -325,6 +367,95 @@ mod tests {
         assert_eq!(lines[0]["span"]["model"], "gpt");
         assert!(lines[1].get("span").is_none());
         assert!(lines[1].get("spans").is_none());
+    }
+
+    /// Any JSON value, refused if an object in it repeats a key
+    /// (`serde_json::Value` silently keeps the last of a repeated key).
+    struct NoRepeatedKey;
+
+    impl<'de> serde::Deserialize<'de> for NoRepeatedKey {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(NoRepeatedKey)
+        }
+    }
+
+    impl<'de> serde::de::Visitor<'de> for NoRepeatedKey {
+        type Value = NoRepeatedKey;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self, A::Error> {
+            let mut keys = std::collections::HashSet::new();
+            while let Some((k, NoRepeatedKey)) = m.next_entry::<String, NoRepeatedKey>()? {
+                if !keys.insert(k.clone()) {
+                    return Err(serde::de::Error::custom(format!("repeated key {k}")));
+                }
+            }
+            Ok(self)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Self, A::Error> {
+            while s.next_element::<NoRepeatedKey>()?.is_some() {}
+            Ok(self)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+            Ok(self)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+            Ok(self)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+            Ok(self)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+            Ok(self)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+            Ok(self)
+        }
+        fn visit_unit<E>(self) -> Result<Self, E> {
+            Ok(self)
+        }
+    }
+
+    #[test]
+    fn a_field_named_like_a_key_of_the_line_is_prefixed_not_repeated() {
+        let out = Capture::default();
+        let (sink, guard) = crate::logwriter::spawn(out.clone());
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new(sink));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", name = "a span field");
+            let _s = span.enter();
+            tracing::warn!(
+                message = "m-1",
+                target = "t-1",
+                level = 3_u64,
+                timestamp = "then",
+                span = "s",
+                spans = "ss",
+                kept = true,
+                "the message"
+            );
+        });
+        drop(guard);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let line = text.lines().next().unwrap();
+
+        if let Err(e) = serde_json::from_str::<NoRepeatedKey>(line) {
+            panic!("{e}: {line}");
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["message"], "the message");
+        assert_eq!(v["field.message"], "m-1");
+        assert_eq!(v["target"], module_path!());
+        assert_eq!(v["field.target"], "t-1");
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["field.level"], 3);
+        assert_eq!(v["field.timestamp"], "then");
+        assert_eq!(v["field.span"], "s");
+        assert_eq!(v["field.spans"], "ss");
+        assert_eq!(v["kept"], true);
+        assert_eq!(v["span"]["name"], "request");
+        assert_eq!(v["span"]["field.name"], "a span field");
     }
 
     #[test]
