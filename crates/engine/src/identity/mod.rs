@@ -760,7 +760,7 @@ impl Identity {
             trace_id: actor.trace_id.clone(),
             created_at_ms: now_ms(),
         };
-        tracing::info!(action, actor = %actor.label, tenant = tenant_id, target = record.target.as_deref(), "audit");
+        tracing::info!(action, actor = %actor.label, tenant = tenant_id, audit_target = record.target.as_deref(), "audit");
         if let Err(e) = self.inner.store.insert_audit(&[record]).await {
             tracing::error!(error = %e, action, "could not write an audit event");
         }

@@ -415,7 +415,7 @@ async fn follow_mirror(
         for f in read.frames {
             if f.id != last + 1 {
                 filler.extend(frames);
-                tracing::warn!(message = %id, after = last, got = f.id, "a frame is missing from the Redis mirror; finishing from the store");
+                tracing::warn!(message_id = %id, after = last, got = f.id, "a frame is missing from the Redis mirror; finishing from the store");
                 return current;
             }
             last = f.id;
@@ -599,10 +599,10 @@ async fn generate(inner: Arc<Inner>, job: Job) {
     match inner.store.complete_message(&completion).await {
         Ok(true) => {}
         Ok(false) => {
-            tracing::warn!(message = %message.id, "the reply had already been ended (interrupted?)")
+            tracing::warn!(message_id = %message.id, "the reply had already been ended (interrupted?)")
         }
         Err(e) => {
-            tracing::error!(error = %e, message = %message.id, "could not store a finished reply")
+            tracing::error!(error = %e, message_id = %message.id, "could not store a finished reply")
         }
     }
     let stored = match (mode, &ending.error) {

@@ -401,3 +401,32 @@ async fn audit_query_numbers_out_of_range_or_malformed_are_refused_naming_them()
         "{body}"
     );
 }
+
+// ---- the audit log line ----------------------------------------------------
+
+#[tokio::test]
+async fn an_audit_line_names_what_it_acted_on_without_hiding_its_own_target() {
+    // The line's `target` is the module that logged it; the audited object
+    // was logged under the same key, and a reader kept only one of them.
+    let app = spawn().await;
+
+    let key = create_key(&app, json!({"name": "audited"})).await;
+
+    let line = app
+        .wait_for_log(|l| l.contains("\"message\":\"audit\""))
+        .await
+        .expect("the audit line");
+    assert_eq!(line.matches("\"target\":").count(), 1, "{line}");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        line["audit_target"],
+        format!("key:{}", key["id"].as_str().unwrap()),
+        "{line}"
+    );
+    assert!(
+        line["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("switchyard_engine")),
+        "{line}"
+    );
+}
