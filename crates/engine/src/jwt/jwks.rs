@@ -16,6 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::DecodingKey;
+use switchyard_core::config::mask_url_password;
 use switchyard_core::jwt::JwtConfig;
 
 use super::{Alg, JwtError, JwtSetupError};
@@ -28,6 +29,9 @@ const MIN_RSA_BITS: usize = 2048;
 
 pub(super) struct JwksCache {
     url: String,
+    /// The URL as logged: with its secrets masked as `config check` shows
+    /// them (an identity provider's JWKS URL may carry a token or a key).
+    shown_url: String,
     client: reqwest::Client,
     ttl: i64,
     min_interval: i64,
@@ -64,7 +68,7 @@ pub(super) struct JwksKey {
 impl std::fmt::Debug for JwksCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwksCache")
-            .field("url", &self.url)
+            .field("url", &self.shown_url)
             .field("keys", &self.snapshot().keys.len())
             .finish_non_exhaustive()
     }
@@ -81,6 +85,7 @@ impl JwksCache {
             .map_err(|e| JwtSetupError::HttpClient(e.to_string()))?;
         Ok(Self {
             url: url.to_owned(),
+            shown_url: mask_url_password(url),
             client,
             ttl: i64::try_from(config.jwks_ttl_secs).unwrap_or(i64::MAX),
             min_interval: i64::try_from(config.jwks_refetch_min_secs).unwrap_or(i64::MAX),
@@ -145,7 +150,7 @@ impl JwksCache {
         match self.fetch_keys().await {
             Ok(keys) => {
                 metrics::counter!("switchyard_jwks_fetches_total", "outcome" => "ok").increment(1);
-                tracing::info!(url = %self.url, keys = keys.len(), "fetched the JWKS");
+                tracing::info!(url = %self.shown_url, keys = keys.len(), "fetched the JWKS");
                 let next = Arc::new(KeySet {
                     generation: current.generation.wrapping_add(1),
                     fetched_at: Some(now),
@@ -158,7 +163,7 @@ impl JwksCache {
             Err(why) => {
                 metrics::counter!("switchyard_jwks_fetches_total", "outcome" => "error")
                     .increment(1);
-                tracing::warn!(url = %self.url, reason = %why, "JWKS fetch failed; keeping the keys we had");
+                tracing::warn!(url = %self.shown_url, reason = %why, "JWKS fetch failed; keeping the keys we had");
                 state.last_error = Some(why.clone());
                 (current, Some(why))
             }
@@ -172,7 +177,7 @@ impl JwksCache {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(describe)?;
         if !response.status().is_success() {
             return Err(format!(
                 "the JWKS URL answered {}",
@@ -180,7 +185,7 @@ impl JwksCache {
             ));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
+        while let Some(chunk) = response.chunk().await.map_err(describe)? {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err("the JWKS is larger than 1 MiB".into());
             }
@@ -225,7 +230,10 @@ impl KeySet {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+fn describe(e: reqwest::Error) -> String {
+    // Without the URL, which the error's text would hold in clear; the
+    // lines around this one name it masked.
+    let e = e.without_url();
     tracing::debug!(error = %e, "JWKS request failed");
     if e.is_timeout() {
         "the JWKS request timed out".into()

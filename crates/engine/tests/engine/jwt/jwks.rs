@@ -332,3 +332,57 @@ async fn oidc_claims_are_checked_against_the_jwks_configuration() {
     assert_eq!(aud_err, JwtError::WrongAudience);
     assert_eq!(iss_err, JwtError::WrongIssuer);
 }
+
+/// The text of every line logged (at debug and above) while `f` runs.
+async fn logged<F: std::future::Future>(f: F) -> String {
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let out = Capture::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    f.await;
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    text
+}
+
+#[tokio::test]
+async fn a_secret_in_the_jwks_url_is_masked_in_the_log() {
+    let server = JwksServer::start(key_set(&[rsa_a_jwk()])).await;
+    let mut config = server.config();
+    let url = format!("{}?access_token=jwks-secret-1234", server.url);
+    config.jwks_url = Some(url.clone());
+    let clock = ManualClock::at(NOW);
+    let v = JwtVerifier::with_clock(&config, clock.clone()).unwrap();
+    // A server that does not answer: reqwest's own error names the URL too.
+    let mut unreachable = config.clone();
+    unreachable.jwks_url = Some("http://127.0.0.1:9/jwks?access_token=jwks-secret-5678".into());
+    let down = JwtVerifier::with_clock(&unreachable, clock.clone()).unwrap();
+
+    let text = logged(async {
+        accepted(&v, &rs256("a", &rsa_a())).await;
+        server.fail(true);
+        clock.advance(600);
+        rejected(&v, &rs256("b", &rsa_b())).await;
+        rejected(&down, &rs256("a", &rsa_a())).await;
+    })
+    .await;
+
+    assert!(text.contains("fetched the JWKS"), "{text}");
+    assert!(text.contains("JWKS fetch failed"), "{text}");
+    assert!(text.contains("access_token=[redacted]"), "{text}");
+    assert!(!text.contains("jwks-secret"), "{text}");
+}
