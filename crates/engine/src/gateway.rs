@@ -645,7 +645,11 @@ pub(crate) struct Accounting {
     tokens: Option<TokenMeter>,
     record: UsageRecord,
     pricing: Option<Pricing>,
+    /// When the request arrived: the usage row's latency is the request's.
     started: Instant,
+    /// When the router was called: the upstream metrics leave out what came
+    /// before (reading the body, authentication, limits).
+    upstream_started: Instant,
     /// The request's prompt tokens, estimated, for a row written on drop.
     prompt_estimate: u64,
     written: bool,
@@ -700,6 +704,7 @@ impl Accounting {
             tokens: meta.tokens.clone(),
             pricing: None,
             started: meta.started,
+            upstream_started: Instant::now(),
             prompt_estimate,
             written: false,
             record: UsageRecord {
@@ -835,19 +840,27 @@ impl Accounting {
             );
         }
         let (provider, endpoint) = (&r.provider, &r.endpoint);
-        self.metrics
-            .duration
-            .get(&[provider, endpoint], || {
-                metrics::histogram!("switchyard_upstream_duration_seconds", "provider" => provider.clone(), "endpoint" => endpoint.clone())
-            })
-            .record(r.latency_ms / 1000.0);
-        if let Some(ttft) = r.ttft_ms {
+        // No provider: none was asked (an open breaker, shutdown) or the call
+        // was dropped before one answered; no upstream sample to label.
+        if !provider.is_empty() {
             self.metrics
-                .ttft
-                .get(&[provider], || {
-                    metrics::histogram!("switchyard_upstream_ttft_seconds", "provider" => provider.clone())
+                .duration
+                .get(&[provider, endpoint], || {
+                    metrics::histogram!("switchyard_upstream_duration_seconds", "provider" => provider.clone(), "endpoint" => endpoint.clone())
                 })
-                .record(ttft / 1000.0);
+                .record(self.upstream_started.elapsed().as_secs_f64());
+            if let Some(first) = first_chunk {
+                self.metrics
+                    .ttft
+                    .get(&[provider], || {
+                        metrics::histogram!("switchyard_upstream_ttft_seconds", "provider" => provider.clone())
+                    })
+                    .record(
+                        first
+                            .saturating_duration_since(self.upstream_started)
+                            .as_secs_f64(),
+                    );
+            }
         }
         if let Some(u) = usage {
             if let (Some(m), Ok(rt)) = (self.tokens.take(), tokio::runtime::Handle::try_current()) {

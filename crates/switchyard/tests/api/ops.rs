@@ -1,5 +1,6 @@
 //! Health, readiness, metrics, trace context and logs.
 
+use futures::StreamExt;
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -355,4 +356,85 @@ async fn an_empty_request_id_is_replaced_and_a_given_one_is_logged() {
     .await
     .expect("the access line");
     assert_eq!(line["request_id"], "client-req-42");
+}
+
+#[tokio::test]
+async fn the_upstream_duration_leaves_out_the_body_upload_but_the_usage_latency_does_not() {
+    // The client sends half its body, waits, then the rest: the request's
+    // latency includes the wait, the provider's does not.
+    let app = spawn().await;
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini")).unwrap();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let chunks = futures::stream::iter([(head.to_vec(), 0), (tail.to_vec(), 500)]).then(
+        |(bytes, wait_ms)| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+            Ok::<_, std::io::Error>(bytes)
+        },
+    );
+
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap();
+
+    let upstream = metric(
+        &app,
+        r#"switchyard_upstream_duration_seconds_sum{provider="mock",endpoint="chat"}"#,
+    )
+    .await;
+    let request = metric(
+        &app,
+        r#"switchyard_http_request_duration_seconds_sum{route="/v1/chat/completions",model="gpt-4o-mini",status="200"}"#,
+    )
+    .await;
+    assert!(request >= 0.5, "request {request}");
+    assert!(upstream > 0.0 && upstream < 0.25, "upstream {upstream}");
+    // The usage row's latency is the request's (issue 2: "latency").
+    let mut rows = usage_rows(&app).await;
+    for _ in 0..250 {
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        rows = usage_rows(&app).await;
+    }
+    assert!(rows[0].latency_ms >= 500.0, "{}", rows[0].latency_ms);
+}
+
+#[tokio::test]
+async fn a_request_refused_by_an_open_breaker_records_no_upstream_sample() {
+    let app = app()
+        .config("[resilience]\nmax_attempts = 1\nbreaker_failure_threshold = 1\nbreaker_cooldown_secs = 3600\n")
+        .spawn()
+        .await;
+    app.mock()
+        .push_fault(switchyard_testkit::Fault::Status(500));
+    let failed = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(failed.status(), 502);
+
+    let refused = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+
+    assert_eq!(refused.status(), 503);
+    assert_eq!(app.mock().calls(), 1);
+    let text = get_text(&app, "/metrics").await;
+    assert!(
+        text.contains(
+            r#"switchyard_upstream_duration_seconds_count{provider="mock",endpoint="chat"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains(r#"switchyard_upstream_duration_seconds_count{provider="""#),
+        "{text}"
+    );
 }
