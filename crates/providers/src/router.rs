@@ -573,6 +573,11 @@ impl Settling {
             Some(ProviderError::Truncated) if self.finished => None,
             other => other,
         };
+        if let Some(e) = error {
+            // The access line, written when the headers went out, says 200:
+            // without this line a stream cut midway leaves no trace in the log.
+            tracing::warn!(deployment = %d.id, code = e.code(), error = %e, "stream broke after its first chunk");
+        }
         match error {
             None => {
                 log_stream_transition(d, permit.success());

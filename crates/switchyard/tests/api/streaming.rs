@@ -96,6 +96,27 @@ async fn a_stream_cut_by_the_provider_ends_with_an_error_event_not_done() {
 }
 
 #[tokio::test]
+async fn a_stream_cut_by_the_provider_is_logged_with_the_requests_trace_id() {
+    // Its access line, written as the headers went out, says 200.
+    let app = spawn().await;
+    app.mock().push_fault(Fault::ResetAfterChunks(3));
+
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
+        .await;
+    let trace_id = resp.headers()["traceparent"].to_str().unwrap()[3..35].to_owned();
+    resp.text().await.unwrap();
+
+    let line = wait_for_log_json(&app, |l| l.contains("stream broke"))
+        .await
+        .expect("a line for the broken stream");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["code"], "upstream_broken");
+    assert_eq!(line["deployment"], "mock/gpt-4o-mini-upstream");
+    assert_eq!(log_trace_id(&line), trace_id);
+}
+
+#[tokio::test]
 async fn a_provider_that_omits_done_after_finishing_still_completes_the_stream() {
     let app = spawn().await;
     app.mock().push_fault(Fault::NoDone);
