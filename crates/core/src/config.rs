@@ -673,6 +673,18 @@ fn is_secret_param(name: &str) -> bool {
     .any(|w| n.contains(w))
 }
 
+/// A shorter admin key could be guessed; the identity layer refuses one too.
+const MIN_ADMIN_KEY_CHARS: usize = 32;
+
+/// An HTTP field name (RFC 9110 `token`): what `http::HeaderName` accepts,
+/// upper case included (it is lower-cased there).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Why a configuration was refused: always names the key and what was expected.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -808,7 +820,18 @@ impl Config {
                     "expected at least 1",
                 ));
             }
+            // Checked here, not only when `serve` reads them, so that
+            // `config check` refuses what `serve` would.
+            for (key, path) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if !path.is_file() {
+                    return Err(ConfigError::invalid(
+                        format!("server.tls.{key}"),
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
+            }
         }
+        self.validate_auth_and_log()?;
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",
@@ -959,6 +982,35 @@ impl Config {
                     "expected prices of zero or more",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// What `serve` used to find only when it started (or, for the log
+    /// level, silently replaced by `info`).
+    fn validate_auth_and_log(&self) -> Result<(), ConfigError> {
+        if !is_header_name(&self.auth.user_header) {
+            return Err(ConfigError::invalid(
+                "auth.user_header",
+                "expected an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)",
+            ));
+        }
+        if let Some(key) = &self.auth.admin_key {
+            let key = key.expose_secret();
+            if key.chars().count() < MIN_ADMIN_KEY_CHARS || key.chars().any(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    "auth.admin_key",
+                    format!(
+                        "expected at least {MIN_ADMIN_KEY_CHARS} characters without spaces, e.g. the output of `openssl rand -hex 32` (SWITCHYARD_ADMIN_KEY sets it)"
+                    ),
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("expected a tracing filter such as `info` or `switchyard=debug,info`: {e}"),
+            ));
         }
         Ok(())
     }
@@ -1553,6 +1605,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sessions.keepalive_secs"), "{err}");
+    }
+
+    #[test]
+    fn what_serve_would_refuse_is_a_configuration_error_naming_its_key() {
+        let load = |t: &str, e: &Env| Config::load(Some(("f.toml", t)), e);
+        let path_of = |r: Result<Config, ConfigError>| match r {
+            Err(ConfigError::Invalid { path, message }) => (path, message),
+            other => panic!("{other:?}"),
+        };
+        let none = Env::new();
+        let cases = [
+            ("[auth]\nuser_header = \"bad header\"\n", "auth.user_header"),
+            ("[auth]\nuser_header = \"\"\n", "auth.user_header"),
+            ("[auth]\nadmin_key = \"too-short-admin-key\"\n", "auth.admin_key"),
+            (
+                "[auth]\nadmin_key = \"an admin key with spaces in it, long enough\"\n",
+                "auth.admin_key",
+            ),
+            ("[log]\nlevel = \"info,switchyard=loud\"\n", "log.level"),
+            (
+                "[server.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
+                "server.tls.cert_file",
+            ),
+        ];
+        for (toml, key) in cases {
+            let (path, message) = path_of(load(toml, &none));
+            assert_eq!(path, key, "{toml}: {message}");
+            assert!(!message.contains("too-short"), "{message}");
+        }
+        let short = env(&[("SWITCHYARD_ADMIN_KEY", "short-from-env")]);
+        assert_eq!(path_of(load("", &short)).0, "auth.admin_key");
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let missing_key = format!(
+            "[server.tls]\ncert_file = \"{manifest}\"\nkey_file = \"/nonexistent/key.pem\"\n"
+        );
+        assert_eq!(path_of(load(&missing_key, &none)).0, "server.tls.key_file");
+
+        let fine = format!(
+            "[auth]\nuser_header = \"X-Acting-User\"\nadmin_key = \"{}\"\n\
+             [log]\nlevel = \"switchyard=debug,info\"\n\
+             [server.tls]\ncert_file = \"{manifest}\"\nkey_file = \"{manifest}\"\n",
+            "k".repeat(32)
+        );
+        load(&fine, &none).unwrap();
     }
 
     #[test]

@@ -125,3 +125,47 @@ fn the_example_configuration_is_valid_and_its_secrets_are_masked() {
     assert!(text.contains("[models.llama-3-8b]"), "{text}");
     assert!(!text.contains("sk-..."), "{text}");
 }
+
+/// Environment variables set for one run.
+type Env = &'static [(&'static str, &'static str)];
+
+#[test]
+fn config_check_refuses_what_serve_would_refuse_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, Env, &str); 4] = [
+        (
+            "[auth]\nuser_header = \"bad header\"\n",
+            &[],
+            "auth.user_header",
+        ),
+        (
+            "",
+            &[("SWITCHYARD_ADMIN_KEY", "short-admin-key")],
+            "auth.admin_key",
+        ),
+        (
+            "[log]\nlevel = \"info,switchyard=loud\"\n",
+            &[],
+            "log.level",
+        ),
+        (
+            "[server.tls]\ncert_file = \"missing-cert.pem\"\nkey_file = \"missing-key.pem\"\n",
+            &[],
+            "server.tls.cert_file",
+        ),
+    ];
+    for (toml, env, named) in cases {
+        std::fs::write(dir.path().join("switchyard.toml"), toml).unwrap();
+        for args in [&["config", "check"][..], &["serve"][..]] {
+            let out = run(args, env, dir.path());
+
+            assert_eq!(out.status.code(), Some(2), "{args:?} {toml}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&format!("configuration error: {named}:")),
+                "{args:?} {toml}: {err}"
+            );
+            assert!(!err.contains("short-admin-key"), "{err}");
+        }
+    }
+}
