@@ -38,6 +38,18 @@ pub struct SqliteStore {
     checkpointer: Option<SqlitePool>,
     /// The database file (empty in memory).
     db_path: std::path::PathBuf,
+    /// The file `db_path` named when the store opened it (device, inode):
+    /// the open connections keep a deleted or replaced file alive and keep
+    /// answering, so `ping` checks that the path still names it.
+    file_id: Option<(u64, u64)>,
+}
+
+/// The device and inode of the file at `path`.
+#[cfg(unix)]
+fn file_id(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl SqliteStore {
@@ -112,12 +124,23 @@ impl SqliteStore {
         };
         let inline =
             (!in_memory).then(|| Inline::new(&path, config.max_connections as usize, wal_limit));
+        #[cfg(unix)]
+        let opened_file = match in_memory {
+            true => None,
+            false => Some(
+                file_id(&path)
+                    .map_err(|e| StoreError::Config(format!("reading {}: {e}", path.display())))?,
+            ),
+        };
+        #[cfg(not(unix))]
+        let opened_file = None;
         Ok(Self {
             pool,
             writer,
             inline,
             checkpointer,
             db_path: path,
+            file_id: opened_file,
         })
     }
 
@@ -488,6 +511,26 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .context("pinging")?;
+        #[cfg(unix)]
+        if let Some(opened) = self.file_id {
+            let path = self.db_path.clone();
+            let now = tokio::task::spawn_blocking(move || file_id(&path))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r);
+            let gone = match now {
+                Ok(id) if id == opened => None,
+                Ok(_) => Some("the database file was replaced since it was opened"),
+                Err(_) => Some("the database file is no longer at its path"),
+            };
+            if let Some(why) = gone {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    why,
+                )))
+                .context("pinging");
+            }
+        }
         Ok(())
     }
 

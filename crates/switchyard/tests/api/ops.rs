@@ -63,6 +63,25 @@ async fn ready_fails_when_the_store_is_unreachable() {
     );
 }
 
+#[tokio::test]
+async fn ready_fails_when_the_sqlite_file_is_deleted_or_replaced() {
+    // The open connections keep the deleted file alive: `SELECT 1` alone
+    // still answers, while nothing written from now on would survive.
+    let app = spawn().await;
+    let db = app.dir.path().join("switchyard.db");
+    let ready = |app: &switchyard_testkit::TestApp| {
+        let req = app.client.get(app.url("/ready")).send();
+        async move { req.await.unwrap().status() }
+    };
+    assert_eq!(ready(&app).await, 200);
+
+    std::fs::remove_file(&db).unwrap();
+
+    assert_eq!(ready(&app).await, 503);
+    std::fs::write(&db, b"").unwrap();
+    assert_eq!(ready(&app).await, 503, "another file at the same path");
+}
+
 pub fn pg_url() -> Option<String> {
     match std::env::var("SWITCHYARD_TEST_PG_URL") {
         Ok(u) if !u.is_empty() => Some(u),
