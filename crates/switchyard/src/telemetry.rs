@@ -69,11 +69,11 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     );
     metrics::describe_histogram!(
         "switchyard_upstream_duration_seconds",
-        "Upstream call duration by provider (whole stream for streams)"
+        "Upstream call duration by provider, from the router call (whole stream for streams)"
     );
     metrics::describe_histogram!(
         "switchyard_upstream_ttft_seconds",
-        "Time to the first streamed chunk by provider"
+        "Time from the router call to the first streamed chunk by provider"
     );
     metrics::describe_counter!(
         "switchyard_tokens_total",
