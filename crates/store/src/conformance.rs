@@ -66,6 +66,7 @@ pub async fn run_all(store: &dyn Store) {
     tenants_are_created_once_updated_and_listed(store).await;
     api_keys_round_trip_and_are_found_by_hash(store).await;
     api_keys_of_another_tenant_are_invisible(store).await;
+    a_key_changes_only_from_what_was_read_and_never_once_revoked(store).await;
     revoked_and_expired_keys_are_inactive_but_counted(store).await;
     audit_events_are_filtered_and_paginated_per_tenant(store).await;
     spend_is_summed_per_tenant_and_per_key(store).await;
@@ -316,6 +317,47 @@ pub async fn api_keys_round_trip_and_are_found_by_hash(store: &dyn Store) {
     assert!(
         store.insert_api_key(&dup).await.is_err(),
         "key hashes are unique"
+    );
+}
+
+/// `update_api_key` is a compare-and-set: a change read before another
+/// one landed misses (so it cannot undo it), and a revoked key is final.
+pub async fn a_key_changes_only_from_what_was_read_and_never_once_revoked(store: &dyn Store) {
+    let k = sample_key("t-cas", 1);
+    store.insert_api_key(&k).await.expect("insert");
+    let mut demoted = k.clone();
+    demoted.role = Role::User;
+    let mut renamed = k.clone();
+    renamed.name = "renamed".into();
+    assert!(store.update_api_key(&k, &demoted).await.expect("update"));
+    assert!(
+        !store.update_api_key(&k, &renamed).await.expect("update"),
+        "read before the demotion: it must miss"
+    );
+    let now = store
+        .get_api_key("t-cas", &k.id)
+        .await
+        .expect("get")
+        .expect("key");
+    assert_eq!((now.role, now.name.as_str()), (Role::User, k.name.as_str()));
+    let mut renamed = now.clone();
+    renamed.name = "renamed".into();
+    let mut other = renamed.clone();
+    other.tenant_id = "t-other".into();
+    assert!(!store.update_api_key(&other, &other).await.expect("update"));
+    assert!(store.update_api_key(&now, &renamed).await.expect("update"));
+    assert!(store
+        .revoke_api_key("t-cas", &k.id, 5)
+        .await
+        .expect("revoke"));
+    let mut again = renamed.clone();
+    again.role = Role::Admin;
+    assert!(
+        !store
+            .update_api_key(&renamed, &again)
+            .await
+            .expect("update"),
+        "a revoked key is not changed"
     );
 }
 

@@ -360,16 +360,20 @@ macro_rules! identity_store {
 
         async fn update_api_key(
             &self,
+            before: &switchyard_core::identity::ApiKeyRecord,
             k: &switchyard_core::identity::ApiKeyRecord,
         ) -> Result<bool, $crate::StoreError> {
             use $crate::identity::*;
-            let sql = $conv!("UPDATE api_keys SET name = ?, role = ?, limits = ? WHERE tenant_id = ? AND id = ?");
+            let sql = $conv!("UPDATE api_keys SET name = ?, role = ?, limits = ? WHERE tenant_id = ? AND id = ? AND name = ? AND role = ? AND limits = ? AND revoked_at_ms IS NULL");
             let r = sqlx::query(sql)
                 .bind(&k.name)
                 .bind(k.role.as_str())
                 .bind(json_text(&k.limits)?)
                 .bind(&k.tenant_id)
                 .bind(&k.id)
+                .bind(&before.name)
+                .bind(before.role.as_str())
+                .bind(json_text(&before.limits)?)
                 .execute(&self.writer)
                 .await
                 .context("updating an API key")?;

@@ -208,9 +208,15 @@ pub trait IdentityStore: Send + Sync {
     ) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// A tenant's keys, revoked ones included, newest first.
     async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError>;
-    /// Replaces a key's name, role and limits (matched by tenant and id);
-    /// `false` if it does not exist in that tenant.
-    async fn update_api_key(&self, key: &ApiKeyRecord) -> Result<bool, StoreError>;
+    /// Sets a key's name, role and limits to `after`'s if they are still
+    /// `before`'s and the key is not revoked (matched by tenant and id):
+    /// `false` otherwise, so that two concurrent changes cannot undo each
+    /// other (a demotion reverted by a rename read before it).
+    async fn update_api_key(
+        &self,
+        before: &ApiKeyRecord,
+        after: &ApiKeyRecord,
+    ) -> Result<bool, StoreError>;
     /// Marks a key revoked; `false` if it does not exist in this tenant or
     /// was already revoked.
     async fn revoke_api_key(

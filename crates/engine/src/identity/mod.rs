@@ -230,40 +230,48 @@ impl Identity {
                 });
             }
             let hash = keys::hash_hex(key);
-            let current = store.find_api_key_by_hash(&hash).await?;
-            // When this value's key was stored (ids are time-ordered too,
-            // for two stored in one millisecond).
-            let new_key_id = new_id();
-            let current_at = match &current {
-                Some(k) => (k.created_at_ms, k.id.clone()),
-                None => (now, new_key_id.clone()),
-            };
+            let mut current = store.find_api_key_by_hash(&hash).await?;
             if current.as_ref().is_some_and(|k| !k.is_active(now)) {
                 // Rolled back to a value a rotation revoked: it stays revoked
                 // (so does nothing else), and the operator is told.
                 tracing::warn!("SWITCHYARD_ADMIN_KEY names a key that was revoked (an earlier value, rotated away): it does not work; set a new value");
             }
             if current.is_none() {
-                store
-                    .insert_api_key(&ApiKeyRecord {
-                        id: new_key_id,
-                        tenant_id: DEFAULT_TENANT.into(),
-                        name: "bootstrap admin (SWITCHYARD_ADMIN_KEY)".into(),
-                        role: Role::Admin,
-                        user_id: None,
-                        prefix: keys::shown_prefix(key),
-                        key_hash: hash.clone(),
-                        limits: KeyLimits::default(),
-                        signing_secrets: Vec::new(),
-                        require_signature: false,
-                        expires_at_ms: None,
-                        revoked_at_ms: None,
-                        created_at_ms: now,
-                        created_by: "bootstrap".into(),
-                    })
-                    .await?;
-                tracing::info!("stored the bootstrap admin key from SWITCHYARD_ADMIN_KEY");
+                let record = ApiKeyRecord {
+                    id: new_id(),
+                    tenant_id: DEFAULT_TENANT.into(),
+                    name: "bootstrap admin (SWITCHYARD_ADMIN_KEY)".into(),
+                    role: Role::Admin,
+                    user_id: None,
+                    prefix: keys::shown_prefix(key),
+                    key_hash: hash.clone(),
+                    limits: KeyLimits::default(),
+                    signing_secrets: Vec::new(),
+                    require_signature: false,
+                    expires_at_ms: None,
+                    revoked_at_ms: None,
+                    created_at_ms: now,
+                    created_by: "bootstrap".into(),
+                };
+                match store.insert_api_key(&record).await {
+                    Ok(()) => {
+                        tracing::info!("stored the bootstrap admin key from SWITCHYARD_ADMIN_KEY");
+                        current = Some(record);
+                    }
+                    // Another instance starting with the same value (a
+                    // rolling deploy, a scale-up) stored it first: use its.
+                    Err(e) => match store.find_api_key_by_hash(&hash).await? {
+                        Some(theirs) => current = Some(theirs),
+                        None => return Err(e.into()),
+                    },
+                }
             }
+            // When this value's key was stored (ids are time-ordered too,
+            // for two stored in one millisecond).
+            let current_at = current
+                .as_ref()
+                .map(|k| (k.created_at_ms, k.id.clone()))
+                .unwrap_or_default();
             // A changed SWITCHYARD_ADMIN_KEY is a rotation: the keys earlier
             // values stored stop working, as an operator who rotates expects.
             // Only keys stored before this value's: an instance still on an
@@ -276,7 +284,11 @@ impl Identity {
                     && (old.created_at_ms, &old.id) < (current_at.0, &current_at.1)
                     && old.is_active(now)
                 {
-                    store.revoke_api_key(DEFAULT_TENANT, &old.id, now).await?;
+                    // Another instance may have revoked it a moment ago:
+                    // the revocation is audited once, by whoever made it.
+                    if !store.revoke_api_key(DEFAULT_TENANT, &old.id, now).await? {
+                        continue;
+                    }
                     store
                         .insert_audit(&[AuditRecord {
                             id: new_id(),
@@ -436,10 +448,29 @@ impl Identity {
             });
         }
         let now = now_ms();
-        if new.expires_at_ms.is_some_and(|e| e <= now) {
+        // The end of year 9999: beyond it a time is not one a client meant
+        // (and an i64 of seconds overflows in milliseconds).
+        const LAST_EXPIRY_MS: i64 = 253_402_300_799_000;
+        if new
+            .expires_at_ms
+            .is_some_and(|e| e <= now || e > LAST_EXPIRY_MS)
+        {
             return Err(IdentityError::Invalid {
                 field: "expires_at",
-                message: "expires_at must be in the future".into(),
+                message:
+                    "expires_at must be in the future, and before the year 10000 (unix seconds)"
+                        .into(),
+            });
+        }
+        // The rule requests naming a user follow (`X-Switchyard-User`).
+        if new
+            .user_id
+            .as_ref()
+            .is_some_and(|u| u.is_empty() || u.chars().count() > 256)
+        {
+            return Err(IdentityError::Invalid {
+                field: "user_id",
+                message: "user_id must be 1 to 256 characters".into(),
             });
         }
         if self.inner.store.get_tenant(&tenant_id).await?.is_none() {
@@ -505,32 +536,54 @@ impl Identity {
     ) -> Result<ApiKeyRecord, IdentityError> {
         actor.require_admin()?;
         let tenant_id = actor.tenant(tenant)?;
-        let mut record = self
-            .inner
-            .store
-            .get_api_key(&tenant_id, id)
-            .await?
-            .ok_or(IdentityError::NotFound("key"))?;
-        let before = record.clone();
-        if let Some(name) = update.name {
-            let name = name.trim();
-            if name.is_empty() || name.chars().count() > 200 {
-                return Err(IdentityError::Invalid {
-                    field: "name",
-                    message: "name must be 1 to 200 characters".into(),
-                });
+        let name = match update.name {
+            Some(name) => {
+                let name = name.trim();
+                if name.is_empty() || name.chars().count() > 200 {
+                    return Err(IdentityError::Invalid {
+                        field: "name",
+                        message: "name must be 1 to 200 characters".into(),
+                    });
+                }
+                Some(name.to_owned())
             }
-            record.name = name.to_owned();
-        }
-        if let Some(role) = update.role {
-            record.role = role;
-        }
-        if let Some(limits) = update.limits {
-            record.limits = limits;
-        }
-        if !self.inner.store.update_api_key(&record).await? {
-            return Err(IdentityError::NotFound("key"));
-        }
+            None => None,
+        };
+        // Read, change, and write only if nothing changed in between (a
+        // concurrent change makes the write miss: read again and reapply).
+        let mut attempts = 0;
+        let (before, record) = loop {
+            attempts += 1;
+            let before = self
+                .inner
+                .store
+                .get_api_key(&tenant_id, id)
+                .await?
+                .ok_or(IdentityError::NotFound("key"))?;
+            if before.revoked_at_ms.is_some() {
+                return Err(IdentityError::Conflict(
+                    "This key is revoked; a revoked key cannot be changed.".into(),
+                ));
+            }
+            let mut record = before.clone();
+            if let Some(name) = &name {
+                record.name.clone_from(name);
+            }
+            if let Some(role) = update.role {
+                record.role = role;
+            }
+            if let Some(limits) = &update.limits {
+                record.limits = limits.clone();
+            }
+            if self.inner.store.update_api_key(&before, &record).await? {
+                break (before, record);
+            }
+            if attempts == 5 {
+                return Err(IdentityError::Conflict(
+                    "The key kept changing while this change was applied; send it again.".into(),
+                ));
+            }
+        };
         self.inner.cache.invalidate_key(id);
         if let Some(b) = self.inner.broadcast.get() {
             b.publish(id).await;

@@ -832,3 +832,107 @@ async fn a_path_or_query_that_is_not_utf8_or_holds_a_nul_is_400_in_shape() {
     let resp = send(&app, Method::GET, "/v1/bots/caf%C3%A9", Some(ADMIN), None).await;
     assert_eq!(resp.status(), 404);
 }
+
+/// A revoked key is final: changing it is a conflict, not a 200 with an
+/// audited role change of a dead key.
+#[tokio::test]
+async fn a_revoked_key_cannot_be_changed() {
+    let app = spawn().await;
+    let (id, _) = key(&app, "service").await;
+    let path = format!("/v1/admin/keys/{id}");
+    let revoked = send(&app, Method::DELETE, &path, Some(ADMIN), None).await;
+    assert_eq!(revoked.status(), 200);
+    native_empty(
+        send(
+            &app,
+            Method::PATCH,
+            &path,
+            Some(ADMIN),
+            Some(&json!({"role": "admin"})),
+        )
+        .await,
+        409,
+        "conflict",
+        "This key is revoked; a revoked key cannot be changed.",
+    )
+    .await;
+}
+
+/// Two changes sent at once both land: neither is undone by the other's
+/// copy of what it read (a demotion reverted by a rename).
+#[tokio::test]
+async fn concurrent_key_changes_both_apply() {
+    let app = spawn().await;
+    for round in 0..10 {
+        let (id, _) = key(&app, "admin").await;
+        let path = format!("/v1/admin/keys/{id}");
+        let name = format!("renamed {round}");
+        let (demote, rename) = (json!({"role": "user"}), json!({"name": name}));
+        let (a, b) = tokio::join!(
+            send(&app, Method::PATCH, &path, Some(ADMIN), Some(&demote)),
+            send(&app, Method::PATCH, &path, Some(ADMIN), Some(&rename)),
+        );
+        assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+        let list = admin_get(&app, "/v1/admin/keys").await;
+        let k = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (k["role"].as_str(), k["name"].as_str()),
+            (Some("user"), Some(name.as_str())),
+            "round {round}"
+        );
+    }
+}
+
+/// Key fields outside what a request could use are refused by name; an
+/// audit cursor that no page gave is refused rather than giving a wrong page.
+#[tokio::test]
+async fn key_fields_and_audit_cursors_out_of_range_are_refused_by_field() {
+    let app = spawn().await;
+    for (body, field) in [
+        (json!({"name": "n", "user_id": ""}), "user_id"),
+        (json!({"name": "n", "user_id": "u".repeat(257)}), "user_id"),
+        (json!({"name": "n", "expires_at": i64::MAX}), "expires_at"),
+        (
+            json!({"name": "n", "expires_at": 253_402_300_800i64}),
+            "expires_at",
+        ),
+    ] {
+        let d = native(
+            send(
+                &app,
+                Method::POST,
+                "/v1/admin/keys",
+                Some(ADMIN),
+                Some(&body),
+            )
+            .await,
+            400,
+            "invalid_request",
+            "…",
+        )
+        .await;
+        assert_eq!(d["field"], field, "{body}");
+    }
+    for cursor in ["", "zzzz", "0190A2B3-0000-7000-8000-000000000000"] {
+        let path = format!("/v1/admin/audit?cursor={cursor}");
+        let d = native(
+            send(&app, Method::GET, &path, Some(ADMIN), None).await,
+            400,
+            "invalid_request",
+            "`cursor` …",
+        )
+        .await;
+        assert_eq!(d["field"], "cursor", "{cursor:?}");
+    }
+    // A cursor a page gave is taken.
+    let page = admin_get(&app, "/v1/admin/audit?limit=1").await;
+    if let Some(next) = page["next_cursor"].as_str() {
+        admin_get(&app, &format!("/v1/admin/audit?cursor={next}")).await;
+    }
+}
