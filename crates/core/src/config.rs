@@ -866,15 +866,18 @@ impl Config {
             ));
         }
         if let Some(schema) = &self.store.schema {
+            // Lower case only: PostgreSQL folds an unquoted name to lower
+            // case, so `Tenant_A` would be created as "Tenant_A" but searched
+            // as tenant_a, another deployment's schema if it exists.
             if schema.is_empty()
                 || !schema
                     .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                 || schema.starts_with(|c: char| c.is_ascii_digit())
             {
                 return Err(ConfigError::invalid(
                     "store.schema",
-                    "expected an identifier of letters, digits and underscores",
+                    "expected an identifier of lower-case letters, digits and underscores",
                 ));
             }
         }
@@ -1527,6 +1530,22 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn a_postgres_schema_is_lower_case_as_postgres_folds_it() {
+        let load = |schema: &str| {
+            let file = format!("[store]\nurl = \"postgres://h/db\"\nschema = \"{schema}\"\n");
+            Config::load(Some(("f.toml", &file)), &Env::new())
+        };
+        assert!(load("tenant_a2").is_ok());
+        for bad in ["Tenant_A", "2x", "a-b", ""] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("store.schema") && e.contains("lower-case"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -1,15 +1,33 @@
-//! `/v1/admin/...`: operator views. Until identity lands these are open on a
-//! loopback listener like every other route.
+//! `/v1/admin/...`: operator views.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde_json::json;
+use switchyard_core::identity::{Principal, Role};
 
+use crate::routes::keys::{native, NativeQuery, NoParams};
 use crate::AppState;
 
 /// Every deployment with its breaker state, passive statistics from real
-/// traffic, and last active probe — live, from this instance.
-pub async fn providers(State(state): State<AppState>) -> Response {
+/// traffic, and last active probe — live, from this instance. The figures
+/// come from every tenant's requests (their volume and timing), so only an
+/// operator (an admin of tenant `default`) reads them, as with the
+/// credential cache's.
+pub async fn providers(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    NativeQuery(NoParams {}): NativeQuery<NoParams>,
+) -> Response {
+    if !(who.role == Role::Admin && who.tenant_id == switchyard_engine::identity::DEFAULT_TENANT) {
+        return native(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Provider health covers every tenant's traffic: only an operator (an admin of tenant `default`) reads it.",
+            json!({}),
+        );
+    }
     let data: Vec<_> = state
         .gateway()
         .provider_health()

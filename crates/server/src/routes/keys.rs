@@ -657,6 +657,19 @@ fn audit_query(p: AuditParams) -> Result<(Option<String>, AuditQuery), Response>
             json!({"field": "limit"}),
         ));
     }
+    // A cursor is the id of an event of an earlier page: a lower-case UUID.
+    // Anything else (empty, another endpoint's cursor) would compare as a
+    // string and silently give a wrong page, differently on each backend.
+    if let Some(c) = p.cursor.as_deref().filter(|c| !is_event_id(c)) {
+        return Err(native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!(
+                "`cursor` {c:?} is not a cursor this endpoint gave (the `next_cursor` of a page)."
+            ),
+            json!({"field": "cursor"}),
+        ));
+    }
     let since = query_number::<i64>("since", p.since.as_deref(), "unix seconds")?;
     let until = query_number::<i64>("until", p.until.as_deref(), "unix seconds")?;
     let query = AuditQuery {
@@ -668,6 +681,15 @@ fn audit_query(p: AuditParams) -> Result<(Option<String>, AuditQuery), Response>
         limit,
     };
     Ok((p.tenant_id, query))
+}
+
+/// A lower-case hyphenated UUID, as event ids are written.
+fn is_event_id(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
 }
 
 pub async fn audit(

@@ -351,7 +351,13 @@ fn rows() -> Vec<Row> {
         row(M::GET, "/v1/models", None, ANY),
         row(M::GET, "/v1/models/gpt-4o-mini", None, ANY),
         // ---- administration
-        row(M::GET, "/v1/admin/providers", None, ADMINS),
+        // Every tenant's traffic: the operator's alone.
+        row(
+            M::GET,
+            "/v1/admin/providers",
+            None,
+            [401, 403, 403, 403, 403, 403, 200],
+        ),
         row(M::GET, "/v1/admin/keys", None, ADMINS),
         row(
             M::GET,
