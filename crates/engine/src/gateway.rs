@@ -137,7 +137,7 @@ pub struct Gateway {
     /// Cancelled when the server stops waiting for calls in flight (its
     /// shutdown grace period has passed): each then ends at once, its client
     /// told why and its usage row written (see [`Gateway::stop_calls`]).
-    stopping: tokio_util::sync::CancellationToken,
+    stopping: crate::stop::Stop,
 }
 
 impl Gateway {
@@ -274,7 +274,7 @@ impl Gateway {
             events,
             store,
             max_tokens: config.security.max_tokens,
-            stopping: tokio_util::sync::CancellationToken::new(),
+            stopping: crate::stop::Stop::new(),
         })
     }
 
@@ -338,7 +338,7 @@ impl Gateway {
     /// ends with an error event saying so, and each writes its usage row.
     /// For the end of a shutdown, once requests have had their grace period.
     pub fn stop_calls(&self) {
-        self.stopping.cancel();
+        self.stopping.stop();
     }
 
     /// Whether the store answers (for `/ready`).
@@ -444,17 +444,14 @@ impl Gateway {
         let route = self.route(&req.model)?;
         let prompt_estimate = estimate_prompt_tokens(&req.body);
         let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream, prompt_estimate);
-        let routed = tokio::select! {
-            biased;
-            r = self.router.chat(
-                route,
-                &req.body,
-                req.anthropic.as_ref(),
-                req.stream,
-                &acc.events,
-            ) => Some(r),
-            () = self.stopping.cancelled() => None,
-        };
+        let call = self.router.chat(
+            route,
+            &req.body,
+            req.anthropic.as_ref(),
+            req.stream,
+            &acc.events,
+        );
+        let routed = crate::stop::unless_stopped(self.stopping.watch(), call).await;
         let Some(routed) = routed else {
             return Err(acc.stopped());
         };
@@ -495,7 +492,7 @@ impl Gateway {
                                 .unwrap_or(1),
                             prompt_estimate,
                             acc,
-                            &self.stopping,
+                            self.stopping.watch(),
                         )),
                         provider,
                         anthropic,
@@ -506,7 +503,7 @@ impl Gateway {
                             s,
                             prompt_estimate,
                             acc,
-                            &self.stopping,
+                            self.stopping.watch(),
                         )),
                         provider,
                         anthropic,
@@ -526,11 +523,10 @@ impl Gateway {
         let route = self.route(&req.model)?;
         let estimate = estimate_embedding_tokens(&req.body);
         let mut acc = Accounting::new(self, meta, "embeddings", &req.model, false, estimate);
-        let routed = tokio::select! {
-            biased;
-            r = self.router.embed(route, &req.body, req.encoding_format, &acc.events) => Some(r),
-            () = self.stopping.cancelled() => None,
-        };
+        let call = self
+            .router
+            .embed(route, &req.body, req.encoding_format, &acc.events);
+        let routed = crate::stop::unless_stopped(self.stopping.watch(), call).await;
         let Some(routed) = routed else {
             return Err(acc.stopped());
         };

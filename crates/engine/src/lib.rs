@@ -17,6 +17,7 @@ pub mod metered;
 pub mod retention;
 pub mod sessions;
 pub mod signing;
+mod stop;
 
 pub use batch_writer::{BatchWriterTask, EventWriter, UsageWriter, UsageWriterTask};
 pub use gateway::{ChatOutcome, EngineError, Gateway, ModelInfo, RequestMeta, TokenMeter};

@@ -10,7 +10,6 @@
 //! the streamed text at 4 bytes a token (at least one a chunk of text). So
 //! does a complete stream that came without usage.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -60,7 +59,7 @@ pub(crate) struct MeteredStream {
     text_chunks: u64,
     /// Ready once the server stops waiting for calls in flight
     /// ([`crate::Gateway::stop_calls`]): the stream then ends with an error.
-    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    stop: crate::stop::StopWatch,
 }
 
 /// The keys whose string values are generated text: in OpenAI chunks, and
@@ -88,7 +87,7 @@ impl MeteredStream {
         choices: u64,
         prompt_estimate: u64,
         accounting: Accounting,
-        stop: &tokio_util::sync::CancellationToken,
+        stop: crate::stop::StopWatch,
     ) -> Self {
         Self {
             inner,
@@ -104,7 +103,7 @@ impl MeteredStream {
             prompt_estimate,
             text_bytes: 0,
             text_chunks: 0,
-            stop: Box::pin(stop.clone().cancelled_owned()),
+            stop,
         }
     }
 
@@ -114,7 +113,7 @@ impl MeteredStream {
         inner: ChunkStream,
         prompt_estimate: u64,
         accounting: Accounting,
-        stop: &tokio_util::sync::CancellationToken,
+        stop: crate::stop::StopWatch,
     ) -> Self {
         let mut s = Self::new(inner, false, 1, prompt_estimate, accounting, stop);
         s.anthropic = Some(Tokens::default());
@@ -295,7 +294,7 @@ impl Stream for MeteredStream {
             if this.ended {
                 return Poll::Ready(None);
             }
-            if this.stop.as_mut().poll(cx).is_ready() {
+            if this.stop.stopped(cx) {
                 this.ended = true;
                 let e = ProviderError::ShuttingDown;
                 this.finish(503, Some(&e));
