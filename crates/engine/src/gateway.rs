@@ -451,7 +451,7 @@ impl Gateway {
             req.stream,
             &acc.events,
         );
-        let routed = crate::stop::unless_stopped(self.stopping.watch(), call).await;
+        let routed = crate::stop::unless_stopped(&self.stopping, call).await;
         let Some(routed) = routed else {
             return Err(acc.stopped());
         };
@@ -526,7 +526,7 @@ impl Gateway {
         let call = self
             .router
             .embed(route, &req.body, req.encoding_format, &acc.events);
-        let routed = crate::stop::unless_stopped(self.stopping.watch(), call).await;
+        let routed = crate::stop::unless_stopped(&self.stopping, call).await;
         let Some(routed) = routed else {
             return Err(acc.stopped());
         };

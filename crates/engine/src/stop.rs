@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -40,11 +40,16 @@ impl Stop {
         self.root.cancel();
     }
 
-    /// A watch for one call.
+    /// One of the child tokens, in turn: a call that waits once (not a
+    /// stream) waits on it directly, without a clone or an allocation.
+    pub(crate) fn shard(&self) -> &CancellationToken {
+        &self.shards[self.next.fetch_add(1, Ordering::Relaxed) % SHARDS]
+    }
+
+    /// A watch for one stream.
     pub(crate) fn watch(&self) -> StopWatch {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % SHARDS;
         StopWatch {
-            token: self.shards[n].clone(),
+            token: self.shard().clone(),
             wait: None,
             waker: None,
         }
@@ -84,45 +89,47 @@ impl StopWatch {
 }
 
 /// `fut`'s output, or `None` once the server stops waiting for it.
-pub(crate) async fn unless_stopped<F: Future>(mut watch: StopWatch, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(move |cx| {
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        if watch.stopped(cx) {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await
+pub(crate) async fn unless_stopped<F: Future>(stop: &Stop, fut: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        () = stop.shard().cancelled() => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::task::Poll;
     use std::time::Duration;
 
     #[tokio::test]
-    async fn a_stop_ends_waits_started_before_and_after_it() {
-        let stop = std::sync::Arc::new(Stop::new());
+    async fn a_stop_ends_waits_and_watches_started_before_and_after_it() {
+        let stop = Arc::new(Stop::new());
         let waits: Vec<_> = (0..40)
             .map(|_| {
-                let watch = stop.watch();
-                tokio::spawn(unless_stopped(watch, std::future::pending::<()>()))
+                let stop = stop.clone();
+                tokio::spawn(
+                    async move { unless_stopped(&stop, std::future::pending::<()>()).await },
+                )
             })
             .collect();
+        let mut before = stop.watch();
+        let watching = std::future::poll_fn(|cx| Poll::Ready(before.stopped(cx))).await;
+        assert!(!watching);
         tokio::time::sleep(Duration::from_millis(10)).await;
         stop.stop();
         for w in waits {
             assert_eq!(w.await.unwrap(), None);
         }
-        let after = unless_stopped(stop.watch(), std::future::pending::<()>()).await;
+        let after = unless_stopped(&stop, std::future::pending::<()>()).await;
         assert_eq!(after, None);
-        // A finished future wins over a stop only when it is ready first.
-        assert_eq!(
-            unless_stopped(Stop::new().watch(), async { 7 }).await,
-            Some(7)
-        );
+        let mut after = stop.watch();
+        for w in [&mut before, &mut after] {
+            assert!(std::future::poll_fn(|cx| Poll::Ready(w.stopped(cx))).await);
+        }
+        // A future ready first wins.
+        assert_eq!(unless_stopped(&Stop::new(), async { 7 }).await, Some(7));
     }
 }
