@@ -421,8 +421,7 @@ struct Blocked(
 /// more is allowed (the quota regains one every T: `TAT + T − τ − now`), and
 /// the allowance in the IETF headers (policy `auth_failures`).
 fn blocked_response(family: Family, Blocked(rate, d): Blocked) -> Response {
-    let t = std::time::Duration::from_micros(rate.emission_interval_us());
-    let wait = (d.reset_after + t).saturating_sub(t * rate.count());
+    let wait = d.wait_for_one(rate);
     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
     let mut resp = family_error(
         family,

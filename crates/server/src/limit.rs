@@ -96,9 +96,7 @@ pub(crate) fn token_meter(state: &AppState, who: &Principal) -> Option<TokenMete
 /// 429 for a spent token quota: its wait, and its state in the IETF
 /// headers (policy `tokens`) and OpenAI's `-tokens` trio.
 fn token_refusal(family: Family, meter: &TokenMeter, d: &Decision) -> Response {
-    let rate = meter.limit.rate;
-    let t = std::time::Duration::from_micros(rate.emission_interval_us());
-    let wait = (d.reset_after + t).saturating_sub(t * rate.count());
+    let wait = d.wait_for_one(meter.limit.rate);
     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
     let mut resp = family_error(
         family,

@@ -218,6 +218,14 @@ impl Decision {
 }
 
 impl Decision {
+    /// After a cost-0 look at `rate` that found nothing left: the wait until
+    /// one more is regained, `TAT + T − τ − now` (the quota regains one
+    /// every T).
+    pub fn wait_for_one(&self, rate: Rate) -> Duration {
+        let t = Duration::from_micros(rate.emission_interval_us());
+        (self.reset_after + t).saturating_sub(t * rate.count())
+    }
+
     /// The same decision in the headers OpenAI sends, which OpenAI-ecosystem
     /// clients and routers read: `x-ratelimit-limit-requests`,
     /// `x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests` (time
