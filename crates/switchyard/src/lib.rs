@@ -277,24 +277,27 @@ impl Application {
         self.sessions
             .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
             .await;
+        // Whatever is still running now is stopped: requests, and session
+        // replies, which outlive their requests (so the HTTP side may have
+        // finished in time while they have not).
+        let replies = self.sessions.live_replies();
+        if served.is_none() || replies > 0 {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                replies,
+                "requests or replies still in flight after the grace period; stopping them"
+            );
+        }
+        self.gateway.stop_calls();
         let served = match served {
             Some(r) => r.context("serving"),
-            None => {
-                let replies = self.sessions.live_replies();
-                tracing::warn!(
-                    grace_secs = grace.as_secs(),
-                    replies,
-                    "requests still in flight after the grace period; stopping them"
-                );
-                self.gateway.stop_calls();
-                match tokio::time::timeout(STOP_WAIT, &mut serve).await {
-                    Ok(r) => r.context("serving"),
-                    Err(_) => {
-                        tracing::warn!("requests still open after they were stopped; leaving them");
-                        Ok(())
-                    }
+            None => match tokio::time::timeout(STOP_WAIT, &mut serve).await {
+                Ok(r) => r.context("serving"),
+                Err(_) => {
+                    tracing::warn!("requests still open after they were stopped; leaving them");
+                    Ok(())
                 }
-            }
+            },
         };
         // Stopped replies write their end.
         self.sessions.drain(STOP_WAIT).await;

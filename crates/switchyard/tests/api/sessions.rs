@@ -2264,3 +2264,50 @@ async fn postgres_state_and_data_rights() {
     state_merges(&Api::key(&app, ADMIN)).await;
     data_rights(&app).await;
 }
+
+/// A reply still running when the grace period ends, after its client
+/// left (so no request is in flight and the HTTP side finished in time), is
+/// stopped and stored as failed with `server_shutdown`, not left to be
+/// found `streaming` (and marked interrupted) at the next start.
+#[tokio::test]
+async fn a_detached_reply_running_past_the_grace_period_is_stopped_and_stored() {
+    let mut first = app()
+        .env("SWITCHYARD_SERVER__SHUTDOWN_GRACE_SECS", "1")
+        .spawn()
+        .await;
+    let (_, session) = setup(&Api::open(&first)).await;
+    let sid = id(&session);
+    first.mock().push_fault(Fault::Hang);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let left = client
+        .post(first.url(&format!("/v1/sessions/{sid}/messages")))
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await;
+    // The answer's head may come at once; its body does not, and the
+    // client gives up on it.
+    if let Ok(r) = left {
+        assert!(r.text().await.is_err(), "the reply cannot have completed");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while first.mock().calls() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(first.stop_gracefully().await.success());
+
+    let second = app().store_url(&first.store_url).spawn().await;
+    let listed = ok(
+        Api::open(&second)
+            .get(&format!("/v1/sessions/{sid}/messages"))
+            .await,
+        200,
+    )
+    .await;
+    let data = listed["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "{listed}");
+    assert_eq!(data[1]["status"], "failed", "{listed}");
+    assert_eq!(data[1]["error"]["code"], "server_shutdown", "{listed}");
+}
