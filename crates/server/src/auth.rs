@@ -429,12 +429,7 @@ fn blocked_response(family: Family, Blocked(rate, d): Blocked) -> Response {
         Some("too_many_auth_failures"),
         &format!("Too many failed authentications from this address; try again in {secs} s."),
     );
-    for (name, value) in d.headers("auth_failures") {
-        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
-            resp.headers_mut()
-                .insert(axum::http::HeaderName::from_static(name), v);
-        }
-    }
+    crate::limit::insert_headers(&mut resp, d.headers("auth_failures"));
     if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
         resp.headers_mut()
             .insert(axum::http::header::RETRY_AFTER, v);

@@ -128,7 +128,10 @@ fn set_headers(resp: &mut Response, d: &Decision, policy: &str) {
     );
 }
 
-fn insert_headers(resp: &mut Response, headers: impl IntoIterator<Item = (&'static str, String)>) {
+pub(crate) fn insert_headers(
+    resp: &mut Response,
+    headers: impl IntoIterator<Item = (&'static str, String)>,
+) {
     for (name, value) in headers {
         if let Ok(v) = HeaderValue::from_str(&value) {
             resp.headers_mut().insert(HeaderName::from_static(name), v);

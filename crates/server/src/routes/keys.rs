@@ -165,8 +165,10 @@ fn validate_key_limits(state: &AppState, limits: &KeyLimits) -> Option<Response>
     if let Some(resp) = validate_rates("limits.rates", &limits.rates) {
         return Some(resp);
     }
+    // Whatever the token limiter can hold (`TokenRate`'s own rule).
     let max = switchyard_core::limits::MAX_TOKENS_PER_MINUTE;
-    if let Some(tpm) = limits.tokens_per_minute.filter(|t| !(1..=max).contains(t)) {
+    let unusable = |t: &u64| switchyard_core::limits::TokenRate::per_minute(*t).is_none();
+    if let Some(tpm) = limits.tokens_per_minute.filter(unusable) {
         return Some(native(
             StatusCode::BAD_REQUEST,
             "invalid_request",
