@@ -66,6 +66,11 @@ pub struct Principal {
     /// The user the request acts for: the key's or token's own user, or the
     /// one a service key names in `X-Switchyard-User`.
     pub user_id: Option<String>,
+    /// The credential's own user (a key's user, a token's user claim), which
+    /// naming another user in `X-Switchyard-User` does not change: the rate
+    /// limits count the credential, so that a service cannot escape them by
+    /// naming a different user on each request.
+    pub credential_user: Option<String>,
     pub role: Role,
     pub kind: CredentialKind,
     /// The API key's id (never the key itself), when a key was used.
@@ -93,10 +98,11 @@ fn subject_part(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 impl Principal {
-    /// The subject rate limits are counted against: the key, else the user,
-    /// else the tenant.
+    /// The subject rate limits are counted against: the key, else the
+    /// credential's own user, else the tenant. A user named by a service
+    /// (`user_id` set from the header) is not a subject of its own.
     pub fn subject(&self) -> String {
-        match (&self.key_id, &self.user_id) {
+        match (&self.key_id, &self.credential_user) {
             (Some(k), _) => format!("key:{k}"),
             (None, Some(u)) => user_subject(&self.tenant_id, u),
             (None, None) => format!("tenant:{}", subject_part(&self.tenant_id)),
@@ -108,6 +114,7 @@ impl Principal {
         Self {
             tenant_id: "default".into(),
             user_id: None,
+            credential_user: None,
             role: Role::Admin,
             kind: CredentialKind::OpenDev,
             key_id: None,

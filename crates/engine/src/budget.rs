@@ -218,6 +218,7 @@ mod tests {
         Principal {
             tenant_id: tenant.into(),
             user_id: None,
+            credential_user: None,
             role: Role::User,
             kind: CredentialKind::ApiKey,
             key_id: Some("k1".into()),

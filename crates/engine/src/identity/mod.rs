@@ -401,6 +401,7 @@ impl Identity {
         }
         let principal = Principal {
             tenant_id: record.tenant_id,
+            credential_user: record.user_id.clone(),
             user_id: record.user_id,
             role: record.role,
             kind: CredentialKind::ApiKey,

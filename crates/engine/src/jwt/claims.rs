@@ -87,6 +87,7 @@ impl ClaimRules {
         };
         Ok(Principal {
             tenant_id,
+            credential_user: user_id.clone(),
             user_id,
             role,
             kind: CredentialKind::Jwt,

@@ -539,6 +539,43 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
+/// A service token (Supabase's `service_role`, no user of its own) acts for
+/// users it names; its requests are counted against the token's subject,
+/// not against each named user, or naming a new user on every request would
+/// escape every limit.
+#[tokio::test]
+async fn a_service_token_naming_other_users_stays_within_its_limit() {
+    let app = crate::helpers::app()
+        .env("SWITCHYARD_JWT__HS256_SECRET", JWT_SECRET)
+        .config("[rate_limits.classes]\nchat = \"3/min\"\n")
+        .spawn()
+        .await;
+    let token = hs256(
+        json!({"role": "service_role", "aud": "authenticated", "exp": now() + 600, "iat": now() - 10}),
+        JWT_SECRET,
+        "HS256",
+    );
+    let mut statuses = Vec::new();
+    for user in ["u1", "u2", "u3", "u4", "u5"] {
+        let resp = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("x-switchyard-user", user)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    assert_eq!(app.mock().calls(), 3);
+}
+
 #[tokio::test]
 async fn a_supabase_jwt_authenticates_and_attacks_are_refused() {
     let app = crate::helpers::app()
