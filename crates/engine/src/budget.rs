@@ -22,6 +22,9 @@ use crate::identity::{Actor, Identity};
 
 /// How long a subject's spend is reused before it is read again.
 const SPEND_TTL: Duration = Duration::from_secs(5);
+/// How long a value nobody asked for again is kept: until then it is what a
+/// check uses when reading it again fails.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 const ALERT_AT: f64 = 0.8;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -32,15 +35,80 @@ pub struct BudgetExceeded {
     pub spent_usd: f64,
 }
 
-/// A tenant as last read (or its absence), and when.
-type CachedTenant = (Option<Arc<Tenant>>, Instant);
+/// Values read from the store, each reused for [`SPEND_TTL`]. When reading
+/// one again fails, the last value read is used (with a warning) rather than
+/// none: a database hiccup must neither lift a tenant's limits nor turn into
+/// refusals. Entries not asked for in [`FORGET_AFTER`] are dropped whenever
+/// the map has doubled, so that it holds what is in use, not every key and
+/// month ever seen.
+struct ReadCache<V> {
+    inner: Mutex<ReadCacheInner<V>>,
+}
+
+struct ReadCacheInner<V> {
+    map: HashMap<String, (V, Instant)>,
+    sweep_at: usize,
+}
+
+impl<V: Clone> ReadCache<V> {
+    fn new() -> Self {
+        Self {
+            inner: Mutex::new(ReadCacheInner {
+                map: HashMap::new(),
+                sweep_at: 64,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadCacheInner<V>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn get(
+        &self,
+        id: &str,
+        what: &'static str,
+        read: impl std::future::Future<Output = Result<V, StoreError>>,
+    ) -> Result<V, StoreError> {
+        let last = self.lock().map.get(id).cloned();
+        if let Some((v, at)) = &last {
+            if at.elapsed() < SPEND_TTL {
+                return Ok(v.clone());
+            }
+        }
+        match read.await {
+            Ok(v) => {
+                let mut inner = self.lock();
+                inner.map.insert(id.to_owned(), (v.clone(), Instant::now()));
+                if inner.map.len() >= inner.sweep_at {
+                    inner.map.retain(|_, (_, at)| at.elapsed() < FORGET_AFTER);
+                    inner.sweep_at = (inner.map.len() * 2).max(64);
+                }
+                Ok(v)
+            }
+            Err(e) => match last {
+                Some((v, at)) => {
+                    tracing::warn!(error = %e, what, age_secs = at.elapsed().as_secs(), "could not read from the store; using the last value read");
+                    Ok(v)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+}
 
 pub struct Budgets {
     store: Arc<dyn Store>,
     identity: Identity,
-    spend: Mutex<HashMap<String, (f64, Instant)>>,
-    tenants: Mutex<HashMap<String, CachedTenant>>,
-    alerted: Mutex<HashSet<String>>,
+    spend: ReadCache<f64>,
+    tenants: ReadCache<Option<Arc<Tenant>>>,
+    /// The month the alerts are for, and the subjects alerted in it.
+    alerted: Mutex<(i64, HashSet<String>)>,
 }
 
 /// Start of the current UTC month, in unix milliseconds.
@@ -62,51 +130,24 @@ impl Budgets {
         Self {
             store,
             identity,
-            spend: Mutex::default(),
-            tenants: Mutex::default(),
+            spend: ReadCache::new(),
+            tenants: ReadCache::new(),
             alerted: Mutex::default(),
         }
     }
 
     async fn spent(&self, tenant: &str, key: Option<&str>, since: i64) -> Result<f64, StoreError> {
         let id = format!("{tenant}/{}/{since}", key.unwrap_or("*"));
-        if let Some((v, at)) = self
-            .spend
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-        {
-            if at.elapsed() < SPEND_TTL {
-                return Ok(*v);
-            }
-        }
-        let v = self.store.spend_since(tenant, key, since).await?;
         self.spend
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, (v, Instant::now()));
-        Ok(v)
+            .get(&id, "spend", self.store.spend_since(tenant, key, since))
+            .await
     }
 
     /// A tenant's stored settings (budget, rate limits), re-read at most
-    /// every few seconds.
+    /// every few seconds; the last ones read when reading fails.
     pub async fn tenant(&self, tenant: &str) -> Result<Option<Arc<Tenant>>, StoreError> {
-        if let Some((v, at)) = self
-            .tenants
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(tenant)
-        {
-            if at.elapsed() < SPEND_TTL {
-                return Ok(v.clone());
-            }
-        }
-        let v = self.store.get_tenant(tenant).await?.map(Arc::new);
-        self.tenants
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(tenant.to_owned(), (v.clone(), Instant::now()));
-        Ok(v)
+        let read = async { Ok(self.store.get_tenant(tenant).await?.map(Arc::new)) };
+        self.tenants.get(tenant, "tenant", read).await
     }
 
     /// `Err(Some(..))`: over budget; `Err(None)` is never returned; a store
@@ -157,14 +198,16 @@ impl Budgets {
         spent: f64,
         since: i64,
     ) {
-        let id = format!("{}/{}/{since}", who.tenant_id, key.unwrap_or("*"));
-        if !self
-            .alerted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id)
+        let id = format!("{}/{}", who.tenant_id, key.unwrap_or("*"));
         {
-            return;
+            let mut alerted = self.alerted.lock().unwrap_or_else(PoisonError::into_inner);
+            if alerted.0 != since {
+                // A new month: last month's alerts are done with.
+                *alerted = (since, HashSet::new());
+            }
+            if !alerted.1.insert(id) {
+                return;
+            }
         }
         tracing::warn!(tenant = %who.tenant_id, scope, budget_usd = budget, spent_usd = spent, "80 % of the monthly budget is spent");
         let actor = Actor {
@@ -196,7 +239,9 @@ mod tests {
     };
     use switchyard_store::{SqliteStore, Store};
 
-    use super::{month_start_ms, Budgets, SPEND_TTL};
+    use switchyard_store::StoreError;
+
+    use super::{month_start_ms, Budgets, ReadCache, FORGET_AFTER, SPEND_TTL};
     use crate::identity::{now_ms, Identity};
 
     async fn budgets() -> (tempfile::TempDir, Arc<dyn Store>, Budgets) {
@@ -325,6 +370,63 @@ mod tests {
         budgets.check(&who, now_ms()).await.unwrap();
 
         assert_eq!(alerts(&*store, "default").await.len(), 1);
+    }
+
+    fn down() -> StoreError {
+        StoreError::Config("the database is down".into())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_reuses_the_last_value_and_idle_entries_are_forgotten() {
+        let cache = ReadCache::<u32>::new();
+        assert_eq!(cache.get("a", "t", async { Ok(1) }).await.unwrap(), 1);
+        // Fresh: not read again.
+        assert_eq!(cache.get("a", "t", async { Ok(2) }).await.unwrap(), 1);
+        tokio::time::advance(SPEND_TTL).await;
+        assert_eq!(
+            cache.get("a", "t", async { Err(down()) }).await.unwrap(),
+            1,
+            "a failed read keeps the last value"
+        );
+        assert!(
+            cache.get("b", "t", async { Err(down()) }).await.is_err(),
+            "nothing to fall back on"
+        );
+        assert_eq!(cache.get("a", "t", async { Ok(3) }).await.unwrap(), 3);
+
+        tokio::time::advance(FORGET_AFTER).await;
+        for i in 0..63 {
+            cache
+                .get(&format!("k{i}"), "t", async { Ok(0) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(cache.len(), 63, "`a`, idle for ten minutes, is dropped");
+        assert!(cache.get("a", "t", async { Err(down()) }).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn alerts_of_a_past_month_are_forgotten() {
+        let (_dir, store, budgets) = budgets().await;
+        let who = caller("acme", None);
+        let march = month_start_ms(1_740_787_200_000); // 2025-03-01
+        let april = month_start_ms(1_743_465_600_000); // 2025-04-01
+        budgets
+            .alert(&who, "key", Some("k1"), 1.0, 0.9, march)
+            .await;
+        budgets
+            .alert(&who, "key", Some("k1"), 1.0, 0.9, march)
+            .await;
+        budgets
+            .alert(&who, "key", Some("k1"), 1.0, 0.9, april)
+            .await;
+        assert_eq!(
+            alerts(store.as_ref(), "acme").await.len(),
+            2,
+            "once per month"
+        );
+        let alerted = budgets.alerted.lock().unwrap();
+        assert_eq!((alerted.0, alerted.1.len()), (april, 1));
     }
 
     #[test]

@@ -161,7 +161,16 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
     });
     let subject = who.subject();
     let tenant = match (&state.inner.budgets, limits) {
-        (Some(b), Some(_)) => b.tenant(&who.tenant_id).await.ok().flatten(),
+        (Some(b), Some(_)) => match b.tenant(&who.tenant_id).await {
+            Ok(t) => t,
+            Err(e) => {
+                // Never read before, so no last value to fall back on: the
+                // configured rates apply until the store answers.
+                metrics::counter!("switchyard_rate_limit_errors_total").increment(1);
+                tracing::warn!(error = %e, "could not read the tenant's limits; using the configured ones");
+                None
+            }
+        },
         _ => None,
     };
     // The token quota and the budgets are looked at first, without spending
