@@ -77,14 +77,21 @@ impl SseParser {
         }
     }
 
-    /// Called at the end of the body: an event not followed by a blank line
-    /// is still delivered, as browsers do.
+    /// Called at the end of the body: an event whose lines all ended is
+    /// delivered though no blank line followed it (many servers end that
+    /// way). An event whose last line did not end may have been cut in the
+    /// middle (a body cut mid-event): it is dropped, unless that line is the
+    /// whole of `data: [DONE]`, so that a client is never handed half a JSON
+    /// object.
     pub fn finish(&mut self) -> Option<SseEvent> {
         if !self.buf.is_empty() {
             let line = std::mem::take(&mut self.buf);
-            let mut line = &line[..];
-            if line.last() == Some(&b'\r') {
-                line = &line[..line.len() - 1];
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            if !matches!(line, b"data: [DONE]" | b"data:[DONE]") {
+                self.data.clear();
+                self.has_data = false;
+                self.event = None;
+                return None;
             }
             if let Some(ev) = self.line(line) {
                 return Some(ev);
@@ -197,8 +204,23 @@ mod tests {
 
     #[test]
     fn a_final_event_without_blank_line_is_delivered_at_finish() {
-        assert_eq!(parse_all(&[b"data: last"]), vec![data("last")]);
         assert_eq!(parse_all(&[b"data:nospace\n"]), vec![data("nospace")]);
+        assert_eq!(
+            parse_all(&[b"data: {\"a\":1}\r\ndata: [DONE]"]),
+            vec![data("{\"a\":1}\n[DONE]")]
+        );
+        assert_eq!(parse_all(&[b"data: [DONE]"]), vec![data("[DONE]")]);
+    }
+
+    #[test]
+    fn a_last_line_cut_before_its_end_is_dropped() {
+        assert_eq!(
+            parse_all(&[b"data: {\"a\":1}\n\ndata: {\"b\":"]),
+            vec![data("{\"a\":1}")]
+        );
+        assert_eq!(parse_all(&[b"data: last"]), vec![]);
+        // A JSON object may span data lines: none of a cut event is kept.
+        assert_eq!(parse_all(&[b"event: x\ndata: {\ndata: \"b\""]), vec![]);
     }
 
     #[test]

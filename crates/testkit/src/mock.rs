@@ -89,6 +89,11 @@ pub enum Fault {
     RateLimited { retry_after_secs: u64 },
     /// Stream this many chunks, then cut the connection.
     ResetAfterChunks(usize),
+    /// Stream this many chunks and the first half of the next, then end
+    /// the body as if it were complete: a body cut in the middle of an
+    /// event by something that closes cleanly (a proxy's timeout, a
+    /// server's shutdown).
+    CutInsideChunk(usize),
     /// Accept the request and never answer.
     Hang,
     /// Answer 401 with the Authorization header it received in the message
@@ -585,7 +590,8 @@ fn stream_frames(
     hold: tokio::sync::watch::Receiver<bool>,
 ) -> Response {
     let reset_after = match fault {
-        Some(Fault::ResetAfterChunks(n)) => Some(n),
+        Some(Fault::ResetAfterChunks(n)) => Some((n, false)),
+        Some(Fault::CutInsideChunk(n)) => Some((n, true)),
         _ => None,
     };
     if fault == Some(Fault::NoDone) {
@@ -599,46 +605,62 @@ fn stream_frames(
         .unwrap_or_else(|_| error(500, "mock: building the response"))
 }
 
+/// Frames sent whole, and whether the next one's first half went out.
+type FrameState = (usize, Vec<String>, bool);
+
 fn frame_stream(
     frames: Vec<String>,
     behavior: Behavior,
-    reset_after: Option<usize>,
+    // After this many frames the connection is cut; with `true`, the first
+    // half of the next one is sent and the body ends there.
+    reset_after: Option<(usize, bool)>,
     hold: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    futures::stream::unfold((0usize, frames), move |(i, frames)| {
-        let behavior = behavior.clone();
-        let mut hold = hold.clone();
-        async move {
-            if i == 1 {
-                let _ = hold.wait_for(|held| !held).await;
-            }
-            if let Some(n) = reset_after {
-                if i == n {
-                    // Give the frames before the cut time to reach the wire,
-                    // as they would from a real provider that fails midway.
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    let reset = std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "mock: injected reset",
-                    );
-                    return Some((Err(reset), (i + 1, frames)));
+    futures::stream::unfold(
+        (0usize, frames, false),
+        move |(i, frames, half_sent): FrameState| {
+            let behavior = behavior.clone();
+            let mut hold = hold.clone();
+            async move {
+                if i == 1 {
+                    let _ = hold.wait_for(|held| !held).await;
                 }
-                if i > n {
-                    return None;
+                if let Some((n, half)) = reset_after {
+                    if i == n && half {
+                        if half_sent {
+                            return None;
+                        }
+                        let frame = frames.get(i)?;
+                        let cut = Bytes::copy_from_slice(&frame.as_bytes()[..frame.len() / 2]);
+                        return Some((Ok(cut), (i, frames, true)));
+                    }
+                    if i == n {
+                        // Give the frames before the cut time to reach the wire,
+                        // as they would from a real provider that fails midway.
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        let reset = std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "mock: injected reset",
+                        );
+                        return Some((Err(reset), (i + 1, frames, false)));
+                    }
+                    if i > n {
+                        return None;
+                    }
                 }
+                let frame = frames.get(i)?.clone();
+                let delay = if i == 0 {
+                    behavior.ttft
+                } else {
+                    behavior.chunk_delay
+                };
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Some((Ok(Bytes::from(frame)), (i + 1, frames, false)))
             }
-            let frame = frames.get(i)?.clone();
-            let delay = if i == 0 {
-                behavior.ttft
-            } else {
-                behavior.chunk_delay
-            };
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            Some((Ok(Bytes::from(frame)), (i + 1, frames)))
-        }
-    })
+        },
+    )
 }
 
 /// Anthropic's Messages API: the same reply, tools and faults, in its shape.

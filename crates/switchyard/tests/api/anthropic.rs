@@ -610,7 +610,11 @@ async fn a_messages_stream_that_breaks_midway_ends_with_an_error_event_typed_by_
     let mut last_event = Vec::new();
     // An overloaded server's in-stream error object (status 503), then a
     // connection cut after the first chunks.
-    for fault in [Fault::ErrorEventAfter(3), Fault::ResetAfterChunks(3)] {
+    for fault in [
+        Fault::ErrorEventAfter(3),
+        Fault::ResetAfterChunks(3),
+        Fault::CutInsideChunk(3),
+    ] {
         app.mock().push_fault(fault);
         let text = app
             .post_json("/v1/messages", &body)
@@ -640,6 +644,8 @@ async fn a_messages_stream_that_breaks_midway_ends_with_an_error_event_typed_by_
     );
     assert_eq!(last_event[1].0, "error");
     assert_eq!(last_event[1].1["error"]["type"], "api_error");
+    assert_eq!(last_event[2].0, "error", "no half event before the error");
+    assert_eq!(last_event[2].1["error"]["type"], "api_error");
 }
 
 #[tokio::test]

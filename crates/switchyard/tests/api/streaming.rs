@@ -80,19 +80,32 @@ async fn chunks_reach_the_client_before_the_provider_has_finished() {
 #[tokio::test]
 async fn a_stream_cut_by_the_provider_ends_with_an_error_event_not_done() {
     let app = spawn().await;
-    app.mock().push_fault(Fault::ResetAfterChunks(3));
+    // A reset, and a body that ends cleanly in the middle of an event: the
+    // half event is never relayed (a client's JSON parser would fail on it
+    // before it saw the error).
+    for (fault, code) in [
+        (Fault::ResetAfterChunks(3), "upstream_broken"),
+        (Fault::CutInsideChunk(3), "upstream_truncated"),
+    ] {
+        app.mock().push_fault(fault.clone());
+        let resp = app
+            .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
+            .await;
 
-    let resp = app
-        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
-        .await;
-
-    assert_eq!(resp.status(), 200);
-    let data = sse_data(&resp.text().await.unwrap());
-    assert_eq!(data.len(), 4, "{data:?}");
-    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_broken");
-    assert_eq!(last["error"]["type"], "upstream_error");
-    assert!(!data.contains(&"[DONE]".to_owned()));
+        assert_eq!(resp.status(), 200);
+        let data = sse_data(&resp.text().await.unwrap());
+        assert_eq!(data.len(), 4, "{fault:?}: {data:?}");
+        for d in &data {
+            assert!(
+                serde_json::from_str::<Value>(d).is_ok(),
+                "{fault:?}: every event is whole JSON: {d}"
+            );
+        }
+        let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+        assert_eq!(last["error"]["code"], code);
+        assert_eq!(last["error"]["type"], "upstream_error");
+        assert!(!data.contains(&"[DONE]".to_owned()));
+    }
 }
 
 #[tokio::test]
