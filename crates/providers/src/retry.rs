@@ -41,6 +41,21 @@ pub fn is_retryable(e: &ProviderError) -> bool {
     }
 }
 
+/// A refusal that says the deployment is wrong, not the request: its key
+/// (401, 403), its account (402) or its model or address (404, 405, 501).
+/// Another attempt here would be refused the same way, but the next
+/// deployment may serve, and the breaker counts it as a failure (a revoked
+/// key must not pass for a healthy deployment).
+pub fn is_deployment_fault(e: &ProviderError) -> bool {
+    matches!(
+        e,
+        ProviderError::Status {
+            status: 401 | 402 | 403 | 404 | 405 | 501,
+            ..
+        }
+    )
+}
+
 /// The ceiling of the backoff before retry number `retry` (0-based):
 /// `min(cap, base · 2^retry)`.
 pub fn backoff_ceiling(config: &RetryConfig, retry: u32) -> Duration {

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::breaker::{BreakerState, CircuitBreaker, Transition};
 use crate::health::HealthStats;
-use crate::retry::{is_retryable, next_step, Next, RetryBudget, RetryConfig};
+use crate::retry::{is_deployment_fault, is_retryable, next_step, Next, RetryBudget, RetryConfig};
 use crate::{
     ChatCall, ChatProvider, ChatReply, ChunkStream, Completion, EmbedCall, EmbeddingProvider,
     ProviderError,
@@ -470,7 +470,7 @@ impl Router {
                         last = Some((e, d.clone()));
                         break;
                     }
-                    Err(e) if !is_retryable(&e) => {
+                    Err(e) if !is_retryable(&e) && !is_deployment_fault(&e) => {
                         // The request itself was refused: not the deployment's
                         // fault, and no other deployment will think otherwise.
                         drop(permit);
@@ -483,10 +483,25 @@ impl Router {
                         });
                     }
                     Err(e) => {
-                        log_transition(d, permit.failure(), obs);
+                        let transition = permit.failure();
+                        let opened = transition.is_some_and(|t| t.to == BreakerState::Open);
+                        log_transition(d, transition, obs);
                         d.health.record_failure(elapsed, e.code());
                         metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "error").increment(1);
-                        let step = next_step(&self.retry, attempt, &e, &mut rand::rng());
+                        // Not tried again here: a deployment whose breaker this
+                        // failure opened, one that refuses the gateway itself,
+                        // and, while another deployment remains, one that hung
+                        // (a second wait as long would keep the client twice
+                        // the timeout from a fallback that may answer at once).
+                        let more = position + 1 < order.len();
+                        let step = if opened
+                            || is_deployment_fault(&e)
+                            || (more && matches!(e, ProviderError::Timeout(_)))
+                        {
+                            Next::Fallback
+                        } else {
+                            next_step(&self.retry, attempt, &e, &mut rand::rng())
+                        };
                         match step {
                             Next::RetryAfter(wait) if self.budget.try_retry() => {
                                 tracing::info!(deployment = %d.id, attempt, wait_ms = wait.as_millis() as u64, "retrying");

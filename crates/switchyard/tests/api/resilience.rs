@@ -321,7 +321,9 @@ async fn a_hung_primary_times_out_and_the_fallback_answers() {
     // or 30 s before its first chunk (stream). Each request is given 20 s: a
     // first-byte timeout that did not fire fails the test instead of hanging
     // it, without the test asserting how long anything took.
-    let (app, primary, fallback) = two_deployments("max_attempts = 1").await;
+    // Two attempts per deployment, but a deployment that hung is not asked
+    // again while a fallback remains.
+    let (app, primary, fallback) = two_deployments("max_attempts = 2").await;
     primary.push_fault(Fault::Hang);
     primary.update(|b| b.ttft = std::time::Duration::from_secs(30));
     let budget = std::time::Duration::from_secs(20);
@@ -347,6 +349,63 @@ async fn a_hung_primary_times_out_and_the_fallback_answers() {
         .wait_for_log(|l| l.contains("falling back") && l.contains("did not answer within 500ms"))
         .await
         .is_some());
+}
+
+#[tokio::test]
+async fn a_primary_that_refuses_the_gateway_itself_fails_over_and_opens_its_breaker() {
+    // A revoked key (401, 403), a spent account (402) or a model the
+    // provider no longer has (404) is the deployment's fault: not retried
+    // there, served by the fallback, and counted by the breaker.
+    let (app, primary, fallback) = two_deployments("").await;
+    for status in [401, 402, 403, 404] {
+        primary.push_fault(Fault::Status(status));
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("smart"))
+            .await;
+        assert_eq!(resp.status(), 200, "{status}");
+        assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
+    }
+    assert_eq!((primary.calls(), fallback.calls()), (4, 4));
+
+    primary.update(|b| b.always = Some(Fault::Status(401)));
+    for _ in 0..4 {
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("smart"))
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(
+        primary.calls(),
+        5,
+        "the fifth failure in a row opened the breaker"
+    );
+    let errors = metric(
+        &app,
+        r#"switchyard_upstream_attempts_total{deployment="primary/p-model",outcome="error"}"#,
+    )
+    .await;
+    assert_eq!(errors, 5.0);
+}
+
+#[tokio::test]
+async fn the_failure_that_opens_a_breaker_is_not_retried() {
+    let (app, primary, fallback) = two_deployments("max_attempts = 2").await;
+    primary.update(|b| b.always = Some(Fault::Status(500)));
+    for _ in 0..3 {
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("smart"))
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    // Two requests of two attempts each, then the fifth failure opened the
+    // breaker: no sixth attempt, no backoff, straight to the fallback.
+    assert_eq!((primary.calls(), fallback.calls()), (5, 3));
+    let retries = metric(
+        &app,
+        r#"switchyard_retries_total{deployment="primary/p-model"}"#,
+    )
+    .await;
+    assert_eq!(retries, 2.0);
 }
 
 #[tokio::test]
