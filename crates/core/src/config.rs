@@ -881,11 +881,18 @@ impl Config {
                 ));
             }
         }
-        if self.usage.queue_capacity == 0 || self.usage.batch_size == 0 {
-            return Err(ConfigError::invalid(
-                "usage",
-                "expected queue_capacity and batch_size of at least 1",
-            ));
+        for (section, writer) in [("usage", &self.usage), ("events", &self.events)] {
+            for (key, value) in [
+                ("queue_capacity", writer.queue_capacity),
+                ("batch_size", writer.batch_size),
+            ] {
+                if value == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("{section}.{key}"),
+                        "expected at least 1",
+                    ));
+                }
+            }
         }
         self.local.validate()?;
         for (name, p) in &self.providers {
@@ -1545,6 +1552,22 @@ mod tests {
                 e.contains("store.schema") && e.contains("lower-case"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn both_writers_need_a_queue_and_a_batch() {
+        let load = |t: &str| Config::load(Some(("f.toml", t)), &Env::new());
+        for section in ["usage", "events"] {
+            for key in ["queue_capacity", "batch_size"] {
+                let e = load(&format!("[{section}]\n{key} = 0\n"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains(&format!("{section}.{key}")) && e.contains("at least 1"),
+                    "{e}"
+                );
+            }
         }
     }
 
