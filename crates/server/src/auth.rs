@@ -104,6 +104,73 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Open development mode serves whoever reaches the loopback address as an
+/// admin, and a web page the developer opens reaches it too: a cross-site
+/// request needs no preflight when its body is `text/plain`, and DNS
+/// rebinding gives a page a name that resolves to 127.0.0.1. So in that mode
+/// a request must name a loopback host (`Host`; a rebound name is not one)
+/// and, if it comes from a page (`Origin`), a page on a loopback host or one
+/// of `security.cors_origins`. Clients outside a browser send no `Origin`
+/// and `127.0.0.1` or `localhost` as `Host`: nothing changes for them.
+fn open_dev_refusal(state: &AppState, headers: &axum::http::HeaderMap) -> Option<&'static str> {
+    if let Some(host) = headers.get(axum::http::header::HOST) {
+        let host = host.to_str().unwrap_or_default();
+        if !is_loopback_host(host) {
+            return Some(
+                "Open development mode answers only requests to a loopback host (127.0.0.1, [::1] or localhost). Create an API key to serve other names.",
+            );
+        }
+    }
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        let allowed = origin.split_once("://").is_some_and(|(scheme, host)| {
+            matches!(scheme, "http" | "https") && is_loopback_host(host)
+        }) || state
+            .inner
+            .security
+            .cors_origins
+            .iter()
+            .any(|o| o == origin);
+        if !allowed {
+            return Some(
+                "Open development mode answers no request from a web page of another site (`Origin`). Create an API key, or list the page's origin in security.cors_origins.",
+            );
+        }
+    }
+    None
+}
+
+/// `localhost` (or a name under it), an IPv4 loopback address or `[::1]`,
+/// with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+            return false;
+        }
+        return v6
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if is_port(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn is_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Authenticates and authorises a request: `Ok` with the [`Principal`] in its
 /// extensions (public routes pass unchanged), or the refusal to send.
 /// Called by [`crate::observe::observe`], inside the request span.
@@ -117,6 +184,14 @@ pub(crate) async fn admit(state: &AppState, req: Request) -> Result<Request, Res
     // In open development mode no key exists, so no presented credential
     // could be valid: the placeholder an SDK insists on ("unused") is ignored.
     let mut principal = if identity.open_dev() {
+        if let Some(refusal) = open_dev_refusal(state, req.headers()) {
+            return Err(family_error(
+                family,
+                StatusCode::FORBIDDEN,
+                Some("open_dev_cross_site"),
+                refusal,
+            ));
+        }
         Principal::open_dev()
     } else {
         match credential(req.headers()).filter(|c| !c.is_empty()) {
@@ -439,7 +514,38 @@ fn blocked_response(family: Family, Blocked(rate, d): Blocked) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::failure_key;
+    use super::{failure_key, is_loopback_host};
+
+    #[test]
+    fn loopback_hosts_are_told_from_other_names() {
+        for yes in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.1.2.3:80",
+            "localhost",
+            "LocalHost:8080",
+            "app.localhost:3000",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(is_loopback_host(yes), "{yes}");
+        }
+        for no in [
+            "rebind.evil.example",
+            "rebind.evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1:8080",
+            "[::2]:8080",
+            "[::1]x",
+            "127.0.0.1:",
+            "127.0.0.1:80a",
+            "localhost:8080:1",
+            "",
+        ] {
+            assert!(!is_loopback_host(no), "{no}");
+        }
+    }
 
     #[test]
     fn failures_are_counted_per_ipv4_address_and_per_ipv6_64() {

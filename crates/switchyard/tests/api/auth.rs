@@ -104,6 +104,82 @@ async fn open_development_mode_serves_without_a_key_until_the_first_key_exists()
     assert_eq!(chat_status(&app, Some(key)).await, StatusCode::OK);
 }
 
+/// Open development mode serves anyone who reaches the loopback address
+/// as admin; a web page must not be one of them: neither a page of another
+/// site (a `text/plain` POST needs no preflight) nor one that rebound its
+/// name to 127.0.0.1.
+#[tokio::test]
+async fn open_development_mode_refuses_other_sites_and_rebound_names() {
+    let app = app()
+        .config("[security]\ncors_origins = [\"https://app.example\"]\n")
+        .spawn()
+        .await;
+    let port = app.addr.port();
+    let plant = |origin: Option<&str>, host: Option<String>| {
+        let mut req = app
+            .client
+            .post(app.url("/v1/admin/keys"))
+            .header("content-type", "text/plain;charset=UTF-8")
+            .body(r#"{"name": "planted", "role": "admin"}"#);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        req.send()
+    };
+    for (origin, host) in [
+        (Some("https://evil.example"), None),
+        (Some("null"), None),
+        (Some("http://localhost.evil.example"), None),
+        (None, Some(format!("rebind.evil.example:{port}"))),
+        (
+            Some(&*format!("http://rebind.evil.example:{port}")),
+            Some(format!("rebind.evil.example:{port}")),
+        ),
+    ] {
+        let resp = plant(origin, host.clone()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{origin:?} {host:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "open_dev_cross_site", "{body}");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Open development mode"));
+    }
+    let keys = app
+        .client
+        .get(app.url("/v1/admin/keys"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keys.status(), StatusCode::OK);
+    let keys: Value = keys.json().await.unwrap();
+    assert_eq!(keys["data"], json!([]), "no key was planted");
+
+    // A page on a loopback host, a listed origin, and clients outside a
+    // browser (no Origin; Host 127.0.0.1 or localhost) are served.
+    for (origin, host) in [
+        (Some("http://localhost:3000"), None),
+        (Some("http://127.0.0.1:5173"), None),
+        (Some("https://app.example"), None),
+        (None, Some(format!("localhost:{port}"))),
+        (None, None),
+    ] {
+        let resp = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .header("origin", origin.unwrap_or("http://localhost"))
+            .header("host", host.unwrap_or(format!("127.0.0.1:{port}")))
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{origin:?}");
+    }
+}
+
 /// Runs `switchyard --config CONFIG ARGS…` (the bootstrap key unset, `env`
 /// set), asserts that it succeeds and returns its stdout and stderr.
 fn cli(config: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (String, String) {
