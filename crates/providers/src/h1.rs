@@ -39,9 +39,11 @@ const MAX_HEADERS: usize = 128;
 const MAX_LINE: usize = 8 * 1024;
 /// Idle connections kept per provider.
 const MAX_IDLE: usize = 512;
-/// An idle connection older than this is closed instead of reused (hyper's
-/// pool used the same).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// An idle connection older than this is closed instead of reused: shorter
+/// than the keep-alive timeout of the usual servers (5 s for uvicorn, which
+/// vLLM and most Python model servers run on, and for Node), so that a
+/// connection is rarely reused just as its server closes it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Bodies up to this size are copied behind the head, to go in one write.
 const COALESCE_MAX: usize = 64 * 1024;
 
@@ -68,6 +70,24 @@ struct Conn {
     tcp: TcpStream,
     /// Bytes read and not yet used.
     buf: BytesMut,
+    /// Whether anything of the current answer has been read.
+    received: bool,
+}
+
+/// How an exchange failed: with nothing at all back from the provider
+/// (the request may be sent again on a new connection when this one was
+/// reused), or otherwise.
+enum Failed {
+    Unanswered(Error),
+    Other(Error),
+}
+
+impl From<Failed> for Error {
+    fn from(f: Failed) -> Self {
+        match f {
+            Failed::Unanswered(e) | Failed::Other(e) => e,
+        }
+    }
 }
 
 /// Why an exchange failed, for the caller's error mapping.
@@ -152,20 +172,29 @@ impl Pool {
     ) -> Result<Response, Error> {
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let (request, coalesced) = encode_request(method, path, &self.inner.host, headers, body);
-        let mut conn = match self.inner.checkout() {
-            Some(c) => c,
-            None => self.inner.connect().await?,
-        };
-        let sent = async {
-            conn.tcp.write_all(&request).await?;
-            if !coalesced {
-                conn.tcp.write_all(body).await?;
+        let body_apart = (!coalesced).then_some(body);
+        let (conn, head) = match self.inner.checkout() {
+            Some(mut conn) => match conn.exchange(method, &request, body_apart).await {
+                Ok(head) => (conn, head),
+                // A kept-alive connection that the provider closed as the
+                // request went out (its idle timeout crossed our reuse):
+                // nothing came back, so it is sent once more on a new
+                // connection, as HTTP clients do, rather than reported as
+                // the provider's failure.
+                Err(Failed::Unanswered(e)) => {
+                    tracing::debug!(error = ?e, "a reused connection was closed; sending again on a new one");
+                    let mut conn = self.inner.connect().await?;
+                    let head = conn.exchange(method, &request, body_apart).await?;
+                    (conn, head)
+                }
+                Err(Failed::Other(e)) => return Err(e),
+            },
+            None => {
+                let mut conn = self.inner.connect().await?;
+                let head = conn.exchange(method, &request, body_apart).await?;
+                (conn, head)
             }
-            Ok::<_, io::Error>(())
-        }
-        .await;
-        sent.map_err(|e| Error::Connect(format!("sending the request: {e}")))?;
-        let head = conn.read_head(method).await?;
+        };
         let mut body = Body {
             conn: Some(conn),
             framing: head.framing,
@@ -277,6 +306,7 @@ impl PoolInner {
         Ok(Conn {
             tcp,
             buf: BytesMut::with_capacity(8 * 1024),
+            received: false,
         })
     }
 }
@@ -298,13 +328,44 @@ impl Conn {
             }
             match self.tcp.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
+                r => {
+                    self.received |= matches!(r, Ok(n) if n > 0);
+                    return Poll::Ready(r);
+                }
             }
         }
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
         poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// Writes a request (`body` when it did not go with the head) and
+    /// reads the answer's head.
+    async fn exchange(
+        &mut self,
+        method: &Method,
+        request: &[u8],
+        body: Option<&[u8]>,
+    ) -> Result<Head, Failed> {
+        self.received = false;
+        let sent = async {
+            self.tcp.write_all(request).await?;
+            if let Some(body) = body {
+                self.tcp.write_all(body).await?;
+            }
+            Ok::<_, io::Error>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            return Err(Failed::Unanswered(Error::Connect(format!(
+                "sending the request: {e}"
+            ))));
+        }
+        self.read_head(method).await.map_err(|e| match e {
+            Error::Connect(_) if self.buf.is_empty() && !self.received => Failed::Unanswered(e),
+            e => Failed::Other(e),
+        })
     }
 
     /// The answer's head (after any `1xx` interim answers).
@@ -693,6 +754,61 @@ mod tests {
         h.insert("authorization", HeaderValue::from_static("Bearer k"));
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h
+    }
+
+    /// A provider whose keep-alive timeout fires as a reused connection's
+    /// request arrives: it reads the request and closes without a word. The
+    /// request goes again on a new connection; the caller sees one answer.
+    #[tokio::test]
+    async fn a_reused_connection_closed_unanswered_is_replaced_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new((0usize, 0usize)));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                record.lock().unwrap().0 += 1;
+                let record = record.clone();
+                tokio::spawn(async move {
+                    // Answers the first request of a connection; closes it
+                    // at the second.
+                    for answered in [true, false] {
+                        let mut buf = Vec::new();
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 4096];
+                            let n = tcp.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        record.lock().unwrap().1 += 1;
+                        if !answered {
+                            return;
+                        }
+                        tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let uri: Uri = format!("http://{addr}/v1/x").parse().unwrap();
+        let pool = Pool::new(&uri, Duration::from_secs(1)).unwrap();
+        for _ in 0..3 {
+            let mut resp = pool
+                .send(&Method::GET, &uri, &headers(), b"")
+                .await
+                .unwrap();
+            assert_eq!(resp.status, StatusCode::OK);
+            assert_eq!(read_all(&mut resp.body).await.unwrap(), b"ok");
+        }
+        let (connections, requests) = *seen.lock().unwrap();
+        assert_eq!(
+            (connections, requests),
+            (3, 5),
+            "each reuse met a close and was sent again on a new connection"
+        );
     }
 
     #[tokio::test]
