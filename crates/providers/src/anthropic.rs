@@ -365,22 +365,55 @@ struct EventState {
     scrubber: Scrubber,
     translator: AnthropicToOpenAiStream,
     pending: VecDeque<Bytes>,
+    /// An event with content (or the end) went by: chunks may be given out.
+    open: bool,
     done: bool,
 }
 
-/// Anthropic events in, OpenAI chunk payloads out, one for one.
+/// The events Anthropic opens every stream with, before anything of the
+/// answer: `message_start`, `ping`, and the start of a text or thinking
+/// block (empty until its first delta). An `error` event after them (its
+/// `overloaded_error` comes just there) is still a failure before the first
+/// byte, which fails over.
+fn is_preamble(kind: &str, data: &Value) -> bool {
+    match kind {
+        "message_start" | "ping" => true,
+        "content_block_start" => {
+            let block = data.get("content_block");
+            let empty = |field: &str| {
+                block
+                    .and_then(|b| b.get(field))
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+            };
+            match block.and_then(|b| b.get("type")).and_then(Value::as_str) {
+                Some("text") => empty("text"),
+                Some("thinking") => empty("thinking"),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Anthropic events in, OpenAI chunk payloads out, one for one. What the
+/// preamble (`message_start`, `ping`) gives is held until an event of the
+/// answer comes, so that the router commits to this deployment only then.
 fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
     let state = EventState {
         events: Events::new(resp),
         scrubber,
         translator: AnthropicToOpenAiStream::new(now_secs()),
         pending: VecDeque::new(),
+        open: false,
         done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
         loop {
-            if let Some(chunk) = st.pending.pop_front() {
-                return Some((Ok(chunk), st));
+            if st.open {
+                if let Some(chunk) = st.pending.pop_front() {
+                    return Some((Ok(chunk), st));
+                }
             }
             if st.done {
                 return None;
@@ -404,7 +437,10 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
                     st,
                 ));
             };
-            match st.translator.step(ev.event.as_deref().unwrap_or(""), &data) {
+            let name = ev.event.as_deref().unwrap_or("");
+            let kind = data.get("type").and_then(Value::as_str).unwrap_or(name);
+            st.open |= !is_preamble(kind, &data);
+            match st.translator.step(name, &data) {
                 StreamStep::Chunks(chunks) => st
                     .pending
                     .extend(chunks.iter().map(|c| Bytes::from(c.to_string()))),
@@ -427,49 +463,100 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
 
 /// Anthropic events relayed as they come (each item one event's data), read
 /// only for what ends them: `message_stop` completes the stream; an `error`
-/// event is the failure it names (an early `overloaded_error` fails over
-/// like a 529); a stream that stops before `message_stop` is truncated.
+/// event is the failure it names (an `overloaded_error` before the answer
+/// begins fails over like a 529); a stream that stops before `message_stop`
+/// is truncated. The preamble (`message_start`, `ping`) is held until an
+/// event of the answer comes, so that the router commits only then.
 fn native_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
-    let state = (Events::new(resp), false);
-    Box::pin(futures::stream::unfold(state, move |(mut events, done)| {
+    struct State {
+        events: Events,
+        held: VecDeque<Bytes>,
+        open: bool,
+        done: bool,
+    }
+    let state = State {
+        events: Events::new(resp),
+        held: VecDeque::new(),
+        open: false,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, move |mut st| {
         let scrubber = scrubber.clone();
         async move {
-            if done {
-                return None;
-            }
-            let ev = match events.next().await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => return Some((Err(ProviderError::Truncated), (events, true))),
-                Err(e) => return Some((Err(e), (events, true))),
-            };
-            // The `event:` line names it; a relay that leaves the line out
-            // still has the data's `type`.
-            let name = ev.event.clone().or_else(|| {
-                serde_json::from_slice::<Value>(&ev.data)
-                    .ok()
-                    .and_then(|d| d.get("type").and_then(Value::as_str).map(str::to_owned))
-            });
-            match name.as_deref() {
-                Some("error") => {
-                    let data: Value = serde_json::from_slice(&ev.data).unwrap_or(Value::Null);
-                    let text = |p: &str| {
-                        data.pointer(p)
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_owned()
-                    };
-                    let kind = Some(text("/error/type"))
-                        .filter(|k| !k.is_empty())
-                        .unwrap_or_else(|| "api_error".into());
-                    let message = scrubber.scrub_str(&text("/error/message"));
-                    let failure = stream_error(&scrubber.scrub_str(&kind), &message);
-                    Some((Err(failure), (events, true)))
+            loop {
+                if st.open {
+                    if let Some(data) = st.held.pop_front() {
+                        return Some((Ok(data), st));
+                    }
                 }
-                Some("message_stop") => Some((Ok(ev.data), (events, true))),
-                _ => Some((Ok(ev.data), (events, false))),
+                if st.done {
+                    return None;
+                }
+                let (item, done) = native_step(&mut st.events, &scrubber).await;
+                st.done = done;
+                match item {
+                    Ok((data, kind)) => {
+                        if !st.open {
+                            st.open = match kind.as_deref() {
+                                Some(k @ ("message_start" | "ping")) => {
+                                    !is_preamble(k, &Value::Null)
+                                }
+                                Some(k @ "content_block_start") => {
+                                    let parsed =
+                                        serde_json::from_slice(&data).unwrap_or(Value::Null);
+                                    !is_preamble(k, &parsed)
+                                }
+                                _ => true,
+                            };
+                        }
+                        st.held.push_back(data);
+                    }
+                    Err(e) => return Some((Err(e), st)),
+                }
             }
         }
     }))
+}
+
+/// The next event of a native stream: its data and name, or the failure it
+/// stands for; and whether the stream is over.
+async fn native_step(
+    events: &mut Events,
+    scrubber: &Scrubber,
+) -> (Result<(Bytes, Option<String>), ProviderError>, bool) {
+    let ev = match events.next().await {
+        Ok(Some(ev)) => ev,
+        Ok(None) => return (Err(ProviderError::Truncated), true),
+        Err(e) => return (Err(e), true),
+    };
+    // The `event:` line names it; a relay that leaves the line out still
+    // has the data's `type`.
+    let name = ev.event.clone().or_else(|| {
+        serde_json::from_slice::<Value>(&ev.data)
+            .ok()
+            .and_then(|d| d.get("type").and_then(Value::as_str).map(str::to_owned))
+    });
+    match name.as_deref() {
+        Some("error") => {
+            let data: Value = serde_json::from_slice(&ev.data).unwrap_or(Value::Null);
+            let text = |p: &str| {
+                data.pointer(p)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let kind = Some(text("/error/type"))
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(|| "api_error".into());
+            let message = scrubber.scrub_str(&text("/error/message"));
+            (
+                Err(stream_error(&scrubber.scrub_str(&kind), &message)),
+                true,
+            )
+        }
+        Some("message_stop") => (Ok((ev.data, name)), true),
+        _ => (Ok((ev.data, name)), false),
+    }
 }
 
 #[cfg(test)]

@@ -1436,6 +1436,49 @@ async fn what_anthropic_would_refuse_is_not_sent_so_a_request_works_on_either_pr
     );
 }
 
+/// Anthropic opens a stream with `message_start`, an empty text block and
+/// `ping` before the answer, and its `overloaded_error` comes just there:
+/// nothing of the answer has gone out, so the fallback serves, in either API.
+#[tokio::test]
+async fn an_overloaded_event_after_the_streams_preamble_fails_over() {
+    let (app, anthropic) = with_anthropic().await;
+    // After `message_start`; after it, the empty text block and `ping`.
+    // Each is retried once (an overloaded stream is a 529), then failed over.
+    for (path, after) in [("/v1/messages", 1), ("/v1/chat/completions", 3)] {
+        anthropic.push_fault(Fault::ErrorEventAfter(after));
+        anthropic.push_fault(Fault::ErrorEventAfter(after));
+        let body = if path == "/v1/messages" {
+            let mut body = messages_body("claude-then-gpt");
+            body["stream"] = json!(true);
+            body
+        } else {
+            stream_body("claude-then-gpt", false)
+        };
+        let resp = app.post_json(path, &body).await;
+        let who = resp.headers()["x-switchyard-provider"].clone();
+        let text = resp.text().await.unwrap();
+        assert_eq!(who, "mock", "{path} {after}: {text}");
+        if path == "/v1/messages" {
+            let events = anthropic_events(&text);
+            assert_eq!(events.last().unwrap().0, "message_stop");
+            assert!(events.iter().all(|(n, _)| n != "error"));
+        } else {
+            assert_eq!(sse_data(&text).last().unwrap(), "[DONE]");
+        }
+    }
+    assert_eq!(anthropic.calls(), 4);
+
+    // Once a delta has gone out the stream is committed: the error ends it.
+    anthropic.push_fault(Fault::ErrorEventAfter(4));
+    let mut body = messages_body("claude-then-gpt");
+    body["stream"] = json!(true);
+    let resp = app.post_json("/v1/messages", &body).await;
+    assert_eq!(resp.headers()["x-switchyard-provider"], "anthropic");
+    let events = anthropic_events(&resp.text().await.unwrap());
+    assert!(events.iter().any(|(n, _)| n == "content_block_delta"));
+    assert_eq!(events.last().unwrap().0, "error");
+}
+
 #[tokio::test]
 async fn an_overloaded_event_before_anything_else_fails_a_native_stream_over() {
     let (app, anthropic) = with_anthropic().await;
