@@ -599,8 +599,9 @@ pub(crate) fn serialize_url_masked<S: Serializer>(v: &str, s: S) -> Result<S::Ok
 }
 
 /// A URL with its secrets replaced by `[redacted]`: the password of
-/// `scheme://user:password@host`; the whole user part of an `http(s)` URL
-/// (`https://TOKEN@proxy/v1`, where a lone user is a credential); and the
+/// `scheme://user:password@host`; the whole user part of an `http(s)` or
+/// Redis URL (`https://TOKEN@proxy/v1`, `redis://PASSWORD@host`, where a lone
+/// user is a credential); and the
 /// values of query parameters named like credentials (`password`, `token`,
 /// `key`, `secret`, `sig`…, as `postgres://db/x?password=…` takes them).
 pub fn mask_url_password(url: &str) -> String {
@@ -621,8 +622,11 @@ pub fn mask_url_password(url: &str) -> String {
                     out.push_str(&userinfo[..colon]);
                     out.push_str(":[redacted]");
                 }
-                None if scheme.eq_ignore_ascii_case("http")
-                    || scheme.eq_ignore_ascii_case("https") =>
+                // A lone user is a credential in an `http(s)` URL (a proxy
+                // token) and in Redis's URLs (the password alone).
+                None if ["http", "https", "redis", "rediss", "valkey", "valkeys"]
+                    .iter()
+                    .any(|s| scheme.eq_ignore_ascii_case(s)) =>
                 {
                     out.push_str("[redacted]");
                 }
@@ -651,6 +655,35 @@ pub fn mask_url_password(url: &str) -> String {
     }
     out.push_str(fragment);
     out
+}
+
+/// An origin as a browser serializes it in `Origin`: `http(s)://host[:port]`,
+/// lower case, nothing after the authority.
+fn is_serialized_origin(origin: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let host_end = if authority.starts_with('[') {
+        match authority.find(']') {
+            Some(i) => i + 1,
+            None => return false,
+        }
+    } else {
+        authority.find(':').unwrap_or(authority.len())
+    };
+    let (host, port) = authority.split_at(host_end);
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| {
+            !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+        });
+    matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && port_ok
+        && host.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+        })
 }
 
 /// Query parameter names that carry credentials.
@@ -832,6 +865,7 @@ impl Config {
             }
         }
         self.validate_auth_and_log()?;
+        self.validate_limits_and_cors()?;
         if self.server.max_body_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "server.max_body_bytes",
@@ -990,6 +1024,33 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("pricing.{name}"),
                     "expected prices of zero or more",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Limits on misspelt classes and CORS origins that can never match
+    /// would be accepted and do nothing: refused by name instead.
+    fn validate_limits_and_cors(&self) -> Result<(), ConfigError> {
+        let limits = &self.rate_limits;
+        let classes = limits
+            .classes
+            .keys()
+            .map(|c| (format!("rate_limits.classes.{c}"), c));
+        let tenants = limits.tenants.iter().flat_map(|(t, rates)| {
+            rates
+                .keys()
+                .map(move |c| (format!("rate_limits.tenants.{t}.{c}"), c))
+        });
+        for (path, class) in classes.chain(tenants) {
+            crate::limits::check_class(class).map_err(|e| ConfigError::invalid(path, e))?;
+        }
+        for (i, origin) in self.security.cors_origins.iter().enumerate() {
+            if origin != "*" && !is_serialized_origin(origin) {
+                return Err(ConfigError::invalid(
+                    format!("security.cors_origins[{i}]"),
+                    "expected \"*\" or an origin as a browser sends it: scheme://host[:port] in lower case, with no path or trailing slash (e.g. https://app.example)",
                 ));
             }
         }
@@ -1550,6 +1611,60 @@ mod tests {
             let e = load(bad).unwrap_err().to_string();
             assert!(
                 e.contains("store.schema") && e.contains("lower-case"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn misspelt_limit_classes_and_unmatchable_cors_origins_are_refused() {
+        let load = |t: &str| Config::load(Some(("f.toml", t)), &Env::new());
+        for (text, path) in [
+            (
+                "[rate_limits.classes]\nchatt = \"5/min\"\n",
+                "rate_limits.classes.chatt",
+            ),
+            (
+                "[rate_limits.tenants.acme]\nchat = \"5/min\"\nnonsense = \"1/min\"\n",
+                "rate_limits.tenants.acme.nonsense",
+            ),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(
+                e.contains(path) && e.contains("expected one of admin, bots, chat"),
+                "{e}"
+            );
+        }
+        assert!(load("[rate_limits.tenants.acme]\nchat = \"5/min\"\nglobal = \"9/min\"\n").is_ok());
+
+        let cors = |origin: &str| {
+            load(&format!(
+                "[security]\ncors_origins = [\"https://ok.example\", {origin:?}]\n"
+            ))
+        };
+        for good in [
+            "*",
+            "http://localhost:3000",
+            "https://app.example",
+            "http://[::1]:8080",
+            "https://a-b.example:443",
+        ] {
+            assert!(cors(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "https://slash.example/",
+            "https://UPPER.example",
+            "app.example",
+            "https://app.example/path",
+            "ftp://app.example",
+            "https://app.example:",
+            "https://app.example:80x",
+            "https://user@app.example",
+            "https://app example",
+        ] {
+            let e = cors(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("security.cors_origins[1]") && e.contains("no path"),
                 "{bad}: {e}"
             );
         }

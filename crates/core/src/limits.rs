@@ -268,6 +268,29 @@ pub struct RateLimitConfig {
     pub redis_url: Option<String>,
 }
 
+/// The route classes requests are counted in (`global` covers them all).
+pub const CLASSES: [&str; 6] = [
+    "admin",
+    "bots",
+    "chat",
+    "embeddings",
+    "global",
+    "orchestrate",
+];
+
+/// `Err` with what is expected when `name` is not one of [`CLASSES`]: a
+/// limit set on a misspelt class would silently limit nothing.
+pub fn check_class(name: &str) -> Result<(), String> {
+    if CLASSES.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown rate limit class; expected one of {}",
+            CLASSES.join(", ")
+        ))
+    }
+}
+
 fn default_classes() -> BTreeMap<String, Rate> {
     let rate = |count, secs| Rate {
         count,
@@ -326,36 +349,15 @@ impl RateLimitConfig {
 /// `config show` never reveals the password.
 fn serialize_redis_url_masked<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match v {
-        Some(url) => s.serialize_str(&mask_url_password(url)),
+        Some(url) => s.serialize_str(&crate::config::mask_url_password(url)),
         None => s.serialize_none(),
-    }
-}
-
-fn mask_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:[redacted]{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        // `redis://secret@host`: Redis's URL form puts a lone password here.
-        None => format!("{}[redacted]{}", &url[..scheme_end + 3], &rest[at..]),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::mask_url_password;
 
     #[test]
     fn the_emission_interval_rounds_up_so_the_rate_is_never_exceeded() {
@@ -605,5 +607,20 @@ mod tests {
             "redis://[redacted]@cache/"
         );
         assert_eq!(mask_url_password("redis://cache/"), "redis://cache/");
+        // A Unix socket's password comes in the query.
+        for url in [
+            "redis+unix:///tmp/redis.sock?db=0&pass=hunter2",
+            "unix:///tmp/redis.sock?pass=hunter2",
+        ] {
+            let masked = mask_url_password(url);
+            assert!(
+                !masked.contains("hunter2") && masked.contains("pass=[redacted]"),
+                "{masked}"
+            );
+        }
+        assert_eq!(
+            mask_url_password("rediss://hunter2@cache:6380"),
+            "rediss://[redacted]@cache:6380"
+        );
     }
 }

@@ -244,7 +244,7 @@ pub fn router(state: AppState) -> Router {
 
 /// CORS for the configured origins; none by default (no layer at all).
 fn cors_layer(security: &SecurityConfig) -> Option<tower_http::cors::CorsLayer> {
-    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
     if security.cors_origins.is_empty() {
         return None;
     }
@@ -262,7 +262,10 @@ fn cors_layer(security: &SecurityConfig) -> Option<tower_http::cors::CorsLayer> 
         CorsLayer::new()
             .allow_origin(origin)
             .allow_methods(Any)
-            .allow_headers(Any)
+            // The headers the preflight asks for, named: `*` would not
+            // cover `Authorization`, which the Fetch standard requires to
+            // be listed (and every browser client of this API sends).
+            .allow_headers(AllowHeaders::mirror_request())
             .expose_headers(Any)
             .max_age(std::time::Duration::from_secs(600)),
     )

@@ -210,13 +210,18 @@ fn budget_field(state: &AppState, field: &str, budget: Option<f64>) -> Option<Re
     None
 }
 
-/// A 400 naming the first rate in `rates` that does not parse (`20/min`, ...).
+/// A 400 naming the first rate in `rates` that does not parse (`20/min`, ...)
+/// or is set on a class that does not exist.
 fn validate_rates(
     prefix: &str,
     rates: &std::collections::BTreeMap<String, String>,
 ) -> Option<Response> {
     for (class, rate) in rates {
-        if let Err(e) = rate.parse::<switchyard_core::limits::Rate>() {
+        let checked = switchyard_core::limits::check_class(class).and_then(|()| {
+            rate.parse::<switchyard_core::limits::Rate>()
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = checked {
             let field = format!("{prefix}.{class}");
             return Some(native(
                 StatusCode::BAD_REQUEST,

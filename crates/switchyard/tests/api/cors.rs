@@ -82,6 +82,14 @@ async fn a_configured_origin_is_allowed_and_another_is_not_on_preflights_and_ref
         .to_str()
         .unwrap();
     assert!(methods == "*" || methods.contains("POST"), "{methods}");
+    // `*` would not cover Authorization (Fetch: it must be named).
+    let headers = pre.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap();
+    assert!(
+        headers.contains("authorization") && headers.contains("content-type"),
+        "{headers}"
+    );
     let ok = from(&app, "https://app.example", Some(ADMIN)).await;
     assert_eq!(ok.status(), 200);
     assert_eq!(allows(&ok), Some("https://app.example"));

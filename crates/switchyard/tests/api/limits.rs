@@ -705,6 +705,16 @@ async fn a_tenants_stored_limits_apply_to_its_keys_and_bad_rates_are_refused() {
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     let v: Value = bad.json().await.unwrap();
     assert_eq!(v["error"]["details"]["field"], "limits.chat");
+    let misspelt = create_tenant(json!({"id": "t2", "limits": {"chatt": "2/min"}}))
+        .await
+        .unwrap();
+    assert_eq!(misspelt.status(), StatusCode::BAD_REQUEST);
+    let v: Value = misspelt.json().await.unwrap();
+    assert_eq!(v["error"]["details"]["field"], "limits.chatt");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("expected one of admin, bots, chat"));
     let ok = create_tenant(json!({"id": "t2", "limits": {"chat": "2/min"}}))
         .await
         .unwrap();
@@ -934,6 +944,9 @@ async fn key_limits_that_cannot_be_held_are_refused_by_field() {
             json!({"monthly_budget_usd": -1.0}),
             "limits.monthly_budget_usd",
         ),
+        // A misspelt class would limit nothing.
+        (json!({"rates": {"chatt": "5/min"}}), "limits.rates.chatt"),
+        (json!({"rates": {"chat": "often"}}), "limits.rates.chat"),
     ];
     // A large tier (150M a minute) is held, in units of 250 tokens.
     let ok = post_key(
