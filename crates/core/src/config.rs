@@ -750,8 +750,18 @@ impl Config {
             Some((origin, text)) => {
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Syntax {
-                        origin: origin.to_owned(),
-                        message: e.message().to_owned(),
+                        // Where, but not the line itself: it may hold a secret.
+                        origin: match e.span() {
+                            Some(span) => {
+                                let before = &text[..span.start.min(text.len())];
+                                let line = before.matches('\n').count() + 1;
+                                let column =
+                                    before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                                format!("{origin}:{line}:{column}")
+                            }
+                            None => origin.to_owned(),
+                        },
+                        message: e.message().trim_end().replace('\n', ", "),
                     })?
             }
             None => toml::Table::new(),
@@ -2491,11 +2501,18 @@ first_byte_timeout_ms = 500
     }
 
     #[test]
-    fn syntax_errors_name_the_file() {
+    fn syntax_errors_name_the_file_line_and_column_but_not_the_text() {
         let err = Config::load(Some(("my.toml", "[server\n")), &Env::new()).unwrap_err();
         assert!(
-            err.to_string().starts_with("my.toml: invalid TOML"),
+            err.to_string().starts_with("my.toml:1:8: invalid TOML"),
             "{err}"
         );
+        let text =
+            "[server]\nlisten = \"127.0.0.1:8080\"\n\n[auth]\nadmin_key = s3cret-not-quoted\n";
+        let err = Config::load(Some(("my.toml", text)), &Env::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("my.toml:5:13: invalid TOML"), "{err}");
+        assert!(!err.contains("s3cret") && !err.contains('\n'), "{err}");
     }
 }
