@@ -903,6 +903,32 @@ impl Config {
                 "expected at least 1",
             ));
         }
+        if self.store.connect_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                "store.connect_timeout_secs",
+                "expected at least 1",
+            ));
+        }
+        if let Some(url) = &self.rate_limits.redis_url {
+            let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+            if !matches!(
+                scheme.as_deref(),
+                Some(
+                    "redis"
+                        | "rediss"
+                        | "redis+unix"
+                        | "unix"
+                        | "valkey"
+                        | "valkeys"
+                        | "valkey+unix"
+                )
+            ) {
+                return Err(ConfigError::invalid(
+                    "rate_limits.redis_url",
+                    "expected a Redis URL: redis://, rediss://, redis+unix:// or unix://",
+                ));
+            }
+        }
         if self.store.max_connections == 0 {
             return Err(ConfigError::invalid(
                 "store.max_connections",
@@ -1678,6 +1704,32 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn a_redis_url_and_the_store_timeout_are_checked_before_serve_meets_them() {
+        let load = |t: &str| Config::load(Some(("f.toml", t)), &Env::new());
+        let e = load("[rate_limits]\nredis_url = \"http://nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rate_limits.redis_url") && e.contains("redis://"),
+            "{e}"
+        );
+        for ok in [
+            "redis://127.0.0.1:6379/",
+            "unix:///tmp/r.sock",
+            "rediss://h:6380",
+        ] {
+            assert!(
+                load(&format!("[rate_limits]\nredis_url = \"{ok}\"\n")).is_ok(),
+                "{ok}"
+            );
+        }
+        let e = load("[store]\nconnect_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.connect_timeout_secs"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,16 @@ pub(crate) struct Route {
     pub via: Option<String>,
 }
 
+/// Whether calls to `base_url` can be routed: a proxy the environment names
+/// for it (`HTTPS_PROXY`, `ALL_PROXY`, …) must be an `http://` URL. What a
+/// provider's setup would refuse, found without building the provider.
+pub fn check_route(base_url: &str) -> Result<(), ProviderError> {
+    let uri: Uri = base_url
+        .parse()
+        .map_err(|e| ProviderError::Protocol(format!("the base URL is not a URL: {e}")))?;
+    Route::for_destination(&uri, Duration::from_secs(1)).map(|_| ())
+}
+
 impl Route {
     pub(crate) fn for_destination(
         dst: &Uri,

@@ -27,6 +27,7 @@ use serde_json::{Map, Value};
 use switchyard_core::anthropic::NativeMessages;
 use switchyard_core::openai::{EncodingFormat, Usage};
 
+pub use connect::check_route;
 pub use error::ProviderError;
 
 /// One chat call, already routed: the body is the client's, `model` is the

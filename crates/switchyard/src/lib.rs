@@ -45,6 +45,26 @@ pub struct Application {
     tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
 }
 
+/// What `serve` would refuse at startup that the configuration alone shows,
+/// checked without the network or the store: a certificate and key that do
+/// not fit, a proxy for a provider that is not `http://`, local model files
+/// that are missing. `config check` runs it too, so that it refuses exactly
+/// what `serve` does; both exit 2 on it like on any configuration error.
+pub fn preflight(config: &Config) -> anyhow::Result<()> {
+    if let Some(t) = &config.server.tls {
+        tls::acceptor(t)?;
+    }
+    for (name, p) in &config.providers {
+        if p.kind != switchyard_core::config::ProviderKind::Local {
+            switchyard_providers::check_route(&p.base_url)
+                .map_err(|e| anyhow::anyhow!("providers.{name}.base_url: {e}"))?;
+        }
+    }
+    #[cfg(feature = "local")]
+    local::check_files(config)?;
+    Ok(())
+}
+
 impl Application {
     /// Opens and migrates the store, builds the providers and binds the
     /// listener (port 0 picks a free port).

@@ -44,18 +44,15 @@ fn threads(c: &LocalConfig) -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// Loads the local models the aliases use and returns one adapter per
-/// provider of kind `local`; empty when there is none.
-pub async fn adapters(config: &Config) -> anyhow::Result<HashMap<String, Adapter>> {
+/// The providers of kind `local`, and whether the aliases use the local
+/// chat model and the local embedding model.
+fn needed(config: &Config) -> (Vec<&String>, bool, bool) {
     let names: Vec<&String> = config
         .providers
         .iter()
         .filter(|(_, p)| p.kind == ProviderKind::Local)
         .map(|(n, _)| n)
         .collect();
-    if names.is_empty() {
-        return Ok(HashMap::new());
-    }
     let uses = |model: &str| {
         config.models.values().any(|m| {
             m.deployments()
@@ -63,7 +60,44 @@ pub async fn adapters(config: &Config) -> anyhow::Result<HashMap<String, Adapter
                 .any(|(_, d)| names.contains(&&d.provider) && d.model == model)
         })
     };
-    let (need_chat, need_embed) = (uses(LOCAL_CHAT_MODEL), uses(LOCAL_EMBEDDING_MODEL));
+    let (chat, embed) = (uses(LOCAL_CHAT_MODEL), uses(LOCAL_EMBEDDING_MODEL));
+    (names, chat, embed)
+}
+
+const FETCH_HINT: &str = "run scripts/fetch-models, or set local.models_dir";
+
+/// The files of the local models the aliases use are where the
+/// configuration says (what `serve` would find missing, found without
+/// loading anything).
+pub fn check_files(config: &Config) -> anyhow::Result<()> {
+    let (_, need_chat, need_embed) = needed(config);
+    let c = &config.local;
+    if need_chat {
+        let path = chat_path(c);
+        anyhow::ensure!(
+            path.is_file(),
+            "local.models_dir: local chat model {} not found: {FETCH_HINT}",
+            path.display()
+        );
+    }
+    if need_embed {
+        let path = embedding_path(c);
+        anyhow::ensure!(
+            path.join("model.safetensors").is_file(),
+            "local.models_dir: local embedding model {} not found: {FETCH_HINT}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loads the local models the aliases use and returns one adapter per
+/// provider of kind `local`; empty when there is none.
+pub async fn adapters(config: &Config) -> anyhow::Result<HashMap<String, Adapter>> {
+    let (names, need_chat, need_embed) = needed(config);
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
     let local = config.local.clone();
     let models = tokio::task::spawn_blocking(move || load(&local, need_chat, need_embed))
         .await
@@ -80,12 +114,11 @@ pub async fn adapters(config: &Config) -> anyhow::Result<HashMap<String, Adapter
 }
 
 fn load(c: &LocalConfig, need_chat: bool, need_embed: bool) -> anyhow::Result<LocalModels> {
-    let hint = "run scripts/fetch-models, or set local.models_dir";
     let chat = if need_chat {
         let path = chat_path(c);
         anyhow::ensure!(
             path.is_file(),
-            "local chat model {} not found: {hint}",
+            "local chat model {} not found: {FETCH_HINT}",
             path.display()
         );
         let started = std::time::Instant::now();
@@ -118,7 +151,7 @@ fn load(c: &LocalConfig, need_chat: bool, need_embed: bool) -> anyhow::Result<Lo
         let path = embedding_path(c);
         anyhow::ensure!(
             path.join("model.safetensors").is_file(),
-            "local embedding model {} not found: {hint}",
+            "local embedding model {} not found: {FETCH_HINT}",
             path.display()
         );
         let started = std::time::Instant::now();

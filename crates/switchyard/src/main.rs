@@ -20,6 +20,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::Serve | Command::Config { .. }) {
+        if let Err(e) = switchyard::preflight(&config) {
+            eprintln!("switchyard: configuration error: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
     if let Command::Config {
         command: ConfigCommand::Check,
     } = cli.command

@@ -113,6 +113,12 @@ fn migrate_creates_the_database_and_is_idempotent() {
 fn the_example_configuration_is_valid_and_its_secrets_are_masked() {
     let dir = tempfile::tempdir().unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../switchyard.example.toml");
+    // Its local aliases need the model files where `models_dir` says: only
+    // their presence is checked.
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(models.join("all-MiniLM-L6-v2")).unwrap();
+    std::fs::write(models.join("SmolLM2-135M-Instruct.Q4_1.gguf"), "").unwrap();
+    std::fs::write(models.join("all-MiniLM-L6-v2/model.safetensors"), "").unwrap();
 
     let out = run(&["--config", example, "config", "check"], &[], dir.path());
 
@@ -132,7 +138,7 @@ type Env = &'static [(&'static str, &'static str)];
 #[test]
 fn config_check_refuses_what_serve_would_refuse_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, Env, &str); 4] = [
+    let cases: [(&str, Env, &str); 7] = [
         (
             "[auth]\nuser_header = \"bad header\"\n",
             &[],
@@ -153,6 +159,22 @@ fn config_check_refuses_what_serve_would_refuse_with_exit_code_2() {
             &[],
             "server.tls.cert_file",
         ),
+        (
+            "[rate_limits]\nredis_url = \"http://127.0.0.1:1\"\n",
+            &[],
+            "rate_limits.redis_url",
+        ),
+        // The proxy the environment names for a provider must be http://.
+        (
+            "[providers.p]\nkind = \"openai\"\nbase_url = \"https://api.example.com/v1\"\napi_key = \"k\"\n[models.m]\nprovider = \"p\"\nmodel = \"x\"\n",
+            &[("HTTPS_PROXY", "https://alice:hunter2@proxy.local:443")],
+            "providers.p.base_url",
+        ),
+        (
+            "[providers.here]\nkind = \"local\"\n[models.m]\nprovider = \"here\"\nmodel = \"smollm2-135m-instruct\"\n[local]\nmodels_dir = \"no-models-here\"\n",
+            &[],
+            "local.models_dir",
+        ),
     ];
     for (toml, env, named) in cases {
         std::fs::write(dir.path().join("switchyard.toml"), toml).unwrap();
@@ -165,7 +187,10 @@ fn config_check_refuses_what_serve_would_refuse_with_exit_code_2() {
                 err.contains(&format!("configuration error: {named}:")),
                 "{args:?} {toml}: {err}"
             );
-            assert!(!err.contains("short-admin-key"), "{err}");
+            assert!(
+                !err.contains("short-admin-key") && !err.contains("hunter2"),
+                "{err}"
+            );
         }
     }
 }

@@ -191,18 +191,25 @@ fn an_unusable_certificate_or_key_stops_startup_naming_the_key() {
         )
         .unwrap();
 
-        let out = std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .env_remove("SWITCHYARD_CONFIG")
-            .output()
-            .unwrap();
+        // `config check` refuses what `serve` would, with the same exit
+        // code as any configuration error.
+        for command in [&["config", "check"][..], &["serve"][..]] {
+            let out = std::process::Command::new(BIN)
+                .arg("--config")
+                .arg(&config)
+                .args(command)
+                .env_remove("SWITCHYARD_CONFIG")
+                .output()
+                .unwrap();
 
-        assert!(!out.status.success(), "{cert:?} {key:?} started");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(named), "{cert:?} {key:?}: {err}");
-        assert!(!err.contains("BEGIN PRIVATE KEY"), "{err}");
+            assert_eq!(out.status.code(), Some(2), "{command:?} {cert:?} {key:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&format!("configuration error: {named}")),
+                "{command:?} {cert:?} {key:?}: {err}"
+            );
+            assert!(!err.contains("BEGIN PRIVATE KEY"), "{err}");
+        }
     }
 }
 
