@@ -16,14 +16,21 @@ ensure_build_deps() {
         missing+=(libclang-dev)
     fi
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
-    [ "${#missing[@]}" = 0 ] && return 0
-    printf '[build-deps] installing %s\n' "${missing[*]}" >&2
-    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-        printf '[build-deps] ERROR: need root and apt-get to install: %s\n' "${missing[*]}" >&2
+    if ! command -v cargo >/dev/null 2>&1; then
+        printf '[build-deps] ERROR: cargo not found: install Rust 1.89 or newer (https://rustup.rs)\n' >&2
         return 1
     fi
-    timeout 300 apt-get update -qq >/dev/null 2>&1 || true
-    if ! timeout 900 env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; then
+    [ "${#missing[@]}" = 0 ] && return 0
+    printf '[build-deps] installing %s\n' "${missing[*]}" >&2
+    # As root, or through sudo without a password (as services.sh does).
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    if ! command -v apt-get >/dev/null 2>&1 || { [ -n "$sudo" ] && ! sudo -n true 2>/dev/null; }; then
+        printf '[build-deps] ERROR: need apt-get, as root or with sudo, to install: %s\n' "${missing[*]}" >&2
+        return 1
+    fi
+    timeout 300 $sudo apt-get update -qq >/dev/null 2>&1 || true
+    if ! timeout 900 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; then
         printf '[build-deps] ERROR: apt-get install %s failed\n' "${missing[*]}" >&2
         return 1
     fi
