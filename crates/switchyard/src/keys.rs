@@ -33,6 +33,14 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             let Some(role) = Role::parse(&role) else {
                 bail!("--role must be admin, service or user, not `{role}`");
             };
+            // Checked before the tenant is made, so that a refused key
+            // leaves nothing behind (a key must expire before the year
+            // 10000: ~2.9 million days from now).
+            if let Some(days) = expires_in_days {
+                if !(1..=2_900_000).contains(&days) {
+                    bail!("--expires-in-days must be 1 to 2900000, not {days}");
+                }
+            }
             if identity.get_tenant(&tenant).await?.is_none() {
                 identity
                     .create_tenant(
@@ -77,8 +85,19 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::List { tenant } => {
+            if identity.get_tenant(&tenant).await?.is_none() {
+                bail!(
+                    "no tenant `{tenant}` (`--tenant` names the tenant; the default is `default`)"
+                );
+            }
             let now = now_ms();
-            for k in identity.list_keys(&actor, Some(&tenant)).await? {
+            let keys = match identity.list_keys(&actor, Some(&tenant)).await {
+                Err(switchyard_engine::identity::IdentityError::NotFound(_)) => {
+                    bail!("no tenant `{tenant}` (`--tenant` names the tenant; the default is `default`)")
+                }
+                r => r?,
+            };
+            for k in keys {
                 println!(
                     "{}\t{}…\t{}\t{}\t{}\t{}",
                     k.id,
@@ -112,8 +131,24 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                     ),
                 }
             }
-            let k = identity.revoke_key(&actor, Some(&tenant), &id).await?;
-            println!("revoked {} ({})", k.id, k.name);
+            let asked = now_ms();
+            let k = match identity.revoke_key(&actor, Some(&tenant), &id).await {
+                Err(switchyard_engine::identity::IdentityError::NotFound(_)) => {
+                    bail!("no key `{id}` in tenant `{tenant}` (`--tenant` names another tenant)")
+                }
+                r => r?,
+            };
+            match k.revoked_at_ms {
+                Some(at) if at < asked => {
+                    println!(
+                        "{} ({}) was already revoked at {}",
+                        k.id,
+                        k.name,
+                        switchyard_core::sessions::rfc3339(at)
+                    )
+                }
+                _ => println!("revoked {} ({})", k.id, k.name),
+            }
             Ok(())
         }
     };

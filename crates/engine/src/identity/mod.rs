@@ -523,7 +523,17 @@ impl Identity {
     ) -> Result<Vec<ApiKeyRecord>, IdentityError> {
         actor.require_admin()?;
         let tenant_id = actor.tenant(tenant)?;
-        Ok(self.inner.store.list_api_keys(&tenant_id).await?)
+        let keys = self.inner.store.list_api_keys(&tenant_id).await?;
+        // A tenant named by mistake is said to be missing, as creating a
+        // key in it would, rather than listed as one without keys (the
+        // `default` tenant exists without a row).
+        if keys.is_empty()
+            && tenant_id != DEFAULT_TENANT
+            && self.inner.store.get_tenant(&tenant_id).await?.is_none()
+        {
+            return Err(IdentityError::NotFound("tenant"));
+        }
+        Ok(keys)
     }
 
     /// Changes a key's name, role or limits. The change applies to the next

@@ -583,9 +583,47 @@ fn the_cli_creates_lists_and_revokes_keys_the_server_accepts() {
     );
     let id = list.split('\t').next().unwrap().to_owned();
     let (out, _) = run(&["keys", "revoke", &id, "--tenant", "acme"]);
-    assert!(out.contains("revoked"));
+    assert!(out.starts_with("revoked"), "{out}");
     let (list, _) = run(&["keys", "list", "--tenant", "acme"]);
     assert!(list.contains("revoked"), "{list}");
+    let (again, _) = run(&["keys", "revoke", &id, "--tenant", "acme"]);
+    assert!(again.contains("was already revoked at 20"), "{again}");
+
+    // Mistakes are told, with exit code 1, and leave nothing behind.
+    let fails = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("SWITCHYARD_ADMIN_KEY")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let err = fails(&["keys", "list", "--tenant", "acmee"]);
+    assert!(err.contains("no tenant `acmee`"), "{err}");
+    let err = fails(&["keys", "revoke", &id, "--tenant", "default"]);
+    assert!(
+        err.contains("no key") && err.contains("in tenant `default`"),
+        "{err}"
+    );
+    let err = fails(&[
+        "keys",
+        "create",
+        "--name",
+        "x",
+        "--tenant",
+        "fresh",
+        "--expires-in-days",
+        "0",
+    ]);
+    assert!(err.contains("--expires-in-days must be 1 to"), "{err}");
+    let err = fails(&["keys", "list", "--tenant", "fresh"]);
+    assert!(
+        err.contains("no tenant `fresh`"),
+        "a refused key made no tenant: {err}"
+    );
 }
 
 const JWT_SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters";

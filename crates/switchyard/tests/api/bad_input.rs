@@ -232,6 +232,25 @@ async fn a_key_is_made_in_the_tenant_its_query_names() {
     assert_eq!(both.status(), 400);
     let body: Value = both.json().await.unwrap();
     assert_eq!(body["error"]["details"]["field"], "tenant_id", "{body}");
+
+    // Listing the keys of a tenant that does not exist says so, as making
+    // one there does, rather than listing none.
+    for (method, body) in [
+        (Method::GET, None),
+        (Method::POST, Some(json!({"name": "x"}))),
+    ] {
+        let resp = send(
+            &app,
+            method.clone(),
+            "/v1/admin/keys?tenant_id=tbb",
+            Some(ADMIN),
+            body.as_ref(),
+        )
+        .await;
+        assert_eq!(resp.status(), 404, "{method}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+    }
 }
 
 #[tokio::test]
