@@ -766,6 +766,17 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        // RUST_LOG, when set, replaces log.level: it is refused like it.
+        if let Some(filter) = env_nonempty(env, "RUST_LOG") {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(filter) {
+                return Err(ConfigError::invalid(
+                    "RUST_LOG",
+                    format!(
+                        "expected a tracing filter such as `info` or `switchyard=debug,info`: {e}"
+                    ),
+                ));
+            }
+        }
         apply_shortcuts(&mut tree, env)?;
         let set_by_env = apply_env_overrides(&mut tree, env)?;
         let typed: Vec<&(Vec<String>, String, bool)> =
@@ -863,16 +874,8 @@ impl Config {
                     "expected at least 1",
                 ));
             }
-            // Checked here, not only when `serve` reads them, so that
-            // `config check` refuses what `serve` would.
-            for (key, path) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
-                if !path.is_file() {
-                    return Err(ConfigError::invalid(
-                        format!("server.tls.{key}"),
-                        format!("{} is not a readable file", path.display()),
-                    ));
-                }
-            }
+            // Whether the files can be read (and fit) is the binary's
+            // preflight, run by `config check` too: core does no I/O.
         }
         self.validate_auth_and_log()?;
         self.validate_limits_and_cors()?;
@@ -1382,6 +1385,12 @@ fn apply_shortcuts(tree: &mut toml::Table, env: &Env) -> Result<(), ConfigError>
         insert_alias(tree, anthropic_model, "anthropic", anthropic_model);
     }
     let Some(primary) = env_nonempty(env, "LLM_PROVIDER") else {
+        if env_nonempty(env, "LLM_FALLBACK_PROVIDER").is_some() {
+            return Err(ConfigError::invalid(
+                "LLM_FALLBACK_PROVIDER",
+                "a fallback needs LLM_PROVIDER, the provider it falls back from",
+            ));
+        }
         return Ok(());
     };
     let chat_model = chat_model.unwrap_or(DEFAULT_CHAT_MODEL);
@@ -1551,6 +1560,64 @@ fn without_quoted_value(message: &str) -> String {
 /// overrides, so `SWITCHYARD_CONFIG` and test variables are not mistaken for keys.
 /// Returns the keys set, with the text each was given as and whether it
 /// was typed by its look (not read as a string).
+/// The variables named `SWITCHYARD_…` with one underscore that are not
+/// settings: read by the scripts, the tests and the benchmarks.
+const NOT_SETTINGS: &[&str] = &[
+    "ADMIN_KEY",
+    "BENCH_VENV",
+    "BIN",
+    "BINARY",
+    "CONFIG",
+    "MINILM_DIR",
+    "MODELS_CACHE",
+    "MODELS_DIR",
+    "PYTHON",
+    "PY_VENV",
+    "REQUIRE_LOCAL",
+    "REQUIRE_PG",
+    "REQUIRE_PY",
+    "REQUIRE_REDIS",
+    "SERVICES_DIR",
+    "TEST_KEY",
+    "TEST_PG_PORT",
+    "TEST_PG_URL",
+    "TEST_REDIS_PORT",
+    "TEST_REDIS_URL",
+];
+
+/// The section a `SWITCHYARD_SECTION_KEY` variable (one underscore where two
+/// belong) means to set, if it looks like one: it would be ignored.
+fn misspelt_override(rest: &str) -> Option<&'static str> {
+    const SECTIONS: &[&str] = &[
+        "server",
+        "store",
+        "usage",
+        "events",
+        "sessions",
+        "retention",
+        "log",
+        "resilience",
+        "health",
+        "auth",
+        "jwt",
+        "rate_limits",
+        "security",
+        "local",
+        "providers",
+        "models",
+        "pricing",
+    ];
+    if NOT_SETTINGS.contains(&rest) {
+        return None;
+    }
+    let lower = rest.to_ascii_lowercase();
+    SECTIONS.iter().copied().find(|s| {
+        lower
+            .strip_prefix(s)
+            .is_some_and(|after| after.len() > 1 && after.starts_with('_'))
+    })
+}
+
 fn apply_env_overrides(
     tree: &mut toml::Table,
     env: &Env,
@@ -1561,6 +1628,16 @@ fn apply_env_overrides(
             continue;
         };
         if !rest.contains("__") {
+            if let Some(section) = misspelt_override(rest) {
+                return Err(ConfigError::invalid(
+                    name.clone(),
+                    format!(
+                        "a setting of [{section}] is set with two underscores after the section: SWITCHYARD_{}__{}",
+                        section.to_ascii_uppercase(),
+                        &rest[section.len() + 1..]
+                    ),
+                ));
+            }
             continue;
         }
         let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
@@ -1730,6 +1807,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("store.connect_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn variables_that_would_be_ignored_are_refused() {
+        let load = |pairs: &[(&str, &str)]| Config::load(None, &env(pairs));
+        let e = load(&[("SWITCHYARD_SERVER_LISTEN", "1.2.3.4:5")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SWITCHYARD_SERVER_LISTEN") && e.contains("SWITCHYARD_SERVER__LISTEN"),
+            "{e}"
+        );
+        let e = load(&[("SWITCHYARD_RATE_LIMITS_ENABLED", "false")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SWITCHYARD_RATE_LIMITS__ENABLED"), "{e}");
+        // The scripts' and tests' own variables are not settings.
+        assert!(load(&[
+            ("SWITCHYARD_MODELS_DIR", "/m"),
+            ("SWITCHYARD_TEST_PG_URL", "postgres://x"),
+            ("SWITCHYARD_CONFIG", "f.toml"),
+            ("SWITCHYARD_SOMETHING", "x"),
+        ])
+        .is_ok());
+        let e = load(&[("LLM_FALLBACK_PROVIDER", "bogus"), ("CHAT_API_KEY", "k")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("LLM_FALLBACK_PROVIDER: a fallback needs LLM_PROVIDER"),
+            "{e}"
+        );
+        let e = load(&[("RUST_LOG", "info,switchyard=loud")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("RUST_LOG: expected a tracing filter"), "{e}");
+        assert!(load(&[("RUST_LOG", "switchyard=debug,info")]).is_ok());
     }
 
     #[test]
