@@ -49,11 +49,16 @@ pub(crate) struct Route {
 /// Whether calls to `base_url` can be routed: a proxy the environment names
 /// for it (`HTTPS_PROXY`, `ALL_PROXY`, …) must be an `http://` URL. What a
 /// provider's setup would refuse, found without building the provider.
-pub fn check_route(base_url: &str) -> Result<(), ProviderError> {
+pub fn check_route(base_url: &str) -> Result<(), String> {
     let uri: Uri = base_url
         .parse()
-        .map_err(|e| ProviderError::Protocol(format!("the base URL is not a URL: {e}")))?;
-    Route::for_destination(&uri, Duration::from_secs(1)).map(|_| ())
+        .map_err(|e| format!("the base URL is not a URL: {e}"))?;
+    match Route::for_destination(&uri, Duration::from_secs(1)) {
+        Ok(_) => Ok(()),
+        // Said as the set-up error it is, not as a response not understood.
+        Err(ProviderError::Protocol(message)) => Err(message),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Route {
