@@ -286,10 +286,30 @@ pub fn stream_failure(e: &ProviderError) -> (u16, ErrorObject) {
             },
         );
     }
-    let message = if matches!(e, ProviderError::Timeout(_)) {
-        "The provider stopped answering before the stream was complete."
+    // An overloaded provider (Anthropic's `overloaded_error`) is said to be
+    // one, so that a client knows that trying again later may succeed.
+    let overloaded = matches!(
+        e,
+        ProviderError::Status {
+            status: 503 | 529,
+            ..
+        } | ProviderError::Overloaded { .. }
+    );
+    let (message, code) = if overloaded {
+        (
+            "The provider is overloaded and cut the stream before it was complete; trying again later may succeed.",
+            "upstream_overloaded",
+        )
+    } else if matches!(e, ProviderError::Timeout(_)) {
+        (
+            "The provider stopped answering before the stream was complete.",
+            e.code(),
+        )
     } else {
-        "The provider's stream broke before it was complete."
+        (
+            "The provider's stream broke before it was complete.",
+            e.code(),
+        )
     };
     (
         status,
@@ -297,7 +317,7 @@ pub fn stream_failure(e: &ProviderError) -> (u16, ErrorObject) {
             message: message.into(),
             kind: "upstream_error".into(),
             param: None,
-            code: Some(e.code().into()),
+            code: Some(code.into()),
         },
     )
 }

@@ -439,8 +439,14 @@ async fn a_mid_stream_anthropic_error_event_ends_the_openai_stream_with_an_error
     let data = sse_data(&resp.text().await.unwrap());
     assert_ne!(data.last().unwrap(), "[DONE]", "{data:?}");
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_status", "{last}");
+    // Anthropic's overloaded_error: said to be an overload, which a client
+    // may try again later.
+    assert_eq!(last["error"]["code"], "upstream_overloaded", "{last}");
     assert_eq!(last["error"]["type"], "upstream_error");
+    assert!(last["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("overloaded"));
     assert_eq!(streamed_text(&data[..data.len() - 1]), "Hello!");
     assert_eq!(
         (anthropic.calls(), app.mock().calls()),
@@ -639,7 +645,7 @@ async fn a_messages_stream_that_breaks_midway_ends_with_an_error_event_typed_by_
         (
             "error".to_owned(),
             json!({"type": "error", "error": {"type": "overloaded_error",
-                "message": "The provider's stream broke before it was complete."}})
+                "message": "The provider is overloaded and cut the stream before it was complete; trying again later may succeed."}})
         )
     );
     assert_eq!(last_event[1].0, "error");

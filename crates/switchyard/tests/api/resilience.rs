@@ -283,7 +283,8 @@ async fn an_error_inside_a_stream_after_its_first_chunk_ends_it_with_an_error_ev
         assert_eq!(c["object"], "chat.completion.chunk", "{chunk}");
     }
     let last: Value = serde_json::from_str(&data[2]).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_status", "{last}");
+    // The mock's in-stream error is an overloaded server's (503).
+    assert_eq!(last["error"]["code"], "upstream_overloaded", "{last}");
     assert_eq!(last["error"]["type"], "upstream_error", "{last}");
     assert_eq!(fallback.calls(), 0, "a committed stream is never retried");
     app.stop_gracefully().await;
