@@ -600,10 +600,16 @@ impl Body {
                         .iter()
                         .position(|b| *b == b';')
                         .map_or(line, |i| &line[..i]);
+                    // `1*HEXDIG`, then only the whitespace allowed before a
+                    // `;` extension (RFC 9112 §7.1): no sign, no leading space.
                     let size = std::str::from_utf8(digits)
                         .ok()
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty() && s.len() <= 16)
+                        .map(|s| s.trim_end_matches([' ', '\t']))
+                        .filter(|s| {
+                            !s.is_empty()
+                                && s.len() <= 16
+                                && s.bytes().all(|b| b.is_ascii_hexdigit())
+                        })
                         .and_then(|s| u64::from_str_radix(s, 16).ok())
                         .ok_or_else(|| broken("bad chunk size in the response body"))?;
                     conn.buf.advance(end + 2);
@@ -899,6 +905,15 @@ mod tests {
             ),
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                "body",
+            ),
+            // A sign or a leading space is not a chunk size (RFC 9112 §7.1).
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nab\r\n0\r\n\r\n",
+                "body",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 2\r\nab\r\n0\r\n\r\n",
                 "body",
             ),
             (

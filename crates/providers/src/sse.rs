@@ -36,6 +36,9 @@ pub struct SseParser {
     data: BytesMut,
     has_data: bool,
     event: Option<String>,
+    /// The stream's first bytes have been checked for a byte order mark,
+    /// which the SSE standard says to skip.
+    past_bom: bool,
 }
 
 impl SseParser {
@@ -46,6 +49,16 @@ impl SseParser {
     /// Adds bytes read from the body.
     pub fn push(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
+        if !self.past_bom {
+            const BOM: &[u8] = b"\xEF\xBB\xBF";
+            let n = self.buf.len().min(BOM.len());
+            if self.buf[..n] != BOM[..n] {
+                self.past_bom = true;
+            } else if n == BOM.len() {
+                self.buf.advance(n);
+                self.past_bom = true;
+            }
+        }
     }
 
     /// Whether the event being read has outgrown [`MAX_EVENT_BYTES`]
@@ -210,6 +223,20 @@ mod tests {
             vec![data("{\"a\":1}\n[DONE]")]
         );
         assert_eq!(parse_all(&[b"data: [DONE]"]), vec![data("[DONE]")]);
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped_even_in_pieces() {
+        assert_eq!(parse_all(&[b"\xEF\xBB\xBFdata: a\n\n"]), vec![data("a")]);
+        assert_eq!(
+            parse_all(&[b"\xEF", b"\xBB", b"\xBFdata: a\n\n"]),
+            vec![data("a")]
+        );
+        // Only at the start of the stream.
+        assert_eq!(
+            parse_all(&[b"data: a\n\ndata: \xEF\xBB\xBFb\n\n"]),
+            vec![data("a"), data("\u{feff}b")]
+        );
     }
 
     #[test]
