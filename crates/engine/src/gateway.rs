@@ -413,6 +413,11 @@ impl Gateway {
         Ok(None)
     }
 
+    /// The most completion tokens a request may ask for (`security.max_tokens`).
+    pub fn max_tokens_cap(&self) -> Option<u32> {
+        self.max_tokens
+    }
+
     /// Refuses a request asking for more completion tokens than allowed.
     fn check_max_tokens(&self, req: &ChatRequest) -> Result<(), EngineError> {
         let Some(cap) = self.max_tokens else {

@@ -240,6 +240,15 @@ impl Sessions {
         if b.max_tokens == Some(0) {
             return Err(invalid("max_tokens", "`max_tokens` must be at least 1."));
         }
+        // Every reply of a bot above the server's cap would be refused.
+        if let (Some(n), Some(cap)) = (b.max_tokens, self.inner.gateway.max_tokens_cap()) {
+            if n > cap {
+                return Err(invalid(
+                    "max_tokens",
+                    format!("`max_tokens` is {n}, above this server's limit of {cap}."),
+                ));
+            }
+        }
         if b.context_tokens.is_some_and(|c| c < 16) {
             return Err(invalid(
                 "context_tokens",

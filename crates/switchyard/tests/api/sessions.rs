@@ -184,6 +184,42 @@ async fn invalid(resp: Response, field: &str) -> Value {
     err
 }
 
+/// A bot asking for more completion tokens than the server allows would
+/// have every reply refused: it is refused itself, when made or changed.
+#[tokio::test]
+async fn a_bot_above_the_servers_max_tokens_is_refused() {
+    let app = app().config("[security]\nmax_tokens = 100\n").spawn().await;
+    let api = Api::open(&app);
+    let err = invalid(
+        api.post(
+            "/v1/bots",
+            &json!({"name": "b", "model": "gpt-4o-mini", "max_tokens": 5000}),
+        )
+        .await,
+        "max_tokens",
+    )
+    .await;
+    assert!(
+        err["message"].as_str().unwrap().contains("limit of 100"),
+        "{err}"
+    );
+    let bot: Value = api
+        .post(
+            "/v1/bots",
+            &json!({"name": "b", "model": "gpt-4o-mini", "max_tokens": 100}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/v1/bots/{}", id(&bot));
+    invalid(
+        api.patch(&path, &json!({"max_tokens": 101})).await,
+        "max_tokens",
+    )
+    .await;
+}
+
 fn id(v: &Value) -> String {
     v["id"].as_str().unwrap().to_owned()
 }
