@@ -388,6 +388,11 @@ pub struct ProviderConfig {
     /// Total time allowed for one upstream request (a whole stream included), in seconds.
     #[serde(default = "default_request_timeout_secs")]
     pub timeout_secs: u64,
+    /// Longest silence allowed inside a stream once it has begun, in
+    /// milliseconds: past it the stream ends with a timeout error event.
+    /// Unset: only `timeout_secs` bounds a stalled stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout_ms: Option<u64>,
     /// `anthropic` providers only: let Messages clients use Anthropic's own
     /// tools (web search, web fetch, code execution, …). Off by default:
     /// Anthropic bills them per use, beyond tokens, which usage rows and
@@ -496,6 +501,9 @@ pub struct DeploymentConfig {
     /// Overrides the provider's `timeout_secs` for this deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// Overrides the provider's `stream_idle_timeout_ms` for this deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout_ms: Option<u64>,
 }
 
 impl ModelConfig {
@@ -518,6 +526,7 @@ impl ModelConfig {
                 priority: None,
                 first_byte_timeout_ms: None,
                 timeout_secs: None,
+                stream_idle_timeout_ms: None,
             };
             return vec![(0, d)];
         }
@@ -1010,7 +1019,11 @@ impl Config {
                     "expected an http:// or https:// URL",
                 ));
             }
-            if p.timeout_secs == 0 || p.connect_timeout_ms == 0 || p.first_byte_timeout_ms == 0 {
+            if p.timeout_secs == 0
+                || p.connect_timeout_ms == 0
+                || p.first_byte_timeout_ms == 0
+                || p.stream_idle_timeout_ms == Some(0)
+            {
                 return Err(ConfigError::invalid(
                     format!("providers.{name}"),
                     "expected timeouts greater than zero",
@@ -1259,7 +1272,10 @@ impl Config {
                     "expected at least 1",
                 ));
             }
-            if d.first_byte_timeout_ms == Some(0) || d.timeout_secs == Some(0) {
+            if d.first_byte_timeout_ms == Some(0)
+                || d.timeout_secs == Some(0)
+                || d.stream_idle_timeout_ms == Some(0)
+            {
                 return Err(ConfigError::invalid(
                     path,
                     "expected timeouts greater than zero",

@@ -132,6 +132,7 @@ impl Config {
                 connect_timeout_ms: 5_000,
                 first_byte_timeout_ms: 60_000,
                 timeout_secs: 600,
+                stream_idle_timeout_ms: None,
                 server_tools: false,
                 thinking: Default::default(),
                 max_tokens_default: None,

@@ -185,7 +185,9 @@ impl Gateway {
         // Deployments are shared between aliases with the same timeouts; and
         // one upstream (provider and model) has one breaker and one set of
         // health figures, under one id, whatever timeouts its routes give it.
-        let mut by_key: HashMap<(String, String, u64, u64), Arc<Deployment>> = HashMap::new();
+        // (provider, model, first byte ms, total s, stream idle ms)
+        type DeploymentKey = (String, String, u64, u64, Option<u64>);
+        let mut by_key: HashMap<DeploymentKey, Arc<Deployment>> = HashMap::new();
         let mut upstreams: HashMap<(String, String), (CircuitBreaker, HealthStats)> =
             HashMap::new();
         let mut deployments = Vec::new();
@@ -203,7 +205,8 @@ impl Gateway {
                 })?;
                 let first_byte = d.first_byte_timeout_ms.unwrap_or(pc.first_byte_timeout_ms);
                 let total = d.timeout_secs.unwrap_or(pc.timeout_secs);
-                let key = (d.provider.clone(), d.model.clone(), first_byte, total);
+                let idle = d.stream_idle_timeout_ms.or(pc.stream_idle_timeout_ms);
+                let key = (d.provider.clone(), d.model.clone(), first_byte, total, idle);
                 let dep = by_key
                     .entry(key)
                     .or_insert_with(|| {
@@ -224,6 +227,7 @@ impl Gateway {
                             breaker: shared_breaker,
                             first_byte_timeout: Duration::from_millis(first_byte),
                             total_timeout: Duration::from_secs(total),
+                            stream_idle_timeout: idle.map(Duration::from_millis),
                             health: shared_health,
                         });
                         // Listed (admin API, health rows, probes) once per upstream.

@@ -33,6 +33,8 @@ pub struct Deployment {
     pub breaker: CircuitBreaker,
     pub first_byte_timeout: Duration,
     pub total_timeout: Duration,
+    /// Longest silence inside a stream once it has begun.
+    pub stream_idle_timeout: Option<Duration>,
     pub health: HealthStats,
 }
 
@@ -141,6 +143,7 @@ mod tests {
             breaker: CircuitBreaker::new(crate::breaker::BreakerConfig::default()),
             first_byte_timeout: Duration::from_secs(1),
             total_timeout: Duration::from_secs(1),
+            stream_idle_timeout: None,
             health: HealthStats::default(),
         })
     }
@@ -565,6 +568,16 @@ fn settle_at_end(
     deployment: &Arc<Deployment>,
     first_byte: Duration,
 ) -> ChunkStream {
+    let inner = match deployment.stream_idle_timeout {
+        Some(idle) => Box::pin(IdleWatch {
+            inner,
+            idle,
+            last: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(idle)),
+            done: false,
+        }),
+        None => inner,
+    };
     Box::pin(Settling {
         inner,
         permit: Some(permit),
@@ -630,6 +643,49 @@ impl futures::Stream for Settling {
             }
         }
         std::task::Poll::Ready(item)
+    }
+}
+
+/// Ends a committed stream whose provider has sent nothing for `idle` with
+/// a timeout (then nothing more). The timer is moved only when it fires,
+/// not on every chunk: each chunk costs a clock read.
+struct IdleWatch {
+    inner: ChunkStream,
+    idle: Duration,
+    /// When the last item came.
+    last: Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+}
+
+impl futures::Stream for IdleWatch {
+    type Item = Result<bytes::Bytes, ProviderError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(item) => {
+                self.last = Instant::now();
+                Poll::Ready(item)
+            }
+            Poll::Pending => loop {
+                if std::future::Future::poll(self.timer.as_mut(), cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = self.last + self.idle;
+                if Instant::now() >= due {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(ProviderError::Timeout(self.idle))));
+                }
+                self.timer.as_mut().reset(due);
+            },
+        }
     }
 }
 

@@ -106,6 +106,7 @@ fn deployment(id: &str, provider: &Arc<Scripted>) -> Arc<Deployment> {
         }),
         first_byte_timeout: Duration::from_secs(30),
         total_timeout: Duration::from_secs(60),
+        stream_idle_timeout: None,
         health: HealthStats::default(),
     })
 }

@@ -144,3 +144,38 @@ async fn the_total_timeout_ends_a_stream_that_runs_past_it_with_an_error_event()
         "the stream was cut short"
     );
 }
+
+#[tokio::test]
+async fn a_stream_silent_past_its_idle_timeout_ends_with_an_error_event() {
+    // The first chunk comes at once, then one every 2 s: the deployment
+    // allows 300 ms of silence once the stream has begun, and 600 s in all.
+    let app = app()
+        .config(
+            "[models.quiet]\nroute = [{ provider = \"mock\", model = \"m\", stream_idle_timeout_ms = 300 }]\n",
+        )
+        .spawn()
+        .await;
+    app.mock()
+        .update(|b| b.chunk_delay = Duration::from_secs(2));
+
+    let (status, _, text) =
+        send_within(&app, &stream_body("quiet", false), Duration::from_secs(20)).await;
+
+    assert_eq!(
+        status, 200,
+        "the stream was committed before it fell silent"
+    );
+    let data = sse_data(&text);
+    assert_eq!(data.len(), 2, "the first chunk, then the error: {data:?}");
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    let last: Value = serde_json::from_str(&data[1]).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_timeout", "{last}");
+
+    // A stream whose chunks come within the idle time is not cut.
+    app.mock()
+        .update(|b| b.chunk_delay = Duration::from_millis(20));
+    let (_, _, text) =
+        send_within(&app, &stream_body("quiet", false), Duration::from_secs(20)).await;
+    assert_eq!(sse_data(&text).last().unwrap(), "[DONE]");
+}
