@@ -145,7 +145,7 @@ impl MeteredStream {
     /// the first of three is not a complete answer).
     fn note_finish(&mut self, chunk: &[u8]) {
         self.saw_finish =
-            self.choices == 1 || all_finished(chunk, self.choices, &mut self.finished);
+            self.choices == 1 || scan::all_finished(chunk, self.choices, &mut self.finished);
     }
 
     fn finish(&mut self, status: u16, error: Option<&ProviderError>) {
@@ -250,30 +250,6 @@ struct UsageChunk {
     choices: Option<Vec<IgnoredAny>>,
 }
 
-/// Marks in `finished` (a bit per index) the choices of `chunk` that carry
-/// a finish reason; true once all `choices` have one.
-fn all_finished(chunk: &[u8], choices: u64, finished: &mut u128) -> bool {
-    #[derive(Deserialize)]
-    struct Finishing {
-        #[serde(default)]
-        choices: Vec<Choice>,
-    }
-    #[derive(Deserialize)]
-    struct Choice {
-        #[serde(default)]
-        index: u32,
-        finish_reason: Option<IgnoredAny>,
-    }
-    if let Ok(f) = serde_json::from_slice::<Finishing>(chunk) {
-        for c in f.choices {
-            if c.finish_reason.is_some() && u64::from(c.index) < choices.min(128) {
-                *finished |= 1 << c.index;
-            }
-        }
-    }
-    u64::from(finished.count_ones()) >= choices
-}
-
 /// Finds `"usage"` followed by an object (not `null`) without parsing the chunk.
 fn has_usage_object(chunk: &[u8]) -> bool {
     let Some(i) = memchr::memmem::find(chunk, b"\"usage\"") else {
@@ -365,6 +341,7 @@ impl Drop for MeteredStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_providers::scan::all_finished;
 
     #[test]
     fn text_is_measured_in_chunks_without_parsing_them() {

@@ -150,10 +150,48 @@ mod tests {
 
     /// Drains a stream wrapped as a committed one, as the client would.
     async fn settle_stream(d: &Arc<Deployment>, items: Vec<Result<Bytes, ProviderError>>) {
+        settle_choices(d, items, 1).await;
+    }
+
+    async fn settle_choices(
+        d: &Arc<Deployment>,
+        items: Vec<Result<Bytes, ProviderError>>,
+        choices: u64,
+    ) {
         let permit = d.breaker.try_acquire().0.expect("closed");
         let inner: ChunkStream = Box::pin(futures::stream::iter(items));
-        let mut s = settle_at_end(inner, permit, d, Duration::from_millis(5));
+        let mut s = settle_at_end(inner, permit, d, Duration::from_millis(5), choices);
         while s.next().await.is_some() {}
+    }
+
+    #[tokio::test]
+    async fn with_several_choices_a_close_after_only_some_finished_is_a_cut() {
+        let chunk = |j: &str| Ok(Bytes::from(j.to_owned()));
+        let d = dep("n2");
+        for _ in 0..5 {
+            settle_choices(
+                &d,
+                vec![
+                    chunk(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#),
+                    Err(ProviderError::Truncated),
+                ],
+                2,
+            )
+            .await;
+        }
+        assert_eq!(d.breaker.state(), BreakerState::Open);
+        let d = dep("n2-whole");
+        settle_choices(
+            &d,
+            vec![
+                chunk(r#"{"choices":[{"index":1,"delta":{},"finish_reason":"stop"}]}"#),
+                chunk(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#),
+                Err(ProviderError::Truncated),
+            ],
+            2,
+        )
+        .await;
+        assert_eq!(d.health.snapshot().error_rate, 0.0);
     }
 
     #[tokio::test]
@@ -398,6 +436,14 @@ impl Router {
         obs: &dyn RouteObserver,
     ) -> Result<Served<Reply>, RouteError> {
         self.budget.record_request();
+        let choices = match call {
+            Call::Chat { body, .. } => body
+                .get("n")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .clamp(1, 128),
+            Call::Embed { .. } => 1,
+        };
         let order = route.order(&mut rand::rng());
         let mut attempts = 0u32;
         let mut last: Option<(ProviderError, Arc<Deployment>)> = None;
@@ -439,7 +485,7 @@ impl Router {
                         metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "ok").increment(1);
                         return Ok(Served {
                             value: Reply::Chat(ChatReply::Stream(settle_at_end(
-                                s, permit, d, elapsed,
+                                s, permit, d, elapsed, choices,
                             ))),
                             deployment: d.clone(),
                             attempts,
@@ -449,7 +495,7 @@ impl Router {
                         metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "ok").increment(1);
                         return Ok(Served {
                             value: Reply::Chat(ChatReply::AnthropicStream(settle_at_end(
-                                s, permit, d, elapsed,
+                                s, permit, d, elapsed, 1,
                             ))),
                             deployment: d.clone(),
                             attempts,
@@ -557,9 +603,13 @@ struct Settling {
     first_byte: Duration,
     /// The request's span, so that a transition logs its trace id.
     span: tracing::Span,
-    /// A finish reason (OpenAI) or stop reason (Anthropic) went by: a clean
-    /// close after it is a complete answer, before it a cut one.
+    /// A finish reason (OpenAI) or stop reason (Anthropic) went by, for
+    /// every choice: a clean close after it is a complete answer, before it
+    /// a cut one.
     finished: bool,
+    /// The choices asked for (`n`), and those finished so far (a bit each).
+    choices: u64,
+    finished_choices: u128,
 }
 
 fn settle_at_end(
@@ -567,6 +617,7 @@ fn settle_at_end(
     permit: crate::breaker::Permit,
     deployment: &Arc<Deployment>,
     first_byte: Duration,
+    choices: u64,
 ) -> ChunkStream {
     let inner = match deployment.stream_idle_timeout {
         Some(idle) => Box::pin(IdleWatch {
@@ -585,6 +636,8 @@ fn settle_at_end(
         first_byte,
         span: tracing::Span::current(),
         finished: false,
+        choices,
+        finished_choices: 0,
     })
 }
 
@@ -638,7 +691,11 @@ impl futures::Stream for Settling {
             Some(Err(e)) => self.settle(Some(e)),
             Some(Ok(chunk)) => {
                 if !self.finished && crate::scan::ends_the_answer(chunk) {
-                    self.finished = true;
+                    // With `n` > 1 the answer is whole once every choice has
+                    // finished, as the client's accounting judges it.
+                    let choices = self.choices;
+                    self.finished = choices == 1
+                        || crate::scan::all_finished(chunk, choices, &mut self.finished_choices);
                 }
             }
         }

@@ -40,6 +40,31 @@ pub fn ends_the_answer(chunk: &[u8]) -> bool {
     has_string_value(chunk, &FINISH_REASON) || has_string_value(chunk, &STOP_REASON)
 }
 
+/// With several choices (`n` > 1), whether every index up to `choices` has
+/// now had its finish reason, counting this chunk's into `finished` (one
+/// bit per index, up to 128).
+pub fn all_finished(chunk: &[u8], choices: u64, finished: &mut u128) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Finishing {
+        #[serde(default)]
+        choices: Vec<Choice>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        index: u32,
+        finish_reason: Option<serde::de::IgnoredAny>,
+    }
+    if let Ok(f) = serde_json::from_slice::<Finishing>(chunk) {
+        for c in f.choices {
+            if c.finish_reason.is_some() && u64::from(c.index) < choices.min(128) {
+                *finished |= 1 << c.index;
+            }
+        }
+    }
+    u64::from(finished.count_ones()) >= choices
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
