@@ -626,6 +626,9 @@ pub fn status_for(e: &ProviderError) -> u16 {
     match e {
         ProviderError::Timeout(_) => 504,
         ProviderError::Overloaded { .. } | ProviderError::ShuttingDown => 503,
+        // A 404 for the deployment's model is the gateway's problem, as a
+        // refused key is; one for what the request names is the client's.
+        e if switchyard_providers::retry::is_deployment_fault(e) => 502,
         ProviderError::Status { status, .. }
             if matches!(status, 400 | 404 | 409 | 413 | 422 | 429) =>
         {

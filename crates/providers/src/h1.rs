@@ -44,6 +44,10 @@ const MAX_IDLE: usize = 512;
 /// vLLM and most Python model servers run on, and for Node), so that a
 /// connection is rarely reused just as its server closes it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// A reused connection closed unanswered within this time of the request's
+/// write is taken for one the provider closed as the request went out (its
+/// keep-alive timeout crossing our reuse), and the request is sent again.
+const REPLAY_WINDOW: Duration = Duration::from_millis(50);
 /// Bodies up to this size are copied behind the head, to go in one write.
 const COALESCE_MAX: usize = 64 * 1024;
 
@@ -362,8 +366,17 @@ impl Conn {
                 "sending the request: {e}"
             ))));
         }
+        let sent_at = Instant::now();
         self.read_head(method).await.map_err(|e| match e {
-            Error::Connect(_) if self.buf.is_empty() && !self.received => Failed::Unanswered(e),
+            // Closed with nothing back, right after the request went out:
+            // the provider's close crossed it. Later, the provider may have
+            // read the request and worked on it (then died): sending it
+            // again would be billed twice, so that is the router's to judge.
+            Error::Connect(_)
+                if self.buf.is_empty() && !self.received && sent_at.elapsed() < REPLAY_WINDOW =>
+            {
+                Failed::Unanswered(e)
+            }
             e => Failed::Other(e),
         })
     }
@@ -765,8 +778,28 @@ mod tests {
     /// A provider whose keep-alive timeout fires as a reused connection's
     /// request arrives: it reads the request and closes without a word. The
     /// request goes again on a new connection; the caller sees one answer.
+    /// One that closes only after working on it a while is not sent it again.
     #[tokio::test]
     async fn a_reused_connection_closed_unanswered_is_replaced_once() {
+        let (connections, requests) = close_on_reuse(Duration::ZERO, 3).await;
+        assert_eq!(
+            (connections, requests),
+            (3, 5),
+            "each reuse met a close and was sent again on a new connection"
+        );
+        let (connections, requests) = close_on_reuse(Duration::from_millis(300), 2).await;
+        assert_eq!(
+            (connections, requests),
+            (1, 2),
+            "a close long after the request is the provider's failure, not replayed"
+        );
+    }
+
+    /// A server answering the first request of each connection and closing
+    /// it `after` the second arrives; sends `sends` requests (with a delay,
+    /// the ones after the first fail) and returns the connections and
+    /// requests it saw.
+    async fn close_on_reuse(after: Duration, sends: usize) -> (usize, usize) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new((0usize, 0usize)));
@@ -790,6 +823,7 @@ mod tests {
                         }
                         record.lock().unwrap().1 += 1;
                         if !answered {
+                            tokio::time::sleep(after).await;
                             return;
                         }
                         tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -801,20 +835,17 @@ mod tests {
         });
         let uri: Uri = format!("http://{addr}/v1/x").parse().unwrap();
         let pool = Pool::new(&uri, Duration::from_secs(1)).unwrap();
-        for _ in 0..3 {
-            let mut resp = pool
-                .send(&Method::GET, &uri, &headers(), b"")
-                .await
-                .unwrap();
-            assert_eq!(resp.status, StatusCode::OK);
-            assert_eq!(read_all(&mut resp.body).await.unwrap(), b"ok");
+        for i in 0..sends {
+            match pool.send(&Method::GET, &uri, &headers(), b"").await {
+                Ok(mut resp) => {
+                    assert_eq!(resp.status, StatusCode::OK);
+                    assert_eq!(read_all(&mut resp.body).await.unwrap(), b"ok");
+                }
+                Err(e) => assert!(i > 0 && !after.is_zero(), "{i}: {e:?}"),
+            }
         }
-        let (connections, requests) = *seen.lock().unwrap();
-        assert_eq!(
-            (connections, requests),
-            (3, 5),
-            "each reuse met a close and was sent again on a new connection"
-        );
+        let seen = *seen.lock().unwrap();
+        seen
     }
 
     #[tokio::test]

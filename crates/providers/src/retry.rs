@@ -42,18 +42,26 @@ pub fn is_retryable(e: &ProviderError) -> bool {
 }
 
 /// A refusal that says the deployment is wrong, not the request: its key
-/// (401, 403), its account (402) or its model or address (404, 405, 501).
-/// Another attempt here would be refused the same way, but the next
-/// deployment may serve, and the breaker counts it as a failure (a revoked
-/// key must not pass for a healthy deployment).
+/// (401, 403), its account (402), or a 404 whose body names the model or
+/// deployment (`model_not_found`, "The model `x` does not exist",
+/// `DeploymentNotFound`); a 404 about something the request names (a file,
+/// a container) stays the request's. Another attempt here would be refused
+/// the same way, but the next deployment may serve, and the breaker counts
+/// it as a failure (a revoked key must not pass for a healthy deployment).
 pub fn is_deployment_fault(e: &ProviderError) -> bool {
-    matches!(
-        e,
+    match e {
         ProviderError::Status {
-            status: 401 | 402 | 403 | 404 | 405 | 501,
-            ..
+            status: 401..=403, ..
+        } => true,
+        ProviderError::Status {
+            status: 404, body, ..
+        } => {
+            let body = body.to_ascii_lowercase();
+            memchr::memmem::find(&body, b"model").is_some()
+                || memchr::memmem::find(&body, b"deployment").is_some()
         }
-    )
+        _ => false,
+    }
 }
 
 /// The ceiling of the backoff before retry number `retry` (0-based):

@@ -87,6 +87,9 @@ pub enum Fault {
     Status(u16),
     /// Answer 429 with `Retry-After: secs`.
     RateLimited { retry_after_secs: u64 },
+    /// Answer 404 as OpenAI does for a model it does not have
+    /// (`model_not_found`).
+    ModelNotFound,
     /// Stream this many chunks, then cut the connection.
     ResetAfterChunks(usize),
     /// Stream this many chunks and the first half of the next, then end
@@ -311,7 +314,12 @@ fn begin(
         .or(pattern);
     if matches!(
         fault,
-        Some(Fault::Status(_) | Fault::RateLimited { .. } | Fault::EchoAuthorization)
+        Some(
+            Fault::Status(_)
+                | Fault::RateLimited { .. }
+                | Fault::EchoAuthorization
+                | Fault::ModelNotFound
+        )
     ) {
         shared.injected.fetch_add(1, Ordering::SeqCst);
     }
@@ -338,6 +346,15 @@ fn error(status: u16, message: &str) -> Response {
 async fn early_fault(fault: &Option<Fault>, headers: &HeaderMap) -> Option<Response> {
     match fault {
         Some(Fault::Status(s)) => Some(error(*s, &format!("mock: injected status {s}"))),
+        Some(Fault::ModelNotFound) => Some(
+            (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": {
+                    "message": "The model `gpt-mock` does not exist or you do not have access to it.",
+                    "type": "invalid_request_error", "param": null, "code": "model_not_found"}})),
+            )
+                .into_response(),
+        ),
         Some(Fault::RateLimited { retry_after_secs }) => {
             let mut r = error(429, "mock: rate limited");
             r.headers_mut()

@@ -358,12 +358,17 @@ async fn a_primary_that_refuses_the_gateway_itself_fails_over_and_opens_its_brea
     // provider no longer has (404) is the deployment's fault: not retried
     // there, served by the fallback, and counted by the breaker.
     let (app, primary, fallback) = two_deployments("").await;
-    for status in [401, 402, 403, 404] {
-        primary.push_fault(Fault::Status(status));
+    for fault in [
+        Fault::Status(401),
+        Fault::Status(402),
+        Fault::Status(403),
+        Fault::ModelNotFound,
+    ] {
+        primary.push_fault(fault.clone());
         let resp = app
             .post_json("/v1/chat/completions", &chat_body("smart"))
             .await;
-        assert_eq!(resp.status(), 200, "{status}");
+        assert_eq!(resp.status(), 200, "{fault:?}");
         assert_eq!(resp.headers()["x-switchyard-provider"], "fallback");
     }
     assert_eq!((primary.calls(), fallback.calls()), (4, 4));
@@ -386,6 +391,27 @@ async fn a_primary_that_refuses_the_gateway_itself_fails_over_and_opens_its_brea
     )
     .await;
     assert_eq!(errors, 5.0);
+}
+
+/// A 404 about something the request names (a file, a container) is the
+/// client's: relayed at once, and no breaker counts it, or one client's bad
+/// requests would turn every tenant away.
+#[tokio::test]
+async fn a_404_that_does_not_name_the_model_is_the_clients() {
+    let (app, primary, fallback) = two_deployments("").await;
+    for _ in 0..6 {
+        primary.push_fault(Fault::Status(404));
+        let resp = app
+            .post_json("/v1/chat/completions", &chat_body("smart"))
+            .await;
+        assert_eq!(resp.status(), 404);
+    }
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("smart"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "primary");
+    assert_eq!((primary.calls(), fallback.calls()), (7, 0));
 }
 
 #[tokio::test]
