@@ -681,11 +681,23 @@ fn is_serialized_origin(origin: &str) -> bool {
         authority.find(':').unwrap_or(authority.len())
     };
     let (host, port) = authority.split_at(host_end);
-    let port_ok = port.is_empty()
-        || port.strip_prefix(':').is_some_and(|p| {
-            !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        // A browser leaves the scheme's default port out of the origin.
+        Some(p) => {
+            !p.is_empty()
+                && p.len() <= 5
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && !matches!((scheme, p), ("https", "443") | ("http", "80"))
+        }
+    };
+    // Any scheme a browser gives an origin (`https`, `chrome-extension`,
+    // `tauri`, …), in lower case.
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_lowercase())
+        && scheme.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
         });
-    matches!(scheme, "http" | "https")
+    scheme_ok
         && !host.is_empty()
         && port_ok
         && host.bytes().all(|b| {
@@ -1102,7 +1114,7 @@ impl Config {
             if origin != "*" && !is_serialized_origin(origin) {
                 return Err(ConfigError::invalid(
                     format!("security.cors_origins[{i}]"),
-                    "expected \"*\" or an origin as a browser sends it: scheme://host[:port] in lower case, with no path or trailing slash (e.g. https://app.example)",
+                    "expected \"*\" or an origin as a browser sends it: scheme://host[:port] in lower case, with no path or trailing slash and no default port (e.g. https://app.example)",
                 ));
             }
         }
@@ -1773,10 +1785,12 @@ mod tests {
         };
         for good in [
             "*",
+            "chrome-extension://abcdefghijklmnop",
+            "tauri://localhost",
             "http://localhost:3000",
             "https://app.example",
             "http://[::1]:8080",
-            "https://a-b.example:443",
+            "https://a-b.example:8443",
         ] {
             assert!(cors(good).is_ok(), "{good}");
         }
@@ -1785,7 +1799,8 @@ mod tests {
             "https://UPPER.example",
             "app.example",
             "https://app.example/path",
-            "ftp://app.example",
+            "https://app.example:443",
+            "HTTPS://app.example",
             "https://app.example:",
             "https://app.example:80x",
             "https://user@app.example",

@@ -367,6 +367,9 @@ struct EventState {
     pending: VecDeque<Bytes>,
     /// An event with content (or the end) went by: chunks may be given out.
     open: bool,
+    /// The empty item that tells the router the stream has begun (while its
+    /// preamble is held) has been given out.
+    begun: bool,
     done: bool,
 }
 
@@ -398,7 +401,9 @@ fn is_preamble(kind: &str, data: &Value) -> bool {
 
 /// Anthropic events in, OpenAI chunk payloads out, one for one. What the
 /// preamble (`message_start`, `ping`) gives is held until an event of the
-/// answer comes, so that the router commits to this deployment only then.
+/// answer comes, so that the router commits to this deployment only then;
+/// an empty item tells it meanwhile that the stream has begun (for its
+/// first-byte timeout), and is never relayed.
 fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
     let state = EventState {
         events: Events::new(resp),
@@ -406,6 +411,7 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
         translator: AnthropicToOpenAiStream::new(now_secs()),
         pending: VecDeque::new(),
         open: false,
+        begun: false,
         done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
@@ -457,6 +463,10 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
                     return Some((Err(stream_error(&kind, &message)), st));
                 }
             }
+            if !st.open && !st.begun {
+                st.begun = true;
+                return Some((Ok(Bytes::new()), st));
+            }
         }
     }))
 }
@@ -466,18 +476,22 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
 /// event is the failure it names (an `overloaded_error` before the answer
 /// begins fails over like a 529); a stream that stops before `message_stop`
 /// is truncated. The preamble (`message_start`, `ping`) is held until an
-/// event of the answer comes, so that the router commits only then.
+/// event of the answer comes, so that the router commits only then (an
+/// empty item meanwhile says the stream has begun, as in [`event_stream`]).
 fn native_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
     struct State {
         events: Events,
         held: VecDeque<Bytes>,
         open: bool,
+        /// The empty item saying the stream has begun has been given out.
+        begun: bool,
         done: bool,
     }
     let state = State {
         events: Events::new(resp),
         held: VecDeque::new(),
         open: false,
+        begun: false,
         done: false,
     };
     Box::pin(futures::stream::unfold(state, move |mut st| {
@@ -510,6 +524,10 @@ fn native_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
                             };
                         }
                         st.held.push_back(data);
+                        if !st.open && !st.begun {
+                            st.begun = true;
+                            return Some((Ok(Bytes::new()), st));
+                        }
                     }
                     Err(e) => return Some((Err(e), st)),
                 }

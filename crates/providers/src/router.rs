@@ -539,10 +539,13 @@ impl Router {
                         metrics::counter!("switchyard_upstream_attempts_total", "deployment" => d.id.clone(), "outcome" => "error").increment(1);
                         // Not tried again here: a deployment whose breaker this
                         // failure opened, one that refuses the gateway itself,
-                        // and, while another deployment remains, one that hung
-                        // (a second wait as long would keep the client twice
-                        // the timeout from a fallback that may answer at once).
-                        let more = position + 1 < order.len();
+                        // and, while another deployment whose breaker is not
+                        // open remains, one that hung (a second wait as long
+                        // would keep the client twice the timeout from a
+                        // fallback that may answer at once).
+                        let more = order[position + 1..]
+                            .iter()
+                            .any(|next| next.breaker.state() != BreakerState::Open);
                         let step = if opened
                             || is_deployment_fault(&e)
                             || (more && matches!(e, ProviderError::Timeout(_)))
@@ -776,6 +779,7 @@ fn log_transition(d: &Deployment, t: Option<Transition>, obs: &dyn RouteObserver
 /// only returned once its first chunk is in hand.
 async fn attempt_once(d: &Deployment, call: Call<'_>) -> Result<Reply, ProviderError> {
     let first_byte = d.first_byte_timeout;
+    // The reply, and whether it is a stream that holds its preamble back.
     let work = async {
         match call {
             Call::Chat {
@@ -790,23 +794,16 @@ async fn attempt_once(d: &Deployment, call: Call<'_>) -> Result<Reply, ProviderE
                     stream,
                     timeout: d.total_timeout,
                 };
-                // A stream counts as served once its first item arrives: a
-                // failure before it fails over like any other.
-                async fn first(mut s: ChunkStream) -> Result<ChunkStream, ProviderError> {
-                    match s.next().await {
-                        Some(Ok(first)) => Ok(Box::pin(
-                            futures::stream::once(async move { Ok(first) }).chain(s),
-                        )),
-                        Some(Err(e)) => Err(e),
-                        None => Err(ProviderError::Truncated),
-                    }
-                }
                 match d.chat.chat(c).await? {
-                    ChatReply::Stream(s) => Ok(Reply::Chat(ChatReply::Stream(first(s).await?))),
-                    ChatReply::AnthropicStream(s) => {
-                        Ok(Reply::Chat(ChatReply::AnthropicStream(first(s).await?)))
+                    ChatReply::Stream(s) => {
+                        let (s, held) = first(s).await?;
+                        Ok((Reply::Chat(ChatReply::Stream(s)), held))
                     }
-                    complete => Ok(Reply::Chat(complete)),
+                    ChatReply::AnthropicStream(s) => {
+                        let (s, held) = first(s).await?;
+                        Ok((Reply::Chat(ChatReply::AnthropicStream(s)), held))
+                    }
+                    complete => Ok((Reply::Chat(complete), false)),
                 }
             }
             Call::Embed {
@@ -819,12 +816,49 @@ async fn attempt_once(d: &Deployment, call: Call<'_>) -> Result<Reply, ProviderE
                     encoding_format,
                     timeout: d.total_timeout,
                 };
-                Ok(Reply::Embed(d.embed.embed(c).await?))
+                Ok((Reply::Embed(d.embed.embed(c).await?), false))
             }
         }
     };
-    match tokio::time::timeout(first_byte, work).await {
-        Ok(r) => r,
-        Err(_) => Err(ProviderError::Timeout(first_byte)),
+    let (reply, held) = match tokio::time::timeout(first_byte, work).await {
+        Ok(r) => r?,
+        Err(_) => return Err(ProviderError::Timeout(first_byte)),
+    };
+    if !held {
+        return Ok(reply);
+    }
+    // A stream that began by holding its preamble back met the first-byte
+    // timeout with it; the answer's first event (or the failure before it,
+    // which still fails over) is awaited under the total timeout only.
+    async fn answer(mut s: ChunkStream) -> Result<ChunkStream, ProviderError> {
+        loop {
+            match first(s).await? {
+                (s, false) => return Ok(s),
+                (held, true) => s = held,
+            }
+        }
+    }
+    match reply {
+        Reply::Chat(ChatReply::Stream(s)) => Ok(Reply::Chat(ChatReply::Stream(answer(s).await?))),
+        Reply::Chat(ChatReply::AnthropicStream(s)) => {
+            Ok(Reply::Chat(ChatReply::AnthropicStream(answer(s).await?)))
+        }
+        other => Ok(other),
+    }
+}
+
+/// A stream counts as served once its first item arrives: a failure before
+/// it fails over like any other. An empty item is a provider's word that the
+/// stream has begun but holds its preamble back (`held`: Anthropic's, whose
+/// `overloaded_error` comes right after it); it is never relayed.
+async fn first(mut s: ChunkStream) -> Result<(ChunkStream, bool), ProviderError> {
+    match s.next().await {
+        Some(Ok(item)) if item.is_empty() => Ok((s, true)),
+        Some(Ok(item)) => Ok((
+            Box::pin(futures::stream::once(async move { Ok(item) }).chain(s)),
+            false,
+        )),
+        Some(Err(e)) => Err(e),
+        None => Err(ProviderError::Truncated),
     }
 }

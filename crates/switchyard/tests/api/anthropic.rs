@@ -1485,6 +1485,33 @@ async fn an_overloaded_event_after_the_streams_preamble_fails_over() {
     assert_eq!(events.last().unwrap().0, "error");
 }
 
+/// Holding the preamble back does not move the first-byte timeout: it is
+/// met when the stream begins (`message_start`), not when the answer does.
+#[tokio::test]
+async fn the_first_byte_timeout_is_met_by_the_preamble_not_the_answer() {
+    let (app, anthropic) = with_anthropic_and("first_byte_timeout_ms = 100", "").await;
+    // message_start at once, then a frame every 150 ms: the first delta
+    // comes at ~450 ms, far past the 100 ms first-byte budget.
+    anthropic.update(|b| b.chunk_delay = std::time::Duration::from_millis(150));
+    let mut body = messages_body("claude");
+    body["stream"] = json!(true);
+    let resp = app.post_json("/v1/messages", &body).await;
+    assert_eq!(resp.status(), 200);
+    let events = anthropic_events(&resp.text().await.unwrap());
+    assert_eq!(events.last().unwrap().0, "message_stop", "{events:?}");
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("claude", false))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let data = sse_data(&resp.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    assert!(
+        data.iter().all(|d| !d.is_empty()),
+        "no empty event: {data:?}"
+    );
+    assert_eq!(anthropic.calls(), 2, "neither was timed out and retried");
+}
+
 #[tokio::test]
 async fn an_overloaded_event_before_anything_else_fails_a_native_stream_over() {
     let (app, anthropic) = with_anthropic().await;
