@@ -834,6 +834,10 @@ impl Config {
                         true => without_quoted_value(&message),
                         false => message,
                     };
+                    let message = match from_env {
+                        true => format!("{message} (set by {})", env_name(&path)),
+                        false => message,
+                    };
                     return Err(ConfigError::invalid(
                         if path == "." {
                             "config".to_owned()
@@ -845,7 +849,17 @@ impl Config {
                 }
             }
         };
-        config.validate()?;
+        // A key a variable set is named with the variable, since the file
+        // may set it too.
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { path, message }
+                if set_by_env.iter().any(|(keys, _, _)| keys.join(".") == path) =>
+            {
+                let message = format!("{message} (set by {})", env_name(&path));
+                ConfigError::Invalid { path, message }
+            }
+            e => e,
+        })?;
         Ok(config)
     }
 
@@ -1588,6 +1602,15 @@ fn without_quoted_value(message: &str) -> String {
 /// overrides, so `SWITCHYARD_CONFIG` and test variables are not mistaken for keys.
 /// Returns the keys set, with the text each was given as and whether it
 /// was typed by its look (not read as a string).
+/// The variable that sets the key at `path` (`server.listen` →
+/// `SWITCHYARD_SERVER__LISTEN`), as it is usually written.
+fn env_name(path: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        path.replace('.', "__").to_ascii_uppercase()
+    )
+}
+
 /// The variables named `SWITCHYARD_…` with one underscore that are not
 /// settings: read by the scripts, the tests and the benchmarks.
 const NOT_SETTINGS: &[&str] = &[
@@ -1838,6 +1861,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("store.connect_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn an_error_about_a_key_a_variable_set_names_the_variable() {
+        let load = |pairs: &[(&str, &str)]| Config::load(None, &env(pairs));
+        let e = load(&[("SWITCHYARD_SERVER__MAX_BODY_BYTES", "abc")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("server.max_body_bytes:")
+                && e.ends_with("(set by SWITCHYARD_SERVER__MAX_BODY_BYTES)"),
+            "{e}"
+        );
+        let e = load(&[("SWITCHYARD_SERVER__MAX_BODY_BYTES", "10")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("at least 1024")
+                && e.ends_with("(set by SWITCHYARD_SERVER__MAX_BODY_BYTES)"),
+            "{e}"
+        );
+        // From the file: no variable to name.
+        let e = Config::load(
+            Some(("f.toml", "[server]\nmax_body_bytes = 10\n")),
+            &Env::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("set by"), "{e}");
     }
 
     #[test]
@@ -2134,7 +2186,7 @@ mod tests {
             let err = Config::load(None, &env(&[(var.as_str(), value)])).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                format!("store.{}: {expected}", key.to_lowercase()),
+                format!("store.{}: {expected} (set by {var})", key.to_lowercase()),
             );
         }
     }
@@ -2177,7 +2229,10 @@ mod tests {
             let err = Config::load(None, &env(&[(var.as_str(), value)])).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                format!("retention.{}: {expected}", key.to_lowercase()),
+                format!(
+                    "retention.{}: {expected} (set by {var})",
+                    key.to_lowercase()
+                ),
             );
         }
         let err =
