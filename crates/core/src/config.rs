@@ -666,31 +666,41 @@ pub fn mask_url_password(url: &str) -> String {
     out
 }
 
-/// An origin as a browser serializes it in `Origin`: `http(s)://host[:port]`,
-/// lower case, nothing after the authority.
+/// `host[:port]` or `[v6]:port` split into the host (brackets kept) and the
+/// port; `None` when malformed: an unclosed bracket, something after it
+/// other than a port, or a port that is not 1 to 5 digits (`host:`, `h:8x`).
+pub fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
+    let host_end = if authority.starts_with('[') {
+        authority.find(']')? + 1
+    } else {
+        authority.find(':').unwrap_or(authority.len())
+    };
+    let (host, rest) = authority.split_at(host_end);
+    match rest.strip_prefix(':') {
+        None if rest.is_empty() => Some((host, None)),
+        Some(port)
+            if !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            Some((host, Some(port)))
+        }
+        _ => None,
+    }
+}
+
+/// An origin as a browser serializes it in `Origin`: `scheme://host[:port]`,
+/// lower case, nothing after the authority, no default port.
 fn is_serialized_origin(origin: &str) -> bool {
     let Some((scheme, authority)) = origin.split_once("://") else {
         return false;
     };
-    let host_end = if authority.starts_with('[') {
-        match authority.find(']') {
-            Some(i) => i + 1,
-            None => return false,
-        }
-    } else {
-        authority.find(':').unwrap_or(authority.len())
+    let Some((host, port)) = split_host_port(authority) else {
+        return false;
     };
-    let (host, port) = authority.split_at(host_end);
-    let port_ok = match port.strip_prefix(':') {
-        None => port.is_empty(),
-        // A browser leaves the scheme's default port out of the origin.
-        Some(p) => {
-            !p.is_empty()
-                && p.len() <= 5
-                && p.bytes().all(|b| b.is_ascii_digit())
-                && !matches!((scheme, p), ("https", "443") | ("http", "80"))
-        }
-    };
+    // A browser leaves the scheme's default port out of the origin.
+    let default_port = matches!(
+        (scheme, port),
+        ("https", Some("443")) | ("http", Some("80"))
+    );
     // Any scheme a browser gives an origin (`https`, `chrome-extension`,
     // `tauri`, …), in lower case.
     let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_lowercase())
@@ -698,8 +708,8 @@ fn is_serialized_origin(origin: &str) -> bool {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
         });
     scheme_ok
+        && !default_port
         && !host.is_empty()
-        && port_ok
         && host.bytes().all(|b| {
             b.is_ascii_lowercase()
                 || b.is_ascii_digit()

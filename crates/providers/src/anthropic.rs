@@ -365,12 +365,29 @@ struct EventState {
     scrubber: Scrubber,
     translator: AnthropicToOpenAiStream,
     pending: VecDeque<Bytes>,
-    /// An event with content (or the end) went by: chunks may be given out.
-    open: bool,
-    /// The empty item that tells the router the stream has begun (while its
-    /// preamble is held) has been given out.
-    begun: bool,
+    preamble: Preamble,
     done: bool,
+}
+
+/// A stream's preamble held back: until an event of the answer (or the end)
+/// goes by, nothing is given out but, once, an empty item that tells the
+/// router the stream has begun (it meets the first-byte timeout and is never
+/// relayed).
+#[derive(Default)]
+struct Preamble {
+    /// An event of the answer went by: what is held may be given out.
+    open: bool,
+    begun: bool,
+}
+
+impl Preamble {
+    /// Notes an event; the empty "begun" item when it is due.
+    fn note(&mut self, preamble: bool) -> Option<Bytes> {
+        self.open |= !preamble;
+        let due = !self.open && !self.begun;
+        self.begun = true;
+        due.then(Bytes::new)
+    }
 }
 
 /// The events Anthropic opens every stream with, before anything of the
@@ -410,13 +427,12 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
         scrubber,
         translator: AnthropicToOpenAiStream::new(now_secs()),
         pending: VecDeque::new(),
-        open: false,
-        begun: false,
+        preamble: Preamble::default(),
         done: false,
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
         loop {
-            if st.open {
+            if st.preamble.open {
                 if let Some(chunk) = st.pending.pop_front() {
                     return Some((Ok(chunk), st));
                 }
@@ -445,7 +461,7 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
             };
             let name = ev.event.as_deref().unwrap_or("");
             let kind = data.get("type").and_then(Value::as_str).unwrap_or(name);
-            st.open |= !is_preamble(kind, &data);
+            let begun = st.preamble.note(is_preamble(kind, &data));
             match st.translator.step(name, &data) {
                 StreamStep::Chunks(chunks) => st
                     .pending
@@ -463,9 +479,8 @@ fn event_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
                     return Some((Err(stream_error(&kind, &message)), st));
                 }
             }
-            if !st.open && !st.begun {
-                st.begun = true;
-                return Some((Ok(Bytes::new()), st));
+            if let Some(begun) = begun {
+                return Some((Ok(begun), st));
             }
         }
     }))
@@ -482,23 +497,20 @@ fn native_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
     struct State {
         events: Events,
         held: VecDeque<Bytes>,
-        open: bool,
-        /// The empty item saying the stream has begun has been given out.
-        begun: bool,
+        preamble: Preamble,
         done: bool,
     }
     let state = State {
         events: Events::new(resp),
         held: VecDeque::new(),
-        open: false,
-        begun: false,
+        preamble: Preamble::default(),
         done: false,
     };
     Box::pin(futures::stream::unfold(state, move |mut st| {
         let scrubber = scrubber.clone();
         async move {
             loop {
-                if st.open {
+                if st.preamble.open {
                     if let Some(data) = st.held.pop_front() {
                         return Some((Ok(data), st));
                     }
@@ -510,23 +522,22 @@ fn native_stream(resp: UpstreamResponse, scrubber: Scrubber) -> ChunkStream {
                 st.done = done;
                 match item {
                     Ok((data, kind)) => {
-                        if !st.open {
-                            st.open = match kind.as_deref() {
-                                Some(k @ ("message_start" | "ping")) => {
-                                    !is_preamble(k, &Value::Null)
-                                }
-                                Some(k @ "content_block_start") => {
-                                    let parsed =
-                                        serde_json::from_slice(&data).unwrap_or(Value::Null);
-                                    !is_preamble(k, &parsed)
-                                }
-                                _ => true,
-                            };
-                        }
+                        // Only a block's start is read (once per block), to
+                        // see whether it is empty; the others by name.
+                        let preamble = !st.preamble.open
+                            && kind.as_deref().is_some_and(|k| {
+                                let parsed = match k {
+                                    "content_block_start" => {
+                                        serde_json::from_slice(&data).unwrap_or(Value::Null)
+                                    }
+                                    _ => Value::Null,
+                                };
+                                is_preamble(k, &parsed)
+                            });
+                        let begun = st.preamble.note(preamble);
                         st.held.push_back(data);
-                        if !st.open && !st.begun {
-                            st.begun = true;
-                            return Some((Ok(Bytes::new()), st));
+                        if let Some(begun) = begun {
+                            return Some((Ok(begun), st));
                         }
                     }
                     Err(e) => return Some((Err(e), st)),

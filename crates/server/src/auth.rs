@@ -143,32 +143,21 @@ fn open_dev_refusal(state: &AppState, headers: &axum::http::HeaderMap) -> Option
 /// `localhost` (or a name under it), an IPv4 loopback address or `[::1]`,
 /// with or without a port.
 fn is_loopback_host(host: &str) -> bool {
-    if let Some(rest) = host.strip_prefix('[') {
-        let Some((v6, after)) = rest.split_once(']') else {
-            return false;
-        };
-        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
-            return false;
-        }
-        return v6
-            .parse::<std::net::Ipv6Addr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    }
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if is_port(port) => name,
-        Some(_) => return false,
-        None => host,
+    let Some((name, _)) = switchyard_core::config::split_host_port(host) else {
+        return false;
     };
+    if let Some(v6) = name.strip_prefix('[') {
+        return v6
+            .strip_suffix(']')
+            .and_then(|v6| v6.parse::<std::net::Ipv6Addr>().ok())
+            .is_some_and(|ip| ip.is_loopback());
+    }
     let name = name.to_ascii_lowercase();
     name == "localhost"
         || name.ends_with(".localhost")
         || name
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn is_port(p: &str) -> bool {
-    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Authenticates and authorises a request: `Ok` with the [`Principal`] in its

@@ -642,16 +642,19 @@ async fn an_admin_resets_a_keys_rate_limit_and_the_reset_is_audited() {
         .unwrap();
     assert_eq!(user.status(), StatusCode::FORBIDDEN);
 
-    let audit: Value = app
-        .client
-        .get(app.url("/v1/admin/audit?action=rate_limit.reset"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let app = &app;
+    let resets = |query: &'static str| async move {
+        app.client
+            .get(app.url(&format!("/v1/admin/audit?action=rate_limit.reset{query}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let audit = resets("").await;
     assert_eq!(
         audit["data"][0]["target"],
         format!("key:{}", k["id"].as_str().unwrap())
@@ -667,21 +670,12 @@ async fn an_admin_resets_a_keys_rate_limit_and_the_reset_is_audited() {
         .await
         .unwrap();
     assert_eq!(tenant.status(), StatusCode::CREATED);
-    let other = post_key(&app, json!({"name": "acme's", "tenant_id": "acme"})).await;
+    let other = post_key(app, json!({"name": "acme's", "tenant_id": "acme"})).await;
     let resp = reset(json!({"key_id": other["id"], "tenant_id": "acme"}))
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let audit: Value = app
-        .client
-        .get(app.url("/v1/admin/audit?action=rate_limit.reset&tenant_id=acme"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit = resets("&tenant_id=acme").await;
     assert_eq!(
         audit["data"][0]["target"],
         format!("key:{}", other["id"].as_str().unwrap()),
