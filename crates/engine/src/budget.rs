@@ -4,10 +4,13 @@
 //! A model request is refused once the month's spend (UTC calendar month)
 //! has reached the budget; at 80 % a `budget.alert` audit event is written
 //! and logged, once per subject and month per instance. Spend is read from
-//! the store and cached for a few seconds per subject, and usage rows reach
-//! the store through the batched writer, so a burst can overshoot a budget
-//! by what it spends within that lag — a budget is a ceiling to stop at, not
-//! an exact meter.
+//! the store and cached for a few seconds per subject; between reads, the
+//! cost of every call this instance finishes is added to the cached figure
+//! at once (through [`crate::gateway::SpendObserver`]). A budget can still be
+//! overshot by the calls in flight when it is reached, by rows still in the
+//! usage writer's queue when spend is read (its flush interval), and by what
+//! other instances spend within the few seconds before the next read — a
+//! budget is a ceiling to stop at, not an exact meter.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -96,6 +99,22 @@ impl<V: Clone> ReadCache<V> {
         }
     }
 
+    /// Drops a value, so that the next check reads it.
+    fn forget(&self, id: &str) {
+        self.lock().map.remove(id);
+    }
+
+    /// Adds `delta` to a value read before (until it is read again); a value
+    /// never read is left to be read.
+    fn add(&self, id: &str, delta: f64)
+    where
+        V: std::ops::AddAssign<f64>,
+    {
+        if let Some((v, _)) = self.lock().map.get_mut(id) {
+            *v += delta;
+        }
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().map.len()
@@ -105,10 +124,29 @@ impl<V: Clone> ReadCache<V> {
 pub struct Budgets {
     store: Arc<dyn Store>,
     identity: Identity,
-    spend: ReadCache<f64>,
+    spend: Arc<ReadCache<f64>>,
     tenants: ReadCache<Option<Arc<Tenant>>>,
     /// The month the alerts are for, and the subjects alerted in it.
     alerted: Mutex<(i64, HashSet<String>)>,
+}
+
+fn spend_id(tenant: &str, key: Option<&str>, since: i64) -> String {
+    format!("{tenant}/{}/{since}", key.unwrap_or("*"))
+}
+
+struct SpendTap(Arc<ReadCache<f64>>);
+
+impl crate::gateway::SpendObserver for SpendTap {
+    fn spent(&self, tenant: &str, key: Option<&str>, cost_usd: f64, at_ms: i64) {
+        if !(cost_usd > 0.0 && cost_usd.is_finite()) {
+            return;
+        }
+        let since = month_start_ms(at_ms);
+        self.0.add(&spend_id(tenant, None, since), cost_usd);
+        if key.is_some() {
+            self.0.add(&spend_id(tenant, key, since), cost_usd);
+        }
+    }
 }
 
 /// Start of the current UTC month, in unix milliseconds.
@@ -130,14 +168,20 @@ impl Budgets {
         Self {
             store,
             identity,
-            spend: ReadCache::new(),
+            spend: Arc::new(ReadCache::new()),
             tenants: ReadCache::new(),
             alerted: Mutex::default(),
         }
     }
 
+    /// What the gateway tells of each finished call's cost, so that spend
+    /// counts at once rather than at the next read.
+    pub fn observer(&self) -> Arc<dyn crate::gateway::SpendObserver> {
+        Arc::new(SpendTap(self.spend.clone()))
+    }
+
     async fn spent(&self, tenant: &str, key: Option<&str>, since: i64) -> Result<f64, StoreError> {
-        let id = format!("{tenant}/{}/{since}", key.unwrap_or("*"));
+        let id = spend_id(tenant, key, since);
         self.spend
             .get(&id, "spend", self.store.spend_since(tenant, key, since))
             .await
@@ -150,10 +194,24 @@ impl Budgets {
         self.tenants.get(tenant, "tenant", read).await
     }
 
-    /// `Err(Some(..))`: over budget; `Err(None)` is never returned; a store
-    /// failure is reported as `Ok` with a warning (a budget check must not
-    /// turn a database hiccup into refusals).
-    pub async fn check(&self, who: &Principal, now_ms: i64) -> Result<(), BudgetExceeded> {
+    /// Drops this instance's copy of a tenant's settings (they have just
+    /// been changed here); other instances read them again within seconds.
+    pub fn forget_tenant(&self, tenant: &str) {
+        self.tenants.forget(tenant);
+    }
+
+    /// `Err`: over budget (the key's, else the tenant's); a store failure is
+    /// reported as `Ok` with a warning (a budget check must not turn a
+    /// database hiccup into refusals). Every budget is looked at, so that
+    /// each one's 80 % alert is written even when spend went past it, or
+    /// past another, between two reads. `trace_id` is the request's, for
+    /// the alert's audit row.
+    pub async fn check(
+        &self,
+        who: &Principal,
+        now_ms: i64,
+        trace_id: Option<&str>,
+    ) -> Result<(), BudgetExceeded> {
         let since = month_start_ms(now_ms);
         let mut checks: Vec<(&'static str, Option<&str>, f64)> = Vec::new();
         if let (Some(key), Some(b)) = (&who.key_id, who.limits.monthly_budget_usd) {
@@ -167,6 +225,7 @@ impl Budgets {
             }
             Err(e) => tracing::warn!(error = %e, "could not read the tenant's budget"),
         }
+        let mut over = None;
         for (scope, key, budget) in checks {
             let spent = match self.spent(&who.tenant_id, key, since).await {
                 Ok(v) => v,
@@ -175,28 +234,30 @@ impl Budgets {
                     continue;
                 }
             };
-            if spent >= budget {
-                return Err(BudgetExceeded {
+            if spent >= budget * ALERT_AT {
+                self.alert(who, key, (scope, budget, spent), since, trace_id)
+                    .await;
+            }
+            if spent >= budget && over.is_none() {
+                over = Some(BudgetExceeded {
                     scope,
                     budget_usd: budget,
                     spent_usd: spent,
                 });
             }
-            if spent >= budget * ALERT_AT {
-                self.alert(who, scope, key, budget, spent, since).await;
-            }
         }
-        Ok(())
+        over.map_or(Ok(()), Err)
     }
 
+    /// Writes the 80 % alert of one budget (`key`'s, else the tenant's),
+    /// once per month.
     async fn alert(
         &self,
         who: &Principal,
-        scope: &str,
         key: Option<&str>,
-        budget: f64,
-        spent: f64,
+        (scope, budget, spent): (&str, f64, f64),
         since: i64,
+        trace_id: Option<&str>,
     ) {
         let id = format!("{}/{}", who.tenant_id, key.unwrap_or("*"));
         {
@@ -214,7 +275,7 @@ impl Budgets {
             label: "budget".into(),
             tenant_id: who.tenant_id.clone(),
             role: switchyard_core::identity::Role::Admin,
-            trace_id: None,
+            trace_id: trace_id.map(str::to_owned),
         };
         self.identity
             .audit(
@@ -324,7 +385,7 @@ mod tests {
 
         spend(&*store, "t", "k1", 0.79 * budget).await;
         for _ in 0..3 {
-            budgets.check(&who, now_ms()).await.unwrap();
+            budgets.check(&who, now_ms(), None).await.unwrap();
             let_the_spend_cache_expire().await;
         }
         assert!(
@@ -335,11 +396,11 @@ mod tests {
         spend(&*store, "t", "k1", 0.02 * budget).await;
         let_the_spend_cache_expire().await;
         for _ in 0..3 {
-            budgets.check(&who, now_ms()).await.unwrap();
+            budgets.check(&who, now_ms(), None).await.unwrap();
         }
         spend(&*store, "t", "k1", 0.1 * budget).await;
         let_the_spend_cache_expire().await;
-        budgets.check(&who, now_ms()).await.unwrap();
+        budgets.check(&who, now_ms(), None).await.unwrap();
 
         let written = alerts(&*store, "t").await;
         assert_eq!(written.len(), 1, "{scope}: {written:?}");
@@ -367,7 +428,7 @@ mod tests {
         let who = caller("default", Some(1.0));
         spend(&*store, "default", "k1", 0.8).await;
 
-        budgets.check(&who, now_ms()).await.unwrap();
+        budgets.check(&who, now_ms(), None).await.unwrap();
 
         assert_eq!(alerts(&*store, "default").await.len(), 1);
     }
@@ -412,13 +473,13 @@ mod tests {
         let march = month_start_ms(1_740_787_200_000); // 2025-03-01
         let april = month_start_ms(1_743_465_600_000); // 2025-04-01
         budgets
-            .alert(&who, "key", Some("k1"), 1.0, 0.9, march)
+            .alert(&who, Some("k1"), ("key", 1.0, 0.9), march, None)
             .await;
         budgets
-            .alert(&who, "key", Some("k1"), 1.0, 0.9, march)
+            .alert(&who, Some("k1"), ("key", 1.0, 0.9), march, None)
             .await;
         budgets
-            .alert(&who, "key", Some("k1"), 1.0, 0.9, april)
+            .alert(&who, Some("k1"), ("key", 1.0, 0.9), april, None)
             .await;
         assert_eq!(
             alerts(store.as_ref(), "acme").await.len(),

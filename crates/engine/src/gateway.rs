@@ -138,6 +138,15 @@ pub struct Gateway {
     /// shutdown grace period has passed): each then ends at once, its client
     /// told why and its usage row written (see [`Gateway::stop_calls`]).
     stopping: crate::stop::Stop,
+    /// Told the cost of every finished call (the budgets' running spend).
+    spend: std::sync::OnceLock<Arc<dyn SpendObserver>>,
+}
+
+/// Told the cost of each call as its usage row is written, so that what a
+/// call spent counts against budgets at once, not once the row is stored
+/// and read back.
+pub trait SpendObserver: Send + Sync {
+    fn spent(&self, tenant: &str, key: Option<&str>, cost_usd: f64, at_ms: i64);
 }
 
 impl Gateway {
@@ -279,6 +288,7 @@ impl Gateway {
             store,
             max_tokens: config.security.max_tokens,
             stopping: crate::stop::Stop::new(),
+            spend: std::sync::OnceLock::new(),
         })
     }
 
@@ -306,6 +316,11 @@ impl Gateway {
         config: &switchyard_core::config::HealthConfig,
     ) -> crate::health::HealthTask {
         crate::health::HealthTask::spawn(self.deployments.clone(), self.store.clone(), config)
+    }
+
+    /// Sets what is told each call's cost (once; later calls are ignored).
+    pub fn observe_spend(&self, observer: Arc<dyn SpendObserver>) {
+        let _ = self.spend.set(observer);
     }
 
     pub fn usage_writer(&self) -> &UsageWriter {
@@ -653,6 +668,7 @@ pub(crate) struct Accounting {
     tokens: Option<TokenMeter>,
     record: UsageRecord,
     pricing: Option<Pricing>,
+    spend: Option<Arc<dyn SpendObserver>>,
     /// When the request arrived: the usage row's latency is the request's.
     started: Instant,
     /// When the router was called: the upstream metrics leave out what came
@@ -711,6 +727,7 @@ impl Accounting {
             events,
             tokens: meta.tokens.clone(),
             pricing: None,
+            spend: gw.spend.get().cloned(),
             started: meta.started,
             upstream_started: Instant::now(),
             prompt_estimate,
@@ -889,6 +906,9 @@ impl Accounting {
             r.cached_tokens = Some(u.cached_tokens);
             r.cache_write_tokens = Some(u.cache_write_tokens);
             r.cost_usd = self.pricing.map(|p| p.cost_usd(&u));
+            if let (Some(cost), Some(spend)) = (r.cost_usd, &self.spend) {
+                spend.spent(&r.tenant_id, r.key_id.as_deref(), cost, r.created_at_ms);
+            }
             let model = &r.model_alias;
             let (prompt, completion) = self.metrics.tokens.get(&[model, provider], || {
                 (

@@ -199,6 +199,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/admin/tenants",
             post(routes::keys::create_tenant).get(routes::keys::list_tenants),
         )
+        .route(
+            "/v1/admin/tenants/{id}",
+            axum::routing::patch(routes::keys::update_tenant),
+        )
         .route("/v1/admin/auth-cache", get(routes::keys::auth_cache))
         .route(
             "/v1/admin/auth-cache/invalidate",

@@ -206,7 +206,14 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
         }
         if let Some(budgets) = &state.inner.budgets {
             if let Err(over) = budgets
-                .check(who, switchyard_engine::identity::now_ms())
+                .check(
+                    who,
+                    switchyard_engine::identity::now_ms(),
+                    req.extensions()
+                        .get::<switchyard_core::trace::TraceContext>()
+                        .map(|t| t.trace_id())
+                        .as_deref(),
+                )
                 .await
             {
                 let mut resp = family_error(

@@ -136,6 +136,7 @@ impl Application {
             ));
         }
         let budgets = switchyard_engine::budget::Budgets::new(store.clone(), identity.clone());
+        gateway.observe_spend(budgets.observer());
         let sc = &config.sessions;
         let instance_id = sc
             .instance_id

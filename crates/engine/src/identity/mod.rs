@@ -441,13 +441,7 @@ impl Identity {
     ) -> Result<CreatedKey, IdentityError> {
         actor.require_admin()?;
         let tenant_id = actor.tenant(new.tenant_id.as_deref())?;
-        let name = new.name.trim();
-        if name.is_empty() || name.chars().count() > 200 {
-            return Err(IdentityError::Invalid {
-                field: "name",
-                message: "name must be 1 to 200 characters".into(),
-            });
-        }
+        let name = valid_name(&new.name)?;
         let now = now_ms();
         // The end of year 9999: beyond it a time is not one a client meant
         // (and an i64 of seconds overflows in milliseconds).
@@ -547,19 +541,7 @@ impl Identity {
     ) -> Result<ApiKeyRecord, IdentityError> {
         actor.require_admin()?;
         let tenant_id = actor.tenant(tenant)?;
-        let name = match update.name {
-            Some(name) => {
-                let name = name.trim();
-                if name.is_empty() || name.chars().count() > 200 {
-                    return Err(IdentityError::Invalid {
-                        field: "name",
-                        message: "name must be 1 to 200 characters".into(),
-                    });
-                }
-                Some(name.to_owned())
-            }
-            None => None,
-        };
+        let name = update.name.as_deref().map(valid_name).transpose()?;
         // Read, change, and write only if nothing changed in between (a
         // concurrent change makes the write miss: read again and reapply).
         let mut attempts = 0;
@@ -577,8 +559,8 @@ impl Identity {
                 ));
             }
             let mut record = before.clone();
-            if let Some(name) = &name {
-                record.name.clone_from(name);
+            if let Some(name) = name {
+                name.clone_into(&mut record.name);
             }
             if let Some(role) = update.role {
                 record.role = role;
@@ -769,6 +751,10 @@ impl Identity {
             ));
         }
         validate_tenant_id(&tenant.id)?;
+        let tenant = Tenant {
+            name: valid_name(&tenant.name)?.to_owned(),
+            ..tenant
+        };
         if !self.inner.store.create_tenant(&tenant).await? {
             return Err(IdentityError::Conflict(format!(
                 "a tenant with id `{}` exists",
@@ -784,6 +770,53 @@ impl Identity {
         )
         .await;
         Ok(tenant)
+    }
+
+    /// Changes a tenant's name, budget or stored rate limits (an operator's
+    /// work, as making one is). Instances read a tenant's settings again
+    /// within a few seconds.
+    pub async fn update_tenant(
+        &self,
+        actor: &Actor,
+        id: &str,
+        change: TenantUpdate,
+    ) -> Result<Tenant, IdentityError> {
+        if !actor.is_operator() {
+            return Err(IdentityError::Forbidden(
+                "only an operator (an admin of tenant `default`) manages tenants",
+            ));
+        }
+        let before = self
+            .inner
+            .store
+            .get_tenant(id)
+            .await?
+            .ok_or(IdentityError::NotFound("tenant"))?;
+        let mut after = before.clone();
+        if let Some(name) = &change.name {
+            after.name = valid_name(name)?.to_owned();
+        }
+        if let Some(budget) = change.monthly_budget_usd {
+            after.monthly_budget_usd = budget;
+        }
+        if let Some(limits) = change.limits {
+            after.limits = limits;
+        }
+        if !self.inner.store.update_tenant(&after).await? {
+            return Err(IdentityError::NotFound("tenant"));
+        }
+        self.audit(
+            actor,
+            id,
+            "tenant.updated",
+            Some(format!("tenant:{id}")),
+            json!({
+                "before": {"name": before.name, "monthly_budget_usd": before.monthly_budget_usd, "limits": before.limits},
+                "after": {"name": after.name, "monthly_budget_usd": after.monthly_budget_usd, "limits": after.limits},
+            }),
+        )
+        .await;
+        Ok(after)
     }
 
     pub async fn list_tenants(&self, actor: &Actor) -> Result<Vec<Tenant>, IdentityError> {
@@ -840,6 +873,27 @@ impl Identity {
         let tenant_id = actor.tenant(tenant)?;
         Ok(self.inner.store.list_audit(&tenant_id, query).await?)
     }
+}
+
+/// A change to a tenant: only the fields given change (`Some(None)` clears
+/// the budget).
+#[derive(Debug, Default)]
+pub struct TenantUpdate {
+    pub name: Option<String>,
+    pub monthly_budget_usd: Option<Option<f64>>,
+    pub limits: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// A key's or tenant's name: 1 to 200 characters once trimmed.
+fn valid_name(name: &str) -> Result<&str, IdentityError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(IdentityError::Invalid {
+            field: "name",
+            message: "name must be 1 to 200 characters".into(),
+        });
+    }
+    Ok(name)
 }
 
 fn validate_tenant_id(id: &str) -> Result<(), IdentityError> {

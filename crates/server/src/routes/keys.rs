@@ -541,6 +541,69 @@ pub async fn create_tenant(
     }
 }
 
+/// A change to a tenant: only the fields given change; a `null` budget
+/// removes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    monthly_budget_usd: Option<Option<f64>>,
+    #[serde(default)]
+    limits: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Present and possibly `null`, or absent.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `PATCH /v1/admin/tenants/{id}`: name, monthly budget or rate limits.
+pub async fn update_tenant(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TraceContext>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    NativeQuery(NoParams {}): NativeQuery<NoParams>,
+    NativeJson(req): NativeJson<UpdateTenant>,
+) -> Response {
+    if let Some(limits) = &req.limits {
+        if let Some(resp) = validate_rates("limits", limits) {
+            return resp;
+        }
+    }
+    if let Some(resp) = budget_field(
+        &state,
+        "monthly_budget_usd",
+        req.monthly_budget_usd.flatten(),
+    ) {
+        return resp;
+    }
+    let change = switchyard_engine::identity::TenantUpdate {
+        name: req.name,
+        monthly_budget_usd: req.monthly_budget_usd,
+        limits: req.limits,
+    };
+    match state
+        .identity()
+        .update_tenant(&actor(&who, &ctx), &id, change)
+        .await
+    {
+        Ok(t) => {
+            if let Some(b) = &state.inner.budgets {
+                b.forget_tenant(&t.id);
+            }
+            Json(tenant_json(&t)).into_response()
+        }
+        Err(e) => identity_error(e),
+    }
+}
+
 pub async fn list_tenants(
     State(state): State<AppState>,
     Extension(ctx): Extension<TraceContext>,

@@ -415,13 +415,21 @@ async fn a_spent_monthly_budget_refuses_model_calls_and_80_percent_is_audited() 
         .json()
         .await
         .unwrap();
+    // Both crossed 80 %: `over` went past its budget between two reads,
+    // and is alerted all the same.
     let alerts = audit["data"].as_array().unwrap();
-    assert_eq!(alerts.len(), 1, "{audit}");
-    assert_eq!(
-        alerts[0]["target"],
-        format!("key:{}", near["id"].as_str().unwrap())
-    );
-    assert_eq!(alerts[0]["detail"]["spent_usd"], 0.85);
+    assert_eq!(alerts.len(), 2, "{audit}");
+    for (key, spent) in [(&near, 0.85), (&over, 1.25)] {
+        let target = format!("key:{}", key["id"].as_str().unwrap());
+        let alert = alerts.iter().find(|a| a["target"] == target.as_str());
+        let alert = alert.unwrap_or_else(|| panic!("no alert for {target}: {audit}"));
+        assert_eq!(alert["detail"]["spent_usd"], spent);
+        // The request that found it over.
+        assert!(
+            alert["trace_id"].as_str().is_some_and(|t| t.len() == 32),
+            "{alert}"
+        );
+    }
 
     // A tenant's budget covers all its keys.
     let t = app
@@ -461,6 +469,104 @@ async fn a_spent_monthly_budget_refuses_model_calls_and_80_percent_is_audited() 
         .await
         .unwrap();
     assert_eq!(models.status(), StatusCode::OK);
+}
+
+/// What a call costs counts against the budget as soon as the call ends,
+/// not when its usage row has been stored and the spend read again (which
+/// let a client spend many times its budget within the few seconds the
+/// spend is cached). The key's and the tenant's budgets both.
+#[tokio::test]
+async fn a_calls_cost_counts_against_the_budget_at_once() {
+    let app = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .config(
+            "[models.pricey]\nprovider = \"mock\"\nmodel = \"pricey-upstream\"\n\n\
+             [pricing.pricey-upstream]\ninput_per_mtok = 1000.0\noutput_per_mtok = 1000.0\n",
+        )
+        .spawn()
+        .await;
+    let t = app
+        .client
+        .post(app.url("/v1/admin/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": "thrifty"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(t.status(), StatusCode::CREATED);
+    let chat = |key: String| {
+        let req = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("pricey"));
+        async move { req.send().await.unwrap() }
+    };
+    // What one call costs: $1,000 per million tokens, either kind.
+    let probe = post_key(&app, json!({"name": "probe", "tenant_id": "thrifty"})).await;
+    let first = chat(probe["key"].as_str().unwrap().to_owned()).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let usage: Value = first.json().await.unwrap();
+    let cost = usage["usage"]["total_tokens"].as_f64().unwrap() * 1000.0 / 1e6;
+    assert!(cost > 0.0, "{usage}");
+
+    // A key with a budget of three calls and a half: four calls, then
+    // refusals, however fast they come.
+    let budget = cost * 3.5;
+    let k = post_key(
+        &app,
+        json!({"name": "thrifty key", "tenant_id": "thrifty", "limits": {"monthly_budget_usd": budget}}),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(chat(k["key"].as_str().unwrap().to_owned()).await.status());
+    }
+    let served = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(served, 4, "{statuses:?}");
+    assert!(statuses[4..]
+        .iter()
+        .all(|s| *s == StatusCode::TOO_MANY_REQUESTS));
+
+    // The tenant's budget, spent by several keys: five calls in all
+    // (the probe's and the key's) are past a budget of 5.5 calls' worth
+    // after one more. The tenant's spend is read from the store for the
+    // first time then, so the five rows are let reach it first (the
+    // batched writer's lag, ~10 ms, is what a budget may be overshot by).
+    let store = crate::helpers::app_store(&app).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.spend_since("thrifty", None, 0).await.unwrap() < cost * 4.5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage rows not written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let t = app
+        .client
+        .patch(app.url("/v1/admin/tenants/thrifty"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"monthly_budget_usd": cost * 5.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(t.status(), StatusCode::OK);
+    let t: Value = t.json().await.unwrap();
+    assert_eq!(t["monthly_budget_usd"], cost * 5.5);
+    let other = post_key(&app, json!({"name": "other", "tenant_id": "thrifty"})).await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            chat(other["key"].as_str().unwrap().to_owned())
+                .await
+                .status(),
+        );
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        1,
+        "{statuses:?}"
+    );
 }
 
 /// Over HTTP, for a key budget and a tenant budget: spend at 79 % never

@@ -397,6 +397,12 @@ fn rows() -> Vec<Row> {
             [401, 403, 403, 403, 403, 403, 201],
         ),
         row(M::GET, "/v1/admin/tenants", None, ADMINS),
+        row(
+            M::PATCH,
+            "/v1/admin/tenants/{tenant}",
+            Some(json!({"name": "renamed"})),
+            [401, 403, 403, 403, 403, 403, 200],
+        ),
         // The cache's figures cover every tenant: the operator's alone.
         row(
             M::GET,
