@@ -694,6 +694,10 @@ struct WireUsage {
     /// adapter passes them on.
     #[serde(default)]
     cache_creation: Option<Value>,
+    /// All the tokens: the prompt's, where a server (some embedding APIs)
+    /// gives no other count.
+    #[serde(default)]
+    total_tokens: Option<Value>,
 }
 
 fn count(v: Option<&Value>) -> Option<u64> {
@@ -707,7 +711,10 @@ fn count(v: Option<&Value>) -> Option<u64> {
 
 impl From<WireUsage> for Usage {
     fn from(w: WireUsage) -> Self {
-        let prompt = count(w.prompt_tokens.as_ref()).unwrap_or(0);
+        let completion = count(w.completion_tokens.as_ref());
+        let prompt = count(w.prompt_tokens.as_ref())
+            .or_else(|| count(w.total_tokens.as_ref()).filter(|_| completion.is_none()))
+            .unwrap_or(0);
         let detail = |k: &str| count(w.prompt_tokens_details.as_ref().and_then(|d| d.get(k)));
         // Parts of the prompt, never more than all of it.
         let cached = detail("cached_tokens")
@@ -728,13 +735,75 @@ impl From<WireUsage> for Usage {
         .min(written);
         Self {
             prompt_tokens: prompt,
-            completion_tokens: count(w.completion_tokens.as_ref()).unwrap_or(0),
+            completion_tokens: completion.unwrap_or(0),
             cached_tokens: cached,
             cache_write_tokens: written,
             cache_write_1h_tokens: written_1h,
             web_search_requests: 0,
         }
     }
+}
+
+/// Reads a response's `usage` leniently (`#[serde(deserialize_with)]`): an
+/// object as [`Usage`], anything else (`null`, a string, a number, an
+/// array) as none — an odd `usage` never turns an answer into an error.
+pub fn lenient_usage<'de, D>(d: D) -> Result<Option<Usage>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<Usage>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a usage object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Usage::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(V)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
 }
 
 impl Usage {
@@ -798,6 +867,34 @@ mod tests {
         let u = usage(json!({"prompt_tokens": 10, "completion_tokens": 1,
             "prompt_tokens_details": {"cached_tokens": 4, "cache_creation_tokens": 9}}));
         assert_eq!((u.cached_tokens, u.cache_write_tokens), (4, 6));
+    }
+
+    #[test]
+    fn a_usage_that_is_not_an_object_is_no_usage_and_total_tokens_alone_is_the_prompt() {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default, deserialize_with = "lenient_usage")]
+            usage: Option<Usage>,
+        }
+        let read = |text: &str| serde_json::from_str::<Body>(text).unwrap().usage;
+        for odd in [r#""n/a""#, "12", "true", "[1, 2]", "null", "1.5"] {
+            assert_eq!(read(&format!(r#"{{"usage": {odd}}}"#)), None, "{odd}");
+        }
+        assert_eq!(read("{}"), None);
+        assert_eq!(
+            read(r#"{"usage": {"prompt_tokens": 4, "completion_tokens": 2}}"#),
+            Some(Usage::new(4, 2))
+        );
+        // An embedding API's usage (Voyage's): all of it is the prompt.
+        assert_eq!(
+            read(r#"{"usage": {"total_tokens": 42}}"#),
+            Some(Usage::new(42, 0))
+        );
+        // With a completion count, the total is not the prompt.
+        assert_eq!(
+            read(r#"{"usage": {"completion_tokens": 2, "total_tokens": 42}}"#),
+            Some(Usage::new(0, 2))
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ use switchyard_providers::breaker::{BreakerConfig, CircuitBreaker};
 use switchyard_providers::health::HealthStats;
 use switchyard_providers::openai::OpenAiProvider;
 use switchyard_providers::retry::{RetryBudget, RetryConfig};
-use switchyard_providers::router::{Deployment, Route, RouteEntry, RouteError, Router};
+use switchyard_providers::router::{
+    Deployment, Route, RouteEntry, RouteError, RouteEvent, RouteObserver, Router,
+};
 use switchyard_providers::{ChatProvider, ChatReply, EmbeddingProvider, ProviderError};
 use tracing::Instrument;
 
@@ -468,13 +470,10 @@ impl Gateway {
         let route = self.route(&req.model)?;
         let prompt_estimate = estimate_prompt_tokens(&req.body);
         let mut acc = Accounting::new(self, meta, "chat", &req.model, req.stream, prompt_estimate);
-        let call = self.router.chat(
-            route,
-            &req.body,
-            req.anthropic.as_ref(),
-            req.stream,
-            &acc.events,
-        );
+        let obs = acc.observer(self);
+        let call = self
+            .router
+            .chat(route, &req.body, req.anthropic.as_ref(), req.stream, &obs);
         let routed = crate::stop::unless_stopped(&self.stopping, call).await;
         let Some(routed) = routed else {
             return Err(acc.stopped());
@@ -547,9 +546,10 @@ impl Gateway {
         let route = self.route(&req.model)?;
         let estimate = estimate_embedding_tokens(&req.body);
         let mut acc = Accounting::new(self, meta, "embeddings", &req.model, false, estimate);
+        let obs = acc.observer(self);
         let call = self
             .router
-            .embed(route, &req.body, req.encoding_format, &acc.events);
+            .embed(route, &req.body, req.encoding_format, &obs);
         let routed = crate::stop::unless_stopped(&self.stopping, call).await;
         let Some(routed) = routed else {
             return Err(acc.stopped());
@@ -669,6 +669,10 @@ pub(crate) struct Accounting {
     record: UsageRecord,
     pricing: Option<Pricing>,
     spend: Option<Arc<dyn SpendObserver>>,
+    /// The deployment last asked and its prices, for a row written before
+    /// one answered (the client left, the server stopped waiting): the
+    /// provider was asked, and bills for it.
+    attempted: std::sync::Mutex<Option<(Arc<Deployment>, Option<Pricing>)>>,
     /// When the request arrived: the usage row's latency is the request's.
     started: Instant,
     /// When the router was called: the upstream metrics leave out what came
@@ -677,6 +681,25 @@ pub(crate) struct Accounting {
     /// The request's prompt tokens, estimated, for a row written on drop.
     prompt_estimate: u64,
     written: bool,
+}
+
+/// The router's observer for one call: records its trace events and keeps
+/// the deployment being asked.
+struct CallObserver<'a> {
+    gw: &'a Gateway,
+    events: &'a TraceEvents,
+    attempted: &'a std::sync::Mutex<Option<(Arc<Deployment>, Option<Pricing>)>>,
+}
+
+impl RouteObserver for CallObserver<'_> {
+    fn on_event(&self, event: RouteEvent<'_>) {
+        self.events.on_event(event);
+    }
+
+    fn attempting(&self, d: &Arc<Deployment>) {
+        let pricing = self.gw.pricing.get(&d.id).copied();
+        *self.attempted.lock().unwrap_or_else(|p| p.into_inner()) = Some((d.clone(), pricing));
+    }
 }
 
 impl Drop for Accounting {
@@ -728,6 +751,7 @@ impl Accounting {
             tokens: meta.tokens.clone(),
             pricing: None,
             spend: gw.spend.get().cloned(),
+            attempted: std::sync::Mutex::new(None),
             started: meta.started,
             upstream_started: Instant::now(),
             prompt_estimate,
@@ -762,6 +786,16 @@ impl Accounting {
         self.record.provider = d.provider_name.to_string();
         self.record.upstream_model = d.upstream_model.to_string();
         self.pricing = gw.pricing.get(&d.id).copied();
+    }
+
+    /// What the router tells of the call: its trace events, and the
+    /// deployment it is asking.
+    fn observer<'a>(&'a self, gw: &'a Gateway) -> CallObserver<'a> {
+        CallObserver {
+            gw,
+            events: &self.events,
+            attempted: &self.attempted,
+        }
     }
 
     fn finish_ok(self, usage: Option<Usage>) {
@@ -825,6 +859,15 @@ impl Accounting {
         first_chunk: Option<Instant>,
     ) {
         self.written = true;
+        if self.record.provider.is_empty() {
+            // Written before a deployment answered: charged to the one asked.
+            let attempted = self.attempted.get_mut().unwrap_or_else(|p| p.into_inner());
+            if let Some((d, pricing)) = attempted.take() {
+                self.record.provider = d.provider_name.to_string();
+                self.record.upstream_model = d.upstream_model.to_string();
+                self.pricing = pricing;
+            }
+        }
         let r = &mut self.record;
         r.status = status;
         r.error_code = code.map(str::to_owned);

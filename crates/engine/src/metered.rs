@@ -293,7 +293,9 @@ impl Stream for MeteredStream {
                     if has_usage_object(&chunk) {
                         if let Ok(parsed) = serde_json::from_slice::<UsageChunk>(&chunk) {
                             this.usage = parsed.usage.or(this.usage);
-                            let usage_only = parsed.choices.as_ref().is_some_and(Vec::is_empty);
+                            // `choices` empty, `null` or left out: a chunk
+                            // of usage alone (asked for by the gateway).
+                            let usage_only = parsed.choices.as_ref().is_none_or(Vec::is_empty);
                             if usage_only && !this.include_usage {
                                 continue;
                             }
@@ -315,12 +317,9 @@ impl Stream for MeteredStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.ended = true;
-                    let status = if matches!(e, ProviderError::Timeout(_)) {
-                        504
-                    } else {
-                        502
-                    };
-                    this.finish(status, Some(&e));
+                    // As the same failure before the first chunk is
+                    // recorded: a provider's 400 in the stream is a 400.
+                    this.finish(crate::gateway::status_for(&e), Some(&e));
                     return Poll::Ready(Some(StreamEvent::Error(e)));
                 }
             }

@@ -131,7 +131,7 @@ impl OpenAiProvider {
 
 #[derive(Deserialize)]
 struct UsageOnly {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "switchyard_core::openai::lenient_usage")]
     usage: Option<Usage>,
     /// Set when a server answers 200 with an error object as the body.
     #[serde(default)]

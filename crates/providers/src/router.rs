@@ -339,6 +339,10 @@ pub enum RouteEvent<'a> {
 /// Receives a routed call's [`RouteEvent`]s; must not block.
 pub trait RouteObserver: Send + Sync {
     fn on_event(&self, event: RouteEvent<'_>);
+    /// The deployment an upstream call is about to be made to, told just
+    /// before its [`RouteEvent::Attempt`]: who is owed for a call the client
+    /// leaves before it is answered.
+    fn attempting(&self, _deployment: &Arc<Deployment>) {}
 }
 
 /// Observes nothing.
@@ -471,6 +475,7 @@ impl Router {
                     break;
                 };
                 attempts += 1;
+                obs.attempting(d);
                 obs.on_event(RouteEvent::Attempt {
                     deployment: &d.id,
                     attempt,

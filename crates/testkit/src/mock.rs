@@ -110,6 +110,9 @@ pub enum Fault {
     /// `[DONE]`, as vLLM and other OpenAI-compatible servers send. A chat
     /// that is not streamed gets status 200 with that error object as body.
     ErrorEventAfter(usize),
+    /// Answer 200 with exactly this body: JSON, or, when it starts with
+    /// `data:`, an event stream (shapes the mock does not make itself).
+    Raw(String),
 }
 
 /// One request the mock received.
@@ -371,6 +374,19 @@ async fn early_fault(fault: &Option<Fault>, headers: &HeaderMap) -> Option<Respo
         Some(Fault::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Some(error(504, "mock: hung"))
+        }
+        Some(Fault::Raw(body)) => {
+            let kind = if body.starts_with("data:") {
+                "text/event-stream"
+            } else {
+                "application/json"
+            };
+            Some(
+                Response::builder()
+                    .header("content-type", kind)
+                    .body(Body::from(body.clone()))
+                    .unwrap_or_else(|_| error(500, "mock: building the response")),
+            )
         }
         _ => None,
     }

@@ -277,7 +277,8 @@ async fn failed_and_abandoned_requests_are_recorded_with_their_outcome() {
 
 /// A client that leaves while the provider is still being asked (a call
 /// not streamed, or a stream before its first chunk) still leaves its row:
-/// the provider was asked, so the request counts and is charged its prompt.
+/// the provider was asked, so the request counts and is charged its prompt,
+/// to the deployment that was asked.
 #[tokio::test]
 async fn requests_left_before_the_answer_are_recorded_with_an_estimated_prompt() {
     let mut app = spawn().await;
@@ -336,6 +337,20 @@ async fn requests_left_before_the_answer_are_recorded_with_an_estimated_prompt()
             ),
         ]
     );
+    // Charged to the deployment asked, at its prices (budgets sum the
+    // cost): 6 prompt tokens at $0.15 per million.
+    for r in &rows {
+        assert_eq!(r.provider, "mock", "{r:?}");
+        let model = if r.endpoint == "chat" {
+            "gpt-4o-mini-upstream"
+        } else {
+            "embed-upstream"
+        };
+        assert_eq!(r.upstream_model, model, "{r:?}");
+    }
+    assert_eq!(rows[0].cost_usd, Some(6.0 * 0.15 / 1e6));
+    assert_eq!(rows[1].cost_usd, Some(6.0 * 0.15 / 1e6));
+    assert_eq!(rows[2].cost_usd, None, "no price for the embedding model");
 }
 
 /// A stream that ends before its usage chunk is still charged: the
@@ -409,6 +424,89 @@ async fn whole_answers_without_usage_are_charged_estimated_tokens() {
         ]
     );
     assert!(rows[0].cost_usd.unwrap() > 0.0);
+}
+
+/// Shapes of OpenAI-compatible servers: a `usage` that is not an object
+/// is no usage (estimated; it was a 502, and the generated answer was
+/// asked for again); an embeddings `usage` with only `total_tokens` is the
+/// prompt (it was charged 0); a usage chunk without `choices` is usage
+/// (it reached a client that had not asked for it, whose `for choice in
+/// chunk.choices` fails on it); an error in a stream after its first
+/// chunk is recorded with the status it has before one (a 400, not 502).
+#[tokio::test]
+async fn odd_usage_shapes_and_a_streamed_400_are_recorded_as_they_are() {
+    let mut app = spawn().await;
+    let completion = r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"abcdefgh"},"finish_reason":"stop"}],"usage":"n/a"}"#;
+    app.mock().push_fault(Fault::Raw(completion.into()));
+    let chat = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(chat.status(), 200);
+    assert_eq!(chat.text().await.unwrap(), completion);
+    assert_eq!(app.mock().requests().len(), 1, "not asked again");
+
+    let embeddings = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5]}],"model":"e","usage":{"total_tokens":42}}"#;
+    app.mock().push_fault(Fault::Raw(embeddings.into()));
+    let embed = serde_json::json!({"model": "text-embedding-3-small", "input": "abcdefgh"});
+    assert_eq!(app.post_json("/v1/embeddings", &embed).await.status(), 200);
+
+    let chunk = |delta: &str| {
+        format!(
+            r#"data: {{"id":"c2","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":0,"delta":{delta},"finish_reason":null}}]}}"#
+        )
+    };
+    let usage_alone = r#"data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"m","usage":{"prompt_tokens":7,"completion_tokens":5,"total_tokens":12}}"#;
+    let stream = format!(
+        "{}\n\n{}\n\n{usage_alone}\n\ndata: [DONE]\n\n",
+        chunk(r#"{"role":"assistant","content":"Hi"}"#),
+        chunk("{}").replace("null}]", "\"stop\"}]"),
+    );
+    app.mock().push_fault(Fault::Raw(stream));
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", false))
+        .await;
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("usage"), "not asked for: {text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    let failing = format!(
+        "{}\n\ndata: {{\"error\":{{\"message\":\"This content is not allowed.\",\"type\":\"invalid_request_error\",\"code\":400}}}}\n\ndata: [DONE]\n\n",
+        chunk(r#"{"role":"assistant","content":"Hi"}"#)
+    );
+    app.mock().push_fault(Fault::Raw(failing));
+    let resp = app
+        .post_json("/v1/chat/completions", &stream_body("gpt-4o-mini", true))
+        .await;
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("This content is not allowed."), "{text}");
+    app.stop_gracefully().await;
+
+    let rows = usage_rows(&app).await;
+    let mut seen: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.endpoint.as_str(),
+                r.stream,
+                r.status,
+                r.error_code.as_deref(),
+                r.prompt_tokens,
+                r.completion_tokens,
+            )
+        })
+        .collect();
+    seen.sort();
+    // The completion estimated: "Say hello" 6 tokens, "abcdefgh" 2; the
+    // failed stream "Hi" after the same prompt.
+    assert_eq!(
+        seen,
+        [
+            ("chat", false, 200, None, Some(6), Some(2)),
+            ("chat", true, 200, None, Some(7), Some(5)),
+            ("chat", true, 400, Some("upstream_status"), Some(6), Some(1)),
+            ("embeddings", false, 200, None, Some(42), Some(0)),
+        ]
+    );
 }
 
 /// A complete stream from a server that ignores `stream_options` (no usage
