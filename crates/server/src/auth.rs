@@ -376,7 +376,10 @@ fn failure_key(ip: std::net::IpAddr) -> String {
 }
 
 /// The state of an address that has used up its failed authentications,
-/// while it has.
+/// while it has. A credential this instance verified recently (in its
+/// credential cache) is never refused so: someone guessing from the same
+/// address (a shared NAT, an office) must not lock out the clients that
+/// already hold a good key; a new or expired-from-cache one waits.
 ///
 /// Without Redis the count is this process's. With Redis it is shared by
 /// every instance, so that spreading guesses over instances gains nothing:
@@ -396,6 +399,9 @@ async fn failures_blocked(
     let local = &state.inner.auth_failures;
     let d = local.check_now(&key, rate, 0).ok()?;
     if d.remaining == 0 {
+        if state.identity().is_cached(credential) {
+            return None;
+        }
         return Some(Blocked(rate, d));
     }
     if limits.config.redis_url.is_none() || state.identity().is_cached(credential) {
@@ -415,7 +421,9 @@ async fn failures_blocked(
 }
 
 /// Counts a failed authentication; the one that uses up the allowance is
-/// written to the audit log (one event per burst, not one per failure).
+/// written to the audit log — once per address and window of the
+/// `auth_failures` rate on each instance, not again for every guess that
+/// the refilling allowance lets through afterwards.
 /// With Redis the failure is counted there (the local count when Redis
 /// fails), and a used-up allowance is copied to the local limiter.
 async fn count_failure(state: &AppState, ip: std::net::IpAddr) {
@@ -448,7 +456,15 @@ async fn count_failure(state: &AppState, ip: std::net::IpAddr) {
         },
     };
     metrics::counter!("switchyard_auth_failures_total").increment(1);
-    if d.allowed && d.remaining == 0 {
+    let first_in_window = || {
+        let once = switchyard_core::limits::Rate::new(1, rate.period());
+        once.is_ok_and(|once| {
+            local
+                .check_now(&format!("audited:{key}"), once, 1)
+                .is_ok_and(|d| d.allowed)
+        })
+    };
+    if d.allowed && d.remaining == 0 && first_in_window() {
         let actor = switchyard_engine::identity::Actor {
             label: format!("ip:{ip}"),
             tenant_id: switchyard_engine::identity::DEFAULT_TENANT.into(),

@@ -94,8 +94,11 @@ pub struct Actor {
 }
 
 impl Actor {
+    /// The actor is the credential: its key, else its own user (a token's
+    /// subject) — never a user the request names in `X-Switchyard-User`,
+    /// which would let a caller write the audit log in someone else's name.
     pub fn from_principal(p: &Principal, trace_id: Option<String>) -> Self {
-        let label = match (&p.key_id, &p.user_id, p.kind) {
+        let label = match (&p.key_id, &p.credential_user, p.kind) {
             (Some(k), _, _) => format!("key:{k}"),
             (None, Some(u), _) => format!("user:{u}"),
             (None, None, CredentialKind::OpenDev) => "open-dev".into(),

@@ -690,6 +690,45 @@ async fn a_service_token_naming_other_users_stays_within_its_limit() {
     assert_eq!(app.mock().calls(), 3);
 }
 
+/// The audit log names the credential that acted: a token's own subject,
+/// not a user the request names in `X-Switchyard-User` (which let an admin
+/// token write key creations in another user's name).
+#[tokio::test]
+async fn the_audit_log_names_the_tokens_subject_not_the_user_it_names() {
+    let app = crate::helpers::app()
+        .env("SWITCHYARD_JWT__HS256_SECRET", JWT_SECRET)
+        .spawn()
+        .await;
+    let token = hs256(
+        json!({"sub": "real-admin", "role": "admin", "aud": "authenticated", "exp": now() + 600, "iat": now() - 10}),
+        JWT_SECRET,
+        "HS256",
+    );
+    let resp = app
+        .client
+        .post(app.url("/v1/admin/keys"))
+        .bearer_auth(&token)
+        .header("x-switchyard-user", "innocent-bob")
+        .json(&json!({"name": "made by a token"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let key: Value = resp.json().await.unwrap();
+    assert_eq!(key["created_by"], "user:real-admin", "{key}");
+    let audit: Value = app
+        .client
+        .get(app.url("/v1/admin/audit?action=key.created"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["data"][0]["actor"], "user:real-admin", "{audit}");
+}
+
 #[tokio::test]
 async fn a_supabase_jwt_authenticates_and_attacks_are_refused() {
     let app = crate::helpers::app()

@@ -293,12 +293,10 @@ async fn failed_authentications_are_counted_across_instances_sharing_redis() {
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["code"], "too_many_auth_failures");
     }
-    // A has seen the refusal from Redis: even the key it has cached is
-    // refused from this address now.
-    assert_eq!(
-        send(&a, ADMIN).await.unwrap().status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    // The key both have verified and cached still works from this address:
+    // the guesses of someone else there do not lock out its clients.
+    assert_eq!(send(&a, ADMIN).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(send(&b, ADMIN).await.unwrap().status(), StatusCode::OK);
     // Another address is not affected.
     let other = a
         .client
@@ -650,7 +648,7 @@ async fn repeated_authentication_failures_from_one_address_are_limited_and_audit
         .spawn()
         .await;
     let bad = "sy_0000000000000000000000000000000000000000000";
-    let status = |key: &'static str| {
+    let status = |key: &str| {
         let req = app
             .client
             .post(app.url("/v1/chat/completions"))
@@ -658,6 +656,13 @@ async fn repeated_authentication_failures_from_one_address_are_limited_and_audit
             .json(&chat_body("gpt-4o-mini"));
         async move { req.send().await.unwrap() }
     };
+    // A client at the same address (an office behind one NAT) that has
+    // been using its key.
+    let working = post_key(&app, json!({"name": "in use"})).await;
+    let working = working["key"].as_str().unwrap();
+    assert_eq!(status(working).await.status(), StatusCode::OK);
+    let unused = post_key(&app, json!({"name": "not used yet"})).await;
+    let unused = unused["key"].as_str().unwrap();
     for _ in 0..3 {
         assert_eq!(status(bad).await.status(), StatusCode::UNAUTHORIZED);
     }
@@ -672,11 +677,16 @@ async fn repeated_authentication_failures_from_one_address_are_limited_and_audit
     assert!(rl.starts_with("\"auth_failures\";r=0;t="), "{rl}");
     let v: Value = blocked.json().await.unwrap();
     assert_eq!(v["error"]["code"], "too_many_auth_failures");
-    let even_good = status(ADMIN).await;
+    let even_good = status(unused).await;
     assert_eq!(
         even_good.status(),
         StatusCode::TOO_MANY_REQUESTS,
-        "the address is blocked, whatever it sends"
+        "the address is blocked, whatever new credential it sends"
+    );
+    assert_eq!(
+        status(working).await.status(),
+        StatusCode::OK,
+        "a key verified recently is not locked out by someone else's guesses"
     );
     // Requests without a credential are not failures (open routes, SDK probes).
     let health = app.client.get(app.url("/health")).send().await.unwrap();
@@ -696,6 +706,52 @@ async fn repeated_authentication_failures_from_one_address_are_limited_and_audit
         .unwrap();
     assert_eq!(events.len(), 1, "one aggregated event, not one per failure");
     assert_eq!(events[0].target.as_deref(), Some("ip:127.0.0.1"));
+}
+
+/// Guesses paced to the refilling allowance (one each time it lets one
+/// through) write one audit event for the window, not one per guess.
+#[tokio::test]
+async fn paced_guesses_write_one_auth_failures_event_per_window() {
+    let app = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .config("[rate_limits]\nauth_failures = \"3/6s\"\n")
+        .spawn()
+        .await;
+    let guess = || {
+        app.client
+            .get(app.url("/v1/models"))
+            .bearer_auth("sy_0000000000000000000000000000000000000000000")
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(guess().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        guess().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // One more guess each time the allowance refills (every 2 s).
+    for _ in 0..2 {
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        assert_eq!(guess().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            guess().await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+    let store = crate::helpers::app_store(&app).await;
+    let events = store
+        .list_audit(
+            "default",
+            &switchyard_core::identity::AuditQuery {
+                action: Some("auth.failures".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
 }
 
 #[tokio::test]
