@@ -173,7 +173,7 @@ struct Header {
 /// process and share it (`Arc`): it holds the JWKS cache.
 pub struct JwtVerifier {
     hs256: Option<DecodingKey>,
-    jwks: Option<JwksCache>,
+    jwks: Option<Arc<JwksCache>>,
     rules: ClaimRules,
     clock: Arc<dyn Clock>,
 }
@@ -203,7 +203,7 @@ impl JwtVerifier {
         let jwks = config
             .jwks_url
             .as_ref()
-            .map(|url| JwksCache::new(url, config))
+            .map(|url| JwksCache::new(url, config).map(Arc::new))
             .transpose()?;
         Ok(Self {
             hs256,

@@ -91,12 +91,13 @@ fn credential(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
     {
         let v = v.trim();
-        return Some(
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-                .unwrap_or(v)
-                .trim(),
-        );
+        // The scheme is case-insensitive (RFC 9110); `Bearer` with nothing
+        // after it is no credential, not a wrong one.
+        let (scheme, rest) = v.split_once([' ', '\t']).unwrap_or((v, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(rest.trim());
+        }
+        return Some(v);
     }
     headers
         .get("x-api-key")

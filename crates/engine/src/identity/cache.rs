@@ -73,9 +73,10 @@ impl CredentialCache {
     }
 
     /// Remembers a verified credential for [`TTL`], or until `expires_at`
-    /// (unix seconds) if that comes first.
-    pub fn put(&self, digest: [u8; 32], principal: Principal, now_unix: i64) {
-        self.put_looked_up_at(digest, principal, now_unix, None);
+    /// (unix seconds) if that comes first; `now_ms` is unix milliseconds, so
+    /// that an entry ends at its expiry, not up to a second after it.
+    pub fn put(&self, digest: [u8; 32], principal: Principal, now_ms: i64) {
+        self.put_looked_up_at(digest, principal, now_ms, None);
     }
 
     /// The invalidation count now: read it before looking a credential up,
@@ -91,13 +92,13 @@ impl CredentialCache {
         &self,
         digest: [u8; 32],
         principal: Principal,
-        now_unix: i64,
+        now_ms: i64,
         generation: Option<u64>,
     ) {
         let mut ttl = TTL;
         if let Some(exp) = principal.expires_at {
-            let left = u64::try_from(exp - now_unix).unwrap_or(0);
-            ttl = ttl.min(Duration::from_secs(left));
+            let left = u64::try_from(exp.saturating_mul(1000).saturating_sub(now_ms)).unwrap_or(0);
+            ttl = ttl.min(Duration::from_millis(left));
         }
         if ttl.is_zero() {
             return;
@@ -180,7 +181,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_entry_lives_sixty_seconds() {
         let cache = CredentialCache::default();
-        cache.put([1; 32], principal("k1", None), 1_000);
+        cache.put([1; 32], principal("k1", None), 1_000_000);
         tokio::time::advance(Duration::from_secs(59)).await;
         assert!(cache.get(&[1; 32]).is_some());
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -193,15 +194,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_entry_never_outlives_the_token() {
         let cache = CredentialCache::default();
-        cache.put([2; 32], principal("k", Some(1_010)), 1_000);
-        tokio::time::advance(Duration::from_secs(9)).await;
+        // Looked up 0.9 s into second 1,000; the token expires at 1,010.
+        cache.put([2; 32], principal("k", Some(1_010)), 1_000_900);
+        tokio::time::advance(Duration::from_millis(9_050)).await;
         assert!(cache.get(&[2; 32]).is_some());
-        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::time::advance(Duration::from_millis(100)).await;
         assert!(
             cache.get(&[2; 32]).is_none(),
             "expired with the token, not at 60 s"
         );
-        cache.put([3; 32], principal("k", Some(999)), 1_000);
+        cache.put([3; 32], principal("k", Some(999)), 1_000_000);
         assert!(
             cache.get(&[3; 32]).is_none(),
             "an expired token is not cached"

@@ -386,7 +386,7 @@ impl Identity {
             self.inner.cache.put_looked_up_at(
                 digest,
                 verified.principal.clone(),
-                now.div_euclid(1000),
+                now,
                 Some(generation),
             );
             return Ok(verified.principal);
@@ -413,12 +413,9 @@ impl Identity {
             limits: record.limits,
             require_signature: record.require_signature,
         };
-        self.inner.cache.put_looked_up_at(
-            digest,
-            principal.clone(),
-            now.div_euclid(1000),
-            Some(generation),
-        );
+        self.inner
+            .cache
+            .put_looked_up_at(digest, principal.clone(), now, Some(generation));
         Ok(principal)
     }
 

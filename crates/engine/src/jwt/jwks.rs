@@ -7,7 +7,10 @@
 //! `jwks_refetch_min_secs`, and concurrent callers wait for the fetch in
 //! flight rather than start their own; so a flood of tokens with random key
 //! ids costs the JWKS URL one request per interval. A failed fetch keeps the
-//! keys we had.
+//! keys we had. A token whose key the set holds never waits for a fetch:
+//! once the set is past its lifetime, the key is used as it is and the set
+//! is fetched again in the background (a slow or hung JWKS URL must not
+//! hold up every sign-in).
 
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -36,6 +39,8 @@ pub(super) struct JwksCache {
     ttl: i64,
     min_interval: i64,
     current: RwLock<Arc<KeySet>>,
+    /// Set while a background fetch (of a set past its lifetime) runs.
+    refreshing: std::sync::atomic::AtomicBool,
     /// Held for the whole of a fetch, so that callers who miss at the same
     /// time share it.
     fetch: tokio::sync::Mutex<FetchState>,
@@ -90,6 +95,7 @@ impl JwksCache {
             ttl: i64::try_from(config.jwks_ttl_secs).unwrap_or(i64::MAX),
             min_interval: i64::try_from(config.jwks_refetch_min_secs).unwrap_or(i64::MAX),
             current: RwLock::default(),
+            refreshing: std::sync::atomic::AtomicBool::new(false),
             fetch: tokio::sync::Mutex::default(),
         })
     }
@@ -97,7 +103,7 @@ impl JwksCache {
     /// The key a token signed with `alg` and naming `kid` must verify
     /// against, fetching the key set if it is missing, stale, or lacks `kid`.
     pub(super) async fn key_for(
-        &self,
+        self: &Arc<Self>,
         kid: Option<&str>,
         alg: Alg,
         now: i64,
@@ -106,22 +112,42 @@ impl JwksCache {
         let fresh = snapshot
             .fetched_at
             .is_some_and(|at| now.saturating_sub(at) < self.ttl);
-        if fresh {
-            if let Some(key) = snapshot.find(kid, alg)? {
-                return Ok(key);
+        if let Some(key) = snapshot.find(kid, alg)? {
+            if !fresh {
+                self.refresh_in_background(snapshot.generation, now);
             }
+            return Ok(key);
         }
         let (snapshot, failure) = self.refresh(snapshot.generation, now).await;
         if let Some(key) = snapshot.find(kid, alg)? {
             return Ok(key);
         }
         match (failure, snapshot.fetched_at) {
-            (Some(why), _) => Err(JwtError::JwksUnavailable(why)),
+            // A set is held and does not have the key: the token's fault,
+            // whether or not the URL answers now.
+            (_, Some(_)) => Err(JwtError::UnknownKid),
+            (Some(why), None) => Err(JwtError::JwksUnavailable(why)),
             (None, None) => Err(JwtError::JwksUnavailable(
                 "no key set has been fetched yet".into(),
             )),
-            (None, Some(_)) => Err(JwtError::UnknownKid),
         }
+    }
+
+    /// Fetches the set again without anyone waiting for it; one such fetch
+    /// at a time (and, as every fetch, at most one per minimum interval).
+    fn refresh_in_background(self: &Arc<Self>, seen: u64, now: i64) {
+        use std::sync::atomic::Ordering;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        rt.spawn(async move {
+            me.refresh(seen, now).await;
+            me.refreshing.store(false, Ordering::Release);
+        });
     }
 
     fn snapshot(&self) -> Arc<KeySet> {

@@ -102,6 +102,31 @@ async fn open_development_mode_serves_without_a_key_until_the_first_key_exists()
         .unwrap()
         .contains("You didn't provide an API key"));
     assert_eq!(chat_status(&app, Some(key)).await, StatusCode::OK);
+    // A scheme with no token is no key either (not a wrong one, which
+    // would count against the address's failed authentications); the
+    // scheme's case does not matter.
+    for header in ["Bearer", "Bearer   ", "bearer"] {
+        let resp = app
+            .client
+            .get(app.url("/v1/models"))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{header:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], Value::Null, "{header:?}: {body}");
+    }
+    for header in [format!("BEARER {key}"), format!("bEaReR\t{key}")] {
+        let resp = app
+            .client
+            .get(app.url("/v1/models"))
+            .header("authorization", header.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{header:?}");
+    }
 }
 
 /// Open development mode serves anyone who reaches the loopback address
