@@ -82,6 +82,15 @@ pub struct Principal {
     pub require_signature: bool,
 }
 
+/// Whether `id` may name a user: 1 to 256 bytes. One rule for a key's
+/// user, a request naming one (`X-Switchyard-User`) and a session's.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_USER_ID_BYTES
+}
+
+/// The longest user id, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 256;
+
 /// The rate-limit subject of a user: `user:{tenant}:{user}`, each part with
 /// `:` (and `%`) percent-encoded, so that no user's subject is a prefix of
 /// another's (`a` and `a:b`), which a reset by prefix relies on.

@@ -221,13 +221,13 @@ pub(crate) async fn admit(state: &AppState, req: Request) -> Result<Request, Res
                 ),
             ));
         }
-        if user.is_empty() || user.len() > 256 {
+        if !switchyard_core::identity::valid_user_id(user) {
             return Err(family_error(
                 family,
                 StatusCode::BAD_REQUEST,
                 Some("invalid_user"),
                 &format!(
-                    "`{}` must name a user (1 to 256 characters).",
+                    "`{}` must name a user (1 to 256 bytes).",
                     state.user_header()
                 ),
             ));

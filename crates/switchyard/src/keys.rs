@@ -41,6 +41,13 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                     bail!("--expires-in-days must be 1 to 2900000, not {days}");
                 }
             }
+            switchyard_engine::identity::valid_name(&name)?;
+            if user
+                .as_deref()
+                .is_some_and(|u| !switchyard_core::identity::valid_user_id(u))
+            {
+                bail!("--user must be 1 to 256 bytes");
+            }
             if identity.get_tenant(&tenant).await?.is_none() {
                 identity
                     .create_tenant(

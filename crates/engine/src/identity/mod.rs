@@ -461,11 +461,11 @@ impl Identity {
         if new
             .user_id
             .as_ref()
-            .is_some_and(|u| u.is_empty() || u.chars().count() > 256)
+            .is_some_and(|u| !switchyard_core::identity::valid_user_id(u))
         {
             return Err(IdentityError::Invalid {
                 field: "user_id",
-                message: "user_id must be 1 to 256 characters".into(),
+                message: "user_id must be 1 to 256 bytes".into(),
             });
         }
         if self.inner.store.get_tenant(&tenant_id).await?.is_none() {
@@ -500,7 +500,8 @@ impl Identity {
             "key.created",
             Some(format!("key:{}", record.id)),
             json!({"name": record.name, "role": record.role, "user_id": record.user_id, "prefix": record.prefix,
-                   "expires_at_ms": record.expires_at_ms, "require_signature": record.require_signature}),
+                   "expires_at_ms": record.expires_at_ms, "require_signature": record.require_signature,
+                   "limits": record.limits}),
         )
         .await;
         Ok(CreatedKey {
@@ -650,20 +651,40 @@ impl Identity {
         key_id: Option<&str>,
         user_id: Option<&str>,
         tenant: Option<&str>,
-    ) -> Result<(String, String), IdentityError> {
+    ) -> Result<(Vec<String>, String), IdentityError> {
         actor.require_admin()?;
         let tenant_id = actor.tenant(tenant)?;
-        let prefix = match (key_id, user_id) {
+        if tenant_id != DEFAULT_TENANT && self.inner.store.get_tenant(&tenant_id).await?.is_none() {
+            return Err(IdentityError::NotFound("tenant"));
+        }
+        let prefixes = match (key_id, user_id) {
             (Some(k), None) => {
                 if self.inner.store.get_api_key(&tenant_id, k).await?.is_none() {
                     return Err(IdentityError::NotFound("key"));
                 }
-                format!("key:{k}:")
+                vec![format!("key:{k}:")]
             }
-            (None, Some(u)) => format!(
-                "{}:",
-                switchyard_core::identity::user_subject(&tenant_id, u)
-            ),
+            (None, Some(u)) => {
+                if !switchyard_core::identity::valid_user_id(u) {
+                    return Err(IdentityError::Invalid {
+                        field: "user_id",
+                        message: "user_id must be 1 to 256 bytes".into(),
+                    });
+                }
+                // The user's own counts (a token's) and those of the keys
+                // made for the user, which count as keys.
+                let mut prefixes = vec![format!(
+                    "{}:",
+                    switchyard_core::identity::user_subject(&tenant_id, u)
+                )];
+                let keys = self.inner.store.list_api_keys(&tenant_id).await?;
+                prefixes.extend(
+                    keys.iter()
+                        .filter(|k| k.user_id.as_deref() == Some(u))
+                        .map(|k| format!("key:{}:", k.id)),
+                );
+                prefixes
+            }
             _ => {
                 return Err(IdentityError::Invalid {
                     field: "key_id",
@@ -671,7 +692,7 @@ impl Identity {
                 })
             }
         };
-        Ok((prefix, tenant_id))
+        Ok((prefixes, tenant_id))
     }
 
     /// The cache's figures. They cover every tenant's credentials on this
@@ -786,12 +807,19 @@ impl Identity {
                 "only an operator (an admin of tenant `default`) manages tenants",
             ));
         }
-        let before = self
-            .inner
-            .store
-            .get_tenant(id)
-            .await?
-            .ok_or(IdentityError::NotFound("tenant"))?;
+        // `default` exists without a row until it is given settings.
+        let stored = self.inner.store.get_tenant(id).await?;
+        let before = match stored.clone() {
+            Some(t) => t,
+            None if id == DEFAULT_TENANT => Tenant {
+                id: id.to_owned(),
+                name: id.to_owned(),
+                monthly_budget_usd: None,
+                limits: Default::default(),
+                created_at_ms: now_ms(),
+            },
+            None => return Err(IdentityError::NotFound("tenant")),
+        };
         let mut after = before.clone();
         if let Some(name) = &change.name {
             after.name = valid_name(name)?.to_owned();
@@ -802,7 +830,11 @@ impl Identity {
         if let Some(limits) = change.limits {
             after.limits = limits;
         }
-        if !self.inner.store.update_tenant(&after).await? {
+        let written = match stored {
+            Some(_) => self.inner.store.update_tenant(&after).await?,
+            None => self.inner.store.create_tenant(&after).await?,
+        };
+        if !written {
             return Err(IdentityError::NotFound("tenant"));
         }
         self.audit(
@@ -885,7 +917,7 @@ pub struct TenantUpdate {
 }
 
 /// A key's or tenant's name: 1 to 200 characters once trimmed.
-fn valid_name(name: &str) -> Result<&str, IdentityError> {
+pub fn valid_name(name: &str) -> Result<&str, IdentityError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 200 {
         return Err(IdentityError::Invalid {

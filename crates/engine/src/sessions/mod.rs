@@ -405,8 +405,8 @@ impl Sessions {
             Role::Admin | Role::Service => new.user_id.or_else(|| who.user_id.clone()),
         };
         if let Some(u) = &user_id {
-            if u.is_empty() || u.len() > 255 {
-                return Err(invalid("user_id", "`user_id` must be 1 to 255 bytes."));
+            if !switchyard_core::identity::valid_user_id(u) {
+                return Err(invalid("user_id", "`user_id` must be 1 to 256 bytes."));
             }
         }
         if let Some(b) = &new.bot_id {

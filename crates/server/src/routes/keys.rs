@@ -124,6 +124,18 @@ pub(crate) async fn native_body<T: serde::de::DeserializeOwned>(
     reason = "the error is the finished response, on the cold path"
 )]
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+    // Every native body is an object: an array would be read into a
+    // struct's fields by position (`["name", "admin"]` a key's name and
+    // role).
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(native(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The body must be a JSON object.",
+            json!({"field": null}),
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let mut path = e.path().to_string();
@@ -819,7 +831,7 @@ pub async fn reset_rate_limits(
     let actor = actor(&who, &ctx);
     // Audited under the subject's tenant, whose admins must see it, not
     // the actor's (an operator resetting another tenant's key).
-    let (prefix, tenant_id) = match state
+    let (prefixes, tenant_id) = match state
         .identity()
         .limit_subject(
             &actor,
@@ -835,9 +847,17 @@ pub async fn reset_rate_limits(
     let Some(limits) = state.inner.limits.as_ref() else {
         return Json(json!({"reset": 0})).into_response();
     };
-    match limits.limiter.reset(&prefix).await {
+    let mut reset = Ok(0);
+    for prefix in &prefixes {
+        reset = match (reset, limits.limiter.reset(prefix).await) {
+            (Ok(sum), Ok(n)) => Ok(sum + n),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+    }
+    match reset {
         Ok(n) => {
-            let subject = prefix.trim_end_matches(':').to_owned();
+            // The subject asked for: the key, or the user (with its keys).
+            let subject = prefixes[0].trim_end_matches(':').to_owned();
             state
                 .identity()
                 .audit(

@@ -649,6 +649,23 @@ fn the_cli_creates_lists_and_revokes_keys_the_server_accepts() {
         err.contains("no tenant `fresh`"),
         "a refused key made no tenant: {err}"
     );
+    // A name or user refused by the key's own rules is refused before the
+    // tenant is made, too.
+    let long_user = "u".repeat(257);
+    for args in [
+        &["keys", "create", "--name", "   ", "--tenant", "fresh"][..],
+        &[
+            "keys", "create", "--name", "ok", "--user", "", "--tenant", "fresh",
+        ],
+        &[
+            "keys", "create", "--name", "ok", "--user", &long_user, "--tenant", "fresh",
+        ],
+    ] {
+        let err = fails(args);
+        assert!(err.contains("1 to 2"), "{args:?}: {err}");
+        let err = fails(&["keys", "list", "--tenant", "fresh"]);
+        assert!(err.contains("no tenant `fresh`"), "{args:?}: {err}");
+    }
 }
 
 const JWT_SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters";

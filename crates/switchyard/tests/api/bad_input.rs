@@ -534,7 +534,7 @@ async fn a_bad_acting_user_header_is_refused_in_each_apis_shape() {
             resp,
             400,
             "invalid_user",
-            "`x-switchyard-user` must name a user (1 to 256 characters).",
+            "`x-switchyard-user` must name a user (1 to 256 bytes).",
         )
         .await;
         let resp = app
@@ -954,4 +954,55 @@ async fn key_fields_and_audit_cursors_out_of_range_are_refused_by_field() {
     if let Some(next) = page["next_cursor"].as_str() {
         admin_get(&app, &format!("/v1/admin/audit?cursor={next}")).await;
     }
+}
+
+/// Every native body is a JSON object: an array was read into a struct's
+/// fields by position, so `["name", "admin"]` made an admin key.
+#[tokio::test]
+async fn a_native_body_that_is_not_an_object_is_refused() {
+    let app = crate::helpers::app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .spawn()
+        .await;
+    for (path, body) in [
+        ("/v1/admin/keys", r#"["arr-key", "admin"]"#),
+        ("/v1/admin/tenants", r#"["t"]"#),
+        ("/v1/bots", r#"["b", "gpt-4o-mini"]"#),
+        ("/v1/admin/keys", "42"),
+    ] {
+        let resp = app
+            .client
+            .post(app.url(path))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            reqwest::StatusCode::BAD_REQUEST,
+            "{path} {body}"
+        );
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            v["error"]["message"], "The body must be a JSON object.",
+            "{v}"
+        );
+    }
+    let keys: serde_json::Value = app
+        .client
+        .get(app.url("/v1/admin/keys"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        keys["data"].as_array().unwrap().len(),
+        1,
+        "only the bootstrap key: {keys}"
+    );
 }

@@ -754,6 +754,182 @@ async fn paced_guesses_write_one_auth_failures_event_per_window() {
     assert_eq!(events.len(), 1, "{events:?}");
 }
 
+/// Resetting a user resets the keys made for that user too (their counts
+/// are the keys'; it reset nothing for them before); a tenant that does not
+/// exist is a 404, not a `{"reset": 0}` audited under a made-up tenant; an
+/// empty user id is refused.
+#[tokio::test]
+async fn resetting_a_user_resets_its_keys_and_unknown_tenants_are_404() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let k = post_key(
+        &app,
+        json!({"name": "bob's", "user_id": "bob", "role": "user", "limits": {"rates": {"chat": "1/hour"}}}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        chat().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let reset = |body: Value| {
+        app.client
+            .post(app.url("/v1/admin/rate-limits/reset"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let resp = reset(json!({"user_id": "bob"})).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["reset"], 2, "the key's global and chat: {v}");
+    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+
+    let resp = reset(json!({"user_id": "x", "tenant_id": "no-such-tenant"}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    let resp = reset(json!({"user_id": ""})).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
+/// A tenant's settings change through `PATCH /v1/admin/tenants/{id}`:
+/// `default` too (it has no row until then); an unknown tenant is a 404,
+/// a bad rate or name a 400; the change is audited with before and after.
+#[tokio::test]
+async fn an_operator_changes_a_tenant_and_the_change_is_audited() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let patch = |id: &str, body: Value| {
+        app.client
+            .patch(app.url(&format!("/v1/admin/tenants/{id}")))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let resp = patch(
+        "default",
+        json!({"monthly_budget_usd": 12.5, "limits": {"chat": "5/min"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (t["id"].as_str(), t["monthly_budget_usd"].as_f64()),
+        (Some("default"), Some(12.5))
+    );
+    assert_eq!(t["limits"]["chat"], "5/min");
+    // `null` removes the budget; what is left out stays.
+    let t: Value = patch("default", json!({"monthly_budget_usd": null}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (t["monthly_budget_usd"].clone(), t["limits"]["chat"].clone()),
+        (Value::Null, json!("5/min"))
+    );
+
+    let missing = patch("nope", json!({"name": "x"})).await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    for (body, field) in [
+        (json!({"limits": {"chat": "5/fortnight"}}), "limits.chat"),
+        (json!({"name": "n".repeat(201)}), "name"),
+        (json!({"monthly_budget_usd": -1}), "monthly_budget_usd"),
+    ] {
+        let resp = patch("default", body.clone()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{v}"
+        );
+    }
+    let audit: Value = app
+        .client
+        .get(app.url("/v1/admin/audit?action=tenant.updated"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = audit["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{audit}");
+    assert_eq!(rows[0]["detail"]["before"]["monthly_budget_usd"], 12.5);
+    assert_eq!(
+        rows[0]["detail"]["after"]["monthly_budget_usd"],
+        Value::Null
+    );
+
+    // A key's limits are in its creation's audit row.
+    post_key(
+        &app,
+        json!({"name": "capped", "limits": {"tokens_per_minute": 100}}),
+    )
+    .await;
+    let audit: Value = app
+        .client
+        .get(app.url("/v1/admin/audit?action=key.created"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        audit["data"][0]["detail"]["limits"]["tokens_per_minute"], 100,
+        "{audit}"
+    );
+}
+
+/// `bots` limits making and changing bots: reading them (an app listing
+/// its bots) counts in `global` alone.
+#[tokio::test]
+async fn reading_bots_does_not_use_up_the_bots_class() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let k = post_key(
+        &app,
+        json!({"name": "bots", "role": "admin", "limits": {"rates": {"bots": "2/hour"}}}),
+    )
+    .await;
+    let key = k["key"].as_str().unwrap();
+    for _ in 0..5 {
+        let list = app
+            .client
+            .get(app.url("/v1/bots"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(list.status(), StatusCode::OK);
+    }
+    let make = || {
+        app.client
+            .post(app.url("/v1/bots"))
+            .bearer_auth(key)
+            .json(&json!({"name": "b", "model": "gpt-4o-mini"}))
+            .send()
+    };
+    assert_eq!(make().await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(make().await.unwrap().status(), StatusCode::CREATED);
+    let third = make().await.unwrap();
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(third.headers()["ratelimit-policy"], "\"bots\";q=2;w=3600");
+}
+
 #[tokio::test]
 async fn an_admin_resets_a_keys_rate_limit_and_the_reset_is_audited() {
     let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
