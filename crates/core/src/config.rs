@@ -447,21 +447,32 @@ impl ProviderConfig {
     /// DeepInfra's OpenAI-compatible API returns no embeddings unless
     /// `encoding_format: "float"` is sent, and does not support base64.
     pub fn is_deepinfra(&self) -> bool {
-        self.base_url.contains("deepinfra.com")
+        let host = self.host();
+        host == "deepinfra.com" || host.ends_with(".deepinfra.com")
     }
 
     /// OpenAI's own API (or Azure OpenAI's), whose current models want
     /// `max_completion_tokens` rather than the deprecated `max_tokens`.
     pub fn is_openai(&self) -> bool {
-        let host = self
+        let host = self.host();
+        host == "api.openai.com" || host.ends_with(".openai.azure.com")
+    }
+
+    /// The base URL's host, lower-cased.
+    fn host(&self) -> String {
+        let authority = self
             .base_url
             .split_once("://")
             .map_or(self.base_url.as_str(), |(_, rest)| rest)
-            .split(['/', ':'])
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or("");
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        authority
+            .split(':')
             .next()
             .unwrap_or("")
-            .to_ascii_lowercase();
-        host == "api.openai.com" || host.ends_with(".openai.azure.com")
+            .to_ascii_lowercase()
     }
 }
 
@@ -1055,6 +1066,17 @@ impl Config {
                     "expected an http:// or https:// URL",
                 ));
             }
+            // Sent in a header: what `serve` would refuse to send.
+            let header_safe = |b: &u8| (0x20..0x7f).contains(b) || *b == b'\t';
+            if p.api_key
+                .as_ref()
+                .is_some_and(|k| !k.expose_secret().as_bytes().iter().all(header_safe))
+            {
+                return Err(ConfigError::invalid(
+                    format!("providers.{name}.api_key"),
+                    "expected characters an HTTP header can carry (visible ASCII): a carriage return or newline copied with the key?",
+                ));
+            }
             if p.timeout_secs == 0
                 || p.connect_timeout_ms == 0
                 || p.first_byte_timeout_ms == 0
@@ -1156,12 +1178,23 @@ impl Config {
         }
         if let Some(key) = &self.auth.admin_key {
             let key = key.expose_secret();
-            if key.chars().count() < MIN_ADMIN_KEY_CHARS || key.chars().any(char::is_whitespace) {
+            if key.chars().count() < MIN_ADMIN_KEY_CHARS
+                || key.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(ConfigError::invalid(
                     "auth.admin_key",
                     format!(
                         "expected at least {MIN_ADMIN_KEY_CHARS} characters without spaces, e.g. the output of `openssl rand -hex 32` (SWITCHYARD_ADMIN_KEY sets it)"
                     ),
+                ));
+            }
+            // A credential with exactly two dots is read as a JWT: such a
+            // key would be stored, end open development mode, and never
+            // sign in.
+            if key.matches('.').count() == 2 {
+                return Err(ConfigError::invalid(
+                    "auth.admin_key",
+                    "expected a key without exactly two `.` (a credential of that shape is read as a JWT), e.g. the output of `openssl rand -hex 32` (SWITCHYARD_ADMIN_KEY sets it)",
                 ));
             }
         }
@@ -1981,6 +2014,29 @@ mod tests {
     }
 
     #[test]
+    fn deepinfra_is_recognised_by_the_host_of_its_base_url() {
+        let is_deepinfra = |url: &str| {
+            toml::from_str::<ProviderConfig>(&format!("kind = \"openai\"\nbase_url = \"{url}\""))
+                .unwrap()
+                .is_deepinfra()
+        };
+        for yes in [
+            "https://api.deepinfra.com/v1/openai",
+            "https://API.DeepInfra.com/v1/openai",
+            "https://api.deepinfra.com:443/v1/openai",
+        ] {
+            assert!(is_deepinfra(yes), "{yes}");
+        }
+        for no in [
+            "https://proxy.example.net/deepinfra.com/v1",
+            "https://deepinfra.com.example.net/v1",
+            "https://api.openai.com/v1",
+        ] {
+            assert!(!is_deepinfra(no), "{no}");
+        }
+    }
+
+    #[test]
     fn retired_paths_are_checked_and_named() {
         let load = |t: &str| Config::load(Some(("f.toml", t)), &Env::new());
         let ok = "[[sessions.retired_paths]]\npath = \"/functions/v1/chatting\"\nsunset = \"2027-01-01\"\n";
@@ -2051,7 +2107,15 @@ mod tests {
                 "[auth]\nadmin_key = \"an admin key with spaces in it, long enough\"\n",
                 "auth.admin_key",
             ),
+            (
+                "[auth]\nadmin_key = \"ops.admin.f3a9c2e1b7d4a8f6e2c9b1d7a3f5e8c2\"\n",
+                "auth.admin_key",
+            ),
             ("[log]\nlevel = \"info,switchyard=loud\"\n", "log.level"),
+            (
+                "[providers.x]\nkind = \"openai\"\nbase_url = \"https://api.example.com/v1\"\napi_key = \"sk-abc\\r\"\n",
+                "providers.x.api_key",
+            ),
         ];
         for (toml, key) in cases {
             let (path, message) = path_of(load(toml, &none));

@@ -154,11 +154,18 @@ impl JwtConfig {
 }
 
 /// `http://` is accepted only where no one can tamper with the keys in transit.
-fn is_loopback_http(url: &str) -> bool {
+/// Whether `url` is plain `http://` to a loopback host (`localhost`, or a
+/// loopback address), the one place a JWKS may be fetched without TLS. A
+/// URL with user information (`http://localhost:80@192.0.2.1/`, whose host
+/// is the address after `@`) is never one.
+pub fn is_loopback_http(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("http://") else {
         return false;
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = rest.split(['/', '?', '#', '\\']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return false;
+    }
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
         None => authority.split(':').next().unwrap_or_default(),
@@ -293,6 +300,9 @@ mod tests {
             ("http://idp.example.com/jwks", false),
             ("http://127.0.0.1.evil.example/jwks", false),
             ("ftp://idp.example.com/jwks", false),
+            // User information: the host is what follows `@`.
+            ("http://localhost:80@192.0.2.1/jwks.json", false),
+            ("http://[::1]@192.0.2.1/jwks.json", false),
         ] {
             let c = JwtConfig {
                 jwks_url: Some(url.into()),

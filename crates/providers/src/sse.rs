@@ -1,7 +1,7 @@
 //! An incremental parser for `text/event-stream` bodies.
 //!
 //! Upstream bytes arrive in arbitrary pieces (an event split across TCP reads,
-//! several events in one read, `\r\n` or `\n` line ends); the parser yields
+//! several events in one read, `\r\n`, `\n` or `\r` line ends); the parser yields
 //! each complete event as soon as its terminating blank line is seen, so
 //! chunks are relayed as they arrive instead of after the whole stream.
 
@@ -70,7 +70,7 @@ impl SseParser {
     /// The next complete event, if the bytes pushed so far hold one.
     pub fn next_event(&mut self) -> Option<SseEvent> {
         loop {
-            let Some(found) = memchr::memchr(b'\n', &self.buf[self.scanned..]) else {
+            let Some(found) = memchr::memchr2(b'\n', b'\r', &self.buf[self.scanned..]) else {
                 // Searched: the next search starts where new bytes do, so a
                 // long line read in many pieces is scanned once, not again
                 // with every piece.
@@ -78,12 +78,20 @@ impl SseParser {
                 return None;
             };
             let pos = found + self.scanned;
-            let mut line = self.buf.split_to(pos + 1);
+            // A line ends with `\n`, `\r\n` or a `\r` alone (the standard's
+            // three); a `\r` last in the buffer waits for the next byte.
+            let end = match (self.buf[pos], self.buf.get(pos + 1)) {
+                (b'\n', _) => pos + 1,
+                (_, Some(b'\n')) => pos + 2,
+                (_, Some(_)) => pos + 1,
+                (_, None) => {
+                    self.scanned = pos;
+                    return None;
+                }
+            };
+            let mut line = self.buf.split_to(end);
             self.scanned = 0;
-            line.truncate(line.len() - 1);
-            if line.last() == Some(&b'\r') {
-                line.truncate(line.len() - 1);
-            }
+            line.truncate(pos);
             if let Some(ev) = self.line(&line) {
                 return Some(ev);
             }
@@ -98,9 +106,12 @@ impl SseParser {
     /// object.
     pub fn finish(&mut self) -> Option<SseEvent> {
         if !self.buf.is_empty() {
-            let line = std::mem::take(&mut self.buf);
-            let line = line.strip_suffix(b"\r").unwrap_or(&line);
-            if !matches!(line, b"data: [DONE]" | b"data:[DONE]") {
+            let rest = std::mem::take(&mut self.buf);
+            // What is left holds no line end but perhaps a `\r` last: that
+            // one ended its line.
+            let ended = rest.strip_suffix(b"\r");
+            let line = ended.unwrap_or(&rest);
+            if ended.is_none() && !matches!(line, b"data: [DONE]" | b"data:[DONE]") {
                 self.data.clear();
                 self.has_data = false;
                 self.event = None;
@@ -213,6 +224,22 @@ mod tests {
         assert_eq!(p.next_event(), Some(data("one")));
         assert_eq!(p.next_event(), None);
         assert_eq!(p.pending(), 8);
+    }
+
+    #[test]
+    fn a_carriage_return_alone_ends_a_line_even_split_from_what_follows() {
+        let body: &[u8] = b"data: {\"a\":1}\r\r: ping\r\rdata: x\r\ndata: y\r\r\ndata: [DONE]\r\r";
+        let whole = parse_all(&[body]);
+        assert_eq!(whole, [data("{\"a\":1}"), data("x\ny"), data("[DONE]")]);
+        for cut in 1..body.len() {
+            assert_eq!(
+                parse_all(&[&body[..cut], &body[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
+        }
+        // A lone `\r` last in the body ended its line.
+        assert_eq!(parse_all(&[b"data: z\r"]), [data("z")]);
     }
 
     #[test]

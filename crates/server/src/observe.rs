@@ -40,12 +40,17 @@ pub async fn observe(
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::from_traceparent)
         .unwrap_or_else(TraceContext::new_root);
-    // Echoed as given, unless empty or too long to be an id (a header is not
-    // a place to send a client kilobytes back).
+    // Echoed as given, unless empty, too long to be an id (a header is not
+    // a place to send a client kilobytes back), or not visible ASCII (which
+    // could not be logged as it was sent); then one naming the trace.
     let request_id_header = req
         .headers()
         .get("x-request-id")
-        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_BYTES)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID_BYTES
+                && v.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b))
+        })
         .cloned();
     // Logged in the access line, to find a client's request by its own id.
     let request_id = request_id_header.as_ref().and_then(|v| v.to_str().ok());

@@ -84,7 +84,19 @@ impl JwksCache {
         let client = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .connect_timeout(FETCH_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(3))
+            // Followed only where the URL itself could point: https, or
+            // plain http to a loopback host (never https → http).
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let url = attempt.url().as_str();
+                if attempt.previous().len() >= 3 {
+                    attempt.error("more than 3 redirects")
+                } else if url.starts_with("https://") || switchyard_core::jwt::is_loopback_http(url)
+                {
+                    attempt.follow()
+                } else {
+                    attempt.error("a redirect away from https")
+                }
+            }))
             .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| JwtSetupError::HttpClient(e.to_string()))?;
