@@ -137,9 +137,19 @@ impl CredentialCache {
 
     /// Drops the entry of one credential; returns whether there was one.
     pub fn invalidate_digest(&self, digest: &[u8; 32]) -> bool {
+        self.invalidate_digest_in(digest, None)
+    }
+
+    /// [`Self::invalidate_digest`], only if the credential is of `tenant`
+    /// (when one is given): a tenant's admin can neither drop another
+    /// tenant's credential nor learn whether it was cached.
+    pub fn invalidate_digest_in(&self, digest: &[u8; 32], tenant: Option<&str>) -> bool {
         let mut map = self.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        map.remove(digest).is_some()
+        let theirs = map
+            .get(digest)
+            .is_some_and(|e| tenant.is_none_or(|t| e.principal.tenant_id == t));
+        theirs && map.remove(digest).is_some()
     }
 
     pub fn clear(&self) -> usize {
@@ -220,6 +230,18 @@ mod tests {
         assert_eq!(cache.invalidate_key("a"), 2);
         assert!(cache.invalidate_digest(&[3; 32]));
         assert!(!cache.invalidate_digest(&[3; 32]));
+        // Another tenant's credential: neither dropped nor told.
+        let tenant = cache
+            .lock()
+            .get(&[4; 32])
+            .unwrap()
+            .principal
+            .tenant_id
+            .clone();
+        assert!(!cache.invalidate_digest_in(&[4; 32], Some("another-tenant")));
+        assert_eq!(cache.stats().size, 1);
+        assert!(cache.invalidate_digest_in(&[4; 32], Some(&tenant)));
+        cache.put([4; 32], principal("c", None), 0);
         assert_eq!(cache.clear(), 1);
         assert_eq!(cache.stats().size, 0);
     }

@@ -744,8 +744,9 @@ impl Identity {
             }
             Invalidate::Credential(c) => {
                 let digest = keys::digest(c.expose_secret());
+                let tenant = (!actor.is_operator()).then_some(actor.tenant_id.as_str());
                 (
-                    usize::from(self.inner.cache.invalidate_digest(&digest)),
+                    usize::from(self.inner.cache.invalidate_digest_in(&digest, tenant)),
                     "credential".to_owned(),
                 )
             }
