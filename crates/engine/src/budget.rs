@@ -138,7 +138,9 @@ struct SpendTap(Arc<ReadCache<f64>>);
 
 impl crate::gateway::SpendObserver for SpendTap {
     fn spent(&self, tenant: &str, key: Option<&str>, cost_usd: f64, at_ms: i64) {
-        if !(cost_usd > 0.0 && cost_usd.is_finite()) {
+        // Nothing to add to while no budget has been read (no budgets at
+        // all: the common case), and nothing then to allocate for.
+        if !(cost_usd > 0.0 && cost_usd.is_finite()) || self.0.lock().map.is_empty() {
             return;
         }
         let since = month_start_ms(at_ms);
@@ -204,13 +206,13 @@ impl Budgets {
     /// reported as `Ok` with a warning (a budget check must not turn a
     /// database hiccup into refusals). Every budget is looked at, so that
     /// each one's 80 % alert is written even when spend went past it, or
-    /// past another, between two reads. `trace_id` is the request's, for
-    /// the alert's audit row.
+    /// past another, between two reads. `trace` is the request's, for the
+    /// alert's audit row.
     pub async fn check(
         &self,
         who: &Principal,
         now_ms: i64,
-        trace_id: Option<&str>,
+        trace: Option<&switchyard_core::trace::TraceContext>,
     ) -> Result<(), BudgetExceeded> {
         let since = month_start_ms(now_ms);
         let mut checks: Vec<(&'static str, Option<&str>, f64)> = Vec::new();
@@ -235,7 +237,8 @@ impl Budgets {
                 }
             };
             if spent >= budget * ALERT_AT {
-                self.alert(who, key, (scope, budget, spent), since, trace_id)
+                let trace_id = trace.map(switchyard_core::trace::TraceContext::trace_id);
+                self.alert(who, key, (scope, budget, spent), since, trace_id.as_deref())
                     .await;
             }
             if spent >= budget && over.is_none() {

@@ -673,6 +673,9 @@ pub(crate) struct Accounting {
     /// one answered (the client left, the server stopped waiting): the
     /// provider was asked, and bills for it.
     attempted: std::sync::Mutex<Option<(Arc<Deployment>, Option<Pricing>)>>,
+    /// A deployment answered (with the answer or a failure): its time is an
+    /// upstream latency, which a call left before any answer's is not.
+    answered: bool,
     /// When the request arrived: the usage row's latency is the request's.
     started: Instant,
     /// When the router was called: the upstream metrics leave out what came
@@ -752,6 +755,7 @@ impl Accounting {
             pricing: None,
             spend: gw.spend.get().cloned(),
             attempted: std::sync::Mutex::new(None),
+            answered: false,
             started: meta.started,
             upstream_started: Instant::now(),
             prompt_estimate,
@@ -783,6 +787,7 @@ impl Accounting {
     }
 
     fn served_by(&mut self, gw: &Gateway, d: &Deployment) {
+        self.answered = true;
         self.record.provider = d.provider_name.to_string();
         self.record.upstream_model = d.upstream_model.to_string();
         self.pricing = gw.pricing.get(&d.id).copied();
@@ -908,9 +913,10 @@ impl Accounting {
             );
         }
         let (provider, endpoint) = (&r.provider, &r.endpoint);
-        // No provider: none was asked (an open breaker, shutdown) or the call
-        // was dropped before one answered; no upstream sample to label.
-        if !provider.is_empty() {
+        // Only a deployment's answer is an upstream sample: not a call none
+        // was asked for (an open breaker), nor one left or stopped before an
+        // answer (its row names the deployment asked, for its cost).
+        if self.answered {
             self.metrics
                 .duration
                 .get(&[provider, endpoint], || {

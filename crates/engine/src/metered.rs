@@ -245,6 +245,7 @@ fn string_bytes(json: &[u8], keys: &[memchr::memmem::Finder<'static>]) -> u64 {
 
 #[derive(Deserialize)]
 struct UsageChunk {
+    #[serde(default, deserialize_with = "switchyard_core::openai::lenient_usage")]
     usage: Option<Usage>,
     #[serde(default)]
     choices: Option<Vec<IgnoredAny>>,

@@ -39,6 +39,9 @@ pub struct SseParser {
     /// The stream's first bytes have been checked for a byte order mark,
     /// which the SSE standard says to skip.
     past_bom: bool,
+    /// The last line ended with a `\r` that was the last byte read: a `\n`
+    /// first in the next read belongs to that line end.
+    skip_lf: bool,
 }
 
 impl SseParser {
@@ -70,6 +73,12 @@ impl SseParser {
     /// The next complete event, if the bytes pushed so far hold one.
     pub fn next_event(&mut self) -> Option<SseEvent> {
         loop {
+            if self.skip_lf && !self.buf.is_empty() {
+                self.skip_lf = false;
+                if self.buf[0] == b'\n' {
+                    self.buf.advance(1);
+                }
+            }
             let Some(found) = memchr::memchr2(b'\n', b'\r', &self.buf[self.scanned..]) else {
                 // Searched: the next search starts where new bytes do, so a
                 // long line read in many pieces is scanned once, not again
@@ -79,14 +88,16 @@ impl SseParser {
             };
             let pos = found + self.scanned;
             // A line ends with `\n`, `\r\n` or a `\r` alone (the standard's
-            // three); a `\r` last in the buffer waits for the next byte.
+            // three). A `\r` last in the buffer ends its line now (an event
+            // is not held back until more bytes come); a `\n` that then
+            // starts the next read is skipped.
             let end = match (self.buf[pos], self.buf.get(pos + 1)) {
                 (b'\n', _) => pos + 1,
                 (_, Some(b'\n')) => pos + 2,
                 (_, Some(_)) => pos + 1,
                 (_, None) => {
-                    self.scanned = pos;
-                    return None;
+                    self.skip_lf = true;
+                    pos + 1
                 }
             };
             let mut line = self.buf.split_to(end);
@@ -240,6 +251,21 @@ mod tests {
         }
         // A lone `\r` last in the body ended its line.
         assert_eq!(parse_all(&[b"data: z\r"]), [data("z")]);
+    }
+
+    #[test]
+    fn an_event_ended_by_a_carriage_return_is_yielded_before_more_bytes_come() {
+        let mut p = SseParser::new();
+        p.push(b"data: {\"a\":1}\r\r");
+        assert_eq!(p.next_event(), Some(data("{\"a\":1}")));
+        // The same with `\r\n` split after its `\r`: the `\n` is no blank line.
+        p.push(b"data: b\r");
+        assert_eq!(p.next_event(), None);
+        p.push(b"\ndata: c\r\n\r");
+        assert_eq!(p.next_event(), Some(data("b\nc")));
+        p.push(b"\n");
+        assert_eq!(p.next_event(), None);
+        assert_eq!(p.pending(), 0);
     }
 
     #[test]

@@ -377,10 +377,11 @@ fn failure_key(ip: std::net::IpAddr) -> String {
 }
 
 /// The state of an address that has used up its failed authentications,
-/// while it has. A credential this instance verified recently (in its
-/// credential cache) is never refused so: someone guessing from the same
-/// address (a shared NAT, an office) must not lock out the clients that
-/// already hold a good key; a new or expired-from-cache one waits.
+/// while it has. A credential this instance verified within the last day is
+/// never refused so (it goes on to be checked, and a revoked one fails
+/// there): someone guessing from the same address (a shared NAT, an office)
+/// must not lock out the clients that already hold a good key; a credential
+/// new to this instance waits.
 ///
 /// Without Redis the count is this process's. With Redis it is shared by
 /// every instance, so that spreading guesses over instances gains nothing:
@@ -400,7 +401,7 @@ async fn failures_blocked(
     let local = &state.inner.auth_failures;
     let d = local.check_now(&key, rate, 0).ok()?;
     if d.remaining == 0 {
-        if state.identity().is_cached(credential) {
+        if state.identity().is_known(credential) {
             return None;
         }
         return Some(Blocked(rate, d));
@@ -411,7 +412,7 @@ async fn failures_blocked(
     match limits.limiter.check(&key, rate, 0).await {
         Ok(d) if d.remaining == 0 => {
             local.hold(&key, d.reset_after);
-            Some(Blocked(rate, d))
+            (!state.identity().is_known(credential)).then_some(Blocked(rate, d))
         }
         Ok(_) => None,
         Err(e) => {

@@ -212,9 +212,7 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
                     who,
                     switchyard_engine::identity::now_ms(),
                     req.extensions()
-                        .get::<switchyard_core::trace::TraceContext>()
-                        .map(|t| t.trace_id())
-                        .as_deref(),
+                        .get::<switchyard_core::trace::TraceContext>(),
                 )
                 .await
             {

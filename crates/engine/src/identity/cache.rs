@@ -17,6 +17,9 @@ pub const TTL: Duration = Duration::from_secs(60);
 /// Beyond this many entries, expired ones are swept; if all are live the
 /// oldest half is dropped, so memory stays bounded under a credential flood.
 const MAX_ENTRIES: usize = 100_000;
+/// How long a credential counts as one that worked here (see
+/// [`CredentialCache::known`]).
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 
 struct Entry {
     principal: Principal,
@@ -31,6 +34,11 @@ pub struct CredentialCache {
     /// Counts invalidations (changed under the map's lock), so that a
     /// credential looked up before one is not cached after it.
     generation: AtomicU64,
+    /// Digests of credentials verified on this instance in the last
+    /// [`KNOWN_FOR`], with when: what an address that has used up its
+    /// failed authentications may still send to be checked. Bounded as the
+    /// cache is; holds no principal.
+    known: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -44,6 +52,27 @@ pub struct CacheStats {
 impl CredentialCache {
     fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 32], Entry>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the credential was verified on this instance within the last
+    /// day (it may have been revoked since: it is still checked).
+    pub fn known(&self, digest: &[u8; 32]) -> bool {
+        let now = Instant::now();
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known
+            .get(digest)
+            .is_some_and(|at| now.duration_since(*at) < KNOWN_FOR)
+    }
+
+    fn note_known(&self, digest: [u8; 32], now: Instant) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= MAX_ENTRIES {
+            known.retain(|_, at| now.duration_since(*at) < KNOWN_FOR);
+            if known.len() >= MAX_ENTRIES {
+                known.clear();
+            }
+        }
+        known.insert(digest, now);
     }
 
     /// Whether a live entry exists; not counted as a hit or a miss.
@@ -100,10 +129,11 @@ impl CredentialCache {
             let left = u64::try_from(exp.saturating_mul(1000).saturating_sub(now_ms)).unwrap_or(0);
             ttl = ttl.min(Duration::from_millis(left));
         }
+        let now = Instant::now();
+        self.note_known(digest, now);
         if ttl.is_zero() {
             return;
         }
-        let now = Instant::now();
         let mut map = self.lock();
         if generation.is_some_and(|g| g != self.generation.load(Ordering::Acquire)) {
             return;
@@ -199,6 +229,21 @@ mod tests {
         let s = cache.stats();
         assert_eq!((s.hits, s.misses, s.size), (1, 1, 0));
         assert!((s.hit_rate - 0.5).abs() < 1e-9);
+    }
+
+    /// What a blocked address may still send to be checked: a credential
+    /// verified here within a day, long after its cache entry ended (the
+    /// lockout let a working key through for a minute only).
+    #[tokio::test(start_paused = true)]
+    async fn a_verified_credential_stays_known_for_a_day() {
+        let cache = CredentialCache::default();
+        cache.put([5; 32], principal("k", None), 1_000_000);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!cache.contains(&[5; 32]));
+        assert!(cache.known(&[5; 32]));
+        assert!(!cache.known(&[6; 32]), "never verified");
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        assert!(!cache.known(&[5; 32]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -369,6 +369,12 @@ impl Identity {
         self.inner.cache.contains(&keys::digest(credential))
     }
 
+    /// Whether the credential was verified on this instance within the
+    /// last day (a guess never was).
+    pub fn is_known(&self, credential: &str) -> bool {
+        self.inner.cache.known(&keys::digest(credential))
+    }
+
     /// The principal a credential stands for.
     pub async fn authenticate(&self, credential: &str) -> Result<Principal, AuthError> {
         let digest = keys::digest(credential);
@@ -680,7 +686,7 @@ impl Identity {
                 let keys = self.inner.store.list_api_keys(&tenant_id).await?;
                 prefixes.extend(
                     keys.iter()
-                        .filter(|k| k.user_id.as_deref() == Some(u))
+                        .filter(|k| k.user_id.as_deref() == Some(u) && k.revoked_at_ms.is_none())
                         .map(|k| format!("key:{}:", k.id)),
                 );
                 prefixes

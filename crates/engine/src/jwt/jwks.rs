@@ -86,17 +86,22 @@ impl JwksCache {
             .connect_timeout(FETCH_TIMEOUT)
             // Followed only where the URL itself could point: https, or
             // plain http to a loopback host (never https → http).
-            .redirect(reqwest::redirect::Policy::custom(|attempt| {
-                let url = attempt.url().as_str();
-                if attempt.previous().len() >= 3 {
-                    attempt.error("more than 3 redirects")
-                } else if url.starts_with("https://") || switchyard_core::jwt::is_loopback_http(url)
-                {
-                    attempt.follow()
-                } else {
-                    attempt.error("a redirect away from https")
-                }
-            }))
+            .redirect({
+                let loopback = switchyard_core::jwt::is_loopback_http(url);
+                reqwest::redirect::Policy::custom(move |attempt| {
+                    let to = attempt.url().as_str();
+                    // `previous` holds the URL asked first, then each redirect.
+                    if attempt.previous().len() > 3 {
+                        attempt.error("more than 3 redirects")
+                    } else if to.starts_with("https://")
+                        || (loopback && switchyard_core::jwt::is_loopback_http(to))
+                    {
+                        attempt.follow()
+                    } else {
+                        attempt.error("a redirect to a URL the JWKS could not be fetched from")
+                    }
+                })
+            })
             .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| JwtSetupError::HttpClient(e.to_string()))?;
@@ -135,13 +140,13 @@ impl JwksCache {
             return Ok(key);
         }
         match (failure, snapshot.fetched_at) {
-            // A set is held and does not have the key: the token's fault,
-            // whether or not the URL answers now.
-            (_, Some(_)) => Err(JwtError::UnknownKid),
-            (Some(why), None) => Err(JwtError::JwksUnavailable(why)),
+            // The set could not be fetched just now: the key may be a new
+            // one (a rotation during the outage), so not the token's fault.
+            (Some(why), _) => Err(JwtError::JwksUnavailable(why)),
             (None, None) => Err(JwtError::JwksUnavailable(
                 "no key set has been fetched yet".into(),
             )),
+            (None, Some(_)) => Err(JwtError::UnknownKid),
         }
     }
 
@@ -155,10 +160,18 @@ impl JwksCache {
         if self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let me = self.clone();
+        /// Clears the flag however the fetch ends (a panic, a runtime
+        /// shutting down), so that a later one can run.
+        struct Done(Arc<JwksCache>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.refreshing.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(self.clone());
         rt.spawn(async move {
-            me.refresh(seen, now).await;
-            me.refreshing.store(false, Ordering::Release);
+            done.0.refresh(seen, now).await;
+            drop(done);
         });
     }
 

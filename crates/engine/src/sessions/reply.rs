@@ -97,7 +97,7 @@ pub(crate) fn build_messages(
 struct Chunk {
     #[serde(default)]
     choices: Vec<Choice>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "switchyard_core::openai::lenient_usage")]
     usage: Option<Usage>,
 }
 
