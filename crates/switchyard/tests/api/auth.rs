@@ -758,16 +758,8 @@ async fn the_audit_log_names_the_tokens_subject_not_the_user_it_names() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     let key: Value = resp.json().await.unwrap();
     assert_eq!(key["created_by"], "user:real-admin", "{key}");
-    let audit: Value = app
-        .client
-        .get(app.url("/v1/admin/audit?action=key.created"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value =
+        crate::helpers::get_json_as(&app, "/v1/admin/audit?action=key.created", &token).await;
     assert_eq!(audit["data"][0]["actor"], "user:real-admin", "{audit}");
 }
 

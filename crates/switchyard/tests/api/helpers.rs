@@ -78,6 +78,19 @@ pub async fn get_json(app: &TestApp, path: &str) -> Value {
         .unwrap()
 }
 
+/// The body of `GET path` made with `key`, as JSON.
+pub async fn get_json_as(app: &TestApp, path: &str, key: &str) -> Value {
+    app.client
+        .get(app.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The entry of deployment `id` in a `/v1/admin/providers` body.
 pub fn deployment<'a>(providers: &'a Value, id: &str) -> Option<&'a Value> {
     providers["data"]

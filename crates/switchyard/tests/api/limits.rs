@@ -403,16 +403,8 @@ async fn a_spent_monthly_budget_refuses_model_calls_and_80_percent_is_audited() 
     assert!(body["error"]["message"].as_str().unwrap().contains("key"));
     assert_eq!(app.mock().calls(), 1);
 
-    let audit: Value = app
-        .client
-        .get(app.url("/v1/admin/audit?action=budget.alert"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value =
+        crate::helpers::get_json_as(&app, "/v1/admin/audit?action=budget.alert", ADMIN).await;
     // Both crossed 80 %: `over` went past its budget between two reads,
     // and is alerted all the same.
     let alerts = audit["data"].as_array().unwrap();
@@ -692,20 +684,22 @@ async fn repeated_authentication_failures_from_one_address_are_limited_and_audit
     let health = app.client.get(app.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 
-    let store = crate::helpers::app_store(&app).await;
-    let events = store
-        .list_audit(
-            "default",
-            &switchyard_core::identity::AuditQuery {
-                action: Some("auth.failures".into()),
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let events = auth_failure_events(&app).await;
     assert_eq!(events.len(), 1, "one aggregated event, not one per failure");
     assert_eq!(events[0].target.as_deref(), Some("ip:127.0.0.1"));
+}
+
+/// The `auth.failures` audit events of tenant `default`.
+async fn auth_failure_events(
+    app: &switchyard_testkit::TestApp,
+) -> Vec<switchyard_core::identity::AuditRecord> {
+    let q = switchyard_core::identity::AuditQuery {
+        action: Some("auth.failures".into()),
+        limit: 10,
+        ..Default::default()
+    };
+    let store = crate::helpers::app_store(app).await;
+    store.list_audit("default", &q).await.unwrap()
 }
 
 /// Guesses paced to the refilling allowance (one each time it lets one
@@ -739,19 +733,41 @@ async fn paced_guesses_write_one_auth_failures_event_per_window() {
             StatusCode::TOO_MANY_REQUESTS
         );
     }
-    let store = crate::helpers::app_store(&app).await;
-    let events = store
-        .list_audit(
-            "default",
-            &switchyard_core::identity::AuditQuery {
-                action: Some("auth.failures".into()),
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let events = auth_failure_events(&app).await;
     assert_eq!(events.len(), 1, "{events:?}");
+}
+
+/// A key made with `body` (a `chat` allowance of one), and a chat request
+/// made with it, already used once and refused once.
+async fn key_with_spent_chat(
+    app: &switchyard_testkit::TestApp,
+    body: Value,
+) -> (Value, reqwest::RequestBuilder) {
+    let k = post_key(app, body).await;
+    let chat = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(k["key"].as_str().unwrap())
+        .json(&chat_body("gpt-4o-mini"));
+    let status = |c: &reqwest::RequestBuilder| c.try_clone().unwrap().send();
+    assert_eq!(status(&chat).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        status(&chat).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    (k, chat)
+}
+
+async fn reset_limits(
+    app: &switchyard_testkit::TestApp,
+    body: Value,
+) -> reqwest::Result<reqwest::Response> {
+    app.client
+        .post(app.url("/v1/admin/rate-limits/reset"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
 }
 
 /// Resetting a user resets the keys made for that user too (their counts
@@ -761,31 +777,13 @@ async fn paced_guesses_write_one_auth_failures_event_per_window() {
 #[tokio::test]
 async fn resetting_a_user_resets_its_keys_and_unknown_tenants_are_404() {
     let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
-    let k = post_key(
+    let (_, chat) = key_with_spent_chat(
         &app,
         json!({"name": "bob's", "user_id": "bob", "role": "user", "limits": {"rates": {"chat": "1/hour"}}}),
     )
     .await;
-    let key = k["key"].as_str().unwrap();
-    let chat = || {
-        app.client
-            .post(app.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&chat_body("gpt-4o-mini"))
-            .send()
-    };
-    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
-    assert_eq!(
-        chat().await.unwrap().status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    let reset = |body: Value| {
-        app.client
-            .post(app.url("/v1/admin/rate-limits/reset"))
-            .bearer_auth(ADMIN)
-            .json(&body)
-            .send()
-    };
+    let chat = || chat.try_clone().unwrap().send();
+    let reset = |body: Value| reset_limits(&app, body);
     let resp = reset(json!({"user_id": "bob"})).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let v: Value = resp.json().await.unwrap();
@@ -855,16 +853,8 @@ async fn an_operator_changes_a_tenant_and_the_change_is_audited() {
             "{v}"
         );
     }
-    let audit: Value = app
-        .client
-        .get(app.url("/v1/admin/audit?action=tenant.updated"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value =
+        crate::helpers::get_json_as(&app, "/v1/admin/audit?action=tenant.updated", ADMIN).await;
     let rows = audit["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{audit}");
     assert_eq!(rows[0]["detail"]["before"]["monthly_budget_usd"], 12.5);
@@ -879,16 +869,8 @@ async fn an_operator_changes_a_tenant_and_the_change_is_audited() {
         json!({"name": "capped", "limits": {"tokens_per_minute": 100}}),
     )
     .await;
-    let audit: Value = app
-        .client
-        .get(app.url("/v1/admin/audit?action=key.created"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value =
+        crate::helpers::get_json_as(&app, "/v1/admin/audit?action=key.created", ADMIN).await;
     assert_eq!(
         audit["data"][0]["detail"]["limits"]["tokens_per_minute"], 100,
         "{audit}"
@@ -933,31 +915,14 @@ async fn reading_bots_does_not_use_up_the_bots_class() {
 #[tokio::test]
 async fn an_admin_resets_a_keys_rate_limit_and_the_reset_is_audited() {
     let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
-    let k = post_key(
+    let (k, chat) = key_with_spent_chat(
         &app,
         json!({"name": "tight", "limits": {"rates": {"chat": "1/hour"}}}),
     )
     .await;
     let key = k["key"].as_str().unwrap();
-    let chat = || {
-        app.client
-            .post(app.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&chat_body("gpt-4o-mini"))
-            .send()
-    };
-    assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
-    assert_eq!(
-        chat().await.unwrap().status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    let reset = |body: Value| {
-        app.client
-            .post(app.url("/v1/admin/rate-limits/reset"))
-            .bearer_auth(ADMIN)
-            .json(&body)
-            .send()
-    };
+    let chat = || chat.try_clone().unwrap().send();
+    let reset = |body: Value| reset_limits(&app, body);
     let resp = reset(json!({"key_id": k["id"]})).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let v: Value = resp.json().await.unwrap();
