@@ -258,9 +258,24 @@ pub async fn tenants_are_created_once_updated_and_listed(store: &dyn Store) {
         "{}",
         store.backend()
     );
+    let before = t.clone();
     t.monthly_budget_usd = Some(100.0);
     t.limits.insert("chat".into(), "50/min".into());
-    assert!(store.update_tenant(&t).await.expect("update"));
+    assert!(store.update_tenant(&before, &t).await.expect("update"));
+    // Changed since `before` was read: not written again.
+    let mut stale = before.clone();
+    stale.name = "Stale".into();
+    assert!(!store
+        .update_tenant(&before, &stale)
+        .await
+        .expect("update stale"));
+    let mut renamed = t.clone();
+    renamed.name = "Acme Inc".into();
+    assert!(store
+        .update_tenant(&t, &renamed)
+        .await
+        .expect("update with a budget"));
+    assert!(store.update_tenant(&renamed, &t).await.expect("and back"));
     assert_eq!(
         store.get_tenant("acme").await.expect("get"),
         Some(t.clone())
@@ -268,7 +283,10 @@ pub async fn tenants_are_created_once_updated_and_listed(store: &dyn Store) {
     assert_eq!(store.get_tenant("nobody").await.expect("get"), None);
     let mut missing = t.clone();
     missing.id = "nobody".into();
-    assert!(!store.update_tenant(&missing).await.expect("update missing"));
+    assert!(!store
+        .update_tenant(&missing, &missing)
+        .await
+        .expect("update missing"));
     assert!(store.list_tenants().await.expect("list").contains(&t));
     store.ensure_user("acme", "u1", 1).await.expect("user");
     store

@@ -206,15 +206,20 @@ macro_rules! identity_store {
 
         async fn update_tenant(
             &self,
+            before: &switchyard_core::identity::Tenant,
             t: &switchyard_core::identity::Tenant,
         ) -> Result<bool, $crate::StoreError> {
             use $crate::identity::*;
-            let sql = $conv!("UPDATE tenants SET name = ?, monthly_budget_usd = ?, limits = ? WHERE id = ?");
+            let sql = $conv!("UPDATE tenants SET name = ?, monthly_budget_usd = ?, limits = ? WHERE id = ? AND name = ? AND (monthly_budget_usd = ? OR (monthly_budget_usd IS NULL AND ? IS NULL)) AND limits = ?");
             let r = sqlx::query(sql)
                 .bind(&t.name)
                 .bind(t.monthly_budget_usd)
                 .bind(json_text(&t.limits)?)
                 .bind(&t.id)
+                .bind(&before.name)
+                .bind(before.monthly_budget_usd)
+                .bind(before.monthly_budget_usd)
+                .bind(json_text(&before.limits)?)
                 .execute(&self.writer)
                 .await
                 .context("updating a tenant")?;

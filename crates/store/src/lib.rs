@@ -184,8 +184,10 @@ impl<T> Context<T> for Result<T, sqlx::Error> {
 pub trait IdentityStore: Send + Sync {
     /// Creates a tenant; `false` if one with that id exists.
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError>;
-    /// Replaces a tenant's name, budget and limits; `false` if it does not exist.
-    async fn update_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError>;
+    /// Sets a tenant's name, budget and limits to `after`'s if they are
+    /// still `before`'s: `false` if the tenant does not exist or changed in
+    /// between, so that two concurrent changes cannot undo each other.
+    async fn update_tenant(&self, before: &Tenant, after: &Tenant) -> Result<bool, StoreError>;
     async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError>;
     async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
     /// Records that a user exists in a tenant (idempotent).

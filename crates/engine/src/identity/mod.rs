@@ -814,36 +814,48 @@ impl Identity {
                 "only an operator (an admin of tenant `default`) manages tenants",
             ));
         }
-        // `default` exists without a row until it is given settings.
-        let stored = self.inner.store.get_tenant(id).await?;
-        let before = match stored.clone() {
-            Some(t) => t,
-            None if id == DEFAULT_TENANT => Tenant {
-                id: id.to_owned(),
-                name: id.to_owned(),
-                monthly_budget_usd: None,
-                limits: Default::default(),
-                created_at_ms: now_ms(),
-            },
-            None => return Err(IdentityError::NotFound("tenant")),
+        let name = change.name.as_deref().map(valid_name).transpose()?;
+        // Read, change, and write only if nothing changed in between (read
+        // again and reapply otherwise), as a key's change is.
+        let mut attempts = 0;
+        let (before, after) = loop {
+            attempts += 1;
+            // `default` exists without a row until it is given settings.
+            let stored = self.inner.store.get_tenant(id).await?;
+            let before = match stored.clone() {
+                Some(t) => t,
+                None if id == DEFAULT_TENANT => Tenant {
+                    id: id.to_owned(),
+                    name: id.to_owned(),
+                    monthly_budget_usd: None,
+                    limits: Default::default(),
+                    created_at_ms: now_ms(),
+                },
+                None => return Err(IdentityError::NotFound("tenant")),
+            };
+            let mut after = before.clone();
+            if let Some(name) = name {
+                name.clone_into(&mut after.name);
+            }
+            if let Some(budget) = change.monthly_budget_usd {
+                after.monthly_budget_usd = budget;
+            }
+            if let Some(limits) = &change.limits {
+                after.limits.clone_from(limits);
+            }
+            let written = match stored {
+                Some(_) => self.inner.store.update_tenant(&before, &after).await?,
+                None => self.inner.store.create_tenant(&after).await?,
+            };
+            if written {
+                break (before, after);
+            }
+            if attempts == 5 {
+                return Err(IdentityError::Conflict(
+                    "The tenant kept changing while this change was applied; send it again.".into(),
+                ));
+            }
         };
-        let mut after = before.clone();
-        if let Some(name) = &change.name {
-            after.name = valid_name(name)?.to_owned();
-        }
-        if let Some(budget) = change.monthly_budget_usd {
-            after.monthly_budget_usd = budget;
-        }
-        if let Some(limits) = change.limits {
-            after.limits = limits;
-        }
-        let written = match stored {
-            Some(_) => self.inner.store.update_tenant(&after).await?,
-            None => self.inner.store.create_tenant(&after).await?,
-        };
-        if !written {
-            return Err(IdentityError::NotFound("tenant"));
-        }
         self.audit(
             actor,
             id,

@@ -813,6 +813,31 @@ async fn an_operator_changes_a_tenant_and_the_change_is_audited() {
             .json(&body)
             .send()
     };
+    // Changes sent at once all land, the first ones (which make the
+    // `default` row) too: none undoes another.
+    for i in 0..5 {
+        let (a, b) = tokio::join!(
+            patch("default", json!({"name": format!("n{i}")})),
+            patch("default", json!({"monthly_budget_usd": f64::from(i)})),
+        );
+        assert_eq!(a.unwrap().status(), StatusCode::OK);
+        assert_eq!(b.unwrap().status(), StatusCode::OK);
+        let t = crate::helpers::get_json_as(&app, "/v1/admin/tenants", ADMIN).await;
+        let default = t["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == "default")
+            .cloned();
+        let default = default.unwrap_or_else(|| panic!("{t}"));
+        assert_eq!(
+            (
+                default["name"].clone(),
+                default["monthly_budget_usd"].clone()
+            ),
+            (json!(format!("n{i}")), json!(f64::from(i)))
+        );
+    }
     let resp = patch(
         "default",
         json!({"monthly_budget_usd": 12.5, "limits": {"chat": "5/min"}}),
@@ -856,7 +881,7 @@ async fn an_operator_changes_a_tenant_and_the_change_is_audited() {
     let audit: Value =
         crate::helpers::get_json_as(&app, "/v1/admin/audit?action=tenant.updated", ADMIN).await;
     let rows = audit["data"].as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{audit}");
+    assert_eq!(rows.len(), 12, "{audit}");
     assert_eq!(rows[0]["detail"]["before"]["monthly_budget_usd"], 12.5);
     assert_eq!(
         rows[0]["detail"]["after"]["monthly_budget_usd"],
