@@ -113,9 +113,13 @@ pub enum ChatOutcome {
     },
 }
 
-/// The gateway's metric handles, by label values.
+/// What every call shares, held by each call's [`Accounting`] through one
+/// `Arc`: the gateway's metric handles by label values, and who is told of
+/// each call's cost.
 #[derive(Default)]
 struct CallMetrics {
+    /// Told the cost of every finished call (the budgets' running spend).
+    spend: std::sync::OnceLock<Arc<dyn SpendObserver>>,
     /// `switchyard_upstream_duration_seconds` by provider and endpoint.
     duration: Handles<metrics::Histogram>,
     /// `switchyard_upstream_ttft_seconds` by provider.
@@ -140,8 +144,6 @@ pub struct Gateway {
     /// shutdown grace period has passed): each then ends at once, its client
     /// told why and its usage row written (see [`Gateway::stop_calls`]).
     stopping: crate::stop::Stop,
-    /// Told the cost of every finished call (the budgets' running spend).
-    spend: std::sync::OnceLock<Arc<dyn SpendObserver>>,
 }
 
 /// Told the cost of each call as its usage row is written, so that what a
@@ -290,7 +292,6 @@ impl Gateway {
             store,
             max_tokens: config.security.max_tokens,
             stopping: crate::stop::Stop::new(),
-            spend: std::sync::OnceLock::new(),
         })
     }
 
@@ -322,7 +323,7 @@ impl Gateway {
 
     /// Sets what is told each call's cost (once; later calls are ignored).
     pub fn observe_spend(&self, observer: Arc<dyn SpendObserver>) {
-        let _ = self.spend.set(observer);
+        let _ = self.metrics.spend.set(observer);
     }
 
     pub fn usage_writer(&self) -> &UsageWriter {
@@ -668,7 +669,6 @@ pub(crate) struct Accounting {
     tokens: Option<TokenMeter>,
     record: UsageRecord,
     pricing: Option<Pricing>,
-    spend: Option<Arc<dyn SpendObserver>>,
     /// The deployment last asked and its prices, for a row written before
     /// one answered (the client left, the server stopped waiting): the
     /// provider was asked, and bills for it.
@@ -753,7 +753,6 @@ impl Accounting {
             events,
             tokens: meta.tokens.clone(),
             pricing: None,
-            spend: gw.spend.get().cloned(),
             attempted: std::sync::Mutex::new(None),
             answered: false,
             started: meta.started,
@@ -790,7 +789,13 @@ impl Accounting {
         self.answered = true;
         self.record.provider = d.provider_name.to_string();
         self.record.upstream_model = d.upstream_model.to_string();
-        self.pricing = gw.pricing.get(&d.id).copied();
+        // The deployment that answered is the last one asked, whose prices
+        // were looked up then.
+        let attempted = self.attempted.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.pricing = match attempted.take() {
+            Some((a, pricing)) if std::ptr::eq(Arc::as_ptr(&a), d) => pricing,
+            _ => gw.pricing.get(&d.id).copied(),
+        };
     }
 
     /// What the router tells of the call: its trace events, and the
@@ -955,7 +960,7 @@ impl Accounting {
             r.cached_tokens = Some(u.cached_tokens);
             r.cache_write_tokens = Some(u.cache_write_tokens);
             r.cost_usd = self.pricing.map(|p| p.cost_usd(&u));
-            if let (Some(cost), Some(spend)) = (r.cost_usd, &self.spend) {
+            if let (Some(cost), Some(spend)) = (r.cost_usd, self.metrics.spend.get()) {
                 spend.spent(&r.tenant_id, r.key_id.as_deref(), cost, r.created_at_ms);
             }
             let model = &r.model_alias;

@@ -847,14 +847,14 @@ pub async fn reset_rate_limits(
     let Some(limits) = state.inner.limits.as_ref() else {
         return Json(json!({"reset": 0})).into_response();
     };
-    let mut reset = Ok(0);
-    for prefix in &prefixes {
-        reset = match (reset, limits.limiter.reset(prefix).await) {
-            (Ok(sum), Ok(n)) => Ok(sum + n),
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-    }
-    match reset {
+    let reset = async {
+        let mut n = 0;
+        for prefix in &prefixes {
+            n += limits.limiter.reset(prefix).await?;
+        }
+        Ok::<_, switchyard_engine::limits::LimitError>(n)
+    };
+    match reset.await {
         Ok(n) => {
             // The subject asked for: the key, or the user (with its keys).
             let subject = prefixes[0].trim_end_matches(':').to_owned();

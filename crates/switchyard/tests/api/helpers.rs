@@ -68,27 +68,16 @@ pub async fn get_text(app: &TestApp, path: &str) -> String {
 
 /// The body of an unauthenticated `GET path`, as JSON.
 pub async fn get_json(app: &TestApp, path: &str) -> Value {
-    app.client
-        .get(app.url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    json_of(app.client.get(app.url(path))).await
 }
 
 /// The body of `GET path` made with `key`, as JSON.
 pub async fn get_json_as(app: &TestApp, path: &str, key: &str) -> Value {
-    app.client
-        .get(app.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    json_of(app.client.get(app.url(path)).bearer_auth(key)).await
+}
+
+async fn json_of(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
 }
 
 /// The entry of deployment `id` in a `/v1/admin/providers` body.

@@ -307,19 +307,7 @@ async fn requests_left_before_the_answer_are_recorded_with_an_estimated_prompt()
 
     let mut rows = usage_rows(&app).await;
     rows.sort_by_key(|r| (r.endpoint.clone(), r.stream));
-    let seen: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.endpoint.as_str(),
-                r.stream,
-                r.status,
-                r.error_code.as_deref(),
-                r.prompt_tokens,
-                r.completion_tokens,
-            )
-        })
-        .collect();
+    let seen = outcomes(&rows);
     // "Say hello": 9 bytes, 3 tokens, plus 3 for the message; the inputs
     // "abcdefgh" and "xyz": 2 tokens and 1.
     assert_eq!(
@@ -351,6 +339,28 @@ async fn requests_left_before_the_answer_are_recorded_with_an_estimated_prompt()
     assert_eq!(rows[0].cost_usd, Some(6.0 * 0.15 / 1e6));
     assert_eq!(rows[1].cost_usd, Some(6.0 * 0.15 / 1e6));
     assert_eq!(rows[2].cost_usd, None, "no price for the embedding model");
+}
+
+/// Each row's endpoint, stream, status, error code and token counts.
+#[expect(
+    clippy::type_complexity,
+    reason = "a row's outcome, compared as a tuple"
+)]
+fn outcomes(
+    rows: &[switchyard_core::usage::UsageRecord],
+) -> Vec<(&str, bool, u16, Option<&str>, Option<u64>, Option<u64>)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r.endpoint.as_str(),
+                r.stream,
+                r.status,
+                r.error_code.as_deref(),
+                r.prompt_tokens,
+                r.completion_tokens,
+            )
+        })
+        .collect()
 }
 
 /// A stream that ends before its usage chunk is still charged: the
@@ -482,19 +492,7 @@ async fn odd_usage_shapes_and_a_streamed_400_are_recorded_as_they_are() {
     app.stop_gracefully().await;
 
     let rows = usage_rows(&app).await;
-    let mut seen: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.endpoint.as_str(),
-                r.stream,
-                r.status,
-                r.error_code.as_deref(),
-                r.prompt_tokens,
-                r.completion_tokens,
-            )
-        })
-        .collect();
+    let mut seen = outcomes(&rows);
     seen.sort();
     // The completion estimated: "Say hello" 6 tokens, "abcdefgh" 2; the
     // failed stream "Hi" after the same prompt.
