@@ -236,8 +236,16 @@ impl JwtVerifier {
                 let jwks = self.jwks.as_ref().ok_or(JwtError::DisallowedAlgorithm(
                     "RS256 and ES256 tokens need jwks_url, which is not configured",
                 ))?;
-                let key = jwks.key_for(header.kid.as_deref(), alg, now).await?;
-                parts.check_signature(&key.key, alg)?;
+                let kid = header.kid.as_deref();
+                let candidates = jwks.keys_for(kid, alg, now).await?;
+                if !parts.verifies_with_any(&candidates.keys, alg) {
+                    let newer = jwks
+                        .keys_after_bad_signature(kid, alg, candidates.generation, now)
+                        .await?;
+                    if !newer.is_some_and(|keys| parts.verifies_with_any(&keys, alg)) {
+                        return Err(JwtError::BadSignature);
+                    }
+                }
             }
         }
         let claims = parts.claims()?;
@@ -309,6 +317,11 @@ impl<'a> Parts<'a> {
                 Err(JwtError::BadSignature)
             }
         }
+    }
+
+    fn verifies_with_any(&self, keys: &[Arc<jwks::JwksKey>], alg: Alg) -> bool {
+        keys.iter()
+            .any(|key| self.check_signature(&key.key, alg).is_ok())
     }
 
     fn claims(&self) -> Result<serde_json::Value, JwtError> {

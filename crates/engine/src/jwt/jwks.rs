@@ -1,7 +1,8 @@
 //! The JWKS cache: RS256/ES256 public keys fetched from the configured URL
 //! at first use, kept for `jwks_ttl_secs`, and fetched again early when a
 //! token names a key id we do not hold (the identity provider rotated its
-//! keys).
+//! keys), or when no key we hold verifies its signature (a token without
+//! `kid`, or a key replaced under the same id).
 //!
 //! Every fetch, whatever triggered it, is at most one per
 //! `jwks_refetch_min_secs`, and concurrent callers wait for the fetch in
@@ -63,6 +64,17 @@ struct KeySet {
     keys: Vec<Arc<JwksKey>>,
 }
 
+/// More keys than this for one token (a token without `kid` and a set with
+/// many keys for its algorithm) are not tried: each costs a signature check.
+const MAX_CANDIDATES: usize = 8;
+
+/// The keys a token may verify against, and the generation of the set they
+/// came from (to tell whether a later fetch brought anything new).
+pub(super) struct Candidates {
+    pub(super) keys: Vec<Arc<JwksKey>>,
+    pub(super) generation: u64,
+}
+
 /// One usable key, bound to the single algorithm it may verify.
 pub(super) struct JwksKey {
     kid: Option<String>,
@@ -117,27 +129,35 @@ impl JwksCache {
         })
     }
 
-    /// The key a token signed with `alg` and naming `kid` must verify
+    /// The keys a token signed with `alg` and naming `kid` may verify
     /// against, fetching the key set if it is missing, stale, or lacks `kid`.
-    pub(super) async fn key_for(
+    pub(super) async fn keys_for(
         self: &Arc<Self>,
         kid: Option<&str>,
         alg: Alg,
         now: i64,
-    ) -> Result<Arc<JwksKey>, JwtError> {
+    ) -> Result<Candidates, JwtError> {
         let snapshot = self.snapshot();
         let fresh = snapshot
             .fetched_at
             .is_some_and(|at| now.saturating_sub(at) < self.ttl);
-        if let Some(key) = snapshot.find(kid, alg)? {
+        let keys = snapshot.find(kid, alg)?;
+        if !keys.is_empty() {
             if !fresh {
                 self.refresh_in_background(snapshot.generation, now);
             }
-            return Ok(key);
+            return Ok(Candidates {
+                keys,
+                generation: snapshot.generation,
+            });
         }
         let (snapshot, failure) = self.refresh(snapshot.generation, now).await;
-        if let Some(key) = snapshot.find(kid, alg)? {
-            return Ok(key);
+        let keys = snapshot.find(kid, alg)?;
+        if !keys.is_empty() {
+            return Ok(Candidates {
+                keys,
+                generation: snapshot.generation,
+            });
         }
         match (failure, snapshot.fetched_at) {
             // The set could not be fetched just now: the key may be a new
@@ -148,6 +168,25 @@ impl JwksCache {
             )),
             (None, Some(_)) => Err(JwtError::UnknownKid),
         }
+    }
+
+    /// After no key of generation `seen` verified a token's signature: the
+    /// keys of a newer set, fetched now if the minimum interval allows (the
+    /// provider may have rotated the key of a token without `kid`, or
+    /// replaced a key under the same id). `None` when no newer set came, so
+    /// forged signatures cost the JWKS URL no more than unknown key ids do.
+    pub(super) async fn keys_after_bad_signature(
+        &self,
+        kid: Option<&str>,
+        alg: Alg,
+        seen: u64,
+        now: i64,
+    ) -> Result<Option<Vec<Arc<JwksKey>>>, JwtError> {
+        let (snapshot, _) = self.refresh(seen, now).await;
+        if snapshot.generation == seen {
+            return Ok(None);
+        }
+        snapshot.find(kid, alg).map(Some)
     }
 
     /// Fetches the set again without anyone waiting for it; one such fetch
@@ -253,31 +292,39 @@ impl JwksCache {
 }
 
 impl KeySet {
-    /// The key named `kid` (or, for a token without `kid`, the only key for
-    /// `alg`). A key that exists but is for another algorithm is an attack
-    /// or a misconfiguration, never a fallback.
-    fn find(&self, kid: Option<&str>, alg: Alg) -> Result<Option<Arc<JwksKey>>, JwtError> {
+    /// The keys named `kid` (or, for a token without `kid`, every key for
+    /// `alg`, if there are at most [`MAX_CANDIDATES`]). A key that exists
+    /// but is for another algorithm is an attack or a misconfiguration,
+    /// never a fallback.
+    fn find(&self, kid: Option<&str>, alg: Alg) -> Result<Vec<Arc<JwksKey>>, JwtError> {
         let Some(kid) = kid else {
-            let mut candidates = self.keys.iter().filter(|k| k.alg == alg);
-            return Ok(match (candidates.next(), candidates.next()) {
-                (Some(only), None) => Some(only.clone()),
-                _ => None,
+            let candidates: Vec<_> = self.keys.iter().filter(|k| k.alg == alg).collect();
+            return Ok(if candidates.len() <= MAX_CANDIDATES {
+                candidates.into_iter().cloned().collect()
+            } else {
+                Vec::new()
             });
         };
-        let mut named = self
+        let named: Vec<_> = self
             .keys
             .iter()
             .filter(|k| k.kid.as_deref() == Some(kid))
-            .peekable();
-        if named.peek().is_none() {
-            return Ok(None);
+            .collect();
+        if named.is_empty() {
+            return Ok(Vec::new());
         }
-        match named.find(|k| k.alg == alg) {
-            Some(key) => Ok(Some(key.clone())),
-            None => Err(JwtError::DisallowedAlgorithm(
+        let usable: Vec<_> = named
+            .into_iter()
+            .filter(|k| k.alg == alg)
+            .take(MAX_CANDIDATES)
+            .cloned()
+            .collect();
+        if usable.is_empty() {
+            return Err(JwtError::DisallowedAlgorithm(
                 "the key the token names is not a key for the token's algorithm",
-            )),
+            ));
         }
+        Ok(usable)
     }
 }
 

@@ -346,16 +346,64 @@ async fn jwks_that_cannot_be_connected_to_answers_unavailable() {
 }
 
 #[tokio::test]
-async fn token_without_kid_uses_the_only_key_for_its_algorithm() {
+async fn token_without_kid_is_checked_against_each_key_for_its_algorithm() {
     let server = JwksServer::start(key_set(&[rsa_a_jwk(), ec_jwk()])).await;
     let v = server.verifier(ManualClock::at(NOW));
     let no_kid = sign(Algorithm::RS256, None, &oidc_claims(), &rsa_a());
     accepted(&v, &no_kid).await;
 
-    let ambiguous = JwksServer::start(key_set(&[rsa_a_jwk(), rsa_b_jwk()])).await;
-    let v = ambiguous.verifier(ManualClock::at(NOW));
+    // Two RSA keys (the overlap of a rotation): either may have signed it.
+    for keys in [[rsa_a_jwk(), rsa_b_jwk()], [rsa_b_jwk(), rsa_a_jwk()]] {
+        let both = JwksServer::start(key_set(&keys)).await;
+        let v = both.verifier(ManualClock::at(NOW));
+        accepted(&v, &no_kid).await;
+        let by_b = sign(Algorithm::RS256, None, &oidc_claims(), &rsa_b());
+        accepted(&v, &by_b).await;
+        assert_eq!(both.fetches(), 1);
+    }
+}
 
-    assert_eq!(rejected(&v, &no_kid).await, JwtError::UnknownKid);
+#[tokio::test]
+async fn a_key_rotated_under_a_token_without_kid_is_fetched_on_the_bad_signature() {
+    let server = JwksServer::start(key_set(&[rsa_a_jwk()])).await;
+    let clock = ManualClock::at(NOW);
+    let v = server.verifier(clock.clone());
+    accepted(&v, &sign(Algorithm::RS256, None, &oidc_claims(), &rsa_a())).await;
+
+    server.publish(key_set(&[public_jwk(&rsa_b(), Algorithm::RS256, "a")]));
+    clock.advance(30);
+    // Without a `kid`, and with the same `kid` as the retired key: the held
+    // key does not verify, so the set is fetched again, once.
+    let p = accepted(&v, &sign(Algorithm::RS256, None, &oidc_claims(), &rsa_b()))
+        .await
+        .principal;
+    accepted(&v, &rs256("a", &rsa_b())).await;
+
+    assert_eq!(p.user_id.as_deref(), Some("user-42"));
+    assert_eq!(server.fetches(), 2);
+}
+
+#[tokio::test]
+async fn forged_signatures_within_the_refetch_window_cost_no_fetch() {
+    let server = JwksServer::start(key_set(&[rsa_a_jwk()])).await;
+    let clock = ManualClock::at(NOW);
+    let v = server.verifier(clock.clone());
+    accepted(&v, &rs256("a", &rsa_a())).await;
+
+    for kid in [Some("a"), None] {
+        for _ in 0..50 {
+            let forged = sign(Algorithm::RS256, kid, &oidc_claims(), &rsa_b());
+            assert_eq!(rejected(&v, &forged).await, JwtError::BadSignature);
+        }
+    }
+    assert_eq!(server.fetches(), 1, "the first fetch opened the window");
+
+    clock.advance(30);
+    for _ in 0..50 {
+        rejected(&v, &rs256("a", &rsa_b())).await;
+    }
+    assert_eq!(server.fetches(), 2, "one fetch per 30 s window");
+    accepted(&v, &rs256("a", &rsa_a())).await;
 }
 
 #[tokio::test]
