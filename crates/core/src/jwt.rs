@@ -47,7 +47,11 @@ pub struct JwtConfig {
     /// Claim holding the role (looked up like `tenant_claim`).
     pub role_claim: String,
     /// Token role → Switchyard role. A role missing here (Supabase's `anon`)
-    /// is refused. Setting this table replaces the defaults entirely.
+    /// is refused. Setting this table replaces the defaults entirely. No
+    /// token role maps to `admin` unless this table says so: an identity
+    /// provider's own `admin` (of some other application) must not become
+    /// an administrator of the gateway, or, without `tenant_claim`, its
+    /// operator.
     pub roles: BTreeMap<String, Role>,
     /// Least time between two JWKS fetches, in seconds, so that tokens naming
     /// unknown key ids cannot make us hammer the JWKS URL.
@@ -71,7 +75,6 @@ impl Default for JwtConfig {
             roles: BTreeMap::from([
                 ("service_role".to_owned(), Role::Service),
                 ("authenticated".to_owned(), Role::User),
-                ("admin".to_owned(), Role::Admin),
             ]),
             jwks_refetch_min_secs: 30,
             jwks_ttl_secs: 600,
@@ -220,7 +223,7 @@ mod tests {
         assert_eq!(c.jwks_ttl_secs, 600);
         assert_eq!(c.roles.get("service_role"), Some(&Role::Service));
         assert_eq!(c.roles.get("authenticated"), Some(&Role::User));
-        assert_eq!(c.roles.get("admin"), Some(&Role::Admin));
+        assert_eq!(c.roles.get("admin"), None, "admin only by explicit mapping");
         assert_eq!(c.roles.get("anon"), None);
         c.validate("jwt").unwrap();
     }

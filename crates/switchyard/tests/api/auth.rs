@@ -739,6 +739,7 @@ async fn a_service_token_naming_other_users_stays_within_its_limit() {
 async fn the_audit_log_names_the_tokens_subject_not_the_user_it_names() {
     let app = crate::helpers::app()
         .env("SWITCHYARD_JWT__HS256_SECRET", JWT_SECRET)
+        .config("[jwt.roles]\nadmin = \"admin\"\n")
         .spawn()
         .await;
     let token = hs256(

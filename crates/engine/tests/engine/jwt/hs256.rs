@@ -61,6 +61,17 @@ async fn anon_role_is_rejected_as_unmapped() {
     assert!(err.to_string().contains("`anon`"), "{err}");
 }
 
+/// An identity provider's `admin` is some application's administrator, not
+/// necessarily the gateway's: only an explicit `[jwt.roles]` entry makes one.
+#[tokio::test]
+async fn admin_role_is_refused_unless_mapped() {
+    let claims = with(supabase_claims(), json!({"role": "admin"}));
+
+    let err = rejected(&verifier(), &hs256(&claims)).await;
+
+    assert_eq!(err, JwtError::UnmappedRole("admin".into()));
+}
+
 #[tokio::test]
 async fn token_without_a_role_is_rejected() {
     let claims = with(supabase_claims(), json!({"role": null}));
@@ -75,6 +86,7 @@ async fn tenant_and_role_come_from_nested_claims_when_configured() {
     let v = verifier_with(JwtConfig {
         tenant_claim: Some("app_metadata.tenant_id".into()),
         role_claim: "app_metadata.gateway_role".into(),
+        roles: [("admin".to_owned(), Role::Admin)].into(),
         ..supabase_config()
     });
     let claims = with(
