@@ -163,6 +163,31 @@ fn stream_error(kind: &str, message: &str) -> ProviderError {
     }
 }
 
+/// A 200 whose body is not a message: an `error` object (some proxies in
+/// front of Anthropic answer errors with 200) is that error, with the status
+/// its type stands for, so an overload fails over; anything else is a
+/// protocol error. Never an empty reply.
+fn check_message(msg: &Value, scrubber: &Scrubber) -> Result<(), ProviderError> {
+    match msg.get("type").and_then(Value::as_str) {
+        Some("message") => Ok(()),
+        Some("error") => {
+            let error = msg.get("error");
+            let field = |name: &str| error.and_then(|e| e.get(name)).and_then(Value::as_str);
+            Err(stream_error(
+                &scrubber.scrub_str(field("type").unwrap_or("api_error")),
+                &scrubber
+                    .scrub_str(field("message").unwrap_or("The provider answered with an error.")),
+            ))
+        }
+        Some(other) => Err(ProviderError::Protocol(format!(
+            "expected a message, got `{other}`"
+        ))),
+        None => Err(ProviderError::Protocol(
+            "expected a message, got a body without `type`".into(),
+        )),
+    }
+}
+
 #[async_trait]
 impl ChatProvider for AnthropicProvider {
     fn name(&self) -> &str {
@@ -265,29 +290,18 @@ impl ChatProvider for AnthropicProvider {
             (false, _) => {}
         }
         let bytes = resp.bytes().await?;
+        let msg: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ProviderError::Protocol(format!("the message is not JSON: {e}")))?;
+        check_message(&msg, &self.upstream.scrubber())?;
         if native {
-            #[derive(serde::Deserialize)]
-            struct Message {
-                #[serde(rename = "type")]
-                kind: String,
-                usage: Option<Value>,
-            }
-            let msg: Message = serde_json::from_slice(&bytes)
-                .map_err(|e| ProviderError::Protocol(format!("the message is not JSON: {e}")))?;
-            if msg.kind != "message" {
-                return Err(ProviderError::Protocol(format!(
-                    "expected a message, got `{}`",
-                    msg.kind
-                )));
-            }
-            let usage = msg.usage.map(|u| Tokens::from_anthropic(Some(&u)).usage());
+            let usage = msg
+                .get("usage")
+                .map(|u| Tokens::from_anthropic(Some(u)).usage());
             return Ok(ChatReply::AnthropicComplete(Completion {
                 body: bytes,
                 usage,
             }));
         }
-        let msg: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ProviderError::Protocol(format!("the message is not JSON: {e}")))?;
         let completion = response_from_anthropic(&msg, now_secs());
         let usage: Option<Usage> = completion
             .get("usage")

@@ -731,6 +731,9 @@ async fn messages(
         tokio::time::sleep(behavior.latency).await;
     }
     if let Some(r) = early_fault(&fault, &headers).await {
+        if matches!(fault, Some(Fault::Raw(_))) {
+            return r;
+        }
         let status = r.status().as_u16();
         let retry_after = r.headers().get("retry-after").cloned();
         let mut resp = anthropic_error(status, &format!("mock: injected status {status}"));

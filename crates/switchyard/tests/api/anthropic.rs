@@ -165,6 +165,73 @@ async fn an_anthropic_rejection_is_relayed_in_openai_shape() {
     assert_eq!(v["error"]["type"], "invalid_request_error");
 }
 
+/// A 200 whose body is an error object (what some proxies in front of
+/// Anthropic send) is that error: an overload fails over, a rejection is
+/// returned as its 4xx, and anything that is not a message is a 502 —
+/// never an empty reply with status 200. Both through the OpenAI API and
+/// the Messages API (which relays Anthropic's body as it is).
+#[tokio::test]
+async fn a_200_that_is_not_a_message_is_never_an_empty_reply() {
+    // Enough retry budget for every retry below, and no breaker opening.
+    let (app, anthropic) = with_anthropic_and(
+        "",
+        "[resilience]\nretry_budget_min = 100\nbreaker_failure_threshold = 100\n",
+    )
+    .await;
+    let overloaded =
+        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    let rejected = format!(
+        r#"{{"type":"error","error":{{"type":"invalid_request_error","message":"prompt is too long ({ANTHROPIC_KEY})"}}}}"#
+    );
+    for (path, body) in [
+        ("/v1/chat/completions", chat_body("claude-then-gpt")),
+        ("/v1/messages", messages_body("claude-then-gpt")),
+    ] {
+        anthropic.push_fault(Fault::Raw(overloaded.into()));
+        anthropic.push_fault(Fault::Raw(overloaded.into()));
+        let before = app.mock().calls();
+        let calls = anthropic.calls();
+        let resp = app.post_json(path, &body).await;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        assert_eq!(status, 200, "{path}: {}", resp.text().await.unwrap());
+        assert_eq!(headers["x-switchyard-provider"], "mock", "{path}");
+        assert_eq!(
+            app.mock().calls(),
+            before + 1,
+            "{path}: the fallback served"
+        );
+        assert_eq!(
+            anthropic.calls(),
+            calls + 2,
+            "{path}: retried once, then failed over"
+        );
+        let calls = anthropic.calls();
+
+        anthropic.push_fault(Fault::Raw(rejected.clone()));
+        let resp = app.post_json(path, &body).await;
+        assert_eq!(resp.status(), 400, "{path}");
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("prompt is too long"), "{path}: {text}");
+        assert!(!text.contains(ANTHROPIC_KEY), "{path}: {text}");
+        assert_eq!(anthropic.calls(), calls + 1, "{path}: a 4xx is not retried");
+
+        for raw in [r#"{}"#, r#"{"type":"completion"}"#] {
+            let calls = anthropic.calls();
+            anthropic.push_fault(Fault::Raw(raw.into()));
+            anthropic.push_fault(Fault::Raw(raw.into()));
+            let body_for_claude = if path == "/v1/messages" {
+                messages_body("claude")
+            } else {
+                chat_body("claude")
+            };
+            let resp = app.post_json(path, &body_for_claude).await;
+            assert_eq!(resp.status(), 502, "{path} {raw}");
+            assert_eq!(anthropic.calls(), calls + 2, "{path} {raw}: retried once");
+        }
+    }
+}
+
 /// An Anthropic event stream as (event name, data) pairs.
 fn anthropic_events(text: &str) -> Vec<(String, Value)> {
     text.split("\n\n")
