@@ -833,21 +833,35 @@ async fn attempt_once(d: &Deployment, call: Call<'_>) -> Result<Reply, ProviderE
         return Ok(reply);
     }
     // A stream that began by holding its preamble back met the first-byte
-    // timeout with it; the answer's first event (or the failure before it,
-    // which still fails over) is awaited under the total timeout only.
-    async fn answer(mut s: ChunkStream) -> Result<ChunkStream, ProviderError> {
+    // timeout with it (a long prompt's prefill must not be cut and billed
+    // again); the answer's first event (or the failure before it, which
+    // still fails over) is awaited under the total timeout and, as every
+    // silence of a stream's answer, the stream idle timeout.
+    async fn answer(
+        mut s: ChunkStream,
+        idle: Option<Duration>,
+    ) -> Result<ChunkStream, ProviderError> {
         loop {
-            match first(s).await? {
+            let next = match idle {
+                Some(idle) => tokio::time::timeout(idle, first(s))
+                    .await
+                    .map_err(|_| ProviderError::Timeout(idle))?,
+                None => first(s).await,
+            };
+            match next? {
                 (s, false) => return Ok(s),
                 (held, true) => s = held,
             }
         }
     }
+    let idle = d.stream_idle_timeout;
     match reply {
-        Reply::Chat(ChatReply::Stream(s)) => Ok(Reply::Chat(ChatReply::Stream(answer(s).await?))),
-        Reply::Chat(ChatReply::AnthropicStream(s)) => {
-            Ok(Reply::Chat(ChatReply::AnthropicStream(answer(s).await?)))
+        Reply::Chat(ChatReply::Stream(s)) => {
+            Ok(Reply::Chat(ChatReply::Stream(answer(s, idle).await?)))
         }
+        Reply::Chat(ChatReply::AnthropicStream(s)) => Ok(Reply::Chat(ChatReply::AnthropicStream(
+            answer(s, idle).await?,
+        ))),
         other => Ok(other),
     }
 }

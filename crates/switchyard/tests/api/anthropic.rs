@@ -165,6 +165,30 @@ async fn an_anthropic_rejection_is_relayed_in_openai_shape() {
     assert_eq!(v["error"]["type"], "invalid_request_error");
 }
 
+/// An Anthropic stream that begins (`message_start`) and then stays silent
+/// is bounded by the stream idle timeout before its answer's first event,
+/// as after it: the attempt times out and the fallback serves, instead of
+/// the client waiting for the total timeout.
+#[tokio::test]
+async fn a_stream_silent_after_its_preamble_meets_the_idle_timeout_and_fails_over() {
+    let (app, anthropic) = with_anthropic_and("stream_idle_timeout_ms = 300\n", "").await;
+    anthropic.update(|b| b.chunk_delay = std::time::Duration::from_secs(2));
+
+    let resp = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "claude-then-gpt", "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "mock");
+    let text = resp.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+}
+
 /// A 200 whose body is an error object (what some proxies in front of
 /// Anthropic send) is that error: an overload fails over, a rejection is
 /// returned as its 4xx, and anything that is not a message is a 502 —
