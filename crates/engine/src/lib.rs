@@ -14,6 +14,7 @@ pub mod identity;
 pub mod jwt;
 pub mod limits;
 pub mod metered;
+mod redis_retry;
 pub mod retention;
 pub mod sessions;
 pub mod signing;

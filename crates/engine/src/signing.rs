@@ -175,23 +175,40 @@ impl ReplayGuard {
                 }
             }
             ReplayGuard::Redis(conn) => {
-                let mut conn = conn.clone();
                 let key = format!("sy:sig:{}", hex::encode(signature));
-                let set: Option<String> = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(1)
-                        .arg("NX")
-                        .arg("EX")
-                        // From this instance's clock, which judged `ts`.
-                        .arg(until.saturating_sub(now_secs).max(1))
-                        .query_async(&mut conn),
+                // From this instance's clock, which judged `ts`.
+                let ttl = until.saturating_sub(now_secs).max(1);
+                // Names this call, so that a SET made again on a new
+                // connection (the first may have run before its connection
+                // dropped) can tell its own mark from another request's.
+                let mark = rand::random::<u64>().to_string();
+                let first = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    crate::redis_retry::once_more_if_dropped(|| {
+                        let mut conn = conn.clone();
+                        let (key, mark) = (&key, &mark);
+                        async move {
+                            let set: Option<String> = redis::cmd("SET")
+                                .arg(key)
+                                .arg(mark)
+                                .arg("NX")
+                                .arg("EX")
+                                .arg(ttl)
+                                .query_async(&mut conn)
+                                .await?;
+                            if set.is_some() {
+                                return Ok(true);
+                            }
+                            let held: Option<String> =
+                                redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+                            Ok(held.as_deref() == Some(mark.as_str()))
+                        }
+                    }),
                 )
                 .await
                 .map_err(|_| SignError::Unavailable)?
                 .map_err(|_| SignError::Unavailable)?;
-                Ok(set.is_some())
+                Ok(first)
             }
         }
     }
@@ -351,6 +368,24 @@ mod tests {
             "{}",
             seen.lock().unwrap().until.len()
         );
+    }
+
+    /// After Redis restarts, the first signed request is judged on a new
+    /// connection, not refused as unavailable; and a signature stored by a
+    /// call is that call's first use even if it is asked again.
+    #[tokio::test]
+    async fn the_redis_replay_guard_answers_the_first_request_after_a_restart() {
+        let Some(mut server) = crate::redis_retry::PrivateRedis::start().await else {
+            return;
+        };
+        let guard = ReplayGuard::redis(&server.url).await.unwrap();
+        assert_eq!(guard.first_use(b"before", NOW, NOW).await, Ok(true));
+
+        server.restart().await;
+
+        assert_eq!(guard.first_use(b"after", NOW, NOW).await, Ok(true));
+        assert_eq!(guard.first_use(b"after", NOW, NOW).await, Ok(false));
+        server.stop().await;
     }
 
     #[tokio::test]

@@ -129,7 +129,7 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             if let Some(url) = &config.rate_limits.redis_url {
                 let connect = switchyard_engine::identity::broadcast::Broadcast::connect(url);
                 match tokio::time::timeout(std::time::Duration::from_secs(3), connect).await {
-                    Ok(Ok(b)) => identity.set_broadcast(b),
+                    Ok(Ok(b)) => identity.set_broadcast(b).await,
                     Ok(Err(e)) => eprintln!(
                         "warning: could not reach Redis ({e}); running servers drop the key within 60 s"
                     ),

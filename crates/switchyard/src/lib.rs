@@ -129,7 +129,7 @@ impl Application {
             let b = switchyard_engine::identity::broadcast::Broadcast::connect(url)
                 .await
                 .context("connecting to Redis for revocations")?;
-            identity.set_broadcast(b);
+            identity.set_broadcast(b).await;
             background.push(switchyard_engine::identity::broadcast::spawn_listener(
                 identity.clone(),
                 url.clone(),

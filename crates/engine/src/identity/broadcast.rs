@@ -2,8 +2,11 @@
 //! its id on a Redis channel, and every instance drops it from its
 //! credential cache on receipt, so a revoked key stops working everywhere
 //! within the time a message takes (without Redis, within the cache's 60 s).
-//! The listener reconnects on its own; while Redis is away, the cache's TTL
-//! is the bound.
+//! Cache invalidations (`POST /v1/admin/auth-cache/invalidate`) travel the
+//! same way, so that an operator behind a load balancer reaches every
+//! instance. The listener reconnects on its own and, on each reconnection,
+//! drops its whole cache (a message may have been published while it was
+//! away); while Redis is away, the cache's TTL is the bound.
 
 use std::time::Duration;
 
@@ -14,6 +17,59 @@ use tokio::task::JoinHandle;
 use super::Identity;
 
 pub const CHANNEL: &str = "sy:revocations";
+
+/// What an instance asks the others to drop from their caches. On the wire,
+/// a key id as it is (what every version has published), `*` for all, or
+/// `cred:<hex digest>[:<tenant>]` for one credential (of that tenant only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Message {
+    Key(String),
+    All,
+    Credential {
+        digest: [u8; 32],
+        tenant: Option<String>,
+    },
+}
+
+impl Message {
+    fn encode(&self) -> String {
+        match self {
+            Message::Key(id) => id.clone(),
+            Message::All => "*".to_owned(),
+            Message::Credential { digest, tenant } => match tenant {
+                Some(t) => format!("cred:{}:{t}", hex::encode(digest)),
+                None => format!("cred:{}", hex::encode(digest)),
+            },
+        }
+    }
+
+    fn decode(payload: &str) -> Option<Self> {
+        if payload == "*" {
+            return Some(Message::All);
+        }
+        let Some(rest) = payload.strip_prefix("cred:") else {
+            return (!payload.is_empty()).then(|| Message::Key(payload.to_owned()));
+        };
+        let (hex_digest, tenant) = match rest.split_once(':') {
+            Some((d, t)) => (d, Some(t.to_owned())),
+            None => (rest, None),
+        };
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(hex_digest, &mut digest).ok()?;
+        Some(Message::Credential { digest, tenant })
+    }
+
+    fn apply(&self, identity: &Identity) -> usize {
+        let cache = &identity.inner.cache;
+        match self {
+            Message::Key(id) => cache.invalidate_key(id),
+            Message::All => cache.clear(),
+            Message::Credential { digest, tenant } => {
+                usize::from(cache.invalidate_digest_in(digest, tenant.as_deref()))
+            }
+        }
+    }
+}
 
 pub struct Broadcast {
     conn: ConnectionManager,
@@ -27,14 +83,28 @@ impl Broadcast {
         })
     }
 
+    /// Publishes a revocation of `key_id`.
     pub(crate) async fn publish(&self, key_id: &str) {
-        let mut conn = self.conn.clone();
+        self.send(&Message::Key(key_id.to_owned())).await;
+    }
+
+    /// Publishes `message`; a message sent twice (its connection dropped
+    /// after sending it) drops the same entries twice, which is harmless.
+    pub(crate) async fn send(&self, message: &Message) {
+        let payload = message.encode();
         let sent = tokio::time::timeout(
             Duration::from_secs(2),
-            redis::cmd("PUBLISH")
-                .arg(CHANNEL)
-                .arg(key_id)
-                .query_async::<i64>(&mut conn),
+            crate::redis_retry::once_more_if_dropped(|| {
+                let mut conn = self.conn.clone();
+                let payload = &payload;
+                async move {
+                    redis::cmd("PUBLISH")
+                        .arg(CHANNEL)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
+            }),
         )
         .await;
         let failure = match sent {
@@ -42,31 +112,96 @@ impl Broadcast {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timed out".to_owned(),
         };
-        tracing::warn!(error = %failure, key_id, "could not broadcast a revocation; other instances drop the key within their cache TTL");
+        tracing::warn!(error = %failure, message = ?message, "could not broadcast a revocation or cache invalidation; other instances drop the entry within their cache TTL");
     }
 }
 
-/// Drops keys revoked by other instances from this one's cache.
+/// Drops keys revoked (and credentials invalidated) by other instances from
+/// this one's cache.
 pub fn spawn_listener(identity: Identity, url: String) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut lost = false;
         loop {
-            if let Err(e) = listen(&identity, &url).await {
+            if let Err(e) = listen(&identity, &url, lost).await {
                 tracing::warn!(error = %e, "revocation listener lost Redis; reconnecting");
             }
+            lost = true;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     })
 }
 
-async fn listen(identity: &Identity, url: &str) -> Result<(), redis::RedisError> {
+/// Listens until the connection ends. `after_loss`: an earlier connection
+/// ended, so what was published meanwhile is unknown and the whole cache
+/// is dropped once subscribed again.
+async fn listen(identity: &Identity, url: &str, after_loss: bool) -> Result<(), redis::RedisError> {
     let client = redis::Client::open(url)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(CHANNEL).await?;
+    if after_loss {
+        let dropped = identity.inner.cache.clear();
+        tracing::info!(dropped, "revocation listener subscribed again; dropped the credential cache, which may hold what was revoked meanwhile");
+    }
     let mut messages = pubsub.on_message();
     while let Some(msg) = messages.next().await {
-        let key_id: String = msg.get_payload()?;
-        let dropped = identity.inner.cache.invalidate_key(&key_id);
-        tracing::debug!(key_id, dropped, "revocation received");
+        let payload: String = msg.get_payload()?;
+        match Message::decode(&payload) {
+            Some(message) => {
+                let dropped = message.apply(identity);
+                tracing::debug!(message = ?message, dropped, "revocation received");
+            }
+            None => tracing::warn!(payload, "ignoring an unreadable revocation message"),
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_read_back_as_written_and_bare_key_ids_stay_key_ids() {
+        let digest = [0xab; 32];
+        for m in [
+            Message::Key("key_01hzy".into()),
+            Message::All,
+            Message::Credential {
+                digest,
+                tenant: None,
+            },
+            Message::Credential {
+                digest,
+                tenant: Some("acme:eu".into()),
+            },
+        ] {
+            assert_eq!(Message::decode(&m.encode()), Some(m));
+        }
+        assert_eq!(Message::decode("cred:nothex"), None);
+        assert_eq!(Message::decode(""), None);
+    }
+
+    /// After Redis restarts, a revocation published on a connection that
+    /// has not noticed yet still reaches a subscriber.
+    #[tokio::test]
+    async fn a_revocation_published_after_a_restart_is_delivered() {
+        let Some(mut server) = crate::redis_retry::PrivateRedis::start().await else {
+            return;
+        };
+        let broadcast = Broadcast::connect(&server.url).await.unwrap();
+        broadcast.publish("before").await;
+
+        server.restart().await;
+        let client = redis::Client::open(server.url.as_str()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.subscribe(CHANNEL).await.unwrap();
+        broadcast.publish("key_after").await;
+
+        let msg = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
+            .await
+            .expect("the revocation was never delivered")
+            .unwrap();
+        assert_eq!(msg.get_payload::<String>().unwrap(), "key_after");
+        server.stop().await;
+    }
 }

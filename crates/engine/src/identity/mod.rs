@@ -191,6 +191,9 @@ struct Inner {
     open_dev: AtomicBool,
     jwt: Option<crate::jwt::JwtVerifier>,
     broadcast: std::sync::OnceLock<broadcast::Broadcast>,
+    /// Keys revoked by [`Identity::start`] (a changed `SWITCHYARD_ADMIN_KEY`)
+    /// before a broadcast was attached: published when one is.
+    revoked_at_start: std::sync::Mutex<Vec<String>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -222,6 +225,7 @@ impl Identity {
                 created_at_ms: now,
             })
             .await?;
+        let mut revoked_at_start = Vec::new();
         if let Some(key) = bootstrap_admin_key {
             let key = key.expose_secret();
             if key.len() < MIN_BOOTSTRAP_LEN || key.chars().any(char::is_whitespace) {
@@ -292,6 +296,7 @@ impl Identity {
                     if !store.revoke_api_key(DEFAULT_TENANT, &old.id, now).await? {
                         continue;
                     }
+                    revoked_at_start.push(old.id.clone());
                     store
                         .insert_audit(&[AuditRecord {
                             id: new_id(),
@@ -319,13 +324,29 @@ impl Identity {
                 open_dev: AtomicBool::new(open_dev),
                 jwt,
                 broadcast: std::sync::OnceLock::new(),
+                revoked_at_start: std::sync::Mutex::new(revoked_at_start),
             }),
         })
     }
 
-    /// Publishes revocations to the other instances (Redis), from now on.
-    pub fn set_broadcast(&self, b: broadcast::Broadcast) {
+    /// Publishes revocations to the other instances (Redis), from now on,
+    /// starting with those [`Identity::start`] made: a rotated
+    /// `SWITCHYARD_ADMIN_KEY` stops working on the running instances too,
+    /// not only on the one that starts with the new value.
+    pub async fn set_broadcast(&self, b: broadcast::Broadcast) {
         let _ = self.inner.broadcast.set(b);
+        let pending = std::mem::take(
+            &mut *self
+                .inner
+                .revoked_at_start
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if let Some(b) = self.inner.broadcast.get() {
+            for id in pending {
+                b.publish(&id).await;
+            }
+        }
     }
 
     /// Whether requests without a credential are served as the admin of
@@ -719,15 +740,20 @@ impl Identity {
         self.inner.cache.stats()
     }
 
-    /// Drops credentials from this instance's cache; returns how many.
+    /// Drops credentials from the cache of this instance (returns how many)
+    /// and, with Redis, of every other.
     pub async fn invalidate(
         &self,
         actor: &Actor,
         what: Invalidate,
     ) -> Result<usize, IdentityError> {
         actor.require_admin()?;
-        let (n, target) = match &what {
-            Invalidate::All if actor.is_operator() => (self.inner.cache.clear(), "all".to_owned()),
+        let (n, target, message) = match &what {
+            Invalidate::All if actor.is_operator() => (
+                self.inner.cache.clear(),
+                "all".to_owned(),
+                broadcast::Message::All,
+            ),
             Invalidate::All => {
                 return Err(IdentityError::Forbidden(
                     "only an operator (an admin of tenant `default`) may drop the whole cache",
@@ -746,7 +772,11 @@ impl Identity {
                 {
                     return Err(IdentityError::NotFound("key"));
                 }
-                (self.inner.cache.invalidate_key(id), format!("key:{id}"))
+                (
+                    self.inner.cache.invalidate_key(id),
+                    format!("key:{id}"),
+                    broadcast::Message::Key(id.clone()),
+                )
             }
             Invalidate::Credential(c) => {
                 let digest = keys::digest(c.expose_secret());
@@ -754,9 +784,16 @@ impl Identity {
                 (
                     usize::from(self.inner.cache.invalidate_digest_in(&digest, tenant)),
                     "credential".to_owned(),
+                    broadcast::Message::Credential {
+                        digest,
+                        tenant: tenant.map(str::to_owned),
+                    },
                 )
             }
         };
+        if let Some(b) = self.inner.broadcast.get() {
+            b.send(&message).await;
+        }
         self.audit(
             actor,
             &actor.tenant_id,

@@ -189,8 +189,12 @@ impl RedisLimiter {
         if let Some(now) = now_us {
             invocation.arg(now);
         }
-        let mut conn = self.conn.clone();
-        let (allowed, lead): (i64, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
+        let (allowed, lead): (i64, i64) = bounded(|| {
+            let mut conn = self.conn.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
         let lead = u64::try_from(lead).unwrap_or(0);
         Ok(decide(rate, cost, allowed == 1, lead))
     }
@@ -212,8 +216,12 @@ impl RedisLimiter {
             let gcra = Gcra::checked(*rate, cost)?;
             invocation.key(self.full_key(key)).arg(gcra.t).arg(gcra.tol);
         }
-        let mut conn = self.conn.clone();
-        let out: Vec<i64> = bounded(invocation.invoke_async(&mut conn)).await?;
+        let out: Vec<i64> = bounded(|| {
+            let mut conn = self.conn.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
         if out.len() != 2 * checks.len() {
             return Err(LimitError::Backend(::redis::RedisError::from((
                 ::redis::ErrorKind::UnexpectedReturnType,
@@ -225,6 +233,15 @@ impl RedisLimiter {
             .zip(out.chunks_exact(2))
             .map(|((_, rate), v)| decide(*rate, cost, v[0] == 1, u64::try_from(v[1]).unwrap_or(0)))
             .collect())
+    }
+
+    fn query<T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &::redis::Cmd,
+    ) -> impl std::future::Future<Output = ::redis::RedisResult<T>> + use<'_, T> {
+        let mut conn = self.conn.clone();
+        let cmd = cmd.clone();
+        async move { cmd.query_async(&mut conn).await }
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -252,8 +269,12 @@ impl RateLimiter for RedisLimiter {
     async fn charge(&self, key: &str, rate: Rate, cost: u64) -> Result<(), LimitError> {
         let mut invocation = CHARGE_SCRIPT.key(self.full_key(key));
         invocation.arg(Gcra::of(rate).t).arg(cost);
-        let mut conn = self.conn.clone();
-        let _: i64 = bounded(invocation.invoke_async(&mut conn)).await?;
+        let _: i64 = bounded(|| {
+            let mut conn = self.conn.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -261,23 +282,20 @@ impl RateLimiter for RedisLimiter {
     /// while the scan runs may survive, which a reset tolerates.
     async fn reset(&self, key_prefix: &str) -> Result<u64, LimitError> {
         let pattern = format!("{}*", glob_escape(&self.full_key(key_prefix)));
-        let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
         let mut dropped = 0u64;
         loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = bounded(
-                ::redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_BATCH)
-                    .query_async(&mut conn),
-            )
-            .await?;
+            let scan = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_BATCH)
+                .to_owned();
+            let (next, keys): (u64, Vec<Vec<u8>>) = bounded(|| self.query(&scan)).await?;
             if !keys.is_empty() {
-                let n: u64 =
-                    bounded(::redis::cmd("UNLINK").arg(keys).query_async(&mut conn)).await?;
+                let unlink = ::redis::cmd("UNLINK").arg(keys).to_owned();
+                let n: u64 = bounded(|| self.query(&unlink)).await?;
                 dropped += n;
             }
             if next == 0 {
@@ -288,11 +306,20 @@ impl RateLimiter for RedisLimiter {
     }
 }
 
-/// One Redis call, failed after [`CHECK_TIMEOUT`].
-async fn bounded<T>(
-    call: impl std::future::Future<Output = ::redis::RedisResult<T>>,
-) -> Result<T, LimitError> {
-    match tokio::time::timeout(CHECK_TIMEOUT, call).await {
+/// One Redis call (made again if its connection had dropped, see
+/// [`crate::redis_retry`]: a check that ran twice counts twice and refuses
+/// early, never late), failed after [`CHECK_TIMEOUT`].
+async fn bounded<T, F, Fut>(call: F) -> Result<T, LimitError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ::redis::RedisResult<T>>,
+{
+    match tokio::time::timeout(
+        CHECK_TIMEOUT,
+        crate::redis_retry::once_more_if_dropped(call),
+    )
+    .await
+    {
         Ok(result) => result.map_err(LimitError::Backend),
         Err(_) => Err(LimitError::Timeout(CHECK_TIMEOUT)),
     }

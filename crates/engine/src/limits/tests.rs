@@ -659,6 +659,31 @@ async fn a_check_fails_with_an_error_once_redis_goes_away() {
     assert!(started.elapsed() < secs(5), "took {:?}", started.elapsed());
 }
 
+/// After Redis restarts, the first check on a connection that has not
+/// noticed yet is answered on a new one: neither an error (which fails
+/// open) nor a refusal.
+#[tokio::test]
+async fn the_first_check_after_redis_restarts_is_answered() {
+    let Some(_) = redis_url() else { return };
+    let Some(mut server) = crate::redis_retry::PrivateRedis::start().await else {
+        return;
+    };
+    let l = RedisLimiter::connect(&server.url).await.unwrap();
+    let r = rate("5/min");
+    assert!(l.check("k", r, 1).await.unwrap().allowed);
+
+    server.restart().await;
+
+    let d = l
+        .check("k", r, 1)
+        .await
+        .expect("answered on a new connection");
+    assert!(d.allowed);
+    assert_eq!(d.remaining, 4, "a new Redis holds nothing of the old one");
+    assert_eq!(l.reset("").await.unwrap(), 1);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_sharing_redis_admit_exactly_the_limit_under_200_concurrent_checks() {
     let Some(url) = redis_url() else { return };

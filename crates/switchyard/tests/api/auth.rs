@@ -1115,6 +1115,141 @@ async fn a_revocation_by_the_cli_reaches_running_servers_through_redis() {
     );
 }
 
+async fn misses(app: &TestApp) -> u64 {
+    let (_, _, v) = send(
+        app,
+        reqwest::Method::GET,
+        "/v1/admin/auth-cache",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    v["misses"].as_u64().unwrap()
+}
+
+/// Polls `accepted` every 50 ms until it is false; fails after 5 s.
+async fn within_5s<F, Fut>(what: &str, mut accepted: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while accepted().await {
+        assert!(std::time::Instant::now() < deadline, "{what} after 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A changed `SWITCHYARD_ADMIN_KEY` revokes the old value's key when an
+/// instance starts with the new one; the instances already running, which
+/// have the old key cached, drop it too (it was published like any
+/// revocation), instead of accepting it for the cache's 60 s.
+#[tokio::test]
+async fn a_rotated_admin_key_stops_working_on_the_running_instances() {
+    let Some(redis) = crate::helpers::test_redis_url() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/shared.db", dir.path().display());
+    let spawn = |admin: &'static str| {
+        crate::helpers::app()
+            .env("SWITCHYARD_ADMIN_KEY", admin)
+            .env("SWITCHYARD_STORE__URL", &db)
+            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
+            // Polled below for up to 5 s: not a rate-limit test.
+            .config("[rate_limits.classes]\nglobal = \"100000/min\"\nadmin = \"100000/min\"\n")
+            .spawn()
+    };
+    let running = spawn(ADMIN).await;
+    let (s, _, _) = send(
+        &running,
+        reqwest::Method::GET,
+        "/v1/admin/keys",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "the old value works, and is cached");
+
+    const ROTATED: &str = "rotated-admin-key-0123456789abcdef0123456789";
+    let _new = spawn(ROTATED).await;
+
+    let running_ref = &running;
+    within_5s(
+        "the running instance still accepts the old admin key",
+        move || async move {
+            send(
+                running_ref,
+                reqwest::Method::GET,
+                "/v1/admin/keys",
+                Some(ADMIN),
+                None,
+            )
+            .await
+            .0 != StatusCode::UNAUTHORIZED
+        },
+    )
+    .await;
+    let (s, _, _) = send(
+        &running,
+        reqwest::Method::GET,
+        "/v1/admin/keys",
+        Some(ROTATED),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+/// `POST /v1/admin/auth-cache/invalidate` on one instance reaches the
+/// others' caches too (an operator behind a load balancer cannot choose
+/// the instance): the key is looked up again there.
+#[tokio::test]
+async fn a_cache_invalidation_reaches_every_instance_through_redis() {
+    let Some(redis) = crate::helpers::test_redis_url() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/shared.db", dir.path().display());
+    let spawn = || {
+        crate::helpers::app()
+            .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+            .env("SWITCHYARD_STORE__URL", &db)
+            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
+            .config("[rate_limits.classes]\nchat = \"100000/min\"\nglobal = \"100000/min\"\nadmin = \"100000/min\"\n")
+            .spawn()
+    };
+    let a = spawn().await;
+    let b = spawn().await;
+    let created = create_key(&a, ADMIN, json!({"name": "cached"})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert_eq!(chat_status(&b, Some(&key)).await, StatusCode::OK);
+    assert_eq!(chat_status(&b, Some(&key)).await, StatusCode::OK);
+    let before = misses(&b).await;
+    assert_eq!(chat_status(&b, Some(&key)).await, StatusCode::OK);
+    assert_eq!(misses(&b).await, before, "B serves the key from its cache");
+
+    let (s, _, v) = send(
+        &a,
+        reqwest::Method::POST,
+        "/v1/admin/auth-cache/invalidate",
+        Some(ADMIN),
+        Some(json!({"credential": key})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let (b_ref, key_ref) = (&b, key.as_str());
+    within_5s(
+        "B still serves the key from its cache",
+        move || async move {
+            assert_eq!(chat_status(b_ref, Some(key_ref)).await, StatusCode::OK);
+            misses(b_ref).await == before
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_role_change_applies_to_the_next_request_and_is_audited() {
     let app = with_admin().await;
