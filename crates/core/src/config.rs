@@ -393,6 +393,12 @@ pub struct ProviderConfig {
     /// Unset: only `timeout_secs` bounds a stalled stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout_ms: Option<u64>,
+    /// Largest answer read whole (a non-streamed completion, embeddings),
+    /// in MiB: past it the attempt fails (`upstream_protocol_error`) rather
+    /// than a broken or hostile provider filling the gateway's memory.
+    /// Stream events are bounded separately (16 MiB each).
+    #[serde(default = "default_max_response_mib")]
+    pub max_response_mib: u32,
     /// `anthropic` providers only: let Messages clients use Anthropic's own
     /// tools (web search, web fetch, code execution, …). Off by default:
     /// Anthropic bills them per use, beyond tokens, which usage rows and
@@ -441,6 +447,12 @@ fn default_first_byte_timeout_ms() -> u64 {
 }
 fn default_weight() -> u32 {
     1
+}
+/// Embeddings of 2,048 inputs at 3,072 dimensions, as JSON floats, are
+/// ~70 MB: the largest answer an OpenAI-compatible API gives for one call.
+pub const DEFAULT_MAX_RESPONSE_MIB: u32 = 128;
+fn default_max_response_mib() -> u32 {
+    DEFAULT_MAX_RESPONSE_MIB
 }
 
 impl ProviderConfig {
@@ -1085,6 +1097,12 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("providers.{name}"),
                     "expected timeouts greater than zero",
+                ));
+            }
+            if !(1..=4096).contains(&p.max_response_mib) {
+                return Err(ConfigError::invalid(
+                    format!("providers.{name}.max_response_mib"),
+                    "expected 1 to 4096 (MiB)",
                 ));
             }
         }

@@ -133,6 +133,7 @@ impl Config {
                 first_byte_timeout_ms: 60_000,
                 timeout_secs: 600,
                 stream_idle_timeout_ms: None,
+                max_response_mib: crate::config::DEFAULT_MAX_RESPONSE_MIB,
                 server_tools: false,
                 thinking: Default::default(),
                 max_tokens_default: None,

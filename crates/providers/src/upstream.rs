@@ -41,6 +41,8 @@ pub(crate) struct Upstream {
     post_headers: HeaderMap,
     /// Kept only to scrub it from anything the provider echoes back.
     key: Scrubber,
+    /// `max_response_mib` in bytes, given to every response.
+    max_body: usize,
 }
 
 /// Removes the provider key from text the provider sent back; cheap to
@@ -154,6 +156,8 @@ pub(crate) struct UpstreamResponse {
     body: ResponseBody,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
+    /// The most [`UpstreamResponse::bytes`] reads.
+    max_body: usize,
 }
 
 enum ResponseBody {
@@ -202,21 +206,43 @@ impl UpstreamResponse {
         }
     }
 
-    /// The whole body.
+    /// The whole body, if it is at most the provider's `max_response_mib`
+    /// (refused before reading when its `Content-Length` says more).
     pub(crate) async fn bytes(mut self) -> Result<Bytes, ProviderError> {
+        let limit = self.max_body;
+        let too_large = || {
+            ProviderError::Protocol(format!(
+                "the answer is larger than {} MiB (max_response_mib)",
+                limit / (1024 * 1024)
+            ))
+        };
+        let declared = self
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
         let Some(first) = self.chunk().await? else {
             return Ok(Bytes::new());
         };
         let Some(second) = self.chunk().await? else {
+            if first.len() > limit {
+                return Err(too_large());
+            }
             return Ok(first); // the usual case: one frame, no copy
         };
         let mut buf = BytesMut::with_capacity(first.len() + second.len());
         buf.extend_from_slice(&first);
         buf.extend_from_slice(&second);
-        while let Some(more) = self.chunk().await? {
+        while buf.len() <= limit {
+            let Some(more) = self.chunk().await? else {
+                return Ok(buf.freeze());
+            };
             buf.extend_from_slice(&more);
         }
-        Ok(buf.freeze())
+        Err(too_large())
     }
 }
 
@@ -250,6 +276,9 @@ impl Upstream {
             headers,
             post_headers,
             key: Scrubber(config.api_key.clone().map(std::sync::Arc::new)),
+            max_body: usize::try_from(config.max_response_mib)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(1024 * 1024),
         })
     }
 
@@ -319,6 +348,7 @@ impl Upstream {
                 body: ResponseBody::H1(r.body),
                 deadline,
                 timeout,
+                max_body: self.max_body,
             }
         } else {
             let mut req = http::Request::new(Full::new(body));
@@ -337,6 +367,7 @@ impl Upstream {
                 body: ResponseBody::Hyper(body),
                 deadline,
                 timeout,
+                max_body: self.max_body,
             }
         };
         if resp.status.is_success() {

@@ -438,3 +438,53 @@ async fn max_tokens_above_the_configured_cap_is_400_before_any_provider_call() {
         200
     );
 }
+
+/// A provider's answer larger than `max_response_mib` is refused as it is
+/// read (a 502, the memory bounded), for chat and embeddings alike, while an
+/// answer within it is relayed whole.
+#[tokio::test]
+async fn an_answer_larger_than_max_response_mib_is_a_502_not_a_full_memory() {
+    let app = app()
+        .env("SWITCHYARD_PROVIDERS__MOCK__MAX_RESPONSE_MIB", "1")
+        .spawn()
+        .await;
+    let filler = "x".repeat(1024 * 1024);
+    let big = format!(
+        r#"{{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"{filler}"}},"finish_reason":"stop"}}]}}"#
+    );
+    for (path, body) in [
+        ("/v1/chat/completions", chat_body("gpt-4o-mini")),
+        (
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small", "input": "hi"}),
+        ),
+    ] {
+        app.mock().push_fault(Fault::Raw(big.clone()));
+        app.mock().push_fault(Fault::Raw(big.clone()));
+        let resp = app.post_json(path, &body).await;
+        assert_error(resp, 502, "upstream_protocol_error").await;
+    }
+    assert!(
+        app.logs()
+            .iter()
+            .any(|l| l.contains("larger than 1 MiB (max_response_mib)")),
+        "the log says why"
+    );
+    let within = format!(
+        r#"{{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}]}}"#,
+        "y".repeat(1000 * 1000)
+    );
+    app.mock().push_fault(Fault::Raw(within));
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .len(),
+        1000 * 1000
+    );
+}
