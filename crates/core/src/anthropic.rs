@@ -2411,6 +2411,12 @@ fn anthropic_id(id: &str) -> String {
 /// in the usual stream where each call is whole before the next begins, so
 /// that arguments are sent as they arrive — or at the end of the stream.
 /// A call that waited is sent whole: start, its arguments, stop.
+///
+/// Text (or reasoning) that arrives while the open call's arguments are not
+/// yet whole waits too, and follows the call's block once they are (or at
+/// the stream's end): closing the call for it would lose the rest of the
+/// arguments, since a closed block takes no more. The arguments still
+/// stream as they arrive.
 #[derive(Debug)]
 pub struct OpenAiToAnthropicStream {
     model: String,
@@ -2433,6 +2439,9 @@ pub struct OpenAiToAnthropicStream {
     thinking: bool,
     /// The tool calls begun, in the order they began.
     calls: Vec<ToolCall>,
+    /// Text and reasoning that arrived while the open call's arguments were
+    /// not whole, in order, to follow its block.
+    held: Vec<(OpenBlock, String)>,
     /// The model refused (OpenAI's `refusal` deltas): the stop reason is
     /// `refusal`.
     refused: bool,
@@ -2499,6 +2508,7 @@ impl OpenAiToAnthropicStream {
             stop_reason: None,
             stop_sequence: Value::Null,
             calls: Vec::new(),
+            held: Vec::new(),
             refused: false,
             called: false,
             usage: None,
@@ -2561,15 +2571,7 @@ impl OpenAiToAnthropicStream {
         };
         let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
         if let Some(reasoning) = reasoning_of(&delta).filter(|_| self.thinking) {
-            let index = match self.open {
-                Some((i, OpenBlock::Thinking)) => i,
-                _ => self.open(
-                    OpenBlock::Thinking,
-                    json!({"type": "thinking", "thinking": "", "signature": ""}),
-                    &mut out,
-                ),
-            };
-            out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": reasoning}})));
+            self.say(OpenBlock::Thinking, reasoning, &mut out);
         }
         let refusal = delta
             .get("refusal")
@@ -2580,17 +2582,7 @@ impl OpenAiToAnthropicStream {
             .into_iter()
             .flatten()
         {
-            if !text.is_empty() {
-                let index = match self.open {
-                    Some((i, OpenBlock::Text)) => i,
-                    _ => self.open(
-                        OpenBlock::Text,
-                        json!({"type": "text", "text": ""}),
-                        &mut out,
-                    ),
-                };
-                out.push(("content_block_delta", json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}})));
-            }
+            self.say(OpenBlock::Text, text, &mut out);
         }
         for call in delta
             .get("tool_calls")
@@ -2612,6 +2604,9 @@ impl OpenAiToAnthropicStream {
                 Some((_, OpenBlock::Tool(open))) if open == at => self.send_arguments(at, &mut out),
                 _ => self.next_calls(&mut out),
             }
+            if !self.call_unfinished() {
+                self.say_held(&mut out);
+            }
         }
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
             let (stop, seq) = match self.refused {
@@ -2622,6 +2617,55 @@ impl OpenAiToAnthropicStream {
             self.stop_sequence = seq;
         }
         out
+    }
+
+    /// Text or reasoning (`kind`) as a delta of the open block of its kind,
+    /// or of a new one (closing the open block); held instead while the
+    /// open call's arguments are not whole.
+    fn say(&mut self, kind: OpenBlock, text: &str, out: &mut Vec<Event>) {
+        if text.is_empty() {
+            return;
+        }
+        if self.call_unfinished() {
+            match self.held.last_mut() {
+                Some((k, held)) if *k == kind => held.push_str(text),
+                _ => self.held.push((kind, text.to_owned())),
+            }
+            return;
+        }
+        let thinking = kind == OpenBlock::Thinking;
+        let index = match self.open {
+            Some((i, open)) if open == kind => i,
+            _ if thinking => self.open(
+                kind,
+                json!({"type": "thinking", "thinking": "", "signature": ""}),
+                out,
+            ),
+            _ => self.open(kind, json!({"type": "text", "text": ""}), out),
+        };
+        let delta = match thinking {
+            true => json!({"type": "thinking_delta", "thinking": text}),
+            false => json!({"type": "text_delta", "text": text}),
+        };
+        out.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        ));
+    }
+
+    /// What was held for the open call, once its block may close.
+    fn say_held(&mut self, out: &mut Vec<Event>) {
+        for (kind, text) in std::mem::take(&mut self.held) {
+            self.say(kind, &text, out);
+        }
+    }
+
+    /// Whether the open block is a tool call whose arguments may still grow.
+    fn call_unfinished(&self) -> bool {
+        match self.open {
+            Some((_, OpenBlock::Tool(open))) => self.calls.get(open).is_some_and(|c| !c.complete()),
+            _ => false,
+        }
     }
 
     /// The call a tool-call delta belongs to, in `calls`: the one with its
@@ -2686,10 +2730,8 @@ impl OpenAiToAnthropicStream {
             .iter()
             .position(|c| c.state == CallState::Waiting)
         {
-            if let Some((_, OpenBlock::Tool(open))) = self.open {
-                if self.calls.get(open).is_some_and(|c| !c.complete()) {
-                    return;
-                }
+            if self.call_unfinished() {
+                return;
             }
             let block = self.calls[next].block.clone();
             self.open(OpenBlock::Tool(next), block, out);
@@ -2702,6 +2744,11 @@ impl OpenAiToAnthropicStream {
     pub fn finish(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
         self.start("", &mut out);
+        // What waited for the open call follows its block, now closed.
+        if !self.held.is_empty() {
+            self.close(&mut out);
+            self.say_held(&mut out);
+        }
         // Calls still waiting are sent whole, in turn.
         while self.calls.iter().any(|c| c.state == CallState::Waiting) {
             self.close(&mut out);
@@ -4470,6 +4517,126 @@ mod tests {
         };
         assert_eq!(json_of(0), "{\"a\":1}");
         assert_eq!(json_of(1), "{\"b\":2} ");
+    }
+
+    /// Events of an OpenAI stream made of `chunks`, through its end.
+    fn translated(chunks: &[Value]) -> Vec<Event> {
+        let mut s = OpenAiToAnthropicStream::new("alias", 0, false);
+        let mut events: Vec<Event> = chunks.iter().flat_map(|c| s.chunk(c)).collect();
+        events.extend(s.finish());
+        events
+    }
+
+    /// The content blocks an Anthropic SDK builds from `events` (text
+    /// joined, a tool's `partial_json` joined and parsed, `{}` when none;
+    /// unparsed as `partial_json` when cut short), after checking that no
+    /// block starts while another is open.
+    fn assembled(events: &[Event]) -> Vec<Value> {
+        let mut blocks: Vec<(Value, String)> = Vec::new();
+        let mut open: Option<u64> = None;
+        for (name, e) in events {
+            match *name {
+                "content_block_start" => {
+                    assert_eq!(open, None, "blocks interleave: {events:?}");
+                    assert_eq!(e["index"], blocks.len(), "{events:?}");
+                    open = e["index"].as_u64();
+                    blocks.push((e["content_block"].clone(), String::new()));
+                }
+                "content_block_delta" => {
+                    assert_eq!(e["index"].as_u64(), open, "a delta outside its block");
+                    let (block, json) = blocks.last_mut().unwrap();
+                    match e["delta"]["type"].as_str() {
+                        Some("text_delta") => {
+                            let text = format!(
+                                "{}{}",
+                                block["text"].as_str().unwrap(),
+                                e["delta"]["text"].as_str().unwrap()
+                            );
+                            block["text"] = json!(text);
+                        }
+                        Some("input_json_delta") => {
+                            json.push_str(e["delta"]["partial_json"].as_str().unwrap());
+                        }
+                        other => panic!("unexpected delta {other:?}"),
+                    }
+                }
+                "content_block_stop" => {
+                    assert_eq!(e["index"].as_u64(), open, "{events:?}");
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        blocks
+            .into_iter()
+            .map(|(mut block, json)| {
+                // Arguments cut short by the stream's end stay as they came.
+                match serde_json::from_str(&json) {
+                    Ok(input) => block["input"] = input,
+                    Err(_) if !json.is_empty() => block["partial_json"] = json!(json),
+                    Err(_) => {}
+                }
+                block
+            })
+            .collect()
+    }
+
+    /// Text that arrives while a tool call's arguments are still coming
+    /// used to close the call's block, and the rest of its arguments were
+    /// lost (the SDK saw `input: {}`): the text waits until the call's block
+    /// closes, and the arguments still stream as they arrive.
+    #[test]
+    fn text_amid_a_tool_calls_arguments_loses_neither() {
+        let chunk = |delta: Value| json!({"id": "c", "choices": [{"index": 0, "delta": delta}]});
+        let events = translated(&[
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                "function": {"name": "f", "arguments": "{\"city\":"}}]}),
+            ),
+            chunk(json!({"content": "mid"})),
+            chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]})),
+            json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        ]);
+
+        assert_eq!(
+            assembled(&events),
+            [
+                json!({"type": "tool_use", "id": "call_a", "name": "f", "input": {"city": "Paris"}}),
+                json!({"type": "text", "text": "mid"}),
+            ]
+        );
+        let fragments: Vec<&str> = events
+            .iter()
+            .filter_map(|(_, e)| e["delta"]["partial_json"].as_str())
+            .collect();
+        assert_eq!(
+            fragments,
+            ["{\"city\":", "\"Paris\"}"],
+            "streamed as they came"
+        );
+        let stop = events.iter().find(|(n, _)| *n == "message_delta").unwrap();
+        assert_eq!(stop.1["delta"]["stop_reason"], "tool_use");
+
+        // Text once the arguments are whole closes the call at once, and a
+        // stream cut inside the arguments still gives the text it had.
+        let events = translated(&[
+            chunk(json!({"content": "Let me look. "})),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_a", "function": {"name": "f", "arguments": "{}"}}]}),
+            ),
+            chunk(json!({"content": "Done"})),
+            chunk(
+                json!({"tool_calls": [{"index": 1, "id": "call_b", "function": {"name": "g", "arguments": "{\"x\""}}]}),
+            ),
+            chunk(json!({"content": "!"})),
+        ]);
+        let blocks = assembled(&events);
+        assert_eq!(blocks.len(), 5, "{blocks:?}");
+        assert_eq!(blocks[0], json!({"type": "text", "text": "Let me look. "}));
+        assert_eq!(blocks[1]["input"], json!({}));
+        assert_eq!(blocks[2], json!({"type": "text", "text": "Done"}));
+        assert_eq!(blocks[3]["partial_json"], "{\"x\"");
+        assert_eq!(blocks[4], json!({"type": "text", "text": "!"}));
     }
 
     #[test]

@@ -1857,3 +1857,105 @@ async fn an_overloaded_provider_is_anthropics_529_to_a_messages_client() {
         .await;
     assert_eq!(resp.status().as_u16(), 502);
 }
+
+/// An OpenAI event stream of `chunks` (each in a `chat.completion.chunk`
+/// of id `chatcmpl-raw`), then `[DONE]`, for the mock to send as is.
+fn openai_stream(chunks: &[Value]) -> String {
+    let mut body = String::new();
+    for c in chunks {
+        let mut chunk = json!({"id": "chatcmpl-raw", "object": "chat.completion.chunk",
+            "created": 1, "model": "gpt-4o-mini-upstream"});
+        chunk["choices"] = c["choices"].clone();
+        if let Some(usage) = c.get("usage") {
+            chunk["usage"] = usage.clone();
+        }
+        body.push_str(&format!("data: {chunk}\n\n"));
+    }
+    body + "data: [DONE]\n\n"
+}
+
+/// A chunk whose one choice (index 0) carries `delta`.
+fn delta(delta: Value) -> Value {
+    json!({"choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+}
+
+/// The content blocks an Anthropic SDK builds from a Messages stream: text
+/// joined, a tool's `partial_json` fragments joined and parsed (`{}` when
+/// none), after checking that blocks neither interleave nor skip an index.
+fn assembled(events: &[(String, Value)]) -> Vec<Value> {
+    let mut blocks: Vec<(Value, String)> = Vec::new();
+    let mut open = None;
+    for (name, e) in events {
+        match name.as_str() {
+            "content_block_start" => {
+                assert_eq!(open, None, "blocks interleave: {events:?}");
+                assert_eq!(e["index"], blocks.len(), "{events:?}");
+                open = e["index"].as_u64();
+                blocks.push((e["content_block"].clone(), String::new()));
+            }
+            "content_block_delta" => {
+                assert_eq!(e["index"].as_u64(), open, "a delta outside its block");
+                let (block, json) = blocks.last_mut().unwrap();
+                if let Some(text) = e["delta"]["text"].as_str() {
+                    block["text"] = json!(format!("{}{text}", block["text"].as_str().unwrap()));
+                }
+                if let Some(part) = e["delta"]["partial_json"].as_str() {
+                    json.push_str(part);
+                }
+            }
+            "content_block_stop" => {
+                assert_eq!(e["index"].as_u64(), open, "{events:?}");
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    blocks
+        .into_iter()
+        .map(|(mut block, json)| {
+            if !json.is_empty() {
+                block["input"] = serde_json::from_str(&json).unwrap();
+            }
+            block
+        })
+        .collect()
+}
+
+/// Text that a provider streams while a tool call's arguments are still
+/// coming used to close the call's block, and the SDK saw `input: {}`: the
+/// call keeps all its arguments, streamed as they came, and the text
+/// follows its block.
+#[tokio::test]
+async fn text_amid_a_streamed_tool_calls_arguments_loses_neither() {
+    let app = spawn().await;
+    app.mock().push_fault(Fault::Raw(openai_stream(&[
+        delta(
+            json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+            "function": {"name": "f", "arguments": "{\"city\":"}}]}),
+        ),
+        delta(json!({"content": "mid"})),
+        delta(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]})),
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+    ])));
+    let mut body = messages_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+
+    let resp = app.post_json("/v1/messages", &body).await;
+
+    assert_eq!(resp.status(), 200);
+    let events = anthropic_events(&resp.text().await.unwrap());
+    assert_eq!(
+        assembled(&events),
+        [
+            json!({"type": "tool_use", "id": "call_a", "name": "f", "input": {"city": "Paris"}}),
+            json!({"type": "text", "text": "mid"}),
+        ]
+    );
+    let fragments = events
+        .iter()
+        .filter(|(_, e)| e["delta"]["type"] == "input_json_delta")
+        .count();
+    assert_eq!(fragments, 2, "arguments stream as they come: {events:?}");
+    let stop = &events[events.len() - 2].1;
+    assert_eq!(stop["delta"]["stop_reason"], "tool_use");
+}
