@@ -4,6 +4,8 @@
 //! provider uses one direction, the inbound `POST /v1/messages` endpoint the
 //! other.
 
+use std::borrow::Cow;
+
 use serde_json::{json, Map, Value};
 
 use crate::config::ThinkingForm;
@@ -2251,6 +2253,25 @@ fn reasoning_of(m: &Value) -> Option<&str> {
         .filter(|r| !r.is_empty())
 }
 
+/// The text of an answer's `content`, a message's or a delta's: a string,
+/// or, as some OpenAI-compatible providers send it, a list of parts, whose
+/// `text` parts run on into one text (in a stream a part may end mid-word).
+/// Other parts (an image, a model's own `thinking` part) are not the
+/// answer's text and are left out.
+fn answer_text(content: Option<&Value>) -> Option<Cow<'_, str>> {
+    match content? {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Array(parts) => Some(Cow::Owned(
+            parts
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect(),
+        )),
+        _ => None,
+    }
+}
+
 /// Turns an OpenAI `chat.completion` into an Anthropic message; with
 /// `thinking`, the provider's reasoning becomes a leading `thinking` block
 /// (with an empty `signature`: only Anthropic can sign, and Switchyard does
@@ -2262,7 +2283,7 @@ pub fn response_to_anthropic(resp: &Value, model: &str, thinking: bool) -> Value
     if let Some(reasoning) = reasoning_of(&msg).filter(|_| thinking) {
         content.push(json!({"type": "thinking", "thinking": reasoning, "signature": ""}));
     }
-    if let Some(text) = msg.get("content").and_then(Value::as_str) {
+    if let Some(text) = answer_text(msg.get("content")) {
         if !text.is_empty() {
             content.push(json!({"type": "text", "text": text}));
         }
@@ -2578,10 +2599,8 @@ impl OpenAiToAnthropicStream {
             .and_then(Value::as_str)
             .filter(|r| !r.is_empty());
         self.refused |= refusal.is_some();
-        for text in [delta.get("content").and_then(Value::as_str), refusal]
-            .into_iter()
-            .flatten()
-        {
+        let text = answer_text(delta.get("content"));
+        for text in [text.as_deref(), refusal].into_iter().flatten() {
             self.say(OpenBlock::Text, text, &mut out);
         }
         for call in delta

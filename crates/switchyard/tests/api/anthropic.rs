@@ -1959,3 +1959,51 @@ async fn text_amid_a_streamed_tool_calls_arguments_loses_neither() {
     let stop = &events[events.len() - 2].1;
     assert_eq!(stop["delta"]["stop_reason"], "tool_use");
 }
+
+/// Some OpenAI-compatible providers send `content` as a list of parts. A
+/// Messages client used to get `content: []` (or a stream without a
+/// block): the text parts' text is its text, parts of other types are
+/// left out. The OpenAI API relays the provider's body as it came.
+#[tokio::test]
+async fn content_given_as_parts_reaches_a_messages_client_as_its_text() {
+    let app = spawn().await;
+    let parts = json!([{"type": "text", "text": "A"}, {"type": "image_url", "image_url": {"url": "x"}},
+        {"type": "text", "text": "B"}]);
+    let answer = json!({"id": "chatcmpl-raw", "object": "chat.completion", "created": 1,
+        "model": "gpt-4o-mini-upstream", "choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": parts}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}});
+
+    app.mock().push_fault(Fault::Raw(answer.to_string()));
+    let resp = app
+        .post_json("/v1/messages", &messages_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["content"], json!([{"type": "text", "text": "AB"}]), "{v}");
+
+    app.mock().push_fault(Fault::Raw(openai_stream(&[
+        delta(json!({"role": "assistant", "content": [{"type": "text", "text": "A"}]})),
+        delta(json!({"content": [{"type": "text", "text": "B"}, {"type": "text", "text": "C"}]})),
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+    ])));
+    let mut body = messages_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+    let events = anthropic_events(
+        &app.post_json("/v1/messages", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(assembled(&events), [json!({"type": "text", "text": "ABC"})]);
+
+    app.mock().push_fault(Fault::Raw(answer.to_string()));
+    let v: Value = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], parts);
+}
