@@ -17,9 +17,11 @@ pub struct ApiError {
     /// For the log only.
     pub internal: Option<String>,
     pub retry_after: Option<u64>,
-    /// The provider was overloaded (Anthropic's 529, or a local model's full
-    /// queue): Anthropic's clients are told so with its own status, 529
-    /// `overloaded_error`.
+    /// The provider was overloaded (a 503 or Anthropic's 529, or a local
+    /// model's full queue): Anthropic's clients are told so with its own
+    /// status, 529 `overloaded_error`, as they are when a stream is cut by
+    /// the same failure (see [`stream_failure`]). OpenAI clients keep the
+    /// gateway's status.
     pub overloaded: bool,
 }
 
@@ -170,9 +172,18 @@ fn from_provider(p: ProviderError) -> ApiError {
             err
         }
         ProviderError::Status { .. } | ProviderError::Timeout(_) | ProviderError::Connect(_) => {
-            // Anthropic's own overload; another provider's 503 may be
-            // anything from maintenance to an outage, and stays a 502.
-            let overloaded = matches!(p, ProviderError::Status { status: 529, .. });
+            // Anthropic's own overload, or another provider's 503: to
+            // OpenAI clients a 502, since a 503 may be anything from
+            // maintenance to an outage; to Messages clients overload, as
+            // the same 503 inside a stream is, so that Anthropic's SDKs
+            // retry it whenever it comes.
+            let overloaded = matches!(
+                p,
+                ProviderError::Status {
+                    status: 503 | 529,
+                    ..
+                }
+            );
             let mut err = ApiError::internal(
                 status,
                 "upstream_error",

@@ -38,9 +38,11 @@ fn anthropic_error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Re-shapes an OpenAI-style error response, keeping status, headers and the
-/// logged detail; an overloaded provider, or no deployment available, is
-/// Anthropic's 529 `overloaded_error` (what its SDKs raise `OverloadedError`
-/// for and retry), not a 502 or 503.
+/// logged detail; an overloaded provider (its 503 or 529, a local model's
+/// full queue), or no deployment available, is Anthropic's 529
+/// `overloaded_error` (what its SDKs raise `OverloadedError` for and retry),
+/// not a 502 or 503 — as a stream cut by the same failure ends with an
+/// `overloaded_error` event.
 fn to_anthropic(mut e: ApiError) -> Response {
     if e.overloaded || e.status == StatusCode::SERVICE_UNAVAILABLE {
         e.status = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);

@@ -379,7 +379,28 @@ async fn the_messages_api_answers_errors_in_anthropic_shape() {
     );
     assert_eq!(app.mock().calls(), calls);
 
+    // A provider's 503 before any output is overload, as it is inside a
+    // stream (it used to be a 502 `api_error` here, which the SDKs do not
+    // take for overload), streamed or not; OpenAI clients still get a 502.
     app.mock().update(|b| b.always = Some(Fault::Status(503)));
+    let mut streamed = messages_body("gpt-4o-mini");
+    streamed["stream"] = json!(true);
+    for body in [messages_body("gpt-4o-mini"), streamed] {
+        let failed = app.post_json("/v1/messages", &body).await;
+        assert_eq!(failed.status().as_u16(), 529, "{body}");
+        assert_eq!(
+            failed.json::<Value>().await.unwrap()["error"]["type"],
+            "overloaded_error"
+        );
+    }
+    let failed = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(failed.status(), 502);
+    // Another failure stays a 502 `api_error` (on an app whose breaker
+    // the 503s above did not open).
+    let app = spawn().await;
+    app.mock().update(|b| b.always = Some(Fault::Status(500)));
     let failed = app
         .post_json("/v1/messages", &messages_body("gpt-4o-mini"))
         .await;
