@@ -1783,23 +1783,7 @@ impl MessagesRequest {
             }
         };
         let mut out: Vec<Value> = Vec::new();
-        match body.get("system") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => out.push(json!({"role": "system", "content": s})),
-            Some(Value::Array(blocks)) => {
-                let text: Vec<&str> = blocks
-                    .iter()
-                    .filter_map(|b| b.get("text").and_then(Value::as_str))
-                    .collect();
-                out.push(json!({"role": "system", "content": text.join("\n\n")}));
-            }
-            Some(_) => {
-                return Err(bad(
-                    "system",
-                    "system: Input should be a valid string or list of text blocks",
-                ))
-            }
-        }
+        out.extend(system_message(body)?);
         // The first thing the OpenAI shape cannot carry; the request is
         // refused with it unless Anthropic itself serves the alias.
         let mut untranslatable: Option<TranslateError> = None;
@@ -1814,12 +1798,34 @@ impl MessagesRequest {
                     format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
                 ));
             }
+            let param = format!("messages.{i}.content");
             match m.get("content") {
                 Some(Value::String(s)) => out.push(json!({"role": role, "content": s})),
+                // Anthropic's rule: an empty turn would otherwise vanish
+                // from the translation, and a lone one leave no message.
+                Some(Value::Array(blocks))
+                    if blocks.is_empty() && !(role == "assistant" && i + 1 == messages.len()) =>
+                {
+                    return Err(bad(
+                        &param,
+                        format!(
+                            "{param}: all messages must have non-empty content except for \
+                             the optional final assistant message"
+                        ),
+                    ));
+                }
                 Some(Value::Array(blocks)) => {
                     translate_blocks(role, blocks, i, &mut out, &mut untranslatable)?;
                 }
-                _ => return Err(a_missing(&format!("messages.{i}.content"))),
+                Some(_) => {
+                    return Err(bad(
+                        &param,
+                        format!(
+                            "{param}: Input should be a valid string or a list of content blocks"
+                        ),
+                    ))
+                }
+                None => return Err(a_missing(&param)),
             }
         }
         let mut openai = Map::new();
@@ -1885,10 +1891,11 @@ impl MessagesRequest {
                 }
             },
         }
-        for key in ["top_p", "top_k"] {
-            if let Some(v) = body.get(key) {
-                openai.insert(key.into(), v.clone());
-            }
+        if let Some(v) = body.get("top_p") {
+            openai.insert("top_p".into(), v.clone());
+        }
+        if let Some(k) = top_k(body)? {
+            openai.insert("top_k".into(), k);
         }
         match body.get("stop_sequences") {
             None | Some(Value::Null) => {}
@@ -1995,6 +2002,45 @@ impl MessagesRequest {
             untranslatable,
             server_tool,
         })
+    }
+}
+
+/// The system message for a Messages body's `system`: a string, or text
+/// blocks joined by blank lines. An empty one is left out rather than sent
+/// as an empty system message, which says nothing and which some providers
+/// refuse.
+fn system_message(body: &Map<String, Value>) -> Result<Option<Value>, TranslateError> {
+    let text = match body.get("system") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n\n"),
+        Some(_) => {
+            return Err(bad(
+                "system",
+                "system: Input should be a valid string or list of text blocks",
+            ))
+        }
+    };
+    Ok((!text.is_empty()).then(|| json!({"role": "system", "content": text})))
+}
+
+/// A Messages body's `top_k`, checked as Anthropic checks it (an integer,
+/// at least 0) so that the answer does not depend on the provider behind
+/// the alias (a negative one would reach vLLM as "no limit").
+fn top_k(body: &Map<String, Value>) -> Result<Option<Value>, TranslateError> {
+    match body.get("top_k") {
+        None | Some(Value::Null) => Ok(None),
+        Some(k) if k.is_u64() => Ok(Some(k.clone())),
+        Some(k) if k.is_i64() => Err(bad(
+            "top_k",
+            "top_k: Input should be greater than or equal to 0",
+        )),
+        Some(_) => Err(bad("top_k", "top_k: Input should be a valid integer")),
     }
 }
 
@@ -4460,6 +4506,100 @@ mod tests {
         ] {
             let e = MessagesRequest::parse(&obj(body.clone())).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+    }
+
+    /// Empty or ill-typed content used to be named as `messages` (or as a
+    /// missing field), an empty system prompt was sent on, and a negative
+    /// `top_k` passed unchecked; Anthropic refuses what is refused here.
+    #[test]
+    fn ill_formed_content_and_top_k_are_named_and_an_empty_system_left_out() {
+        let with = |k: &str, v: Value| {
+            let mut b = obj(
+                json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+            );
+            b.insert(k.into(), v);
+            b
+        };
+        for (key, value, param, message) in [
+            (
+                "messages",
+                json!([{"role": "user", "content": []}]),
+                "messages.0.content",
+                "messages.0.content: all messages must have non-empty content except for the optional final assistant message",
+            ),
+            (
+                "messages",
+                json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": []},
+                    {"role": "user", "content": "again"}]),
+                "messages.1.content",
+                "messages.1.content: all messages must have non-empty content except for the optional final assistant message",
+            ),
+            (
+                "messages",
+                json!([{"role": "user", "content": 5}]),
+                "messages.0.content",
+                "messages.0.content: Input should be a valid string or a list of content blocks",
+            ),
+            (
+                "messages",
+                json!([{"role": "user", "content": null}]),
+                "messages.0.content",
+                "messages.0.content: Input should be a valid string or a list of content blocks",
+            ),
+            (
+                "messages",
+                json!([{"role": "user"}]),
+                "messages.0.content",
+                "messages.0.content: Field required",
+            ),
+            (
+                "top_k",
+                json!(-1),
+                "top_k",
+                "top_k: Input should be greater than or equal to 0",
+            ),
+            (
+                "top_k",
+                json!(1.5),
+                "top_k",
+                "top_k: Input should be a valid integer",
+            ),
+            (
+                "top_k",
+                json!("5"),
+                "top_k",
+                "top_k: Input should be a valid integer",
+            ),
+        ] {
+            let e = MessagesRequest::parse(&with(key, value.clone())).unwrap_err();
+            assert_eq!(
+                (e.param.as_deref(), e.message.as_str()),
+                (Some(param), message),
+                "{value}"
+            );
+        }
+
+        // A prefill may be empty, as Anthropic allows for the final
+        // assistant message; a valid top_k is passed on.
+        let r = MessagesRequest::parse(&with(
+            "messages",
+            json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}]),
+        ))
+        .unwrap();
+        assert_eq!(
+            r.openai_body["messages"],
+            json!([{"role": "user", "content": "hi"}])
+        );
+        let r = MessagesRequest::parse(&with("top_k", json!(0))).unwrap();
+        assert_eq!(r.openai_body["top_k"], 0);
+        for system in [json!(""), json!([]), json!([{"type": "text", "text": ""}])] {
+            let r = MessagesRequest::parse(&with("system", system.clone())).unwrap();
+            assert_eq!(
+                r.openai_body["messages"],
+                json!([{"role": "user", "content": "hi"}]),
+                "{system}"
+            );
         }
     }
 

@@ -2028,3 +2028,54 @@ async fn content_given_as_parts_reaches_a_messages_client_as_its_text() {
         .unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], parts);
 }
+
+/// What Anthropic's API refuses is refused by name before any provider is
+/// asked (an empty turn used to be named as `messages`, content of the
+/// wrong type as missing, and a negative `top_k` passed unchecked), and an
+/// empty system prompt is left out rather than sent as an empty message.
+#[tokio::test]
+async fn ill_formed_messages_fields_are_named_and_an_empty_system_left_out() {
+    let app = spawn().await;
+    let with = |key: &str, value: Value| {
+        let mut body = messages_body("gpt-4o-mini");
+        body[key] = value;
+        body
+    };
+    for (body, named) in [
+        (
+            with("messages", json!([{"role": "user", "content": []}])),
+            "messages.0.content: all messages must have non-empty content",
+        ),
+        (
+            with("messages", json!([{"role": "user", "content": 5}])),
+            "messages.0.content: Input should be a valid string or a list of content blocks",
+        ),
+        (
+            with("top_k", json!(-1)),
+            "top_k: Input should be greater than or equal to 0",
+        ),
+    ] {
+        let resp = app.post_json("/v1/messages", &body).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().starts_with(named),
+            "{v}"
+        );
+    }
+    assert_eq!(app.mock().calls(), 0);
+
+    for system in [json!(""), json!([])] {
+        let resp = app
+            .post_json("/v1/messages", &with("system", system.clone()))
+            .await;
+        assert_eq!(resp.status(), 200, "{system}");
+        let sent = app.mock().last_request().unwrap().body;
+        assert_eq!(
+            sent["messages"],
+            json!([{"role": "user", "content": "Say hello"}]),
+            "{system}"
+        );
+    }
+}
