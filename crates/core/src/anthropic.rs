@@ -2318,12 +2318,23 @@ fn answer_text(content: Option<&Value>) -> Option<Cow<'_, str>> {
     }
 }
 
+/// The choice of index 0 of an OpenAI answer or chunk (one without an
+/// `index` counts as 0): a Messages client cannot ask for several, so
+/// another a provider sends anyway is not part of the answer, and a stream
+/// names each chunk's choice by its index, not its place.
+fn first_choice(v: &Value) -> Option<&Value> {
+    v.get("choices")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+}
+
 /// Turns an OpenAI `chat.completion` into an Anthropic message; with
 /// `thinking`, the provider's reasoning becomes a leading `thinking` block
 /// (with an empty `signature`: only Anthropic can sign, and Switchyard does
 /// not send thinking blocks back to providers).
 pub fn response_to_anthropic(resp: &Value, model: &str, thinking: bool) -> Value {
-    let choice = resp.pointer("/choices/0").cloned().unwrap_or(Value::Null);
+    let choice = first_choice(resp).cloned().unwrap_or(Value::Null);
     let msg = choice.get("message").cloned().unwrap_or(Value::Null);
     let mut content = Vec::new();
     if let Some(reasoning) = reasoning_of(&msg).filter(|_| thinking) {
@@ -2633,7 +2644,7 @@ impl OpenAiToAnthropicStream {
         if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
             self.usage = Some(u.clone());
         }
-        let Some(choice) = chunk.pointer("/choices/0") else {
+        let Some(choice) = first_choice(chunk) else {
             return out;
         };
         let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
@@ -4738,6 +4749,28 @@ mod tests {
                 block
             })
             .collect()
+    }
+
+    /// A Messages client cannot ask for several choices, but a provider may
+    /// send them: only choice 0 is the answer (choice 1's text used to run
+    /// into it, wherever it stood in the chunk).
+    #[test]
+    fn only_the_first_choice_of_a_stream_is_the_answer() {
+        let events = translated(&[
+            json!({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
+            json!({"id": "c", "choices": [{"index": 1, "delta": {"content": " other", "tool_calls": [
+                {"index": 0, "id": "call_x", "function": {"name": "f", "arguments": "{}"}}]}}]}),
+            json!({"id": "c", "choices": [{"index": 1, "delta": {}, "finish_reason": "length"},
+                {"index": 0, "delta": {"content": " there"}}]}),
+            json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ]);
+
+        assert_eq!(
+            assembled(&events),
+            [json!({"type": "text", "text": "Hi there"})]
+        );
+        let stop = events.iter().find(|(n, _)| *n == "message_delta").unwrap();
+        assert_eq!(stop.1["delta"]["stop_reason"], "end_turn");
     }
 
     /// Text that arrives while a tool call's arguments are still coming

@@ -2079,3 +2079,57 @@ async fn ill_formed_messages_fields_are_named_and_an_empty_system_left_out() {
         );
     }
 }
+
+/// A provider that sends a second choice (a Messages client cannot ask for
+/// one) used to have its text run into the answer's: only choice 0 is the
+/// answer, streamed or not, wherever it stands among the choices.
+#[tokio::test]
+async fn a_second_choice_from_the_provider_is_not_part_of_the_answer() {
+    let app = spawn().await;
+    app.mock().push_fault(Fault::Raw(openai_stream(&[
+        delta(json!({"role": "assistant", "content": "Hi"})),
+        json!({"choices": [{"index": 1, "delta": {"content": " other"}, "finish_reason": null}]}),
+        json!({"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"},
+            {"index": 1, "delta": {}, "finish_reason": "length"}]}),
+    ])));
+    let mut body = messages_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+
+    let events = anthropic_events(
+        &app.post_json("/v1/messages", &body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+
+    assert_eq!(
+        assembled(&events),
+        [json!({"type": "text", "text": "Hi there"})]
+    );
+    assert_eq!(
+        events[events.len() - 2].1["delta"]["stop_reason"],
+        "end_turn"
+    );
+
+    app.mock().push_fault(Fault::Raw(
+        json!({"id": "chatcmpl-raw", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [
+                {"index": 1, "finish_reason": "length", "message": {"role": "assistant", "content": "other"}},
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi there"}},
+            ]})
+        .to_string(),
+    ));
+    let v: Value = app
+        .post_json("/v1/messages", &messages_body("gpt-4o-mini"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["content"],
+        json!([{"type": "text", "text": "Hi there"}]),
+        "{v}"
+    );
+    assert_eq!(v["stop_reason"], "end_turn");
+}
