@@ -465,9 +465,9 @@ async fn an_answer_larger_than_max_response_mib_is_a_502_not_a_full_memory() {
         assert_error(resp, 502, "upstream_protocol_error").await;
     }
     assert!(
-        app.logs()
-            .iter()
-            .any(|l| l.contains("larger than 1 MiB (max_response_mib)")),
+        app.wait_for_log(|l| l.contains("larger than 1 MiB (max_response_mib)"))
+            .await
+            .is_some(),
         "the log says why"
     );
     let within = format!(
