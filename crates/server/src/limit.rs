@@ -90,7 +90,8 @@ pub(crate) fn token_meter(state: &AppState, who: &Principal) -> Option<TokenMete
     };
     Some(TokenMeter {
         limiter: limits.limiter.clone(),
-        key: format!("{}:tokens", who.subject()),
+        // The rate is part of the key, as for the request limits below.
+        key: format!("{}:tokens:{}", who.subject(), limit.rate),
         limit,
     })
 }
@@ -242,7 +243,12 @@ pub(crate) async fn rate_limit(state: &AppState, req: Request, next: Next) -> Re
         let mut classes: Vec<(&'static str, Rate, String)> = Vec::with_capacity(2);
         for class in ["global"].into_iter().chain(class) {
             if let Some(rate) = rate_for(&limits.config, who, tenant.as_deref(), class) {
-                classes.push((class, rate, format!("{subject}:{class}")));
+                // The rate is part of the key: a changed rate (a key's or
+                // tenant's limits, the defaults) starts from a full quota of
+                // the new one, instead of a state kept under the old one,
+                // which could hold the subject off for the old period (a
+                // client at 2/hour raised to 100/min waited an hour).
+                classes.push((class, rate, format!("{subject}:{class}:{rate}")));
             }
         }
         let checks: Vec<(&str, Rate)> = classes.iter().map(|(_, r, k)| (k.as_str(), *r)).collect();

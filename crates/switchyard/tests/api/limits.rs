@@ -1449,3 +1449,46 @@ async fn a_tenant_admin_cannot_give_a_key_more_than_its_tenant() {
         .unwrap();
     assert_eq!(by_operator.status(), StatusCode::OK);
 }
+
+/// A key whose rate is raised to one with a shorter period is held to the
+/// new rate from the next request, not to the state kept under the old
+/// one (a key at 2/hour raised to 100/min waited an hour).
+#[tokio::test]
+async fn a_raised_rate_applies_to_the_next_request() {
+    let app = app().env("SWITCHYARD_ADMIN_KEY", ADMIN).spawn().await;
+    let created = post_key(
+        &app,
+        json!({"name": "slow", "limits": {"rates": {"chat": "2/hour"}}}),
+    )
+    .await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let chat = || {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat_body("gpt-4o-mini"))
+            .send()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(chat().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+
+    let raised = app
+        .client
+        .patch(app.url(&format!(
+            "/v1/admin/keys/{}",
+            created["id"].as_str().unwrap()
+        )))
+        .bearer_auth(ADMIN)
+        .json(&json!({"limits": {"rates": {"chat": "100/min"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raised.status(), StatusCode::OK);
+
+    for _ in 0..3 {
+        assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
+    }
+}
