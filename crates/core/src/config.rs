@@ -54,6 +54,12 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long a graceful shutdown waits for in-flight requests, in seconds.
     pub shutdown_grace_secs: u64,
+    /// How long a client has to send a request's headers (from when the
+    /// connection is ready for them: an idle keep-alive connection is closed
+    /// after as long), and then, separately, its body; in seconds. Past it
+    /// the connection is closed, or, for a body, answered 408: a client
+    /// sending a byte at a time cannot hold a connection forever.
+    pub read_timeout_secs: u64,
     /// Terminate TLS here (HTTPS, HTTP/2 by ALPN); unset = plain HTTP.
     pub tls: Option<TlsConfig>,
 }
@@ -64,6 +70,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace_secs: 30,
+            read_timeout_secs: 30,
             tls: None,
         }
     }
@@ -926,6 +933,12 @@ impl Config {
                     "expected 0 (keep forever) to 36500 days",
                 ));
             }
+        }
+        if !(1..=3600).contains(&self.server.read_timeout_secs) {
+            return Err(ConfigError::invalid(
+                "server.read_timeout_secs",
+                "expected 1 to 3600 seconds",
+            ));
         }
         if let Some(tls) = &self.server.tls {
             for (key, path) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {

@@ -39,6 +39,8 @@ pub struct Parts {
     pub identity: Identity,
     pub prometheus: Option<PrometheusHandle>,
     pub max_body_bytes: usize,
+    /// How long a request's body may take to arrive (`server.read_timeout_secs`).
+    pub read_timeout: std::time::Duration,
     /// Header in which a service key names the user it acts for.
     pub user_header: String,
     pub security: SecurityConfig,
@@ -58,6 +60,7 @@ struct Inner {
     identity: Identity,
     prometheus: Option<PrometheusHandle>,
     max_body_bytes: usize,
+    read_timeout: std::time::Duration,
     user_header: axum::http::HeaderName,
     security: SecurityConfig,
     limits: Option<Limits>,
@@ -87,6 +90,7 @@ impl AppState {
                 identity: parts.identity,
                 prometheus: parts.prometheus,
                 max_body_bytes: parts.max_body_bytes,
+                read_timeout: parts.read_timeout,
                 user_header,
                 security: parts.security,
                 limits: parts.limits,

@@ -2,6 +2,7 @@
 //! the command line, loads configuration, sets up telemetry and calls this.
 
 pub mod cli;
+mod http;
 pub mod jsonlog;
 pub mod keys;
 #[cfg(feature = "local")]
@@ -10,7 +11,7 @@ pub mod logwriter;
 pub mod telemetry;
 pub mod tls;
 
-use std::future::{Future, IntoFuture as _};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,8 @@ pub struct Application {
     background: Vec<tokio::task::JoinHandle<()>>,
     /// TLS termination, with the handshake timeout (`server.tls`).
     tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    /// `server.read_timeout_secs`.
+    read_timeout: Duration,
 }
 
 /// What `serve` would refuse at startup that the configuration alone shows,
@@ -204,6 +207,7 @@ impl Application {
             },
             prometheus: prometheus.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            read_timeout: Duration::from_secs(config.server.read_timeout_secs),
             user_header: config.auth.user_header.clone(),
             security: switchyard_core::config::SecurityConfig {
                 // Clients of a server that terminates TLS reach it over TLS.
@@ -230,6 +234,7 @@ impl Application {
             prometheus,
             background,
             tls,
+            read_timeout: Duration::from_secs(config.server.read_timeout_secs),
         })
     }
 
@@ -272,7 +277,13 @@ impl Application {
             tracing::info!("shutting down: no new connections; waiting for requests in flight");
             notify.notify_one();
         };
-        let mut serve = serve(self.listener, self.router, self.tls, signal)?;
+        let mut serve = serve(
+            self.listener,
+            self.router,
+            self.tls,
+            self.read_timeout,
+            signal,
+        )?;
         let grace = self.grace;
         // When the stop began, once it has.
         let stop_began = std::sync::Mutex::new(None);
@@ -346,31 +357,19 @@ const STOP_WAIT: Duration = Duration::from_secs(1);
 /// How long the writers have, at shutdown, to write the rows queued.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
-/// `axum::serve` over plain TCP, or over TLS when `server.tls` is set, until
-/// `signal` resolves and the requests in flight have finished.
+/// [`http::serve`] over plain TCP, or over TLS when `server.tls` is set,
+/// until `signal` resolves and the requests in flight have finished.
 fn serve(
     listener: TcpListener,
     router: axum::Router,
     tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    read_timeout: Duration,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>> {
     Ok(match tls {
         Some((acceptor, handshake)) => {
             let listener = tls::TlsListener::new(listener, acceptor, handshake)?;
-            // What `into_make_service_with_connect_info` gives a TCP
-            // listener: the peer's address in every request.
-            let app = tower::service_fn(
-                move |conn: axum::serve::IncomingStream<'_, tls::TlsListener>| {
-                    let peer = axum::extract::ConnectInfo(*conn.remote_addr());
-                    let svc = tower::Layer::layer(&axum::Extension(peer), router.clone());
-                    std::future::ready(Ok::<_, std::convert::Infallible>(svc))
-                },
-            );
-            Box::pin(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(signal)
-                    .into_future(),
-            )
+            Box::pin(http::serve(listener, router, read_timeout, signal))
         }
         None => {
             // Small SSE frames must leave at once: Nagle's algorithm would
@@ -378,12 +377,7 @@ fn serve(
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            let app = router.into_make_service_with_connect_info::<SocketAddr>();
-            Box::pin(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(signal)
-                    .into_future(),
-            )
+            Box::pin(http::serve(listener, router, read_timeout, signal))
         }
     })
 }

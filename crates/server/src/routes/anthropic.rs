@@ -82,9 +82,14 @@ async fn read_messages(
     body: Body,
     counting: bool,
 ) -> Result<(serde_json::Map<String, Value>, MessagesRequest), Box<Response>> {
-    let bytes = read_body(headers, body, state.inner.max_body_bytes)
-        .await
-        .map_err(|e| Box::new(to_anthropic(e)))?;
+    let bytes = read_body(
+        headers,
+        body,
+        state.inner.max_body_bytes,
+        state.inner.read_timeout,
+    )
+    .await
+    .map_err(|e| Box::new(to_anthropic(e)))?;
     let object = parse_object(&bytes).map_err(|e| Box::new(invalid(&e.message)))?;
     let msg = if counting {
         MessagesRequest::parse_count(&object)

@@ -104,16 +104,21 @@ pub(crate) async fn native_body<T: serde::de::DeserializeOwned>(
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<(T, Bytes), Response> {
-    let bytes: Bytes = read_body(headers, body, state.inner.max_body_bytes)
-        .await
-        .map_err(|e| {
-            native(
-                e.status,
-                e.body.code.as_deref().unwrap_or("invalid_request"),
-                &e.body.message,
-                json!({}),
-            )
-        })?;
+    let bytes: Bytes = read_body(
+        headers,
+        body,
+        state.inner.max_body_bytes,
+        state.inner.read_timeout,
+    )
+    .await
+    .map_err(|e| {
+        native(
+            e.status,
+            e.body.code.as_deref().unwrap_or("invalid_request"),
+            &e.body.message,
+            json!({}),
+        )
+    })?;
     let parsed = parse_json(&bytes)?;
     Ok((parsed, bytes))
 }

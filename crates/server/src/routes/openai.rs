@@ -63,7 +63,14 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match read_body(&headers, body, state.inner.max_body_bytes).await {
+    let bytes = match read_body(
+        &headers,
+        body,
+        state.inner.max_body_bytes,
+        state.inner.read_timeout,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -157,9 +164,14 @@ async fn read_request<T>(
     body: Body,
     parse: fn(&[u8]) -> Result<T, InvalidRequest>,
 ) -> Result<T, Response> {
-    let bytes = read_body(headers, body, state.inner.max_body_bytes)
-        .await
-        .map_err(IntoResponse::into_response)?;
+    let bytes = read_body(
+        headers,
+        body,
+        state.inner.max_body_bytes,
+        state.inner.read_timeout,
+    )
+    .await
+    .map_err(IntoResponse::into_response)?;
     parse(&bytes).map_err(|e| ApiError::invalid(e).into_response())
 }
 

@@ -179,3 +179,62 @@ async fn a_stream_silent_past_its_idle_timeout_ends_with_an_error_event() {
         send_within(&app, &stream_body("quiet", false), Duration::from_secs(20)).await;
     assert_eq!(sse_data(&text).last().unwrap(), "[DONE]");
 }
+
+/// What a connection gives back until the server closes it (or 10 s pass:
+/// then `None`, a connection still held).
+async fn until_closed(mut conn: TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got)).await;
+    match read {
+        Ok(_) => Some(String::from_utf8_lossy(&got).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// A client that sends a request's headers a piece at a time, or nothing at
+/// all, or a body shorter than it announced, cannot hold a connection (a
+/// task and a socket) forever: `server.read_timeout_secs` closes it, and a
+/// body that stops arriving is answered 408.
+#[tokio::test]
+async fn slow_or_silent_clients_are_cut_off_by_the_read_timeout() {
+    use tokio::io::AsyncWriteExt as _;
+    let app = app()
+        .env("SWITCHYARD_SERVER__READ_TIMEOUT_SECS", "1")
+        .spawn()
+        .await;
+
+    let silent = TcpStream::connect(app.addr).await.unwrap();
+    let mut partial = TcpStream::connect(app.addr).await.unwrap();
+    partial
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let mut short = TcpStream::connect(app.addr).await.unwrap();
+    short
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":\"gpt-4o-mini\",",
+        )
+        .await
+        .unwrap();
+
+    let (silent, partial, short) = tokio::join!(
+        until_closed(silent),
+        until_closed(partial),
+        until_closed(short)
+    );
+    assert!(silent.is_some(), "a silent connection was held");
+    assert!(
+        partial.is_some(),
+        "a connection with half its headers was held"
+    );
+    let short = short.expect("a request with half its body was held");
+    assert!(short.starts_with("HTTP/1.1 408"), "{short}");
+    assert!(short.contains("\"code\":\"request_timeout\""), "{short}");
+
+    // A client that keeps to the timeout is served as usual.
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
+        .await;
+    assert_eq!(resp.status(), 200);
+}
