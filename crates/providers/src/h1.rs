@@ -187,6 +187,10 @@ impl Pool {
                 // the provider's failure.
                 Err(Failed::Unanswered(e)) => {
                     tracing::debug!(error = ?e, "a reused connection was closed; sending again on a new one");
+                    // Not an attempt of the router's (no retry budget, no
+                    // breaker): counted, since a provider that closed after
+                    // reading the request has received it twice.
+                    metrics::counter!("switchyard_upstream_resends_total").increment(1);
                     let mut conn = self.inner.connect().await?;
                     let head = conn.exchange(method, &request, body_apart).await?;
                     (conn, head)
