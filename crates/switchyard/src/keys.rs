@@ -49,7 +49,7 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 bail!("--user must be 1 to 256 bytes");
             }
             if identity.get_tenant(&tenant).await?.is_none() {
-                identity
+                let made = identity
                     .create_tenant(
                         &actor,
                         Tenant {
@@ -60,7 +60,14 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                             created_at_ms: now_ms(),
                         },
                     )
-                    .await?;
+                    .await;
+                match made {
+                    // Another `keys create` (a provisioning script on another
+                    // host) made it between the look and the insert: it is
+                    // there, which is all this needed.
+                    Ok(_) | Err(switchyard_engine::identity::IdentityError::Conflict(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             let created = identity
                 .create_key(
