@@ -77,9 +77,13 @@ pub enum EngineError {
     Invalid(InvalidRequest),
     #[error(transparent)]
     Provider(#[from] ProviderError),
-    /// Every deployment of the alias has an open circuit breaker.
-    #[error("every deployment of `{0}` is unavailable")]
-    Unavailable(String),
+    /// Every deployment of the alias has an open circuit breaker;
+    /// `retry_after`: the soonest one lets a call through.
+    #[error("every deployment of `{model}` is unavailable")]
+    Unavailable {
+        model: String,
+        retry_after: Option<Duration>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("provider setup failed: {0}")]
@@ -609,7 +613,7 @@ pub fn public_error(e: &EngineError) -> PublicError {
     let (status, code, message, retryable): (u16, &str, String, bool) = match e {
         EngineError::UnknownModel(_) => (404, "model_not_found", e.to_string(), false),
         EngineError::Invalid(i) => (400, i.code, i.message.clone(), false),
-        EngineError::Unavailable(model) => {
+        EngineError::Unavailable { model, .. } => {
             (503, "model_unavailable", unavailable_message(model), true)
         }
         EngineError::Provider(p) => {
@@ -834,9 +838,12 @@ impl Accounting {
                 self.finish(status_for(&error), Some(error.code()), None, None);
                 EngineError::Provider(error)
             }
-            RouteError::Unavailable => {
+            RouteError::Unavailable { retry_after } => {
                 self.finish(503, Some("model_unavailable"), None, None);
-                EngineError::Unavailable(alias.to_owned())
+                EngineError::Unavailable {
+                    model: alias.to_owned(),
+                    retry_after,
+                }
             }
         }
     }

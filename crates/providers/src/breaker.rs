@@ -146,6 +146,22 @@ impl CircuitBreaker {
         }
     }
 
+    /// How long until a call may be tried: while open, what is left of the
+    /// cool-down; while half-open with every probe slot taken, a second
+    /// (the probe's answer is near); `None` when a call may go now.
+    pub fn retry_in(&self) -> Option<Duration> {
+        let inner = lock(&self.inner);
+        match inner.state {
+            BreakerState::Open => Some(inner.opened_at.map_or(self.config.cooldown, |at| {
+                self.config.cooldown.saturating_sub(at.elapsed())
+            })),
+            BreakerState::HalfOpen if inner.probes_in_flight >= self.config.half_open_probes => {
+                Some(Duration::from_secs(1))
+            }
+            _ => None,
+        }
+    }
+
     /// A permit to call, or `None` while open (or while half-open with every
     /// probe slot taken). Also returns the transition to half-open, if this
     /// call caused it.

@@ -297,9 +297,10 @@ pub enum RouteError {
         deployment: Arc<Deployment>,
         attempts: u32,
     },
-    /// Every deployment's breaker was open: nothing was called.
+    /// Every deployment's breaker was open: nothing was called. `retry_after`:
+    /// the soonest any of them lets a call through.
     #[error("every deployment of this model is unavailable (circuit open)")]
-    Unavailable,
+    Unavailable { retry_after: Option<Duration> },
 }
 
 impl std::fmt::Debug for Deployment {
@@ -402,7 +403,7 @@ impl Router {
                 deployment: served.deployment,
                 attempts: served.attempts,
             }),
-            Reply::Embed(_) => Err(RouteError::Unavailable),
+            Reply::Embed(_) => Err(RouteError::Unavailable { retry_after: None }),
         }
     }
 
@@ -429,7 +430,7 @@ impl Router {
                 deployment: served.deployment,
                 attempts: served.attempts,
             }),
-            Reply::Chat(_) => Err(RouteError::Unavailable),
+            Reply::Chat(_) => Err(RouteError::Unavailable { retry_after: None }),
         }
     }
 
@@ -451,19 +452,7 @@ impl Router {
         let order = route.order(&mut rand::rng());
         let mut attempts = 0u32;
         let mut last: Option<(ProviderError, Arc<Deployment>)> = None;
-        for (position, d) in order.iter().enumerate() {
-            if position > 0 {
-                if let Some((e, from)) = &last {
-                    tracing::warn!(from = %from.id, to = %d.id, error = %e, "falling back to the next deployment");
-                    obs.on_event(RouteEvent::Fallback {
-                        from: &from.id,
-                        to: &d.id,
-                        error: e,
-                    });
-                    metrics::counter!("switchyard_fallbacks_total", "from" => from.id.clone())
-                        .increment(1);
-                }
-            }
+        for d in &order {
             let mut attempt = 1u32;
             loop {
                 let (permit, t) = d.breaker.try_acquire();
@@ -474,6 +463,20 @@ impl Router {
                     metrics::counter!("switchyard_breaker_rejections_total", "deployment" => d.id.clone()).increment(1);
                     break;
                 };
+                // A fallback is counted where it lands: to a deployment
+                // that is called, not one skipped with its breaker open.
+                if attempt == 1 {
+                    if let Some((e, from)) = &last {
+                        tracing::warn!(from = %from.id, to = %d.id, error = %e, "falling back to the next deployment");
+                        obs.on_event(RouteEvent::Fallback {
+                            from: &from.id,
+                            to: &d.id,
+                            error: e,
+                        });
+                        metrics::counter!("switchyard_fallbacks_total", "from" => from.id.clone())
+                            .increment(1);
+                    }
+                }
                 attempts += 1;
                 obs.attempting(d);
                 obs.on_event(RouteEvent::Attempt {
@@ -548,8 +551,10 @@ impl Router {
                         // open remains, one that hung (a second wait as long
                         // would keep the client twice the timeout from a
                         // fallback that may answer at once).
-                        let more = order[position + 1..]
+                        let more = order
                             .iter()
+                            .skip_while(|other| !Arc::ptr_eq(other, d))
+                            .skip(1)
                             .any(|next| next.breaker.state() != BreakerState::Open);
                         let step = if opened
                             || is_deployment_fault(&e)
@@ -595,7 +600,9 @@ impl Router {
                 deployment,
                 attempts,
             }),
-            None => Err(RouteError::Unavailable),
+            None => Err(RouteError::Unavailable {
+                retry_after: order.iter().filter_map(|d| d.breaker.retry_in()).min(),
+            }),
         }
     }
 }

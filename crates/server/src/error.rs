@@ -91,12 +91,18 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Invalid(e) => Self::invalid(e),
             EngineError::Provider(p) => from_provider(p),
-            EngineError::Unavailable(model) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_error",
-                "model_unavailable",
-                unavailable_message(&model),
-            ),
+            EngineError::Unavailable { model, retry_after } => {
+                let mut err = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_error",
+                    "model_unavailable",
+                    unavailable_message(&model),
+                );
+                // When a deployment's cool-down ends: clients (the OpenAI
+                // SDKs among them) wait that long instead of guessing.
+                err.retry_after = retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64);
+                err
+            }
             e @ (EngineError::Store(_) | EngineError::Setup(_)) => Self::internal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",

@@ -41,6 +41,13 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("switchyard_usage_queue_depth").set(usage.queue_depth() as f64);
     let events = state.gateway().event_writer();
     metrics::gauge!("switchyard_events_queue_depth").set(events.queue_depth() as f64);
+    // The breakers' states as `GET /v1/admin/providers` reads them: a
+    // transition sets the gauge too, but an open breaker whose cool-down
+    // has passed moves to half-open only when a request asks for it.
+    for d in state.gateway().deployments() {
+        metrics::gauge!("switchyard_breaker_state", "deployment" => d.id.clone())
+            .set(d.breaker.state().as_gauge());
+    }
     let Some(handle) = &state.inner.prometheus else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response();
     };

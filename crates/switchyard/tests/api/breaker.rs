@@ -103,6 +103,16 @@ async fn the_breaker_state_gauge_and_transition_counters_follow_a_full_cycle() {
     assert_eq!(transitions(&app).await, owned(&[("open", 1.0)]));
 
     wait_for_cool_down(&app).await;
+    assert_eq!(
+        breaker_gauge(&app).await,
+        Some(1.0),
+        "half-open once the cool-down has passed, as the admin API reads it"
+    );
+    assert_eq!(
+        transitions(&app).await,
+        owned(&[("open", 1.0)]),
+        "the move itself is counted when a request makes it"
+    );
     primary.update(|b| b.always = None);
     assert_eq!(send(&app, None).await, "primary", "the first probe");
     assert_eq!(breaker_gauge(&app).await, Some(1.0), "half-open");
@@ -274,4 +284,57 @@ async fn one_upstream_has_one_breaker_whatever_the_timeouts_of_its_routes() {
         calls,
         "the open breaker kept `slow` off it too"
     );
+}
+
+/// A fallback is counted where it lands: a route primary → (open) → mock
+/// whose primary fails counts one fallback, not one to the deployment
+/// skipped with its breaker open. And a model whose every deployment is
+/// open answers 503 with `Retry-After`: when the cool-down ends.
+#[tokio::test]
+async fn fallbacks_skip_open_breakers_uncounted_and_an_open_model_says_when_to_retry() {
+    let primary = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let dead = switchyard_testkit::MockUpstream::start().await.unwrap();
+    let app = app()
+        .config(&format!(
+            "[resilience]\nmax_attempts = 1\nbreaker_failure_threshold = 1\nbreaker_cooldown_secs = 60\n\n\
+             [providers.primary]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+             [providers.dead]\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+             [[models.three.route]]\nprovider = \"primary\"\nmodel = \"p\"\n\n\
+             [[models.three.route]]\nprovider = \"dead\"\nmodel = \"d\"\n\n\
+             [[models.three.route]]\nprovider = \"mock\"\nmodel = \"gpt-4o-mini-upstream\"\n\n\
+             [models.dead-only]\nprovider = \"dead\"\nmodel = \"d\"\n",
+            primary.base_url(),
+            dead.base_url()
+        ))
+        .spawn()
+        .await;
+    dead.update(|b| b.always = Some(Fault::Status(503)));
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("dead-only"))
+        .await;
+    assert_eq!(resp.status(), 502, "the failure that opens its breaker");
+
+    primary.update(|b| b.always = Some(Fault::Status(500)));
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("three"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-provider"], "mock");
+    assert_eq!(dead.calls(), 1, "skipped: its breaker is open");
+    let fallbacks = metric_lines(&app, "switchyard_fallbacks_total{from=\"primary/p\"}").await;
+    assert_eq!(fallbacks.len(), 1, "{fallbacks:?}");
+    assert_eq!(fallbacks[0].1, 1.0, "one fallback, to the mock");
+
+    let resp = app
+        .post_json("/v1/chat/completions", &chat_body("dead-only"))
+        .await;
+    assert_eq!(resp.status(), 503);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_unavailable");
 }
