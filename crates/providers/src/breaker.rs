@@ -151,6 +151,10 @@ impl CircuitBreaker {
     /// (the probe's answer is near); `None` when a call may go now.
     pub fn retry_in(&self) -> Option<Duration> {
         let inner = lock(&self.inner);
+        if self.cooled_down(&inner, Instant::now()) {
+            // A probe may go now (the next request makes the move).
+            return Some(Duration::ZERO);
+        }
         match inner.state {
             BreakerState::Open => Some(inner.opened_at.map_or(self.config.cooldown, |at| {
                 self.config.cooldown.saturating_sub(at.elapsed())

@@ -3,17 +3,18 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
-use bytes::Bytes;
-use http_body_util::LengthLimitError;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
 
 use crate::ApiError;
 
-/// The body, whole, if it is at most `limit` bytes and arrives within
-/// `timeout` (`server.read_timeout_secs`: 408 past it, so that a client
-/// sending a byte at a time cannot hold a request open forever).
+/// The body, whole, if it is at most `limit` bytes and no pause in it is
+/// longer than `timeout` (`server.read_timeout_secs`: 408 past it, so that
+/// a client that stops sending cannot hold a request open forever, while a
+/// slow one that keeps sending is read to the end).
 pub async fn read_body(
     headers: &HeaderMap,
-    body: Body,
+    mut body: Body,
     limit: usize,
     timeout: std::time::Duration,
 ) -> Result<Bytes, ApiError> {
@@ -24,31 +25,52 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    let Ok(read) = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await else {
-        return Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "request_timeout",
-            format!(
-                "The request body did not arrive within {} s.",
-                timeout.as_secs()
-            ),
-        ));
-    };
-    read.map_err(|e| {
-        let inner = e.into_inner();
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
-        while let Some(s) = source {
-            if s.is::<LengthLimitError>() {
-                return ApiError::too_large(limit);
+    // The usual body is one piece, returned without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut more = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    "request_timeout",
+                    format!(
+                        "The request body stopped arriving for {} s.",
+                        timeout.as_secs()
+                    ),
+                ))
             }
-            source = s.source();
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "body_read_error",
+                    "The request body could not be read.",
+                ))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let read = first.as_ref().map_or(0, Bytes::len) + more.len();
+        if read + data.len() > limit {
+            return Err(ApiError::too_large(limit));
         }
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "body_read_error",
-            "The request body could not be read.",
-        )
+        match &first {
+            None if more.is_empty() => first = Some(data),
+            _ => {
+                if let Some(f) = first.take() {
+                    more.extend_from_slice(&f);
+                }
+                more.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(match first {
+        Some(only) => only,
+        None => more.freeze(),
     })
 }

@@ -62,10 +62,12 @@ pub async fn run(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                     )
                     .await;
                 match made {
+                    Ok(_) => {}
                     // Another `keys create` (a provisioning script on another
                     // host) made it between the look and the insert: it is
                     // there, which is all this needed.
-                    Ok(_) | Err(switchyard_engine::identity::IdentityError::Conflict(_)) => {}
+                    Err(switchyard_engine::identity::IdentityError::Conflict(_))
+                        if identity.get_tenant(&tenant).await?.is_some() => {}
                     Err(e) => return Err(e.into()),
                 }
             }

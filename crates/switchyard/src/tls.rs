@@ -1,5 +1,5 @@
 //! TLS termination (`server.tls`): the certificate and key are read once at
-//! startup, and a listener hands `axum::serve` connections whose handshake
+//! startup, and a listener hands the server loop (`http::serve`) connections whose handshake
 //! is already done, so the HTTP side (HTTP/1.1, HTTP/2 by ALPN, graceful
 //! shutdown) is the same code as for plain TCP.
 //!
@@ -66,7 +66,7 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// A listener of finished TLS handshakes, for `axum::serve`.
+/// A listener of finished TLS handshakes, for the server loop (`http::serve`).
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
@@ -75,7 +75,7 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Starts accepting on `listener`; the accept loop stops when this is
-    /// dropped (as `axum::serve` does when a graceful shutdown begins).
+    /// dropped (as `http::serve` does when a graceful shutdown begins).
     pub fn new(
         listener: TcpListener,
         acceptor: TlsAcceptor,

@@ -205,6 +205,9 @@ async fn slow_or_silent_clients_are_cut_off_by_the_read_timeout() {
         .await;
 
     let silent = TcpStream::connect(app.addr).await.unwrap();
+    // `P` may begin HTTP/2's preface: the version is not decided yet.
+    let mut one_byte = TcpStream::connect(app.addr).await.unwrap();
+    one_byte.write_all(b"P").await.unwrap();
     let mut partial = TcpStream::connect(app.addr).await.unwrap();
     partial
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -218,12 +221,17 @@ async fn slow_or_silent_clients_are_cut_off_by_the_read_timeout() {
         .await
         .unwrap();
 
-    let (silent, partial, short) = tokio::join!(
+    let (silent, one_byte, partial, short) = tokio::join!(
         until_closed(silent),
+        until_closed(one_byte),
         until_closed(partial),
         until_closed(short)
     );
     assert!(silent.is_some(), "a silent connection was held");
+    assert!(
+        one_byte.is_some(),
+        "a connection that sent one byte was held"
+    );
     assert!(
         partial.is_some(),
         "a connection with half its headers was held"
@@ -237,4 +245,31 @@ async fn slow_or_silent_clients_are_cut_off_by_the_read_timeout() {
         .post_json("/v1/chat/completions", &chat_body("gpt-4o-mini"))
         .await;
     assert_eq!(resp.status(), 200);
+}
+
+/// The body's bound is on its pauses, not its total: a slow client that
+/// keeps sending is read to the end, however long the whole takes.
+#[tokio::test]
+async fn a_slow_body_that_keeps_coming_is_read_to_the_end() {
+    use tokio::io::AsyncWriteExt as _;
+    let app = app()
+        .env("SWITCHYARD_SERVER__READ_TIMEOUT_SECS", "3")
+        .spawn()
+        .await;
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini")).unwrap();
+    let mut conn = TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // Four pieces a second apart: the whole takes longer than the timeout,
+    // no pause does.
+    for piece in body.chunks(body.len().div_ceil(4)) {
+        conn.write_all(piece).await.unwrap();
+        conn.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let answer = until_closed(conn).await.expect("the answer never came");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
