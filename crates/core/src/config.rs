@@ -60,6 +60,11 @@ pub struct ServerConfig {
     /// the connection is closed, or, for a body, answered 408: a client
     /// sending a byte at a time cannot hold a connection forever.
     pub read_timeout_secs: u64,
+    /// Proxies (addresses or CIDR blocks) in front of the server whose
+    /// `X-Forwarded-For` names the client: its address then counts failed
+    /// authentications, instead of the proxy's, which every client behind
+    /// it shares. Empty (the default): the connection's peer is the client.
+    pub trusted_proxies: Vec<String>,
     /// Terminate TLS here (HTTPS, HTTP/2 by ALPN); unset = plain HTTP.
     pub tls: Option<TlsConfig>,
 }
@@ -71,6 +76,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace_secs: 30,
             read_timeout_secs: 30,
+            trusted_proxies: Vec::new(),
             tls: None,
         }
     }
@@ -933,6 +939,10 @@ impl Config {
                     "expected 0 (keep forever) to 36500 days",
                 ));
             }
+        }
+        for (i, p) in self.server.trusted_proxies.iter().enumerate() {
+            p.parse::<crate::net::IpNet>()
+                .map_err(|e| ConfigError::invalid(format!("server.trusted_proxies[{i}]"), e))?;
         }
         if !(1..=3600).contains(&self.server.read_timeout_secs) {
             return Err(ConfigError::invalid(

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod jwt;
 pub mod limits;
 pub mod local;
+pub mod net;
 pub mod openai;
 pub mod sessions;
 pub mod trace;

@@ -189,7 +189,7 @@ pub(crate) async fn admit(state: &AppState, req: Request) -> Result<Request, Res
                 let ip = req
                     .extensions()
                     .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                    .map(|ci| ci.0.ip());
+                    .map(|ci| client_ip(state, ci.0.ip(), req.headers()));
                 if let Some(ip) = ip {
                     if let Some(blocked) = failures_blocked(state, ip, c).await {
                         return Err(blocked_response(family, blocked));
@@ -366,6 +366,26 @@ fn refuse(family: Family, e: &AuthError) -> Response {
         resp.extensions_mut().insert(ErrorDetail(e.to_string()));
     }
     resp
+}
+
+/// The client's address: the peer, or, when the peer is one of
+/// `server.trusted_proxies`, what their `X-Forwarded-For` says.
+fn client_ip(
+    state: &AppState,
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+) -> std::net::IpAddr {
+    let trusted = &state.inner.trusted_proxies;
+    if trusted.is_empty() {
+        return peer;
+    }
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    switchyard_core::net::client_ip(peer, entries.into_iter(), trusted)
 }
 
 /// Failed authentications are counted per IPv4 address, and per /64 for

@@ -39,8 +39,10 @@ pub struct Parts {
     pub identity: Identity,
     pub prometheus: Option<PrometheusHandle>,
     pub max_body_bytes: usize,
-    /// How long a request's body may take to arrive (`server.read_timeout_secs`).
+    /// How long a request's body may pause (`server.read_timeout_secs`).
     pub read_timeout: std::time::Duration,
+    /// Proxies whose `X-Forwarded-For` names the client (`server.trusted_proxies`).
+    pub trusted_proxies: Vec<switchyard_core::net::IpNet>,
     /// Header in which a service key names the user it acts for.
     pub user_header: String,
     pub security: SecurityConfig,
@@ -61,6 +63,7 @@ struct Inner {
     prometheus: Option<PrometheusHandle>,
     max_body_bytes: usize,
     read_timeout: std::time::Duration,
+    trusted_proxies: Vec<switchyard_core::net::IpNet>,
     user_header: axum::http::HeaderName,
     security: SecurityConfig,
     limits: Option<Limits>,
@@ -91,6 +94,7 @@ impl AppState {
                 prometheus: parts.prometheus,
                 max_body_bytes: parts.max_body_bytes,
                 read_timeout: parts.read_timeout,
+                trusted_proxies: parts.trusted_proxies,
                 user_header,
                 security: parts.security,
                 limits: parts.limits,

@@ -208,6 +208,13 @@ impl Application {
             prometheus: prometheus.clone(),
             max_body_bytes: config.server.max_body_bytes,
             read_timeout: Duration::from_secs(config.server.read_timeout_secs),
+            // Checked by the configuration's validation.
+            trusted_proxies: config
+                .server
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect(),
             user_header: config.auth.user_header.clone(),
             security: switchyard_core::config::SecurityConfig {
                 // Clients of a server that terminates TLS reach it over TLS.

@@ -1492,3 +1492,60 @@ async fn a_raised_rate_applies_to_the_next_request() {
         assert_eq!(chat().await.unwrap().status(), StatusCode::OK);
     }
 }
+
+/// Behind a load balancer every client's connection comes from the
+/// balancer: with `server.trusted_proxies` naming it, failed
+/// authentications are counted by the address its `X-Forwarded-For` gives,
+/// so one client's guesses do not block the others; from a peer that is
+/// not trusted, the header is the client's own word and is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_failures_are_counted_by_the_forwarded_address() {
+    let bad = "sy_0000000000000000000000000000000000000000000";
+    let attempt = |app: &switchyard_testkit::TestApp, forwarded: &str| {
+        let req = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(bad)
+            .header("x-forwarded-for", forwarded)
+            .json(&chat_body("gpt-4o-mini"));
+        async move { req.send().await.unwrap().status() }
+    };
+    let behind = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .config("[rate_limits]\nauth_failures = \"3/hour\"\n")
+        .env("SWITCHYARD_SERVER__TRUSTED_PROXIES", "[\"127.0.0.0/8\"]")
+        .spawn()
+        .await;
+    for _ in 0..3 {
+        assert_eq!(
+            attempt(&behind, "1.1.1.1, 203.0.113.7").await,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(
+        attempt(&behind, "9.9.9.9, 203.0.113.7").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the address the proxy saw, whatever the client wrote before it"
+    );
+    assert_eq!(
+        attempt(&behind, "203.0.113.8").await,
+        StatusCode::UNAUTHORIZED,
+        "another client behind the same proxy is not blocked"
+    );
+    let events = auth_failure_events(&behind).await;
+    assert_eq!(events[0].target.as_deref(), Some("ip:203.0.113.7"));
+
+    let direct = app()
+        .env("SWITCHYARD_ADMIN_KEY", ADMIN)
+        .config("[rate_limits]\nauth_failures = \"3/hour\"\n")
+        .spawn()
+        .await;
+    for forwarded in ["203.0.113.1", "203.0.113.2", "203.0.113.3"] {
+        assert_eq!(attempt(&direct, forwarded).await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        attempt(&direct, "203.0.113.4").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "without trusted proxies the header is ignored: one peer, one count"
+    );
+}
