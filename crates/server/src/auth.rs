@@ -267,14 +267,10 @@ async fn check_signature(
 ) -> Result<Request, Response> {
     use switchyard_engine::signing::{self, SignError};
     let (parts, body) = req.into_parts();
-    let bytes = crate::extract::read_body(
-        &parts.headers,
-        body,
-        state.inner.max_body_bytes,
-        state.inner.read_timeout,
-    )
-    .await
-    .map_err(|e| family_error(family, e.status, e.body.code.as_deref(), &e.body.message))?;
+    let bytes = state
+        .read_body(&parts.headers, body)
+        .await
+        .map_err(|e| family_error(family, e.status, e.body.code.as_deref(), &e.body.message))?;
     let refuse = |e: SignError| {
         let status = if e == SignError::Unavailable {
             StatusCode::SERVICE_UNAVAILABLE

@@ -74,3 +74,20 @@ pub async fn read_body(
         None => more.freeze(),
     })
 }
+
+impl crate::AppState {
+    /// [`read_body`] under this server's `max_body_bytes` and read timeout.
+    pub(crate) async fn read_body(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Bytes, ApiError> {
+        read_body(
+            headers,
+            body,
+            self.inner.max_body_bytes,
+            self.inner.read_timeout,
+        )
+        .await
+    }
+}

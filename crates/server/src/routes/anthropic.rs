@@ -28,7 +28,6 @@ use switchyard_engine::{ChatOutcome, EngineError, ModelInfo, StreamEvent};
 
 use super::openai::{label, meta};
 use crate::error::{stream_failure, ApiError};
-use crate::extract::read_body;
 use crate::AppState;
 
 /// Anthropic's error envelope: `{"type":"error","error":{"type","message"}}`.
@@ -82,14 +81,10 @@ async fn read_messages(
     body: Body,
     counting: bool,
 ) -> Result<(serde_json::Map<String, Value>, MessagesRequest), Box<Response>> {
-    let bytes = read_body(
-        headers,
-        body,
-        state.inner.max_body_bytes,
-        state.inner.read_timeout,
-    )
-    .await
-    .map_err(|e| Box::new(to_anthropic(e)))?;
+    let bytes = state
+        .read_body(headers, body)
+        .await
+        .map_err(|e| Box::new(to_anthropic(e)))?;
     let object = parse_object(&bytes).map_err(|e| Box::new(invalid(&e.message)))?;
     let msg = if counting {
         MessagesRequest::parse_count(&object)

@@ -17,7 +17,6 @@ use switchyard_core::trace::TraceContext;
 use switchyard_engine::identity::{now_ms, Actor, IdentityError, Invalidate, KeyUpdate, NewKey};
 
 use crate::error::ErrorDetail;
-use crate::extract::read_body;
 use crate::AppState;
 
 /// A native error response.
@@ -104,14 +103,7 @@ pub(crate) async fn native_body<T: serde::de::DeserializeOwned>(
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<(T, Bytes), Response> {
-    let bytes: Bytes = read_body(
-        headers,
-        body,
-        state.inner.max_body_bytes,
-        state.inner.read_timeout,
-    )
-    .await
-    .map_err(|e| {
+    let bytes: Bytes = state.read_body(headers, body).await.map_err(|e| {
         native(
             e.status,
             e.body.code.as_deref().unwrap_or("invalid_request"),

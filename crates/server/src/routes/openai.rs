@@ -20,7 +20,6 @@ use switchyard_engine::idempotency::Claimed;
 use switchyard_engine::{ChatOutcome, ModelInfo, RequestMeta, StreamEvent};
 
 use crate::error::{stream_error_json, ApiError};
-use crate::extract::read_body;
 use crate::observe::{ModelLabel, ProviderLabel};
 use crate::AppState;
 
@@ -63,14 +62,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match read_body(
-        &headers,
-        body,
-        state.inner.max_body_bytes,
-        state.inner.read_timeout,
-    )
-    .await
-    {
+    let bytes = match state.read_body(&headers, body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -164,14 +156,10 @@ async fn read_request<T>(
     body: Body,
     parse: fn(&[u8]) -> Result<T, InvalidRequest>,
 ) -> Result<T, Response> {
-    let bytes = read_body(
-        headers,
-        body,
-        state.inner.max_body_bytes,
-        state.inner.read_timeout,
-    )
-    .await
-    .map_err(IntoResponse::into_response)?;
+    let bytes = state
+        .read_body(headers, body)
+        .await
+        .map_err(IntoResponse::into_response)?;
     parse(&bytes).map_err(|e| ApiError::invalid(e).into_response())
 }
 

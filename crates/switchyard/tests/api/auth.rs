@@ -1029,6 +1029,38 @@ async fn no_secret_appears_in_the_logs() {
     }
 }
 
+/// Instances sharing one SQLite file (in the returned directory) and the
+/// test Redis, each with the bootstrap key `admin` and limits too high to
+/// refuse the polling of these tests.
+struct Shared {
+    _dir: tempfile::TempDir,
+    db: String,
+    redis: String,
+}
+
+impl Shared {
+    fn new(redis: String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}/shared.db", dir.path().display());
+        Self {
+            _dir: dir,
+            db,
+            redis,
+        }
+    }
+
+    async fn spawn(&self, admin: &str) -> TestApp {
+        crate::helpers::app()
+            .env("SWITCHYARD_ADMIN_KEY", admin)
+            .env("SWITCHYARD_STORE__URL", &self.db)
+            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &self.redis)
+            // Polled for up to 5 s: not a rate-limit test.
+            .config("[rate_limits.classes]\nchat = \"100000/min\"\nglobal = \"100000/min\"\nadmin = \"100000/min\"\n")
+            .spawn()
+            .await
+    }
+}
+
 /// Two instances on one database and one Redis: a key revoked on one stops
 /// working on the other (which had it cached) within a few seconds.
 #[tokio::test]
@@ -1036,17 +1068,9 @@ async fn a_revocation_reaches_every_instance_through_redis() {
     let Some(redis) = crate::helpers::test_redis_url() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}/shared.db", dir.path().display());
-    let spawn = || {
-        crate::helpers::app()
-            .env("SWITCHYARD_ADMIN_KEY", ADMIN)
-            .env("SWITCHYARD_STORE__URL", &db)
-            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
-            .spawn()
-    };
-    let a = spawn().await;
-    let b = spawn().await;
+    let shared = Shared::new(redis);
+    let a = shared.spawn(ADMIN).await;
+    let b = shared.spawn(ADMIN).await;
     let created = create_key(&a, ADMIN, json!({"name": "shared"})).await;
     let key = created["key"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -1149,18 +1173,8 @@ async fn a_rotated_admin_key_stops_working_on_the_running_instances() {
     let Some(redis) = crate::helpers::test_redis_url() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}/shared.db", dir.path().display());
-    let spawn = |admin: &'static str| {
-        crate::helpers::app()
-            .env("SWITCHYARD_ADMIN_KEY", admin)
-            .env("SWITCHYARD_STORE__URL", &db)
-            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
-            // Polled below for up to 5 s: not a rate-limit test.
-            .config("[rate_limits.classes]\nglobal = \"100000/min\"\nadmin = \"100000/min\"\n")
-            .spawn()
-    };
-    let running = spawn(ADMIN).await;
+    let shared = Shared::new(redis);
+    let running = shared.spawn(ADMIN).await;
     let (s, _, _) = send(
         &running,
         reqwest::Method::GET,
@@ -1172,7 +1186,7 @@ async fn a_rotated_admin_key_stops_working_on_the_running_instances() {
     assert_eq!(s, StatusCode::OK, "the old value works, and is cached");
 
     const ROTATED: &str = "rotated-admin-key-0123456789abcdef0123456789";
-    let _new = spawn(ROTATED).await;
+    let _new = shared.spawn(ROTATED).await;
 
     let running_ref = &running;
     within_5s(
@@ -1209,18 +1223,9 @@ async fn a_cache_invalidation_reaches_every_instance_through_redis() {
     let Some(redis) = crate::helpers::test_redis_url() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}/shared.db", dir.path().display());
-    let spawn = || {
-        crate::helpers::app()
-            .env("SWITCHYARD_ADMIN_KEY", ADMIN)
-            .env("SWITCHYARD_STORE__URL", &db)
-            .env("SWITCHYARD_RATE_LIMITS__REDIS_URL", &redis)
-            .config("[rate_limits.classes]\nchat = \"100000/min\"\nglobal = \"100000/min\"\nadmin = \"100000/min\"\n")
-            .spawn()
-    };
-    let a = spawn().await;
-    let b = spawn().await;
+    let shared = Shared::new(redis);
+    let a = shared.spawn(ADMIN).await;
+    let b = shared.spawn(ADMIN).await;
     let created = create_key(&a, ADMIN, json!({"name": "cached"})).await;
     let key = created["key"].as_str().unwrap().to_owned();
     assert_eq!(chat_status(&b, Some(&key)).await, StatusCode::OK);
