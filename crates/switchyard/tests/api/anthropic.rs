@@ -256,6 +256,17 @@ async fn a_200_that_is_not_a_message_is_never_an_empty_reply() {
     }
 }
 
+/// `POST /v1/messages` with `body`, its event stream as (name, data) pairs.
+async fn messages_events(app: &TestApp, body: &Value) -> Vec<(String, Value)> {
+    anthropic_events(
+        &app.post_json("/v1/messages", body)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    )
+}
+
 /// An Anthropic event stream as (event name, data) pairs.
 fn anthropic_events(text: &str) -> Vec<(String, Value)> {
     text.split("\n\n")
@@ -580,13 +591,7 @@ async fn a_messages_client_on_an_anthropic_backed_alias_learns_the_stop_sequence
         .await
         .unwrap();
     body["stream"] = json!(true);
-    let events = anthropic_events(
-        &app.post_json("/v1/messages", &body)
-            .await
-            .text()
-            .await
-            .unwrap(),
-    );
+    let events = messages_events(&app, &body).await;
 
     assert_eq!(
         anthropic.last_request().unwrap().body["stop_sequences"],
@@ -964,13 +969,7 @@ async fn a_reasoning_models_thoughts_reach_a_client_that_asked_for_thinking() {
         .await
         .unwrap();
     body["stream"] = json!(true);
-    let events = anthropic_events(
-        &app.post_json("/v1/messages", &body)
-            .await
-            .text()
-            .await
-            .unwrap(),
-    );
+    let events = messages_events(&app, &body).await;
     body["thinking"] = json!({"type": "disabled"});
     let without: Value = {
         body["stream"] = json!(false);
@@ -1349,13 +1348,7 @@ async fn an_anthropic_deployments_stream_reaches_a_messages_client_event_for_eve
     // A stream that closes after its stop reason but without message_stop
     // is complete: the client gets the message_stop it lost.
     anthropic.push_fault(Fault::NoDone);
-    let closed = anthropic_events(
-        &app.post_json("/v1/messages", &body)
-            .await
-            .text()
-            .await
-            .unwrap(),
-    );
+    let closed = messages_events(&app, &body).await;
     assert_eq!(closed.len(), events.len());
     assert_eq!(closed.last().unwrap().1, json!({"type": "message_stop"}));
 
@@ -2010,13 +2003,7 @@ async fn content_given_as_parts_reaches_a_messages_client_as_its_text() {
     ])));
     let mut body = messages_body("gpt-4o-mini");
     body["stream"] = json!(true);
-    let events = anthropic_events(
-        &app.post_json("/v1/messages", &body)
-            .await
-            .text()
-            .await
-            .unwrap(),
-    );
+    let events = messages_events(&app, &body).await;
     assert_eq!(assembled(&events), [json!({"type": "text", "text": "ABC"})]);
 
     app.mock().push_fault(Fault::Raw(answer.to_string()));
@@ -2095,13 +2082,7 @@ async fn a_second_choice_from_the_provider_is_not_part_of_the_answer() {
     let mut body = messages_body("gpt-4o-mini");
     body["stream"] = json!(true);
 
-    let events = anthropic_events(
-        &app.post_json("/v1/messages", &body)
-            .await
-            .text()
-            .await
-            .unwrap(),
-    );
+    let events = messages_events(&app, &body).await;
 
     assert_eq!(
         assembled(&events),
