@@ -116,13 +116,39 @@ impl Broadcast {
     }
 }
 
+/// How often the listener asks Redis whether its connection still answers:
+/// a connection that vanished without a close (a failover behind a virtual
+/// address, a NAT entry dropped) would otherwise deliver nothing, nor fail.
+const PING_EVERY: Duration = Duration::from_secs(15);
+/// A ping unanswered this long ends the connection (and the listener
+/// connects again).
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Drops keys revoked (and credentials invalidated) by other instances from
 /// this one's cache.
 pub fn spawn_listener(identity: Identity, url: String) -> JoinHandle<()> {
+    spawn_listener_pinging(
+        identity,
+        url,
+        Pings {
+            every: PING_EVERY,
+            timeout: PING_TIMEOUT,
+        },
+    )
+}
+
+/// When the listener pings, and how long it waits for the answer.
+#[derive(Clone, Copy)]
+struct Pings {
+    every: Duration,
+    timeout: Duration,
+}
+
+fn spawn_listener_pinging(identity: Identity, url: String, pings: Pings) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut lost = false;
         loop {
-            if let Err(e) = listen(&identity, &url, lost).await {
+            if let Err(e) = listen(&identity, &url, lost, pings).await {
                 tracing::warn!(error = %e, "revocation listener lost Redis; reconnecting");
             }
             lost = true;
@@ -131,29 +157,59 @@ pub fn spawn_listener(identity: Identity, url: String) -> JoinHandle<()> {
     })
 }
 
-/// Listens until the connection ends. `after_loss`: an earlier connection
-/// ended, so what was published meanwhile is unknown and the whole cache
-/// is dropped once subscribed again.
-async fn listen(identity: &Identity, url: &str, after_loss: bool) -> Result<(), redis::RedisError> {
+/// Listens until the connection ends or stops answering pings.
+/// `after_loss`: an earlier connection ended, so what was published
+/// meanwhile is unknown and the whole cache is dropped once subscribed
+/// again.
+async fn listen(
+    identity: &Identity,
+    url: &str,
+    after_loss: bool,
+    pings: Pings,
+) -> Result<(), redis::RedisError> {
     let client = redis::Client::open(url)?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(CHANNEL).await?;
+    let connect = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(CHANNEL).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    let pubsub = tokio::time::timeout(pings.timeout, connect)
+        .await
+        .map_err(|_| silent("subscribing", pings.timeout))??;
     if after_loss {
         let dropped = identity.inner.cache.clear();
         tracing::info!(dropped, "revocation listener subscribed again; dropped the credential cache, which may hold what was revoked meanwhile");
     }
-    let mut messages = pubsub.on_message();
-    while let Some(msg) = messages.next().await {
-        let payload: String = msg.get_payload()?;
-        match Message::decode(&payload) {
-            Some(message) => {
-                let dropped = message.apply(identity);
-                tracing::debug!(message = ?message, dropped, "revocation received");
+    let (mut sink, mut messages) = pubsub.split();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + pings.every, pings.every);
+    loop {
+        tokio::select! {
+            msg = messages.next() => {
+                let Some(msg) = msg else { return Ok(()) };
+                let payload: String = msg.get_payload()?;
+                match Message::decode(&payload) {
+                    Some(message) => {
+                        let dropped = message.apply(identity);
+                        tracing::debug!(message = ?message, dropped, "revocation received");
+                    }
+                    None => tracing::warn!(payload, "ignoring an unreadable revocation message"),
+                }
             }
-            None => tracing::warn!(payload, "ignoring an unreadable revocation message"),
+            _ = ping.tick() => {
+                tokio::time::timeout(pings.timeout, sink.ping::<redis::Value>())
+                    .await
+                    .map_err(|_| silent("a ping", pings.timeout))??;
+            }
         }
     }
-    Ok(())
+}
+
+fn silent(what: &str, within: Duration) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "the revocation channel's connection went silent",
+        format!("no answer to {what} within {within:?}"),
+    ))
 }
 
 #[cfg(test)]
@@ -179,6 +235,106 @@ mod tests {
         }
         assert_eq!(Message::decode("cred:nothex"), None);
         assert_eq!(Message::decode(""), None);
+    }
+
+    /// A TCP relay to `target` whose connections can be made silent: bytes
+    /// are no longer passed, and nothing is closed (a peer vanished behind
+    /// a virtual address). Connections made after are passed again.
+    struct Relay {
+        url: String,
+        silence: std::sync::Arc<tokio::sync::Notify>,
+    }
+
+    async fn relay(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/", listener.local_addr().unwrap());
+        let silence = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = silence.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let silenced = notify.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = silenced.notified() => {
+                            // Hold both ends open, passing nothing.
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                    }
+                });
+            }
+        });
+        Relay { url, silence }
+    }
+
+    /// A listener whose connection goes silent notices it by its ping,
+    /// connects again and drops its cache (which may hold a key revoked
+    /// meanwhile), and from then on receives revocations again.
+    #[tokio::test]
+    async fn a_listener_whose_connection_goes_silent_connects_again() {
+        let Some(server) = crate::redis_retry::PrivateRedis::start().await else {
+            return;
+        };
+        let target = server
+            .url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let relay = relay(target).await;
+        let (_dir, store) = crate::identity::tests::store().await;
+        let identity = Identity::start(store, false, None, None).await.unwrap();
+        let pings = Pings {
+            every: Duration::from_millis(200),
+            timeout: Duration::from_millis(300),
+        };
+        let listener = spawn_listener_pinging(identity.clone(), relay.url.clone(), pings);
+        let publisher = Broadcast::connect(&server.url).await.unwrap();
+        let principal = switchyard_core::identity::Principal::open_dev();
+        let cached = |key: &str| {
+            identity.inner.cache.put(
+                crate::identity::keys::digest(key),
+                principal.clone(),
+                crate::identity::now_ms(),
+            );
+        };
+        // Wait until subscribed: a message for a key drops it.
+        let mut subscribed = false;
+        for _ in 0..100 {
+            cached("probe");
+            broadcast_all(&publisher).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if identity.inner.cache.stats().size == 0 {
+                subscribed = true;
+                break;
+            }
+        }
+        assert!(subscribed, "the listener never subscribed");
+
+        relay.silence.notify_waiters();
+        cached("held");
+        // The silent connection's ping fails; the listener connects again
+        // through the relay (a new connection, passed) and drops its cache.
+        let mut dropped = false;
+        for _ in 0..500 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if identity.inner.cache.stats().size == 0 {
+                dropped = true;
+                break;
+            }
+        }
+        assert!(
+            dropped,
+            "the listener never noticed its connection went silent"
+        );
+        listener.abort();
+    }
+
+    async fn broadcast_all(b: &Broadcast) {
+        b.send(&Message::All).await;
     }
 
     /// After Redis restarts, a revocation published on a connection that

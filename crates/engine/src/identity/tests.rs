@@ -2,7 +2,7 @@ use super::*;
 use switchyard_core::config::StoreConfig;
 use switchyard_store::SqliteStore;
 
-async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+pub(super) async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
         url: format!("sqlite://{}/i.db", dir.path().display()),
