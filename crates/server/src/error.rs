@@ -314,24 +314,34 @@ pub fn stream_failure(e: &ProviderError) -> (u16, ErrorObject) {
     );
     let (message, code) = if overloaded {
         (
-            "The provider is overloaded and cut the stream before it was complete; trying again later may succeed.",
+            "The provider is overloaded and cut the stream before it was complete; trying again later may succeed."
+                .to_owned(),
             "upstream_overloaded",
         )
     } else if matches!(e, ProviderError::Timeout(_)) {
         (
-            "The provider stopped answering before the stream was complete.",
+            "The provider stopped answering before the stream was complete.".to_owned(),
+            e.code(),
+        )
+    } else if let ProviderError::Status { status, .. } = e {
+        // An error the provider sent inside the stream (its details, like
+        // any 5xx body's, stay in the log).
+        (
+            format!(
+                "The provider reported an error (status {status}) before the stream was complete."
+            ),
             e.code(),
         )
     } else {
         (
-            "The provider's stream broke before it was complete.",
+            "The provider's stream broke before it was complete.".to_owned(),
             e.code(),
         )
     };
     (
         status,
         ErrorObject {
-            message: message.into(),
+            message,
             kind: "upstream_error".into(),
             param: None,
             code: Some(code.into()),
@@ -410,7 +420,7 @@ mod tests {
             serde_json::from_slice(&stream_error_json(&failed(500))).unwrap();
         assert_eq!(
             v["error"]["message"],
-            "The provider's stream broke before it was complete."
+            "The provider reported an error (status 500) before the stream was complete."
         );
         assert_eq!(v["error"]["type"], "upstream_error");
     }
