@@ -28,6 +28,23 @@ impl FromStr for IpNet {
             None => max,
             Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or(WHAT)?,
         };
+        if prefix == 0 {
+            // Every address a proxy: every client could name its own.
+            return Err("expected your proxies' addresses, not every address (a /0)");
+        }
+        // An IPv4-mapped block is the IPv4 block it maps, as peers are
+        // compared in their IPv4 form.
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                if prefix == 96 {
+                    return Err("expected your proxies' addresses, not every IPv4 address");
+                }
+                return Ok(Self {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(Self { addr, prefix })
     }
 }
@@ -110,8 +127,10 @@ mod tests {
         assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
         let v6: IpNet = "fd00::/8".parse().unwrap();
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
-        let all: IpNet = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(ip("8.8.8.8")));
+        let mapped: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped.contains(ip("10.9.8.7")) && !mapped.contains(ip("11.0.0.1")));
+        let host_bits: IpNet = "10.1.2.3/8".parse().unwrap();
+        assert!(host_bits.contains(ip("10.200.0.1")));
         for bad in [
             "10.0.0.0/33",
             "::/129",
@@ -119,6 +138,9 @@ mod tests {
             "10.0.0.0/",
             "/8",
             "10.0.0.0/x",
+            "0.0.0.0/0",
+            "::/0",
+            "::ffff:0.0.0.0/96",
         ] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }

@@ -375,13 +375,19 @@ fn client_ip(
     if trusted.is_empty() {
         return peer;
     }
-    let entries: Vec<&str> = headers
+    switchyard_core::net::client_ip(peer, forwarded_for(headers).into_iter(), trusted)
+}
+
+/// Every `X-Forwarded-For` entry, in order. A line that is not text is an
+/// entry that is not an address (it stops the walk), never skipped:
+/// skipping it would join the lines around it.
+fn forwarded_for(headers: &axum::http::HeaderMap) -> Vec<&str> {
+    headers
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.to_str().unwrap_or("unreadable"))
         .flat_map(|v| v.split(','))
-        .collect();
-    switchyard_core::net::client_ip(peer, entries.into_iter(), trusted)
+        .collect()
 }
 
 /// Failed authentications are counted per IPv4 address, and per /64 for
@@ -542,7 +548,28 @@ fn blocked_response(family: Family, Blocked(rate, d): Blocked) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{failure_key, is_loopback_host};
+    use super::{failure_key, forwarded_for, is_loopback_host};
+
+    /// A client that adds a line the proxy cannot read as text, after its
+    /// own forged one, does not get the forged one taken: the unreadable
+    /// line stops the walk at the last trusted hop.
+    #[test]
+    fn an_unreadable_forwarded_line_is_never_skipped() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.append("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        headers.append(
+            "x-forwarded-for",
+            axum::http::HeaderValue::from_bytes(b"\x80, 203.0.113.7").unwrap(),
+        );
+        let trusted: Vec<switchyard_core::net::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let entries = forwarded_for(&headers);
+        assert_eq!(entries, ["6.6.6.6", "unreadable"]);
+        let peer = "10.0.0.5".parse().unwrap();
+        assert_eq!(
+            switchyard_core::net::client_ip(peer, entries.into_iter(), &trusted),
+            peer
+        );
+    }
 
     #[test]
     fn loopback_hosts_are_told_from_other_names() {

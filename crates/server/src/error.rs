@@ -323,13 +323,12 @@ pub fn stream_failure(e: &ProviderError) -> (u16, ErrorObject) {
             "The provider stopped answering before the stream was complete.".to_owned(),
             e.code(),
         )
-    } else if let ProviderError::Status { status, .. } = e {
+    } else if matches!(e, ProviderError::Status { .. }) {
         // An error the provider sent inside the stream (its details, like
-        // any 5xx body's, stay in the log).
+        // any 5xx body's, stay in the log; its status may be one inferred
+        // from its type, so it is not stated).
         (
-            format!(
-                "The provider reported an error (status {status}) before the stream was complete."
-            ),
+            "The provider reported an error before the stream was complete.".to_owned(),
             e.code(),
         )
     } else {
@@ -420,7 +419,7 @@ mod tests {
             serde_json::from_slice(&stream_error_json(&failed(500))).unwrap();
         assert_eq!(
             v["error"]["message"],
-            "The provider reported an error (status 500) before the stream was complete."
+            "The provider reported an error before the stream was complete."
         );
         assert_eq!(v["error"]["type"], "upstream_error");
     }

@@ -120,8 +120,10 @@ impl Broadcast {
 /// a connection that vanished without a close (a failover behind a virtual
 /// address, a NAT entry dropped) would otherwise deliver nothing, nor fail.
 const PING_EVERY: Duration = Duration::from_secs(15);
-/// A ping unanswered this long ends the connection (and the listener
-/// connects again).
+/// A ping unanswered this long is missed; two missed in a row end the
+/// connection (and the listener connects again), so that one slow answer
+/// (a Redis busy with a long command or a fork) does not drop every
+/// instance's cache.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Drops keys revoked (and credentials invalidated) by other instances from
@@ -182,6 +184,7 @@ async fn listen(
     }
     let (mut sink, mut messages) = pubsub.split();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + pings.every, pings.every);
+    let mut missed = 0u8;
     loop {
         tokio::select! {
             msg = messages.next() => {
@@ -196,9 +199,14 @@ async fn listen(
                 }
             }
             _ = ping.tick() => {
-                tokio::time::timeout(pings.timeout, sink.ping::<redis::Value>())
-                    .await
-                    .map_err(|_| silent("a ping", pings.timeout))??;
+                match tokio::time::timeout(pings.timeout, sink.ping::<redis::Value>()).await {
+                    Ok(answer) => {
+                        answer?;
+                        missed = 0;
+                    }
+                    Err(_) if missed == 0 => missed = 1,
+                    Err(_) => return Err(silent("two pings", pings.timeout)),
+                }
             }
         }
     }
@@ -270,9 +278,10 @@ mod tests {
         Relay { url, silence }
     }
 
-    /// A listener whose connection goes silent notices it by its ping,
-    /// connects again and drops its cache (which may hold a key revoked
-    /// meanwhile), and from then on receives revocations again.
+    /// A listener keeps a connection that answers its pings (its cache
+    /// with it); one that goes silent it notices by its pings, connects
+    /// again and drops its cache (which may hold a key revoked meanwhile),
+    /// and from then on it receives revocations again.
     #[tokio::test]
     async fn a_listener_whose_connection_goes_silent_connects_again() {
         let Some(server) = crate::redis_retry::PrivateRedis::start().await else {
@@ -294,47 +303,54 @@ mod tests {
         let listener = spawn_listener_pinging(identity.clone(), relay.url.clone(), pings);
         let publisher = Broadcast::connect(&server.url).await.unwrap();
         let principal = switchyard_core::identity::Principal::open_dev();
-        let cached = |key: &str| {
-            identity.inner.cache.put(
-                crate::identity::keys::digest(key),
-                principal.clone(),
-                crate::identity::now_ms(),
-            );
-        };
-        // Wait until subscribed: a message for a key drops it.
-        let mut subscribed = false;
-        for _ in 0..100 {
-            cached("probe");
-            broadcast_all(&publisher).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if identity.inner.cache.stats().size == 0 {
-                subscribed = true;
-                break;
+        let digest = crate::identity::keys::digest;
+        let cache = &identity.inner.cache;
+        let cached =
+            |key: &str| cache.put(digest(key), principal.clone(), crate::identity::now_ms());
+        let held = |key: &str| cache.contains(&digest(key));
+        // Until `key`'s entry is gone (published for it when `publish`),
+        // for up to 10 s.
+        let until_dropped = |key: &'static str, publish: bool| {
+            let publisher = &publisher;
+            async move {
+                for _ in 0..500 {
+                    if publish {
+                        publisher
+                            .send(&Message::Credential {
+                                digest: digest(key),
+                                tenant: None,
+                            })
+                            .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if !held(key) {
+                        return true;
+                    }
+                }
+                false
             }
-        }
-        assert!(subscribed, "the listener never subscribed");
+        };
+        cached("probe");
+        assert!(until_dropped("probe", true).await, "never subscribed");
+
+        cached("healthy");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            held("healthy"),
+            "a connection that answers its pings was dropped"
+        );
 
         relay.silence.notify_waiters();
-        cached("held");
-        // The silent connection's ping fails; the listener connects again
-        // through the relay (a new connection, passed) and drops its cache.
-        let mut dropped = false;
-        for _ in 0..500 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if identity.inner.cache.stats().size == 0 {
-                dropped = true;
-                break;
-            }
-        }
         assert!(
-            dropped,
+            until_dropped("healthy", false).await,
             "the listener never noticed its connection went silent"
         );
+        cached("after");
+        assert!(
+            until_dropped("after", true).await,
+            "no revocation reached the listener after it connected again"
+        );
         listener.abort();
-    }
-
-    async fn broadcast_all(b: &Broadcast) {
-        b.send(&Message::All).await;
     }
 
     /// After Redis restarts, a revocation published on a connection that
