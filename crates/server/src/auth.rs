@@ -375,19 +375,18 @@ fn client_ip(
     if trusted.is_empty() {
         return peer;
     }
-    switchyard_core::net::client_ip(peer, forwarded_for(headers).into_iter(), trusted)
+    switchyard_core::net::client_ip(peer, forwarded_for(headers), trusted)
 }
 
 /// Every `X-Forwarded-For` entry, in order. A line that is not text is an
 /// entry that is not an address (it stops the walk), never skipped:
 /// skipping it would join the lines around it.
-fn forwarded_for(headers: &axum::http::HeaderMap) -> Vec<&str> {
+fn forwarded_for(headers: &axum::http::HeaderMap) -> impl DoubleEndedIterator<Item = &str> {
     headers
         .get_all("x-forwarded-for")
         .iter()
         .map(|v| v.to_str().unwrap_or("unreadable"))
         .flat_map(|v| v.split(','))
-        .collect()
 }
 
 /// Failed authentications are counted per IPv4 address, and per /64 for
@@ -562,11 +561,11 @@ mod tests {
             axum::http::HeaderValue::from_bytes(b"\x80, 203.0.113.7").unwrap(),
         );
         let trusted: Vec<switchyard_core::net::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let entries = forwarded_for(&headers);
+        let entries: Vec<&str> = forwarded_for(&headers).collect();
         assert_eq!(entries, ["6.6.6.6", "unreadable"]);
         let peer = "10.0.0.5".parse().unwrap();
         assert_eq!(
-            switchyard_core::net::client_ip(peer, entries.into_iter(), &trusted),
+            switchyard_core::net::client_ip(peer, forwarded_for(&headers), &trusted),
             peer
         );
     }

@@ -189,12 +189,7 @@ impl RedisLimiter {
         if let Some(now) = now_us {
             invocation.arg(now);
         }
-        let (allowed, lead): (i64, i64) = bounded(|| {
-            let mut conn = self.conn.clone();
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut conn).await }
-        })
-        .await?;
+        let (allowed, lead): (i64, i64) = bounded(|| self.invoke(&invocation)).await?;
         let lead = u64::try_from(lead).unwrap_or(0);
         Ok(decide(rate, cost, allowed == 1, lead))
     }
@@ -216,12 +211,7 @@ impl RedisLimiter {
             let gcra = Gcra::checked(*rate, cost)?;
             invocation.key(self.full_key(key)).arg(gcra.t).arg(gcra.tol);
         }
-        let out: Vec<i64> = bounded(|| {
-            let mut conn = self.conn.clone();
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut conn).await }
-        })
-        .await?;
+        let out: Vec<i64> = bounded(|| self.invoke(&invocation)).await?;
         if out.len() != 2 * checks.len() {
             return Err(LimitError::Backend(::redis::RedisError::from((
                 ::redis::ErrorKind::UnexpectedReturnType,
@@ -235,12 +225,22 @@ impl RedisLimiter {
             .collect())
     }
 
-    fn query<T: ::redis::FromRedisValue>(
+    /// One run of a script on a handle of the shared connection (for
+    /// [`bounded`], which may run it twice).
+    fn invoke<'a, T: ::redis::FromRedisValue>(
         &self,
-        cmd: &::redis::Cmd,
-    ) -> impl std::future::Future<Output = ::redis::RedisResult<T>> + use<'_, T> {
+        invocation: &'a ::redis::ScriptInvocation<'_>,
+    ) -> impl std::future::Future<Output = ::redis::RedisResult<T>> + use<'a, '_, T> {
         let mut conn = self.conn.clone();
-        let cmd = cmd.clone();
+        async move { invocation.invoke_async(&mut conn).await }
+    }
+
+    /// [`Self::invoke`] for a plain command.
+    fn query<'a, T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &'a ::redis::Cmd,
+    ) -> impl std::future::Future<Output = ::redis::RedisResult<T>> + use<'a, T> {
+        let mut conn = self.conn.clone();
         async move { cmd.query_async(&mut conn).await }
     }
 
@@ -269,12 +269,7 @@ impl RateLimiter for RedisLimiter {
     async fn charge(&self, key: &str, rate: Rate, cost: u64) -> Result<(), LimitError> {
         let mut invocation = CHARGE_SCRIPT.key(self.full_key(key));
         invocation.arg(Gcra::of(rate).t).arg(cost);
-        let _: i64 = bounded(|| {
-            let mut conn = self.conn.clone();
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut conn).await }
-        })
-        .await?;
+        let _: i64 = bounded(|| self.invoke(&invocation)).await?;
         Ok(())
     }
 

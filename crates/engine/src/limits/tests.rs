@@ -623,34 +623,13 @@ async fn redis_that_cannot_be_reached_is_an_error_never_an_allowance() {
 #[tokio::test]
 async fn a_check_fails_with_an_error_once_redis_goes_away() {
     let Some(_) = redis_url() else { return };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let Ok(mut server) = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-    else {
-        eprintln!("skipped: redis-server is not on PATH");
+    let Some(mut server) = crate::redis_retry::PrivateRedis::start().await else {
         return;
     };
-    let url = format!("redis://127.0.0.1:{port}/");
-    let mut limiter = None;
-    for _ in 0..100 {
-        if let Ok(l) = RedisLimiter::connect(&url).await {
-            limiter = Some(l);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let l = limiter.expect("the private redis-server never answered");
+    let l = RedisLimiter::connect(&server.url).await.unwrap();
     assert!(l.check("k", rate("1/min"), 1).await.unwrap().allowed);
 
-    server.kill().await.unwrap();
+    server.stop().await;
     let started = std::time::Instant::now();
     let after = l.check("k", rate("1/min"), 1).await;
 
